@@ -1,0 +1,1 @@
+"""Microbenchmarks of effssl_kernels: `python -m bench` runs the suite."""

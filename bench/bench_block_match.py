@@ -1,0 +1,149 @@
+"""block_match: our kernels against plain PyTorch, torch.compile and the FP32 limit.
+
+Cases (issue 2): 256 view pairs of 3x224x224 at block 32/radius 16 and block 30/radius 15; 512
+pairs of 3x32x32 at block 4/radius 4 and 5/5. On a CPU the pair counts shrink so a run takes
+minutes. FLOPs are counted in the direct form: 3 per element per candidate (sub, mul, add),
+over the candidates that lie inside b; the limit is the device's FP32 (non-tensor) peak.
+
+    python -m bench.bench_block_match [--device cuda|cpu] [--out DIR] [--quick]
+"""
+from __future__ import annotations
+
+import argparse
+import os
+
+import torch
+import torch.nn.functional as F
+
+import effssl_kernels as ek
+from effssl_kernels.reference import block_match_reference, candidate_order
+
+from .common import device_info, print_table, results_dir, time_ms, write_json
+
+GPU_CASES = [  # name, pairs, H, block, radius
+    ("224px B32 r16", 256, 224, 32, 16),
+    ("224px B30 r15", 256, 224, 30, 15),
+    ("32px B4 r4", 512, 32, 4, 4),
+    ("32px B5 r5", 512, 32, 5, 5),
+]
+CPU_PAIRS = {224: 4, 32: 64}
+COMPILE_MAX_CANDIDATES = 121  # torch.compile unrolls the displacement loop: only small radii
+
+
+def shift_loop(a, b, B: int, r: int, data_range: float = 1.0):
+    """What a user writes in plain PyTorch for default centres: one pass per displacement over
+    the whole batch (zero-padded shift, B x B average pool), no host synchronisation."""
+    N, C, H, W = a.shape
+    Hb, Wb = H // B, W // B
+    a32 = a.float()[:, :, : Hb * B, : Wb * B]
+    bp = F.pad(b.float(), (r, r, r, r))
+    best = torch.full((N, Hb, Wb), float("inf"), device=a.device)
+    best_d = torch.zeros((N, Hb, Wb, 2), dtype=torch.int32, device=a.device)
+    for dy, dx in candidate_order(r):
+        # Validity depends only on the grid: plain Python, so no sync and no graph break.
+        vy = [0 <= i * B + dy <= H - B for i in range(Hb)]
+        vx = [0 <= j * B + dx <= W - B for j in range(Wb)]
+        if not (any(vy) and any(vx)):
+            continue
+        valid = torch.tensor(vy, device=a.device)[:, None] & torch.tensor(vx, device=a.device)[None, :]
+        sh = bp[:, :, r + dy : r + dy + Hb * B, r + dx : r + dx + Wb * B]
+        mse = F.avg_pool2d((a32 - sh).square().mean(1, keepdim=True), B)[:, 0]
+        better = valid & (mse < best)
+        best = torch.where(better, mse, best)
+        best_d = torch.where(better[..., None], torch.tensor([dy, dx], dtype=torch.int32, device=a.device), best_d)
+    return 10 * torch.log10(data_range**2 / best), best_d
+
+
+def candidates(H: int, B: int, r: int) -> int:
+    """Candidates inside b summed over the blocks of one image (default centres)."""
+    per_axis = 0
+    for i in range(H // B):
+        lo, hi = max(-r, -i * B), min(r, H - B - i * B)
+        per_axis += max(0, hi - lo + 1)
+    return per_axis * per_axis
+
+
+def providers(device: str, quick: bool, r: int):
+    p = {}
+    if device == "cuda":
+        from effssl_kernels import _backend
+
+        if _backend.HAS_CUDA_KERNELS:
+            p["cuda"] = "cuda"
+        if _backend.HAS_TRITON:
+            p["triton"] = "triton"
+    else:
+        p["cpp"] = "auto"
+    p["shift loop (torch)"] = "shift"
+    if (2 * r + 1) ** 2 <= COMPILE_MAX_CANDIDATES:
+        p["torch.compile(shift loop)"] = "compiled"
+    if not quick:
+        p["reference"] = "reference"
+    return p
+
+
+def run(device: str, quick: bool = False) -> list[dict]:
+    info = device_info(device)
+    rows = []
+    compiled = torch.compile(shift_loop, dynamic=False)
+    for name, pairs, H, B, r in GPU_CASES:
+        N = pairs if device == "cuda" else max(1, CPU_PAIRS[H] // (4 if quick else 1))
+        g = torch.Generator().manual_seed(0)
+        a = torch.rand(N, 3, H, H, generator=g).to(device)
+        b = (a + 0.1 * torch.rand(N, 3, H, H, generator=g).to(device)).clamp(0, 1)
+        flop = 3 * 3 * B * B * candidates(H, B, r) * N
+        case_rows = []
+        base = None
+        for prov, how in providers(device, quick, r).items():
+            if how in ("auto", "cuda", "triton"):
+                os.environ["EFFSSL_BACKEND"] = how
+                fn = lambda: ek.block_match(a, b, B, r)  # noqa: E731
+            elif how == "reference":
+                fn = lambda: block_match_reference(a, b, B, r)  # noqa: E731
+            elif how == "shift":
+                fn = lambda: shift_loop(a, b, B, r)  # noqa: E731
+            else:
+                fn = lambda: compiled(a, b, B, r)  # noqa: E731
+            try:
+                fn()  # warm-up, compile
+                t = time_ms(fn, device, min_run_time=0.5 if quick else 2.0)
+            except Exception as e:  # report, never hide, a provider that fails
+                case_rows.append({"case": name, "pairs": N, "provider": prov, "note": f"failed: {e}"[:120]})
+                continue
+            finally:
+                os.environ.pop("EFFSSL_BACKEND", None)
+            tflops = flop / (t["median_ms"] * 1e-3) / 1e12
+            row = {"case": name, "pairs": N, "provider": prov, **t, "tflops": tflops,
+                   "pct_fp32_limit": 100 * tflops / info["fp32_tflops_limit"]}
+            if base is None:
+                base = t["median_ms"]
+            case_rows.append(row)
+        for row in case_rows:
+            if "median_ms" in row:
+                row["ours_speedup"] = row["median_ms"] / base  # how much faster our first provider is
+        rows += case_rows
+    return rows, info
+
+
+def main(argv=None) -> str:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--out", default=None, help="results folder (default bench/results/<device>)")
+    ap.add_argument("--quick", action="store_true", help="fewer pairs, no slow reference")
+    args = ap.parse_args(argv)
+    rows, info = run(args.device, args.quick)
+    out = args.out or results_dir("gpu" if args.device == "cuda" else "cpu")
+    os.makedirs(out, exist_ok=True)
+    path = os.path.join(out, "block_match.json")
+    write_json(path, info, rows)
+    print_table(
+        f"block_match on {info['device']} (FP32 limit {info['fp32_tflops_limit']} TFLOP/s, {info['limit_source']})",
+        rows,
+        ["case", "pairs", "provider", "median_ms", "p20_ms", "p80_ms", "ours_speedup", "tflops", "pct_fp32_limit", "note"],
+    )
+    print(f"wrote {path}")
+    return path
+
+
+if __name__ == "__main__":
+    main()

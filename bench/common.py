@@ -1,0 +1,132 @@
+"""Timing, device limits and result files shared by the benchmarks."""
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import platform
+import subprocess
+
+import torch
+
+RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+
+# FP32 non-tensor peak in TFLOP/s (2 FLOP per FMA) and HBM bandwidth in TB/s, from NVIDIA's
+# spec sheets; matched on the device name. Other devices fall back to a measured SGEMM rate.
+_SPECS = {
+    "H100 PCIe": (51.2, 2.0),
+    "H100 NVL": (60.0, 3.9),
+    "H100": (66.9, 3.35),  # SXM5 ("H100 80GB HBM3")
+    "H200": (66.9, 4.8),
+    "A100": (19.5, 2.0),
+}
+
+
+def _git_sha() -> str:
+    try:
+        return subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], text=True,
+                                       stderr=subprocess.DEVNULL).strip()
+    except Exception:
+        return "unknown"
+
+
+def _measured_fp32_tflops(device: str) -> float:
+    """Plain fp32 GEMM rate (TF32 off), the practical FP32 ceiling where no spec is known."""
+    n = 4096 if device == "cuda" else 1024
+    x = torch.randn(n, n, device=device)
+    prev = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        ms = time_ms(lambda: x @ x, device)["median_ms"]
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = prev
+    return 2 * n**3 / (ms * 1e-3) / 1e12
+
+
+def device_info(device: str) -> dict:
+    import effssl_kernels
+
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = None
+    if device == "cuda":
+        name = torch.cuda.get_device_name(0)
+        spec = next((v for k, v in _SPECS.items() if k in name), None)
+    else:
+        name = platform.processor() or platform.machine()
+        spec = None
+        try:
+            with open("/proc/cpuinfo") as f:
+                name = next(l.split(":", 1)[1].strip() for l in f if l.startswith("model name"))
+        except (OSError, StopIteration):
+            pass
+        name = f"{name} ({torch.get_num_threads()} threads)"
+    if spec:
+        fp32, bw, src = spec[0], spec[1], "spec sheet"
+    else:
+        fp32, bw, src = _measured_fp32_tflops(device), None, "measured fp32 GEMM"
+    return {
+        "device": name,
+        "fp32_tflops_limit": round(fp32, 2),
+        "hbm_tbps_limit": bw,
+        "limit_source": src,
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "triton": triton_version,
+        "effssl_kernels": effssl_kernels.__version__,
+        "git_sha": _git_sha(),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def time_ms(fn, device: str, *, min_run_time: float = 1.0) -> dict:
+    """Median (and 20th/80th percentile) milliseconds of ``fn()``.
+
+    GPU: triton.testing.do_bench (CUDA events, cache flush between runs). CPU:
+    torch.utils.benchmark.Timer.blocked_autorange.
+    """
+    if device == "cuda":
+        import triton.testing
+
+        med, p20, p80 = triton.testing.do_bench(fn, warmup=25, rep=200, quantiles=[0.5, 0.2, 0.8])
+        return {"median_ms": med, "p20_ms": p20, "p80_ms": p80}
+    import torch.utils.benchmark as tb
+
+    m = tb.Timer(stmt="fn()", globals={"fn": fn}).blocked_autorange(min_run_time=min_run_time)
+    times = sorted(m.times)
+    q = lambda f: times[min(len(times) - 1, int(f * len(times)))] * 1e3  # noqa: E731
+    return {"median_ms": m.median * 1e3, "p20_ms": q(0.2), "p80_ms": q(0.8)}
+
+
+def results_dir(device_tag: str) -> str:
+    d = os.path.join(RESULTS, device_tag)
+    os.makedirs(d, exist_ok=True)
+    return d
+
+
+def write_json(path: str, info: dict, rows: list[dict]) -> None:
+    with open(path, "w") as f:
+        json.dump({"info": info, "rows": rows}, f, indent=1)
+
+
+def print_table(title: str, rows: list[dict], columns: list[str]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    t = Table(title=title)
+    for c in columns:
+        t.add_column(c, justify="right" if c not in ("case", "provider", "note") else "left")
+    for r in rows:
+        t.add_row(*[_fmt(r.get(c)) for c in columns])
+    Console(width=200).print(t)
+
+
+def _fmt(v) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        return f"{v:.3g}" if abs(v) < 1000 else f"{v:.0f}"
+    return str(v)

@@ -1,0 +1,118 @@
+// block_match on the CPU: direct float32 (a - b)^2 per candidate, parallel over blocks.
+// Direct (not the a^2+b^2-2ab identity) because it is exact and the CPU has no FLOPs to spare
+// on a re-score; the search visits every candidate, keeping the (key, rank) minimum.
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/flip.h>
+#include <ATen/ops/where.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+
+#include "block_match_args.h"
+
+namespace effssl {
+namespace {
+
+constexpr int kTileDx = 16;  // candidates along x scored together: the inner loop vectorises
+
+// Sum of squared differences of one B x B x C block of a against `count` (<= kTileDx)
+// horizontally consecutive candidates starting at pb. The loop runs over candidates innermost,
+// so each template value meets kTileDx contiguous window values whatever B is; per-row partial
+// sums keep the float32 error of a long chain small.
+template <int COUNT>
+inline void tile_ssd(const float* pa, const float* pb, int64_t plane, int W, int C, int B,
+                     int count, float* out) {
+  const int n = COUNT > 0 ? COUNT : count;
+  float total[kTileDx] = {};
+  for (int c = 0; c < C; ++c) {
+    const float* ra = pa + c * plane;
+    const float* rb = pb + c * plane;
+    for (int ky = 0; ky < B; ++ky, ra += W, rb += W) {
+      float row[kTileDx] = {};
+      for (int kx = 0; kx < B; ++kx) {
+        const float t = ra[kx];
+        for (int j = 0; j < n; ++j) {
+          const float d = t - rb[kx + j];
+          row[j] += d * d;
+        }
+      }
+      for (int j = 0; j < n; ++j) total[j] += row[j];
+    }
+  }
+  for (int j = 0; j < n; ++j) out[j] = total[j];
+}
+
+// a, b: contiguous float32 [N, C, H, W], b already mirrored where flip is set.
+void block_match_cpu_kernel(const float* a, const float* b, const BlockMatchParams& p) {
+  const int B = p.block, r = p.radius, H = p.H, W = p.W, C = p.C;
+  const int64_t plane = static_cast<int64_t>(H) * W;
+  const int64_t nblocks = static_cast<int64_t>(p.N) * p.Hb * p.Wb;
+  const float inv_count = 1.f / (static_cast<float>(C) * B * B);
+  const float peak2 = p.data_range * p.data_range;
+  const int64_t work = int64_t(2 * r + 1) * (2 * r + 1) * C * B * B;
+  at::parallel_for(0, nblocks, std::max<int64_t>(1, 65536 / (work + 1)), [&](int64_t begin, int64_t end) {
+    float ssd[kTileDx];
+    for (int64_t blk = begin; blk < end; ++blk) {
+      const int64_t n = blk / (p.Hb * p.Wb);
+      const int i = static_cast<int>((blk / p.Wb) % p.Hb), j = static_cast<int>(blk % p.Wb);
+      const int64_t cy = p.centers ? p.centers[2 * blk] : int64_t(i) * B;
+      const int64_t cx = p.centers ? p.centers[2 * blk + 1] : int64_t(j) * B;
+      const DRange ry = block_match_drange(cy, H, B, r), rx = block_match_drange(cx, W, B, r);
+      const float* pa = a + n * C * plane + int64_t(i) * B * W + int64_t(j) * B;
+      float best_key = INFINITY, best_mse = INFINITY;
+      int64_t best_rank = INT64_MAX;
+      int best_dy = 0, best_dx = 0;
+      for (int dy = ry.lo; dy <= ry.hi; ++dy) {
+        for (int dx0 = rx.lo; dx0 <= rx.hi; dx0 += kTileDx) {
+          const int count = std::min(kTileDx, rx.hi - dx0 + 1);
+          const float* pb = b + n * C * plane + (cy + dy) * W + (cx + dx0);
+          if (count == kTileDx)
+            tile_ssd<kTileDx>(pa, pb, plane, W, C, B, count, ssd);
+          else  // never reads past the last candidate: the tail may end at the tensor's end
+            tile_ssd<0>(pa, pb, plane, W, C, B, count, ssd);
+          for (int t = 0; t < count; ++t) {
+            const int dx = dx0 + t;
+            const float mse = ssd[t] * inv_count;
+            const float key = std::isnan(mse) ? -1.f : mse;
+            const int64_t rank = block_match_rank(dy, dx, r);
+            if (key < best_key || (key == best_key && rank < best_rank))
+              best_key = key, best_mse = mse, best_rank = rank, best_dy = dy, best_dx = dx;
+          }
+        }
+      }
+      // best_mse stays +inf without a candidate: peak2 / inf = 0 -> -inf dB.
+      p.psnr[blk] = 10.f * std::log10(peak2 / best_mse);
+      p.offset[2 * blk] = best_dy;
+      p.offset[2 * blk + 1] = best_dx;
+    }
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor> block_match_cpu(const at::Tensor& a, const at::Tensor& b,
+                                                   int64_t block_size, int64_t search_radius,
+                                                   double data_range,
+                                                   const std::optional<at::Tensor>& centers,
+                                                   const std::optional<at::Tensor>& flip) {
+  BlockMatchParams p{};
+  check_block_match(a, b, block_size, search_radius, data_range, centers, flip, p);
+  auto [psnr, offset] = empty_block_match_outputs(a, p);
+  if (psnr.numel() == 0) return {psnr, offset};
+  const at::Tensor a32 = a.to(at::kFloat).contiguous();
+  at::Tensor b32 = b.to(at::kFloat);
+  if (flip.has_value()) b32 = at::where(flip->view({p.N, 1, 1, 1}), at::flip(b32, {3}), b32);
+  b32 = b32.contiguous();
+  const auto c32 = prepare_centers(centers);
+  p.centers = c32.has_value() ? c32->data_ptr<int32_t>() : nullptr;
+  p.psnr = psnr.data_ptr<float>();
+  p.offset = offset.data_ptr<int32_t>();
+  block_match_cpu_kernel(a32.data_ptr<float>(), b32.data_ptr<float>(), p);
+  return {psnr, offset};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(effssl_kernels, CPU, m) { m.impl("block_match", &block_match_cpu); }
+
+}  // namespace effssl

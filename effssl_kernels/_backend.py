@@ -1,0 +1,78 @@
+"""What is available at run time: the compiled extension, its CUDA kernels, Triton.
+
+``EFFSSL_BACKEND`` picks the implementation for CUDA tensors: ``auto`` (default: the CUDA
+kernel when built, else Triton), ``cuda``, ``triton`` or ``reference``. CPU tensors run the C++
+kernel (``auto``/``cuda``/``cpp``), the reference (``reference``), or Triton only under
+``TRITON_INTERPRET=1`` with ``triton``.
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+
+BACKENDS = ("auto", "cpp", "cuda", "triton", "reference")
+
+try:  # importing _C runs the TORCH_LIBRARY registrations
+    from . import _C  # type: ignore[attr-defined]
+
+    HAS_EXT = True
+    HAS_CUDA_KERNELS = bool(_C.with_cuda())
+    _EXT_ERROR = None
+except ImportError as e:  # built without the extension, or a broken build
+    _C = None
+    HAS_EXT = False
+    HAS_CUDA_KERNELS = False
+    _EXT_ERROR = str(e)
+
+HAS_TRITON = importlib.util.find_spec("triton") is not None
+TRITON_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+REBUILD_HINT = (
+    "Rebuild with `pip install --no-build-isolation -v -e .` from the repository root "
+    "(EFFSSL_FORCE_CUDA=1 to insist on CUDA kernels); `python -m effssl_kernels.info` shows what "
+    "was built."
+)
+
+
+def backend() -> str:
+    """The backend asked for through ``EFFSSL_BACKEND`` (validated)."""
+    name = os.environ.get("EFFSSL_BACKEND", "auto").lower()
+    if name not in BACKENDS:
+        raise ValueError(f"EFFSSL_BACKEND={name!r} is not one of {BACKENDS}")
+    return name
+
+
+def require_ext(what: str) -> None:
+    if not HAS_EXT:
+        raise RuntimeError(
+            f"{what} needs the compiled extension effssl_kernels._C, which failed to import "
+            f"({_EXT_ERROR}). {REBUILD_HINT} Set EFFSSL_BACKEND=reference to run the slow "
+            "plain-PyTorch reference instead."
+        )
+
+
+def choose(device_type: str) -> str:
+    """Resolve the backend for tensors on ``device_type``: 'cpp', 'cuda', 'triton' or 'reference'."""
+    name = backend()
+    if name == "reference":
+        return "reference"
+    if device_type == "cuda":
+        if name == "triton" or (name == "auto" and not HAS_CUDA_KERNELS and HAS_TRITON):
+            if not HAS_TRITON:
+                raise RuntimeError("EFFSSL_BACKEND=triton but triton is not installed")
+            return "triton"
+        if not HAS_CUDA_KERNELS:
+            raise RuntimeError(
+                "effssl_kernels was built without CUDA kernels and Triton is not installed. "
+                + REBUILD_HINT
+            )
+        return "cuda"
+    if name == "triton":
+        if not (HAS_TRITON and TRITON_INTERPRET):
+            raise RuntimeError(
+                "EFFSSL_BACKEND=triton runs CPU tensors only under TRITON_INTERPRET=1 "
+                "(set it before importing torch)"
+            )
+        return "triton"
+    require_ext("effssl_kernels on CPU tensors")
+    return "cpp"

@@ -1,0 +1,188 @@
+"""block_match and similar_blocks: the public functions, their checks and op registrations.
+
+The C++ op ``effssl_kernels::block_match`` (CPU and CUDA kernels, schema in csrc/bindings.cpp) and
+the Triton op ``effssl_kernels::_block_match_triton`` both get a fake impl here, so
+``torch.compile(fullgraph=True)`` traces through them. Outputs carry no gradient.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from .. import _backend
+from ..reference.block_match import block_match_reference
+
+_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+MAX_RADIUS = 1 << 16  # (2r+1)^2 candidates per block; far beyond any useful search
+MAX_SIZE = 1 << 24  # keeps every pixel index of a kernel inside int32 arithmetic
+
+
+def _check(a, b, block_size, search_radius, data_range, centers, flip) -> None:
+    if not isinstance(a, Tensor) or not isinstance(b, Tensor):
+        raise TypeError("block_match: a and b must be tensors")
+    if a.dim() != 4 or b.dim() != 4:
+        raise ValueError(f"block_match: a and b must be 4-D [N, C, H, W], got {tuple(a.shape)} and {tuple(b.shape)}")
+    if a.shape != b.shape:
+        raise ValueError(f"block_match: a and b must have the same shape, got {tuple(a.shape)} and {tuple(b.shape)}")
+    if a.device != b.device:
+        raise ValueError(f"block_match: a and b must be on the same device, got {a.device} and {b.device}")
+    if a.dtype != b.dtype:
+        raise TypeError(f"block_match: a and b must have the same dtype, got {a.dtype} and {b.dtype}")
+    if a.dtype not in _DTYPES:
+        raise TypeError(f"block_match: dtype must be float32, float16 or bfloat16, got {a.dtype}")
+    N, C, H, W = a.shape
+    if C < 1:
+        raise ValueError("block_match: C must be at least 1")
+    if max(H, W) > MAX_SIZE:
+        raise ValueError(f"block_match: H and W must be at most {MAX_SIZE}")
+    if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
+        raise ValueError(f"block_match: block_size must be a positive int, got {block_size!r}")
+    if block_size > H or block_size > W:
+        raise ValueError(f"block_match: block_size {block_size} is larger than the image {H}x{W}")
+    if isinstance(search_radius, bool) or not isinstance(search_radius, int) or search_radius < 0:
+        raise ValueError(f"block_match: search_radius must be an int >= 0, got {search_radius!r}")
+    if search_radius > MAX_RADIUS:
+        raise ValueError(f"block_match: search_radius must be at most {MAX_RADIUS}, got {search_radius}")
+    if not (float(data_range) > 0 and float(data_range) < float("inf")):
+        raise ValueError(f"block_match: data_range must be positive and finite, got {data_range!r}")
+    Hb, Wb = H // block_size, W // block_size
+    if centers is not None:
+        if not isinstance(centers, Tensor):
+            raise TypeError("block_match: centers must be a tensor or None")
+        if centers.dtype not in (torch.int32, torch.int64, torch.int16, torch.uint8, torch.int8):
+            raise TypeError(f"block_match: centers must be an integer tensor, got {centers.dtype}")
+        if tuple(centers.shape) != (N, Hb, Wb, 2):
+            raise ValueError(
+                f"block_match: centers must have shape [N, Hb, Wb, 2] = {[N, Hb, Wb, 2]}, got {list(centers.shape)}"
+            )
+        if centers.device != a.device:
+            raise ValueError(f"block_match: centers must be on {a.device}, got {centers.device}")
+    if flip is not None:
+        if not isinstance(flip, Tensor):
+            raise TypeError("block_match: flip must be a tensor or None")
+        if flip.dtype != torch.bool:
+            raise TypeError(f"block_match: flip must be a bool tensor, got {flip.dtype}")
+        if tuple(flip.shape) != (N,):
+            raise ValueError(f"block_match: flip must have shape [N] = [{N}], got {list(flip.shape)}")
+        if flip.device != a.device:
+            raise ValueError(f"block_match: flip must be on {a.device}, got {flip.device}")
+
+
+def _prepare_centers(centers: Optional[Tensor]) -> Optional[Tensor]:
+    """int32 contiguous; int64 values beyond int32 are clamped (still outside any image)."""
+    if centers is None:
+        return None
+    if centers.dtype == torch.int64:
+        centers = centers.clamp(-(2**31), 2**31 - 1)
+    return centers.to(torch.int32).contiguous()
+
+
+def block_match(
+    a: Tensor,
+    b: Tensor,
+    block_size: int,
+    search_radius: int,
+    *,
+    data_range: float = 1.0,
+    centers: Optional[Tensor] = None,
+    flip: Optional[Tensor] = None,
+) -> tuple[Tensor, Tensor]:
+    """Best match in ``b`` of every block of ``a`` within a search window (SimWnW's block search).
+
+    Args:
+        a, b: views ``[N, C, H, W]``, same shape, device and dtype (float32, float16, bfloat16),
+            values in ``[0, data_range]``. Any strides (channels_last, slices) are read in place.
+        block_size: side ``B`` of the non-overlapping blocks of ``a``; the grid is
+            ``Hb = H // B`` by ``Wb = W // B``; leftover rows/columns belong to no block.
+        search_radius: ``r``; every displacement in ``[-r, r]^2`` whose block lies inside ``b``.
+        data_range: peak value of the data for PSNR.
+        centers: int ``[N, Hb, Wb, 2]`` ``(y, x)`` top-left in ``b`` around which each block is
+            searched (default: the block's own top-left). Outside the image is legal.
+        flip: bool ``[N]``: sample ``n`` of ``b`` is mirrored left-right relative to ``a``; the
+            search runs on ``b`` mirrored back and ``centers`` are in that frame.
+
+    Returns:
+        ``(psnr, offset)``: float32 ``[N, Hb, Wb]`` PSNR in dB of the least-mse candidate
+        (``+inf`` if identical, ``-inf`` when no candidate lies inside ``b``, NaN when NaN input
+        reaches the block's candidates) and int32 ``[N, Hb, Wb, 2]`` its ``(dy, dx)``
+        relative to the centre. The mse accumulates in float32. Fast kernels may return any
+        candidate within 1e-4 relative of the least mse; psnr is always the direct mse of the
+        returned candidate. Exact ties go to the smallest ``|dy| + |dx|``, then ``dy``, ``dx``.
+
+    Raises ValueError/TypeError on bad shapes, dtypes, devices, sizes or arguments.
+    Matches ``effssl_kernels.reference.block_match_reference``. Not differentiable.
+    """
+    _check(a, b, block_size, search_radius, data_range, centers, flip)
+    which = _backend.choose(a.device.type)
+    if which == "reference":
+        return block_match_reference(a, b, block_size, search_radius, float(data_range), centers, flip)
+    centers = _prepare_centers(centers)
+    if which == "triton":
+        return torch.ops.effssl_kernels._block_match_triton(
+            a, b, block_size, search_radius, float(data_range), centers, flip
+        )
+    return torch.ops.effssl_kernels.block_match.default(
+        a, b, block_size, search_radius, float(data_range), centers, flip
+    )
+
+
+def similar_blocks(psnr: Tensor, threshold_db: float = 20.0) -> Tensor:
+    """bool mask, same shape as ``psnr``: True where ``psnr > threshold_db`` (NaN/-inf never)."""
+    if not isinstance(psnr, Tensor) or not psnr.is_floating_point():
+        raise TypeError("similar_blocks: psnr must be a floating-point tensor")
+    return psnr > threshold_db
+
+
+def _fake(a, b, block_size, search_radius, data_range, centers, flip):
+    N, _, H, W = a.shape
+    Hb, Wb = H // block_size, W // block_size
+    return (
+        a.new_empty((N, Hb, Wb), dtype=torch.float32),
+        a.new_empty((N, Hb, Wb, 2), dtype=torch.int32),
+    )
+
+
+def _setup_context(ctx, inputs, output):
+    ctx.mark_non_differentiable(*output)
+
+
+def _backward(ctx, grad_psnr, grad_offset):
+    return None, None, None, None, None, None, None
+
+
+if _backend.HAS_EXT:
+    torch.library.register_fake("effssl_kernels::block_match")(_fake)
+    torch.library.register_autograd(
+        "effssl_kernels::block_match", _backward, setup_context=_setup_context
+    )
+
+
+@torch.library.triton_op("effssl_kernels::_block_match_triton", mutates_args=())
+def _block_match_triton(
+    a: Tensor,
+    b: Tensor,
+    block_size: int,
+    search_radius: int,
+    data_range: float,
+    centers: Optional[Tensor],
+    flip: Optional[Tensor],
+) -> tuple[Tensor, Tensor]:
+    from ..triton.block_match import block_match_triton  # lazy: importing triton costs ~2.5 s
+
+    return block_match_triton(a, b, block_size, search_radius, data_range, centers, flip)
+
+
+_block_match_triton.register_autograd(_backward, setup_context=_setup_context)
+
+if _backend.TRITON_INTERPRET:
+    # Under the interpreter wrap_triton hands back the raw kernel, which cannot see fake tensors;
+    # give the op an explicit fake impl and let functionalization pass through (toolchain.md).
+    from torch._subclasses.functional_tensor import FunctionalTensorMode
+
+    _block_match_triton.register_fake(_fake)
+    _block_match_triton.register_torch_dispatch(
+        FunctionalTensorMode,
+        lambda mode, func, types, args, kwargs: mode.__torch_dispatch__(func, types, args, kwargs),
+    )

@@ -1,0 +1,78 @@
+"""Plain-PyTorch block_match: one vectorised pass per displacement (SEMANTICS.md section 1)."""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+
+def candidate_order(radius: int) -> list[tuple[int, int]]:
+    """All (dy, dx) in [-r, r]^2 in search order: smallest |dy|+|dx|, then dy, then dx.
+
+    Among exact ties of the mse, the first candidate in this order wins (every backend agrees).
+    """
+    r = radius
+    ds = [(dy, dx) for dy in range(-r, r + 1) for dx in range(-r, r + 1)]
+    return sorted(ds, key=lambda d: (abs(d[0]) + abs(d[1]), d[0], d[1]))
+
+
+def block_match_reference(
+    a: Tensor,
+    b: Tensor,
+    block_size: int,
+    search_radius: int,
+    data_range: float = 1.0,
+    centers: Optional[Tensor] = None,
+    flip: Optional[Tensor] = None,
+) -> tuple[Tensor, Tensor]:
+    """Reference of ``effssl_kernels.block_match``; arguments are assumed valid.
+
+    a, b: [N, C, H, W]; centers: int [N, Hb, Wb, 2] (y, x) or None; flip: bool [N] or None.
+    Returns psnr float32 [N, Hb, Wb] and offset int32 [N, Hb, Wb, 2]. The mse is the direct
+    float32 mean of (a - b)^2; a NaN mse beats every number (so NaN input gives NaN psnr).
+    """
+    N, C, H, W = a.shape
+    B, r = block_size, search_radius
+    Hb, Wb = H // B, W // B
+    dev = a.device
+    a32 = a.float()
+    b32 = b.float()
+    if flip is not None:
+        b32 = torch.where(flip.view(N, 1, 1, 1).to(dev), b32.flip(-1), b32)
+    if centers is None:
+        gy = torch.arange(Hb, device=dev) * B
+        gx = torch.arange(Wb, device=dev) * B
+        cy = gy.view(1, Hb, 1).expand(N, Hb, Wb)
+        cx = gx.view(1, 1, Wb).expand(N, Hb, Wb)
+    else:
+        cy = centers[..., 0].to(device=dev, dtype=torch.int64)
+        cx = centers[..., 1].to(device=dev, dtype=torch.int64)
+
+    # The blocks of a, [N, C, Hb, Wb, B, B].
+    a_blk = a32[:, :, : Hb * B, : Wb * B].reshape(N, C, Hb, B, Wb, B).permute(0, 1, 2, 4, 3, 5)
+    b_flat = b32.reshape(N, C, H * W)
+    ar = torch.arange(B, device=dev)
+
+    best = torch.full((N, Hb, Wb), float("inf"), device=dev)
+    best_d = torch.zeros((N, Hb, Wb, 2), dtype=torch.int32, device=dev)
+    for dy, dx in candidate_order(r):
+        y0 = cy + dy
+        x0 = cx + dx
+        valid = (y0 >= 0) & (y0 <= H - B) & (x0 >= 0) & (x0 <= W - B)
+        if not bool(valid.any()):
+            continue
+        rows = (y0.clamp(0, H - B)[..., None] + ar)  # [N, Hb, Wb, B]
+        cols = (x0.clamp(0, W - B)[..., None] + ar)
+        idx = rows[..., :, None] * W + cols[..., None, :]  # [N, Hb, Wb, B, B]
+        idx = idx.reshape(N, 1, -1).expand(N, C, -1)
+        cand = b_flat.gather(2, idx).reshape(N, C, Hb, Wb, B, B)
+        mse = (a_blk - cand).square().mean(dim=(1, 4, 5))  # float32 [N, Hb, Wb]
+        key = torch.where(torch.isnan(mse), torch.full_like(mse, -1.0), mse)
+        best_key = torch.where(torch.isnan(best), torch.full_like(best, -1.0), best)
+        better = valid & (key < best_key)
+        best = torch.where(better, mse, best)
+        best_d[better] = torch.tensor([dy, dx], dtype=torch.int32, device=dev)
+    # mse 0 -> +inf dB; no candidate (mse stays +inf) -> -inf dB.
+    psnr = 10.0 * torch.log10((data_range * data_range) / best)
+    return psnr, best_d

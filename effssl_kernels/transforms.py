@@ -1,0 +1,303 @@
+"""Two-view crops that remember their geometry, and the map from that geometry to block_match.
+
+SimWnW searches each block of view A around its *counterpart* in view B (SEMANTICS.md section 1).
+``TwoViewCrop`` draws two RandomResizedCrop boxes and flips and records them; ``crop_centers``
+turns the recorded boxes and flips into the ``centers`` and ``flip`` arguments of
+``effssl_kernels.block_match``, so the search starts where the same scene point landed in B.
+
+torchvision is an optional dependency: it is imported when a ``TwoViewCrop`` is built, so the
+package (and ``crop_centers``) imports without it.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple, Sequence, Union
+
+import torch
+from torch import Tensor
+
+__all__ = ["crop_centers", "TwoViewCrop", "TwoViews"]
+
+_INT_DTYPES = (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)
+
+
+def _pair(size, what: str) -> tuple[int, int]:
+    """``int`` or ``(H, W)`` of positive ints (bools rejected: they are ints in Python)."""
+    if isinstance(size, int) and not isinstance(size, bool):
+        size = (size, size)
+    if (
+        not isinstance(size, (tuple, list, torch.Size))
+        or len(size) != 2
+        or not all(isinstance(s, int) and not isinstance(s, bool) for s in size)
+    ):
+        raise TypeError(f"{what} must be an int or a pair of ints (H, W), got {size!r}")
+    if size[0] < 1 or size[1] < 1:
+        raise ValueError(f"{what} must be positive, got {tuple(size)}")
+    return int(size[0]), int(size[1])
+
+
+def _check_crop_args(boxes_a, boxes_b, flips_a, flips_b, view_size, block_size) -> tuple[int, int]:
+    for name, t in (("boxes_a", boxes_a), ("boxes_b", boxes_b), ("flips_a", flips_a), ("flips_b", flips_b)):
+        if not isinstance(t, Tensor):
+            raise TypeError(f"crop_centers: {name} must be a tensor, got {type(t).__name__}")
+    for name, t in (("boxes_a", boxes_a), ("boxes_b", boxes_b)):
+        if t.dim() != 2 or t.shape[1] != 4:
+            raise ValueError(f"crop_centers: {name} must have shape [N, 4] (top, left, height, width), got {list(t.shape)}")
+        if not (t.is_floating_point() or t.dtype in _INT_DTYPES):
+            raise TypeError(f"crop_centers: {name} must be a float or int tensor, got {t.dtype}")
+    N = boxes_a.shape[0]
+    if boxes_b.shape[0] != N:
+        raise ValueError(f"crop_centers: boxes_a and boxes_b must have the same N, got {boxes_a.shape[0]} and {boxes_b.shape[0]}")
+    for name, t in (("flips_a", flips_a), ("flips_b", flips_b)):
+        if t.dtype != torch.bool:
+            raise TypeError(f"crop_centers: {name} must be a bool tensor, got {t.dtype}")
+        if tuple(t.shape) != (N,):
+            raise ValueError(f"crop_centers: {name} must have shape [N] = [{N}], got {list(t.shape)}")
+    dev = boxes_a.device
+    for name, t in (("boxes_b", boxes_b), ("flips_a", flips_a), ("flips_b", flips_b)):
+        if t.device != dev:
+            raise ValueError(f"crop_centers: {name} must be on {dev} like boxes_a, got {t.device}")
+    H, W = _pair(view_size, "crop_centers: view_size")
+    if isinstance(block_size, bool) or not isinstance(block_size, int):
+        raise TypeError(f"crop_centers: block_size must be an int, got {block_size!r}")
+    if block_size < 1:
+        raise ValueError(f"crop_centers: block_size must be positive, got {block_size}")
+    if block_size > H or block_size > W:
+        raise ValueError(f"crop_centers: block_size {block_size} is larger than the view {H}x{W}")
+    return H, W
+
+
+def crop_centers(
+    boxes_a: Tensor,
+    boxes_b: Tensor,
+    flips_a: Tensor,
+    flips_b: Tensor,
+    view_size: Union[int, Sequence[int]],
+    block_size: int,
+) -> tuple[Tensor, Tensor]:
+    """Search centres in view B of the blocks of view A, from the crops that made both views.
+
+    Each view is its box of a source image resized to ``view_size`` (as torchvision's
+    ``resized_crop``), then mirrored left-right where its flip is set. The centre of block
+    ``(i, j)`` of A is carried through A's box to the source image and from there into B;
+    ``centers[n, i, j]`` is the top-left ``(y, x)`` of the ``block_size`` block centred on that
+    point, in B's frame mirrored back to A's orientation, and ``flip`` says which samples of B
+    are mirrored relative to A. Both go straight to
+    ``block_match(view_a, view_b, block_size, r, centers=centers, flip=flip)``.
+    For the reverse direction (B's blocks searched in A) swap the arguments:
+    ``crop_centers(boxes_b, boxes_a, flips_b, flips_a, ...)`` with ``block_match(view_b, view_a, ...)``.
+
+    Args:
+        boxes_a, boxes_b: ``[N, 4]`` float or int ``(top, left, height, width)`` in source-image
+            pixels, the ``(i, j, h, w)`` of ``RandomResizedCrop.get_params``. Heights and
+            widths must be positive (not checked: that would need a host sync; a zero one sends
+            the centre far outside, where the block has no candidate).
+        flips_a, flips_b: bool ``[N]``: the view was mirrored after the crop.
+        view_size: ``(H, W)`` (or an int for square views) of both views.
+        block_size: side ``B`` of A's blocks; the grid is ``Hb = H // B`` by ``Wb = W // B``.
+
+    Returns:
+        ``(centers, flip)``: int64 ``[N, Hb, Wb, 2]`` ``(y, x)`` (may lie outside the view, which
+        block_match allows; the counterpart is then partly or wholly out of B) and bool ``[N]``
+        ``flips_a ^ flips_b``. Both on the boxes' device. Vectorised, no host sync.
+
+    Raises:
+        TypeError / ValueError: non-tensor or wrongly typed inputs, shapes other than ``[N, 4]``
+        and ``[N]``, mismatched ``N`` or devices, a non-positive size, a block larger than the view.
+
+    Centres are rounded half up, so with equal box sizes (no rescale) they are exact: a block
+    whose counterpart lies fully inside B is found at offset ``(0, 0)``.
+    """
+    H, W = _check_crop_args(boxes_a, boxes_b, flips_a, flips_b, view_size, block_size)
+    B = block_size
+    Hb, Wb = H // B, W // B
+    dev = boxes_a.device
+    # float64 so that half-integer rounding ties of large source images come out exactly as in
+    # integer arithmetic; MPS has no float64.
+    f = torch.float32 if dev.type == "mps" else torch.float64
+    ta, la, ha, wa = boxes_a.to(f).unbind(-1)  # each [N]
+    tb, lb, hb, wb = boxes_b.to(f).unbind(-1)
+
+    # Derivation, in continuous coordinates: pixel k covers [k, k+1), its centre is k + 1/2.
+    # Resizing a box (t, l, h, w) to H x W with align_corners=False maps view coordinates
+    # (y, x) in [0, H] x [0, W] affinely onto the box: source (t + y h/H, l + x w/W); it is
+    # what interpolate samples at pixel centres (antialias only widens the filter about the same
+    # point). A mirror maps x to W - x (pixel q to W - 1 - q).
+    #   1. Centre of A's block (i, j) in A's displayed frame: ((i + 1/2) B, (j + 1/2) B).
+    #   2. Undo A's mirror: xA' = W - xA if flip_a else xA.
+    #   3. To the source: v = ta + yA ha/H, u = la + xA' wa/W.
+    #   4. Into B before its mirror: yB = (v - tb) H/hb, xB' = (u - lb) W/wb.
+    #   5. block_match mirrors b back where flip_a ^ flip_b, so the frame it searches is B
+    #      mirrored relative to the source iff A is (flip_b + (flip_a ^ flip_b) = flip_a mod 2):
+    #      xB = W - xB' if flip_a else xB'. flip_b only enters through ``flip``.
+    #   6. The top-left of the B x B block centred at (yB, xB) is (yB - B/2, xB - B/2), rounded
+    #      half up with floor(. + 1/2) (torch.round rounds half to even, which would make equal
+    #      shifts round differently at even and odd positions).
+    ar = torch.arange(Hb, device=dev, dtype=f)
+    yA = (ar + 0.5) * B  # [Hb]
+    xA = (torch.arange(Wb, device=dev, dtype=f) + 0.5) * B  # [Wb]
+    fa = flips_a.view(-1, 1)
+    xA_src = torch.where(fa, W - xA, xA)  # [N, Wb]
+    v = ta[:, None] + yA * (ha[:, None] / H)  # [N, Hb]
+    u = la[:, None] + xA_src * (wa[:, None] / W)  # [N, Wb]
+    yB = (v - tb[:, None]) * (H / hb[:, None])
+    xB_src = (u - lb[:, None]) * (W / wb[:, None])
+    xB = torch.where(fa, W - xB_src, xB_src)
+    cy = torch.floor(yB - B / 2 + 0.5)
+    cx = torch.floor(xB - B / 2 + 0.5)
+    # Degenerate boxes give inf/NaN; keep the int64 cast defined and the centre far outside.
+    big = float(1 << 30)
+    cy = torch.nan_to_num(cy, nan=-big).clamp(-big, big).to(torch.int64)
+    cx = torch.nan_to_num(cx, nan=-big).clamp(-big, big).to(torch.int64)
+    N = boxes_a.shape[0]
+    centers = torch.stack(
+        (cy[:, :, None].expand(N, Hb, Wb), cx[:, None, :].expand(N, Hb, Wb)), dim=-1
+    ).contiguous()
+    return centers, flips_a ^ flips_b
+
+
+def _torchvision():
+    """(RandomResizedCrop, v2.functional, InterpolationMode), imported on first use (cached by
+    Python); not kept on the transform, which must stay picklable for DataLoader workers."""
+    try:
+        from torchvision.transforms import InterpolationMode, RandomResizedCrop
+        from torchvision.transforms.v2 import functional as TF
+    except ImportError as e:
+        raise ImportError("TwoViewCrop needs torchvision (pip install torchvision, or the [test] extra)") from e
+    return RandomResizedCrop, TF, InterpolationMode
+
+
+class TwoViews(NamedTuple):
+    """Two crops of one image (or of each image of a batch) and the geometry that made them.
+
+    Fields (single image / batch of ``N``): ``view_a``, ``view_b`` ``[C, H, W]`` / ``[N, C, H, W]``;
+    ``box_a``, ``box_b`` float32 ``[4]`` / ``[N, 4]`` ``(top, left, height, width)`` in source
+    pixels; ``flip_a``, ``flip_b`` bool ``[]`` / ``[N]``. ``torch.utils.data.default_collate``
+    of single-image ``TwoViews`` gives the batched form, ready for :func:`crop_centers`.
+    """
+
+    view_a: Tensor
+    view_b: Tensor
+    box_a: Tensor
+    box_b: Tensor
+    flip_a: Tensor
+    flip_b: Tensor
+
+
+class TwoViewCrop:
+    """Two independent RandomResizedCrop + random horizontal flip views that record their crops.
+
+    Each view is ``torchvision.transforms.v2.functional.resized_crop`` of a box drawn by
+    torchvision's own ``RandomResizedCrop.get_params`` (bilinear, ``antialias=True``, torchvision's
+    default), then ``horizontal_flip`` with probability ``hflip_p``. The same as applying
+    ``v2.RandomResizedCrop(size, scale, ratio, antialias=True)`` and ``v2.RandomHorizontalFlip(hflip_p)``
+    twice, except that the boxes and flips come back with the views for :func:`crop_centers`.
+
+    Args:
+        size: output ``(H, W)`` of both views, or an int for square views.
+        scale, ratio: as ``RandomResizedCrop`` (area fraction and aspect-ratio range).
+        hflip_p: probability that a view is mirrored left-right.
+        generator: optional ``torch.Generator`` (CPU) for reproducible draws. ``get_params``
+            draws from the global RNG, so each box is drawn under ``torch.random.fork_rng``
+            seeded from ``generator``, leaving the global RNG untouched. Without a generator the
+            global RNG is used, as torchvision does (and DataLoader workers seed it). Each
+            DataLoader worker gets a copy of ``generator`` and would repeat the others' draws:
+            there, leave it None or reseed it in ``worker_init_fn``.
+
+    Shape:
+        - Input: ``[C, H, W]`` tensor (any dtype torchvision resizes; views keep it), a PIL image
+          (converted to float32 in ``[0, 1]``, block_match's ``data_range=1``), or a batch
+          ``[N, C, H, W]`` (each image gets its own boxes and flips; a Python loop over ``N``).
+        - Output: :class:`TwoViews`; boxes and flips on the input's device.
+
+    Example::
+
+        >>> crop = TwoViewCrop(64, generator=torch.Generator().manual_seed(0))
+        >>> v = crop(images)                                   # images [N, 3, H, W] in [0, 1]
+        >>> centers, flip = crop_centers(v.box_a, v.box_b, v.flip_a, v.flip_b, (64, 64), 8)
+        >>> psnr, offset = block_match(v.view_a, v.view_b, 8, 4, centers=centers, flip=flip)
+    """
+
+    def __init__(
+        self,
+        size: Union[int, Sequence[int]],
+        scale: Sequence[float] = (0.08, 1.0),
+        ratio: Sequence[float] = (3.0 / 4.0, 4.0 / 3.0),
+        hflip_p: float = 0.5,
+        generator: torch.Generator | None = None,
+    ) -> None:
+        self.size = _pair(size, "TwoViewCrop: size")
+        if len(scale) != 2 or not (0 < scale[0] <= scale[1]):
+            raise ValueError(f"TwoViewCrop: scale must be (min, max) with 0 < min <= max, got {scale!r}")
+        if len(ratio) != 2 or not (0 < ratio[0] <= ratio[1]):
+            raise ValueError(f"TwoViewCrop: ratio must be (min, max) with 0 < min <= max, got {ratio!r}")
+        if not (0.0 <= float(hflip_p) <= 1.0):
+            raise ValueError(f"TwoViewCrop: hflip_p must be in [0, 1], got {hflip_p!r}")
+        if generator is not None and not isinstance(generator, torch.Generator):
+            raise TypeError(f"TwoViewCrop: generator must be a torch.Generator or None, got {type(generator).__name__}")
+        self.scale = [float(scale[0]), float(scale[1])]
+        self.ratio = [float(ratio[0]), float(ratio[1])]
+        self.hflip_p = float(hflip_p)
+        self.generator = generator
+        _torchvision()  # fail here, not in a DataLoader worker
+
+    def __repr__(self) -> str:
+        return (
+            f"{type(self).__name__}(size={self.size}, scale={tuple(self.scale)}, "
+            f"ratio={tuple(self.ratio)}, hflip_p={self.hflip_p})"
+        )
+
+    def _box(self, img: Tensor) -> tuple[int, int, int, int]:
+        if self.generator is None:
+            return _torchvision()[0].get_params(img, self.scale, self.ratio)
+        seed = int(torch.randint(0, 2**62, (1,), generator=self.generator).item())
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            return _torchvision()[0].get_params(img, self.scale, self.ratio)
+
+    def _flip(self) -> bool:
+        return bool(torch.rand((), generator=self.generator).item() < self.hflip_p)
+
+    def _view(self, img: Tensor, box: tuple[int, int, int, int], flip: bool) -> Tensor:
+        _, TF, mode = _torchvision()
+        view = TF.resized_crop(img, *box, size=list(self.size), interpolation=mode.BILINEAR, antialias=True)
+        return TF.horizontal_flip(view) if flip else view
+
+    def _one(self, img: Tensor) -> tuple[Tensor, Tensor, tuple, tuple, bool, bool]:
+        box_a, box_b = self._box(img), self._box(img)
+        flip_a, flip_b = self._flip(), self._flip()
+        return self._view(img, box_a, flip_a), self._view(img, box_b, flip_b), box_a, box_b, flip_a, flip_b
+
+    def __call__(self, img) -> TwoViews:
+        if not isinstance(img, Tensor):
+            try:
+                from PIL import Image
+            except ImportError:  # pragma: no cover - torchvision depends on pillow
+                Image = None
+            if Image is None or not isinstance(img, Image.Image):
+                raise TypeError(f"TwoViewCrop: expected a tensor or a PIL image, got {type(img).__name__}")
+            TF = _torchvision()[1]
+            img = TF.to_dtype(TF.to_image(img), torch.float32, scale=True).as_subclass(Tensor)
+        if img.dim() not in (3, 4):
+            raise ValueError(f"TwoViewCrop: expected [C, H, W] or [N, C, H, W], got {list(img.shape)}")
+        dev = img.device
+        if img.dim() == 3:
+            va, vb, ba, bb, fa, fb = self._one(img)
+            return TwoViews(
+                va, vb,
+                torch.tensor(ba, dtype=torch.float32, device=dev),
+                torch.tensor(bb, dtype=torch.float32, device=dev),
+                torch.tensor(fa, device=dev),
+                torch.tensor(fb, device=dev),
+            )
+        if img.shape[0] == 0:
+            raise ValueError("TwoViewCrop: the batch is empty")
+        outs = [self._one(x) for x in img.unbind(0)]
+        va, vb, ba, bb, fa, fb = zip(*outs)
+        # One host-to-device copy per field rather than one per sample.
+        return TwoViews(
+            torch.stack(va), torch.stack(vb),
+            torch.tensor(ba, dtype=torch.float32).reshape(-1, 4).to(dev),
+            torch.tensor(bb, dtype=torch.float32).reshape(-1, 4).to(dev),
+            torch.tensor(fa, dtype=torch.bool).to(dev),
+            torch.tensor(fb, dtype=torch.bool).to(dev),
+        )

@@ -1,0 +1,330 @@
+"""block_match / similar_blocks: C++ CPU kernel and CUDA kernel against the reference."""
+import itertools
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import effssl_kernels as ek
+from effssl_kernels.reference import block_match_reference, candidate_order
+from utils import DTYPES, HAS_GPU, assert_block_match, make_layout, requires_gpu
+
+DEVICES = ["cpu"] + (["cuda"] if HAS_GPU else [])
+
+
+def _shifted_pair(N, C, H, W, dy, dx, *, pad=8, dtype=torch.float32, device="cpu"):
+    """a and b cut from one random image so that a[y, x] == b[y + dy, x + dx]."""
+    img = torch.rand(N, C, H + 2 * pad, W + 2 * pad)
+    a = img[:, :, pad : pad + H, pad : pad + W]
+    b = img[:, :, pad - dy : pad - dy + H, pad - dx : pad - dx + W]
+    return a.to(device, dtype), b.to(device, dtype)
+
+
+def _photo(size=64):
+    skimage_data = pytest.importorskip("skimage.data")
+    img = torch.from_numpy(np.ascontiguousarray(skimage_data.astronaut())).permute(2, 0, 1).float() / 255
+    return torch.nn.functional.interpolate(img[None], size=(4 * size, 4 * size), mode="area")[0]
+
+
+# ----------------------------------------------------------------------------- the oracle itself
+def test_reference_matches_brute_force_loop():
+    # An independent scalar loop over blocks and candidates checks the vectorised reference.
+    a, b = torch.rand(1, 2, 9, 11), torch.rand(1, 2, 9, 11)
+    B, r = 3, 2
+    psnr, off = block_match_reference(a, b, B, r)
+    for i, j in itertools.product(range(3), range(3)):
+        best = None
+        for dy, dx in candidate_order(r):
+            y, x = i * B + dy, j * B + dx
+            if 0 <= y <= 9 - B and 0 <= x <= 11 - B:
+                mse = ((a[0, :, i * B : i * B + B, j * B : j * B + B] - b[0, :, y : y + B, x : x + B]) ** 2).mean()
+                if best is None or mse < best[0]:
+                    best = (mse, dy, dx)
+        assert off[0, i, j].tolist() == [best[1], best[2]]
+        torch.testing.assert_close(psnr[0, i, j], 10 * torch.log10(1 / best[0]))
+
+
+def test_candidate_order():
+    order = candidate_order(1)
+    assert order[0] == (0, 0)
+    assert order[1:5] == [(-1, 0), (0, -1), (0, 1), (1, 0)]
+    assert len(set(order)) == 9
+
+
+# ----------------------------------------------------------------------------- against the reference
+SHAPES = [  # N, C, H, W, B, r
+    (2, 3, 32, 32, 4, 4),
+    (3, 3, 32, 32, 5, 5),
+    (1, 1, 13, 17, 3, 2),
+    (2, 3, 37, 41, 8, 6),
+    (1, 3, 24, 24, 24, 3),  # one block as large as the image
+    (2, 2, 9, 30, 1, 1),
+    (1, 4, 20, 20, 6, 0),  # radius 0: the block's own position only
+]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", SHAPES)
+def test_random_matches_reference(device, dtype, shape):
+    N, C, H, W, B, r = shape
+    a = torch.rand(N, C, H, W).to(device, dtype)
+    b = torch.rand(N, C, H, W).to(device, dtype)
+    psnr, off = ek.block_match(a, b, B, r)
+    assert psnr.device.type == device
+    assert_block_match(psnr, off, a, b, B, r, exact_offsets=(device == "cpu"))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("layout", ["channels_last", "sliced"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_layouts(device, layout, dtype):
+    a = torch.rand(2, 3, 21, 26).to(device, dtype)
+    b = (a + 0.05 * torch.randn_like(a.float()).to(dtype)).clamp(0, 1)
+    expect = ek.block_match(a.contiguous(), b.contiguous(), 5, 3)
+    got = ek.block_match(make_layout(a, layout), make_layout(b, "sliced"), 5, 3)
+    torch.testing.assert_close(got[0], expect[0], rtol=0, atol=1e-4)
+    torch.testing.assert_close(got[1], expect[1], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shift", [(0, 0), (2, -3), (-4, 4), (1, 0)])
+def test_planted_shift_recovered_exactly(device, dtype, shift):
+    dy, dx = shift
+    B, r = 5, 4
+    a, b = _shifted_pair(2, 3, 30, 35, dy, dx, dtype=dtype, device=device)
+    psnr, off = ek.block_match(a, b, B, r)
+    for i, j in itertools.product(range(30 // B), range(35 // B)):
+        if 0 <= i * B + dy <= 30 - B and 0 <= j * B + dx <= 35 - B:
+            assert off[:, i, j].tolist() == [[dy, dx]] * 2
+            assert torch.isposinf(psnr[:, i, j]).all()
+    assert_block_match(psnr, off, a, b, B, r)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_real_photo(device):
+    img = _photo(64)  # 3 x 256 x 256 real photograph
+    a = img[:, 20:84, 30:94][None]
+    b = (img[:, 23:87, 28:92][None] + 0.01 * torch.randn(1, 3, 64, 64)).clamp(0, 1)
+    a, b = a.to(device), b.to(device)
+    psnr, off = ek.block_match(a, b, 8, 4)
+    assert_block_match(psnr, off, a, b, 8, 4)
+    interior = off[0, 1:-1, 1:-1].reshape(-1, 2)
+    # b is a shifted by (-3, +2) plus a little noise: interior blocks find the shift.
+    assert (interior == torch.tensor([-3, 2], dtype=torch.int32, device=device)).all(dim=1).float().mean() > 0.9
+    assert ek.similar_blocks(psnr).float().mean() > 0.9
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_identical_views_are_inf(device, dtype):
+    a = torch.rand(2, 3, 16, 16).to(device, dtype)
+    psnr, off = ek.block_match(a, a.clone(), 4, 3)
+    assert torch.isposinf(psnr).all()
+    assert (off == 0).all()  # (0, 0) wins every exact tie
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_constant_images_tie_break(device):
+    # Every candidate ties: the smallest |dy|+|dx| (then dy, dx) must win, on every backend.
+    a = torch.full((1, 1, 12, 12), 0.5, device=device)
+    b = torch.full((1, 1, 12, 12), 0.25, device=device)
+    centers = torch.tensor([[[[-2, 5]]]], device=device).expand(1, 3, 3, 2).contiguous()
+    psnr, off = ek.block_match(a, b, 4, 3, centers=centers)
+    # centre y = -2: the nearest inside candidate is dy = 2; x = 5 is inside, so dx = 0.
+    assert (off[..., 0] == 2).all() and (off[..., 1] == 0).all()
+    torch.testing.assert_close(psnr, torch.full_like(psnr, 10 * np.log10(1 / 0.0625)))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_border_and_far_centres(device):
+    a, b = torch.rand(2, 3, 16, 20, device=device), torch.rand(2, 3, 16, 20, device=device)
+    centers = torch.zeros(2, 4, 5, 2, dtype=torch.int64, device=device)
+    centers[0, :, :, 0] = -10  # 10 rows above the image, radius 3: no candidate
+    centers[1, :, :, 1] = 17  # x = 17: only dx in [-3, -1] keeps a 4-wide block inside 20 columns
+    centers[1, 0, 0] = torch.tensor([2**40, -(2**40)])  # int64 beyond int32: no candidate
+    centers[1, 0, 1] = torch.tensor([2**31 - 1, 0])
+    psnr, off = ek.block_match(a, b, 4, 3, centers=centers)
+    assert torch.isneginf(psnr[0]).all() and (off[0] == 0).all()
+    assert torch.isneginf(psnr[1, 0, :2]).all() and (off[1, 0, :2] == 0).all()
+    assert torch.isfinite(psnr[1, 1:]).all()
+    assert_block_match(psnr, off, a, b, 4, 3, centers=centers.clamp(-(2**31), 2**31 - 1))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_flip_and_centres(device, dtype):
+    N, C, H, W, B, r = 3, 3, 20, 24, 4, 3
+    a, b = torch.rand(N, C, H, W).to(device, dtype), torch.rand(N, C, H, W).to(device, dtype)
+    flip = torch.tensor([True, False, True], device=device)
+    centers = torch.randint(-6, 26, (N, H // B, W // B, 2), device=device, dtype=torch.int32)
+    psnr, off = ek.block_match(a, b, B, r, centers=centers, flip=flip)
+    assert_block_match(psnr, off, a, b, B, r, centers=centers, flip=flip)
+    # A view and its mirror image, searched with flip, match perfectly at offset 0.
+    psnr, off = ek.block_match(a, a.flip(-1), B, r, flip=torch.ones(N, dtype=torch.bool, device=device))
+    assert torch.isposinf(psnr).all() and (off == 0).all()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_nan_never_similar(device):
+    a, b = torch.rand(1, 3, 16, 16, device=device), torch.rand(1, 3, 16, 16, device=device)
+    a[0, 1, 5, 5] = float("nan")  # inside block (1, 1) of a
+    b[0, 0, 15, 15] = float("nan")  # reachable only from blocks near the bottom-right corner
+    psnr, off = ek.block_match(a, b, 4, 1)
+    assert torch.isnan(psnr[0, 1, 1])
+    assert torch.isnan(psnr[0, 3, 3])
+    assert torch.isfinite(psnr[0, 0, 0])
+    assert not ek.similar_blocks(psnr)[0, 1, 1]
+    assert_block_match(psnr, off, a, b, 4, 1)
+
+
+def test_data_range_scales():
+    a, b = torch.rand(2, 3, 16, 16), torch.rand(2, 3, 16, 16)
+    p1, o1 = ek.block_match(a, b, 4, 2)
+    p255, o255 = ek.block_match(a * 255, b * 255, 4, 2, data_range=255.0)
+    torch.testing.assert_close(p255, p1, atol=1e-3, rtol=0)
+    assert torch.equal(o1, o255)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_deterministic_and_no_grad(device):
+    a = torch.rand(2, 3, 32, 32, device=device, requires_grad=True)
+    b = torch.rand(2, 3, 32, 32, device=device)
+    p1, o1 = ek.block_match(a, b, 4, 4)
+    p2, o2 = ek.block_match(a, b, 4, 4)
+    assert torch.equal(p1, p2) and torch.equal(o1, o2)
+    assert not p1.requires_grad and not o1.requires_grad
+
+
+def test_empty_batch():
+    psnr, off = ek.block_match(torch.rand(0, 3, 8, 8), torch.rand(0, 3, 8, 8), 4, 2)
+    assert psnr.shape == (0, 2, 2) and off.shape == (0, 2, 2, 2)
+
+
+# ----------------------------------------------------------------------------- similar_blocks
+def test_similar_blocks():
+    psnr = torch.tensor([float("nan"), float("-inf"), float("inf"), 20.0, 20.001, 19.0])
+    assert ek.similar_blocks(psnr).tolist() == [False, False, True, False, True, False]
+    assert ek.similar_blocks(psnr, threshold_db=18.5).tolist() == [False, False, True, True, True, True]
+    with pytest.raises(TypeError):
+        ek.similar_blocks(torch.tensor([1, 2]))
+
+
+# ----------------------------------------------------------------------------- bad input
+BAD = [
+    (lambda a, b: ek.block_match(a[0], b[0], 4, 2), ValueError, "4-D"),
+    (lambda a, b: ek.block_match(a, b[:, :2], 4, 2), ValueError, "same shape"),
+    (lambda a, b: ek.block_match(a, b.double(), 4, 2), TypeError, "same dtype"),
+    (lambda a, b: ek.block_match(a.double(), b.double(), 4, 2), TypeError, "float32, float16 or bfloat16"),
+    (lambda a, b: ek.block_match(a, b, 0, 2), ValueError, "positive"),
+    (lambda a, b: ek.block_match(a, b, 17, 2), ValueError, "larger than the image"),
+    (lambda a, b: ek.block_match(a, b, 4, -1), ValueError, "search_radius"),
+    (lambda a, b: ek.block_match(a, b, 4.0, 2), ValueError, "block_size"),
+    (lambda a, b: ek.block_match(a, b, 4, 2, data_range=0), ValueError, "data_range"),
+    (lambda a, b: ek.block_match(a, b, 4, 2, data_range=float("nan")), ValueError, "data_range"),
+    (lambda a, b: ek.block_match(a, b, 4, 2, centers=torch.zeros(2, 4, 4, 2)), TypeError, "integer"),
+    (lambda a, b: ek.block_match(a, b, 4, 2, centers=torch.zeros(2, 4, 3, 2, dtype=torch.long)), ValueError, "shape"),
+    (lambda a, b: ek.block_match(a, b, 4, 2, flip=torch.zeros(2)), TypeError, "bool"),
+    (lambda a, b: ek.block_match(a, b, 4, 2, flip=torch.zeros(3, dtype=torch.bool)), ValueError, "shape"),
+]
+
+
+@pytest.mark.parametrize("call,exc,msg", BAD)
+def test_bad_input_python(call, exc, msg):
+    a, b = torch.rand(2, 3, 16, 16), torch.rand(2, 3, 16, 16)
+    with pytest.raises(exc, match=msg):
+        call(a, b)
+
+
+@pytest.mark.parametrize(
+    "args,msg",
+    [
+        ((torch.rand(2, 3, 8, 8), torch.rand(2, 3, 8, 9), 4, 2, 1.0, None, None), "same shape"),
+        ((torch.rand(2, 3, 8, 8), torch.rand(2, 3, 8, 8), 9, 2, 1.0, None, None), "larger than the image"),
+        ((torch.rand(2, 3, 8, 8), torch.rand(2, 3, 8, 8), 4, -2, 1.0, None, None), "search_radius"),
+        ((torch.rand(2, 3, 8, 8), torch.rand(2, 3, 8, 8), 4, 2, -1.0, None, None), "data_range"),
+        ((torch.rand(2, 3, 8, 8), torch.rand(2, 3, 8, 8), 4, 2, 1.0, torch.zeros(2, 2, 2, 2), None), "int32 or int64"),
+        ((torch.rand(2, 3, 8, 8), torch.rand(2, 3, 8, 8), 4, 2, 1.0, None, torch.zeros(1, dtype=torch.bool)), "flip"),
+        ((torch.rand(2, 3, 8, 8).int(), torch.rand(2, 3, 8, 8).int(), 4, 2, 1.0, None, None), "dtype"),
+    ],
+)
+def test_bad_input_direct_op(args, msg):
+    # The C++ op checks its arguments itself: a direct torch.ops call fails clearly, never crashes.
+    with pytest.raises(RuntimeError, match=msg):
+        torch.ops.effssl_kernels.block_match(*args)
+
+
+@requires_gpu
+def test_mixed_devices_rejected():
+    with pytest.raises(ValueError, match="same device"):
+        ek.block_match(torch.rand(1, 3, 8, 8), torch.rand(1, 3, 8, 8, device="cuda"), 4, 1)
+    with pytest.raises(ValueError, match="centers must be on"):
+        ek.block_match(torch.rand(1, 3, 8, 8, device="cuda"), torch.rand(1, 3, 8, 8, device="cuda"), 4, 1,
+                       centers=torch.zeros(1, 2, 2, 2, dtype=torch.int32))
+
+
+def test_bad_backend_env(monkeypatch):
+    monkeypatch.setenv("EFFSSL_BACKEND", "magic")
+    with pytest.raises(ValueError, match="EFFSSL_BACKEND"):
+        ek.block_match(torch.rand(1, 3, 8, 8), torch.rand(1, 3, 8, 8), 4, 1)
+
+
+def test_reference_backend_env(monkeypatch):
+    a, b = torch.rand(1, 3, 12, 12), torch.rand(1, 3, 12, 12)
+    monkeypatch.setenv("EFFSSL_BACKEND", "reference")
+    got = ek.block_match(a, b, 4, 2)
+    expect = block_match_reference(a, b, 4, 2)
+    assert torch.equal(got[0], expect[0]) and torch.equal(got[1], expect[1])
+
+
+# ----------------------------------------------------------------------------- torch.library / compile
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("requires_grad", [False, True])
+@pytest.mark.parametrize("with_centers", [False, True])
+def test_opcheck(device, requires_grad, with_centers):
+    a = torch.rand(2, 3, 12, 14, device=device, requires_grad=requires_grad)
+    b = torch.rand(2, 3, 12, 14, device=device)
+    centers = torch.randint(-3, 12, (2, 3, 3, 2), dtype=torch.int32, device=device) if with_centers else None
+    flip = torch.tensor([True, False], device=device) if with_centers else None
+    torch.library.opcheck(torch.ops.effssl_kernels.block_match.default, (a, b, 4, 2, 1.0, centers, flip))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_compile_fullgraph(device):
+    def masks(a, b, centers, flip):
+        psnr_a, _ = ek.block_match(a, b, 4, 2, centers=centers, flip=flip)
+        psnr_b, _ = ek.block_match(b, a, 4, 2)
+        return ek.similar_blocks(psnr_a), ek.similar_blocks(psnr_b, 15.0)
+
+    a = torch.rand(2, 3, 16, 16, device=device)
+    b = (a + 0.02 * torch.randn_like(a)).clamp(0, 1)
+    centers = torch.randint(-2, 14, (2, 4, 4, 2), device=device)
+    flip = torch.tensor([False, True], device=device)
+    compiled = torch.compile(masks, fullgraph=True, backend="aot_eager")
+    for got, expect in zip(compiled(a, b, centers, flip), masks(a, b, centers, flip)):
+        assert torch.equal(got, expect)
+
+
+# ----------------------------------------------------------------------------- shape fuzzing
+@settings(max_examples=25, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    N=st.integers(1, 2), C=st.integers(1, 4), H=st.integers(1, 19), W=st.integers(1, 19),
+    B=st.integers(1, 8), r=st.integers(0, 4), dtype=st.sampled_from(DTYPES),
+    use_centers=st.booleans(), use_flip=st.booleans(), seed=st.integers(0, 2**16),
+)
+def test_fuzz_shapes(N, C, H, W, B, r, dtype, use_centers, use_flip, seed):
+    g = torch.Generator().manual_seed(seed)
+    a = torch.rand(N, C, H, W, generator=g).to(dtype)
+    b = torch.rand(N, C, H, W, generator=g).to(dtype)
+    if B > min(H, W):
+        with pytest.raises(ValueError, match="larger than the image"):
+            ek.block_match(a, b, B, r)
+        return
+    Hb, Wb = H // B, W // B
+    centers = torch.randint(-B - r, max(H, W) + r, (N, Hb, Wb, 2), generator=g) if use_centers else None
+    flip = torch.rand(N, generator=g) < 0.5 if use_flip else None
+    psnr, off = ek.block_match(a, b, B, r, centers=centers, flip=flip)
+    assert_block_match(psnr, off, a, b, B, r, centers=centers, flip=flip)

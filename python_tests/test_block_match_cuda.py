@@ -1,0 +1,114 @@
+"""block_match's three CUDA kernels (image / tiled / direct), each forced, against the reference.
+
+The launcher picks a kernel by shape; EFFSSL_BLOCK_MATCH_CUDA_PATH forces one so every kernel is
+checked on every case (a forced kernel that cannot run a shape falls through to the next one).
+Runs only where a GPU is present.
+"""
+import pytest
+import torch
+
+import effssl_kernels as ek
+from utils import DTYPES, assert_block_match, make_layout, requires_gpu
+
+pytestmark = [requires_gpu, pytest.mark.cuda]
+
+PATHS = ["image", "tiled", "direct"]
+# (N, C, H, W, block, radius): CIFAR-like, odd sizes, C=1, radius 0, big blocks, ImageNet-like.
+SHAPES = [
+    (3, 3, 32, 32, 4, 4),
+    (2, 3, 33, 35, 5, 5),
+    (2, 1, 17, 23, 3, 2),
+    (2, 3, 20, 20, 4, 0),
+    (1, 3, 64, 64, 16, 8),
+    (2, 3, 96, 96, 32, 16),
+    (1, 2, 70, 41, 40, 3),
+    (2, 5, 48, 48, 1, 3),
+]
+
+
+@pytest.fixture(params=PATHS)
+def path(request, monkeypatch):
+    monkeypatch.setenv("EFFSSL_BLOCK_MATCH_CUDA_PATH", request.param)
+    monkeypatch.setenv("EFFSSL_BACKEND", "cuda")
+    return request.param
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+def test_random(path, dtype, shape):
+    N, C, H, W, B, r = shape
+    a = torch.rand(N, C, H, W, device="cuda").to(dtype)
+    b = torch.rand(N, C, H, W, device="cuda").to(dtype)
+    psnr, off = ek.block_match(a, b, B, r)
+    assert_block_match(psnr, off, a, b, B, r)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_planted_shift_layouts_flip_centres(path, dtype):
+    # b is a shifted and mirrored a: with centres at each block's own place the planted shift is
+    # the unique exact match (psnr +inf) wherever it lies inside b.
+    N, C, H, W, B, r, dy, dx = 2, 3, 48, 40, 8, 5, 3, -2
+    img = torch.rand(N, C, H + 16, W + 16, device="cuda")
+    a = img[:, :, 8 : 8 + H, 8 : 8 + W]
+    b = img[:, :, 8 - dy : 8 - dy + H, 8 - dx : 8 - dx + W].flip(-1)
+    flip = torch.tensor([True, True], device="cuda")
+    a, b = make_layout(a.to(dtype), "channels_last"), make_layout(b.to(dtype), "sliced")
+    psnr, off = ek.block_match(a, b, B, r, flip=flip)
+    assert_block_match(psnr, off, a, b, B, r, flip=flip)
+    Hb, Wb = H // B, W // B
+    ys = torch.arange(Hb, device="cuda") * B + dy
+    xs = torch.arange(Wb, device="cuda") * B + dx
+    inside = ((ys >= 0) & (ys <= H - B))[:, None] & ((xs >= 0) & (xs <= W - B))[None, :]
+    assert torch.isposinf(psnr[:, inside]).all()
+    assert (off[:, inside] == torch.tensor([dy, dx], device="cuda", dtype=torch.int32)).all()
+
+
+def test_centres_at_and_beyond_the_border(path):
+    N, C, H, W, B, r = 2, 3, 24, 24, 6, 2
+    a, b = torch.rand(N, C, H, W, device="cuda"), torch.rand(N, C, H, W, device="cuda")
+    g = torch.Generator().manual_seed(0)
+    centers = torch.randint(-12, 36, (N, H // B, W // B, 2), generator=g).to("cuda")
+    centers[0, 0, 0] = torch.tensor([-100, -100])  # no candidate: -inf
+    centers[1, 1, 1] = torch.tensor([2**31 - 1, -(2**31)])
+    psnr, off = ek.block_match(a, b, B, r, centers=centers.int())
+    assert_block_match(psnr, off, a, b, B, r, centers=centers.int())
+    assert torch.isneginf(psnr[0, 0, 0])
+
+
+def test_nan_and_ties(path):
+    a = (torch.rand(2, 1, 24, 24, device="cuda") > 0.5).float()
+    b = (torch.rand(2, 1, 24, 24, device="cuda") > 0.5).float()
+    a[0, 0, 5, 5] = float("nan")
+    b[1, 0, 13, 7] = float("nan")
+    psnr, off = ek.block_match(a, b, 4, 3)
+    # Direct kernels sum exact integers here, so ties resolve exactly as the reference's; the
+    # tiled kernel ranks by the a^2+b^2-2ab identity and may pick any candidate within 1e-4.
+    assert_block_match(psnr, off, a, b, 4, 3, exact_offsets=path != "tiled")
+    assert torch.isnan(psnr[0, 1, 1])
+    assert not ek.similar_blocks(psnr, -1e9)[0, 1, 1]
+
+
+def test_identical_views_and_data_range(path):
+    a = torch.rand(3, 3, 40, 40, device="cuda") * 255
+    psnr, off = ek.block_match(a, a.clone(), 8, 4, data_range=255.0)
+    assert torch.isposinf(psnr).all() and (off == 0).all()
+    b = a + torch.randn_like(a)
+    psnr, off = ek.block_match(a, b, 8, 4, data_range=255.0)
+    assert_block_match(psnr, off, a, b, 8, 4, data_range=255.0)
+
+
+def test_matches_cpu_kernel_bitwise_offsets(path):
+    # Same data on both devices: same winners (the tie rule is a total order), psnr within 1e-3 dB.
+    a, b = torch.rand(4, 3, 32, 32), torch.rand(4, 3, 32, 32)
+    pc, oc = ek.block_match(a, b, 4, 4)
+    pg, og = ek.block_match(a.cuda(), b.cuda(), 4, 4)
+    torch.testing.assert_close(pg.cpu(), pc, atol=1e-3, rtol=0)
+    assert_block_match(pg, og, a, b, 4, 4)
+
+
+def test_deterministic(path):
+    a, b = torch.rand(8, 3, 64, 64, device="cuda"), torch.rand(8, 3, 64, 64, device="cuda")
+    first = ek.block_match(a, b, 16, 8)
+    for _ in range(3):
+        again = ek.block_match(a, b, 16, 8)
+        assert torch.equal(first[0], again[0]) and torch.equal(first[1], again[1])

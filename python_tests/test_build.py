@@ -1,0 +1,40 @@
+"""What was built, and how the package behaves without it."""
+import os
+import subprocess
+import sys
+
+import pytest
+
+from effssl_kernels import _backend
+
+
+def test_extension_built():
+    assert _backend.HAS_EXT, _backend._EXT_ERROR
+
+
+@pytest.mark.skipif(os.environ.get("EFFSSL_EXPECT_CUDA") != "1", reason="EFFSSL_EXPECT_CUDA=1 not set (CI sets it)")
+def test_cuda_kernels_compiled_in():
+    # CI builds the .cu sources without a GPU so they never rot: check they really are in _C.
+    assert _backend.HAS_CUDA_KERNELS
+    assert "9.0" in _backend._C.cuda_archs()
+
+
+def test_info_module_runs():
+    out = subprocess.run([sys.executable, "-m", "effssl_kernels.info"], capture_output=True, text=True, check=True).stdout
+    assert "compiled extension (_C)" in out and "block_match on cpu" in out
+
+
+def test_import_without_extension_gives_rebuild_hint():
+    code = (
+        "import sys; sys.modules['effssl_kernels._C'] = None\n"
+        "import torch, effssl_kernels as ek\n"
+        "assert not ek._backend.HAS_EXT\n"
+        "try:\n"
+        "    ek.block_match(torch.rand(1, 3, 8, 8), torch.rand(1, 3, 8, 8), 4, 1)\n"
+        "except RuntimeError as e:\n"
+        "    assert 'pip install --no-build-isolation' in str(e), e\n"
+        "    print('ok')\n"
+    )
+    env = {**os.environ, "EFFSSL_BACKEND": "auto"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    assert out.stdout.strip() == "ok", out.stderr

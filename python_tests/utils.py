@@ -1,0 +1,103 @@
+"""Shared test helpers: devices, tolerances, layouts."""
+import os
+
+import pytest
+import torch
+
+HAS_GPU = torch.cuda.is_available()
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+# Tolerances of psnr in dB against the reference's psnr of the same candidate. The kernels read
+# the same rounded inputs and accumulate in float32, so only summation order differs.
+PSNR_ATOL_DB = {torch.float32: 1e-3, torch.float16: 1e-3, torch.bfloat16: 1e-3}
+
+requires_gpu = pytest.mark.skipif(not HAS_GPU, reason="needs a CUDA device")
+
+
+def make_layout(x: torch.Tensor, layout: str) -> torch.Tensor:
+    """Same values as ``x`` in another memory layout: contiguous, channels_last or a strided slice."""
+    if layout == "contiguous":
+        return x.contiguous()
+    if layout == "channels_last":
+        return x.contiguous(memory_format=torch.channels_last)
+    if layout == "sliced":
+        N, C, H, W = x.shape
+        big = torch.zeros(N, C + 1, H + 3, 2 * W + 1, dtype=x.dtype, device=x.device)
+        big[:, 1:, 2 : H + 2, 1 : 2 * W : 2] = x
+        y = big[:, 1:, 2 : H + 2, 1 : 2 * W : 2]
+        assert not y.is_contiguous()
+        return y
+    raise ValueError(layout)
+
+
+def candidate_mse(a, b, block_size, offset, centers=None, flip=None):
+    """Direct float32 mse of the candidate ``centers + offset`` of each block, [N, Hb, Wb].
+
+    +inf where that candidate is not inside ``b`` (so callers can check validity).
+    """
+    N, C, H, W = a.shape
+    B = block_size
+    Hb, Wb = H // B, W // B
+    dev = a.device
+    a32, b32 = a.float(), b.float()
+    if flip is not None:
+        b32 = torch.where(flip.view(N, 1, 1, 1), b32.flip(-1), b32)
+    if centers is None:
+        cy = (torch.arange(Hb, device=dev) * B).view(1, Hb, 1).expand(N, Hb, Wb)
+        cx = (torch.arange(Wb, device=dev) * B).view(1, 1, Wb).expand(N, Hb, Wb)
+    else:
+        cy, cx = centers[..., 0].long(), centers[..., 1].long()
+    y0 = cy + offset[..., 0].long()
+    x0 = cx + offset[..., 1].long()
+    valid = (y0 >= 0) & (y0 <= H - B) & (x0 >= 0) & (x0 <= W - B)
+    ar = torch.arange(B, device=dev)
+    rows = y0.clamp(0, H - B)[..., None] + ar
+    cols = x0.clamp(0, W - B)[..., None] + ar
+    idx = (rows[..., :, None] * W + cols[..., None, :]).reshape(N, 1, -1).expand(N, C, -1)
+    cand = b32.reshape(N, C, H * W).gather(2, idx).reshape(N, C, Hb, Wb, B, B)
+    a_blk = a32[:, :, : Hb * B, : Wb * B].reshape(N, C, Hb, B, Wb, B).permute(0, 1, 2, 4, 3, 5)
+    mse = (a_blk - cand).square().mean(dim=(1, 4, 5))
+    return torch.where(valid, mse, torch.full_like(mse, float("inf")))
+
+
+def assert_block_match(psnr, offset, a, b, block_size, search_radius, data_range=1.0,
+                       centers=None, flip=None, exact_offsets=False):
+    """Check a kernel's (psnr, offset) against the reference under SEMANTICS.md's tie rule.
+
+    The returned candidate must lie in the window, its direct mse must be within 1e-4 relative
+    (+ 1e-7 * data_range^2) of the reference's least mse, and psnr must be that candidate's psnr
+    within 1e-3 dB. Blocks without a candidate: -inf and (0, 0). NaN blocks: NaN in both.
+    """
+    from effssl_kernels.reference import block_match_reference
+
+    N, C, H, W = a.shape
+    Hb, Wb = H // block_size, W // block_size
+    assert psnr.shape == (N, Hb, Wb) and psnr.dtype == torch.float32
+    assert offset.shape == (N, Hb, Wb, 2) and offset.dtype == torch.int32
+    psnr, offset = psnr.cpu(), offset.cpu()
+    a, b = a.cpu(), b.cpu()
+    centers = None if centers is None else centers.cpu()
+    flip = None if flip is None else flip.cpu()
+    ref_psnr, ref_off = block_match_reference(a, b, block_size, search_radius, data_range, centers, flip)
+    if exact_offsets:
+        assert torch.equal(offset, ref_off), (offset - ref_off).abs().max()
+
+    none = torch.isneginf(ref_psnr)
+    assert torch.equal(torch.isneginf(psnr), none), "blocks without a candidate differ"
+    assert (offset[none] == 0).all()
+    nan = torch.isnan(ref_psnr)
+    assert torch.equal(torch.isnan(psnr), nan), "NaN blocks differ"
+
+    live = ~none & ~nan
+    assert (offset.abs() <= search_radius).all()
+    mse = candidate_mse(a, b, block_size, offset, centers, flip)
+    ref_mse = candidate_mse(a, b, block_size, ref_off, centers, flip)
+    assert torch.isfinite(mse[live]).all(), "returned candidate outside b"
+    slack = 1e-4 * ref_mse + 1e-7 * data_range**2
+    assert (mse[live] <= ref_mse[live] + slack[live]).all(), (mse - ref_mse)[live].max()
+    own = 10 * torch.log10(data_range**2 / mse)
+    both_inf = torch.isposinf(own) & torch.isposinf(psnr)
+    diff = torch.where(both_inf, torch.zeros_like(own), (psnr - own).abs())
+    assert (diff[live] <= 1e-3).all(), f"psnr off its candidate's mse by {diff[live].max()} dB"
