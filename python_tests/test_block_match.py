@@ -169,6 +169,20 @@ def test_flip_and_centres(device, dtype):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+def test_overflowing_mse_is_no_match(device):
+    # Values far outside data_range: every candidate's sum overflows to +inf. That is no match
+    # (-inf dB, offset (0, 0)) as in the reference, not the first-ranked candidate.
+    a = torch.full((1, 1, 8, 8), 3e38, device=device)
+    b = torch.full((1, 1, 8, 8), -3e38, device=device)
+    # centres one column past the last valid x: displacement (0, 0) is not a candidate
+    centers = torch.tensor([0, 5], dtype=torch.int32, device=device).expand(1, 2, 2, 2)
+    psnr, off = ek.block_match(a, b, 4, 2, centers=centers)
+    ref_psnr, ref_off = block_match_reference(a.cpu(), b.cpu(), 4, 2, centers=centers.cpu())
+    assert torch.isneginf(psnr).all() and torch.isneginf(ref_psnr).all()
+    assert (off == 0).all() and (ref_off == 0).all()
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_nan_never_similar(device):
     a, b = torch.rand(1, 3, 16, 16, device=device), torch.rand(1, 3, 16, 16, device=device)
     a[0, 1, 5, 5] = float("nan")  # inside block (1, 1) of a

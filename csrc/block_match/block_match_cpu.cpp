@@ -82,7 +82,9 @@ void block_match_cpu_kernel(const float* a, const float* b, const BlockMatchPara
           }
         }
       }
-      // best_mse stays +inf without a candidate: peak2 / inf = 0 -> -inf dB.
+      // best_mse stays +inf without a candidate: peak2 / inf = 0 -> -inf dB. A +inf mse (values
+      // so large that the sum overflows) is no match either: offset (0, 0), as the reference.
+      if (best_mse == INFINITY) best_dy = 0, best_dx = 0;
       p.psnr[blk] = 10.f * std::log10(peak2 / best_mse);
       p.offset[2 * blk] = best_dy;
       p.offset[2 * blk + 1] = best_dx;
