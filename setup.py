@@ -69,6 +69,16 @@ def _want_cuda() -> bool:
     return ok
 
 
+def _check_object_names(sources):
+    """x_cuda.cpp and x_cuda.cu would both compile to x_cuda.o (ninja: 'multiple rules')."""
+    stems = {}
+    for src in sources:
+        stem = os.path.splitext(src)[0]
+        if stem in stems:
+            raise RuntimeError(f"{stems[stem]} and {src} build the same object file; rename one (csrc/README.md)")
+        stems[stem] = src
+
+
 def _extension():
     with_cuda = _want_cuda()
     sources = ["csrc/bindings.cpp"] + sorted(glob.glob("csrc/*/*_cpu.cpp"))
@@ -80,6 +90,7 @@ def _extension():
         archs = os.environ["TORCH_CUDA_ARCH_LIST"]
         macros += [("WITH_CUDA", None), ("EFFSSL_CUDA_ARCHS", f'"{archs}"')]
         nvcc = ["-O3", "-lineinfo", "-std=c++17", "-DWITH_CUDA"]
+        _check_object_names(sources)
         return CUDAExtension(
             "effssl_kernels._C", sources, include_dirs=include_dirs, define_macros=macros,
             extra_compile_args={"cxx": cxx, "nvcc": nvcc},

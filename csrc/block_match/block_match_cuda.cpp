@@ -1,5 +1,5 @@
 // CUDA registration of block_match: checks and allocation here (g++ compiles torch headers far
-// faster than nvcc); the kernels live in block_match_cuda.cu behind a plain launcher.
+// faster than nvcc); the kernels live in block_match_kernel.cu behind a plain launcher.
 #ifdef WITH_CUDA
 #include <ATen/core/Tensor.h>
 #include <c10/cuda/CUDAException.h>
