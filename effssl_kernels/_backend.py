@@ -12,6 +12,8 @@ import os
 
 BACKENDS = ("auto", "cpp", "cuda", "triton", "reference")
 
+import torch  # noqa: F401  (loads libc10/libtorch, which _C links against)
+
 try:  # importing _C runs the TORCH_LIBRARY registrations
     from . import _C  # type: ignore[attr-defined]
 

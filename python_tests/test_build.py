@@ -38,3 +38,10 @@ def test_import_without_extension_gives_rebuild_hint():
     env = {**os.environ, "EFFSSL_BACKEND": "auto"}
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
     assert out.stdout.strip() == "ok", out.stderr
+
+
+def test_import_before_torch_loads_the_extension():
+    # _C links against libc10: the package must load torch before it, whatever the user imports first.
+    code = "import effssl_kernels as ek; assert ek._backend.HAS_EXT, ek._backend._EXT_ERROR; print('ok')"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=os.path.dirname(__file__))
+    assert out.stdout.strip() == "ok", out.stderr
