@@ -11,7 +11,12 @@ import importlib
 import torch
 from rich.progress import Progress
 
-BENCHMARKS = ["bench.bench_block_match"]
+BENCHMARKS = [
+    "bench.bench_block_match",
+    "bench.bench_gather_tokens",
+    "bench.bench_patch_embed_gather",
+    "bench.bench_vit_step",
+]
 
 
 def main() -> None:

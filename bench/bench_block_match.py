@@ -9,7 +9,6 @@ over the candidates that lie inside b; the limit is the device's FP32 (non-tenso
 """
 from __future__ import annotations
 
-import argparse
 import os
 
 import torch
@@ -18,7 +17,7 @@ import torch.nn.functional as F
 import effssl_kernels as ek
 from effssl_kernels.reference import block_match_reference, candidate_order
 
-from .common import device_info, print_table, results_dir, time_ms, write_json
+from .common import device_info, parse_args, report, time_ms
 
 GPU_CASES = [  # name, pairs, H, block, radius
     ("224px B32 r16", 256, 224, 32, 16),
@@ -126,23 +125,14 @@ def run(device: str, quick: bool = False) -> list[dict]:
 
 
 def main(argv=None) -> str:
-    ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--out", default=None, help="results folder (default bench/results/<device>)")
-    ap.add_argument("--quick", action="store_true", help="fewer pairs, no slow reference")
-    args = ap.parse_args(argv)
+    args = parse_args(__doc__, "fewer pairs, no slow reference", argv)
     rows, info = run(args.device, args.quick)
-    out = args.out or results_dir("gpu" if args.device == "cuda" else "cpu")
-    os.makedirs(out, exist_ok=True)
-    path = os.path.join(out, "block_match.json")
-    write_json(path, info, rows)
-    print_table(
+    return report(
+        args, "block_match",
         f"block_match on {info['device']} (FP32 limit {info['fp32_tflops_limit']} TFLOP/s, {info['limit_source']})",
-        rows,
+        info, rows,
         ["case", "pairs", "provider", "median_ms", "p20_ms", "p80_ms", "ours_speedup", "tflops", "pct_fp32_limit", "note"],
     )
-    print(f"wrote {path}")
-    return path
 
 
 if __name__ == "__main__":

@@ -95,7 +95,9 @@ def time_ms(fn, device: str, *, min_run_time: float = 1.0) -> dict:
         return {"median_ms": med, "p20_ms": p20, "p80_ms": p80}
     import torch.utils.benchmark as tb
 
-    m = tb.Timer(stmt="fn()", globals={"fn": fn}).blocked_autorange(min_run_time=min_run_time)
+    # all cores, as a user runs it (Timer defaults to one thread)
+    timer = tb.Timer(stmt="fn()", globals={"fn": fn}, num_threads=torch.get_num_threads())
+    m = timer.blocked_autorange(min_run_time=min_run_time)
     times = sorted(m.times)
     q = lambda f: times[min(len(times) - 1, int(f * len(times)))] * 1e3  # noqa: E731
     return {"median_ms": m.median * 1e3, "p20_ms": q(0.2), "p80_ms": q(0.8)}
@@ -130,3 +132,25 @@ def _fmt(v) -> str:
     if isinstance(v, float):
         return f"{v:.3g}" if abs(v) < 1000 else f"{v:.0f}"
     return str(v)
+
+
+def parse_args(doc: str, quick_help: str, argv=None):
+    """The CLI every benchmark shares: --device, --out, --quick."""
+    import argparse
+
+    ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--out", default=None, help="results folder (default bench/results/<gpu|cpu>)")
+    ap.add_argument("--quick", action="store_true", help=quick_help)
+    return ap.parse_args(argv)
+
+
+def report(args, name: str, title: str, info: dict, rows: list[dict], columns: list[str]) -> str:
+    """Write ``<out>/<name>.json``, print the table, return the JSON path."""
+    out = args.out or results_dir("gpu" if args.device == "cuda" else "cpu")
+    os.makedirs(out, exist_ok=True)
+    path = os.path.join(out, f"{name}.json")
+    write_json(path, info, rows)
+    print_table(title, rows, columns)
+    print(f"wrote {path}")
+    return path

@@ -10,6 +10,30 @@ TORCH_LIBRARY(effssl_kernels, m) {
   m.def(
       "block_match(Tensor a, Tensor b, int block_size, int search_radius, float data_range, "
       "Tensor? centers, Tensor? flip) -> (Tensor psnr, Tensor offset)");
+
+  // --- gather_tokens (SEMANTICS.md section 3) ---
+  // x [N, L, D]; keep int [N, K]; pos_embed [L, D] or [1, L, D] -> [N, K, D] (promoted dtype).
+  m.def("gather_tokens(Tensor x, Tensor keep, Tensor? pos_embed) -> Tensor");
+  // -> (grad_x [N, L, D] in x_dtype, grad_pos [L, D] in pos_dtype); an empty [0] tensor for a
+  // gradient not asked for (a custom op cannot return None).
+  m.def(
+      "gather_tokens_backward(Tensor grad, Tensor keep, int num_tokens, ScalarType x_dtype, "
+      "ScalarType pos_dtype, bool need_x, bool need_pos) -> (Tensor grad_x, Tensor grad_pos)");
+  // --- end gather_tokens ---
+
+  // --- patch_embed_gather (SEMANTICS.md section 3) ---
+  // weight [D, C, p, p] sets the GEMM dtype (bias has it too); images are converted to it as
+  // they are gathered. keep int32/int64 [N, K]; pos_embed [1, L, D] / [L, D] or None.
+  m.def(
+      "patch_embed_gather(Tensor images, Tensor weight, Tensor? bias, Tensor keep, "
+      "Tensor? pos_embed) -> Tensor");
+  // im2col of the kept patches, [N, K, C*p*p] in dtype, columns (c, ky, kx); and its adjoint
+  // (duplicates summed in float32/float64), used by the backward.
+  m.def("_gather_patches(Tensor images, Tensor keep, int patch_size, ScalarType dtype) -> Tensor");
+  m.def(
+      "_scatter_patches(Tensor cols, Tensor keep, int patch_size, int height, int width, "
+      "ScalarType dtype) -> Tensor");
+  // --- end patch_embed_gather ---
 }
 
 // A plain CPython module (no pybind11 headers: they add ~20 s of compile time to a file that

@@ -4,9 +4,20 @@ Layers: kernels (csrc/, effssl_kernels/triton/) -> ops (effssl_kernels/ops/) -> 
 with a plain-PyTorch reference of every op in effssl_kernels/reference/.
 """
 from . import _backend
-from .ops import block_match, similar_blocks
+from .nn import is_sparse_vit, patch_size, sparsify_vit, token_keep, unsparsify_vit
+from .ops import block_match, gather_tokens, patch_embed_gather, similar_blocks
+from .patch_scaling import resize_patch_embed, resize_pos_embed
+from .tokens import random_token_keep, similar_token_keep
 from .transforms import TwoViewCrop, TwoViews, crop_centers
 
 __version__ = "0.1.0"
 
-__all__ = ["block_match", "similar_blocks", "crop_centers", "TwoViewCrop", "TwoViews", "__version__"]
+__all__ = [
+    # SimWnW block search (issue 2)
+    "block_match", "similar_blocks", "crop_centers", "TwoViewCrop", "TwoViews",
+    # ViT token removal (issue 4)
+    "gather_tokens", "patch_embed_gather", "random_token_keep", "similar_token_keep",
+    "resize_patch_embed", "resize_pos_embed",
+    "sparsify_vit", "unsparsify_vit", "token_keep", "patch_size", "is_sparse_vit",
+    "__version__",
+]

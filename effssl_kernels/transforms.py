@@ -15,24 +15,13 @@ from typing import NamedTuple, Sequence, Union
 import torch
 from torch import Tensor
 
+from ._utils import as_pair
+
 __all__ = ["crop_centers", "TwoViewCrop", "TwoViews"]
 
 _INT_DTYPES = (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)
 
 
-def _pair(size, what: str) -> tuple[int, int]:
-    """``int`` or ``(H, W)`` of positive ints (bools rejected: they are ints in Python)."""
-    if isinstance(size, int) and not isinstance(size, bool):
-        size = (size, size)
-    if (
-        not isinstance(size, (tuple, list, torch.Size))
-        or len(size) != 2
-        or not all(isinstance(s, int) and not isinstance(s, bool) for s in size)
-    ):
-        raise TypeError(f"{what} must be an int or a pair of ints (H, W), got {size!r}")
-    if size[0] < 1 or size[1] < 1:
-        raise ValueError(f"{what} must be positive, got {tuple(size)}")
-    return int(size[0]), int(size[1])
 
 
 def _check_crop_args(boxes_a, boxes_b, flips_a, flips_b, view_size, block_size) -> tuple[int, int]:
@@ -56,7 +45,7 @@ def _check_crop_args(boxes_a, boxes_b, flips_a, flips_b, view_size, block_size) 
     for name, t in (("boxes_b", boxes_b), ("flips_a", flips_a), ("flips_b", flips_b)):
         if t.device != dev:
             raise ValueError(f"crop_centers: {name} must be on {dev} like boxes_a, got {t.device}")
-    H, W = _pair(view_size, "crop_centers: view_size")
+    H, W = as_pair(view_size, "crop_centers: view_size")
     if isinstance(block_size, bool) or not isinstance(block_size, int):
         raise TypeError(f"crop_centers: block_size must be an int, got {block_size!r}")
     if block_size < 1:
@@ -225,7 +214,7 @@ class TwoViewCrop:
         hflip_p: float = 0.5,
         generator: torch.Generator | None = None,
     ) -> None:
-        self.size = _pair(size, "TwoViewCrop: size")
+        self.size = as_pair(size, "TwoViewCrop: size")
         if len(scale) != 2 or not (0 < scale[0] <= scale[1]):
             raise ValueError(f"TwoViewCrop: scale must be (min, max) with 0 < min <= max, got {scale!r}")
         if len(ratio) != 2 or not (0 < ratio[0] <= ratio[1]):

@@ -1,4 +1,11 @@
 """Plain-PyTorch references: the oracle of every test and the baseline of every benchmark."""
 from .block_match import block_match_reference, candidate_order
+from .gather_tokens import gather_tokens_reference, patch_embed_gather_reference, patch_embed_reference
 
-__all__ = ["block_match_reference", "candidate_order"]
+__all__ = [
+    "block_match_reference",
+    "candidate_order",
+    "gather_tokens_reference",
+    "patch_embed_gather_reference",
+    "patch_embed_reference",
+]

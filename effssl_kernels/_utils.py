@@ -1,0 +1,20 @@
+"""Small argument helpers shared by the Python modules."""
+from __future__ import annotations
+
+import torch
+
+
+def as_pair(size, what: str) -> tuple[int, int]:
+    """``int`` or ``(H, W)`` of positive ints -> ``(H, W)``; ``what`` names it in errors
+    (bools are rejected although Python counts them as ints)."""
+    if isinstance(size, int) and not isinstance(size, bool):
+        size = (size, size)
+    if (
+        not isinstance(size, (tuple, list, torch.Size))
+        or len(size) != 2
+        or not all(isinstance(s, int) and not isinstance(s, bool) for s in size)
+    ):
+        raise TypeError(f"{what} must be an int or a pair of ints (H, W), got {size!r}")
+    if size[0] < 1 or size[1] < 1:
+        raise ValueError(f"{what} must be positive, got {tuple(size)}")
+    return int(size[0]), int(size[1])

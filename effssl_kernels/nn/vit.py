@@ -1,0 +1,320 @@
+"""Token keep and patch scaling for timm ``VisionTransformer`` models, without touching ``forward``.
+
+``sparsify_vit(model)`` swaps the classes of ``model`` and ``model.patch_embed`` for subclasses
+(as ToMe's ``apply_patch`` does) that override only ``_pos_embed`` and ``PatchEmbed.forward``;
+parameters, buffers, ``state_dict`` keys and timm's ``forward``/``forward_features`` are
+unchanged. Per call, inside
+
+    with effssl_kernels.token_keep(keep):      # keep: int64 [N, K] over the patch tokens
+        out = model(images)
+
+the embedding stage computes only the kept patches in one fused op (``patch_embed_gather``:
+patch-embed GEMM + gather + positional embedding) and puts the prefix tokens (cls, registers,
+always kept) first, as timm's ``PatchDropout`` orders them; everything after ``_pos_embed``
+(``patch_drop``, ``norm_pre``, blocks, head) runs unchanged on ``N x (prefix + K)`` tokens.
+``with effssl_kernels.patch_size(model, p):`` runs the same model at another patch size with
+PI-resized kernels and an interpolated positional embedding (FlexiViT), differentiably, so
+gradients reach the original parameters. Outside both the model is exactly the original.
+
+The keep lives in a ``contextvars.ContextVar``: it is per thread (and per asyncio task) and
+applies to every sparsified ViT called inside the ``with``, so an online encoder called inside
+and a momentum encoder called outside (or inside ``token_keep(None)``) are driven separately.
+``torch.compile(model, fullgraph=True)`` traces the ContextVar read without a graph break
+(tested on torch 2.14; each distinct ``K`` or patch size specialises the graph).
+"""
+from __future__ import annotations
+
+import contextlib
+import contextvars
+from typing import Iterator, Optional, Sequence, Union
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..ops import gather_tokens, patch_embed_gather
+from ..patch_scaling import resize_matrix_pinv, resize_patch_embed, resize_pos_embed
+
+__all__ = ["sparsify_vit", "unsparsify_vit", "token_keep", "patch_size", "is_sparse_vit"]
+
+# (keep [N, K] int64, check values) or None: the keep of the current thread / task.
+_KEEP: contextvars.ContextVar = contextvars.ContextVar("effssl_token_keep", default=None)
+
+
+def _tokenwise_norms() -> tuple:
+    """Norm layers that act on each token alone (the last dim): gathering commutes with them."""
+    norms = [nn.LayerNorm]  # timm's LayerNorm subclasses it
+    if hasattr(nn, "RMSNorm"):
+        norms.append(nn.RMSNorm)
+    try:
+        from timm.layers import RmsNorm
+
+        norms.append(RmsNorm)
+    except ImportError:
+        pass
+    return tuple(norms)
+
+
+# Filled by sparsify_vit (timm is imported there, not when effssl_kernels is imported).
+_TOKENWISE_NORMS: tuple = (nn.LayerNorm,)
+
+
+# ----------------------------------------------------------------------------- per-call state
+@contextlib.contextmanager
+def token_keep(keep: Optional[Tensor], *, check: bool = True) -> Iterator[None]:
+    """Keep only the patch tokens ``keep`` in every sparsified ViT called inside the ``with``.
+
+    Args:
+        keep: int64 (or int32) ``[N, K]``, ``K >= 1``, indices into the ``L`` patch tokens of
+            each image (prefix tokens are always kept and come first), on the images' device;
+            any order and duplicates are allowed (each index yields its token). ``None``: keep
+            all (the untouched model), e.g. for a momentum encoder inside an outer ``with``.
+        check: verify ``0 <= keep < L`` in eager mode (one host sync per forward; skipped
+            under ``torch.compile``). Shapes, dtype and device are always checked.
+
+    Raises TypeError / ValueError here for a wrong type, rank, dtype or ``K == 0``; the model
+    raises ValueError for a batch or device mismatch and out-of-range indices.
+    """
+    if keep is not None:
+        if not isinstance(keep, Tensor):
+            raise TypeError(f"token_keep: keep must be a tensor or None, got {type(keep).__name__}")
+        if keep.dtype not in (torch.int64, torch.int32):
+            raise TypeError(f"token_keep: keep must be int64 or int32, got {keep.dtype}")
+        if keep.dim() != 2:
+            raise ValueError(f"token_keep: keep must be 2-D [N, K], got shape {tuple(keep.shape)}")
+        if keep.shape[1] == 0:
+            raise ValueError("token_keep: keep must keep at least one token per sample (K >= 1)")
+        keep = keep.long()
+    tok = _KEEP.set(None if keep is None else (keep, bool(check)))
+    try:
+        yield
+    finally:
+        _KEEP.reset(tok)
+
+
+def is_sparse_vit(model: nn.Module) -> bool:
+    """True when ``model`` was converted by ``sparsify_vit``."""
+    return isinstance(model, _SparseViTMixin)
+
+
+@contextlib.contextmanager
+def patch_size(
+    model: nn.Module,
+    size: Union[int, Sequence[int]],
+    *,
+    interpolation: str = "bilinear",
+    antialias: bool = False,
+) -> Iterator[None]:
+    """Run a sparsified ViT at patch size ``size`` inside the ``with`` (FlexiViT patch scaling).
+
+    The kernel is PI-resized (``resize_patch_embed``) and the positional embedding of the patch
+    grid interpolated (``resize_pos_embed``, bicubic as timm) on every forward from the current
+    parameters, so the parameters keep their identity and receive the gradients. The image size
+    stays the model's (e.g. 240 px at patch 16, 24, 30 or 40: grids 15, 10, 8, 6); the size must
+    divide it. Combines with ``token_keep`` (``keep`` then indexes the new grid). The setting
+    belongs to the model (not per thread); nesting restores the outer size. The resize matrix is
+    computed and cached here, outside any compiled region.
+
+    Raises TypeError when ``model`` is not sparsified, ValueError for a bad size.
+    """
+    if not is_sparse_vit(model):
+        raise TypeError("patch_size: call effssl_kernels.sparsify_vit(model) first")
+    pe = model.patch_embed
+    if isinstance(size, int) and not isinstance(size, bool):
+        size = (size, size)
+    if not (isinstance(size, (tuple, list)) and len(size) == 2 and all(isinstance(s, int) and s > 0 for s in size)):
+        raise ValueError(f"patch_size: size must be a positive int or a pair of them, got {size!r}")
+    size = (int(size[0]), int(size[1]))
+    fixed = pe.img_size is not None and pe.strict_img_size and not pe.dynamic_img_pad
+    if fixed and (pe.img_size[0] % size[0] or pe.img_size[1] % size[1]):
+        raise ValueError(f"patch_size: patch {size} does not divide the model's image size {tuple(pe.img_size)}")
+    w = pe.proj.weight
+    if size != tuple(w.shape[-2:]):
+        ct = torch.float64 if w.dtype == torch.float64 else torch.float32
+        resize_matrix_pinv(tuple(w.shape[-2:]), size, interpolation=interpolation, antialias=antialias,
+                           device=w.device, dtype=ct)  # warm the cache eagerly
+    prev = pe.__dict__.get("_effssl_patch")
+    pe._effssl_patch = (size[0], size[1], interpolation, bool(antialias))
+    try:
+        yield
+    finally:
+        if prev is None:
+            pe.__dict__.pop("_effssl_patch", None)
+        else:
+            pe._effssl_patch = prev
+
+
+# ----------------------------------------------------------------------------- the swapped classes
+class _SparsePatchEmbedMixin:
+    """PatchEmbed that, while a keep or a patch size is set, defers the embedding to ``_pos_embed``
+    (which fuses it with the gather and the positional embedding) and returns the images checked
+    and padded. Otherwise timm's forward, untouched."""
+
+    _effssl_patch = None  # (ph, pw, interpolation, antialias) while inside patch_size()
+
+    def forward(self, x):
+        ps = self._effssl_patch
+        if _KEEP.get() is None and ps is None:
+            return super().forward(x)
+        if not isinstance(x, Tensor) or x.dim() != 4:
+            raise ValueError(f"sparse ViT: images must be [N, C, H, W], got {getattr(x, 'shape', type(x))}")
+        H, W = x.shape[-2:]
+        p = self.patch_size if ps is None else ps[:2]
+        if self.img_size is not None and self.strict_img_size and (H, W) != tuple(self.img_size):
+            raise ValueError(f"sparse ViT: input size {H}x{W} does not match the model's {tuple(self.img_size)}")
+        if self.dynamic_img_pad:
+            x = F.pad(x, (0, (p[1] - W % p[1]) % p[1], 0, (p[0] - H % p[0]) % p[0]))
+        elif H % p[0] or W % p[1]:
+            raise ValueError(f"sparse ViT: patch size {tuple(p)} must divide the input size {H}x{W}")
+        return x
+
+
+class _SparseViTMixin:
+    """VisionTransformer whose ``_pos_embed`` builds ``[prefix, kept patch tokens]`` directly."""
+
+    def _pos_embed(self, x):
+        state = _KEEP.get()
+        ps = self.patch_embed._effssl_patch
+        if state is None and ps is None:
+            return super()._pos_embed(x)
+        keep, check = (None, False) if state is None else state
+        return _sparse_pos_embed(self, x, keep, check, ps)
+
+
+def _check_keep(keep: Tensor, N: int, L: int, device: torch.device, check: bool) -> None:
+    if keep.shape[0] != N:
+        raise ValueError(f"token_keep: keep has {keep.shape[0]} rows but the batch has {N} images")
+    if keep.device != device:
+        raise ValueError(f"token_keep: keep is on {keep.device} but the images are on {device}")
+    if check and not torch.compiler.is_compiling() and keep.numel():
+        lo, hi = torch.stack(torch.aminmax(keep)).tolist()  # one sync for both bounds
+        if lo < 0 or hi >= L:
+            raise ValueError(f"token_keep: keep values must be in [0, {L}) (the patch tokens), got [{lo}, {hi}]")
+
+
+def _sparse_pos_embed(model, images: Tensor, keep: Optional[Tensor], check: bool, ps) -> Tensor:
+    """prefix tokens (+ their pos) then the kept patch tokens (+ their pos), then ``pos_drop``."""
+    pe = model.patch_embed
+    weight, bias = pe.proj.weight, pe.proj.bias
+    if ps is None:
+        p = tuple(pe.patch_size)
+    else:
+        p = (ps[0], ps[1])
+        weight = resize_patch_embed(weight, p, interpolation=ps[2], antialias=ps[3])
+    N, _, H, W = images.shape
+    grid = (H // p[0], W // p[1])
+    L = grid[0] * grid[1]
+    npre = model.num_prefix_tokens
+    pos = model.pos_embed
+    pos_prefix = pos_patch = None
+    if pos is not None:
+        if model.no_embed_class:
+            pos_patch = pos
+        else:
+            pos_prefix, pos_patch = pos[:, :npre], pos[:, npre:]
+        old_grid = tuple(pe.grid_size)
+        if grid != old_grid:  # patch scaling or dynamic_img_size: as timm, bicubic from the stored grid
+            pos_patch = resize_pos_embed(pos_patch, old_grid, grid)
+        elif pos_patch.shape[1] != L:
+            raise ValueError(f"sparse ViT: pos_embed has {pos_patch.shape[1]} patch entries for {L} patches")
+    if keep is not None:
+        _check_keep(keep, N, L, images.device, check)
+
+    norm = pe.norm
+    if keep is None:
+        x = F.conv2d(images, weight, bias, stride=p).flatten(2).transpose(1, 2)
+        x = norm(x)
+        if pos_patch is not None:
+            x = x + pos_patch
+    elif isinstance(norm, nn.Identity):
+        x = patch_embed_gather(images, weight, bias, keep, pos_patch)
+    elif isinstance(norm, _TOKENWISE_NORMS):
+        # The norm acts on each token alone, so embed only the kept patches, normalise, then add
+        # their positions: still no full embedding.
+        x = norm(patch_embed_gather(images, weight, bias, keep, None))
+        if pos_patch is not None:
+            x = x + pos_patch.reshape(L, -1)[keep]
+    else:
+        # A norm we cannot prove token-wise: embed every patch, normalise, then gather (+ pos).
+        x = norm(F.conv2d(images, weight, bias, stride=p).flatten(2).transpose(1, 2))
+        x = gather_tokens(x, keep, pos_patch)
+
+    to_cat = []
+    if model.cls_token is not None:
+        to_cat.append(model.cls_token.expand(N, -1, -1))
+    if model.reg_token is not None:
+        to_cat.append(model.reg_token.expand(N, -1, -1))
+    if to_cat:
+        prefix = torch.cat(to_cat, dim=1) if len(to_cat) > 1 else to_cat[0]
+        if pos_prefix is not None:
+            prefix = prefix + pos_prefix
+        x = torch.cat((prefix, x), dim=1)
+    if pos is None:
+        return x  # timm returns before pos_drop when there is no positional embedding
+    return model.pos_drop(x)
+
+
+_SPARSE_CLASSES: dict = {}
+
+
+def _sparse_class(cls: type, mixin: type) -> type:
+    sub = _SPARSE_CLASSES.get(cls)
+    if sub is None:
+        sub = type(f"Sparse{cls.__name__}", (mixin, cls), {"_effssl_base": cls})
+        _SPARSE_CLASSES[cls] = sub
+    return sub
+
+
+def sparsify_vit(model: nn.Module) -> nn.Module:
+    """Convert a timm ``VisionTransformer`` in place for ``token_keep`` / ``patch_size``; returns it.
+
+    Supports class token or not (``class_token=False``), register tokens, both positional
+    layouts (``no_embed_class``), no positional embedding, ``dynamic_img_size`` /
+    ``dynamic_img_pad``, a patch-embed norm (token-wise norms such as LayerNorm/RMSNorm still
+    embed only the kept patches, others embed all then gather), ``pos_drop`` and ``patch_drop``
+    (which then drops among the kept tokens in training). Idempotent. ``copy.deepcopy`` keeps
+    the conversion (e.g. for a momentum encoder); ``state_dict`` keys are unchanged. Pickling the
+    whole module is not supported (save the ``state_dict``). Spatial outputs of
+    ``forward_intermediates`` need all tokens, as with timm's own PatchDropout.
+
+    Raises TypeError for another model or a patch embedding other than timm's ``PatchEmbed``.
+    """
+    try:
+        from timm.layers import PatchEmbed
+        from timm.models.vision_transformer import VisionTransformer
+    except ImportError as e:  # pragma: no cover - timm is an optional dependency
+        raise TypeError("sparsify_vit: needs timm (pip install timm)") from e
+    if not isinstance(model, VisionTransformer):
+        raise TypeError(f"sparsify_vit: expected a timm VisionTransformer, got {type(model).__name__}")
+    if is_sparse_vit(model):
+        return model
+    pe = model.patch_embed
+    if not isinstance(pe, PatchEmbed):
+        raise TypeError(f"sparsify_vit: patch_embed must be timm's PatchEmbed, got {type(pe).__name__}")
+    proj = pe.proj
+    if (
+        not isinstance(proj, nn.Conv2d)
+        or tuple(proj.kernel_size) != tuple(proj.stride)
+        or tuple(proj.padding) != (0, 0)
+        or tuple(proj.dilation) != (1, 1)
+        or proj.groups != 1
+        or proj.padding_mode != "zeros"
+    ):
+        raise TypeError("sparsify_vit: patch_embed.proj must be a Conv2d with kernel == stride, no padding")
+    global _TOKENWISE_NORMS
+    _TOKENWISE_NORMS = _tokenwise_norms()
+    pe.__class__ = _sparse_class(type(pe), _SparsePatchEmbedMixin)
+    model.__class__ = _sparse_class(type(model), _SparseViTMixin)
+    return model
+
+
+def unsparsify_vit(model: nn.Module) -> nn.Module:
+    """Undo ``sparsify_vit`` in place (restore timm's classes); returns the model."""
+    if not is_sparse_vit(model):
+        raise TypeError(f"unsparsify_vit: model was not converted by sparsify_vit ({type(model).__name__})")
+    pe = model.patch_embed
+    if isinstance(pe, _SparsePatchEmbedMixin):
+        pe.__dict__.pop("_effssl_patch", None)
+        pe.__class__ = type(pe)._effssl_base
+    model.__class__ = type(model)._effssl_base
+    return model

@@ -1,0 +1,192 @@
+"""gather_tokens: the public function, its checks, op registrations and autograd.
+
+Two ops, each with a fake impl and autograd so ``torch.compile(fullgraph=True)`` traces forward
+and backward: the C++ op ``effssl_kernels::gather_tokens`` (CPU kernel, schema in
+csrc/bindings.cpp) with its backward op ``effssl_kernels::gather_tokens_backward``, and the
+Triton op ``effssl_kernels::_gather_tokens_triton`` (CUDA tensors; CPU only under
+TRITON_INTERPRET=1) with ``_gather_tokens_backward_triton``. For this op ``choose() == 'cuda'``
+means Triton: there is no CUDA C++ kernel.
+"""
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from .. import _backend
+from ..reference.gather_tokens import gather_tokens_reference
+
+_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_INDEX_DTYPES = (torch.int32, torch.int64)
+
+
+def _check(x, keep, pos_embed) -> None:
+    if not isinstance(x, Tensor) or not isinstance(keep, Tensor):
+        raise TypeError("gather_tokens: x and keep must be tensors")
+    if x.dtype not in _DTYPES:
+        raise TypeError(f"gather_tokens: x must be float32, float16 or bfloat16, got {x.dtype}")
+    if x.dim() != 3:
+        raise ValueError(f"gather_tokens: x must be 3-D [N, L, D], got shape {tuple(x.shape)}")
+    if keep.dtype not in _INDEX_DTYPES:
+        raise TypeError(f"gather_tokens: keep must be an int32 or int64 tensor, got {keep.dtype}")
+    if keep.dim() != 2:
+        raise ValueError(f"gather_tokens: keep must be 2-D [N, K], got shape {tuple(keep.shape)}")
+    N, L, D = x.shape
+    if keep.shape[0] != N:
+        raise ValueError(f"gather_tokens: keep has batch {keep.shape[0]} but x has {N}")
+    if keep.shape[1] == 0:
+        raise ValueError("gather_tokens: keep must keep at least one token (K >= 1)")
+    if L == 0:
+        raise ValueError("gather_tokens: x must have at least one token (L >= 1)")
+    if keep.device != x.device:
+        raise ValueError(f"gather_tokens: keep must be on {x.device}, got {keep.device}")
+    if pos_embed is not None:
+        if not isinstance(pos_embed, Tensor):
+            raise TypeError("gather_tokens: pos_embed must be a tensor or None")
+        if pos_embed.dtype not in _DTYPES:
+            raise TypeError(f"gather_tokens: pos_embed must be float32, float16 or bfloat16, got {pos_embed.dtype}")
+        if tuple(pos_embed.shape) not in ((1, L, D), (L, D)):
+            raise ValueError(
+                f"gather_tokens: pos_embed must have shape [1, L, D] or [L, D] with L={L}, D={D}, "
+                f"got {tuple(pos_embed.shape)}"
+            )
+        if pos_embed.device != x.device:
+            raise ValueError(f"gather_tokens: pos_embed must be on {x.device}, got {pos_embed.device}")
+
+
+def _check_indices(keep: Tensor, L: int) -> None:
+    """Host-side range check; on CUDA tensors it costs a synchronisation."""
+    if keep.numel() and (bool(keep.min() < 0) or bool(keep.max() >= L)):
+        bad = keep[(keep < 0) | (keep >= L)][0].item()
+        raise ValueError(f"gather_tokens: keep holds {bad}, outside [0, {L})")
+
+
+def gather_tokens(x: Tensor, keep: Tensor, pos_embed: Optional[Tensor] = None) -> Tensor:
+    """Gather kept tokens and add their positional embedding: timm's PatchDropout gather, fused.
+
+    ``out[n, k] = x[n, keep[n, k]] + pos_embed[keep[n, k]]``.
+
+    Args:
+        x: ``[N, L, D]`` float32, float16 or bfloat16, any strides (read in place).
+        keep: int32 or int64 ``[N, K]``, ``K >= 1``, values in ``[0, L)``; duplicates allowed.
+        pos_embed: ``[1, L, D]``, ``[L, D]`` or None, float32/float16/bfloat16, on x's device.
+
+    Returns:
+        ``[N, K, D]`` contiguous, dtype ``torch.promote_types(x.dtype, pos_embed.dtype)`` (x's
+        without pos_embed): one float32 add and one rounding, as timm's ``gather + add``.
+        Backward gives ``grad_x`` (zeros at dropped tokens, duplicates summed) and ``grad_pos``
+        (summed over the batch, in pos_embed's shape and dtype), each only when needed,
+        accumulated in float32 and deterministic on every backend. No double backward.
+
+    AMP: the op casts nothing; it follows its inputs' dtypes (bfloat16 tokens + float32
+    pos_embed give float32, as timm under autocast).
+
+    Index range: the C++ CPU kernel checks every index as it reads it, and CPU tensors on the
+    other backends are checked on the host, raising ValueError. On CUDA the check would cost a
+    device synchronisation, so it runs only with ``EFFSSL_CHECK_INDICES=1`` (and never inside
+    ``torch.compile``); unchecked, the Triton kernel still reads nothing out of bounds: an
+    out-of-range index gives a NaN output row and no gradient.
+
+    Raises TypeError/ValueError on bad dtypes, shapes, K = 0, devices or indices. Matches
+    ``effssl_kernels.reference.gather_tokens_reference``.
+    """
+    _check(x, keep, pos_embed)
+    L = x.shape[1]
+    which = _backend.choose(x.device.type)
+    if which != "cpp" and not torch.compiler.is_compiling():
+        if x.device.type == "cpu" or os.environ.get("EFFSSL_CHECK_INDICES", "0") == "1":
+            _check_indices(keep, L)
+    if which == "reference":
+        return gather_tokens_reference(x, keep, pos_embed)
+    pos = None if pos_embed is None else pos_embed.reshape(L, x.shape[2])  # a view: both shapes
+    if which in ("triton", "cuda"):
+        return torch.ops.effssl_kernels._gather_tokens_triton(x, keep, pos)
+    return torch.ops.effssl_kernels.gather_tokens.default(x, keep, pos)
+
+
+# ----------------------------------------------------------------------------- fake impls, autograd
+def _fake(x, keep, pos_embed):
+    dtype = x.dtype if pos_embed is None else torch.promote_types(x.dtype, pos_embed.dtype)
+    return x.new_empty((x.shape[0], keep.shape[1], x.shape[2]), dtype=dtype)
+
+
+def _fake_backward(grad, keep, num_tokens, x_dtype, pos_dtype, need_x, need_pos):
+    N, _, D = grad.shape
+    gx = grad.new_empty((N, num_tokens, D) if need_x else (0,), dtype=x_dtype)
+    gpos = grad.new_empty((num_tokens, D) if need_pos else (0,), dtype=pos_dtype)
+    return gx, gpos
+
+
+def _setup_context(ctx, inputs, output):
+    x, keep, pos = inputs
+    ctx.save_for_backward(keep)
+    ctx.num_tokens = x.shape[1]
+    ctx.x_dtype = x.dtype
+    ctx.pos_dtype = None if pos is None else pos.dtype
+
+
+def _make_backward(backward_op):
+    def _backward(ctx, grad):
+        (keep,) = ctx.saved_tensors
+        need_x = ctx.needs_input_grad[0]
+        need_pos = ctx.pos_dtype is not None and ctx.needs_input_grad[2]
+        if not (need_x or need_pos):
+            return None, None, None
+        gx, gpos = backward_op(
+            grad, keep, ctx.num_tokens, ctx.x_dtype, ctx.pos_dtype or ctx.x_dtype, need_x, need_pos
+        )
+        return (gx if need_x else None), None, (gpos if need_pos else None)
+
+    return _backward
+
+
+if _backend.HAS_EXT:
+    torch.library.register_fake("effssl_kernels::gather_tokens")(_fake)
+    torch.library.register_fake("effssl_kernels::gather_tokens_backward")(_fake_backward)
+    torch.library.register_autograd(
+        "effssl_kernels::gather_tokens",
+        _make_backward(torch.ops.effssl_kernels.gather_tokens_backward.default),
+        setup_context=_setup_context,
+    )
+
+
+@torch.library.triton_op("effssl_kernels::_gather_tokens_triton", mutates_args=())
+def _gather_tokens_triton(x: Tensor, keep: Tensor, pos_embed: Optional[Tensor]) -> Tensor:
+    from ..triton.gather_tokens import gather_tokens_fwd  # lazy: importing triton costs ~2.5 s
+
+    return gather_tokens_fwd(x, keep, pos_embed)
+
+
+@torch.library.triton_op("effssl_kernels::_gather_tokens_backward_triton", mutates_args=())
+def _gather_tokens_backward_triton(
+    grad: Tensor,
+    keep: Tensor,
+    num_tokens: int,
+    x_dtype: torch.dtype,
+    pos_dtype: torch.dtype,
+    need_x: bool,
+    need_pos: bool,
+) -> tuple[Tensor, Tensor]:
+    from ..triton.gather_tokens import gather_tokens_bwd
+
+    return gather_tokens_bwd(grad, keep, num_tokens, x_dtype, pos_dtype, need_x, need_pos)
+
+
+_gather_tokens_triton.register_autograd(
+    _make_backward(torch.ops.effssl_kernels._gather_tokens_backward_triton.default),
+    setup_context=_setup_context,
+)
+
+if _backend.TRITON_INTERPRET:
+    # Under the interpreter wrap_triton hands back the raw kernel, which cannot see fake tensors;
+    # give the ops explicit fake impls and let functionalization pass through (toolchain.md).
+    from torch._subclasses.functional_tensor import FunctionalTensorMode
+
+    def _passthrough(mode, func, types, args, kwargs):
+        return mode.__torch_dispatch__(func, types, args, kwargs)
+
+    for _op, _f in ((_gather_tokens_triton, _fake), (_gather_tokens_backward_triton, _fake_backward)):
+        _op.register_fake(_f)
+        _op.register_torch_dispatch(FunctionalTensorMode, _passthrough)

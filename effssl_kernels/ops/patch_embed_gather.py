@@ -1,0 +1,301 @@
+"""patch_embed_gather: timm's patch embedding + pos_embed + token gather, for kept patches only.
+
+Ops registered here (schemas of the C++ ones in csrc/bindings.cpp):
+- ``effssl_kernels::patch_embed_gather`` (C++ CPU kernel: gather of the kept patches, one GEMM,
+  ``pos_embed[keep]`` fused) with a fake impl and autograd;
+- ``effssl_kernels::_gather_patches`` / ``_scatter_patches`` (C++ CPU: im2col of the kept patches
+  and its adjoint), the pieces of the CPU backward;
+- ``effssl_kernels::_patch_embed_gather_triton`` / ``_gather_patches_triton`` (Triton, the path
+  of CUDA tensors: there is no CUDA C++ kernel for this op).
+The backward is plain torch around these ops, so ``torch.compile(fullgraph=True)`` traces it.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from .. import _backend
+from ..reference.gather_tokens import patch_embed_gather_reference
+
+_FLOATS = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+_INTS = (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8)
+
+
+def _check(images, weight, bias, keep, pos_embed) -> None:
+    op = "patch_embed_gather"
+    for name, t in (("images", images), ("weight", weight), ("keep", keep)):
+        if not isinstance(t, Tensor):
+            raise TypeError(f"{op}: {name} must be a tensor, got {type(t).__name__}")
+    for name, t in (("bias", bias), ("pos_embed", pos_embed)):
+        if t is not None and not isinstance(t, Tensor):
+            raise TypeError(f"{op}: {name} must be a tensor or None, got {type(t).__name__}")
+    for name, t in (("images", images), ("weight", weight), ("bias", bias), ("pos_embed", pos_embed)):
+        if t is not None and t.dtype not in _FLOATS:
+            raise TypeError(f"{op}: {name} must be float32, float64, float16 or bfloat16, got {t.dtype}")
+    if keep.dtype not in _INTS:
+        raise TypeError(f"{op}: keep must be an integer tensor, got {keep.dtype}")
+    if images.dim() != 4:
+        raise ValueError(f"{op}: images must be 4-D [N, C, H, W], got {tuple(images.shape)}")
+    if weight.dim() != 4 or weight.shape[-1] != weight.shape[-2]:
+        raise ValueError(f"{op}: weight must be [D, C, p, p] with square p x p patches, got {tuple(weight.shape)}")
+    N, C, H, W = images.shape
+    D, p = weight.shape[0], weight.shape[-1]
+    if p < 1 or D < 1:
+        raise ValueError(f"{op}: weight must have D >= 1 and p >= 1, got {tuple(weight.shape)}")
+    if weight.shape[1] != C:
+        raise ValueError(f"{op}: weight has {weight.shape[1]} input channels, images have {C}")
+    if H % p or W % p:
+        raise ValueError(f"{op}: H and W ({H}x{W}) must be divisible by the patch size {p}")
+    L = (H // p) * (W // p)
+    if bias is not None and tuple(bias.shape) != (D,):
+        raise ValueError(f"{op}: bias must have shape [D] = [{D}], got {tuple(bias.shape)}")
+    if keep.dim() != 2 or keep.shape[0] != N:
+        raise ValueError(f"{op}: keep must have shape [N, K] with N = {N}, got {tuple(keep.shape)}")
+    if keep.shape[1] < 1:
+        raise ValueError(f"{op}: keep must keep at least one patch (K >= 1)")
+    if pos_embed is not None and tuple(pos_embed.shape) not in ((1, L, D), (L, D)):
+        raise ValueError(
+            f"{op}: pos_embed must have shape [1, L, D] or [L, D] with L = {L}, D = {D}, got {tuple(pos_embed.shape)}"
+        )
+    for name, t in (("weight", weight), ("bias", bias), ("keep", keep), ("pos_embed", pos_embed)):
+        if t is not None and t.device != images.device:
+            raise ValueError(f"{op}: {name} must be on {images.device}, got {t.device}")
+
+
+def _gemm_inputs(images: Tensor, weight: Tensor, bias: Optional[Tensor]):
+    """Cast the GEMM inputs as timm's conv sees them: under torch.autocast each float input but
+    float64 becomes the autocast dtype (F.conv2d's rule), then all promote to one dtype. Only
+    weight and bias are cast here; images are converted by the kernels as they gather the kept
+    patches (the same rounding, on a fraction of the pixels)."""
+    dev = images.device.type
+    img_dt, w_dt, b_dt = images.dtype, weight.dtype, None if bias is None else bias.dtype
+    if torch.is_autocast_enabled(dev):
+        ac = torch.get_autocast_dtype(dev)
+        img_dt, w_dt = (ac if d != torch.float64 else d for d in (img_dt, w_dt))
+        b_dt = None if b_dt is None else (ac if b_dt != torch.float64 else b_dt)
+    dt = torch.promote_types(img_dt, w_dt)
+    if b_dt is not None:
+        dt = torch.promote_types(dt, b_dt)
+    if img_dt != images.dtype and img_dt != dt:  # autocast rounding first, then a wider GEMM dtype
+        images = images.to(img_dt)
+    return images, weight.to(dt), None if bias is None else bias.to(dt)
+
+
+def patch_embed_gather(
+    images: Tensor, weight: Tensor, bias: Optional[Tensor], keep: Tensor, pos_embed: Optional[Tensor] = None
+) -> Tensor:
+    """Patch-embed (conv with kernel = stride = p) only the kept patches, add their pos_embed.
+
+    Equals ``gather_tokens(patch_embed(images), keep, pos_embed)``:
+    ``out[n, k] = images[n, :, patch keep[n, k]] . weight + bias + pos_embed[keep[n, k]]``.
+
+    Args:
+        images: ``[N, C, H, W]``, H and W divisible by p; any strides (channels_last, slices).
+        weight: ``[D, C, p, p]`` (timm's ``PatchEmbed.proj.weight``); bias ``[D]`` or None.
+        keep: integer ``[N, K]``, ``K >= 1``, indices into the ``L = (H/p)(W/p)`` patches in
+            row-major order; duplicates allowed (their gradients add up).
+        pos_embed: ``[1, L, D]``, ``[L, D]`` (patch tokens only) or None.
+
+    Returns ``[N, K, D]``. The GEMM runs in the promoted dtype of images, weight and bias (float
+    accumulation); pos_embed is then added with type promotion, as timm's path gives. Under
+    ``torch.autocast`` the GEMM inputs are cast like ``F.conv2d``'s (float64 excepted), in this
+    Python wrapper (not a torch.library autocast rule, which would also cast pos_embed): bf16
+    tokens + fp32 pos_embed give fp32, as in timm. float32/float64/float16/bfloat16; CPU (C++)
+    and CUDA (Triton; float32 uses TF32 when ``torch.backends.cudnn.allow_tf32``, as the conv).
+
+    Raises TypeError/ValueError on bad types, shapes, devices or sizes. An index outside
+    ``[0, L)``: ValueError for CPU tensors (RuntimeError from the C++ kernel inside
+    torch.compile); on CUDA a device-side assert (as torch indexing), and inside torch.compile
+    the Triton kernel writes NaN rows instead of reading out of bounds.
+    Differentiable in images, weight, bias, pos_embed, twice over (grads of images and pos_embed
+    are scatters that sum duplicates in float32; deterministic on CPU).
+    Matches ``effssl_kernels.reference.patch_embed_gather_reference``.
+    """
+    _check(images, weight, bias, keep, pos_embed)
+    images, weight, bias = _gemm_inputs(images, weight, bias)
+    if keep.dtype not in (torch.int32, torch.int64):
+        keep = keep.long()
+    L = (images.shape[2] // weight.shape[-1]) * (images.shape[3] // weight.shape[-1])
+    if keep.device.type == "cpu" and not torch.compiler.is_compiling():  # cheap here: no device sync
+        if bool(((keep < 0) | (keep >= L)).any()):
+            raise ValueError(f"patch_embed_gather: keep values must be in [0, L) with L = {L}")
+    which = _backend.choose(images.device.type)
+    if which == "reference":
+        return patch_embed_gather_reference(images.to(weight.dtype), weight, bias, keep, pos_embed)
+    if which in ("triton", "cuda"):  # 'cuda' = no CUDA C++ kernel for this op: Triton runs it
+        if not _backend.HAS_TRITON:
+            raise RuntimeError("patch_embed_gather on CUDA tensors needs triton, which is not installed")
+        if keep.is_cuda and not torch.compiler.is_compiling():
+            # no host sync: a device-side assert, as torch's own indexing kernels do
+            torch._assert_async(((keep >= 0) & (keep < L)).all(), "patch_embed_gather: keep out of [0, L)")
+        return torch.ops.effssl_kernels._patch_embed_gather_triton(images, weight, bias, keep, pos_embed)
+    return torch.ops.effssl_kernels.patch_embed_gather.default(images, weight, bias, keep, pos_embed)
+
+
+# ----------------------------------------------------------------------------- fake impls
+def _out_dtype(weight: Tensor, pos_embed: Optional[Tensor]) -> torch.dtype:
+    return weight.dtype if pos_embed is None else torch.promote_types(weight.dtype, pos_embed.dtype)
+
+
+def _fake(images, weight, bias, keep, pos_embed):
+    return images.new_empty((images.shape[0], keep.shape[1], weight.shape[0]), dtype=_out_dtype(weight, pos_embed))
+
+
+def _fake_gather(images, keep, patch_size, dtype):
+    return images.new_empty((images.shape[0], keep.shape[1], images.shape[1] * patch_size**2), dtype=dtype)
+
+
+def _fake_scatter(cols, keep, patch_size, height, width, dtype):
+    return cols.new_empty((cols.shape[0], cols.shape[2] // patch_size**2, height, width), dtype=dtype)
+
+
+# ----------------------------------------------------------------------------- autograd
+def _acc_dtype(*dtypes: torch.dtype) -> torch.dtype:
+    return torch.float64 if torch.float64 in dtypes else torch.float32
+
+
+def _scatter_rows(rows: Tensor, keep: Tensor, num_rows: int, dtype: torch.dtype) -> Tensor:
+    """``out[l] = sum of rows[n, k] over keep[n, k] == l``: rows ``[N, K, E]`` -> ``[num_rows, E]``
+    in ``dtype``, summed in float32 (float64 for float64)."""
+    E = rows.shape[-1]
+    acc = _acc_dtype(rows.dtype, dtype)
+    buf = rows.new_zeros((num_rows, E), dtype=acc)
+    buf = buf.index_put((keep.reshape(-1).long(),), rows.reshape(-1, E).to(acc), accumulate=True)
+    return buf.to(dtype)
+
+
+def _scatter_patches_torch(cols: Tensor, keep: Tensor, patch_size: int, H: int, W: int, dtype: torch.dtype) -> Tensor:
+    """Adjoint of the gather: cols ``[N, K, C*p*p]`` -> ``[N, C, H, W]`` in ``dtype``, duplicates
+    summed in float32 (float64 for float64)."""
+    N, K, KD = cols.shape
+    p = int(patch_size)
+    C, Hp, Wp = KD // (p * p), H // p, W // p
+    L = Hp * Wp
+    flat = torch.arange(N, device=keep.device).unsqueeze(1) * L + keep.long()  # row of [N * L]
+    buf = _scatter_rows(cols, flat, N * L, _acc_dtype(cols.dtype, dtype))
+    img = buf.view(N, Hp, Wp, C, p, p).permute(0, 3, 1, 4, 2, 5).reshape(N, C, H, W)
+    return img.to(dtype)
+
+
+def _setup_context(ctx, inputs, output, triton=False):
+    images, weight, bias, keep, pos_embed = inputs
+    need_images, need_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+    # images only for the weight gradient, weight only for the image gradient
+    ctx.save_for_backward(images if need_weight else None, weight if need_images else None, keep)
+    ctx.images_meta = (tuple(images.shape), images.dtype)
+    ctx.weight_shape = tuple(weight.shape)
+    ctx.gemm_dtype = weight.dtype
+    ctx.pos_meta = None if pos_embed is None else (tuple(pos_embed.shape), pos_embed.dtype)
+    ctx.triton = triton  # which gather the backward uses: the Triton one or the C++ one
+
+
+def _setup_context_triton(ctx, inputs, output):
+    _setup_context(ctx, inputs, output, triton=True)
+
+
+def _backward(ctx, grad):
+    images, weight, keep = ctx.saved_tensors
+    (N, C, H, W), img_dtype = ctx.images_meta
+    D, _, p, _ = ctx.weight_shape
+    K = keep.shape[1]
+    dt = ctx.gemm_dtype
+    need_images, need_weight, need_bias, _, need_pos = ctx.needs_input_grad
+    g = grad.reshape(N * K, D)
+    g_dt = g.to(dt)  # what the conv of timm's path receives: the gradient of its output
+    gi = gw = gb = gp = None
+    if need_weight:
+        if ctx.triton:
+            cols = torch.ops.effssl_kernels._gather_patches_triton(images, keep, p, dt)
+        else:
+            cols = torch.ops.effssl_kernels._gather_patches(images, keep, p, dt)
+        gw = torch.mm(g_dt.t(), cols.reshape(N * K, -1)).reshape(ctx.weight_shape)
+    if need_bias:
+        acc = torch.float64 if dt == torch.float64 else torch.float32
+        gb = g_dt.sum(0, dtype=acc).to(dt)
+    if need_pos:
+        shape, pos_dtype = ctx.pos_meta
+        L = shape[-2]
+        gp = _scatter_rows(grad, keep, L, pos_dtype).reshape(shape)
+    if need_images:
+        gcols = torch.mm(g_dt, weight.reshape(D, -1)).reshape(N, K, -1)
+        if ctx.triton:
+            gi = _scatter_patches_torch(gcols, keep, p, H, W, img_dtype)
+        else:
+            gi = torch.ops.effssl_kernels._scatter_patches(gcols, keep, p, H, W, img_dtype)
+    return gi, gw, gb, None, gp
+
+
+# The gather and the scatter are each other's adjoint, so each one's backward is the other: the
+# backward above is differentiable again (double backward, gradgradcheck).
+def _setup_gather(ctx, inputs, output):
+    images, keep, patch_size, _ = inputs
+    ctx.save_for_backward(keep)
+    ctx.meta = (patch_size, images.shape[2], images.shape[3], images.dtype)
+
+
+def _backward_gather(ctx, grad):
+    (keep,) = ctx.saved_tensors
+    p, H, W, dtype = ctx.meta
+    return torch.ops.effssl_kernels._scatter_patches(grad, keep, p, H, W, dtype), None, None, None
+
+
+def _backward_gather_triton(ctx, grad):
+    (keep,) = ctx.saved_tensors
+    p, H, W, dtype = ctx.meta
+    return _scatter_patches_torch(grad, keep, p, H, W, dtype), None, None, None
+
+
+def _setup_scatter(ctx, inputs, output):
+    cols, keep, patch_size, _, _, _ = inputs
+    ctx.save_for_backward(keep)
+    ctx.meta = (patch_size, cols.dtype)
+
+
+def _backward_scatter(ctx, grad):
+    (keep,) = ctx.saved_tensors
+    p, dtype = ctx.meta
+    return torch.ops.effssl_kernels._gather_patches(grad, keep, p, dtype), None, None, None, None, None
+
+
+if _backend.HAS_EXT:
+    torch.library.register_autograd("effssl_kernels::_gather_patches", _backward_gather, setup_context=_setup_gather)
+    torch.library.register_autograd("effssl_kernels::_scatter_patches", _backward_scatter, setup_context=_setup_scatter)
+    torch.library.register_fake("effssl_kernels::patch_embed_gather")(_fake)
+    torch.library.register_fake("effssl_kernels::_gather_patches")(_fake_gather)
+    torch.library.register_fake("effssl_kernels::_scatter_patches")(_fake_scatter)
+    torch.library.register_autograd("effssl_kernels::patch_embed_gather", _backward, setup_context=_setup_context)
+
+
+# ----------------------------------------------------------------------------- Triton ops
+@torch.library.triton_op("effssl_kernels::_patch_embed_gather_triton", mutates_args=())
+def _patch_embed_gather_triton(
+    images: Tensor, weight: Tensor, bias: Optional[Tensor], keep: Tensor, pos_embed: Optional[Tensor]
+) -> Tensor:
+    from ..triton.patch_embed_gather import patch_embed_gather_triton  # lazy: importing triton costs ~2.5 s
+
+    return patch_embed_gather_triton(images, weight, bias, keep, pos_embed)
+
+
+@torch.library.triton_op("effssl_kernels::_gather_patches_triton", mutates_args=())
+def _gather_patches_triton(images: Tensor, keep: Tensor, patch_size: int, dtype: torch.dtype) -> Tensor:
+    from ..triton.patch_embed_gather import gather_patches_triton
+
+    return gather_patches_triton(images, keep, patch_size, dtype)
+
+
+_patch_embed_gather_triton.register_autograd(_backward, setup_context=_setup_context_triton)
+_gather_patches_triton.register_autograd(_backward_gather_triton, setup_context=_setup_gather)
+
+if _backend.TRITON_INTERPRET:
+    # Under the interpreter wrap_triton hands back the raw kernel, which cannot see fake tensors;
+    # give the ops explicit fake impls and let functionalization pass through (toolchain.md).
+    from torch._subclasses.functional_tensor import FunctionalTensorMode
+
+    for _op, _f in ((_patch_embed_gather_triton, _fake), (_gather_patches_triton, _fake_gather)):
+        _op.register_fake(_f)
+        _op.register_torch_dispatch(
+            FunctionalTensorMode,
+            lambda mode, func, types, args, kwargs: mode.__torch_dispatch__(func, types, args, kwargs),
+        )

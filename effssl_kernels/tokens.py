@@ -1,0 +1,179 @@
+"""Which patch tokens a ViT keeps: random token dropout and SimWnW's similar-token removal.
+
+Both return ``keep``, int64 ``[N, K]`` indices of patch tokens (prefix tokens such as cls and
+registers are not counted: they are always kept, see ``effssl_kernels.token_keep``), each row
+sorted ascending, with one ``K`` for the whole batch (SEMANTICS.md section 3). ``K`` is rounded
+up to ``multiple_of`` (default 8, capped at the number of patches) so that the sequence length
+of the blocks is tensor-core friendly and ``torch.compile`` sees few distinct shapes.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional, Sequence, Union
+
+import torch
+from torch import Tensor
+
+from .ops import block_match
+
+__all__ = ["random_token_keep", "similar_token_keep", "round_keep_count"]
+
+
+def _int_arg(name: str, fn: str, value, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{fn}: {name} must be an int, got {type(value).__name__}")
+    if value < minimum:
+        raise ValueError(f"{fn}: {name} must be at least {minimum}, got {value}")
+    return value
+
+
+def round_keep_count(count: int, num_patches: int, multiple_of: int = 8) -> int:
+    """``min(L, roundup(max(1, count), multiple_of))``: the batch's ``K`` (never 0, never above L)."""
+    count = max(1, int(count))
+    return min(num_patches, -(-count // multiple_of) * multiple_of)
+
+
+def random_token_keep(
+    batch: int,
+    num_patches: int,
+    keep_ratio: float,
+    *,
+    multiple_of: int = 8,
+    generator: Optional[torch.Generator] = None,
+    device: Optional[Union[str, torch.device]] = None,
+) -> Tensor:
+    """A uniformly random subset of patch tokens per sample (timm ``PatchDropout`` semantics).
+
+    The base count is timm's ``max(1, int(num_patches * keep_ratio))``; it is rounded up to
+    ``K = min(L, roundup(base, multiple_of))`` (``multiple_of=1`` gives timm's count exactly).
+    Each row is an independent uniform subset (the first ``K`` of an argsort of random keys, as
+    timm does), sorted ascending, without duplicates.
+
+    Args:
+        batch: ``N >= 0`` samples.
+        num_patches: ``L >= 1`` patch tokens per sample (prefix tokens not counted).
+        keep_ratio: fraction of tokens kept, in ``(0, 1]`` (timm's ``1 - prob``).
+        multiple_of: ``K`` is a multiple of it (or ``L``).
+        generator: random source; the keys are drawn on its device.
+        device: device of the result (default: the generator's device, else CPU).
+
+    Returns:
+        int64 ``[N, K]``. No host synchronisation.
+
+    Raises:
+        TypeError / ValueError for non-int sizes, ``L < 1``, a ratio outside ``(0, 1]`` or
+        ``multiple_of < 1``, or a generator on another device than ``device``.
+    """
+    fn = "random_token_keep"
+    _int_arg("batch", fn, batch, 0)
+    _int_arg("num_patches", fn, num_patches, 1)
+    _int_arg("multiple_of", fn, multiple_of, 1)
+    if isinstance(keep_ratio, bool) or not isinstance(keep_ratio, (int, float)):
+        raise TypeError(f"{fn}: keep_ratio must be a float, got {type(keep_ratio).__name__}")
+    if not (0.0 < keep_ratio <= 1.0):  # also rejects NaN
+        raise ValueError(f"{fn}: keep_ratio must be in (0, 1], got {keep_ratio}")
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(f"{fn}: generator must be a torch.Generator or None")
+    if device is None:
+        device = generator.device if generator is not None else torch.device("cpu")
+    device = torch.device(device)
+    if generator is not None and generator.device.type != device.type:
+        raise ValueError(f"{fn}: generator is on {generator.device} but device is {device}")
+
+    base = max(1, int(num_patches * keep_ratio))
+    K = round_keep_count(base, num_patches, multiple_of)
+    keys = torch.rand(batch, num_patches, generator=generator, device=device)
+    # argsort of iid keys is a uniform random permutation; its first K a uniform subset.
+    keep = torch.argsort(keys, dim=1)[:, :K]
+    return keep.sort(dim=1).values
+
+
+def similar_token_keep(
+    view_a: Tensor,
+    view_b: Tensor,
+    patch_size: int,
+    *,
+    threshold_db: float = 20.0,
+    multiple_of: int = 8,
+    data_range: float = 1.0,
+    search_radius: int = 0,
+    centers: Optional[Sequence[Tensor]] = None,
+    flip: Optional[Tensor] = None,
+) -> tuple[Tensor, Tensor]:
+    """SimWnW for ViTs: each view drops its patch tokens that have a similar patch in the other view.
+
+    Patches are ``block_match`` blocks with ``block_size = patch_size``: ``keep_a`` comes from
+    ``block_match(view_a, view_b, ...)``, ``keep_b`` from ``block_match(view_b, view_a, ...)``.
+    A token is similar when its PSNR is above ``threshold_db`` (NaN and ``-inf``, i.e. no
+    candidate, are never similar). By default (``search_radius=0``, no ``centers``) a patch is
+    compared with the patch at the same place of the other view only, which suits views that
+    share their geometry; pass ``centers`` (from ``effssl_kernels.crop_centers``) and a radius
+    to follow the scene point across two different crops.
+
+    One ``K = min(L, roundup(max(1, c), multiple_of))`` serves both views, ``c`` the largest
+    count of non-similar tokens of any sample of either view, so the two views can also be
+    concatenated into one batch. Every sample keeps all its non-similar tokens and fills up to
+    ``K`` with its least similar (lowest PSNR, then lowest index) remaining tokens, so no
+    sample loses a dissimilar token. Rows are sorted ascending.
+
+    Args:
+        view_a, view_b: ``[N, C, H, W]``, same shape, device and dtype (float32, float16,
+            bfloat16), values in ``[0, data_range]``; ``patch_size`` must divide ``H`` and ``W``.
+        patch_size: the ViT's patch side ``p``; ``L = (H / p) * (W / p)``.
+        threshold_db: PSNR above which a token counts as similar (SimWnW: 20 dB).
+        multiple_of: ``K`` is a multiple of it (or ``L``).
+        data_range, search_radius, flip: as in ``block_match`` (``flip`` is symmetric: it serves
+            both directions).
+        centers: None or a pair ``(centers_a, centers_b)`` of int ``[N, H/p, W/p, 2]``: the
+            search centres in B of A's patches and in A of B's patches
+            (``crop_centers(boxes_a, boxes_b, ...)`` and ``crop_centers(boxes_b, boxes_a, ...)``).
+
+    Returns:
+        ``(keep_a, keep_b)``: int64 ``[N, K]`` each, on the views' device. One host
+        synchronisation (reading ``K``).
+
+    Raises:
+        TypeError / ValueError for what ``block_match`` rejects, a patch size that does not
+        divide the image, a malformed ``centers`` pair or bad ``threshold_db``/``multiple_of``.
+    """
+    fn = "similar_token_keep"
+    if not isinstance(view_a, Tensor) or not isinstance(view_b, Tensor):
+        raise TypeError(f"{fn}: view_a and view_b must be tensors")
+    if view_a.dim() != 4:
+        raise ValueError(f"{fn}: views must be 4-D [N, C, H, W], got {tuple(view_a.shape)}")
+    _int_arg("patch_size", fn, patch_size, 1)
+    _int_arg("multiple_of", fn, multiple_of, 1)
+    H, W = view_a.shape[-2:]
+    if H % patch_size or W % patch_size:
+        raise ValueError(f"{fn}: patch_size {patch_size} must divide the image size {H}x{W}")
+    if isinstance(threshold_db, bool) or not isinstance(threshold_db, (int, float)) or math.isnan(threshold_db):
+        raise TypeError(f"{fn}: threshold_db must be a number, got {threshold_db!r}")
+    if centers is None:
+        centers_a = centers_b = None
+    else:
+        if isinstance(centers, Tensor) or not isinstance(centers, (tuple, list)) or len(centers) != 2:
+            raise TypeError(f"{fn}: centers must be None or a pair (centers_a, centers_b)")
+        centers_a, centers_b = centers
+        if centers_a is None or centers_b is None:
+            raise TypeError(f"{fn}: centers must hold two tensors, got {type(centers_a)} and {type(centers_b)}")
+
+    kw = dict(data_range=data_range)
+    psnr_a, _ = block_match(view_a, view_b, patch_size, search_radius, centers=centers_a, flip=flip, **kw)
+    if search_radius == 0 and centers is None and flip is None:
+        psnr_b = psnr_a  # same place in both views: the mse is symmetric, no second search
+    else:
+        psnr_b, _ = block_match(view_b, view_a, patch_size, search_radius, centers=centers_b, flip=flip, **kw)
+    N = view_a.shape[0]
+    L = psnr_a.shape[1] * psnr_a.shape[2]
+    psnr = torch.stack((psnr_a.reshape(N, L), psnr_b.reshape(N, L)))  # [2, N, L]
+    similar = psnr > threshold_db  # NaN, -inf: False
+    if N == 0:
+        K = round_keep_count(1, L, multiple_of)
+    else:
+        K = round_keep_count(int((~similar).sum(-1).max()), L, multiple_of)  # the one sync
+    # Non-similar tokens sort first (-inf), then similar ones by rising PSNR; the stable sort
+    # breaks ties by index, so the choice is deterministic.
+    key = torch.where(similar, psnr, torch.full_like(psnr, float("-inf")))
+    chosen = torch.sort(key, dim=-1, stable=True).indices[..., :K]
+    keep = chosen.sort(dim=-1).values
+    return keep[0], keep[1]

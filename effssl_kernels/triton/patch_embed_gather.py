@@ -1,0 +1,259 @@
+"""Triton patch_embed_gather: an implicit-im2col GEMM over the kept patches only.
+
+Forward (``_patch_embed_gather_fwd_kernel``): one program per tile of ``BLOCK_M`` kept patches
+(rows ``m = n * K + k`` of the output) by ``BLOCK_N`` embedding channels. The K-loop runs over
+the ``C * p * p`` patch pixels in the order ``(c, ky, kx)`` of ``weight.reshape(D, -1)`` and loads
+each row's pixels straight from the image at addresses computed from ``keep`` (any strides:
+NCHW, channels_last, slices), converts them to the GEMM dtype (the weight's) and feeds
+``tl.dot`` with a float32 accumulator (float64 inputs take an FMA loop instead). The epilogue adds
+the bias, rounds to the GEMM dtype (as the conv output of timm's path is rounded), adds
+``pos_embed[keep]`` in float32 (float64 for float64) and stores in the output dtype.
+float32 inputs use TF32 in ``tl.dot`` exactly when ``torch.backends.cudnn.allow_tf32`` is set
+(default True), as the ``F.conv2d`` of timm's path does; under the interpreter the dot is exact.
+A ``keep`` value outside ``[0, L)`` reads nothing and gives a NaN row (the op also checks eagerly).
+
+Backward helpers: ``gather_patches_triton`` (``_gather_patches_kernel``: the kept patches as
+``[N, K, C*p*p]`` for the weight-gradient GEMM, which torch.mm then runs: cuBLAS is already
+optimal there). The image and pos_embed gradients are plain torch (``_scatter_rows`` and
+``_scatter_patches_torch`` in ops/patch_embed_gather.py: ``index_put(accumulate=True)`` into a
+float32 buffer).
+
+Tile sizes are a heuristic (128 x 128 x 32, 4 warps, 3 stages for 16-bit GEMMs), not yet tuned
+on a GPU. SEMANTICS.md section 3; oracle ``effssl_kernels.reference.patch_embed_gather_reference``.
+"""
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+_INT_ARGS = ("M", "K", "D", "KD", "L", "Wp", "P", "s_n", "s_c", "s_h", "s_w", "s_pl", "s_pd")
+
+
+@triton.jit
+def _patch_rows(keep_ptr, rows, M, K, L, Wp, P, s_n, s_h, s_w):
+    """(valid, l, offset of each row's patch top-left) for output rows ``rows`` (int64)."""
+    row_ok = rows < M
+    l = tl.load(keep_ptr + rows, mask=row_ok, other=0).to(tl.int64)
+    valid = row_ok & (l >= 0) & (l < L)
+    l = tl.where(valid, l, 0)
+    n = rows // K
+    py = l // Wp
+    px = l - py * Wp
+    return valid, l, n * s_n + (py * P) * s_h + (px * P) * s_w
+
+
+@triton.jit
+def _patch_cols(j, P, s_c, s_h, s_w):
+    """Image offset of column j = (c, ky, kx) of a patch (int64)."""
+    pp = P * P
+    c = j // pp
+    r = j - c * pp
+    ky = r // P
+    kx = r - ky * P
+    return c * s_c + ky * s_h + kx * s_w
+
+
+# Sizes and strides are not specialised (a value of 1 would become a constexpr and a new compile);
+# the kernel widens them to int64: n * s_n passes 2^31 for large batches.
+@triton.jit(do_not_specialize=_INT_ARGS)
+def _patch_embed_gather_fwd_kernel(
+    # pointers
+    img_ptr,  # [N, C, H, W] any strides, any float dtype
+    w_ptr,  # [D, C*p*p] contiguous, GEMM dtype
+    b_ptr,  # [D] GEMM dtype, or None
+    keep_ptr,  # int32/int64 [N*K] contiguous
+    pos_ptr,  # [L, D] strided, or None
+    out_ptr,  # [N*K, D] contiguous, output dtype
+    # sizes
+    M,  # N * K
+    K,
+    D,
+    KD,  # C * p * p
+    L,
+    Wp,
+    P,
+    # strides (elements)
+    s_n,
+    s_c,
+    s_h,
+    s_w,
+    s_pl,
+    s_pd,
+    # meta-parameters
+    HAS_BIAS: tl.constexpr,
+    HAS_POS: tl.constexpr,
+    FP64: tl.constexpr,  # GEMM dtype is float64: FMA loop, float64 accumulator
+    ADD_FP64: tl.constexpr,  # output is float64: the pos add runs in float64
+    INPUT_PRECISION: tl.constexpr,
+    UPCAST_DOT: tl.constexpr,  # only under TRITON_INTERPRET=1 with bfloat16
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    pid_m = tl.program_id(0).to(tl.int64)
+    pid_n = tl.program_id(1).to(tl.int64)
+    s_n = s_n.to(tl.int64)
+    s_c = s_c.to(tl.int64)
+    s_h = s_h.to(tl.int64)
+    s_w = s_w.to(tl.int64)
+    P = P.to(tl.int64)
+    KD = KD.to(tl.int64)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_ok = cols < D
+    valid, l, row_off = _patch_rows(keep_ptr, rows, M, K, L, Wp, P, s_n, s_h, s_w)
+    gemm_ty = w_ptr.dtype.element_ty
+
+    if FP64:
+        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float64)
+    else:
+        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for j0 in range(0, KD, BLOCK_K):
+        j = j0 + tl.arange(0, BLOCK_K)
+        j_ok = j < KD
+        col_off = _patch_cols(j, P, s_c, s_h, s_w)
+        # the kept patches' pixels, gathered from the image and rounded to the GEMM dtype
+        a = tl.load(img_ptr + (row_off[:, None] + col_off[None, :]),
+                    mask=valid[:, None] & j_ok[None, :], other=0.0).to(gemm_ty)
+        b = tl.load(w_ptr + (cols[None, :] * KD + j[:, None]), mask=j_ok[:, None] & col_ok[None, :], other=0.0)
+        if FP64:
+            acc += tl.sum(a[:, :, None] * b[None, :, :], axis=1)
+        elif UPCAST_DOT:  # interpreter: its bf16 dot multiplies raw bits; fp32 products are exact
+            acc = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+        else:
+            acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
+
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + cols, mask=col_ok, other=0.0).to(acc.dtype)[None, :]
+    y = acc.to(gemm_ty)  # rounded to the GEMM dtype, as timm's conv output
+    if HAS_POS:
+        pos = tl.load(pos_ptr + (l[:, None] * s_pl + cols[None, :] * s_pd),
+                      mask=valid[:, None] & col_ok[None, :], other=0.0)
+        if ADD_FP64:
+            y = y.to(tl.float64) + pos.to(tl.float64)
+        else:
+            y = y.to(tl.float32) + pos.to(tl.float32)
+    y = tl.where(valid[:, None], y, float("nan"))  # keep out of range: NaN, never a wild read
+    out_ty = out_ptr.dtype.element_ty
+    tl.store(out_ptr + (rows[:, None] * D + cols[None, :]), y.to(out_ty),
+             mask=(rows < M)[:, None] & col_ok[None, :])
+
+
+@triton.jit(do_not_specialize=("M", "K", "KD", "L", "Wp", "P", "s_n", "s_c", "s_h", "s_w"))
+def _gather_patches_kernel(
+    # pointers
+    img_ptr,  # [N, C, H, W] any strides
+    keep_ptr,  # int32/int64 [N*K] contiguous
+    out_ptr,  # [N*K, C*p*p] contiguous
+    # sizes
+    M,
+    K,
+    KD,
+    L,
+    Wp,
+    P,
+    # strides (elements)
+    s_n,
+    s_c,
+    s_h,
+    s_w,
+    # meta-parameters
+    BLOCK_M: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    pid_m = tl.program_id(0).to(tl.int64)
+    pid_k = tl.program_id(1).to(tl.int64)
+    s_n = s_n.to(tl.int64)
+    s_c = s_c.to(tl.int64)
+    s_h = s_h.to(tl.int64)
+    s_w = s_w.to(tl.int64)
+    P = P.to(tl.int64)
+    KD = KD.to(tl.int64)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    j = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+    j_ok = j < KD
+    valid, l, row_off = _patch_rows(keep_ptr, rows, M, K, L, Wp, P, s_n, s_h, s_w)
+    col_off = _patch_cols(j, P, s_c, s_h, s_w)
+    # rows of out-of-range indices stay 0: only the backward gathers, after the forward checked
+    x = tl.load(img_ptr + (row_off[:, None] + col_off[None, :]), mask=valid[:, None] & j_ok[None, :], other=0.0)
+    tl.store(out_ptr + (rows[:, None] * KD + j[None, :]), x.to(out_ptr.dtype.element_ty),
+             mask=(rows < M)[:, None] & j_ok[None, :])
+
+
+def _fwd_tiles(M: int, D: int, KD: int, fp64: bool) -> tuple[int, int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages). Small under the interpreter (numpy
+    does the work per tile), 128 x 128 x 32 on a GPU (64 x 64 x 16 for the float64 FMA loop)."""
+    if _INTERPRET:
+        return 16, 16, 32 if KD >= 32 else 16, 1, 1
+    if fp64:
+        return 32, 32, 8, 4, 2
+    bm = 128 if M >= 128 else max(16, triton.next_power_of_2(M))
+    bn = 128 if D >= 128 else max(16, triton.next_power_of_2(D))
+    return bm, bn, 32, 4, 3
+
+
+def patch_embed_gather_triton(
+    images: Tensor, weight: Tensor, bias: Optional[Tensor], keep: Tensor, pos_embed: Optional[Tensor]
+) -> Tensor:
+    """Launch ``_patch_embed_gather_fwd_kernel``; arguments arrive validated by ``ops.patch_embed_gather``.
+
+    images ``[N, C, H, W]`` (any float dtype, any strides); weight ``[D, C, p, p]`` in the GEMM
+    dtype, bias ``[D]`` in it or None; keep int32/int64 ``[N, K]``; pos_embed ``[1, L, D]`` /
+    ``[L, D]`` or None. Returns ``[N, K, D]`` in ``promote(weight.dtype, pos_embed.dtype)``.
+    """
+    N, C, H, W = images.shape
+    D, p = weight.shape[0], weight.shape[-1]
+    K = keep.shape[1]
+    Wp, L = W // p, (H // p) * (W // p)
+    out_dtype = weight.dtype if pos_embed is None else torch.promote_types(weight.dtype, pos_embed.dtype)
+    out = torch.empty((N, K, D), dtype=out_dtype, device=images.device)
+    M, KD = N * K, C * p * p
+    if M == 0 or D == 0:
+        return out
+    fp64 = weight.dtype == torch.float64
+    bm, bn, bk, warps, stages = _fwd_tiles(M, D, KD, fp64)
+    precision = "tf32" if (weight.dtype != torch.float32 or torch.backends.cudnn.allow_tf32) else "ieee"
+    pos = None if pos_embed is None else pos_embed.reshape(L, D)
+    grid = (triton.cdiv(M, bm), triton.cdiv(D, bn))
+    torch.library.wrap_triton(_patch_embed_gather_fwd_kernel)[grid](
+        images, weight.contiguous(), None if bias is None else bias.contiguous(), keep.contiguous(), pos, out,
+        M, K, D, KD, L, Wp, p,
+        *images.stride(),
+        *(pos.stride() if pos is not None else (0, 0)),
+        HAS_BIAS=bias is not None,
+        HAS_POS=pos is not None,
+        FP64=fp64,
+        ADD_FP64=out_dtype == torch.float64,
+        INPUT_PRECISION=precision,
+        UPCAST_DOT=_INTERPRET and weight.dtype == torch.bfloat16,
+        BLOCK_M=bm,
+        BLOCK_N=bn,
+        BLOCK_K=bk,
+        num_warps=warps,
+        num_stages=stages,
+    )
+    return out
+
+
+def gather_patches_triton(images: Tensor, keep: Tensor, patch_size: int, dtype: torch.dtype) -> Tensor:
+    """The kept patches ``[N, K, C*p*p]`` in ``dtype``, columns ``(c, ky, kx)`` (``_gather_patches_kernel``)."""
+    N, C, H, W = images.shape
+    K, p = keep.shape[1], int(patch_size)
+    KD = C * p * p
+    out = torch.empty((N, K, KD), dtype=dtype, device=images.device)
+    M = N * K
+    if M == 0:
+        return out
+    bm, bk = (16, 32) if _INTERPRET else (64, 64)
+    grid = (triton.cdiv(M, bm), triton.cdiv(KD, bk))
+    torch.library.wrap_triton(_gather_patches_kernel)[grid](
+        images, keep.contiguous(), out, M, K, KD, (H // p) * (W // p), W // p, p, *images.stride(),
+        BLOCK_M=bm, BLOCK_K=bk, num_warps=4,
+    )
+    return out

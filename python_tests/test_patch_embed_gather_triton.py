@@ -1,0 +1,167 @@
+"""patch_embed_gather on the Triton path (EFFSSL_BACKEND=triton) against the reference.
+
+On a GPU machine the kernels run on CUDA tensors; elsewhere on CPU tensors under
+TRITON_INTERPRET=1 (conftest.py), so shapes stay tiny. Under the interpreter the dot is exact
+float32 (bfloat16 operands are widened first); on a GPU float32 runs in TF32 unless disabled,
+so the float32 tolerance is that of TF32 there.
+"""
+import math
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+from effssl_kernels.ops.patch_embed_gather import patch_embed_gather  # noqa: E402
+from effssl_kernels.reference import patch_embed_gather_reference  # noqa: E402
+from utils import HAS_GPU, INTERPRET, make_layout  # noqa: E402
+
+pytestmark = [
+    pytest.mark.triton,
+    pytest.mark.skipif(not (HAS_GPU or INTERPRET), reason="needs a CUDA device or TRITON_INTERPRET=1"),
+]
+
+DEVICE = "cuda" if HAS_GPU else "cpu"
+TOL = {
+    torch.float32: dict(atol=1e-4, rtol=1e-4) if not HAS_GPU else dict(atol=5e-3, rtol=5e-3),
+    torch.float16: dict(atol=4e-3, rtol=2e-3),
+    torch.bfloat16: dict(atol=3e-2, rtol=1.6e-2),
+    torch.float64: dict(atol=1e-10, rtol=1e-10),
+}
+
+
+@pytest.fixture(autouse=True)
+def _triton_backend(monkeypatch):
+    monkeypatch.setenv("EFFSSL_BACKEND", "triton")
+
+
+def _inputs(N, C, H, W, D, p, K, dtype=torch.float32, bias=True, pos="3d", seed=0):
+    g = torch.Generator().manual_seed(seed)
+    L = (H // p) * (W // p)
+    images = torch.rand(N, C, H, W, generator=g).to(dtype)
+    weight = (torch.randn(D, C, p, p, generator=g) / math.sqrt(C * p * p)).to(dtype)
+    b = torch.randn(D, generator=g).to(dtype) if bias else None
+    keep = torch.randint(0, L, (N, K), generator=g)  # duplicates likely
+    pe = None
+    if pos is not None:
+        pe = (0.02 * torch.randn(1, L, D, generator=g)).to(dtype)
+        pe = pe[0] if pos == "2d" else pe
+    return images, weight, b, keep, pe
+
+
+def _dev(args):
+    return [a.to(DEVICE) if isinstance(a, torch.Tensor) else a for a in args]
+
+
+def test_runs_the_triton_kernels(monkeypatch):
+    # Guards every test below against a silent fall-back to the C++ kernel or the reference.
+    import effssl_kernels.triton.patch_embed_gather as tpeg
+
+    calls = []
+    for name in ("patch_embed_gather_triton", "gather_patches_triton"):
+        real = getattr(tpeg, name)
+        monkeypatch.setattr(tpeg, name, lambda *a, _r=real, _n=name: calls.append(_n) or _r(*a))
+    args = _inputs(1, 3, 8, 8, 16, 4, 3)
+    w = args[1].clone().requires_grad_()
+    out = patch_embed_gather(*_dev([args[0], w, args[2], args[3], args[4]]))
+    out.sum().backward()
+    assert calls == ["patch_embed_gather_triton", "gather_patches_triton"]
+    torch.testing.assert_close(out.cpu(), patch_embed_gather_reference(*args), **TOL[torch.float32])
+
+
+SHAPES = [  # N, C, H, W, D, p, K
+    (2, 3, 8, 8, 16, 4, 5),
+    (1, 1, 8, 12, 17, 4, 3),  # C = 1, odd D, K-loop of 16 only
+    (2, 3, 16, 8, 20, 8, 2),  # tails in rows, columns and the reduction
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("shape", SHAPES)
+def test_matches_reference(dtype, shape):
+    args = _inputs(*shape, dtype=dtype, bias=shape[0] != 1, pos="2d" if shape[0] == 1 else "3d")
+    out = patch_embed_gather(*_dev(args))
+    ref = patch_embed_gather_reference(*args)
+    assert out.device.type == DEVICE and out.dtype == ref.dtype
+    torch.testing.assert_close(out.cpu(), ref, **TOL[dtype])
+
+
+@pytest.mark.parametrize("layout", ["channels_last", "sliced"])
+def test_layouts_and_no_pos(layout):
+    images, weight, bias, keep, _ = _inputs(2, 3, 8, 16, 16, 4, 4, torch.float16)
+    got = patch_embed_gather(*_dev([make_layout(images, layout), weight, bias, keep, None]))
+    torch.testing.assert_close(got.cpu(), patch_embed_gather_reference(images, weight, bias, keep), **TOL[torch.float16])
+
+
+def test_mixed_dtypes_amp_like():
+    # fp32 images converted to the bf16 GEMM dtype in the kernel; fp32 pos -> fp32 output
+    images, weight, bias, keep, pos = _inputs(2, 3, 8, 8, 16, 4, 5)
+    args = [images, weight.bfloat16(), bias.bfloat16(), keep.int(), pos]
+    out = patch_embed_gather(*_dev(args))
+    ref = patch_embed_gather_reference(*args)
+    assert out.dtype == torch.float32
+    torch.testing.assert_close(out.cpu(), ref, **TOL[torch.bfloat16])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gradients_match_reference(dtype):
+    args = _inputs(2, 3, 8, 8, 16, 4, 6, dtype)
+    go = torch.randn(2, 6, 16).to(dtype)
+
+    def grads(fn, args, device):
+        leaves = [a.detach().to(device).requires_grad_(i != 3) if a is not None else None for i, a in enumerate(args)]
+        out = fn(*leaves)
+        return torch.autograd.grad(out, [leaves[i] for i in (0, 1, 2, 4)], go.to(device))
+
+    gs = grads(patch_embed_gather, args, DEVICE)
+    rgs = grads(patch_embed_gather_reference, args, "cpu")
+    tol = dict(atol=2e-4, rtol=1e-4) if dtype == torch.float32 and not HAS_GPU else dict(atol=8e-2, rtol=3e-2)
+    for name, g, r in zip(["images", "weight", "bias", "pos"], gs, rgs):
+        assert g.dtype == r.dtype, name
+        torch.testing.assert_close(g.cpu(), r, **tol, msg=lambda m: f"{name}: {m}")
+
+
+def test_compile_fullgraph_forward_backward():
+    args = _dev(_inputs(2, 3, 8, 8, 16, 4, 4))
+
+    def step(images, weight, bias, keep, pos):
+        return patch_embed_gather(images, weight, bias, keep, pos).square().mean()
+
+    lc = [a.clone().requires_grad_(a.is_floating_point() and i > 0) for i, a in enumerate(args)]
+    le = [a.clone().requires_grad_(a.is_floating_point() and i > 0) for i, a in enumerate(args)]
+    out_c = torch.compile(step, fullgraph=True, backend="aot_eager")(*lc)
+    out_e = step(*le)
+    out_c.backward()
+    out_e.backward()
+    torch.testing.assert_close(out_c, out_e)
+    for a, b in zip(lc, le):
+        if a.requires_grad:
+            torch.testing.assert_close(a.grad, b.grad)
+
+
+def test_opcheck():
+    images, weight, bias, keep, pos = _dev(_inputs(1, 3, 8, 8, 16, 4, 3))
+    weight.requires_grad_()
+    ops = torch.ops.effssl_kernels
+    torch.library.opcheck(ops._patch_embed_gather_triton.default, (images, weight, bias, keep, pos),
+                          test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
+    torch.library.opcheck(ops._gather_patches_triton.default, (images, keep, 4, torch.float32),
+                          test_utils=("test_schema", "test_faketensor"))
+
+
+@pytest.mark.skipif(HAS_GPU, reason="an out-of-range index is a device-side assert on CUDA")
+def test_out_of_range_keep_raises():
+    images, weight, bias, keep, pos = _inputs(1, 3, 8, 8, 16, 4, 3)
+    with pytest.raises(ValueError, match=r"\[0, L\)"):
+        patch_embed_gather(images, weight, bias, keep + 4, pos)
+
+
+def test_kernel_writes_nan_for_out_of_range_rows():
+    # What the compiled path (no eager check) gives: NaN rows, no read outside the image.
+    from effssl_kernels.triton.patch_embed_gather import patch_embed_gather_triton
+
+    images, weight, bias, keep, pos = _dev(_inputs(1, 3, 8, 8, 16, 4, 3))
+    keep = keep.clone()
+    keep[0, 1] = 1000
+    out = patch_embed_gather_triton(images, weight, bias, keep, pos).cpu()
+    assert torch.isnan(out[0, 1]).all() and torch.isfinite(out[0, [0, 2]]).all()

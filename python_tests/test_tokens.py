@@ -1,0 +1,280 @@
+"""random_token_keep and similar_token_keep (SEMANTICS.md section 3): which patch tokens a ViT keeps."""
+import math
+
+import pytest
+import torch
+
+import effssl_kernels as ek
+from effssl_kernels.reference import block_match_reference
+
+
+def _check_rows(keep: torch.Tensor, L: int) -> None:
+    assert keep.dtype == torch.int64
+    assert ((keep >= 0) & (keep < L)).all()
+    assert torch.equal(keep, keep.sort(dim=1).values), "rows must be sorted ascending"
+    if keep.shape[1] > 1:
+        assert (keep[:, 1:] != keep[:, :-1]).all(), "duplicates in a row"
+
+
+# ----------------------------------------------------------------------------- random_token_keep
+@pytest.mark.parametrize(
+    "L,ratio,multiple_of,K",
+    [
+        (196, 1.0, 8, 196),
+        (196, 0.75, 8, 152),  # int(147) -> 152
+        (196, 0.5, 8, 104),  # 98 -> 104
+        (196, 0.25, 8, 56),  # 49 -> 56
+        (196, 0.99, 8, 196),  # 194 -> 200, capped at L
+        (196, 0.5, 1, 98),  # timm's count exactly
+        (196, 0.001, 1, 1),  # max(1, 0)
+        (196, 0.001, 8, 8),
+        (7, 0.5, 8, 7),
+        (1, 0.3, 8, 1),
+        (225, 0.3, 16, 80),  # int(67.5) = 67 -> 80
+    ],
+)
+def test_random_keep_count(L, ratio, multiple_of, K):
+    keep = ek.random_token_keep(5, L, ratio, multiple_of=multiple_of)
+    assert keep.shape == (5, K)
+    assert K == min(L, math.ceil(max(1, int(L * ratio)) / multiple_of) * multiple_of)
+    _check_rows(keep, L)
+
+
+def test_random_keep_uniform():
+    """Every token is kept with probability K/L, independently of its position, and rows differ."""
+    N, L = 6000, 16
+    keep = ek.random_token_keep(N, L, 0.25, multiple_of=1, generator=torch.Generator().manual_seed(1))
+    assert keep.shape == (N, 4)
+    _check_rows(keep, L)
+    freq = torch.bincount(keep.flatten(), minlength=L).double() / N
+    # binomial std of one frequency: sqrt(p(1-p)/N) ~ 0.0056; 5 sigma
+    assert (freq - 0.25).abs().max() < 0.028, freq
+    # every pair of tokens is kept together with probability K(K-1) / (L(L-1)) = 0.05, as for a
+    # uniform subset (std 0.0028 per pair; 5 sigma)
+    onehot = torch.zeros(N, L, dtype=torch.float64).scatter_(1, keep, 1.0)
+    pair = (onehot.T @ onehot) / N
+    off = pair[~torch.eye(L, dtype=torch.bool)]
+    assert (off - 0.05).abs().max() < 0.015, off
+    assert torch.unique(keep, dim=0).shape[0] > 1500  # C(16, 4) = 1820 subsets, 6000 draws
+
+
+def test_random_keep_generator():
+    g1, g2, g3 = (torch.Generator().manual_seed(s) for s in (7, 7, 8))
+    a = ek.random_token_keep(8, 50, 0.5, generator=g1)
+    b = ek.random_token_keep(8, 50, 0.5, generator=g2)
+    c = ek.random_token_keep(8, 50, 0.5, generator=g3)
+    assert torch.equal(a, b)
+    assert not torch.equal(a, c)
+    assert not torch.equal(a, ek.random_token_keep(8, 50, 0.5, generator=g1))  # state advanced
+
+
+def test_random_keep_empty_batch_and_device():
+    keep = ek.random_token_keep(0, 10, 0.5, device="cpu")
+    assert keep.shape == (0, 8) and keep.device.type == "cpu"
+
+
+@pytest.mark.parametrize(
+    "args,kw,exc",
+    [
+        ((4, 0, 0.5), {}, ValueError),
+        ((-1, 10, 0.5), {}, ValueError),
+        ((4, 10, 0.0), {}, ValueError),
+        ((4, 10, 1.5), {}, ValueError),
+        ((4, 10, float("nan")), {}, ValueError),
+        ((4, 10, -0.1), {}, ValueError),
+        ((4, 10, 0.5), {"multiple_of": 0}, ValueError),
+        ((4.0, 10, 0.5), {}, TypeError),
+        ((4, 10, "0.5"), {}, TypeError),
+        ((4, True, 0.5), {}, TypeError),
+        ((4, 10, 0.5), {"generator": 3}, TypeError),
+        ((4, 10, 0.5), {"generator": torch.Generator(), "device": "meta"}, ValueError),
+    ],
+)
+def test_random_keep_errors(args, kw, exc):
+    with pytest.raises(exc):
+        ek.random_token_keep(*args, **kw)
+
+
+# ----------------------------------------------------------------------------- similar_token_keep
+def _expected_keep(psnr_a, psnr_b, threshold, multiple_of):
+    """Brute force, one sample at a time: all non-similar tokens, then the lowest-psnr ones."""
+    rows = []
+    for psnr in (psnr_a, psnr_b):
+        for row in psnr.reshape(psnr.shape[0], -1).tolist():
+            dissimilar = [i for i, v in enumerate(row) if not (v > threshold)]
+            similar = sorted((v, i) for i, v in enumerate(row) if v > threshold)
+            rows.append((dissimilar, [i for _, i in similar]))
+    L = psnr_a[0].numel()
+    c = max(len(d) for d, _ in rows)
+    K = min(L, math.ceil(max(1, c) / multiple_of) * multiple_of)
+    keep = [sorted(d + s[: K - len(d)]) for d, s in rows]
+    n = psnr_a.shape[0]
+    return torch.tensor(keep[:n]).reshape(n, K), torch.tensor(keep[n:]).reshape(n, K)
+
+
+def _planted(N=3, p=4, grid=(6, 8), changed=((1, 5, 9), (0,), (2, 3, 4, 11, 17, 30, 40, 47, 20, 21, 22))):
+    """view_b = view_a plus small graded noise (all > 20 dB, distinct PSNRs) except the listed
+    patches, which are redrawn (far below 20 dB)."""
+    g = torch.Generator().manual_seed(3)
+    H, W = grid[0] * p, grid[1] * p
+    a = torch.rand(N, 3, H, W, generator=g)
+    L = grid[0] * grid[1]
+    amp = (torch.randperm(N * L, generator=g).reshape(N, 1, grid[0], 1, grid[1], 1).float() + 1) * (0.02 / (N * L))
+    noise = (torch.rand(N, 3, grid[0], p, grid[1], p, generator=g) - 0.5) * amp
+    b = (a + noise.reshape(N, 3, H, W)).clamp(0, 1)
+    for n, idx in enumerate(changed):
+        for t in idx:
+            i, j = divmod(t, grid[1])
+            b[n, :, i * p : (i + 1) * p, j * p : (j + 1) * p] = torch.rand(3, p, p, generator=g)
+    return a, b, p
+
+
+@pytest.mark.parametrize("multiple_of", [1, 8, 16])
+def test_similar_keep_planted(multiple_of):
+    a, b, p = _planted()
+    keep_a, keep_b = ek.similar_token_keep(a, b, p, multiple_of=multiple_of)
+    psnr_a, _ = block_match_reference(a, b, p, 0)
+    psnr_b, _ = block_match_reference(b, a, p, 0)
+    exp_a, exp_b = _expected_keep(psnr_a, psnr_b, 20.0, multiple_of)
+    assert torch.equal(keep_a, exp_a) and torch.equal(keep_b, exp_b)
+    # the planted patches are exactly the dissimilar ones, and every one of them is kept
+    assert (psnr_a.flatten(1) <= 20).sum(1).tolist() == [3, 1, 11]
+    for n, idx in enumerate(((1, 5, 9), (0,), (2, 3, 4, 11, 17, 30, 40, 47, 20, 21, 22))):
+        assert set(idx) <= set(keep_a[n].tolist())
+    assert keep_a.shape[1] == min(48, math.ceil(11 / multiple_of) * multiple_of)
+    _check_rows(keep_a, 48)
+
+
+def test_similar_keep_all_similar_and_none_similar():
+    a = torch.rand(2, 3, 16, 16)
+    ka, kb = ek.similar_token_keep(a, a.clone(), 4)  # identical: psnr +inf everywhere
+    assert ka.shape == (2, 8) and torch.equal(ka, kb)
+    assert torch.equal(ka, torch.arange(8).expand(2, 8))  # all ties at +inf: lowest indices
+    ka, kb = ek.similar_token_keep(a, 1 - a, 4)  # nothing similar: K = L, everything kept
+    assert torch.equal(ka, torch.arange(16).expand(2, 16)) and torch.equal(kb, ka)
+
+
+def test_similar_keep_nan_never_similar():
+    a = torch.rand(1, 3, 16, 16)
+    b = a.clone()
+    b[0, 0, 5, 5] = float("nan")  # patch (1, 1) = token 5
+    ka, _ = ek.similar_token_keep(a, b, 4, multiple_of=1)
+    assert ka.tolist() == [[5]]
+
+
+def test_similar_keep_threshold():
+    a, b, p = _planted()
+    k_lo, _ = ek.similar_token_keep(a, b, p, threshold_db=0.0, multiple_of=1)  # nearly all similar
+    k_hi, _ = ek.similar_token_keep(a, b, p, threshold_db=200.0, multiple_of=1)  # none similar
+    assert k_lo.shape[1] < 11 and k_hi.shape[1] == 48
+
+
+def _two_crops(top_b: int, left_b: int, size: int = 64):
+    """Two unscaled crops of a photo, the second shifted, in [0, 1]."""
+    import skimage.data
+
+    img = torch.from_numpy(skimage.data.astronaut()).permute(2, 0, 1).float() / 255
+    a = img[:, 100 : 100 + size, 150 : 150 + size]
+    b = img[:, top_b : top_b + size, left_b : left_b + size]
+    boxes_a = torch.tensor([[100, 150, size, size]])
+    boxes_b = torch.tensor([[top_b, left_b, size, size]])
+    return a[None].contiguous(), b[None].contiguous(), boxes_a, boxes_b
+
+
+def test_similar_keep_photo_with_centers():
+    """Crops shifted by whole patches: with centres from the crop boxes, exactly the patches of the
+    overlap are similar (identical pixels); at the same place (no centres) almost none are."""
+    p = 8
+    a, b, boxes_a, boxes_b = _two_crops(116, 174)  # B is A moved by 2 patches down, 3 right
+    no_flip = torch.zeros(1, dtype=torch.bool)
+    ca, flip = ek.crop_centers(boxes_a, boxes_b, no_flip, no_flip, 64, p)
+    cb, _ = ek.crop_centers(boxes_b, boxes_a, no_flip, no_flip, 64, p)
+    ka, kb = ek.similar_token_keep(a, b, p, multiple_of=1, centers=(ca, cb), flip=flip)
+    grid = torch.arange(64).reshape(8, 8)
+    # A's patches at rows >= 2, cols >= 3 are in B; B's patches at rows < 6, cols < 5 are in A
+    out_a = sorted(set(range(64)) - set(grid[2:, 3:].flatten().tolist()))
+    out_b = sorted(set(range(64)) - set(grid[:6, :5].flatten().tolist()))
+    assert ka.shape[1] == max(len(out_a), len(out_b)) == 34
+    assert set(out_a) <= set(ka[0].tolist()) and set(out_b) <= set(kb[0].tolist())
+    # Without the centres the shifted photo is dissimilar nearly everywhere.
+    k0, _ = ek.similar_token_keep(a, b, p, multiple_of=1)
+    assert k0.shape[1] > 48
+    # A search radius finds the 3-pixel shift without centres.
+    a2, b2, _, _ = _two_crops(103, 150)
+    k_r0, _ = ek.similar_token_keep(a2, b2, p, multiple_of=1)
+    k_r3, _ = ek.similar_token_keep(a2, b2, p, multiple_of=1, search_radius=3)
+    assert k_r3.shape[1] <= 8 < k_r0.shape[1]  # only the bottom row has no candidate at +3
+
+
+def test_similar_keep_flip():
+    """B is A mirrored: with flip set every patch matches exactly, in both directions."""
+    a = torch.rand(2, 3, 16, 24)
+    b = a.flip(-1)
+    flip = torch.tensor([True, True])
+    ka, kb = ek.similar_token_keep(a, b, 4, flip=flip, multiple_of=1)
+    assert ka.shape == (2, 1) and kb.shape == (2, 1)
+    k_noflip, _ = ek.similar_token_keep(a, b, 4, multiple_of=1)
+    assert k_noflip.shape[1] == 24
+
+
+def test_similar_keep_radius0_matches_two_searches():
+    """The shortcut (one search when r = 0 and no centres) equals searching both directions."""
+    a, b, p = _planted()
+    ka, kb = ek.similar_token_keep(a, b, p, multiple_of=1)
+    psnr_a, _ = block_match_reference(a, b, p, 0)
+    psnr_b, _ = block_match_reference(b, a, p, 0)
+    torch.testing.assert_close(psnr_a, psnr_b)
+    ea, eb = _expected_keep(psnr_a, psnr_b, 20.0, 1)
+    assert torch.equal(ka, ea) and torch.equal(kb, eb)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_similar_keep_low_precision(dtype):
+    a, b, p = _planted()
+    ka, kb = ek.similar_token_keep(a.to(dtype), b.to(dtype), p, multiple_of=1)
+    for n, idx in enumerate(((1, 5, 9), (0,), (2, 3, 4, 11, 17, 30, 40, 47, 20, 21, 22))):
+        assert set(idx) <= set(ka[n].tolist()) and set(idx) <= set(kb[n].tolist())
+    assert ka.shape[1] == 11
+
+
+_CENTERS = torch.zeros(1, 4, 4, 2, dtype=torch.long)
+
+
+@pytest.mark.parametrize(
+    "args,kw,exc",
+    [
+        ((torch.rand(1, 3, 16, 16), torch.rand(1, 3, 16, 16), 5), {}, ValueError),  # 5 does not divide 16
+        ((torch.rand(1, 3, 16, 12), torch.rand(1, 3, 16, 12), 8), {}, ValueError),
+        ((torch.rand(1, 3, 16, 16), torch.rand(1, 3, 8, 8), 4), {}, ValueError),
+        ((torch.rand(3, 16, 16), torch.rand(3, 16, 16), 4), {}, ValueError),
+        ((torch.rand(1, 3, 16, 16), None, 4), {}, TypeError),
+        ((torch.rand(1, 3, 16, 16), torch.rand(1, 3, 16, 16), 0), {}, ValueError),
+        ((torch.rand(1, 3, 16, 16), torch.rand(1, 3, 16, 16), 4.0), {}, TypeError),
+        ((torch.rand(1, 3, 16, 16), torch.rand(1, 3, 16, 16), 4), {"multiple_of": 0}, ValueError),
+        ((torch.rand(1, 3, 16, 16), torch.rand(1, 3, 16, 16), 4), {"threshold_db": float("nan")}, TypeError),
+        ((torch.rand(1, 3, 16, 16), torch.rand(1, 3, 16, 16), 4), {"centers": _CENTERS}, TypeError),  # not a pair
+        ((torch.rand(1, 3, 16, 16), torch.rand(1, 3, 16, 16), 4), {"centers": (_CENTERS[:, :3],) * 2}, ValueError),
+        ((torch.rand(1, 3, 16, 16), torch.rand(1, 3, 16, 16), 4), {"search_radius": -1}, ValueError),
+        ((torch.rand(1, 3, 16, 16).double(), torch.rand(1, 3, 16, 16).double(), 4), {}, TypeError),
+    ],
+)
+def test_similar_keep_errors(args, kw, exc):
+    with pytest.raises(exc):
+        ek.similar_token_keep(*args, **kw)
+
+
+def test_similar_keep_one_sync(monkeypatch):
+    """Only K is read back to the host: count Tensor.__int__/item/tolist calls."""
+    a, b, p = _planted()
+    calls = []
+    for name in ("__int__", "item", "tolist", "__bool__"):
+        orig = getattr(torch.Tensor, name)
+
+        def spy(self, *args, _orig=orig, _name=name):
+            calls.append(_name)
+            return _orig(self, *args)
+
+        monkeypatch.setattr(torch.Tensor, name, spy)
+    ek.similar_token_keep(a, b, p, search_radius=1)
+    monkeypatch.undo()
+    assert len(calls) == 1, calls

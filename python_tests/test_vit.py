@@ -1,0 +1,276 @@
+"""sparsify_vit / token_keep on timm VisionTransformer: equal to timm's own blocks on the kept tokens."""
+import copy
+import threading
+
+import pytest
+import torch
+from torch import nn
+
+import effssl_kernels as ek
+from effssl_kernels.nn import vit as vit_mod
+
+timm = pytest.importorskip("timm")
+
+
+class _ScaleNorm(nn.Module):
+    """A patch-embed norm the converter cannot prove token-wise: takes the unfused fallback."""
+
+    def __init__(self, dim, **kw):
+        super().__init__()
+        self.weight = nn.Parameter(torch.linspace(0.5, 1.5, dim))
+
+    def forward(self, x):
+        return x * self.weight
+
+
+VARIANTS = {
+    "cls": {},
+    "reg4": {"reg_tokens": 4},
+    "no_embed_class": {"no_embed_class": True},
+    "reg2_no_embed_class": {"reg_tokens": 2, "no_embed_class": True},
+    "no_class_token": {"class_token": False, "global_pool": "avg"},
+    "no_class_token_reg": {"class_token": False, "reg_tokens": 1, "global_pool": "avg"},
+    "no_pos_embed": {"pos_embed": "none"},
+    "dynamic_img_size": {"dynamic_img_size": True},
+    "embed_layernorm": {"embed_norm_layer": nn.LayerNorm},
+    "embed_other_norm": {"embed_norm_layer": _ScaleNorm},
+}
+
+
+def _vit(dtype=torch.float32, **kw):
+    """A narrow ViT-S/16 (CPU time); test_vit_small_full_width runs the real width."""
+    kw = {"img_size": 64, "depth": 2, "embed_dim": 96, "num_heads": 3, **kw}
+    return timm.create_model("vit_small_patch16_224", num_classes=10, **kw).to(dtype).eval()
+
+
+def _expected(model, x, keep):
+    """timm's own embedding (original PatchEmbed + _pos_embed), then keep prefix + gathered patches,
+    then timm's blocks: what the fused path must equal."""
+    base_pe = type(model.patch_embed)._effssl_base if ek.is_sparse_vit(model) else type(model.patch_embed)
+    t = base_pe.forward(model.patch_embed, x)
+    if t.dim() == 4:  # dynamic_img_size: NHWC
+        t = t.flatten(1, 2)
+    n, npre = x.shape[0], model.num_prefix_tokens
+    pre = [p.expand(n, -1, -1) for p in (model.cls_token, model.reg_token) if p is not None]
+    pos = model.pos_embed
+    if pos is None:
+        full = torch.cat(pre + [t], 1)
+    elif model.no_embed_class:
+        full = torch.cat(pre + [t + pos], 1)
+    else:
+        full = torch.cat(pre + [t], 1) + pos
+    sel = torch.cat((torch.arange(npre).expand(n, -1), keep + npre), 1)
+    tokens = full.gather(1, sel[..., None].expand(-1, -1, full.shape[-1]))
+    return model.forward_head(model.norm(model.blocks(model.norm_pre(tokens))))
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_variants_match_timm(variant, full_width=False):
+    model = _vit(**VARIANTS[variant]) if not full_width else _vit(embed_dim=384, num_heads=6)
+    x = torch.randn(3, 3, 64, 64)
+    ref = model(x)
+    keys = list(model.state_dict())
+    params = [p for p in model.parameters()]
+    ek.sparsify_vit(model)
+    assert ek.is_sparse_vit(model)
+    assert list(model.state_dict()) == keys and [p for p in model.parameters()] == params
+    assert torch.equal(model(x), ref)  # nothing given: exactly the original
+    g = torch.Generator().manual_seed(1)
+    for keep in (
+        ek.random_token_keep(3, 16, 0.5, multiple_of=1, generator=g),
+        torch.tensor([[3, 3, 0], [15, 2, 7], [1, 1, 1]]),  # unsorted, duplicates
+        torch.arange(16).expand(3, 16),  # K = L
+        torch.tensor([[5], [0], [15]]),  # K = 1
+    ):
+        with ek.token_keep(keep):
+            out = model(x)
+        torch.testing.assert_close(out, _expected(model, x, keep), rtol=1e-5, atol=1e-5)
+        if keep.shape[1] == 16:
+            torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    ek.unsparsify_vit(model)
+    assert not ek.is_sparse_vit(model) and type(model) is type(_vit(depth=1))
+    assert type(model.patch_embed).__name__ == "PatchEmbed"
+    assert list(model.state_dict()) == keys
+    assert torch.equal(model(x), ref)
+
+
+def test_vit_small_full_width():
+    """timm's vit_small_patch16_224 at its real width (384, 6 heads), 64 px, depth 2."""
+    test_variants_match_timm("reg4", full_width=True)
+
+
+def test_keep_uses_fused_op(monkeypatch):
+    """The identity-norm path calls patch_embed_gather (the fused op), with the patch positions."""
+    calls = []
+    orig = vit_mod.patch_embed_gather
+
+    def spy(images, weight, bias, keep, pos_embed=None):
+        calls.append(None if pos_embed is None else tuple(pos_embed.shape))
+        return orig(images, weight, bias, keep, pos_embed)
+
+    monkeypatch.setattr(vit_mod, "patch_embed_gather", spy)
+    for kw, shape in (({}, (1, 16, 96)), ({"no_embed_class": True, "reg_tokens": 2}, (1, 16, 96))):
+        model = ek.sparsify_vit(_vit(depth=1, **kw))
+        with ek.token_keep(torch.tensor([[0, 5]])):
+            model(torch.randn(1, 3, 64, 64))
+        assert calls.pop() == shape
+
+
+@pytest.mark.parametrize("variant", ["cls", "reg2_no_embed_class", "embed_layernorm", "embed_other_norm"])
+def test_gradients_match_timm(variant):
+    model = ek.sparsify_vit(_vit(**VARIANTS[variant], depth=1))
+    x = torch.randn(2, 3, 64, 64)
+    keep = torch.tensor([[1, 4, 4, 9, 15], [0, 2, 3, 8, 12]])
+    with ek.token_keep(keep):
+        model(x).square().sum().backward()
+    got = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    _expected(model, x, keep).square().sum().backward()
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(got[n], p.grad, rtol=1e-4, atol=1e-5, msg=n)
+    for n in ("patch_embed.proj.weight", "patch_embed.proj.bias", "pos_embed"):
+        assert got[n].abs().sum() > 0, n
+
+
+def test_float64_gradcheck():
+    """gradcheck of the embedding stage (fused gather + pos + prefix) w.r.t. every parameter."""
+    model = ek.sparsify_vit(
+        timm.create_model("vit_small_patch16_224", img_size=8, patch_size=4, in_chans=2, depth=1, embed_dim=4,
+                          num_heads=2, num_classes=2, reg_tokens=1).double().eval()
+    )
+    x = torch.randn(2, 2, 8, 8, dtype=torch.float64)
+    keep = torch.tensor([[3, 1, 1], [0, 2, 3]])
+    names = ["patch_embed.proj.weight", "patch_embed.proj.bias", "pos_embed", "cls_token", "reg_token"]
+    params = dict(model.named_parameters())
+
+    def embed(*tensors):
+        with ek.token_keep(keep):
+            return _embed_with(model, dict(zip(names, tensors)), x)
+
+    inputs = tuple(params[n].detach().clone().requires_grad_() for n in names)
+    assert torch.autograd.gradcheck(embed, inputs)
+
+
+def _embed_with(model, tensors, x):
+    """patch_embed -> _pos_embed of the sparsified model with parameters replaced by ``tensors``."""
+
+    class _Stage(nn.Module):
+        def __init__(self, m):
+            super().__init__()
+            self.m = m
+
+        def forward(self, x):
+            return self.m._pos_embed(self.m.patch_embed(x))
+
+    return torch.func.functional_call(_Stage(model), {"m." + k: v for k, v in tensors.items()}, (x,))
+
+
+def test_cpu_autocast_bf16():
+    model = ek.sparsify_vit(_vit(depth=1))
+    x = torch.randn(2, 3, 64, 64)
+    keep = torch.tensor([[0, 3, 5, 6], [1, 2, 9, 10]])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        with ek.token_keep(keep):
+            out = model(x)
+        exp = _expected(model, x, keep)
+    assert out.dtype == exp.dtype
+    torch.testing.assert_close(out.float(), exp.float(), rtol=2e-2, atol=2e-2)
+
+
+def test_contextvar_scoping():
+    """token_keep is per thread and nestable: online (inside) and momentum (outside) encoders."""
+    online = ek.sparsify_vit(_vit(depth=1))
+    momentum = copy.deepcopy(online)  # the usual way to make a momentum encoder; stays converted
+    assert ek.is_sparse_vit(momentum)
+    x = torch.randn(2, 3, 64, 64)
+    full = momentum(x)
+    keep = torch.tensor([[0, 1], [2, 3]])
+    seen = {}
+    with ek.token_keep(keep):
+        assert online.forward_features(x).shape == (2, 3, 96)
+        with ek.token_keep(None):
+            assert torch.equal(momentum(x), full)
+        t = threading.Thread(target=lambda: seen.setdefault("out", momentum(x)))
+        t.start()
+        t.join()
+        assert online.forward_features(x).shape == (2, 3, 96)
+    assert torch.equal(seen["out"], full)  # the other thread saw no keep
+    assert online.forward_features(x).shape == (2, 17, 96)
+
+
+def test_patch_drop_and_pos_drop_still_work():
+    model = ek.sparsify_vit(_vit(depth=1, patch_drop_rate=0.5, pos_drop_rate=0.1, reg_tokens=2)).train()
+    keep = ek.random_token_keep(2, 16, 0.5)  # K = 8
+    with ek.token_keep(keep):
+        feats = model.forward_features(torch.randn(2, 3, 64, 64))
+    assert feats.shape == (2, 3 + 4, 96)  # prefix 3, then timm's PatchDropout keeps int(8 * 0.5)
+
+
+@pytest.mark.parametrize("backend", ["eager", "aot_eager"])
+def test_compile_fullgraph(backend):
+    torch._dynamo.reset()
+    model = ek.sparsify_vit(_vit(depth=1, reg_tokens=1))
+    x = torch.randn(2, 3, 64, 64)
+    compiled = torch.compile(model, backend=backend, fullgraph=True)
+    keeps = [torch.tensor([[0, 5, 7], [1, 2, 3]]), torch.tensor([[9, 5, 7], [15, 0, 3]])]
+    for keep in keeps:  # a new keep of the same K reuses the graph; values are graph inputs
+        with ek.token_keep(keep):
+            out = compiled(x)
+            ref = model(x)
+        torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(compiled(x), model(x), rtol=1e-5, atol=1e-5)  # no keep: the full model
+    if backend == "aot_eager":
+        with ek.token_keep(keeps[0]):
+            compiled(x).sum().backward()
+        assert model.patch_embed.proj.weight.grad is not None
+
+
+@pytest.mark.parametrize(
+    "make_keep,exc,match",
+    [
+        (lambda: torch.tensor([[0, 16], [1, 2]]), ValueError, "0, 16"),
+        (lambda: torch.tensor([[0, -1], [1, 2]]), ValueError, "0, 16"),
+        (lambda: torch.tensor([[0, 1], [1, 2], [3, 4]]), ValueError, "rows"),
+        (lambda: torch.tensor([[0, 1]]), ValueError, "rows"),
+    ],
+)
+def test_bad_keep_in_forward(make_keep, exc, match):
+    model = ek.sparsify_vit(_vit(depth=1))
+    with ek.token_keep(make_keep()):
+        with pytest.raises(exc, match=match):
+            model(torch.randn(2, 3, 64, 64))
+
+
+@pytest.mark.parametrize(
+    "keep,exc",
+    [
+        (torch.zeros(2, 0, dtype=torch.long), ValueError),
+        (torch.zeros(2, 3), TypeError),
+        (torch.zeros(6, dtype=torch.long), ValueError),
+        ([[0, 1]], TypeError),
+    ],
+)
+def test_bad_keep_at_entry(keep, exc):
+    with pytest.raises(exc):
+        with ek.token_keep(keep):
+            pass
+
+
+def test_bad_images_and_models():
+    model = ek.sparsify_vit(_vit(depth=1))
+    with ek.token_keep(torch.tensor([[0]])):
+        with pytest.raises(ValueError, match="does not match"):
+            model(torch.randn(1, 3, 48, 48))
+    dyn = ek.sparsify_vit(_vit(depth=1, dynamic_img_size=True))
+    with ek.token_keep(torch.tensor([[0]])):
+        with pytest.raises(ValueError, match="divide"):
+            dyn(torch.randn(1, 3, 60, 64))
+    pad = ek.sparsify_vit(_vit(depth=1, dynamic_img_size=True, dynamic_img_pad=True))
+    x = torch.randn(1, 3, 60, 50)
+    with ek.token_keep(torch.arange(16).reshape(1, 16)):
+        torch.testing.assert_close(pad(x), type(pad).__mro__[2].forward(pad, x), rtol=1e-5, atol=1e-5)
+    with pytest.raises(TypeError):
+        ek.sparsify_vit(nn.Linear(2, 2))
+    with pytest.raises(TypeError):
+        ek.unsparsify_vit(_vit(depth=1))
+    assert ek.sparsify_vit(model) is model  # idempotent
