@@ -4,6 +4,7 @@ Layers: kernels (csrc/, effssl_kernels/triton/) -> ops (effssl_kernels/ops/) -> 
 with a plain-PyTorch reference of every op in effssl_kernels/reference/.
 """
 from . import _backend
+from .masks import BlockMask
 from .nn import is_sparse_vit, patch_size, sparsify_vit, token_keep, unsparsify_vit
 from .ops import block_match, gather_tokens, patch_embed_gather, similar_blocks
 from .patch_scaling import resize_patch_embed, resize_pos_embed
@@ -19,5 +20,7 @@ __all__ = [
     "gather_tokens", "patch_embed_gather", "random_token_keep", "similar_token_keep",
     "resize_patch_embed", "resize_pos_embed",
     "sparsify_vit", "unsparsify_vit", "token_keep", "patch_size", "is_sparse_vit",
+    # block masks of the masked network (issue 3; the sparse kernels are not built yet)
+    "BlockMask",
     "__version__",
 ]

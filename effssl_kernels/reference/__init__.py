@@ -1,6 +1,12 @@
 """Plain-PyTorch references: the oracle of every test and the baseline of every benchmark."""
 from .block_match import block_match_reference, candidate_order
 from .gather_tokens import gather_tokens_reference, patch_embed_gather_reference, patch_embed_reference
+from .masked_net import (
+    masked_avg_pool_reference,
+    masked_batch_norm_reference,
+    masked_conv2d_reference,
+    masked_max_pool2d_reference,
+)
 
 __all__ = [
     "block_match_reference",
@@ -8,4 +14,8 @@ __all__ = [
     "gather_tokens_reference",
     "patch_embed_gather_reference",
     "patch_embed_reference",
+    "masked_avg_pool_reference",
+    "masked_batch_norm_reference",
+    "masked_conv2d_reference",
+    "masked_max_pool2d_reference",
 ]

@@ -81,18 +81,20 @@ def _block_match_fwd_kernel(
 ):
     # Pointer offsets and the candidate range in int64: n * stride can pass 2^31 and centres may
     # be any int32. Per-lane displacements are int32 (|d| <= r).
+    # tl.cast, not .to: Inductor turns integer arguments equal to 1 (a unit stride) into
+    # constexprs, which have no .to method.
     pid = tl.program_id(0).to(tl.int64)
-    sa_n = sa_n.to(tl.int64)
-    sa_c = sa_c.to(tl.int64)
-    sa_h = sa_h.to(tl.int64)
-    sa_w = sa_w.to(tl.int64)
-    sb_n = sb_n.to(tl.int64)
-    sb_c = sb_c.to(tl.int64)
-    sb_h = sb_h.to(tl.int64)
-    sb_w = sb_w.to(tl.int64)
-    B64 = B.to(tl.int64)
-    R64 = R.to(tl.int64)
-    per_sample = Hb.to(tl.int64) * Wb
+    sa_n = tl.cast(sa_n, tl.int64)
+    sa_c = tl.cast(sa_c, tl.int64)
+    sa_h = tl.cast(sa_h, tl.int64)
+    sa_w = tl.cast(sa_w, tl.int64)
+    sb_n = tl.cast(sb_n, tl.int64)
+    sb_c = tl.cast(sb_c, tl.int64)
+    sb_h = tl.cast(sb_h, tl.int64)
+    sb_w = tl.cast(sb_w, tl.int64)
+    B64 = tl.cast(B, tl.int64)
+    R64 = tl.cast(R, tl.int64)
+    per_sample = tl.cast(Hb, tl.int64) * Wb
     n = pid // per_sample
     blk = pid - n * per_sample
     bi = blk // Wb
@@ -174,7 +176,7 @@ def _block_match_fwd_kernel(
     found = best_rank >= 0
     # the special keys (0, NaN as -1, none) get their psnr by where, not by log2 of 0 or inf
     ssd = tl.where(found & (best_key > 0.0), best_key, 1.0)
-    mse = ssd / (C.to(tl.float32) * (B64 * B64).to(tl.float32))
+    mse = ssd / (tl.cast(C, tl.float32) * (B64 * B64).to(tl.float32))
     psnr = _TEN_LOG10_2 * tl.log2(data_range_sq / mse)
     psnr = tl.where(best_key == 0.0, float("inf"), psnr)
     psnr = tl.where(best_key < 0.0, float("nan"), psnr)

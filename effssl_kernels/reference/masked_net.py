@@ -1,0 +1,155 @@
+"""Plain-PyTorch references of the masked (waxing-and-waning) network, SEMANTICS.md section 2.
+
+The oracle of the block-sparse kernels: dense computation, then masks. Removed inputs are read as
+exactly zero (``torch.where``, so even inf/NaN under a removed block cannot leak, as in a kernel
+that never reads it) and removed outputs are exactly zero; gradients at removed positions are zero.
+All functions are differentiable with autograd.
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence, Tuple, Union
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from ..masks import BlockMask, _positive_pair
+
+IntOrPair = Union[int, Sequence[int]]
+
+
+def _check_x_mask(x: Tensor, mask: BlockMask, fn: str) -> None:
+    if not isinstance(mask, BlockMask):
+        raise TypeError(f"{fn}: mask must be a BlockMask, got {type(mask).__name__}")
+    if not isinstance(x, Tensor) or x.dim() != 4:
+        raise ValueError(f"{fn}: x must be a 4-D [N, C, H, W] tensor, got "
+                         f"{tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__}")
+    if mask.device != x.device:
+        raise ValueError(f"{fn}: mask is on {mask.device} but x is on {x.device}; "
+                         f"move it with mask.to(x.device)")
+    if mask.batch != x.shape[0]:
+        raise ValueError(f"{fn}: mask batch {mask.batch} does not match x batch {x.shape[0]}")
+
+
+def _mul(a: Tuple[int, int], b: Tuple[int, int]) -> Tuple[int, int]:
+    return a[0] * b[0], a[1] * b[1]
+
+
+def _apply(m: Tensor, x: Tensor) -> Tensor:
+    """``m * x`` with removed positions exactly zero whatever ``x`` holds there."""
+    return torch.where(m, x, torch.zeros((), dtype=x.dtype, device=x.device))
+
+
+def masked_conv2d_reference(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None,
+                            stride: IntOrPair = 1, padding: Union[IntOrPair, str] = 0,
+                            dilation: IntOrPair = 1, groups: int = 1, *, mask: BlockMask,
+                            in_stride: IntOrPair = 1) -> Tensor:
+    """``M_out * conv2d(M_in * x)``: x ``[N, C, H, W]`` at cumulative stride ``in_stride``,
+    weight ``[C_out, C / groups, kh, kw]`` -> ``[N, C_out, ho, wo]`` at stride
+    ``in_stride * stride``, with ``M_in = mask.pixel_mask(in_stride, (H, W))`` and
+    ``M_out = mask.pixel_mask(in_stride * stride, (ho, wo))``. Arguments as ``F.conv2d``."""
+    _check_x_mask(x, mask, "masked_conv2d_reference")
+    s_in = _positive_pair(in_stride, "in_stride")
+    s = _positive_pair(stride, "stride")
+    y = F.conv2d(_apply(mask.pixel_mask(s_in, x.shape[-2:]), x), weight, bias, s, padding,
+                 dilation, groups)
+    return _apply(mask.pixel_mask(_mul(s_in, s), y.shape[-2:]), y)
+
+
+def masked_max_pool2d_reference(x: Tensor, kernel_size: IntOrPair, stride: Optional[IntOrPair] = None,
+                                padding: IntOrPair = 0, dilation: IntOrPair = 1,
+                                ceil_mode: bool = False, *, mask: BlockMask,
+                                in_stride: IntOrPair = 1) -> Tensor:
+    """``M_out * max_pool2d(M_in * x)`` (arguments as ``F.max_pool2d``; ``stride=None`` means
+    ``kernel_size``). Removed inputs take part in the max as zeros; the image padding is -inf as
+    in ``F.max_pool2d``. Output stride ``in_stride * stride``."""
+    _check_x_mask(x, mask, "masked_max_pool2d_reference")
+    s_in = _positive_pair(in_stride, "in_stride")
+    no_stride = stride is None or (isinstance(stride, (list, tuple)) and len(stride) == 0)
+    s = _positive_pair(kernel_size if no_stride else stride, "stride")
+    y = F.max_pool2d(_apply(mask.pixel_mask(s_in, x.shape[-2:]), x), kernel_size, s, padding,
+                     dilation, ceil_mode)
+    return _apply(mask.pixel_mask(_mul(s_in, s), y.shape[-2:]), y)
+
+
+def _check_pixels(x: Tensor, mask_pixels: Tensor, fn: str) -> None:
+    if not isinstance(x, Tensor) or x.dim() != 4:
+        raise ValueError(f"{fn}: x must be a 4-D [N, C, H, W] tensor")
+    if not isinstance(mask_pixels, Tensor) or mask_pixels.dtype != torch.bool:
+        raise TypeError(f"{fn}: mask_pixels must be a bool tensor [N, 1, H, W] (BlockMask.pixel_mask)")
+    N, _, H, W = x.shape
+    if tuple(mask_pixels.shape) != (N, 1, H, W):
+        raise ValueError(f"{fn}: mask_pixels shape {tuple(mask_pixels.shape)} does not match x: "
+                         f"expected {(N, 1, H, W)}")
+    if mask_pixels.device != x.device:
+        raise ValueError(f"{fn}: mask_pixels is on {mask_pixels.device} but x is on {x.device}")
+
+
+def _acc_dtype(dt: torch.dtype) -> torch.dtype:
+    return torch.float32 if dt in (torch.float16, torch.bfloat16) else dt
+
+
+def masked_batch_norm_reference(x: Tensor, mask_pixels: Tensor, running_mean: Optional[Tensor],
+                                running_var: Optional[Tensor], weight: Optional[Tensor] = None,
+                                bias: Optional[Tensor] = None, training: bool = False,
+                                momentum: float = 0.1, eps: float = 1e-5) -> Tensor:
+    """BatchNorm2d over the kept positions: x ``[N, C, H, W]``, mask_pixels bool ``[N, 1, H, W]``
+    -> ``M * bn(x)``, same shape and dtype (statistics in float32 for fp16/bf16 inputs).
+
+    Training: per channel, mean and biased variance over the ``n`` kept positions of the batch
+    normalise; ``running_mean``/``running_var`` (when given) are updated in place with that mean and
+    the unbiased variance ``var * n / (n - 1)``, weighted by ``momentum``; no update when
+    ``n <= 1``. ``n == 0`` gives an all-zero output, never NaN. Eval: running statistics.
+
+    ``momentum`` is the update factor, a float, as for ``F.batch_norm``; ``None`` is rejected:
+    ``nn.BatchNorm2d(momentum=None)`` (cumulative average) passes ``1 / num_batches_tracked``.
+    """
+    fn = "masked_batch_norm_reference"
+    _check_pixels(x, mask_pixels, fn)
+    if momentum is None:
+        raise ValueError(f"{fn}: momentum=None is not supported: pass the update factor, as "
+                         f"nn.BatchNorm2d does for a cumulative average (1 / num_batches_tracked)")
+    if (running_mean is None) != (running_var is None):
+        raise ValueError(f"{fn}: give both running_mean and running_var or neither")
+    if not training and running_mean is None:
+        raise ValueError(f"{fn}: eval mode needs running_mean and running_var")
+    C = x.shape[1]
+    for name, t in (("running_mean", running_mean), ("running_var", running_var),
+                    ("weight", weight), ("bias", bias)):
+        if t is not None and tuple(t.shape) != (C,):
+            raise ValueError(f"{fn}: {name} must have shape [{C}], got {tuple(t.shape)}")
+    acc = _acc_dtype(x.dtype)
+    xa = _apply(mask_pixels, x).to(acc)
+    m = mask_pixels.to(acc)
+    if training:
+        n = mask_pixels.sum(dtype=torch.int64)  # kept positions per channel (no host sync)
+        n_safe = n.clamp(min=1).to(acc)
+        mean = xa.sum(dim=(0, 2, 3)) / n_safe
+        var = (m * (xa - mean.view(1, C, 1, 1)) ** 2).sum(dim=(0, 2, 3)) / n_safe
+        if running_mean is not None:
+            with torch.no_grad():
+                upd = n > 1
+                unbiased = var * n.to(acc) / (n - 1).clamp(min=1).to(acc)
+                new_mean = (1 - momentum) * running_mean + momentum * mean.to(running_mean.dtype)
+                new_var = (1 - momentum) * running_var + momentum * unbiased.to(running_var.dtype)
+                running_mean.copy_(torch.where(upd, new_mean, running_mean))
+                running_var.copy_(torch.where(upd, new_var, running_var))
+    else:
+        mean, var = running_mean.to(acc), running_var.to(acc)
+    y = (xa - mean.view(1, C, 1, 1)) * torch.rsqrt(var.view(1, C, 1, 1) + eps)
+    if weight is not None:
+        y = y * weight.to(acc).view(1, C, 1, 1)
+    if bias is not None:
+        y = y + bias.to(acc).view(1, C, 1, 1)
+    return _apply(mask_pixels, y.to(x.dtype))
+
+
+def masked_avg_pool_reference(x: Tensor, mask_pixels: Tensor) -> Tensor:
+    """Global average pooling over the kept positions of each sample: x ``[N, C, H, W]``,
+    mask_pixels bool ``[N, 1, H, W]`` -> ``[N, C]`` in x's dtype (float32 sums for fp16/bf16);
+    a sample with nothing kept gives zeros, never NaN."""
+    _check_pixels(x, mask_pixels, "masked_avg_pool_reference")
+    acc = _acc_dtype(x.dtype)
+    s = _apply(mask_pixels, x).to(acc).sum(dim=(2, 3))
+    n = mask_pixels.sum(dim=(1, 2, 3), dtype=torch.int64).clamp(min=1).to(acc)
+    return (s / n.view(-1, 1)).to(x.dtype)
