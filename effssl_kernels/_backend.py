@@ -53,11 +53,19 @@ def require_ext(what: str) -> None:
         )
 
 
-def choose(device_type: str) -> str:
-    """Resolve the backend for tensors on ``device_type``: 'cpp', 'cuda', 'triton' or 'reference'."""
+def choose(device_type: str, cuda_kernel: bool = True) -> str:
+    """Resolve the backend for tensors on ``device_type``: 'cpp', 'cuda', 'triton' or 'reference'.
+
+    ``cuda_kernel=False`` for ops whose GPU kernel is Triton only: on CUDA tensors they get
+    'triton' whatever EFFSSL_BACKEND names (but 'reference').
+    """
     name = backend()
     if name == "reference":
         return "reference"
+    if device_type == "cuda" and not cuda_kernel:
+        if not HAS_TRITON:
+            raise RuntimeError("this op runs on CUDA tensors through Triton, which is not installed")
+        return "triton"
     if device_type == "cuda":
         if name == "triton" or (name == "auto" and not HAS_CUDA_KERNELS and HAS_TRITON):
             if not HAS_TRITON:

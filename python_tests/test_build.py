@@ -45,3 +45,18 @@ def test_import_before_torch_loads_the_extension():
     code = "import effssl_kernels as ek; assert ek._backend.HAS_EXT, ek._backend._EXT_ERROR; print('ok')"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=os.path.dirname(__file__))
     assert out.stdout.strip() == "ok", out.stderr
+
+
+def test_backend_choice(monkeypatch):
+    # Triton-only ops run Triton on CUDA tensors whatever EFFSSL_BACKEND names (but 'reference').
+    for name in ("auto", "cuda", "triton"):
+        monkeypatch.setenv("EFFSSL_BACKEND", name)
+        assert _backend.choose("cuda", cuda_kernel=False) == "triton"
+    monkeypatch.setenv("EFFSSL_BACKEND", "reference")
+    assert _backend.choose("cuda", cuda_kernel=False) == "reference"
+    assert _backend.choose("cpu") == "reference"
+    monkeypatch.setenv("EFFSSL_BACKEND", "auto")
+    assert _backend.choose("cpu") == "cpp"
+    monkeypatch.setenv("EFFSSL_BACKEND", "bogus")
+    with pytest.raises(ValueError, match="EFFSSL_BACKEND"):
+        _backend.choose("cpu")

@@ -5,6 +5,10 @@ TRITON_INTERPRET=1 (conftest.py), so shapes stay tiny. On the GPU outputs are ex
 add, one round-to-nearest); the interpreter truncates float32 -> bfloat16 on stores, so bfloat16
 results there may differ by one bfloat16 step (BF16_INTERP_TOL).
 """
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -181,15 +185,23 @@ def test_cpu_tensors_are_checked_on_host():
         gather_tokens(torch.randn(2, 5, 4), torch.tensor([[0, 5], [1, 1]]))
 
 
-@pytest.mark.skipif(not HAS_GPU, reason="the opt-in check matters for CUDA tensors")
-def test_cuda_index_check_opt_in(monkeypatch):
+@pytest.mark.skipif(not HAS_GPU, reason="the CUDA index policy")
+def test_cuda_index_checks(monkeypatch):
+    # Host check with EFFSSL_CHECK_INDICES=1 (a ValueError); without it a device-side assert,
+    # which poisons the CUDA context, so that case runs in a child process.
     x = torch.randn(2, 5, 4, device="cuda")
     keep = torch.tensor([[0, 5], [1, 1]], device="cuda")
-    monkeypatch.delenv("EFFSSL_CHECK_INDICES", raising=False)
-    assert torch.isnan(gather_tokens(x, keep)[0, 1]).all()
     monkeypatch.setenv("EFFSSL_CHECK_INDICES", "1")
     with pytest.raises(ValueError, match="outside"):
         gather_tokens(x, keep)
+    code = (
+        "import torch, effssl_kernels as ek\n"
+        "x = torch.randn(2, 5, 4, device='cuda'); keep = torch.tensor([[0, 5], [1, 1]], device='cuda')\n"
+        "ek.gather_tokens(x, keep); torch.cuda.synchronize()\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "EFFSSL_CHECK_INDICES"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    assert out.returncode != 0 and "gather_tokens: keep values must be in [0, 5)" in out.stderr, out.stderr[-800:]
 
 
 def test_empty_batch():

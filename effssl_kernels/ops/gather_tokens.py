@@ -4,12 +4,11 @@ Two ops, each with a fake impl and autograd so ``torch.compile(fullgraph=True)``
 and backward: the C++ op ``effssl_kernels::gather_tokens`` (CPU kernel, schema in
 csrc/bindings.cpp) with its backward op ``effssl_kernels::gather_tokens_backward``, and the
 Triton op ``effssl_kernels::_gather_tokens_triton`` (CUDA tensors; CPU only under
-TRITON_INTERPRET=1) with ``_gather_tokens_backward_triton``. For this op ``choose() == 'cuda'``
-means Triton: there is no CUDA C++ kernel.
+TRITON_INTERPRET=1) with ``_gather_tokens_backward_triton``. There is no CUDA C++ kernel: CUDA tensors
+run Triton (``_backend.choose(..., cuda_kernel=False)``).
 """
 from __future__ import annotations
 
-import os
 from typing import Optional
 
 import torch
@@ -17,6 +16,7 @@ from torch import Tensor
 
 from .. import _backend
 from ..reference.gather_tokens import gather_tokens_reference
+from ._indices import check_keep_range
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _INDEX_DTYPES = (torch.int32, torch.int64)
@@ -56,12 +56,6 @@ def _check(x, keep, pos_embed) -> None:
             raise ValueError(f"gather_tokens: pos_embed must be on {x.device}, got {pos_embed.device}")
 
 
-def _check_indices(keep: Tensor, L: int) -> None:
-    """Host-side range check; on CUDA tensors it costs a synchronisation."""
-    if keep.numel() and (bool(keep.min() < 0) or bool(keep.max() >= L)):
-        bad = keep[(keep < 0) | (keep >= L)][0].item()
-        raise ValueError(f"gather_tokens: keep holds {bad}, outside [0, {L})")
-
 
 def gather_tokens(x: Tensor, keep: Tensor, pos_embed: Optional[Tensor] = None) -> Tensor:
     """Gather kept tokens and add their positional embedding: timm's PatchDropout gather, fused.
@@ -83,25 +77,23 @@ def gather_tokens(x: Tensor, keep: Tensor, pos_embed: Optional[Tensor] = None) -
     AMP: the op casts nothing; it follows its inputs' dtypes (bfloat16 tokens + float32
     pos_embed give float32, as timm under autocast).
 
-    Index range: the C++ CPU kernel checks every index as it reads it, and CPU tensors on the
-    other backends are checked on the host, raising ValueError. On CUDA the check would cost a
-    device synchronisation, so it runs only with ``EFFSSL_CHECK_INDICES=1`` (and never inside
-    ``torch.compile``); unchecked, the Triton kernel still reads nothing out of bounds: an
-    out-of-range index gives a NaN output row and no gradient.
+    Index range (effssl_kernels/ops/_indices.py): CPU tensors raise ValueError; CUDA tensors get
+    a device-side assert (no host sync; ``EFFSSL_CHECK_INDICES=1`` checks on the host instead);
+    inside ``torch.compile`` nothing is checked, and the Triton kernel still reads nothing out of
+    bounds: an out-of-range index gives a NaN output row and no gradient.
 
     Raises TypeError/ValueError on bad dtypes, shapes, K = 0, devices or indices. Matches
     ``effssl_kernels.reference.gather_tokens_reference``.
     """
     _check(x, keep, pos_embed)
     L = x.shape[1]
-    which = _backend.choose(x.device.type)
-    if which != "cpp" and not torch.compiler.is_compiling():
-        if x.device.type == "cpu" or os.environ.get("EFFSSL_CHECK_INDICES", "0") == "1":
-            _check_indices(keep, L)
+    which = _backend.choose(x.device.type, cuda_kernel=False)
+    if which != "cpp":  # the C++ kernel checks every index as it reads it
+        check_keep_range(keep, L, "gather_tokens")
     if which == "reference":
         return gather_tokens_reference(x, keep, pos_embed)
     pos = None if pos_embed is None else pos_embed.reshape(L, x.shape[2])  # a view: both shapes
-    if which in ("triton", "cuda"):
+    if which == "triton":
         return torch.ops.effssl_kernels._gather_tokens_triton(x, keep, pos)
     return torch.ops.effssl_kernels.gather_tokens.default(x, keep, pos)
 

@@ -18,6 +18,7 @@ from torch import Tensor
 
 from .. import _backend
 from ..reference.gather_tokens import patch_embed_gather_reference
+from ._indices import check_keep_range
 
 _FLOATS = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 _INTS = (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8)
@@ -118,18 +119,11 @@ def patch_embed_gather(
     if keep.dtype not in (torch.int32, torch.int64):
         keep = keep.long()
     L = (images.shape[2] // weight.shape[-1]) * (images.shape[3] // weight.shape[-1])
-    if keep.device.type == "cpu" and not torch.compiler.is_compiling():  # cheap here: no device sync
-        if bool(((keep < 0) | (keep >= L)).any()):
-            raise ValueError(f"patch_embed_gather: keep values must be in [0, L) with L = {L}")
-    which = _backend.choose(images.device.type)
+    check_keep_range(keep, L, "patch_embed_gather")
+    which = _backend.choose(images.device.type, cuda_kernel=False)
     if which == "reference":
         return patch_embed_gather_reference(images.to(weight.dtype), weight, bias, keep, pos_embed)
-    if which in ("triton", "cuda"):  # 'cuda' = no CUDA C++ kernel for this op: Triton runs it
-        if not _backend.HAS_TRITON:
-            raise RuntimeError("patch_embed_gather on CUDA tensors needs triton, which is not installed")
-        if keep.is_cuda and not torch.compiler.is_compiling():
-            # no host sync: a device-side assert, as torch's own indexing kernels do
-            torch._assert_async(((keep >= 0) & (keep < L)).all(), "patch_embed_gather: keep out of [0, L)")
+    if which == "triton":
         return torch.ops.effssl_kernels._patch_embed_gather_triton(images, weight, bias, keep, pos_embed)
     return torch.ops.effssl_kernels.patch_embed_gather.default(images, weight, bias, keep, pos_embed)
 

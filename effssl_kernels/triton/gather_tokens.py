@@ -195,6 +195,8 @@ def gather_tokens_bwd(
     block_d = _block_d(D)
     block_l = min(triton.next_power_of_2(L), max(1, 2048 // block_d))
     grid = (chunks, triton.cdiv(L, block_l), triton.cdiv(D, block_d))
+    if max(grid[1], grid[2]) > 65535:  # CUDA's limit on grid dimensions 1 and 2
+        raise ValueError(f"gather_tokens: L = {L} or D = {D} is too large for the Triton backward")
     torch.library.wrap_triton(_gather_tokens_bwd_kernel)[grid](
         grad, perm, bounds, gx if need_x else None, part,
         N, K, L, D, samples,
