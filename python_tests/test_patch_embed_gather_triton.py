@@ -152,7 +152,7 @@ def test_opcheck():
 @pytest.mark.skipif(HAS_GPU, reason="an out-of-range index is a device-side assert on CUDA")
 def test_out_of_range_keep_raises():
     images, weight, bias, keep, pos = _inputs(1, 3, 8, 8, 16, 4, 3)
-    with pytest.raises(ValueError, match=r"\[0, L\)"):
+    with pytest.raises(ValueError, match=r"outside \[0, 4\)"):
         patch_embed_gather(images, weight, bias, keep + 4, pos)
 
 

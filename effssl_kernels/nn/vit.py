@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..ops import gather_tokens, patch_embed_gather
+from ..ops._indices import check_keep_range
 from ..patch_scaling import resize_matrix_pinv, resize_patch_embed, resize_pos_embed
 
 __all__ = ["sparsify_vit", "unsparsify_vit", "token_keep", "patch_size", "is_sparse_vit"]
@@ -69,7 +70,8 @@ def token_keep(keep: Optional[Tensor], *, check: bool = True) -> Iterator[None]:
             each image (prefix tokens are always kept and come first), on the images' device;
             any order and duplicates are allowed (each index yields its token). ``None``: keep
             all (the untouched model), e.g. for a momentum encoder inside an outer ``with``.
-        check: verify ``0 <= keep < L`` in eager mode (one host sync per forward; skipped
+        check: verify ``0 <= keep < L`` in eager mode (ValueError on CPU; on CUDA a device-side
+            assert without a host sync, or a ValueError with ``EFFSSL_CHECK_INDICES=1``; skipped
             under ``torch.compile``). Shapes, dtype and device are always checked.
 
     Raises TypeError / ValueError here for a wrong type, rank, dtype or ``K == 0``; the model
@@ -186,10 +188,8 @@ def _check_keep(keep: Tensor, N: int, L: int, device: torch.device, check: bool)
         raise ValueError(f"token_keep: keep has {keep.shape[0]} rows but the batch has {N} images")
     if keep.device != device:
         raise ValueError(f"token_keep: keep is on {keep.device} but the images are on {device}")
-    if check and not torch.compiler.is_compiling() and keep.numel():
-        lo, hi = torch.stack(torch.aminmax(keep)).tolist()  # one sync for both bounds
-        if lo < 0 or hi >= L:
-            raise ValueError(f"token_keep: keep values must be in [0, {L}) (the patch tokens), got [{lo}, {hi}]")
+    if check:  # host check on CPU; device-side assert on CUDA (no sync); none under compile
+        check_keep_range(keep, L, "token_keep")
 
 
 def _sparse_pos_embed(model, images: Tensor, keep: Optional[Tensor], check: bool, ps) -> Tensor:

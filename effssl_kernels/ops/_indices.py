@@ -22,6 +22,6 @@ def check_keep_range(keep: Tensor, L: int, op: str) -> None:
     if keep.device.type == "cpu" or os.environ.get("EFFSSL_CHECK_INDICES", "0") == "1":
         bad = (keep < 0) | (keep >= L)
         if bool(bad.any()):
-            raise ValueError(f"{op}: keep holds {keep[bad][0].item()}, outside [0, L) with L = {L}")
+            raise ValueError(f"{op}: keep holds {keep[bad][0].item()}, outside [0, {L}) (L = number of patch tokens)")
     elif keep.is_cuda:
         torch._assert_async(((keep >= 0) & (keep < L)).all(), f"{op}: keep values must be in [0, {L})")
