@@ -18,8 +18,9 @@ optimal there). The image and pos_embed gradients are plain torch (``_scatter_ro
 ``_scatter_patches_torch`` in ops/patch_embed_gather.py: ``index_put(accumulate=True)`` into a
 float32 buffer).
 
-Tile sizes are a heuristic (128 x 128 x 32, 4 warps, 3 stages for 16-bit GEMMs), not yet tuned
-on a GPU. SEMANTICS.md section 3; oracle ``effssl_kernels.reference.patch_embed_gather_reference``.
+Tile sizes (``_fwd_tiles``: 128 x 64 x 32, 8 warps, 3 stages) are chosen so that sm_90 ptxas
+reports no register spills for any dtype; not yet timed on a GPU.
+SEMANTICS.md section 3; oracle ``effssl_kernels.reference.patch_embed_gather_reference``.
 """
 from __future__ import annotations
 
@@ -37,30 +38,38 @@ _INT_ARGS = ("M", "K", "D", "KD", "L", "Wp", "P", "s_n", "s_c", "s_h", "s_w", "s
 
 @triton.jit
 def _patch_rows(keep_ptr, rows, M, K, L, Wp, P, s_n, s_h, s_w):
-    """(valid, l, offset of each row's patch top-left) for output rows ``rows`` (int64)."""
+    """(valid, l, image offset of each row's patch top-left) for output rows ``rows``.
+
+    Index arithmetic is int32 (the launcher bounds M and L); only the offset is int64."""
     row_ok = rows < M
-    l = tl.load(keep_ptr + rows, mask=row_ok, other=0).to(tl.int64)
+    l = tl.load(keep_ptr + rows, mask=row_ok, other=0)
     valid = row_ok & (l >= 0) & (l < L)
-    l = tl.where(valid, l, 0)
+    l = tl.where(valid, l, 0).to(tl.int32)  # in [0, L) now
     n = rows // K
     py = l // Wp
     px = l - py * Wp
-    return valid, l, n * s_n + (py * P) * s_h + (px * P) * s_w
+    return valid, l, n.to(tl.int64) * s_n + (py * P).to(tl.int64) * s_h + (px * P).to(tl.int64) * s_w
 
 
 @triton.jit
 def _patch_cols(j, P, s_c, s_h, s_w):
-    """Image offset of column j = (c, ky, kx) of a patch (int64)."""
+    """Image offset (int64) of patch column j = (c, ky, kx).
+
+    The divisions run in int32 (j < C*p*p < 2^31, checked by the launcher): in int64 they are
+    long instruction sequences, every K step, and made the forward spill."""
     pp = P * P
     c = j // pp
     r = j - c * pp
     ky = r // P
     kx = r - ky * P
-    return c * s_c + ky * s_h + kx * s_w
+    return c.to(tl.int64) * s_c + ky.to(tl.int64) * s_h + kx.to(tl.int64) * s_w
 
 
-# Sizes and strides are not specialised (a value of 1 would become a constexpr and a new compile);
-# the kernel widens them to int64: n * s_n passes 2^31 for large batches.
+# Sizes and strides are not specialised (a value of 1 would become a constexpr and a new compile).
+# Index math is int32 where the launcher bounds it (rows, columns, the (c, ky, kx) decomposition,
+# pos_embed offsets) and int64 only for image and output offsets (n * s_n passes 2^31 for large
+# batches): int64 arithmetic over the whole gather tile, 64-bit divisions in every K step, and
+# 64-bit pos_embed offsets in the epilogue made this kernel spill (255 registers) on sm_90.
 @triton.jit(do_not_specialize=_INT_ARGS)
 def _patch_embed_gather_fwd_kernel(
     # pointers
@@ -96,19 +105,23 @@ def _patch_embed_gather_fwd_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
-    pid_m = tl.program_id(0).to(tl.int64)
-    pid_n = tl.program_id(1).to(tl.int64)
+    # int32 indices (bounded by the launcher's _check_int32); int64 image and output offsets
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
     # tl.cast, not .to: Inductor turns integer arguments equal to 1 into constexprs (no .to)
     s_n = tl.cast(s_n, tl.int64)
     s_c = tl.cast(s_c, tl.int64)
     s_h = tl.cast(s_h, tl.int64)
     s_w = tl.cast(s_w, tl.int64)
-    P = tl.cast(P, tl.int64)
-    KD = tl.cast(KD, tl.int64)
+    s_pl = tl.cast(s_pl, tl.int32)
+    s_pd = tl.cast(s_pd, tl.int32)
+    P = tl.cast(P, tl.int32)
+    KD = tl.cast(KD, tl.int32)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     col_ok = cols < D
     valid, l, row_off = _patch_rows(keep_ptr, rows, M, K, L, Wp, P, s_n, s_h, s_w)
+    a_rows = img_ptr + row_off  # [BLOCK_M] pointers to each kept patch's top-left pixel
     gemm_ty = w_ptr.dtype.element_ty
 
     if FP64:
@@ -120,7 +133,7 @@ def _patch_embed_gather_fwd_kernel(
         j_ok = j < KD
         col_off = _patch_cols(j, P, s_c, s_h, s_w)
         # the kept patches' pixels, gathered from the image and rounded to the GEMM dtype
-        a = tl.load(img_ptr + (row_off[:, None] + col_off[None, :]),
+        a = tl.load(a_rows[:, None] + col_off[None, :],
                     mask=valid[:, None] & j_ok[None, :], other=0.0).to(gemm_ty)
         b = tl.load(w_ptr + (cols[None, :] * KD + j[:, None]), mask=j_ok[:, None] & col_ok[None, :], other=0.0)
         if FP64:
@@ -142,7 +155,8 @@ def _patch_embed_gather_fwd_kernel(
             y = y.to(tl.float32) + pos.to(tl.float32)
     y = tl.where(valid[:, None], y, float("nan"))  # keep out of range: NaN, never a wild read
     out_ty = out_ptr.dtype.element_ty
-    tl.store(out_ptr + (rows[:, None] * D + cols[None, :]), y.to(out_ty),
+    out_rows = out_ptr + rows.to(tl.int64) * D
+    tl.store(out_rows[:, None] + cols[None, :], y.to(out_ty),
              mask=(rows < M)[:, None] & col_ok[None, :])
 
 
@@ -168,36 +182,57 @@ def _gather_patches_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
-    pid_m = tl.program_id(0).to(tl.int64)
-    pid_k = tl.program_id(1).to(tl.int64)
+    # As in the forward: row and column indices are int32, image and output offsets int64.
+    pid_m = tl.program_id(0)
+    pid_k = tl.program_id(1)
     # tl.cast, not .to: Inductor turns integer arguments equal to 1 into constexprs (no .to)
     s_n = tl.cast(s_n, tl.int64)
     s_c = tl.cast(s_c, tl.int64)
     s_h = tl.cast(s_h, tl.int64)
     s_w = tl.cast(s_w, tl.int64)
-    P = tl.cast(P, tl.int64)
-    KD = tl.cast(KD, tl.int64)
+    P = tl.cast(P, tl.int32)
+    KD = tl.cast(KD, tl.int32)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     j = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
     j_ok = j < KD
     valid, l, row_off = _patch_rows(keep_ptr, rows, M, K, L, Wp, P, s_n, s_h, s_w)
     col_off = _patch_cols(j, P, s_c, s_h, s_w)
     # rows of out-of-range indices stay 0: only the backward gathers, after the forward checked
-    x = tl.load(img_ptr + (row_off[:, None] + col_off[None, :]), mask=valid[:, None] & j_ok[None, :], other=0.0)
-    tl.store(out_ptr + (rows[:, None] * KD + j[None, :]), x.to(out_ptr.dtype.element_ty),
+    x = tl.load((img_ptr + row_off)[:, None] + col_off[None, :], mask=valid[:, None] & j_ok[None, :], other=0.0)
+    out_rows = out_ptr + rows.to(tl.int64) * KD
+    tl.store(out_rows[:, None] + j[None, :], x.to(out_ptr.dtype.element_ty),
              mask=(rows < M)[:, None] & j_ok[None, :])
 
 
 def _fwd_tiles(M: int, D: int, KD: int, fp64: bool) -> tuple[int, int, int, int, int]:
     """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages). Small under the interpreter (numpy
-    does the work per tile), 128 x 128 x 32 on a GPU (64 x 64 x 16 for the float64 FMA loop)."""
+    does the work per tile); on a GPU 128 x 64 x 32 with 8 warps and 3 stages (32 x 32 x 8 for
+    the float64 FMA loop).
+
+    Chosen from ptxas register reports for sm_90 (Triton's ptxas, ``ptxas -v``), not from timings:
+    at 128 x 64 x 32 / 8 warps / 3 stages no dtype spills (bfloat16 and float16 238 registers,
+    float32 TF32 201, float32 IEEE 255). 128 x 128 spills at 4 and 8 warps (the gathered
+    ``pos_embed`` tile and the accumulator are live together in the epilogue), and 4 warps at
+    128 x 64 spill for float32 IEEE. Not tuned on a GPU yet."""
     if _INTERPRET:
         return 16, 16, 32 if KD >= 32 else 16, 1, 1
     if fp64:
         return 32, 32, 8, 4, 2
     bm = 128 if M >= 128 else max(16, triton.next_power_of_2(M))
-    bn = 128 if D >= 128 else max(16, triton.next_power_of_2(D))
-    return bm, bn, 32, 4, 3
+    bn = 64 if D >= 64 else max(16, triton.next_power_of_2(D))
+    return bm, bn, 32, 8 if bm == 128 else 4, 3
+
+
+# The kernels index rows, columns and patch columns in int32 (only image, pos_embed and output
+# offsets are int64); the headroom covers the padding of the last tile.
+_INT32_LIMIT = 2**31 - 2**16
+
+
+def _check_int32(**sizes: int) -> None:
+    for name, v in sizes.items():
+        if v >= _INT32_LIMIT:
+            raise ValueError(f"patch_embed_gather (Triton): {name} = {v} must be below 2^31 - 2^16 "
+                             "(the kernel indexes it in int32)")
 
 
 def patch_embed_gather_triton(
@@ -218,10 +253,13 @@ def patch_embed_gather_triton(
     M, KD = N * K, C * p * p
     if M == 0 or D == 0:
         return out
+    pos = None if pos_embed is None else pos_embed.reshape(L, D)
+    if pos is not None and (L - 1) * pos.stride(0) + (D - 1) * pos.stride(1) >= _INT32_LIMIT:
+        pos = pos.contiguous()  # pos_embed offsets are int32 in the kernel
+    _check_int32(**{"N*K": M, "C*p*p": KD, "D*C*p*p": D * KD, "L*D": L * D, "H": H, "W": W})
     fp64 = weight.dtype == torch.float64
     bm, bn, bk, warps, stages = _fwd_tiles(M, D, KD, fp64)
     precision = "tf32" if (weight.dtype != torch.float32 or torch.backends.cudnn.allow_tf32) else "ieee"
-    pos = None if pos_embed is None else pos_embed.reshape(L, D)
     grid = (triton.cdiv(M, bm), triton.cdiv(D, bn))
     torch.library.wrap_triton(_patch_embed_gather_fwd_kernel)[grid](
         images, weight.contiguous(), None if bias is None else bias.contiguous(), keep.contiguous(), pos, out,
@@ -252,6 +290,7 @@ def gather_patches_triton(images: Tensor, keep: Tensor, patch_size: int, dtype: 
     M = N * K
     if M == 0:
         return out
+    _check_int32(**{"N*K": M, "C*p*p": KD, "H": H, "W": W})
     bm, bk = (16, 32) if _INTERPRET else (64, 64)
     grid = (triton.cdiv(M, bm), triton.cdiv(KD, bk))
     torch.library.wrap_triton(_gather_patches_kernel)[grid](
