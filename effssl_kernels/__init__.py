@@ -8,6 +8,7 @@ from .masks import BlockMask
 from .nn import is_sparse_vit, patch_size, sparsify_vit, token_keep, unsparsify_vit
 from .ops import block_match, gather_tokens, patch_embed_gather, similar_blocks
 from .patch_scaling import resize_patch_embed, resize_pos_embed
+from .sparse import TileIndex, sparse_conv2d, sparse_conv2d_packed
 from .tokens import random_token_keep, similar_token_keep
 from .transforms import TwoViewCrop, TwoViews, crop_centers
 
@@ -20,7 +21,7 @@ __all__ = [
     "gather_tokens", "patch_embed_gather", "random_token_keep", "similar_token_keep",
     "resize_patch_embed", "resize_pos_embed",
     "sparsify_vit", "unsparsify_vit", "token_keep", "patch_size", "is_sparse_vit",
-    # block masks of the masked network (issue 3; the sparse kernels are not built yet)
-    "BlockMask",
+    # block-sparse convolution (issue 3; plain-torch tile path so far, no modules yet)
+    "BlockMask", "TileIndex", "sparse_conv2d", "sparse_conv2d_packed",
     "__version__",
 ]

@@ -1,0 +1,177 @@
+"""Block-sparse conv2d of the masked network (SEMANTICS.md section 2), plain PyTorch fast path.
+
+``y = M_out * conv(M_in * x)``, computed on kept tiles only (SegBlocks-style): pack the kept
+blocks, give each a halo from its neighbours (zeros under removed blocks and outside the image),
+run ``F.conv2d`` with ``padding=0`` on ``[T, C, bh + halo, bw + halo]`` and unpack. Forward and
+backward (grad input, weight, bias) touch kept tiles and their halos only.
+
+Tiled when the layer maps tiles to tiles ("tile-aligned"), per axis:
+* the image is a whole number of blocks and ``B`` is divisible by ``in_stride * stride``, and
+  ``x`` is exactly the ``(H / in_stride, W / in_stride)`` map;
+* with integer padding ``p``: ``0 <= d*(k-1) - 2p <= stride - 1`` (the output is exactly
+  ``H_in / stride``; covers 'same'-style odd kernels at any stride, k=1 at any stride, and
+  e.g. k=2/stride=2/p=0); ``padding='valid'`` likewise with ``p = 0``; ``padding='same'``
+  (stride 1) always.
+Otherwise it runs masked-dense (``masked_conv2d_reference``: exact, every pixel computed).
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence, Tuple, Union
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from ..masks import BlockMask, _pair, _positive_pair
+from ..reference.masked_net import masked_conv2d_reference
+from .tiles import TileIndex, _check_tiles, halo_gather, is_tile_aligned, pack, unpack
+
+IntOrPair = Union[int, Sequence[int]]
+Halo = Tuple[int, int, int, int]
+
+
+def _axis_halo(k: int, d: int, s: int, pad) -> Optional[Tuple[int, int]]:
+    """(before, after) halo of one axis so that a ``padding=0`` conv of a tile of side ``b``
+    (``b % s == 0``) gives exactly ``b / s`` outputs, each reading what the full conv reads;
+    None when the full conv's output is not exactly ``input / s``, i.e. unless
+    ``0 <= d*(k-1) - 2p <= s - 1`` (tiles would not map to tiles). Output ``q`` reads input ``q*s - p + d*t``, ``t < k``: the before-halo is ``p`` and the
+    last output of a tile reaches ``d*(k-1) - p - s + 1`` pixels past it."""
+    reach = d * (k - 1)
+    if pad == "same":
+        return (reach // 2, reach - reach // 2) if s == 1 else None
+    p = 0 if pad == "valid" else pad
+    if not 0 <= reach - 2 * p <= s - 1:
+        return None
+    return p, max(0, reach - p - s + 1)
+
+
+def _padding_pair(padding):
+    """``'same'``/``'valid'``, an int or a pair of non-negative ints -> per-axis ``(ph, pw)``."""
+    if isinstance(padding, str):
+        if padding not in ("same", "valid"):
+            raise ValueError(f"padding must be an int, a pair, 'same' or 'valid', got {padding!r}")
+        return padding, padding
+    ph, pw = _pair(padding, "padding")
+    if ph < 0 or pw < 0:
+        raise ValueError(f"padding must be non-negative, got {(ph, pw)}")
+    return ph, pw
+
+
+def conv_tile_halo(kernel_size: IntOrPair, stride: IntOrPair = 1, padding=0,
+                   dilation: IntOrPair = 1, *, mask: BlockMask, in_stride: IntOrPair = 1,
+                   size: Optional[IntOrPair] = None) -> Optional[Halo]:
+    """The ``(left, right, top, bottom)`` halo with which :func:`sparse_conv2d` runs this layer
+    on tiles, or None when it is not tile-aligned and runs masked-dense. ``size`` is the input
+    map ``(h, w)``; None means the aligned size ``image_size / in_stride``."""
+    kh, kw = _positive_pair(kernel_size, "kernel_size")
+    sh, sw = _positive_pair(stride, "stride")
+    dh, dw = _positive_pair(dilation, "dilation")
+    ph, pw = _padding_pair(padding)
+    s_in = _positive_pair(in_stride, "in_stride")
+    s_out = (s_in[0] * sh, s_in[1] * sw)
+    if not is_tile_aligned(mask, s_out):  # implies in_stride is aligned too
+        return None
+    H, W = mask.image_size
+    if size is not None and _pair(size, "size") != (H // s_in[0], W // s_in[1]):
+        return None
+    hr = _axis_halo(kh, dh, sh, ph)
+    hc = _axis_halo(kw, dw, sw, pw)
+    if hr is None or hc is None:
+        return None
+    return hc[0], hc[1], hr[0], hr[1]
+
+
+def _check_weight(weight: Tensor, bias: Optional[Tensor], fn: str) -> None:
+    if not isinstance(weight, Tensor) or weight.dim() != 4:
+        raise ValueError(f"{fn}: weight must be a 4-D [C_out, C_in / groups, kh, kw] tensor, got "
+                         f"{tuple(weight.shape) if isinstance(weight, Tensor) else type(weight).__name__}")
+    if bias is not None and (not isinstance(bias, Tensor) or tuple(bias.shape) != (weight.shape[0],)):
+        raise ValueError(f"{fn}: bias must be None or a [{weight.shape[0]}] tensor, got "
+                         f"{tuple(bias.shape) if isinstance(bias, Tensor) else type(bias).__name__}")
+
+
+def _check_x(x: Tensor, mask: BlockMask, s_in: Tuple[int, int], fn: str) -> None:
+    if not isinstance(mask, BlockMask):
+        raise TypeError(f"{fn}: mask must be a BlockMask, got {type(mask).__name__}")
+    if not isinstance(x, Tensor) or x.dim() != 4:
+        raise ValueError(f"{fn}: x must be a 4-D [N, C, H, W] tensor, got "
+                         f"{tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__}")
+    if mask.device != x.device:
+        raise ValueError(f"{fn}: mask is on {mask.device} but x is on {x.device}; "
+                         f"move it with mask.to(x.device)")
+    if mask.batch != x.shape[0]:
+        raise ValueError(f"{fn}: mask batch {mask.batch} does not match x batch {x.shape[0]}")
+    # x must be the map of the masked images at in_stride: each side floor or ceil of
+    # image / in_stride (convs and pools round either way); anything else is another image.
+    for side, img, s, what in ((x.shape[2], mask.image_size[0], s_in[0], "height"),
+                               (x.shape[3], mask.image_size[1], s_in[1], "width")):
+        if not img // s <= side <= -(-img // s):
+            raise ValueError(f"{fn}: x {what} {side} does not match the mask's image {what} "
+                             f"{img} at in_stride {s}: expected {img // s}"
+                             + (f" or {-(-img // s)}" if img % s else ""))
+
+
+def _memory_format(x: Tensor) -> torch.memory_format:
+    """The layout F.conv2d would give its output: channels_last when x is (and not also NCHW)."""
+    if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
+        return torch.channels_last
+    return torch.contiguous_format
+
+
+def sparse_conv2d(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None,
+                  stride: IntOrPair = 1, padding: Union[IntOrPair, str] = 0,
+                  dilation: IntOrPair = 1, groups: int = 1, *, mask: BlockMask,
+                  in_stride: IntOrPair = 1) -> Tensor:
+    """``M_out * conv2d(M_in * x)`` computing kept blocks only: x ``[N, C, H, W]`` at cumulative
+    stride ``in_stride`` (``H`` = floor or ceil of ``mask.image_size[0] / in_stride``), weight
+    ``[C_out, C / groups, kh, kw]`` -> ``[N, C_out, ho, wo]`` at stride ``in_stride * stride``,
+    zeros (and zero gradients) under removed blocks, in x's memory format. Arguments as
+    ``F.conv2d``. Layers that are not tile-aligned (module docstring, :func:`conv_tile_halo`)
+    run masked-dense, with the same result."""
+    fn = "sparse_conv2d"
+    s_in = _positive_pair(in_stride, "in_stride")
+    _check_x(x, mask, s_in, fn)
+    _check_weight(weight, bias, fn)
+    halo = conv_tile_halo(weight.shape[-2:], stride, padding, dilation, mask=mask,
+                          in_stride=s_in, size=x.shape[-2:])
+    if halo is None:
+        return masked_conv2d_reference(x, weight, bias, stride, padding, dilation, groups,
+                                       mask=mask, in_stride=s_in)
+    s = _positive_pair(stride, "stride")
+    idx_in = TileIndex.from_mask(mask, s_in)
+    idx_out = TileIndex.from_mask(mask, (s_in[0] * s[0], s_in[1] * s[1]))
+    y = _conv_tiles(pack(x, idx_in), weight, bias, s, halo, dilation, groups, idx_in)
+    return unpack(y, idx_out, (x.shape[0], y.shape[1], *idx_out.size),
+                  memory_format=_memory_format(x))
+
+
+def sparse_conv2d_packed(tiles: Tensor, weight: Tensor, bias: Optional[Tensor] = None,
+                         stride: IntOrPair = 1, padding: Union[IntOrPair, str] = 0,
+                         dilation: IntOrPair = 1, groups: int = 1, *, mask: BlockMask,
+                         in_stride: IntOrPair = 1) -> Tensor:
+    """Packed in, packed out: tiles ``[T, C, bh, bw]`` of ``TileIndex.from_mask(mask, in_stride)``
+    -> ``[T, C_out, bh / sh, bw / sw]`` at stride ``in_stride * stride`` (the same kept list:
+    the block grid does not change). The layer must be tile-aligned (ValueError otherwise:
+    a packed map cannot fall back to dense)."""
+    fn = "sparse_conv2d_packed"
+    if not isinstance(mask, BlockMask):
+        raise TypeError(f"{fn}: mask must be a BlockMask, got {type(mask).__name__}")
+    _check_weight(weight, bias, fn)
+    s_in = _positive_pair(in_stride, "in_stride")
+    halo = conv_tile_halo(weight.shape[-2:], stride, padding, dilation, mask=mask,
+                          in_stride=s_in)
+    if halo is None:
+        raise ValueError(
+            f"{fn}: the layer (kernel {tuple(weight.shape[-2:])}, stride {stride}, padding "
+            f"{padding}, dilation {dilation}) is not tile-aligned at in_stride {s_in} for {mask}; "
+            f"use sparse_conv2d on the dense map")
+    idx_in = TileIndex.from_mask(mask, s_in)
+    _check_tiles(tiles, idx_in, fn)
+    return _conv_tiles(tiles, weight, bias, _positive_pair(stride, "stride"), halo, dilation,
+                       groups, idx_in)
+
+
+def _conv_tiles(tiles: Tensor, weight: Tensor, bias: Optional[Tensor], stride: Tuple[int, int],
+                halo: Halo, dilation: IntOrPair, groups: int, index: TileIndex) -> Tensor:
+    """``[T, C, bh, bw]`` -> ``[T, C_out, bh / sh, bw / sw]``: halo, then a VALID conv."""
+    return F.conv2d(halo_gather(tiles, index, halo), weight, bias, stride, 0, dilation, groups)

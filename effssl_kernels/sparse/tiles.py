@@ -1,0 +1,235 @@
+"""Packed kept-block tiles of a masked feature map (SegBlocks-style layout), plain PyTorch.
+
+At a feature map of cumulative stride ``s = (sh, sw)`` with ``B % sh == B % sw == 0`` and spatial
+size exactly ``(Hb * B / sh, Wb * B / sw)`` (the *tile-aligned* case: the image is a whole number
+of blocks), block ``(i, j)`` of sample ``n`` is the tile of ``bh x bw = B/sh x B/sw`` pixels at
+feature rows ``[i*bh, (i+1)*bh)`` and columns ``[j*bw, (j+1)*bw)`` (SEMANTICS.md section 2).
+A map is *packed* as ``[T, C, bh, bw]``: only the ``T`` kept tiles, in row-major ``(n, i, j)``
+order. Every removed pixel is zero in the masked network, so the packed tensor holds all the
+information; convolutions run on it after :func:`halo_gather` has given each tile the border
+pixels its kernel reads from neighbour tiles.
+
+The kept list and slot table depend only on the mask, not on the stride, so they are built once
+per mask (one host sync, to learn ``T``) and shared by the :class:`TileIndex` of every resolution.
+"""
+from __future__ import annotations
+
+import weakref
+from typing import Dict, Sequence, Tuple, Union
+
+import torch
+from torch import Tensor
+
+from ..masks import BlockMask, _as_int, _positive_pair
+
+IntOrPair = Union[int, Sequence[int]]
+
+# mask -> {"base": (kept, slot), (sh, sw): TileIndex}. Weak keys: an index lives as long as its
+# mask (one training step, typically) and needs no invalidation, since a BlockMask's keep is fixed.
+_INDEX_CACHE: "weakref.WeakKeyDictionary[BlockMask, Dict]" = weakref.WeakKeyDictionary()
+
+
+def _build_base(keep: Tensor) -> Tuple[Tensor, Tensor]:
+    """keep bool ``[N, Hb, Wb]`` -> kept int64 ``[T, 3]`` (row-major ``(n, i, j)``) and slot int64
+    ``[N, Hb, Wb]`` (tile index or -1), on keep's device. ``nonzero`` is the only host sync."""
+    kept = keep.nonzero()  # the one sync: T sizes every packed tensor of the step
+    flat = keep.reshape(-1)
+    # Row-major rank of each kept block = its row in `kept` (nonzero is row-major too); no sync.
+    rank = flat.to(torch.int64).cumsum(0) - 1
+    slot = torch.where(flat, rank, torch.full_like(rank, -1)).view(keep.shape)
+    return kept, slot
+
+
+def is_tile_aligned(mask: BlockMask, stride: IntOrPair) -> bool:
+    """Whether the feature map of ``mask``'s images at cumulative ``stride`` is tile-aligned:
+    ``B`` divisible by the stride and the image a whole number of blocks on both axes."""
+    sh, sw = _positive_pair(stride, "stride")
+    B = mask.block_size
+    H, W = mask.image_size
+    return B % sh == 0 and B % sw == 0 and H % B == 0 and W % B == 0
+
+
+class TileIndex:
+    """Kept tiles of a :class:`BlockMask` at one tile-aligned resolution. Build with
+    :meth:`from_mask` (cached per mask and stride).
+
+    Attributes:
+        kept: int64 ``[T, 3]``, ``(n, i, j)`` of each kept block, row-major (tile ``t`` is row t).
+        slot: int64 ``[N, Hb, Wb]``, the tile index of each block, -1 where removed.
+        num_tiles: ``T`` (python int). tile: ``(bh, bw)``. stride: ``(sh, sw)``.
+        batch: ``N``. grid: ``(Hb, Wb)``. size: the feature map ``(Hb * bh, Wb * bw)``.
+    """
+
+    def __init__(self, kept: Tensor, slot: Tensor, tile: Tuple[int, int],
+                 stride: Tuple[int, int]):
+        self.kept = kept
+        self.slot = slot
+        self.tile = tile
+        self.stride = stride
+        self.num_tiles = kept.shape[0]
+        self.batch = slot.shape[0]
+        self.grid = (slot.shape[1], slot.shape[2])
+        self.size = (self.grid[0] * tile[0], self.grid[1] * tile[1])
+        self._halo_tables: Dict[Tuple[int, int, int, int], Tensor] = {}
+
+    @property
+    def device(self) -> torch.device:
+        return self.slot.device
+
+    def __repr__(self) -> str:
+        return (f"TileIndex(tiles={self.num_tiles}, batch={self.batch}, grid={self.grid}, "
+                f"tile={self.tile}, stride={self.stride}, device={self.device})")
+
+    @classmethod
+    def from_mask(cls, mask: BlockMask, stride: IntOrPair = 1) -> "TileIndex":
+        """The index of ``mask`` at cumulative ``stride`` (int or ``(sh, sw)``); raises
+        ValueError when that resolution is not tile-aligned (see :func:`is_tile_aligned`).
+        Cached: the first call per mask does the one host sync, later strides reuse it."""
+        if not isinstance(mask, BlockMask):
+            raise TypeError(f"mask must be a BlockMask, got {type(mask).__name__}")
+        s = _positive_pair(stride, "stride")
+        if not is_tile_aligned(mask, s):
+            raise ValueError(
+                f"stride {s} is not tile-aligned for {mask}: needs block_size divisible by the "
+                f"stride and image_size divisible by block_size")
+        entry = _INDEX_CACHE.setdefault(mask, {})
+        idx = entry.get(s)
+        if idx is None:
+            base = entry.get("base")
+            if base is None:
+                base = entry["base"] = _build_base(mask.keep)
+            B = mask.block_size
+            idx = entry[s] = cls(base[0], base[1], (B // s[0], B // s[1]), s)
+        return idx
+
+    def halo_table(self, halo) -> Tensor:
+        """int64 ``[T, bh + top + bottom, bw + left + right]``: for each pixel of each tile padded
+        by ``halo`` (as in :func:`halo_gather`), its row in the packed buffer ``[T * bh * bw + 1, C]``
+        (pixel-major, channels last); row ``T * bh * bw`` is the zero row, read where the
+        neighbour block is removed or the pixel lies outside the image. Cached per halo.
+
+        Any reach works: a halo wider than a tile reads tiles several blocks away."""
+        key = _halo4(halo)
+        table = self._halo_tables.get(key)
+        if table is None:
+            table = self._halo_tables[key] = self._build_halo_table(*key)
+        return table
+
+    def _build_halo_table(self, left: int, right: int, top: int, bottom: int) -> Tensor:
+        dev = self.device
+        (bh, bw), (Hb, Wb), T = self.tile, self.grid, self.num_tiles
+        P = bh * bw
+        n, i, j = self.kept.unbind(1)  # [T] each
+        # Feature row/column of each padded-tile pixel: [T, ph, 1] and [T, 1, pw].
+        u = torch.arange(-top, bh + bottom, device=dev, dtype=torch.int64)
+        v = torch.arange(-left, bw + right, device=dev, dtype=torch.int64)
+        r = (i * bh).view(T, 1, 1) + u.view(1, -1, 1)
+        c = (j * bw).view(T, 1, 1) + v.view(1, 1, -1)
+        inside = (r >= 0) & (r < Hb * bh) & (c >= 0) & (c < Wb * bw)
+        # Clamp before reading slot so outside pixels index a valid block; `inside` masks them.
+        rc, cc = r.clamp(0, max(Hb * bh - 1, 0)), c.clamp(0, max(Wb * bw - 1, 0))
+        bi = torch.div(rc, bh, rounding_mode="floor")
+        bj = torch.div(cc, bw, rounding_mode="floor")
+        src_tile = self.slot[n.view(T, 1, 1), bi, bj]  # [T, ph, pw], -1 where removed
+        src = src_tile * P + (rc - bi * bh) * bw + (cc - bj * bw)
+        zero_row = torch.full_like(src, T * P)
+        return torch.where(inside & (src_tile >= 0), src, zero_row)
+
+
+def _halo4(halo) -> Tuple[int, int, int, int]:
+    """``h`` (all sides), ``(hh, hw)`` (rows, columns) or ``(left, right, top, bottom)`` (the
+    ``F.pad`` order) -> ``(left, right, top, bottom)``, each non-negative."""
+    if isinstance(halo, (tuple, list, torch.Size)):
+        vals = tuple(_as_int(v, "halo") for v in halo)
+        if len(vals) == 2:
+            vals = (vals[1], vals[1], vals[0], vals[0])
+        elif len(vals) != 4:
+            raise ValueError(f"halo must be an int, (rows, cols) or (left, right, top, bottom), "
+                             f"got {tuple(halo)!r}")
+    else:
+        h = _as_int(halo, "halo")
+        vals = (h, h, h, h)
+    if min(vals) < 0:
+        raise ValueError(f"halo must be non-negative, got {vals}")
+    return vals
+
+
+def _check_index(index: TileIndex, fn: str) -> None:
+    if not isinstance(index, TileIndex):
+        raise TypeError(f"{fn}: index must be a TileIndex, got {type(index).__name__}")
+
+
+def _check_tiles(tiles: Tensor, index: TileIndex, fn: str) -> None:
+    _check_index(index, fn)
+    if not isinstance(tiles, Tensor) or tiles.dim() != 4:
+        raise ValueError(f"{fn}: tiles must be a 4-D [T, C, bh, bw] tensor, got "
+                         f"{tuple(tiles.shape) if isinstance(tiles, Tensor) else type(tiles).__name__}")
+    T, (bh, bw) = index.num_tiles, index.tile
+    if tiles.shape[0] != T or tuple(tiles.shape[2:]) != (bh, bw):
+        raise ValueError(f"{fn}: tiles shape {tuple(tiles.shape)} does not match the index: "
+                         f"expected [{T}, C, {bh}, {bw}]")
+    if tiles.device != index.device:
+        raise ValueError(f"{fn}: tiles are on {tiles.device} but the index is on {index.device}")
+
+
+def _block_view(x: Tensor, index: TileIndex) -> Tensor:
+    """``[N, C, H, W]`` -> view ``[N, C, Hb, bh, Wb, bw]`` (splitting a dim never copies)."""
+    (Hb, Wb), (bh, bw) = index.grid, index.tile
+    return x.unflatten(3, (Wb, bw)).unflatten(2, (Hb, bh))
+
+
+def pack(x: Tensor, index: TileIndex) -> Tensor:
+    """Dense ``[N, C, H, W]`` with ``(H, W) == index.size`` -> packed kept tiles
+    ``[T, C, bh, bw]`` (removed blocks are dropped, so their values never matter).
+    One gather over the kept tiles only; its backward scatters into zeros."""
+    _check_index(index, "pack")
+    if not isinstance(x, Tensor) or x.dim() != 4:
+        raise ValueError("pack: x must be a 4-D [N, C, H, W] tensor")
+    if x.shape[0] != index.batch or tuple(x.shape[2:]) != index.size:
+        raise ValueError(f"pack: x shape {tuple(x.shape)} does not match the index: expected "
+                         f"[{index.batch}, C, {index.size[0]}, {index.size[1]}]")
+    if x.device != index.device:
+        raise ValueError(f"pack: x is on {x.device} but the index is on {index.device}")
+    n, i, j = index.kept.unbind(1)
+    # Advanced indices split by slices: the indexed dim goes first -> [T, C, bh, bw].
+    return _block_view(x, index)[n, :, i, :, j, :]
+
+
+def unpack(tiles: Tensor, index: TileIndex, out_shape: Sequence[int],
+           memory_format: torch.memory_format = torch.contiguous_format) -> Tensor:
+    """Packed ``[T, C, bh, bw]`` -> dense ``out_shape == [N, C, H, W]`` (``(H, W) ==
+    index.size``) with zeros under removed blocks, in ``memory_format``. Its backward is a gather
+    of the kept tiles (removed positions get no gradient)."""
+    _check_tiles(tiles, index, "unpack")
+    N, C, H, W = (int(v) for v in out_shape)
+    if (N, H, W) != (index.batch, *index.size) or C != tiles.shape[1]:
+        raise ValueError(f"unpack: out_shape {tuple(out_shape)} does not match the index and "
+                         f"tiles: expected [{index.batch}, {tiles.shape[1]}, {index.size[0]}, "
+                         f"{index.size[1]}]")
+    out = torch.empty((N, C, H, W), dtype=tiles.dtype, device=tiles.device,
+                      memory_format=memory_format).zero_()
+    n, i, j = index.kept.unbind(1)
+    _block_view(out, index)[n, :, i, :, j, :] = tiles  # autograd records this as CopySlices
+    return out
+
+
+def halo_gather(tiles: Tensor, index: TileIndex, halo) -> Tensor:
+    """Packed ``[T, C, bh, bw]`` -> ``[T, C, bh + top + bottom, bw + left + right]``: each tile
+    with a border of ``halo`` pixels (int, ``(rows, cols)`` or ``(left, right, top, bottom)``)
+    filled from its neighbour tiles, zero where the neighbour block is removed or outside the
+    image. One ``index_select`` from a zero-padded channels-last buffer with the cached
+    :meth:`TileIndex.halo_table` (its autograd backward is a scatter-add); the result is
+    channels-last strided. ``halo == 0`` returns ``tiles`` itself."""
+    _check_tiles(tiles, index, "halo_gather")
+    left, right, top, bottom = _halo4(halo)
+    if left == right == top == bottom == 0:
+        return tiles
+    T, C, bh, bw = tiles.shape
+    table = index.halo_table((left, right, top, bottom))
+    # Pixel-major rows [T*bh*bw + 1, C]: gathering whole rows keeps each pixel's channels
+    # together (the channels-last layout the GPU convolutions want); the last row stays zero.
+    buf = tiles.new_zeros((T * bh * bw + 1, C))
+    buf[: T * bh * bw].view(T, bh, bw, C).copy_(tiles.permute(0, 2, 3, 1))
+    ph, pw = bh + top + bottom, bw + left + right
+    out = buf.index_select(0, table.reshape(-1))
+    return out.view(T, ph, pw, C).permute(0, 3, 1, 2)

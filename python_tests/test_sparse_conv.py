@@ -1,0 +1,460 @@
+"""Block-sparse conv2d on packed kept tiles (effssl_kernels.sparse, plain PyTorch path) against the
+masked dense oracle masked_conv2d_reference (SEMANTICS.md section 2), plus the tile layout
+(TileIndex, pack/unpack, halo_gather) against direct dense computations."""
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from effssl_kernels.masks import BlockMask
+from effssl_kernels.reference.masked_net import masked_conv2d_reference
+from effssl_kernels.sparse import (
+    TileIndex,
+    conv_tile_halo,
+    halo_gather,
+    is_tile_aligned,
+    pack,
+    sparse_conv2d,
+    sparse_conv2d_packed,
+    unpack,
+)
+
+
+def random_mask(N, H, W, B, p=0.5, seed=0, device="cpu"):
+    g = torch.Generator().manual_seed(seed)
+    keep = torch.rand(N, H // B, W // B, generator=g) < p
+    return BlockMask(keep.to(device), B, (H, W))
+
+
+def poison_removed(x, m):
+    """Same values at kept positions, huge/NaN at removed ones: a masked op must not see them."""
+    junk = torch.full_like(x, float("nan"))
+    junk[..., ::2, :] = 1e30
+    return torch.where(m, x, junk)
+
+
+class SyncCounter(TorchDispatchMode):
+    """Counts the aten calls that need the device's data on the host (a host sync on CUDA):
+    data-dependent output sizes (nonzero, masked_select, bool indexing, unique, ...) and
+    scalar reads (.item(), int(t), bool(t))."""
+
+    SYNC_OPS = frozenset({"nonzero", "_local_scalar_dense", "masked_select", "masked_scatter", "unique",
+                "_unique", "_unique2", "unique_dim", "unique_consecutive", "repeat_interleave",
+                "argwhere", "nonzero_numpy"})
+
+    def __init__(self):
+        super().__init__()
+        self.calls = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        name = func._schema.name.split("::")[-1]
+        if name in self.SYNC_OPS:
+            self.calls.append(name)
+        elif name in ("index", "index_put", "index_put_", "_index_put_impl_"):
+            idx = args[1] if len(args) > 1 else kwargs.get("indices", ())
+            if any(t is not None and t.dtype == torch.bool for t in idx):
+                self.calls.append(name + "(bool)")
+        return func(*args, **kwargs)
+
+
+# (C_in, C_out, kernel, stride, padding, dilation, groups): all tile-aligned at block 8.
+TILED = [
+    (3, 5, 1, 1, 0, 1, 1),
+    (3, 5, 1, 2, 0, 1, 1),
+    (4, 6, 3, 1, 1, 1, 1),
+    (4, 6, 3, 2, 1, 1, 1),
+    (3, 4, 7, 1, 3, 1, 1),
+    (3, 4, 7, 2, 3, 1, 1),
+    (4, 4, 3, 1, 2, 2, 1),   # dilation
+    (4, 6, 3, 1, 1, 1, 2),   # groups
+    (6, 6, 3, 2, 1, 1, 6),   # depthwise
+    (4, 4, 2, 2, 0, 1, 1),   # even kernel, stride 2: tile-aligned without any halo
+    (4, 4, 4, 2, 1, 1, 1),   # even kernel with a one-pixel halo on both sides
+]
+
+
+def conv_params(cin, cout, k, groups, dtype=torch.float32, bias=True):
+    w = torch.randn(cout, cin // groups, *((k, k) if isinstance(k, int) else k), dtype=dtype)
+    b = torch.randn(cout, dtype=dtype) if bias else None
+    return w, b
+
+
+def grads(y, inputs, go):
+    return torch.autograd.grad(y, [t for t in inputs if t is not None], go)
+
+
+def check_vs_reference(x, w, b, stride, padding, dilation, groups, mask, in_stride,
+                       atol=1e-5, rtol=1e-4):
+    """Forward and all gradients equal the oracle; removed outputs/input grads exactly zero."""
+    x = x.detach().requires_grad_()
+    w = w.detach().requires_grad_()
+    b = None if b is None else b.detach().requires_grad_()
+    y = sparse_conv2d(x, w, b, stride, padding, dilation, groups, mask=mask, in_stride=in_stride)
+    r = masked_conv2d_reference(x, w, b, stride, padding, dilation, groups, mask=mask,
+                                in_stride=in_stride)
+    assert y.shape == r.shape and y.dtype == r.dtype
+    torch.testing.assert_close(y, r, atol=atol, rtol=rtol)
+    go = torch.randn_like(r)
+    gys = grads(y, (x, w, b), go)
+    for gy, gr in zip(gys, grads(r, (x, w, b), go)):
+        torch.testing.assert_close(gy, gr, atol=atol * 10, rtol=rtol * 10)
+    s_in = in_stride if isinstance(in_stride, tuple) else (in_stride, in_stride)
+    s = stride if isinstance(stride, tuple) else (stride, stride)
+    m_out = mask.pixel_mask((s_in[0] * s[0], s_in[1] * s[1]), y.shape[-2:])
+    assert (y.detach()[~m_out.expand_as(y)] == 0).all()
+    gx = gys[0]
+    m_in = mask.pixel_mask(s_in, x.shape[-2:]).expand_as(x)
+    assert (gx[~m_in] == 0).all()
+    return y
+
+
+# ---- TileIndex --------------------------------------------------------------------------------
+def test_tile_index_layout_and_cache():
+    mask = random_mask(3, 32, 24, 8, p=0.5, seed=1)
+    idx = TileIndex.from_mask(mask, 2)
+    keep = mask.keep
+    assert idx.kept.dtype == torch.int64 and idx.slot.dtype == torch.int64
+    assert torch.equal(idx.kept, keep.nonzero())  # row-major (n, i, j)
+    assert idx.num_tiles == int(keep.sum()) and idx.tile == (4, 4) and idx.size == (16, 12)
+    assert idx.batch == 3 and idx.grid == (4, 3)
+    n, i, j = idx.kept.unbind(1)
+    assert torch.equal(idx.slot[n, i, j], torch.arange(idx.num_tiles))
+    assert (idx.slot[~keep] == -1).all()
+    # Cached per stride; every stride shares the one kept list (one sync per mask).
+    assert TileIndex.from_mask(mask, 2) is idx
+    idx8 = TileIndex.from_mask(mask, (8, 8))
+    assert idx8.kept is idx.kept and idx8.tile == (1, 1)
+    assert TileIndex.from_mask(mask, (1, 2)).tile == (8, 4)
+    assert idx.halo_table(1) is idx.halo_table((1, 1, 1, 1))
+
+
+def test_tile_index_not_aligned():
+    assert not is_tile_aligned(random_mask(1, 30, 32, 8), 1)    # H not a multiple of B
+    assert not is_tile_aligned(random_mask(1, 24, 24, 6), 4)    # B not divisible by stride
+    assert is_tile_aligned(random_mask(1, 24, 24, 6), 3)
+    with pytest.raises(ValueError, match="not tile-aligned"):
+        TileIndex.from_mask(random_mask(1, 24, 24, 6), 4)
+    with pytest.raises(TypeError, match="BlockMask"):
+        TileIndex.from_mask(torch.ones(1, 3, 3, dtype=torch.bool), 1)
+
+
+def test_sync_counter_sees_syncs():
+    """The counter must catch what a careless index build would do."""
+    keep = torch.rand(2, 3, 3) < 0.5
+    with SyncCounter() as c:
+        keep.nonzero()
+        keep.sum().item()
+        slot = torch.full(keep.shape, -1, dtype=torch.int64)
+        slot[keep] = torch.arange(int(keep.sum()))
+    assert c.calls.count("nonzero") == 1 and c.calls.count("_local_scalar_dense") == 2
+    assert any(name.endswith("(bool)") for name in c.calls)
+
+
+def test_one_host_sync_per_mask():
+    """Index building for every resolution and halo, and whole forward+backward passes through
+    several layers, read the device once (to learn T)."""
+    mask = random_mask(2, 32, 32, 8, p=0.5, seed=2)
+    x = torch.randn(2, 3, 32, 32, requires_grad=True)
+    w1, w2 = torch.randn(4, 3, 3, 3, requires_grad=True), torch.randn(5, 4, 3, 3, requires_grad=True)
+    with SyncCounter() as c:
+        for s in (1, 2, 4, 8):
+            TileIndex.from_mask(mask, s).halo_table(3)
+        y = sparse_conv2d(x, w1, None, 2, 1, mask=mask)
+        y = sparse_conv2d(y, w2, None, 2, 1, mask=mask, in_stride=2)
+        t = sparse_conv2d_packed(pack(x, TileIndex.from_mask(mask, 1)), w1, None, 1, 1,
+                                 mask=mask)
+        (y.sum() + t.sum()).backward()
+    assert c.calls == ["nonzero"]
+
+
+# ---- pack / unpack / halo_gather ----------------------------------------------------------------
+def test_pack_unpack_roundtrip():
+    mask = random_mask(2, 16, 24, 8, p=0.5, seed=3)
+    idx = TileIndex.from_mask(mask, 2)
+    x = torch.randn(2, 3, 8, 12, requires_grad=True)
+    tiles = pack(x, idx)
+    assert tiles.shape == (idx.num_tiles, 3, 4, 4)
+    n, i, j = idx.kept[0].tolist()
+    torch.testing.assert_close(tiles[0], x[n, :, 4 * i: 4 * i + 4, 4 * j: 4 * j + 4],
+                               rtol=0, atol=0)
+    dense = unpack(tiles, idx, x.shape)
+    m = mask.pixel_mask(2, (8, 12))
+    assert torch.equal(dense, torch.where(m, x, torch.zeros(())))
+    dense.backward(torch.ones_like(dense))
+    assert torch.equal(x.grad, m.expand_as(x).float())
+    cl = unpack(tiles, idx, x.shape, memory_format=torch.channels_last)
+    assert cl.is_contiguous(memory_format=torch.channels_last) and torch.equal(cl, dense)
+
+
+def halo_oracle(x, idx, left, right, top, bottom):
+    """Each kept tile cut from the zero-padded masked dense map (loops: test only)."""
+    mask_px = idx.slot.ge(0).repeat_interleave(idx.tile[0], 1).repeat_interleave(idx.tile[1], 2)
+    xp = F.pad(x * mask_px.unsqueeze(1), (left, right, top, bottom))
+    bh, bw = idx.tile
+    out = [xp[n, :, i * bh: (i + 1) * bh + top + bottom, j * bw: (j + 1) * bw + left + right]
+           for n, i, j in idx.kept.tolist()]
+    return torch.stack(out) if out else x.new_zeros(0, x.shape[1], bh + top + bottom,
+                                                    bw + left + right)
+
+
+@pytest.mark.parametrize("stride,halo", [
+    (1, 1), (2, (2, 1)), (4, (1, 0, 2, 1)),
+    (4, 3),   # 7x7 reach with 2x2 tiles: the halo spans two neighbour tiles
+    (8, 2),   # 1x1 tiles: reach of two tiles
+    (4, 5),   # past the image on all sides for every tile
+])
+def test_halo_gather_matches_dense(stride, halo):
+    mask = random_mask(2, 32, 24, 8, p=0.6, seed=4)
+    idx = TileIndex.from_mask(mask, stride)
+    x = torch.randn(2, 3, *idx.size, dtype=torch.float64, requires_grad=True)
+    if isinstance(halo, int):
+        h4 = (halo,) * 4
+    elif len(halo) == 2:
+        h4 = (halo[1], halo[1], halo[0], halo[0])
+    else:
+        h4 = halo
+    got = halo_gather(pack(x, idx), idx, halo)
+    want = halo_oracle(x, idx, *h4)
+    assert torch.equal(got, want)
+    go = torch.randn_like(want)
+    torch.testing.assert_close(grads(got, (x,), go)[0], grads(want, (x,), go)[0])
+
+
+def test_layout_ops_gradcheck():
+    mask = random_mask(2, 8, 8, 4, p=0.6, seed=5)
+    idx = TileIndex.from_mask(mask, 2)
+    x = torch.randn(2, 2, 4, 4, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda x: halo_gather(pack(x, idx), idx, 3), (x,))
+    t = torch.randn(idx.num_tiles, 2, 2, 2, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda t: unpack(t, idx, (2, 2, 4, 4)), (t,))
+
+
+# ---- sparse_conv2d against the oracle ----------------------------------------------------------
+@pytest.mark.parametrize("conv", TILED, ids=lambda c: "-".join(map(str, c)))
+@pytest.mark.parametrize("p", [0.3, 0.7])
+def test_sparse_conv2d_matches_reference(conv, p):
+    cin, cout, k, s, pad, d, g = conv
+    mask = random_mask(2, 32, 16, 8, p=p, seed=int(p * 10) + k)
+    for in_stride in (1, 2, 4):  # tiles of 8, 4 and 2 pixels (7x7: a halo of 3 > 2)
+        assert conv_tile_halo(k, s, pad, d, mask=mask, in_stride=in_stride) is not None
+        x = torch.randn(2, cin, 32 // in_stride, 16 // in_stride)
+        w, b = conv_params(cin, cout, k, g)
+        check_vs_reference(x, w, b, s, pad, d, g, mask, in_stride)
+
+
+@pytest.mark.parametrize("conv,in_stride", [
+    ((3, 4, (3, 1), (2, 1), (1, 0), 1, 1), (1, 2)),   # non-square kernel, per-axis strides
+    ((4, 4, 3, 1, "same", 2, 1), 2),                  # padding='same', dilation 2
+    ((4, 4, 2, 1, "same", 1, 1), 1),                  # 'same' with an asymmetric halo
+    ((4, 4, 1, 2, "valid", 1, 1), 4),
+    ((4, 4, 3, 2, 1, 1, 1), 4),                       # output tiles of one pixel
+])
+@pytest.mark.filterwarnings("ignore:Using padding='same' with even kernel")  # the oracle's conv
+def test_sparse_conv2d_more_geometry(conv, in_stride):
+    cin, cout, k, s, pad, d, g = conv
+    mask = random_mask(2, 32, 16, 8, p=0.5, seed=6)
+    assert conv_tile_halo(k, s, pad, d, mask=mask, in_stride=in_stride) is not None
+    s_in = in_stride if isinstance(in_stride, tuple) else (in_stride, in_stride)
+    x = torch.randn(2, cin, 32 // s_in[0], 16 // s_in[1])
+    w, b = conv_params(cin, cout, k, g)
+    check_vs_reference(x, w, b, s, pad, d, g, mask, in_stride)
+
+
+def test_removed_inputs_never_read():
+    mask = random_mask(2, 16, 16, 4, p=0.5, seed=7)
+    x = torch.randn(2, 3, 16, 16)
+    w, b = conv_params(3, 4, 3, 1)
+    clean = sparse_conv2d(x, w, b, 1, 1, mask=mask)
+    dirty = sparse_conv2d(poison_removed(x, mask.pixel_mask(1, (16, 16))), w, b, 1, 1, mask=mask)
+    assert torch.isfinite(dirty).all() and torch.equal(clean, dirty)
+
+
+def test_all_kept_equals_dense_conv():
+    mask = BlockMask(torch.ones(2, 4, 4, dtype=torch.bool), 8, 32)
+    x = torch.randn(2, 4, 32, 32, requires_grad=True)
+    w, b = conv_params(4, 6, 3, 1)
+    w.requires_grad_()
+    y = sparse_conv2d(x, w, b, 2, 1, mask=mask)
+    r = F.conv2d(x, w, b, 2, 1)
+    torch.testing.assert_close(y, r, atol=1e-5, rtol=1e-4)
+    go = torch.randn_like(r)
+    for gy, gr in zip(grads(y, (x, w), go), grads(r, (x, w), go)):
+        torch.testing.assert_close(gy, gr, atol=1e-4, rtol=1e-4)
+
+
+def test_all_removed_zeros_and_zero_grads():
+    mask = BlockMask(torch.zeros(2, 4, 4, dtype=torch.bool), 8, 32)
+    x = torch.randn(2, 4, 16, 16, requires_grad=True)
+    w = torch.randn(6, 4, 3, 3, requires_grad=True)
+    b = torch.randn(6, requires_grad=True)
+    y = sparse_conv2d(x, w, b, 1, 1, mask=mask, in_stride=2)
+    assert y.shape == (2, 6, 16, 16) and (y == 0).all()
+    gx, gw, gb = torch.autograd.grad(y, (x, w, b), torch.randn_like(y))
+    assert (gx == 0).all() and (gw == 0).all() and (gb == 0).all()
+    idx = TileIndex.from_mask(mask, 2)
+    t = sparse_conv2d_packed(pack(x, idx), w, b, 2, 1, mask=mask, in_stride=2)
+    assert t.shape == (0, 6, 2, 2)
+
+
+@pytest.mark.parametrize("conv,stride_in,B", [
+    ((2, 3, 3, 1, 1, 1, 1), 1, 4),
+    ((2, 2, 3, 2, 1, 1, 2), 1, 4),
+    ((2, 3, 7, 1, 3, 1, 1), 2, 4),  # 7x7 on 2x2 tiles
+])
+def test_sparse_conv2d_gradcheck_float64(conv, stride_in, B):
+    cin, cout, k, s, pad, d, g = conv
+    mask = random_mask(2, 8, 8, B, p=0.6, seed=8)
+    x = torch.randn(2, cin, 8 // stride_in, 8 // stride_in, dtype=torch.float64,
+                    requires_grad=True)
+    w, b = conv_params(cin, cout, k, g, dtype=torch.float64)
+    w.requires_grad_(), b.requires_grad_()
+    assert torch.autograd.gradcheck(
+        lambda x, w, b: sparse_conv2d(x, w, b, s, pad, d, g, mask=mask, in_stride=stride_in),
+        (x, w, b))
+
+
+@pytest.mark.filterwarnings("ignore:Input #.* is not a double precision")
+def test_sparse_conv2d_gradcheck_float32():
+    mask = random_mask(1, 8, 8, 4, p=0.6, seed=9)
+    x = torch.randn(1, 2, 8, 8, requires_grad=True)
+    w = torch.randn(2, 2, 3, 3, requires_grad=True)
+    b = torch.randn(2, requires_grad=True)
+    assert torch.autograd.gradcheck(
+        lambda x, w, b: sparse_conv2d(x, w, b, 1, 1, mask=mask), (x, w, b),
+        eps=1e-2, atol=5e-2, rtol=5e-2)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision(dtype):
+    """Flash-attention rule: error against the float32 oracle at most twice that of the oracle
+    run in the same low precision (plus one rounding step of the largest output)."""
+    mask = random_mask(2, 16, 16, 8, p=0.5, seed=10)
+    x = torch.randn(2, 8, 16, 16)
+    w, b = conv_params(8, 8, 3, 1)
+    want = masked_conv2d_reference(x, w, b, 1, 1, mask=mask)
+    got = sparse_conv2d(x.to(dtype), w.to(dtype), b.to(dtype), 1, 1, mask=mask)
+    low = masked_conv2d_reference(x.to(dtype), w.to(dtype), b.to(dtype), 1, 1, mask=mask)
+    assert got.dtype == dtype
+    eps = torch.finfo(dtype).eps * want.abs().max()
+    err, ref_err = (got.float() - want).abs().max(), (low.float() - want).abs().max()
+    assert err <= 2 * ref_err + eps
+
+
+def test_cpu_autocast_bf16():
+    mask = random_mask(2, 16, 16, 8, p=0.5, seed=11)
+    x = torch.randn(2, 4, 16, 16, requires_grad=True)
+    w = torch.randn(4, 4, 3, 3, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = sparse_conv2d(x, w, None, 1, 1, mask=mask)
+        r = masked_conv2d_reference(x, w, None, 1, 1, mask=mask)
+    assert y.dtype == r.dtype == torch.bfloat16
+    torch.testing.assert_close(y, r, atol=2e-2, rtol=2e-2)
+    go = torch.randn_like(r)
+    for gy, gr in zip(grads(y, (x, w), go), grads(r, (x, w), go)):
+        assert gy.dtype == torch.float32
+        # bf16 products summed in a different order: a few bf16 ulps of the largest gradient.
+        torch.testing.assert_close(gy, gr, atol=0.02 * gr.abs().max().item(), rtol=0)
+
+
+@pytest.mark.parametrize("layout", ["channels_last", "sliced"])
+def test_memory_layouts(layout):
+    mask = random_mask(2, 16, 16, 4, p=0.5, seed=12)
+    base = torch.randn(2, 4, 16, 16)
+    if layout == "channels_last":
+        x = base.contiguous(memory_format=torch.channels_last)
+    else:
+        x = torch.randn(2, 5, 16, 32)[:, 1:, :, ::2]
+        x.copy_(base)
+        assert not x.is_contiguous()
+    w, b = conv_params(4, 6, 3, 1)
+    y = check_vs_reference(x, w, b, 2, 1, 1, 1, mask, 1)
+    assert y.is_contiguous(memory_format=torch.channels_last) == (layout == "channels_last")
+
+
+@pytest.mark.parametrize("H,W,B,conv,in_stride", [
+    (16, 16, 6, (3, 4, 3, 1, 1, 1, 1), 4),    # B not divisible by in_stride
+    (16, 16, 6, (3, 4, 3, 2, 1, 1, 1), 2),    # B not divisible by the output stride
+    (30, 32, 8, (3, 4, 3, 1, 1, 1, 1), 1),    # H not a multiple of B (kept leftover rows)
+    (31, 31, 8, (3, 4, 3, 2, 1, 1, 1), 2),    # odd image: ceil-sized map at stride 2
+    (16, 16, 4, (3, 4, 3, 1, 0, 1, 1), 1),    # no padding: output smaller than input
+    (16, 16, 4, (3, 4, 1, 1, 1, 1, 1), 1),    # extra padding: output past the image
+    (16, 16, 4, (3, 4, 2, 1, 0, 1, 1), 1),    # even kernel at stride 1
+])
+def test_non_aligned_falls_back_exactly(H, W, B, conv, in_stride):
+    cin, cout, k, s, pad, d, g = conv
+    mask = random_mask(2, H, W, B, p=0.5, seed=13)
+    h, w_ = -(-H // in_stride), -(-W // in_stride)
+    assert conv_tile_halo(k, s, pad, d, mask=mask, in_stride=in_stride, size=(h, w_)) is None
+    x = torch.randn(2, cin, h, w_)
+    w, b = conv_params(cin, cout, k, g)
+    check_vs_reference(x, w, b, s, pad, d, g, mask, in_stride)
+
+
+def test_packed_chain_equals_reference_chain():
+    """stem 7x7/2 -> relu -> 3x3 -> 1x1/2 -> depthwise 3x3/2, chained on packed tiles."""
+    mask = random_mask(2, 32, 32, 16, p=0.6, seed=14)
+    x = torch.randn(2, 3, 32, 32, requires_grad=True)
+    ws = [torch.randn(8, 3, 7, 7), torch.randn(8, 8, 3, 3), torch.randn(6, 8, 1, 1),
+          torch.randn(6, 1, 3, 3)]
+    bs = [torch.randn(8), None, torch.randn(6), torch.randn(6)]
+    layers = [(2, 3, 1), (1, 1, 1), (2, 0, 1), (2, 1, 6)]  # (stride, padding, groups)
+    params = [w.requires_grad_() for w in ws] + [b.requires_grad_() for b in bs if b is not None]
+
+    t, s_in = pack(x, TileIndex.from_mask(mask, 1)), 1
+    r = x
+    for i, ((s, p, g), w, b) in enumerate(zip(layers, ws, bs)):
+        t = sparse_conv2d_packed(t, w, b, s, p, 1, g, mask=mask, in_stride=s_in)
+        r = masked_conv2d_reference(r, w, b, s, p, 1, g, mask=mask, in_stride=s_in)
+        if i == 0:
+            t, r = t.relu(), r.relu()
+        s_in *= s
+    idx = TileIndex.from_mask(mask, s_in)
+    assert t.shape == (idx.num_tiles, 6, 2, 2)
+    y = unpack(t, idx, r.shape)
+    torch.testing.assert_close(y, r, atol=1e-4, rtol=1e-4)
+    go = torch.randn_like(r)
+    for gy, gr in zip(grads(y, [x] + params, go), grads(r, [x] + params, go)):
+        torch.testing.assert_close(gy, gr, atol=1e-3, rtol=1e-4)
+
+
+# ---- bad input --------------------------------------------------------------------------------
+def test_bad_inputs():
+    mask = random_mask(2, 16, 16, 8)
+    x, w = torch.randn(2, 3, 16, 16), torch.randn(4, 3, 3, 3)
+    with pytest.raises(ValueError, match="batch"):
+        sparse_conv2d(x[:1], w, None, 1, 1, mask=mask)
+    with pytest.raises(ValueError, match="height 16 does not match .* in_stride 2"):
+        sparse_conv2d(x, w, None, 1, 1, mask=mask, in_stride=2)
+    with pytest.raises(ValueError, match="width 12"):
+        sparse_conv2d(x[..., :12], w, None, 1, 1, mask=mask)
+    with pytest.raises(ValueError, match="mask is on cpu but x is on meta"):
+        sparse_conv2d(x.to("meta"), w.to("meta"), None, 1, 1, mask=mask)
+    with pytest.raises(TypeError, match="BlockMask"):
+        sparse_conv2d(x, w, None, 1, 1, mask=mask.keep)
+    with pytest.raises(ValueError, match="4-D"):
+        sparse_conv2d(x[0], w, None, 1, 1, mask=mask)
+    with pytest.raises(ValueError, match="weight must be a 4-D"):
+        sparse_conv2d(x, w[0], None, 1, 1, mask=mask)
+    with pytest.raises(ValueError, match="bias"):
+        sparse_conv2d(x, w, torch.randn(3), 1, 1, mask=mask)
+    with pytest.raises(ValueError, match="padding"):
+        sparse_conv2d(x, w, None, 1, "full", mask=mask)
+    with pytest.raises(ValueError, match="non-negative"):
+        sparse_conv2d(x, w, None, 1, -1, mask=mask)
+    with pytest.raises(ValueError, match="stride must be positive"):
+        sparse_conv2d(x, w, None, 1, 1, mask=mask, in_stride=0)
+    idx = TileIndex.from_mask(mask, 1)
+    tiles = pack(x, idx)
+    with pytest.raises(ValueError, match="not tile-aligned"):
+        sparse_conv2d_packed(tiles, w, None, 1, 0, mask=mask)  # output would shrink
+    with pytest.raises(ValueError, match="tiles shape"):
+        sparse_conv2d_packed(tiles[:, :, :4], w, None, 1, 1, mask=mask)
+    with pytest.raises(ValueError, match="tiles shape"):
+        sparse_conv2d_packed(tiles, w, None, 1, 1, mask=mask, in_stride=2)
+    with pytest.raises(ValueError, match="halo must be non-negative"):
+        halo_gather(tiles, idx, -1)
+    with pytest.raises(ValueError, match="x shape"):
+        pack(x[..., :8], idx)
+    with pytest.raises(ValueError, match="out_shape"):
+        unpack(tiles, idx, (2, 3, 8, 16))
