@@ -139,6 +139,18 @@ class BlockMask:
             return self
         return BlockMask(self._keep.to(device), self._block_size, self._image_size)
 
+    def check_input(self, x: Tensor, fn: str) -> None:
+        """Raise a clear error unless ``x`` is a 4-D ``[N, C, H, W]`` tensor of this mask's batch
+        on its device (``fn`` names the caller)."""
+        if not isinstance(x, Tensor) or x.dim() != 4:
+            raise ValueError(f"{fn}: x must be a 4-D [N, C, H, W] tensor, got "
+                             f"{tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__}")
+        if self.device != x.device:
+            raise ValueError(f"{fn}: mask is on {self.device} but x is on {x.device}; "
+                             f"move it with mask.to(x.device)")
+        if self.batch != x.shape[0]:
+            raise ValueError(f"{fn}: mask batch {self.batch} does not match x batch {x.shape[0]}")
+
     # ---- pixel masks ------------------------------------------------------------------------
     def pixel_mask(self, stride: IntOrPair, size: IntOrPair) -> Tensor:
         """bool ``[N, 1, h, w]`` mask of a feature map of cumulative stride ``s`` (int or

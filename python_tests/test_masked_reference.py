@@ -6,6 +6,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from effssl_kernels.masks import BlockMask
+from utils import random_mask
 from effssl_kernels.reference.masked_net import (
     masked_avg_pool_reference,
     masked_batch_norm_reference,
@@ -14,10 +15,6 @@ from effssl_kernels.reference.masked_net import (
 )
 
 
-def random_mask(N, H, W, B, p=0.5, seed=0, device="cpu"):
-    g = torch.Generator().manual_seed(seed)
-    keep = torch.rand(N, H // B, W // B, generator=g) < p
-    return BlockMask(keep.to(device), B, (H, W))
 
 
 def oracle_pixels(mask, s, h, w):

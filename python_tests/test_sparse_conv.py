@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from effssl_kernels.masks import BlockMask
+from utils import random_mask
 from effssl_kernels.reference.masked_net import masked_conv2d_reference
 from effssl_kernels.sparse import (
     TileIndex,
@@ -20,10 +21,6 @@ from effssl_kernels.sparse import (
 )
 
 
-def random_mask(N, H, W, B, p=0.5, seed=0, device="cpu"):
-    g = torch.Generator().manual_seed(seed)
-    keep = torch.rand(N, H // B, W // B, generator=g) < p
-    return BlockMask(keep.to(device), B, (H, W))
 
 
 def poison_removed(x, m):

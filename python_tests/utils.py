@@ -101,3 +101,12 @@ def assert_block_match(psnr, offset, a, b, block_size, search_radius, data_range
     both_inf = torch.isposinf(own) & torch.isposinf(psnr)
     diff = torch.where(both_inf, torch.zeros_like(own), (psnr - own).abs())
     assert (diff[live] <= 1e-3).all(), f"psnr off its candidate's mse by {diff[live].max()} dB"
+
+
+def random_mask(N, H, W, B, p=0.5, seed=0, device="cpu"):
+    """A BlockMask of ``N`` images ``H x W`` with blocks ``B`` kept with probability ``p``."""
+    from effssl_kernels.masks import BlockMask
+
+    g = torch.Generator().manual_seed(seed)
+    keep = torch.rand(N, H // B, W // B, generator=g) < p
+    return BlockMask(keep.to(device), B, (H, W))

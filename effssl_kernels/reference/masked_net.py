@@ -21,14 +21,7 @@ IntOrPair = Union[int, Sequence[int]]
 def _check_x_mask(x: Tensor, mask: BlockMask, fn: str) -> None:
     if not isinstance(mask, BlockMask):
         raise TypeError(f"{fn}: mask must be a BlockMask, got {type(mask).__name__}")
-    if not isinstance(x, Tensor) or x.dim() != 4:
-        raise ValueError(f"{fn}: x must be a 4-D [N, C, H, W] tensor, got "
-                         f"{tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__}")
-    if mask.device != x.device:
-        raise ValueError(f"{fn}: mask is on {mask.device} but x is on {x.device}; "
-                         f"move it with mask.to(x.device)")
-    if mask.batch != x.shape[0]:
-        raise ValueError(f"{fn}: mask batch {mask.batch} does not match x batch {x.shape[0]}")
+    mask.check_input(x, fn)
 
 
 def _mul(a: Tuple[int, int], b: Tuple[int, int]) -> Tuple[int, int]:

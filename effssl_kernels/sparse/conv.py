@@ -93,14 +93,7 @@ def _check_weight(weight: Tensor, bias: Optional[Tensor], fn: str) -> None:
 def _check_x(x: Tensor, mask: BlockMask, s_in: Tuple[int, int], fn: str) -> None:
     if not isinstance(mask, BlockMask):
         raise TypeError(f"{fn}: mask must be a BlockMask, got {type(mask).__name__}")
-    if not isinstance(x, Tensor) or x.dim() != 4:
-        raise ValueError(f"{fn}: x must be a 4-D [N, C, H, W] tensor, got "
-                         f"{tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__}")
-    if mask.device != x.device:
-        raise ValueError(f"{fn}: mask is on {mask.device} but x is on {x.device}; "
-                         f"move it with mask.to(x.device)")
-    if mask.batch != x.shape[0]:
-        raise ValueError(f"{fn}: mask batch {mask.batch} does not match x batch {x.shape[0]}")
+    mask.check_input(x, fn)
     # x must be the map of the masked images at in_stride: each side floor or ceil of
     # image / in_stride (convs and pools round either way); anything else is another image.
     for side, img, s, what in ((x.shape[2], mask.image_size[0], s_in[0], "height"),

@@ -1,0 +1,209 @@
+"""sparse_conv2d per layer: block-sparse tiles against dense cuDNN and masked dense (issue 3).
+
+Layers: the convolutions of ResNet-50 (v1.5, stride on the 3x3) on 224 px images with block 32,
+so the block grid is 7x7 at every resolution:
+
+    stem     7x7/2 p3     3 -> 64   at 224 (in_stride 1, 32x32 tiles)
+    l1 3x3   3x3   p1    64 -> 64   at 56  (in_stride 4, 8x8 tiles)
+    l1 1x1   1x1        256 -> 64   at 56  (in_stride 4)
+    l2 3x3/2 3x3/2 p1   128 -> 128  from 56 (in_stride 4, 8x8 -> 4x4 tiles)
+    l3 3x3   3x3   p1   256 -> 256  at 14  (in_stride 16, 2x2 tiles)
+    l4 3x3   3x3   p1   512 -> 512  at 7   (in_stride 32, 1x1 tiles)
+
+Masks: a random BlockMask per sample keeping exactly ``round(keep * 49)`` blocks (so ``T`` is
+fixed per keep). Modes: forward, and forward+backward (grads of the input and the weight, the
+output gradient given). Providers, all timing the same layer on the same data:
+
+- dense: ``F.conv2d`` on the full map (cuDNN on a GPU, oneDNN on a CPU); timed once per layer
+  and mode, it does not depend on keep;
+- masked dense: ``masked_conv2d_reference``, ``M_out * conv(M_in * x)`` (what a user writes);
+  the pixel masks are cached on the mask, as a user would precompute them;
+- ours packed: ``sparse_conv2d_packed`` on kept tiles packed beforehand (what a converted
+  network chains from layer to layer): halo gather + VALID conv. Packing is NOT timed;
+- ours dense in/out: ``sparse_conv2d`` on the dense map: pack + halo + conv + unpack.
+
+GPU: batch 256, bfloat16, channels_last (input, weight and packed tiles), cudnn.benchmark on
+for every provider; keeps 1.0/0.8/0.75/0.65/0.5/0.25 (the issue's list). CPU: batch 4, float32,
+keeps 1.0/0.5, four layers (stem, l1 3x3, l1 1x1, l3 3x3) so the run takes about two minutes.
+
+Columns: ``rel_dense`` = median / dense median of the same layer and mode; ``ideal`` = keep
+(the kept share of the work); ``tflops`` counts the kept work, ``2 * P_out * C_out * C_in /
+groups * k * k`` per forward with ``P_out`` the kept output pixels (all pixels for dense), x3
+for forward+backward. ``max_err``: max |ours - masked dense| / max |masked dense| of the forward
+output, checked once per case.
+
+    python -m bench.bench_sparse_conv [--device cuda|cpu] [--out DIR] [--quick]
+"""
+from __future__ import annotations
+
+from functools import partial
+
+import torch
+import torch.nn.functional as F
+
+from effssl_kernels.masks import BlockMask
+from effssl_kernels.reference.masked_net import masked_conv2d_reference
+from effssl_kernels.sparse import (
+    TileIndex,
+    pack,
+    sparse_conv2d,
+    sparse_conv2d_packed,
+    unpack,
+)
+
+from .common import device_info, parse_args, report, time_ms
+
+IMAGE, BLOCK = 224, 32
+LAYERS = [  # name, C_in, C_out, k, stride, padding, in_stride
+    ("stem 7x7/2", 3, 64, 7, 2, 3, 1),
+    ("l1 3x3", 64, 64, 3, 1, 1, 4),
+    ("l1 1x1", 256, 64, 1, 1, 0, 4),
+    ("l2 3x3/2", 128, 128, 3, 2, 1, 4),
+    ("l3 3x3", 256, 256, 3, 1, 1, 16),
+    ("l4 3x3", 512, 512, 3, 1, 1, 32),
+]
+CPU_LAYERS = ("stem 7x7/2", "l1 3x3", "l1 1x1", "l3 3x3")
+QUICK_CPU_LAYERS = ("l1 3x3", "l3 3x3")
+KEEPS = {"cuda": (1.0, 0.8, 0.75, 0.65, 0.5, 0.25), "cpu": (1.0, 0.5)}
+BATCH = {"cuda": 256, "cpu": 4}
+DTYPE = {"cuda": torch.bfloat16, "cpu": torch.float32}
+MODES = ("fwd", "fwd+bwd")
+TOL = {"cuda": 2e-2, "cpu": 1e-4}  # max_err above this is flagged: bfloat16 / float32 rounding
+
+
+def random_mask(N: int, keep: float, device, generator: torch.Generator) -> BlockMask:
+    """Exactly ``round(keep * Hb * Wb)`` kept blocks per sample, at random places."""
+    Hb = Wb = IMAGE // BLOCK
+    k = round(keep * Hb * Wb)
+    order = torch.rand(N, Hb * Wb, generator=generator).argsort(dim=1)
+    flat = torch.zeros(N, Hb * Wb, dtype=torch.bool)
+    flat.scatter_(1, order[:, :k], True)
+    return BlockMask(flat.view(N, Hb, Wb).to(device), BLOCK, IMAGE)
+
+
+def forward_flop(N: int, kept_blocks: int, cin: int, cout: int, k: int, stride: int,
+                 in_stride: int) -> int:
+    """2 * kept output pixels * C_out * C_in * k * k (groups = 1)."""
+    side = BLOCK // (in_stride * stride)  # output tile side
+    return 2 * kept_blocks * side * side * cout * cin * k * k
+
+
+def _timed(fn, args, gy, backward: bool):
+    """The callable to time: forward only, or forward + grads of ``args`` given ``gy``."""
+    if not backward:
+        return lambda: fn(*args)
+    return lambda: torch.autograd.grad(fn(*args), args, gy)
+
+
+def run(device: str, quick: bool = False):
+    info = device_info(device)
+    dt, N = DTYPE[device], BATCH[device]
+    if device == "cpu" and quick:
+        N = 2
+    cl = torch.channels_last if device == "cuda" else torch.contiguous_format
+    names = LAYERS if device == "cuda" else [
+        c for c in LAYERS if c[0] in (QUICK_CPU_LAYERS if quick else CPU_LAYERS)]
+    keeps = KEEPS[device] if not (quick and device == "cuda") else (1.0, 0.5)
+    min_run = 0.2 if quick else 0.3
+    info.update(batch=N, dtype=str(dt).replace("torch.", ""), block=BLOCK, image=IMAGE,
+                memory_format="channels_last" if device == "cuda" else "contiguous",
+                packing_timed=False)
+    prev_bench = torch.backends.cudnn.benchmark
+    torch.backends.cudnn.benchmark = True
+    g = torch.Generator().manual_seed(0)
+    masks = {keep: random_mask(N, keep, device, g) for keep in keeps}
+    rows = []
+    try:
+        for name, cin, cout, k, s, p, s_in in names:
+            h = IMAGE // s_in
+            x = torch.randn(N, cin, h, h, generator=g).to(device, dt).contiguous(memory_format=cl)
+            w = (torch.randn(cout, cin, k, k, generator=g) / (cin * k * k) ** 0.5).to(device, dt)
+            w = w.contiguous(memory_format=cl)
+            ho = h // s
+            gy_dense = torch.randn(N, cout, ho, ho, generator=g).to(device, dt)
+            gy_dense = gy_dense.contiguous(memory_format=cl)
+            full_flop = forward_flop(N, N * 49, cin, cout, k, s, s_in)
+            for mode in MODES:
+                bwd = mode == "fwd+bwd"
+                mult = 3 if bwd else 1
+                xd, wd = x.detach().requires_grad_(bwd), w.detach().requires_grad_(bwd)
+                conv = {"bias": None, "stride": s, "padding": p}
+                fn = _timed(partial(F.conv2d, **conv), (xd, wd), gy_dense, bwd)
+                dense = _measure(fn, device, min_run)
+                rows.append(_row(name, None, mode, "dense", dense, None, mult * full_flop))
+                for keep in keeps:
+                    mask = masks[keep]
+                    idx_in = TileIndex.from_mask(mask, s_in)
+                    idx_out = TileIndex.from_mask(mask, s_in * s)
+                    tiles = pack(x, idx_in).contiguous(memory_format=cl)
+                    gy_tiles = pack(gy_dense, idx_out).contiguous(memory_format=cl)
+                    flop = mult * forward_flop(N, idx_in.num_tiles, cin, cout, k, s, s_in)
+                    err = _check(x, w, tiles, mask, s, p, s_in, idx_out) if not bwd else {}
+                    ti = tiles.detach().requires_grad_(bwd)
+                    sp = {**conv, "mask": mask, "in_stride": s_in}
+                    cases = {
+                        "masked dense": (partial(masked_conv2d_reference, **sp), (xd, wd), gy_dense),
+                        "ours packed": (partial(sparse_conv2d_packed, **sp), (ti, wd), gy_tiles),
+                        "ours dense in/out": (partial(sparse_conv2d, **sp), (xd, wd), gy_dense),
+                    }
+                    for prov, (f, a, gy) in cases.items():
+                        t = _measure(_timed(f, a, gy, bwd), device, min_run)
+                        rows.append(_row(name, keep, mode, prov, t, dense, flop, err.get(prov),
+                                         TOL[device]))
+    finally:
+        torch.backends.cudnn.benchmark = prev_bench
+    return rows, info
+
+
+def _measure(fn, device: str, min_run: float) -> dict:
+    try:
+        fn()  # warm-up: tile index / halo table / pixel mask caches, cuDNN algorithm choice
+        return time_ms(fn, device, min_run_time=min_run)
+    except Exception as e:  # noqa: BLE001  report, never hide, a provider that fails
+        return {"note": f"failed: {type(e).__name__}: {e}"[:120]}
+
+
+def _check(x, w, tiles, mask, s, p, s_in, idx_out) -> dict:
+    """Forward max error of both tile paths relative to masked dense (a wrong kernel must not
+    produce a fast number silently)."""
+    with torch.no_grad():
+        ref = masked_conv2d_reference(x, w, None, s, p, mask=mask, in_stride=s_in).float()
+        scale = ref.abs().max().clamp_min(1e-30)
+        yp = sparse_conv2d_packed(tiles, w, None, s, p, mask=mask, in_stride=s_in)
+        yp = unpack(yp, idx_out, ref.shape)
+        yd = sparse_conv2d(x, w, None, s, p, mask=mask, in_stride=s_in)
+        return {"ours packed": ((yp.float() - ref).abs().max() / scale).item(),
+                "ours dense in/out": ((yd.float() - ref).abs().max() / scale).item()}
+
+
+def _row(layer, keep, mode, prov, t, dense, flop, err=None, tol=None) -> dict:
+    row = {"layer": layer, "keep": keep, "mode": mode, "provider": prov}
+    if "median_ms" not in t:
+        return {**row, **t}
+    row.update(t)
+    if dense is not None and "median_ms" in dense:
+        row["rel_dense"] = t["median_ms"] / dense["median_ms"]
+    row["ideal"] = 1.0 if keep is None else keep
+    row["tflops"] = flop / (t["median_ms"] * 1e-3) / 1e12
+    if err is not None:
+        row["max_err"] = err
+        if not err <= tol:  # NaN fails too
+            row["note"] = f"MISMATCH vs masked dense (> {tol:g})"
+    return row
+
+
+def main(argv=None) -> str:
+    args = parse_args(__doc__, "CPU: batch 2, two layers; GPU: keeps 1.0/0.5 only", argv)
+    rows, info = run(args.device, args.quick)
+    return report(
+        args, "sparse_conv",
+        f"sparse_conv2d per layer (ResNet-50, 224 px, block 32) on {info['device']}, batch "
+        f"{info['batch']}, {info['dtype']}; 'ours packed' excludes packing",
+        info, rows,
+        ["layer", "keep", "mode", "provider", "median_ms", "p20_ms", "p80_ms", "rel_dense",
+         "ideal", "tflops", "max_err", "note"],
+    )
+
+
+if __name__ == "__main__":
+    main()
