@@ -5,7 +5,18 @@ with a plain-PyTorch reference of every op in effssl_kernels/reference/.
 """
 from . import _backend
 from .masks import BlockMask
-from .nn import is_sparse_vit, patch_size, sparsify_vit, token_keep, unsparsify_vit
+from .nn import (
+    block_mask,
+    is_sparse,
+    is_sparse_vit,
+    masked_checkpoint,
+    patch_size,
+    sparsify,
+    sparsify_vit,
+    token_keep,
+    unsparsify,
+    unsparsify_vit,
+)
 from .ops import block_match, gather_tokens, patch_embed_gather, similar_blocks
 from .patch_scaling import resize_patch_embed, resize_pos_embed
 from .sparse import TileIndex, sparse_conv2d, sparse_conv2d_packed
@@ -23,5 +34,6 @@ __all__ = [
     "sparsify_vit", "unsparsify_vit", "token_keep", "patch_size", "is_sparse_vit",
     # block-sparse convolution (issue 3; plain-torch tile path so far, no modules yet)
     "BlockMask", "TileIndex", "sparse_conv2d", "sparse_conv2d_packed",
+    "sparsify", "unsparsify", "block_mask", "masked_checkpoint", "is_sparse",
     "__version__",
 ]

@@ -1,0 +1,444 @@
+"""Block-masked (waxing-and-waning) ResNets without touching ``forward``, SEMANTICS.md section 2.
+
+``sparsify(model)`` swaps the classes of the model's ``Conv2d``, ``BatchNorm2d``/``SyncBatchNorm``,
+``MaxPool2d``, ``AdaptiveAvgPool2d(1)`` (and timm's ``FastAdaptiveAvgPool``) for subclasses, so
+parameters, buffers, ``state_dict`` keys and the model's own ``forward`` are unchanged. Inside
+
+    with effssl_kernels.block_mask(mask):           # a BlockMask, or (keep [N, Hb, Wb], block_size)
+        out = model(images)
+
+each swapped module applies section 2 at the cumulative stride ``s`` of its input:
+conv -> ``sparse_conv2d(..., mask=mask, in_stride=s)`` (kept tiles where tile-aligned,
+masked-dense otherwise); BN -> batch norm over kept positions with running-stat and
+``num_batches_tracked`` updates as ``nn.BatchNorm2d`` does; max pool -> ``M_out * maxpool(M_in * x)``;
+global average pool -> mean over each sample's kept positions. ReLU and the residual adds keep
+zeros at zero unchanged. Outside the ``with`` (or inside ``block_mask(None)``) every module runs its
+original ``forward``: the converted model is exactly the original.
+
+Cumulative strides are fixed at ``sparsify`` time by one traced forward of a small dummy input
+(eval mode, no grad, so no running statistic moves): every tensor carries the stride of the map it
+is on; an op outside the swapped modules passes its input's stride on and must keep the spatial
+size (otherwise the model has a resampling layer we do not know, and ``sparsify`` raises); a
+swapped module records its input's stride and multiplies its output's by its own stride. So the
+stride is the product of the strides of the layers on the path (residual downsample branches start
+from the block input's stride), never a ratio of sizes. ``input_strides(model)`` lists the table.
+
+The mask is read from a ``contextvars.ContextVar`` (per thread / asyncio task) when each module
+runs, and the tensors derived from it are saved by autograd, so ``backward`` outside the ``with``
+gives the masked gradients. ``torch.utils.checkpoint`` recomputes the forward in ``backward``,
+outside the ``with``, so it would recompute unmasked: use :func:`checkpoint` here instead, which
+re-enters the mask of the forward for the recomputation. ``mask.keep_ratio()`` gives the removal
+ratio to log (1 - keep ratio). ``SyncBatchNorm`` uses the kept positions of its own rank only
+(the cross-rank reduction is not done yet).
+"""
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import operator
+from collections.abc import Iterator
+
+import torch
+import torch.utils.checkpoint
+from torch import Tensor, nn
+from torch.overrides import TorchFunctionMode
+from torch.utils._pytree import tree_flatten
+
+from ..masks import BlockMask
+from ..reference.masked_net import (
+    masked_avg_pool_reference,
+    masked_batch_norm_reference,
+    masked_max_pool2d_reference,
+)
+from ..sparse import sparse_conv2d
+
+__all__ = ["block_mask", "checkpoint", "input_strides", "is_sparse", "sparsify", "unsparsify"]
+
+Pair = tuple[int, int]
+
+
+# ----------------------------------------------------------------------------- per-call state
+class _MaskState:
+    """The mask of one ``with block_mask(...)``: a BlockMask, or a keep grid whose image size is
+    taken from the input of the first masked layer at stride 1 (one BlockMask per image size)."""
+
+    __slots__ = ("block_size", "by_size", "keep", "last", "mask")
+
+    def __init__(self, mask: BlockMask | None, keep: Tensor | None, block_size: int | None):
+        self.mask, self.keep, self.block_size = mask, keep, block_size
+        self.by_size: dict[tuple[int, int], BlockMask] = {}
+        self.last: BlockMask | None = None  # the mask of the latest input image
+
+    def get(self, x: Tensor, in_stride: Pair, fn: str) -> BlockMask:
+        if self.mask is not None:
+            return self.mask
+        if in_stride == (1, 1):  # the input image: its size fixes the block grid
+            size = (int(x.shape[-2]), int(x.shape[-1]))
+            m = self.by_size.get(size)
+            if m is None:
+                m = BlockMask(self.keep, self.block_size, size)  # checks the grid
+                self.by_size[size] = m
+            self.last = m
+            return m
+        m = self.last
+        if m is None:
+            raise ValueError(f"{fn}: block_mask(keep, block_size) takes the image size from the "
+                             f"first masked layer, which must see the input image (stride 1); "
+                             f"pass a BlockMask instead")
+        return m
+
+
+_MASK: contextvars.ContextVar = contextvars.ContextVar("effssl_block_mask", default=None)
+
+
+@contextlib.contextmanager
+def block_mask(mask: BlockMask | Tensor | None, block_size: int | None = None) -> Iterator[None]:
+    """Run every sparsified ResNet called inside the ``with`` with these kept blocks.
+
+    Args:
+        mask: a :class:`BlockMask`; or a bool ``[N, Hb, Wb]`` keep grid (True = kept) with
+            ``block_size``, the image size then being the spatial size of the input of the
+            first masked layer; or None: no mask (the untouched model), e.g. for a momentum
+            encoder called inside an outer ``with``.
+        block_size: the block side in input pixels, with a keep tensor (positive int); with a
+            BlockMask it must be None or equal to ``mask.block_size``.
+
+    Raises TypeError / ValueError here for a wrong type, dtype, rank or block size; the model
+    raises ValueError for a batch, grid, size or device mismatch.
+    """
+    if mask is None:
+        state = None
+    elif isinstance(mask, BlockMask):
+        if block_size is not None and block_size != mask.block_size:
+            raise ValueError(f"block_mask: block_size {block_size} differs from the BlockMask's "
+                             f"{mask.block_size}")
+        state = _MaskState(mask, None, None)
+    elif isinstance(mask, Tensor):
+        if mask.dtype != torch.bool:
+            raise TypeError(f"block_mask: keep must be a bool tensor (True = kept), got {mask.dtype}")
+        if mask.dim() != 3:
+            raise ValueError(f"block_mask: keep must be [N, Hb, Wb], got shape {tuple(mask.shape)}")
+        if block_size is None:
+            raise ValueError("block_mask: a keep tensor needs block_size")
+        if isinstance(block_size, (bool, float)):
+            raise TypeError(f"block_mask: block_size must be an int, got {block_size!r}")
+        B = operator.index(block_size)
+        if B <= 0:
+            raise ValueError(f"block_mask: block_size must be positive, got {B}")
+        state = _MaskState(None, mask.clone(), B)
+    else:
+        raise TypeError(f"block_mask: expected a BlockMask, a bool keep tensor or None, got "
+                        f"{type(mask).__name__}")
+    tok = _MASK.set(state)
+    try:
+        yield
+    finally:
+        _MASK.reset(tok)
+
+
+def checkpoint(function, *args, **kwargs):
+    """``torch.utils.checkpoint.checkpoint(function, *args, use_reentrant=False, **kwargs)`` that
+    recomputes under the :func:`block_mask` in force now (plain checkpointing would recompute
+    unmasked when ``backward`` runs outside the ``with``). As with any checkpoint, a BatchNorm in
+    training inside ``function`` updates its running statistics again when recomputed."""
+    state = _MASK.get()
+
+    def run(*a, **k):
+        tok = _MASK.set(state)
+        try:
+            return function(*a, **k)
+        finally:
+            _MASK.reset(tok)
+
+    kwargs.setdefault("use_reentrant", False)
+    return torch.utils.checkpoint.checkpoint(run, *args, **kwargs)
+
+
+def _in_stride(module: nn.Module) -> Pair:
+    s = module.__dict__.get("_effssl_in_stride")
+    if s is None:
+        raise ValueError(f"sparse ResNet: {type(module).__name__} did not run in the forward traced "
+                         f"by sparsify, so its input stride is unknown; call sparsify again with "
+                         f"an example_input that runs it")
+    return s
+
+
+def _mask_for(module: nn.Module, x: Tensor) -> tuple[BlockMask | None, Pair]:
+    state = _MASK.get()
+    if state is None:
+        return None, (1, 1)
+    s = _in_stride(module)
+    fn = f"sparse {type(module)._effssl_base.__name__}"
+    m = state.get(x, s, fn)
+    m.check_input(x, fn)
+    return m, s
+
+
+# ----------------------------------------------------------------------------- swapped classes
+class _MaskedConv2d:
+    def forward(self, x):
+        mask, s = _mask_for(self, x)
+        if mask is None:
+            return super().forward(x)
+        return sparse_conv2d(x, self.weight, self.bias, self.stride, self.padding, self.dilation,
+                             self.groups, mask=mask, in_stride=s)
+
+
+class _MaskedBatchNorm:
+    """BatchNorm2d / SyncBatchNorm over kept positions (SyncBatchNorm: this rank's only)."""
+
+    def forward(self, x):
+        mask, s = _mask_for(self, x)
+        if mask is None:
+            return super().forward(x)
+        if x.dim() != 4:
+            raise ValueError(f"sparse BatchNorm2d: expected 4-D input, got {x.dim()}-D")
+        # As nn.BatchNorm2d.forward: the update factor and num_batches_tracked.
+        factor = 0.0 if self.momentum is None else self.momentum
+        if self.training and self.track_running_stats and self.num_batches_tracked is not None:
+            self.num_batches_tracked.add_(1)
+            factor = 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
+        bn_training = self.training or (self.running_mean is None and self.running_var is None)
+        use_running = not self.training or self.track_running_stats
+        return masked_batch_norm_reference(
+            x, mask.pixel_mask(s, x.shape[-2:]),
+            self.running_mean if use_running else None, self.running_var if use_running else None,
+            self.weight, self.bias, bn_training, factor, self.eps)
+
+
+class _MaskedMaxPool2d:
+    def forward(self, x):
+        mask, s = _mask_for(self, x)
+        if mask is None:
+            return super().forward(x)
+        return masked_max_pool2d_reference(x, self.kernel_size, self.stride, self.padding,
+                                           self.dilation, self.ceil_mode, mask=mask, in_stride=s)
+
+
+class _MaskedAdaptiveAvgPool2d:
+    """``AdaptiveAvgPool2d(1)``: ``[N, C, 1, 1]`` mean over each sample's kept positions."""
+
+    def forward(self, x):
+        mask, s = _mask_for(self, x)
+        if mask is None:
+            return super().forward(x)
+        y = masked_avg_pool_reference(x, mask.pixel_mask(s, x.shape[-2:]))
+        return y.view(x.shape[0], x.shape[1], 1, 1)
+
+
+class _MaskedFastAdaptiveAvgPool:
+    """timm ``FastAdaptiveAvgPool`` (NCHW): ``[N, C]`` or ``[N, C, 1, 1]``."""
+
+    def forward(self, x):
+        mask, s = _mask_for(self, x)
+        if mask is None:
+            return super().forward(x)
+        y = masked_avg_pool_reference(x, mask.pixel_mask(s, x.shape[-2:]))
+        return y if self.flatten else y.view(x.shape[0], x.shape[1], 1, 1)
+
+
+_SPARSE_CLASSES: dict = {}
+
+
+def _sparse_class(cls: type, mixin: type) -> type:
+    sub = _SPARSE_CLASSES.get(cls)
+    if sub is None:
+        sub = type(f"Sparse{cls.__name__}", (mixin, cls), {"_effssl_base": cls})
+        _SPARSE_CLASSES[cls] = sub
+    return sub
+
+
+_MIXINS = (_MaskedConv2d, _MaskedBatchNorm, _MaskedMaxPool2d, _MaskedAdaptiveAvgPool2d,
+           _MaskedFastAdaptiveAvgPool)
+
+
+def _is_swapped(m: nn.Module) -> bool:
+    return isinstance(m, _MIXINS)
+
+
+def is_sparse(model: nn.Module) -> bool:
+    """True when ``model`` holds modules converted by :func:`sparsify`."""
+    return any(_is_swapped(m) for m in model.modules())
+
+
+# ----------------------------------------------------------------------------- conversion plan
+def _fast_avg_pool_cls():
+    try:
+        from timm.layers.adaptive_avgmax_pool import FastAdaptiveAvgPool
+        return FastAdaptiveAvgPool
+    except ImportError:  # pragma: no cover - timm is optional
+        return None
+
+
+# Layers that resample or mix positions in a way section 2 does not define: refused.
+_UNSUPPORTED = (nn.AvgPool2d, nn.AdaptiveMaxPool2d, nn.LPPool2d, nn.FractionalMaxPool2d,
+                nn.ConvTranspose2d, nn.Upsample, nn.UpsamplingNearest2d, nn.UpsamplingBilinear2d,
+                nn.PixelShuffle, nn.PixelUnshuffle, nn.Unfold, nn.Fold, nn.InstanceNorm2d,
+                nn.GroupNorm, nn.LocalResponseNorm)
+
+
+def _plan(model: nn.Module) -> dict[nn.Module, type]:
+    """module -> mixin for every module to swap; TypeError for what we cannot mask."""
+    fast = _fast_avg_pool_cls()
+    plan: dict[nn.Module, type] = {}
+    for name, m in model.named_modules():
+        where = f"sparsify: {name or 'model'} ({type(m).__name__})"
+        t = type(m)
+        if t is nn.Conv2d:
+            if m.padding_mode != "zeros":
+                raise ValueError(f"{where}: padding_mode {m.padding_mode!r} is not supported "
+                                 f"(only 'zeros': removed blocks read as zeros)")
+            plan[m] = _MaskedConv2d
+        elif t in (nn.BatchNorm2d, nn.SyncBatchNorm):
+            plan[m] = _MaskedBatchNorm
+        elif t is nn.MaxPool2d:
+            if m.return_indices:
+                raise TypeError(f"{where}: return_indices=True is not supported")
+            plan[m] = _MaskedMaxPool2d
+        elif t is nn.AdaptiveAvgPool2d:
+            if m.output_size not in (1, (1, 1), [1, 1]):
+                raise TypeError(f"{where}: only global pooling (output_size 1) is supported, got "
+                                f"{m.output_size}")
+            plan[m] = _MaskedAdaptiveAvgPool2d
+        elif fast is not None and t is fast:
+            if tuple(m.dim) != (2, 3):
+                raise TypeError(f"{where}: only NCHW input is supported")
+            plan[m] = _MaskedFastAdaptiveAvgPool
+        elif isinstance(m, (nn.Conv2d, nn.BatchNorm2d, nn.MaxPool2d, nn.AdaptiveAvgPool2d)
+                        + _UNSUPPORTED):  # BatchNorm1d of a projector head after the pool is fine
+            raise TypeError(f"{where}: not supported by the masked network (a subclass with its own "
+                            f"forward, or a layer section 2 does not define)")
+    return plan
+
+
+def _module_stride(m: nn.Module) -> Pair:
+    if isinstance(m, nn.Conv2d):
+        return tuple(m.stride)
+    if isinstance(m, nn.MaxPool2d):
+        st = m.stride if m.stride not in (None, (), []) else m.kernel_size
+        st = (st, st) if isinstance(st, int) else tuple(st)
+        return st
+    return (1, 1)
+
+
+class _StrideTracer(TorchFunctionMode):
+    """Carries the cumulative stride of each tensor (``_effssl_s``) through a forward."""
+
+    def __init__(self):
+        super().__init__()
+        self.depth = 0  # > 0 inside a swapped module (whose hooks set the output stride)
+        self.error: str | None = None
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if self.error is not None:
+            return out
+        ins = [t for t in tree_flatten((args, kwargs or {}))[0]
+               if isinstance(t, Tensor) and getattr(t, "_effssl_s", None) is not None]
+        if not ins:
+            return out
+        strides = {t._effssl_s for t in ins}
+        if len(strides) > 1 and self.depth == 0:
+            self.error = (f"{getattr(func, '__name__', func)} combines maps of strides "
+                          f"{sorted(strides)}")
+            return out
+        s = ins[0]._effssl_s
+        for o in tree_flatten(out)[0]:
+            if not isinstance(o, Tensor) or o is ins[0]:
+                continue
+            if self.depth == 0 and o.dim() == 4 and ins[0].dim() == 4 and o.shape[-2:] != ins[0].shape[-2:]:
+                self.error = (f"{getattr(func, '__name__', func)} changes the spatial size "
+                              f"{tuple(ins[0].shape[-2:])} -> {tuple(o.shape[-2:])} outside the "
+                              f"supported layers")
+                return out
+            o._effssl_s = s
+        return out
+
+
+def _trace_strides(model: nn.Module, plan: dict[nn.Module, type],
+                   example_input: Tensor | None) -> dict[nn.Module, Pair]:
+    if example_input is None:
+        conv = next((m for m in plan if isinstance(m, nn.Conv2d)), None)
+        if conv is None:
+            raise TypeError("sparsify: the model has no Conv2d")
+        p = conv.weight
+        example_input = torch.zeros(2, conv.in_channels, 64, 64, device=p.device, dtype=p.dtype)
+    table: dict[nn.Module, Pair] = {}
+    tracer = _StrideTracer()
+    handles = []
+
+    def pre(m, args):
+        x = args[0] if args else None
+        s = getattr(x, "_effssl_s", None) if isinstance(x, Tensor) else None
+        if s is None:
+            tracer.error = tracer.error or f"the input of {type(m).__name__} has no known stride"
+        elif table.setdefault(m, s) != s:
+            tracer.error = tracer.error or (f"{type(m).__name__} runs at strides {table[m]} and {s} "
+                                            f"(a shared module must see one stride)")
+        tracer.depth += 1
+
+    def post(m, args, out):
+        tracer.depth -= 1
+        s = table.get(m)
+        if s is not None and isinstance(out, Tensor):
+            ms = _module_stride(m)
+            out._effssl_s = (s[0] * ms[0], s[1] * ms[1])
+
+    for m in plan:
+        handles.append(m.register_forward_pre_hook(pre))
+        handles.append(m.register_forward_hook(post))
+    modes = {m: m.training for m in model.modules()}
+    x = example_input.detach().clone()
+    x._effssl_s = (1, 1)
+    try:
+        model.eval()
+        with torch.no_grad(), tracer:
+            model(x)
+    finally:
+        for h in handles:
+            h.remove()
+        for m, t in modes.items():
+            m.training = t
+    if tracer.error is not None:
+        raise TypeError(f"sparsify: cannot track the cumulative stride: {tracer.error}")
+    return table
+
+
+def sparsify(model: nn.Module, example_input: Tensor | None = None) -> nn.Module:
+    """Convert a ResNet (torchvision or timm; any model built of the supported layers) in place
+    for :func:`block_mask`; returns it. Idempotent.
+
+    ``example_input`` is the dummy input of the stride trace (default zeros ``[2, C, 64, 64]``
+    on the first conv's device and dtype); it must run every swapped module. No running statistic
+    changes. Raises TypeError for layers the masked network does not define (e.g. ``AvgPool2d``
+    downsampling, ``Conv2d``/``BatchNorm2d`` subclasses with their own forward, non-global or
+    max pools) and ValueError for a ``padding_mode`` other than ``'zeros'``.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"sparsify: expected an nn.Module, got {type(model).__name__}")
+    if is_sparse(model):
+        return model
+    plan = _plan(model)
+    table = _trace_strides(model, plan, example_input)
+    for m, mixin in plan.items():
+        m.__class__ = _sparse_class(type(m), mixin)
+        if m in table:
+            m._effssl_in_stride = table[m]
+    return model
+
+
+def unsparsify(model: nn.Module) -> nn.Module:
+    """Undo :func:`sparsify` in place (restore the original classes); returns the model."""
+    if not is_sparse(model):
+        raise TypeError(f"unsparsify: model was not converted by sparsify ({type(model).__name__})")
+    for m in model.modules():
+        if _is_swapped(m):
+            m.__dict__.pop("_effssl_in_stride", None)
+            m.__class__ = type(m)._effssl_base
+    return model
+
+
+def input_strides(model: nn.Module) -> dict[str, Pair]:
+    """``{module name: cumulative stride (sh, sw) of its input}`` of a sparsified model."""
+    return {name: m.__dict__["_effssl_in_stride"] for name, m in model.named_modules()
+            if _is_swapped(m) and "_effssl_in_stride" in m.__dict__}

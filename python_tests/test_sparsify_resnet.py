@@ -1,0 +1,495 @@
+"""sparsify / block_mask on torchvision and timm ResNets: the untouched model without a mask, and
+the masked network of SEMANTICS.md section 2 with one, checked against a hand-written forward of
+the same weights built from the reference functions (strides there are hard-coded by the
+architecture, not taken from the converter's trace)."""
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from effssl_kernels.masks import BlockMask
+from effssl_kernels.nn import resnet as R
+from effssl_kernels.reference.masked_net import (
+    masked_avg_pool_reference,
+    masked_batch_norm_reference,
+    masked_conv2d_reference,
+    masked_max_pool2d_reference,
+)
+
+torchvision = pytest.importorskip("torchvision")
+from torchvision.models.resnet import BasicBlock, Bottleneck, ResNet
+
+
+def _cifar_resnet(block=BasicBlock, layers=(1, 1, 1, 1), num_classes=10):
+    """CIFAR variant: 3x3 stride-1 stem, no max pool."""
+    m = ResNet(block, list(layers), num_classes=num_classes)
+    m.conv1 = nn.Conv2d(3, 64, 3, 1, 1, bias=False)
+    m.maxpool = nn.Identity()
+    return m
+
+
+def _randomize_bn(model):
+    """Non-trivial affine parameters and running statistics, so a wrong BN path shows."""
+    g = torch.Generator().manual_seed(1)
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            with torch.no_grad():
+                m.weight.copy_(torch.rand(m.weight.shape, generator=g) + 0.5)
+                m.bias.copy_(torch.randn(m.bias.shape, generator=g) * 0.1)
+                m.running_mean.copy_(torch.randn(m.running_mean.shape, generator=g) * 0.1)
+                m.running_var.copy_(torch.rand(m.running_var.shape, generator=g) + 0.5)
+    return model
+
+
+def _keep(n, hb, wb, p=0.5, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    k = torch.rand(n, hb, wb, generator=g) < p
+    k[:, 0, 0] = True  # every sample keeps something
+    k[0, -1, -1] = False  # and something is removed
+    return k
+
+
+# ----------------------------------------------------------------------------- the oracle
+def _ref_conv(conv, x, mask, s):
+    return masked_conv2d_reference(x, conv.weight, conv.bias, conv.stride, conv.padding,
+                                   conv.dilation, conv.groups, mask=mask, in_stride=s)
+
+
+def _ref_bn(bn, x, mask, s):
+    training = bn.training
+    if training:
+        bn.num_batches_tracked.add_(1)
+    return masked_batch_norm_reference(x, mask.pixel_mask(s, x.shape[-2:]), bn.running_mean,
+                                       bn.running_var, bn.weight, bn.bias, training,
+                                       bn.momentum, bn.eps)
+
+
+def _ref_block(blk, x, mask, s):
+    """torchvision BasicBlock / Bottleneck at input stride ``s``; returns (out, out stride)."""
+    st = blk.stride
+    if isinstance(blk, BasicBlock):
+        out = F.relu(_ref_bn(blk.bn1, _ref_conv(blk.conv1, x, mask, s), mask, s * st))
+        out = _ref_bn(blk.bn2, _ref_conv(blk.conv2, out, mask, s * st), mask, s * st)
+    else:  # Bottleneck: stride on the 3x3 conv
+        out = F.relu(_ref_bn(blk.bn1, _ref_conv(blk.conv1, x, mask, s), mask, s))
+        out = F.relu(_ref_bn(blk.bn2, _ref_conv(blk.conv2, out, mask, s), mask, s * st))
+        out = _ref_bn(blk.bn3, _ref_conv(blk.conv3, out, mask, s * st), mask, s * st)
+    if blk.downsample is not None:
+        idt = _ref_bn(blk.downsample[1], _ref_conv(blk.downsample[0], x, mask, s), mask, s * st)
+    else:
+        idt = x
+    return F.relu(out + idt), s * st
+
+
+def _ref_forward(model, x, mask, stem_stride, pool):
+    """Masked forward of a torchvision ResNet from the reference functions."""
+    s = 1
+    x = _ref_conv(model.conv1, x, mask, s)
+    s *= stem_stride
+    x = F.relu(_ref_bn(model.bn1, x, mask, s))
+    if pool:
+        x = masked_max_pool2d_reference(x, 3, 2, 1, mask=mask, in_stride=s)
+        s *= 2
+    for layer in (model.layer1, model.layer2, model.layer3, model.layer4):
+        for blk in layer:
+            x, s = _ref_block(blk, x, mask, s)
+    x = masked_avg_pool_reference(x, mask.pixel_mask(s, x.shape[-2:]))
+    return model.fc(x)
+
+
+def _bn_state(model):
+    return {k: v.clone() for k, v in model.state_dict().items()
+            if "running" in k or "num_batches" in k}
+
+
+def _assert_states_close(a, b, **tol):
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], **tol, msg=lambda m, k=k: f"{k}: {m}")
+
+
+# ----------------------------------------------------------------------------- no mask / all kept
+@pytest.mark.parametrize("train", [True, False])
+def test_no_mask_is_the_original(train):
+    orig = _randomize_bn(torchvision.models.resnet18(num_classes=10))
+    conv = R.sparsify(copy.deepcopy(orig))
+    orig.train(train)
+    conv.train(train)
+    x = torch.randn(2, 3, 64, 64)
+    with R.block_mask(None):
+        y1 = conv(x)
+    y0 = orig(x)
+    assert torch.equal(y0, y1)
+    _assert_states_close(_bn_state(orig), _bn_state(conv), rtol=0, atol=0)
+    y0 = orig(x)
+    y2 = conv(x)  # outside any with
+    assert torch.equal(y0, y2)
+    _assert_states_close(_bn_state(orig), _bn_state(conv), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("train", [True, False])
+def test_all_kept_equals_dense(train):
+    orig = _randomize_bn(torchvision.models.resnet18(num_classes=10))
+    conv = R.sparsify(copy.deepcopy(orig))
+    orig.train(train)
+    conv.train(train)
+    x = torch.randn(2, 3, 64, 64)
+    mask = BlockMask(torch.ones(2, 4, 4, dtype=torch.bool), 16, 64)
+    with R.block_mask(mask):
+        y1 = conv(x)
+    y0 = orig(x)
+    torch.testing.assert_close(y1, y0, rtol=1e-4, atol=1e-4)
+    _assert_states_close(_bn_state(orig), _bn_state(conv), rtol=1e-4, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------- against the oracle
+def _check_against_reference(orig, x, keep, block, stem_stride, pool, train):
+    orig = _randomize_bn(orig).double()
+    ref = copy.deepcopy(orig)
+    conv = R.sparsify(copy.deepcopy(orig))
+    ref.train(train)
+    conv.train(train)
+    mask = BlockMask(keep, block, x.shape[-2:])
+    xr = x.clone().requires_grad_(True)
+    xc = x.clone().requires_grad_(True)
+    y_ref = _ref_forward(ref, xr, mask, stem_stride, pool)
+    # Every 4-D map of the converted model (each layer, block, ReLU) is zero under removed
+    # footprints (waxing); the stride is the size ratio here (sizes divide exactly).
+    maps = []
+    hooks = [m.register_forward_hook(lambda m, a, o: maps.append(o))
+             for m in conv.modules() if m is not conv]
+    with R.block_mask(keep, block):  # keep + block size: image size taken from x
+        y = conv(xc)
+    for h in hooks:
+        h.remove()
+    maps = [o for o in maps if isinstance(o, torch.Tensor) and o.dim() == 4]
+    checked = 0
+    for o in maps:
+        removed = ~mask.pixel_mask(x.shape[-1] // o.shape[-1], o.shape[-2:]).expand_as(o)
+        assert torch.all(o[removed] == 0)
+        checked += bool(removed.any())
+    assert checked > 20
+    dense = copy.deepcopy(orig).train(train)(x)
+    assert not torch.allclose(y, dense, rtol=1e-3, atol=1e-3)  # the mask matters
+    torch.testing.assert_close(y, y_ref, rtol=1e-9, atol=1e-9)
+    _assert_states_close(_bn_state(ref), _bn_state(conv), rtol=1e-9, atol=1e-12)
+    # Backward outside the with: the mask was captured at forward.
+    g = torch.randn_like(y)
+    (y_ref * g).sum().backward()
+    (y * g).sum().backward()
+    torch.testing.assert_close(xc.grad, xr.grad, rtol=1e-8, atol=1e-10)
+    pr, pc = dict(ref.named_parameters()), dict(conv.named_parameters())
+    for k, p in pr.items():
+        torch.testing.assert_close(pc[k].grad, p.grad, rtol=1e-8, atol=1e-10,
+                                   msg=lambda m, k=k: f"grad {k}: {m}")
+    # Zero gradient under removed input blocks, nonzero somewhere kept.
+    pm = mask.pixel_mask(1, x.shape[-2:]).expand_as(x)
+    assert torch.all(xc.grad[~pm] == 0)
+    assert xc.grad[pm].abs().sum() > 0
+    return conv, mask
+
+
+@pytest.mark.parametrize("train", [True, False])
+def test_cifar_resnet_matches_reference(train):
+    x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+    _check_against_reference(_cifar_resnet(), x, _keep(2, 4, 4), 8, 1, False, train)
+
+
+def test_resnet18_matches_reference_block_not_dividing_strides():
+    # block 16 on 64 px: layer4 (stride 32) is not tile-aligned and runs masked-dense.
+    x = torch.randn(2, 3, 64, 64, dtype=torch.float64)
+    _check_against_reference(torchvision.models.resnet18(num_classes=5), x, _keep(2, 4, 4, seed=3),
+                             16, 2, True, True)
+
+
+def test_bottleneck_resnet_matches_reference():
+    x = torch.randn(2, 3, 64, 64, dtype=torch.float64)
+    m = ResNet(Bottleneck, [1, 1, 1, 1], num_classes=5, width_per_group=16)
+    _check_against_reference(m, x, _keep(2, 2, 2, p=0.6, seed=5), 32, 2, True, True)
+
+
+def test_eval_uses_running_stats():
+    orig = _randomize_bn(_cifar_resnet()).double().eval()
+    conv = R.sparsify(copy.deepcopy(orig))
+    before = _bn_state(conv)
+    x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+    keep = _keep(2, 4, 4, seed=2)
+    mask = BlockMask(keep, 8, 32)
+    with R.block_mask(mask):
+        y = conv(x)
+    _assert_states_close(before, _bn_state(conv), rtol=0, atol=0)
+    torch.testing.assert_close(y, _ref_forward(orig, x, mask, 1, False), rtol=1e-9, atol=1e-9)
+    # A batch of one sample gives the same per-sample output as in the batch of two (no batch stats).
+    with R.block_mask(BlockMask(keep[:1], 8, 32)):
+        y1 = conv(x[:1])
+    torch.testing.assert_close(y1, y[:1], rtol=1e-9, atol=1e-9)
+
+
+def test_removed_everywhere_in_a_sample_is_finite():
+    conv = R.sparsify(_cifar_resnet()).train()
+    keep = _keep(2, 4, 4)
+    keep[1] = False
+    with R.block_mask(keep, 8):
+        y = conv(torch.randn(2, 3, 32, 32))
+    assert torch.isfinite(y).all()
+    # Nothing of sample 1 survives: its output is the fc bias alone.
+    torch.testing.assert_close(y[1], conv.fc.bias.detach())
+
+
+# ----------------------------------------------------------------------------- conversion
+def test_state_dict_and_round_trip():
+    orig = torchvision.models.resnet18(num_classes=10)
+    classes = {n: type(m) for n, m in orig.named_modules()}
+    conv = R.sparsify(copy.deepcopy(orig))
+    assert R.is_sparse(conv) and not R.is_sparse(orig)
+    assert list(conv.state_dict().keys()) == list(orig.state_dict().keys())
+    assert isinstance(conv.conv1, nn.Conv2d) and type(conv.conv1) is not nn.Conv2d
+    assert R.sparsify(conv) is conv  # idempotent
+    dup = copy.deepcopy(conv)  # a momentum encoder keeps the conversion
+    assert R.is_sparse(dup) and R.input_strides(dup) == R.input_strides(conv)
+    R.unsparsify(conv)
+    assert {n: type(m) for n, m in conv.named_modules()} == classes
+    assert R.input_strides(conv) == {}
+    x = torch.randn(2, 3, 64, 64)
+    orig.eval()
+    conv.eval()
+    with R.block_mask(BlockMask(_keep(2, 4, 4), 16, 64)):  # ignored by the restored model
+        assert torch.equal(conv(x), orig(x))
+    with pytest.raises(TypeError):
+        R.unsparsify(conv)
+
+
+def test_sparsify_does_not_touch_running_stats_or_mode():
+    m = _randomize_bn(torchvision.models.resnet18(num_classes=10)).train()
+    before = _bn_state(m)
+    R.sparsify(m)
+    assert m.training and all(x.training for x in m.modules())
+    _assert_states_close(before, _bn_state(m), rtol=0, atol=0)
+
+
+def _resnet_strides(names_to_stride, table):
+    for name, s in names_to_stride.items():
+        assert table[name] == (s, s), (name, table[name], s)
+
+
+def test_stride_table_resnet18():
+    t = R.input_strides(R.sparsify(torchvision.models.resnet18()))
+    _resnet_strides({"conv1": 1, "bn1": 2, "maxpool": 2, "layer1.0.conv1": 4, "layer1.1.bn2": 4,
+                     "layer2.0.conv1": 4, "layer2.0.bn1": 8, "layer2.0.conv2": 8,
+                     "layer2.0.downsample.0": 4, "layer2.0.downsample.1": 8,
+                     "layer3.0.downsample.0": 8, "layer4.0.conv1": 16, "layer4.0.conv2": 32,
+                     "layer4.1.bn2": 32, "avgpool": 32}, t)
+    assert len(t) == 20 + 20 + 2  # 20 convs, 20 BNs, maxpool, avgpool
+
+
+def test_stride_table_resnet50():
+    t = R.input_strides(R.sparsify(torchvision.models.resnet50()))
+    _resnet_strides({"conv1": 1, "maxpool": 2, "layer1.0.conv1": 4, "layer1.0.downsample.0": 4,
+                     "layer2.0.conv1": 4, "layer2.0.bn1": 4, "layer2.0.conv2": 4,
+                     "layer2.0.bn2": 8, "layer2.0.conv3": 8, "layer2.0.downsample.0": 4,
+                     "layer2.1.conv1": 8, "layer4.0.conv2": 16, "layer4.0.conv3": 32,
+                     "layer4.2.bn3": 32, "avgpool": 32}, t)
+
+
+def test_stride_table_cifar():
+    t = R.input_strides(R.sparsify(_cifar_resnet()))
+    assert "maxpool" not in t  # nn.Identity: nothing to swap
+    _resnet_strides({"conv1": 1, "bn1": 1, "layer1.0.conv1": 1, "layer2.0.conv1": 1,
+                     "layer2.0.conv2": 2, "layer3.0.conv2": 4, "layer4.0.conv2": 8,
+                     "layer4.0.downsample.0": 4, "avgpool": 8}, t)
+
+
+def test_stride_is_a_product_not_a_size_ratio():
+    # A valid 3x3 conv shrinks the map without changing the stride.
+    m = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Conv2d(4, 4, 3, 2, 1),
+                      nn.MaxPool2d(2), nn.Conv2d(4, 4, 1), nn.AdaptiveAvgPool2d(1))
+    t = R.input_strides(R.sparsify(m, example_input=torch.zeros(1, 3, 20, 20)))
+    assert t == {"0": (1, 1), "1": (1, 1), "2": (1, 1), "3": (2, 2), "4": (4, 4), "5": (4, 4)}
+
+
+def test_timm_resnets():
+    timm = pytest.importorskip("timm")
+    m50 = timm.create_model("resnet50", pretrained=False, num_classes=10)
+    t = R.input_strides(R.sparsify(m50))
+    _resnet_strides({"conv1": 1, "maxpool": 2, "layer2.0.conv2": 4, "layer2.0.conv3": 8,
+                     "layer2.0.downsample.0": 4, "layer4.2.bn3": 32, "global_pool.pool": 32}, t)
+    orig = _randomize_bn(timm.create_model("resnet18", pretrained=False, num_classes=10)).train()
+    conv = R.sparsify(copy.deepcopy(orig))
+    x = torch.randn(2, 3, 64, 64)
+    assert torch.equal(conv(x), orig(x))
+    with R.block_mask(torch.ones(2, 4, 4, dtype=torch.bool), 16):
+        y = conv(x)
+    torch.testing.assert_close(y, orig(x), rtol=1e-4, atol=1e-4)
+    # The masked timm model equals the masked torchvision model with the same weights.
+    tv = torchvision.models.resnet18(num_classes=10)
+    tv.load_state_dict(orig.state_dict())
+    R.sparsify(tv)
+    keep = _keep(2, 4, 4, seed=7)
+    conv.eval()
+    tv.eval()
+    with R.block_mask(keep, 16):
+        torch.testing.assert_close(conv(x), tv(x), rtol=1e-5, atol=1e-5)
+
+
+def test_timm_fast_avg_pool():
+    timm = pytest.importorskip("timm")
+    m = timm.create_model("resnet18", pretrained=False, num_classes=4, global_pool="fast")
+    m = _randomize_bn(m).double().eval()
+    orig = copy.deepcopy(m)
+    R.sparsify(m)
+    x = torch.randn(2, 3, 64, 64, dtype=torch.float64)
+    assert torch.equal(m(x), orig(x))
+    with R.block_mask(torch.ones(2, 2, 2, dtype=torch.bool), 32):
+        torch.testing.assert_close(m(x), orig(x))
+
+
+# ----------------------------------------------------------------------------- per-call state
+def test_nested_and_keep_equals_blockmask():
+    conv = R.sparsify(_cifar_resnet()).eval()
+    x = torch.randn(2, 3, 32, 32)
+    keep = _keep(2, 4, 4, seed=4)
+    with R.block_mask(BlockMask(keep, 8, 32)):
+        a = conv(x)
+        with R.block_mask(None):
+            d = conv(x)
+        b = conv(x)
+    with R.block_mask(keep, 8):
+        c = conv(x)
+    assert torch.equal(a, b) and torch.equal(a, c)
+    assert torch.equal(d, conv(x))
+    assert not torch.allclose(a, d)
+
+
+def test_every_conv_goes_through_sparse_conv2d(monkeypatch):
+    calls = []
+    real = R.sparse_conv2d
+
+    def spy(*a, **k):
+        calls.append(k["in_stride"])
+        return real(*a, **k)
+
+    monkeypatch.setattr(R, "sparse_conv2d", spy)
+    conv = R.sparsify(_cifar_resnet())
+    with R.block_mask(_keep(2, 4, 4), 8):
+        conv(torch.randn(2, 3, 32, 32))
+    assert len(calls) == 12 and sorted(set(calls)) == [(1, 1), (2, 2), (4, 4), (8, 8)]
+    conv(torch.randn(2, 3, 32, 32))  # no mask: the original forward
+    assert len(calls) == 12
+
+
+def test_checkpoint_recomputes_under_the_forward_mask():
+    orig = _randomize_bn(_cifar_resnet()).double().eval()
+    a = R.sparsify(copy.deepcopy(orig))
+    b = R.sparsify(copy.deepcopy(orig))
+    x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+    keep = _keep(2, 4, 4, seed=6)
+
+    def stages(m, x, ckpt):
+        x = m.relu(m.bn1(m.conv1(x)))
+        for layer in (m.layer1, m.layer2, m.layer3, m.layer4):
+            x = ckpt(layer, x) if ckpt else layer(x)
+        return m.fc(torch.flatten(m.avgpool(x), 1))
+
+    with R.block_mask(keep, 8):
+        ya = stages(a, x, None)
+        yb = stages(b, x, R.checkpoint)
+    torch.testing.assert_close(yb, ya)
+    ya.sum().backward()  # outside the with: the checkpoint recomputes under the same mask
+    yb.sum().backward()
+    for (k, pa), pb in zip(a.named_parameters(), b.parameters()):
+        torch.testing.assert_close(pb.grad, pa.grad, msg=lambda m, k=k: f"{k}: {m}")
+
+
+def test_autocast_bfloat16_cpu():
+    m = _randomize_bn(_cifar_resnet()).eval()
+    R.sparsify(m)
+    x = torch.randn(2, 3, 32, 32)
+    keep = _keep(2, 4, 4, seed=8)
+    with R.block_mask(keep, 8):
+        y32 = m(x)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y16 = m(x)
+    assert torch.isfinite(y16).all()
+    torch.testing.assert_close(y16.float(), y32, rtol=0.1, atol=0.1)
+
+
+def test_sync_batch_norm_is_per_rank_masked_bn():
+    # SyncBatchNorm under a mask: masked BN over this rank's kept positions (no cross-rank
+    # reduction yet), so on one process it equals BatchNorm2d.
+    bn = _randomize_bn(_cifar_resnet()).double().train()
+    sync = nn.SyncBatchNorm.convert_sync_batchnorm(copy.deepcopy(bn))
+    assert any(type(m) is nn.SyncBatchNorm for m in sync.modules())
+    R.sparsify(bn)
+    R.sparsify(sync)
+    assert any(isinstance(m, nn.SyncBatchNorm) and type(m) is not nn.SyncBatchNorm
+               for m in sync.modules())
+    x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+    with R.block_mask(_keep(2, 4, 4, seed=9), 8):
+        torch.testing.assert_close(sync(x), bn(x))
+    _assert_states_close(_bn_state(bn), _bn_state(sync), rtol=0, atol=0)
+
+
+def test_backbone_with_projector_head():
+    # A SimSiam-style encoder: the BatchNorm1d / Linear head after the pool stays untouched.
+    net = _cifar_resnet()
+    net.fc = nn.Identity()
+    enc = nn.Sequential(net, nn.Linear(512, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Linear(16, 8))
+    R.sparsify(enc)
+    assert type(enc[2]) is nn.BatchNorm1d
+    x = torch.randn(2, 3, 32, 32)
+    with R.block_mask(_keep(2, 4, 4), 8):
+        y = enc(x)
+    y.sum().backward()
+    assert y.shape == (2, 8) and torch.isfinite(y).all()
+    assert net.conv1.weight.grad.abs().sum() > 0
+
+
+def test_keep_ratio_for_logging():
+    mask = BlockMask(_keep(2, 4, 4), 8, 32)
+    assert float(mask.keep_ratio()) == pytest.approx(mask.keep.float().mean().item())
+
+
+# ----------------------------------------------------------------------------- bad input
+def test_bad_input():
+    conv = R.sparsify(_cifar_resnet()).eval()
+    x = torch.randn(2, 3, 32, 32)
+    with pytest.raises(ValueError, match="batch"), R.block_mask(_keep(3, 4, 4), 8):
+        conv(x)
+    with pytest.raises(ValueError, match="grid"), R.block_mask(_keep(2, 3, 3), 8):
+        conv(x)
+    with pytest.raises(ValueError, match="image"), R.block_mask(BlockMask(_keep(2, 2, 2), 8, 16)):
+        conv(x)  # a BlockMask of another image size
+    with pytest.raises(ValueError, match="positive"), R.block_mask(_keep(2, 4, 4), 0):
+        pass
+    with pytest.raises(ValueError, match="block_size"), R.block_mask(_keep(2, 4, 4)):
+        pass
+    with pytest.raises(ValueError, match="differs"), \
+            R.block_mask(BlockMask(_keep(2, 4, 4), 8, 32), 4):
+        pass
+    with pytest.raises(TypeError, match="bool"), R.block_mask(torch.ones(2, 4, 4), 8):
+        pass
+    with pytest.raises(TypeError), R.block_mask([[True]], 8):
+        pass
+
+
+def test_unsupported_layers_raise_at_sparsify():
+    m = _cifar_resnet()
+    m.conv1 = nn.Conv2d(3, 64, 3, 1, 1, bias=False, padding_mode="reflect")
+    with pytest.raises(ValueError, match="padding_mode"):
+        R.sparsify(m)
+    assert not R.is_sparse(m)  # nothing swapped on failure
+    with pytest.raises(TypeError, match="AvgPool2d"):
+        R.sparsify(nn.Sequential(nn.Conv2d(3, 4, 3), nn.AvgPool2d(2)))
+    with pytest.raises(TypeError, match="global"):
+        R.sparsify(nn.Sequential(nn.Conv2d(3, 4, 3), nn.AdaptiveAvgPool2d(2)))
+
+    class Resample(nn.Module):  # a resampling op the converter cannot see as a module
+        def forward(self, x):
+            return F.interpolate(x, scale_factor=0.5)
+
+    m = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), Resample(), nn.Conv2d(4, 4, 3))
+    with pytest.raises(TypeError, match="spatial size"):
+        R.sparsify(m)
+    assert not R.is_sparse(m)
