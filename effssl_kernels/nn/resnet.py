@@ -51,6 +51,7 @@ from ..reference.masked_net import (
     masked_max_pool2d_reference,
 )
 from ..sparse import sparse_conv2d
+from ._swap import sparse_class as _sparse_class
 
 __all__ = ["block_mask", "checkpoint", "input_strides", "is_sparse", "sparsify", "unsparsify"]
 
@@ -237,15 +238,6 @@ class _MaskedFastAdaptiveAvgPool:
         return y if self.flatten else y.view(x.shape[0], x.shape[1], 1, 1)
 
 
-_SPARSE_CLASSES: dict = {}
-
-
-def _sparse_class(cls: type, mixin: type) -> type:
-    sub = _SPARSE_CLASSES.get(cls)
-    if sub is None:
-        sub = type(f"Sparse{cls.__name__}", (mixin, cls), {"_effssl_base": cls})
-        _SPARSE_CLASSES[cls] = sub
-    return sub
 
 
 _MIXINS = (_MaskedConv2d, _MaskedBatchNorm, _MaskedMaxPool2d, _MaskedAdaptiveAvgPool2d,

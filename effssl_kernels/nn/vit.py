@@ -35,6 +35,7 @@ from torch import Tensor, nn
 from ..ops import gather_tokens, patch_embed_gather
 from ..ops._indices import check_keep_range
 from ..patch_scaling import resize_matrix_pinv, resize_patch_embed, resize_pos_embed
+from ._swap import sparse_class as _sparse_class
 
 __all__ = ["sparsify_vit", "unsparsify_vit", "token_keep", "patch_size", "is_sparse_vit"]
 
@@ -254,15 +255,6 @@ def _sparse_pos_embed(model, images: Tensor, keep: Optional[Tensor], check: bool
     return model.pos_drop(x)
 
 
-_SPARSE_CLASSES: dict = {}
-
-
-def _sparse_class(cls: type, mixin: type) -> type:
-    sub = _SPARSE_CLASSES.get(cls)
-    if sub is None:
-        sub = type(f"Sparse{cls.__name__}", (mixin, cls), {"_effssl_base": cls})
-        _SPARSE_CLASSES[cls] = sub
-    return sub
 
 
 def sparsify_vit(model: nn.Module) -> nn.Module:
