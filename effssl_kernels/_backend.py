@@ -86,3 +86,19 @@ def choose(device_type: str, cuda_kernel: bool = True) -> str:
         return "triton"
     require_ext("effssl_kernels on CPU tensors")
     return "cpp"
+
+
+def register_interpreter_fakes(*op_fakes) -> None:
+    """Under TRITON_INTERPRET=1 give each ``(triton_op, fake_impl)`` an explicit fake impl and let
+    functionalization pass through: there ``wrap_triton`` hands back the raw kernel, which cannot
+    see fake tensors (shared/research/toolchain.md). A no-op otherwise."""
+    if not TRITON_INTERPRET:
+        return
+    from torch._subclasses.functional_tensor import FunctionalTensorMode
+
+    def passthrough(mode, func, types, args, kwargs):
+        return mode.__torch_dispatch__(func, types, args, kwargs)
+
+    for op, fake in op_fakes:
+        op.register_fake(fake)
+        op.register_torch_dispatch(FunctionalTensorMode, passthrough)

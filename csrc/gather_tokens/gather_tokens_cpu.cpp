@@ -162,6 +162,16 @@ at::Tensor gather_tokens_cpu(const at::Tensor& x, const at::Tensor& keep,
 }
 
 // ----------------------------------------------------------------------------- backward
+// a[0:D] += row g (stride sg2), in float32; unit stride spelled out so that loop vectorises.
+template <typename TG>
+inline void add_row(float* a, const TG* g, int64_t D, int64_t sg2) {
+  if (sg2 == 1) {
+    for (int64_t d = 0; d < D; ++d) a[d] += static_cast<float>(g[d]);
+  } else {
+    for (int64_t d = 0; d < D; ++d) a[d] += static_cast<float>(g[d * sg2]);
+  }
+}
+
 // grad_x[n, l] = sum of grad[n, k] over keep[n, k] == l, ascending k, in float32. Per sample, a
 // linked list head[l] -> k -> nxt[k] (built backwards, so it runs in ascending k) finds the
 // rows; each grad_x row is written once (zeros, a converted copy, or the float32 sum).
@@ -200,14 +210,7 @@ void backward_x_kernel(const at::Tensor& grad, const KeepView<Idx>& kv, at::Tens
         }
         float* a = acc.data();
         std::fill(a, a + D, 0.f);
-        for (; k >= 0; k = nxt[k]) {
-          g = gp + n * sg0 + k * sg1;
-          if (sg2 == 1) {
-            for (int64_t d = 0; d < D; ++d) a[d] += static_cast<float>(g[d]);
-          } else {
-            for (int64_t d = 0; d < D; ++d) a[d] += static_cast<float>(g[d * sg2]);
-          }
-        }
+        for (; k >= 0; k = nxt[k]) add_row(a, gp + n * sg0 + k * sg1, D, sg2);
         for (int64_t d = 0; d < D; ++d) o[d] = static_cast<TX>(a[d]);
       }
     }
@@ -239,12 +242,7 @@ void backward_pos_kernel(const at::Tensor& grad, const KeepView<Idx>& kv, at::Te
       std::fill(a, a + D, 0.f);
       for (int64_t j = start[l]; j < start[l + 1]; ++j) {
         const int64_t n = rows[j] / K, k = rows[j] - n * K;
-        const TG* g = gp + n * sg0 + k * sg1;
-        if (sg2 == 1) {
-          for (int64_t d = 0; d < D; ++d) a[d] += static_cast<float>(g[d]);
-        } else {
-          for (int64_t d = 0; d < D; ++d) a[d] += static_cast<float>(g[d * sg2]);
-        }
+        add_row(a, gp + n * sg0 + k * sg1, D, sg2);
       }
       TP* o = pp + l * D;
       for (int64_t d = 0; d < D; ++d) o[d] = static_cast<TP>(a[d]);

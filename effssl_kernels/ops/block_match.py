@@ -176,13 +176,4 @@ def _block_match_triton(
 
 _block_match_triton.register_autograd(_backward, setup_context=_setup_context)
 
-if _backend.TRITON_INTERPRET:
-    # Under the interpreter wrap_triton hands back the raw kernel, which cannot see fake tensors;
-    # give the op an explicit fake impl and let functionalization pass through (toolchain.md).
-    from torch._subclasses.functional_tensor import FunctionalTensorMode
-
-    _block_match_triton.register_fake(_fake)
-    _block_match_triton.register_torch_dispatch(
-        FunctionalTensorMode,
-        lambda mode, func, types, args, kwargs: mode.__torch_dispatch__(func, types, args, kwargs),
-    )
+_backend.register_interpreter_fakes((_block_match_triton, _fake))

@@ -171,14 +171,4 @@ _gather_tokens_triton.register_autograd(
     setup_context=_setup_context,
 )
 
-if _backend.TRITON_INTERPRET:
-    # Under the interpreter wrap_triton hands back the raw kernel, which cannot see fake tensors;
-    # give the ops explicit fake impls and let functionalization pass through (toolchain.md).
-    from torch._subclasses.functional_tensor import FunctionalTensorMode
-
-    def _passthrough(mode, func, types, args, kwargs):
-        return mode.__torch_dispatch__(func, types, args, kwargs)
-
-    for _op, _f in ((_gather_tokens_triton, _fake), (_gather_tokens_backward_triton, _fake_backward)):
-        _op.register_fake(_f)
-        _op.register_torch_dispatch(FunctionalTensorMode, _passthrough)
+_backend.register_interpreter_fakes((_gather_tokens_triton, _fake), (_gather_tokens_backward_triton, _fake_backward))

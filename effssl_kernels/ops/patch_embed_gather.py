@@ -206,8 +206,7 @@ def _backward(ctx, grad):
             cols = torch.ops.effssl_kernels._gather_patches(images, keep, p, dt)
         gw = torch.mm(g_dt.t(), cols.reshape(N * K, -1)).reshape(ctx.weight_shape)
     if need_bias:
-        acc = torch.float64 if dt == torch.float64 else torch.float32
-        gb = g_dt.sum(0, dtype=acc).to(dt)
+        gb = g_dt.sum(0, dtype=_acc_dtype(dt)).to(dt)
     if need_pos:
         shape, pos_dtype = ctx.pos_meta
         L = shape[-2]
@@ -282,14 +281,4 @@ def _gather_patches_triton(images: Tensor, keep: Tensor, patch_size: int, dtype:
 _patch_embed_gather_triton.register_autograd(_backward, setup_context=_setup_context_triton)
 _gather_patches_triton.register_autograd(_backward_gather_triton, setup_context=_setup_gather)
 
-if _backend.TRITON_INTERPRET:
-    # Under the interpreter wrap_triton hands back the raw kernel, which cannot see fake tensors;
-    # give the ops explicit fake impls and let functionalization pass through (toolchain.md).
-    from torch._subclasses.functional_tensor import FunctionalTensorMode
-
-    for _op, _f in ((_patch_embed_gather_triton, _fake), (_gather_patches_triton, _fake_gather)):
-        _op.register_fake(_f)
-        _op.register_torch_dispatch(
-            FunctionalTensorMode,
-            lambda mode, func, types, args, kwargs: mode.__torch_dispatch__(func, types, args, kwargs),
-        )
+_backend.register_interpreter_fakes((_patch_embed_gather_triton, _fake), (_gather_patches_triton, _fake_gather))
