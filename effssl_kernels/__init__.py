@@ -19,7 +19,7 @@ from .nn import (
 )
 from .ops import block_match, gather_tokens, patch_embed_gather, similar_blocks
 from .patch_scaling import resize_patch_embed, resize_pos_embed
-from .sparse import TileIndex, sparse_conv2d, sparse_conv2d_packed
+from .sparse import PackedMap, TileIndex, sparse_conv2d, sparse_conv2d_packed
 from .tokens import random_token_keep, similar_token_keep
 from .transforms import TwoViewCrop, TwoViews, crop_centers
 
@@ -32,8 +32,8 @@ __all__ = [
     "gather_tokens", "patch_embed_gather", "random_token_keep", "similar_token_keep",
     "resize_patch_embed", "resize_pos_embed",
     "sparsify_vit", "unsparsify_vit", "token_keep", "patch_size", "is_sparse_vit",
-    # block-sparse convolution (issue 3; plain-torch tile path so far, no modules yet)
-    "BlockMask", "TileIndex", "sparse_conv2d", "sparse_conv2d_packed",
+    # block-sparse convolution (issue 3; plain-PyTorch tile kernels so far)
+    "BlockMask", "TileIndex", "PackedMap", "sparse_conv2d", "sparse_conv2d_packed",
     "sparsify", "unsparsify", "block_mask", "masked_checkpoint", "is_sparse",
     "__version__",
 ]

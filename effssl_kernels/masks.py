@@ -90,6 +90,7 @@ class BlockMask:
         self._block_size = B
         self._image_size = (H, W)
         self._cache: Dict[tuple, Tensor] = {}
+        self._tile_indices: Dict = {}  # sparse.tiles.TileIndex.from_mask's cache
 
     # ---- properties -------------------------------------------------------------------------
     @property

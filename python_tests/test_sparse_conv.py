@@ -184,10 +184,10 @@ def test_pack_unpack_roundtrip():
     assert cl.is_contiguous(memory_format=torch.channels_last) and torch.equal(cl, dense)
 
 
-def halo_oracle(x, idx, left, right, top, bottom):
-    """Each kept tile cut from the zero-padded masked dense map (loops: test only)."""
+def halo_oracle(x, idx, left, right, top, bottom, outside=0.0):
+    """Each kept tile cut from the masked dense map padded with ``outside`` (loops: test only)."""
     mask_px = idx.slot.ge(0).repeat_interleave(idx.tile[0], 1).repeat_interleave(idx.tile[1], 2)
-    xp = F.pad(x * mask_px.unsqueeze(1), (left, right, top, bottom))
+    xp = F.pad(x * mask_px.unsqueeze(1), (left, right, top, bottom), value=outside)
     bh, bw = idx.tile
     out = [xp[n, :, i * bh: (i + 1) * bh + top + bottom, j * bw: (j + 1) * bw + left + right]
            for n, i, j in idx.kept.tolist()]
@@ -214,6 +214,20 @@ def test_halo_gather_matches_dense(stride, halo):
     got = halo_gather(pack(x, idx), idx, halo)
     want = halo_oracle(x, idx, *h4)
     assert torch.equal(got, want)
+    go = torch.randn_like(want)
+    torch.testing.assert_close(grads(got, (x,), go)[0], grads(want, (x,), go)[0])
+
+
+@pytest.mark.parametrize("stride,halo", [(2, 1), (4, 3)])
+def test_halo_gather_outside_fill(stride, halo):
+    """Max pooling pads with -inf outside the image but reads removed neighbours as zero."""
+    mask = random_mask(2, 32, 24, 8, p=0.5, seed=6)
+    idx = TileIndex.from_mask(mask, stride)
+    x = torch.randn(2, 3, *idx.size, dtype=torch.float64, requires_grad=True)
+    got = halo_gather(pack(x, idx), idx, halo, outside=float("-inf"))
+    want = halo_oracle(x, idx, halo, halo, halo, halo, outside=float("-inf"))
+    assert torch.equal(got, want)
+    assert torch.isinf(got).any() and (got == 0).any()
     go = torch.randn_like(want)
     torch.testing.assert_close(grads(got, (x,), go)[0], grads(want, (x,), go)[0])
 

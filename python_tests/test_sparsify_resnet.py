@@ -3,6 +3,7 @@ the masked network of SEMANTICS.md section 2 with one, checked against a hand-wr
 the same weights built from the reference functions (strides there are hard-coded by the
 architecture, not taken from the converter's trace)."""
 import copy
+from unittest import mock
 
 import pytest
 import torch
@@ -11,6 +12,7 @@ from torch import nn
 
 from effssl_kernels.masks import BlockMask
 from effssl_kernels.nn import resnet as R
+from effssl_kernels.sparse.packed import PackedMap, as_dense
 from effssl_kernels.reference.masked_net import (
     masked_avg_pool_reference,
     masked_batch_norm_reference,
@@ -165,6 +167,9 @@ def _check_against_reference(orig, x, keep, block, stem_stride, pool, train):
     for h in hooks:
         h.remove()
     maps = [o for o in maps if isinstance(o, torch.Tensor) and o.dim() == 4]
+    packed = sum(isinstance(o, PackedMap) for o in maps)
+    assert packed > 10  # most maps stay packed between layers
+    maps = [as_dense(o) for o in maps]
     checked = 0
     for o in maps:
         removed = ~mask.pixel_mask(x.shape[-1] // o.shape[-1], o.shape[-2:]).expand_as(o)
@@ -362,15 +367,15 @@ def test_nested_and_keep_equals_blockmask():
     assert not torch.allclose(a, d)
 
 
-def test_every_conv_goes_through_sparse_conv2d(monkeypatch):
+def test_every_conv_goes_through_conv2d_map(monkeypatch):
     calls = []
-    real = R.sparse_conv2d
+    real = R.conv2d_map
 
     def spy(*a, **k):
         calls.append(k["in_stride"])
         return real(*a, **k)
 
-    monkeypatch.setattr(R, "sparse_conv2d", spy)
+    monkeypatch.setattr(R, "conv2d_map", spy)
     conv = R.sparsify(_cifar_resnet())
     with R.block_mask(_keep(2, 4, 4), 8):
         conv(torch.randn(2, 3, 32, 32))
@@ -415,7 +420,7 @@ def test_autocast_bfloat16_cpu():
     torch.testing.assert_close(y16.float(), y32, rtol=0.1, atol=0.1)
 
 
-def test_sync_batch_norm_is_per_rank_masked_bn():
+def test_sync_batch_norm_runs_its_own_forward_on_tiles():
     # SyncBatchNorm under a mask: masked BN over this rank's kept positions (no cross-rank
     # reduction yet), so on one process it equals BatchNorm2d.
     bn = _randomize_bn(_cifar_resnet()).double().train()
@@ -426,8 +431,16 @@ def test_sync_batch_norm_is_per_rank_masked_bn():
     assert any(isinstance(m, nn.SyncBatchNorm) and type(m) is not nn.SyncBatchNorm
                for m in sync.modules())
     x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
-    with R.block_mask(_keep(2, 4, 4, seed=9), 8):
-        torch.testing.assert_close(sync(x), bn(x))
+    # On packed maps the SyncBatchNorm's own forward runs on the tiles (its cross-rank
+    # reduction, on GPUs, then covers kept positions only): check it is the one called.
+    seen = []
+    real = nn.SyncBatchNorm.forward
+    with mock.patch.object(nn.SyncBatchNorm, "forward",
+                           lambda self, t: seen.append(type(t)) or real(self, t)):
+        with R.block_mask(_keep(2, 4, 4, seed=9), 8):
+            torch.testing.assert_close(sync(x), bn(x))
+    n_bn = sum(isinstance(m, nn.SyncBatchNorm) for m in sync.modules())
+    assert len(seen) == n_bn == 12 and set(seen) == {torch.Tensor}  # every BN, given tiles
     _assert_states_close(_bn_state(bn), _bn_state(sync), rtol=0, atol=0)
 
 

@@ -8,12 +8,21 @@ parameters, buffers, ``state_dict`` keys and the model's own ``forward`` are unc
         out = model(images)
 
 each swapped module applies section 2 at the cumulative stride ``s`` of its input:
-conv -> ``sparse_conv2d(..., mask=mask, in_stride=s)`` (kept tiles where tile-aligned,
-masked-dense otherwise); BN -> batch norm over kept positions with running-stat and
-``num_batches_tracked`` updates as ``nn.BatchNorm2d`` does; max pool -> ``M_out * maxpool(M_in * x)``;
-global average pool -> mean over each sample's kept positions. ReLU and the residual adds keep
-zeros at zero unchanged. Outside the ``with`` (or inside ``block_mask(None)``) every module runs its
-original ``forward``: the converted model is exactly the original.
+conv -> ``M_out * conv(M_in * x)`` on kept tiles; BN -> batch norm over kept positions with
+running-stat and ``num_batches_tracked`` updates as ``nn.BatchNorm2d`` does; max pool ->
+``M_out * maxpool(M_in * x)``; global average pool -> mean over each sample's kept positions.
+Outside the ``with`` (or inside ``block_mask(None)``) every module runs its original ``forward``:
+the converted model is exactly the original.
+
+Layout (``effssl_kernels.sparse.packed``): the first tile-aligned layer packs its input, and from
+there every map between layers is a :class:`~effssl_kernels.sparse.packed.PackedMap`, a tensor
+subclass that looks like ``[N, C, H, W]`` to the model's code but holds only the kept tiles;
+ReLU and residual adds run on the tiles, BN is ``F.batch_norm`` over the tiles (its statistics are
+then over kept pixels only), and no map is unpacked until the global pool. A layer that is not
+tile-aligned (a stride that does not divide the block, an image that is not a whole number of
+blocks) takes the dense map and runs masked-dense. Under ``torch.compile`` maps are not packed
+between layers: each layer packs, computes its kept tiles and unpacks (the subclass does not
+trace); the graph is compiled once for every mask (the tile count is data-dependent).
 
 Cumulative strides are fixed at ``sparsify`` time by one traced forward of a small dummy input
 (eval mode, no grad, so no running statistic moves): every tensor carries the stride of the map it
@@ -28,8 +37,9 @@ runs, and the tensors derived from it are saved by autograd, so ``backward`` out
 gives the masked gradients. ``torch.utils.checkpoint`` recomputes the forward in ``backward``,
 outside the ``with``, so it would recompute unmasked: use :func:`checkpoint` here instead, which
 re-enters the mask of the forward for the recomputation. ``mask.keep_ratio()`` gives the removal
-ratio to log (1 - keep ratio). ``SyncBatchNorm`` uses the kept positions of its own rank only
-(the cross-rank reduction is not done yet).
+ratio to log (1 - keep ratio). ``SyncBatchNorm`` on a packed map runs its own forward on the
+tiles, so its cross-rank statistics cover kept positions only; on a masked-dense map (not
+tile-aligned) it uses this rank's kept positions only.
 """
 from __future__ import annotations
 
@@ -45,12 +55,15 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten
 
 from ..masks import BlockMask
-from ..reference.masked_net import (
-    masked_avg_pool_reference,
-    masked_batch_norm_reference,
-    masked_max_pool2d_reference,
+from ..reference.masked_net import masked_avg_pool_reference, masked_batch_norm_reference
+from ..sparse.packed import (
+    PackedMap,
+    as_dense,
+    batch_norm_map,
+    conv2d_map,
+    max_pool2d_map,
+    packed_avg_pool,
 )
-from ..sparse import sparse_conv2d
 from ._swap import sparse_class as _sparse_class
 
 __all__ = ["block_mask", "checkpoint", "input_strides", "is_sparse", "sparsify", "unsparsify"]
@@ -176,24 +189,32 @@ def _mask_for(module: nn.Module, x: Tensor) -> tuple[BlockMask | None, Pair]:
 
 
 # ----------------------------------------------------------------------------- swapped classes
+# Maps stay packed (PackedMap) from the first tile-aligned layer on; layers that are not
+# tile-aligned take the dense map and run masked-dense (sparse.packed has the rules).
 class _MaskedConv2d:
     def forward(self, x):
         mask, s = _mask_for(self, x)
         if mask is None:
-            return super().forward(x)
-        return sparse_conv2d(x, self.weight, self.bias, self.stride, self.padding, self.dilation,
-                             self.groups, mask=mask, in_stride=s)
+            return super().forward(as_dense(x))
+        return conv2d_map(x, self.weight, self.bias, self.stride, self.padding, self.dilation,
+                          self.groups, mask=mask, in_stride=s)
 
 
 class _MaskedBatchNorm:
-    """BatchNorm2d / SyncBatchNorm over kept positions (SyncBatchNorm: this rank's only)."""
+    """BatchNorm2d / SyncBatchNorm over kept positions. SyncBatchNorm on a packed map runs its
+    own forward on the tiles (statistics over the kept positions of all ranks); on a dense
+    (not tile-aligned) map over this rank's kept positions only."""
 
     def forward(self, x):
         mask, s = _mask_for(self, x)
         if mask is None:
-            return super().forward(x)
+            return super().forward(as_dense(x))
         if x.dim() != 4:
             raise ValueError(f"sparse BatchNorm2d: expected 4-D input, got {x.dim()}-D")
+        if isinstance(x, PackedMap) and isinstance(self, nn.SyncBatchNorm) and self.training:
+            # A [T, C, bh, bw] batch holds exactly the kept pixels, so the cross-rank
+            # reduction of nn.SyncBatchNorm (counts included) is section 2's SyncBN as is.
+            return PackedMap.from_tiles(super().forward(x.tiles), x.index, x.mask)
         # As nn.BatchNorm2d.forward: the update factor and num_batches_tracked.
         factor = 0.0 if self.momentum is None else self.momentum
         if self.training and self.track_running_stats and self.num_batches_tracked is not None:
@@ -201,19 +222,28 @@ class _MaskedBatchNorm:
             factor = 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
         bn_training = self.training or (self.running_mean is None and self.running_var is None)
         use_running = not self.training or self.track_running_stats
-        return masked_batch_norm_reference(
-            x, mask.pixel_mask(s, x.shape[-2:]),
-            self.running_mean if use_running else None, self.running_var if use_running else None,
-            self.weight, self.bias, bn_training, factor, self.eps)
+        rm = self.running_mean if use_running else None
+        rv = self.running_var if use_running else None
+        if isinstance(x, PackedMap):
+            return batch_norm_map(x, rm, rv, self.weight, self.bias, bn_training, factor, self.eps)
+        return masked_batch_norm_reference(x, mask.pixel_mask(s, x.shape[-2:]), rm, rv,
+                                           self.weight, self.bias, bn_training, factor, self.eps)
 
 
 class _MaskedMaxPool2d:
     def forward(self, x):
         mask, s = _mask_for(self, x)
         if mask is None:
-            return super().forward(x)
-        return masked_max_pool2d_reference(x, self.kernel_size, self.stride, self.padding,
-                                           self.dilation, self.ceil_mode, mask=mask, in_stride=s)
+            return super().forward(as_dense(x))
+        return max_pool2d_map(x, self.kernel_size, self.stride, self.padding, self.dilation,
+                              self.ceil_mode, mask=mask, in_stride=s)
+
+
+def _masked_global_mean(x, mask, s):
+    """``[N, C]`` mean over each sample's kept positions."""
+    if isinstance(x, PackedMap):
+        return packed_avg_pool(x)
+    return masked_avg_pool_reference(x, mask.pixel_mask(s, x.shape[-2:]))
 
 
 class _MaskedAdaptiveAvgPool2d:
@@ -222,9 +252,8 @@ class _MaskedAdaptiveAvgPool2d:
     def forward(self, x):
         mask, s = _mask_for(self, x)
         if mask is None:
-            return super().forward(x)
-        y = masked_avg_pool_reference(x, mask.pixel_mask(s, x.shape[-2:]))
-        return y.view(x.shape[0], x.shape[1], 1, 1)
+            return super().forward(as_dense(x))
+        return _masked_global_mean(x, mask, s).view(x.shape[0], x.shape[1], 1, 1)
 
 
 class _MaskedFastAdaptiveAvgPool:
@@ -233,11 +262,9 @@ class _MaskedFastAdaptiveAvgPool:
     def forward(self, x):
         mask, s = _mask_for(self, x)
         if mask is None:
-            return super().forward(x)
-        y = masked_avg_pool_reference(x, mask.pixel_mask(s, x.shape[-2:]))
+            return super().forward(as_dense(x))
+        y = _masked_global_mean(x, mask, s)
         return y if self.flatten else y.view(x.shape[0], x.shape[1], 1, 1)
-
-
 
 
 _MIXINS = (_MaskedConv2d, _MaskedBatchNorm, _MaskedMaxPool2d, _MaskedAdaptiveAvgPool2d,

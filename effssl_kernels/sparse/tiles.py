@@ -14,7 +14,6 @@ per mask (one host sync, to learn ``T``) and shared by the :class:`TileIndex` of
 """
 from __future__ import annotations
 
-import weakref
 from typing import Dict, Sequence, Tuple, Union
 
 import torch
@@ -24,9 +23,6 @@ from ..masks import BlockMask, _as_int, _positive_pair
 
 IntOrPair = Union[int, Sequence[int]]
 
-# mask -> {"base": (kept, slot), (sh, sw): TileIndex}. Weak keys: an index lives as long as its
-# mask (one training step, typically) and needs no invalidation, since a BlockMask's keep is fixed.
-_INDEX_CACHE: "weakref.WeakKeyDictionary[BlockMask, Dict]" = weakref.WeakKeyDictionary()
 
 
 def _build_base(keep: Tensor) -> Tuple[Tensor, Tensor]:
@@ -92,7 +88,10 @@ class TileIndex:
             raise ValueError(
                 f"stride {s} is not tile-aligned for {mask}: needs block_size divisible by the "
                 f"stride and image_size divisible by block_size")
-        entry = _INDEX_CACHE.setdefault(mask, {})
+        # Cached on the mask ({"base": (kept, slot), (sh, sw): TileIndex}): an index lives as long
+        # as its mask (one step, typically) and needs no invalidation, a BlockMask's keep being
+        # fixed. Not a global dict: torch.compile would guard on its keys, recompiling per mask.
+        entry = mask._tile_indices
         idx = entry.get(s)
         if idx is None:
             base = entry.get("base")
@@ -104,9 +103,11 @@ class TileIndex:
 
     def halo_table(self, halo) -> Tensor:
         """int64 ``[T, bh + top + bottom, bw + left + right]``: for each pixel of each tile padded
-        by ``halo`` (as in :func:`halo_gather`), its row in the packed buffer ``[T * bh * bw + 1, C]``
+        by ``halo`` (as in :func:`halo_gather`), its row in the packed buffer ``[T * bh * bw + 2, C]``
         (pixel-major, channels last); row ``T * bh * bw`` is the zero row, read where the
-        neighbour block is removed or the pixel lies outside the image. Cached per halo.
+        neighbour block is removed, and row ``T * bh * bw + 1`` the outside row, read where the
+        pixel lies outside the image (zero for convolutions, -inf for max pooling). Cached per
+        halo.
 
         Any reach works: a halo wider than a tile reads tiles several blocks away."""
         key = _halo4(halo)
@@ -132,8 +133,8 @@ class TileIndex:
         bj = torch.div(cc, bw, rounding_mode="floor")
         src_tile = self.slot[n.view(T, 1, 1), bi, bj]  # [T, ph, pw], -1 where removed
         src = src_tile * P + (rc - bi * bh) * bw + (cc - bj * bw)
-        zero_row = torch.full_like(src, T * P)
-        return torch.where(inside & (src_tile >= 0), src, zero_row)
+        src = torch.where(src_tile >= 0, src, torch.full_like(src, T * P))
+        return torch.where(inside, src, torch.full_like(src, T * P + 1))
 
 
 def _halo4(halo) -> Tuple[int, int, int, int]:
@@ -213,11 +214,12 @@ def unpack(tiles: Tensor, index: TileIndex, out_shape: Sequence[int],
     return out
 
 
-def halo_gather(tiles: Tensor, index: TileIndex, halo) -> Tensor:
+def halo_gather(tiles: Tensor, index: TileIndex, halo, outside: float = 0.0) -> Tensor:
     """Packed ``[T, C, bh, bw]`` -> ``[T, C, bh + top + bottom, bw + left + right]``: each tile
     with a border of ``halo`` pixels (int, ``(rows, cols)`` or ``(left, right, top, bottom)``)
-    filled from its neighbour tiles, zero where the neighbour block is removed or outside the
-    image. One ``index_select`` from a zero-padded channels-last buffer with the cached
+    filled from its neighbour tiles, zero where the neighbour block is removed and ``outside``
+    beyond the image (0 for a convolution's zero padding, ``-inf`` for max pooling's).
+    One ``index_select`` from a padded channels-last buffer with the cached
     :meth:`TileIndex.halo_table` (its autograd backward is a scatter-add); the result is
     channels-last strided. ``halo == 0`` returns ``tiles`` itself."""
     _check_tiles(tiles, index, "halo_gather")
@@ -226,10 +228,12 @@ def halo_gather(tiles: Tensor, index: TileIndex, halo) -> Tensor:
         return tiles
     T, C, bh, bw = tiles.shape
     table = index.halo_table((left, right, top, bottom))
-    # Pixel-major rows [T*bh*bw + 1, C]: gathering whole rows keeps each pixel's channels
-    # together (the channels-last layout the GPU convolutions want); the last row stays zero.
-    buf = tiles.new_zeros((T * bh * bw + 1, C))
+    # Pixel-major rows [T*bh*bw + 2, C]: gathering whole rows keeps each pixel's channels
+    # together (the channels-last layout the GPU convolutions want); then the zero and outside rows.
+    buf = tiles.new_zeros((T * bh * bw + 2, C))
     buf[: T * bh * bw].view(T, bh, bw, C).copy_(tiles.permute(0, 2, 3, 1))
+    if outside != 0:
+        buf[T * bh * bw + 1].fill_(outside)
     ph, pw = bh + top + bottom, bw + left + right
     out = buf.index_select(0, table.reshape(-1))
     return out.view(T, ph, pw, C).permute(0, 3, 1, 2)

@@ -1,0 +1,209 @@
+"""A SimSiam training step of a block-masked ResNet end to end: how much block removal saves.
+
+Step = forward + backward of two views through one encoder (ResNet + SimSiam's 3-layer projector)
+and the predictor, symmetric negative-cosine loss with stop-gradient; gradients are zeroed, no
+optimizer step. Each view gets a fresh random mask per step that keeps exactly ``keep`` of its
+blocks (the block search of SimWnW is benchmarked on its own). Providers:
+
+- ``dense``: the unconverted model (cuDNN on a GPU), no mask: the baseline;
+- ``packed``: ``effssl_kernels.sparsify`` + ``block_mask``: maps stay packed (kept tiles only)
+  between layers, every layer computes kept tiles only, forward and backward;
+- ``per_layer``: the same model with packing off, so every layer packs, computes its tiles and
+  unpacks (``sparse_conv2d``'s dense in / dense out; what ``torch.compile`` runs today);
+- ``masked_dense``: every layer dense, then masked (``M_out * conv(M_in * x)`` etc.): the cost of
+  the masked network without any skipping.
+
+``rel_time`` is the median over dense's. ``ideal`` is ``1 / (keep * (1 - f) + f)`` with ``f`` the
+packed step at keep 0 over dense (what cannot shrink), as the issue asks, so ``rel_time / ideal``
+is how close removal comes to its own best case.
+
+GPU: ResNet-50 at 224 px, block 32, batch 256 per view, bf16 autocast, channels_last.
+CPU: ResNet-18 at 112 px, block 16 (the same 7 x 7 block grid), batch 8, fp32; there layer4
+(stride 32 > block 16) is not tile-aligned and runs masked-dense. CPU numbers show overheads,
+not the GPU's savings.
+
+    python -m bench.bench_simsiam_step [--device cuda|cpu] [--out DIR] [--quick]
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import os
+from unittest import mock
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import effssl_kernels.sparse.conv as sparse_conv_mod
+import effssl_kernels.sparse.packed as packed_mod
+from effssl_kernels.masks import BlockMask
+from effssl_kernels.nn import block_mask, sparsify
+
+from .common import device_info, parse_args, report, time_ms
+
+KEEPS = [1.0, 0.8, 0.75, 0.65, 0.5, 0.25, 0.0]
+PROVIDERS = ["dense", "packed", "per_layer", "masked_dense"]
+
+
+def _mlp(dims, last_bn=True):
+    layers = []
+    for i, (a, b) in enumerate(zip(dims[:-1], dims[1:])):
+        last = i == len(dims) - 2
+        layers.append(nn.Linear(a, b, bias=False))
+        if not last or last_bn:
+            layers.append(nn.BatchNorm1d(b))
+        if not last:
+            layers.append(nn.ReLU(inplace=True))
+    return nn.Sequential(*layers)
+
+
+class SimSiam(nn.Module):
+    """Encoder (backbone + projector) and predictor, as in Chen & He (2021)."""
+
+    def __init__(self, backbone: nn.Module, feat: int, dim: int = 2048, pred: int = 512):
+        super().__init__()
+        backbone.fc = nn.Identity()
+        self.backbone = backbone
+        self.projector = _mlp([feat, dim, dim, dim])
+        self.predictor = _mlp([dim, pred, dim], last_bn=False)
+
+    def loss(self, v1, v2, m1=None, m2=None):
+        with block_mask(m1):
+            z1 = self.projector(self.backbone(v1))
+        with block_mask(m2):
+            z2 = self.projector(self.backbone(v2))
+        p1, p2 = self.predictor(z1), self.predictor(z2)
+        return -0.5 * (F.cosine_similarity(p1, z2.detach()).mean()
+                       + F.cosine_similarity(p2, z1.detach()).mean())
+
+
+def random_keep(n: int, grid: int, keep: float, gen: torch.Generator, device) -> torch.Tensor:
+    """bool ``[n, grid, grid]`` keeping exactly ``round(keep * grid^2)`` random blocks each."""
+    k = round(keep * grid * grid)
+    order = torch.rand(n, grid * grid, generator=gen, device=device).argsort(1)
+    return (order < k).view(n, grid, grid)
+
+
+@contextlib.contextmanager
+def _provider(name: str):
+    """packing off (per_layer), or also no tiles at all (masked_dense)."""
+    with contextlib.ExitStack() as st:
+        if name in ("per_layer", "masked_dense"):
+            st.enter_context(mock.patch.object(packed_mod, "packing_enabled", lambda: False))
+        if name == "masked_dense":
+            st.enter_context(mock.patch.object(sparse_conv_mod, "conv_tile_halo",
+                                               lambda *a, **k: None))
+        yield
+
+
+def run(device: str, quick: bool = False):
+    import torchvision
+
+    info = device_info(device)
+    gpu = device == "cuda"
+    arch, feat, img, block, batch = (("resnet50", 2048, 224, 32, 256) if gpu
+                                     else ("resnet18", 512, 112, 16, 8))
+    amp = gpu
+    fmt = torch.channels_last if gpu else torch.contiguous_format
+    note = ("bf16 autocast, channels_last" if gpu
+            else "fp32; layer4 masked-dense (stride 32 > block 16)")
+    torch.manual_seed(0)
+    dense = SimSiam(getattr(torchvision.models, arch)(), feat).to(device, memory_format=fmt).train()
+    sparse = copy.deepcopy(dense)
+    sparsify(sparse.backbone, torch.zeros(2, 3, img, img, device=device))
+    g = torch.Generator(device=device).manual_seed(1)
+    v1 = torch.rand(batch, 3, img, img, device=device, generator=g).contiguous(memory_format=fmt)
+    v2 = torch.rand(batch, 3, img, img, device=device, generator=g).contiguous(memory_format=fmt)
+    grid = img // block
+
+    def step_fn(model, keep):
+        def fn():
+            model.zero_grad(set_to_none=True)
+            m1 = m2 = None
+            if keep is not None:  # fresh masks every step, as in training
+                m1 = BlockMask(random_keep(batch, grid, keep, g, device), block, img)
+                m2 = BlockMask(random_keep(batch, grid, keep, g, device), block, img)
+            with torch.autocast(device, dtype=torch.bfloat16, enabled=amp):
+                loss = model.loss(v1, v2, m1, m2)
+            loss.backward()
+        return fn
+
+    keeps = [1.0, 0.5, 0.0] if quick else KEEPS
+    providers = PROVIDERS[:2] if quick else PROVIDERS
+    rows, base, f = [], None, None
+    cases = [("dense", None)] + [(p, k) for k in keeps for p in providers if p != "dense"]
+    for prov, keep in cases:
+        row = {"provider": prov, "arch": arch, "img": img, "block": block, "batch": batch,
+               "keep": 1.0 if keep is None else keep, "note": note}
+        fn = step_fn(dense if prov == "dense" else sparse, keep)
+        try:
+            with _provider(prov):
+                fn()  # warm-up
+                t = time_ms(fn, device, min_run_time=0.5 if quick else 2.0)
+        except Exception as e:  # report, never hide, a case that fails
+            row["note"] = f"failed: {e}"[:120]
+            rows.append(row)
+            continue
+        row.update(t)
+        if prov == "dense":
+            base = t["median_ms"]
+        row["rel_time"] = t["median_ms"] / base
+        rows.append(row)
+    f = next((r["rel_time"] for r in rows if r["provider"] == "packed" and r["keep"] == 0.0
+              and "rel_time" in r), None)
+    for r in rows:
+        if f is not None and r["provider"] != "dense":
+            r["ideal"] = 1.0 / (r["keep"] * (1 - f) + f)
+            if "rel_time" in r:
+                r["rel_over_ideal"] = r["rel_time"] * r["ideal"]
+    for r in rows:
+        r["f_fixed_share"] = f
+    return rows, info
+
+
+def plot(rows, path: str, title: str) -> str | None:
+    """Step time against keep ratio per provider (PNG); None when matplotlib is missing."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    fig, ax = plt.subplots(figsize=(6, 4))
+    dense = next(r["median_ms"] for r in rows if r["provider"] == "dense")
+    ax.axhline(dense, color="k", ls="--", label="dense")
+    for prov in PROVIDERS[1:]:
+        pts = sorted((r["keep"], r["median_ms"]) for r in rows
+                     if r["provider"] == prov and "median_ms" in r)
+        if pts:
+            ax.plot(*zip(*pts), marker="o", label=prov)
+    ideal = sorted((r["keep"], r["ideal"] * dense) for r in rows
+                   if r["provider"] == "packed" and "ideal" in r)
+    if ideal:
+        ax.plot(*zip(*ideal), ls=":", color="gray", label="ideal 1/(keep(1-f)+f)")
+    ax.set_xlabel("keep ratio")
+    ax.set_ylabel("step time (ms, median)")
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def main(argv=None) -> str:
+    args = parse_args(__doc__, "keeps 1.0/0.5/0 and packed only, shorter timing", argv)
+    rows, info = run(args.device, args.quick)
+    title = f"SimSiam step (fwd+bwd, 2 views) on {info['device']}"
+    path = report(args, "simsiam_step", title, info, rows,
+                  ["provider", "arch", "img", "block", "batch", "keep", "median_ms", "p20_ms",
+                   "p80_ms", "rel_time", "ideal", "rel_over_ideal", "note"])
+    png = plot(rows, os.path.splitext(path)[0] + ".png", title)
+    if png:
+        print("plot:", png)
+    return path
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,282 @@
+"""PackedMap: a masked feature map that stays packed (kept tiles only) between layers.
+
+A sparsified ResNet (``effssl_kernels.sparsify``) never changes the model's ``forward``, so the
+tensors that flow between its layers must look like ``[N, C, H, W]`` maps to the model's own code
+(ReLU, residual adds, ``x.shape``) while holding only the kept tiles. :class:`PackedMap` is that
+tensor: a ``torch.Tensor`` subclass whose storage *is* the packed ``[T, C, bh, bw]`` tiles of
+:func:`~effssl_kernels.sparse.tiles.pack`, with the :class:`TileIndex` of its resolution attached.
+
+* The swapped conv / BN / pool modules read ``.tiles`` and return PackedMaps, so from the first
+  tile-aligned layer to the global pool no activation is ever unpacked (SegBlocks' layout).
+* Elementwise ops (ReLU and friends, residual adds, scaling by a scalar or a per-channel tensor)
+  run on the tiles directly: exact, because every consumer of the map reads removed positions as
+  zero, and zeros stay zeros under ReLU and adds (SEMANTICS.md section 2).
+* ``shape``, ``size()``, ``dim()``, ``numel()`` report the dense ``[N, C, H, W]``; ``dtype``,
+  ``device``, ``requires_grad``, ``grad_fn`` are the tiles'.
+* Any other op sees the dense map (:meth:`PackedMap.to_dense`, zeros under removed blocks) and
+  returns a dense result, with one warning per op name; an unknown in-place op raises, since it
+  would modify a temporary.
+
+Autograd runs on the tiles (the subclass is a plain alias of them), so gradients are packed too.
+"""
+from __future__ import annotations
+
+import warnings
+from typing import Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.utils._pytree import tree_flatten, tree_unflatten
+
+from ..masks import BlockMask, _positive_pair
+from ..reference.masked_net import masked_batch_norm_reference, masked_max_pool2d_reference
+from .conv import _check_weight, _check_x, _conv_tiles, conv_tile_halo, sparse_conv2d
+from .tiles import TileIndex, halo_gather, pack, unpack
+
+_DisableSubclass = torch._C.DisableTorchFunctionSubclass
+
+# Ops applied pixel by pixel (and channel by channel): on tiles they give the tiles of the
+# dense result. Anything else goes through the dense map.
+_ELEMENTWISE = {
+    F.relu, F.relu_, F.relu6, F.leaky_relu, F.hardtanh, F.gelu, F.silu, F.elu, F.hardswish,
+    F.mish, F.dropout,
+    torch.relu, torch.relu_, torch.sigmoid, torch.tanh, torch.add, torch.sub, torch.mul,
+    torch.clamp, torch.where,
+    Tensor.relu, Tensor.relu_, Tensor.sigmoid, Tensor.sigmoid_, Tensor.tanh, Tensor.tanh_,
+    Tensor.add, Tensor.add_, Tensor.__add__, Tensor.__radd__, Tensor.__iadd__,
+    Tensor.sub, Tensor.sub_, Tensor.__sub__, Tensor.__rsub__, Tensor.__isub__,
+    Tensor.mul, Tensor.mul_, Tensor.__mul__, Tensor.__rmul__, Tensor.__imul__,
+    Tensor.div, Tensor.div_, Tensor.__truediv__, Tensor.__itruediv__, Tensor.__neg__,
+    Tensor.clamp, Tensor.clamp_, Tensor.clamp_min, Tensor.clamp_min_, Tensor.clone,
+    Tensor.contiguous, Tensor.detach, Tensor.float, Tensor.half, Tensor.bfloat16, Tensor.double,
+    Tensor.type_as,
+}
+_IN_PLACE_DUNDERS = {"__iadd__", "__isub__", "__imul__", "__itruediv__", "__setitem__"}
+
+# Metadata queries answered without unpacking. Dense geometry:
+_DENSE_META = {
+    Tensor.shape.__get__: lambda p: p.dense_shape,
+    Tensor.size: lambda p, dim=None: p.dense_shape if dim is None else p.dense_shape[dim],
+    Tensor.dim: lambda p: 4,
+    Tensor.ndim.__get__: lambda p: 4,
+    Tensor.numel: lambda p: p.dense_shape.numel(),
+}
+# ... and the tiles' (the same for the dense map):
+_TILE_META = {Tensor.dtype.__get__, Tensor.device.__get__, Tensor.requires_grad.__get__,
+              Tensor.grad_fn.__get__, Tensor.is_cuda.__get__, Tensor.layout.__get__,
+              Tensor.is_floating_point, Tensor.element_size, Tensor.requires_grad_,
+              Tensor.is_leaf.__get__, Tensor.data_ptr, Tensor.get_device}
+
+_WARNED: set = set()
+
+
+def _name(func) -> str:
+    return getattr(func, "__name__", repr(func))
+
+
+class PackedMap(Tensor):
+    """The dense ``[N, C, H, W]`` masked map of ``index`` held as its tiles ``[T, C, bh, bw]``.
+    Build with :meth:`from_tiles` (or :func:`pack_map`), read with :attr:`tiles` /
+    :meth:`to_dense`. See the module docstring for which ops stay packed."""
+
+    _effssl_index: TileIndex
+    _effssl_mask: BlockMask
+
+    @staticmethod
+    def from_tiles(tiles: Tensor, index: TileIndex, mask: BlockMask) -> "PackedMap":
+        """Wrap packed ``tiles`` ``[T, C, bh, bw]`` of ``index`` (an alias: autograd flows)."""
+        with _DisableSubclass():
+            if tiles.dim() != 4 or tiles.shape[0] != index.num_tiles or \
+                    tuple(tiles.shape[2:]) != index.tile:
+                raise ValueError(f"PackedMap: tiles {tuple(tiles.shape)} do not match {index}")
+            out = tiles.as_subclass(PackedMap)
+        out._effssl_index = index
+        out._effssl_mask = mask
+        return out
+
+    @property
+    def index(self) -> TileIndex:
+        return self._effssl_index
+
+    @property
+    def mask(self) -> BlockMask:
+        return self._effssl_mask
+
+    @property
+    def tiles(self) -> Tensor:
+        """The packed ``[T, C, bh, bw]`` plain tensor (an alias on the autograd graph)."""
+        with _DisableSubclass():
+            return self.as_subclass(Tensor)
+
+    @property
+    def dense_shape(self) -> torch.Size:
+        with _DisableSubclass():
+            c = self.shape[1]
+        return torch.Size((self._effssl_index.batch, c, *self._effssl_index.size))
+
+    def to_dense(self, memory_format: torch.memory_format = torch.contiguous_format) -> Tensor:
+        """The dense ``[N, C, H, W]`` map, zeros under removed blocks (differentiable). Cached
+        until the tiles change, so the two branches of a residual block that both leave the
+        packed layout unpack once."""
+        tiles = self.tiles
+        key = (tiles._version, memory_format)
+        cached = self.__dict__.get("_effssl_dense")
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        dense = unpack(tiles, self._effssl_index, self.dense_shape, memory_format)
+        self._effssl_dense = (key, dense)
+        return dense
+
+    def __repr__(self, *, tensor_contents=None) -> str:
+        return f"PackedMap(dense_shape={tuple(self.dense_shape)}, {self._effssl_index})"
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func in _DENSE_META:
+            return _DENSE_META[func](*args, **kwargs)
+        flat, spec = tree_flatten((args, kwargs))
+        packed = [a for a in flat if isinstance(a, PackedMap)]
+        if func in _TILE_META:
+            with _DisableSubclass():
+                return func(*args, **kwargs)
+        if func in _ELEMENTWISE and _same_index(packed) and all(
+                _broadcasts_per_channel(a) for a in flat if isinstance(a, Tensor)
+                and not isinstance(a, PackedMap)):
+            index, mask = packed[0]._effssl_index, packed[0]._effssl_mask
+            tile_shape = packed[0].tiles.shape
+            a2, k2 = tree_unflatten([a.tiles if isinstance(a, PackedMap) else a for a in flat], spec)
+            with _DisableSubclass():
+                out = func(*a2, **k2)
+            if isinstance(out, Tensor) and out.dim() == 4 and out.shape[0] == tile_shape[0] \
+                    and out.shape[2:] == tile_shape[2:]:
+                return PackedMap.from_tiles(out, index, mask)
+            return out
+        name = _name(func)
+        if name in _IN_PLACE_DUNDERS or (name.endswith("_") and not name.startswith("__")):
+            raise NotImplementedError(
+                f"PackedMap: in-place {name} on a packed map is not supported (it would change a "
+                f"dense copy); call .to_dense() first")
+        if name not in _WARNED:
+            _WARNED.add(name)
+            warnings.warn(f"PackedMap: {name} is not a known elementwise op; running it on the "
+                          f"dense map (slower, exact)", stacklevel=2)
+        a2, k2 = tree_unflatten([a.to_dense() if isinstance(a, PackedMap) else a for a in flat],
+                                spec)
+        with _DisableSubclass():
+            return func(*a2, **k2)
+
+
+def _same_index(packed) -> bool:
+    return all(p._effssl_index is packed[0]._effssl_index for p in packed)
+
+
+def _broadcasts_per_channel(t: Tensor) -> bool:
+    """A tensor that broadcasts the same way against ``[T, C, bh, bw]`` as against
+    ``[N, C, H, W]``: a scalar, or constant over batch and space (``[C, 1, 1]``, ``[1, C, 1, 1]``)."""
+    s = t.shape
+    if t.dim() > 4:
+        return False
+    return t.numel() == 1 or (t.dim() >= 3 and s[-1] == 1 and s[-2] == 1
+                              and (t.dim() == 3 or s[0] == 1))
+
+
+def packing_enabled() -> bool:
+    """Whether layers hand PackedMaps to each other: in eager mode. Under ``torch.compile`` the
+    subclass does not trace (Dynamo guards on the real, packed size), so there each layer runs
+    :func:`~effssl_kernels.sparse.sparse_conv2d` dense in, dense out (still kept tiles only
+    inside the layer; the compiler sees and fuses the pack/unpack around it)."""
+    return not torch.compiler.is_compiling()
+
+
+def pack_map(x: Tensor, mask: BlockMask, stride: Tuple[int, int]) -> PackedMap:
+    """Dense ``[N, C, H, W]`` at cumulative ``stride`` -> its :class:`PackedMap`
+    (the resolution must be tile-aligned)."""
+    index = TileIndex.from_mask(mask, stride)
+    return PackedMap.from_tiles(pack(x, index), index, mask)
+
+
+def as_dense(x: Tensor) -> Tensor:
+    """``x.to_dense()`` for a PackedMap, ``x`` itself otherwise."""
+    return x.to_dense() if isinstance(x, PackedMap) else x
+
+
+def packed_avg_pool(x: PackedMap) -> Tensor:
+    """Global average pool of a PackedMap: ``[N, C]``, the mean over each sample's kept pixels
+    (zeros for a sample with none), float32 sums for fp16/bf16."""
+    tiles, index = x.tiles, x.index
+    acc = torch.float32 if tiles.dtype in (torch.float16, torch.bfloat16) else tiles.dtype
+    N, C = index.batch, tiles.shape[1]
+    n = index.kept[:, 0]
+    sums = tiles.to(acc).sum(dim=(2, 3))
+    total = sums.new_zeros((N, C)).index_add(0, n, sums)
+    count = sums.new_zeros(N).index_add_(0, n, sums.new_ones(n.shape[0]))
+    bh, bw = index.tile
+    return (total / (count * (bh * bw)).clamp(min=1).view(N, 1)).to(tiles.dtype)
+
+
+def max_pool2d_map(x: Tensor, kernel_size, stride, padding, dilation, ceil_mode: bool, *,
+                   mask: BlockMask, in_stride: Tuple[int, int]) -> Tensor:
+    """``M_out * maxpool(M_in * x)``: on tiles where the pool is tile-aligned (removed neighbours
+    read as zero, outside the image as -inf, max pooling's padding) -> PackedMap; otherwise
+    masked-dense on the dense map."""
+    stride = kernel_size if stride is None or stride == () else stride
+    halo = None if ceil_mode or not packing_enabled() else conv_tile_halo(kernel_size, stride, padding, dilation, mask=mask,
+                                                 in_stride=in_stride, size=x.shape[-2:])
+    if halo is None:
+        return masked_max_pool2d_reference(as_dense(x), kernel_size, stride, padding, dilation,
+                                           ceil_mode, mask=mask, in_stride=in_stride)
+    tiles, idx_in = _tiles_at(x, mask, in_stride, "sparse max_pool2d")
+    s = _positive_pair(stride, "stride")
+    y = F.max_pool2d(halo_gather(tiles, idx_in, halo, outside=float("-inf")), kernel_size, s, 0,
+                     dilation)
+    idx_out = TileIndex.from_mask(mask, (in_stride[0] * s[0], in_stride[1] * s[1]))
+    return PackedMap.from_tiles(y, idx_out, mask)
+
+
+
+def conv2d_map(x: Tensor, weight: Tensor, bias: Optional[Tensor], stride, padding, dilation,
+               groups: int, *, mask: BlockMask, in_stride: Tuple[int, int]) -> Tensor:
+    """:func:`~effssl_kernels.sparse.sparse_conv2d` that keeps maps packed: x dense or a
+    PackedMap at cumulative ``in_stride``; a tile-aligned layer returns a PackedMap (packing a
+    dense x first), any other runs masked-dense on the dense map and returns it dense."""
+    halo = conv_tile_halo(weight.shape[-2:], stride, padding, dilation, mask=mask,
+                          in_stride=in_stride, size=x.shape[-2:])
+    if halo is None or not packing_enabled():
+        return sparse_conv2d(as_dense(x), weight, bias, stride, padding, dilation, groups,
+                             mask=mask, in_stride=in_stride)
+    tiles, idx_in = _tiles_at(x, mask, in_stride, "sparse conv2d")
+    _check_weight(weight, bias, "sparse conv2d")
+    s = _positive_pair(stride, "stride")
+    y = _conv_tiles(tiles, weight, bias, s, halo, dilation, groups, idx_in)
+    idx_out = TileIndex.from_mask(mask, (in_stride[0] * s[0], in_stride[1] * s[1]))
+    return PackedMap.from_tiles(y, idx_out, mask)
+
+
+def _tiles_at(x: Tensor, mask: BlockMask, in_stride: Tuple[int, int], fn: str):
+    """(tiles, index) of x at ``in_stride``: a PackedMap of that index as is, anything else
+    (dense, or packed under another mask) packed from its dense map."""
+    idx = TileIndex.from_mask(mask, in_stride)
+    if isinstance(x, PackedMap) and x.index is idx:
+        return x.tiles, idx
+    x = as_dense(x)
+    _check_x(x, mask, in_stride, fn)
+    return pack(x, idx), idx
+
+
+def batch_norm_map(x: PackedMap, running_mean: Optional[Tensor], running_var: Optional[Tensor],
+                   weight: Optional[Tensor], bias: Optional[Tensor], training: bool,
+                   momentum: float, eps: float) -> PackedMap:
+    """Masked BatchNorm of a PackedMap: ``F.batch_norm`` over ``[T, C, bh, bw]`` takes its
+    statistics over kept pixels only, so it is section 2's BN as is; when ``n = T * bh * bw``
+    is at most 1 in training (where F.batch_norm raises) the reference gives zeros/no update."""
+    tiles = x.tiles
+    T, _, bh, bw = tiles.shape
+    if training and T * bh * bw <= 1:
+        ones = torch.ones((T, 1, bh, bw), dtype=torch.bool, device=tiles.device)
+        y = masked_batch_norm_reference(tiles, ones, running_mean, running_var, weight, bias,
+                                        training, momentum, eps)
+    else:
+        y = F.batch_norm(tiles, running_mean, running_var, weight, bias, training, momentum, eps)
+    return PackedMap.from_tiles(y, x.index, x.mask)

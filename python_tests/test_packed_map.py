@@ -1,0 +1,226 @@
+"""PackedMap (maps kept packed between the layers of a sparsified ResNet) against the dense
+masked maps it stands for, and the packed layer functions against the section 2 references."""
+import copy
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from effssl_kernels.masks import BlockMask
+from effssl_kernels.nn import resnet as R
+from effssl_kernels.reference.masked_net import (
+    masked_avg_pool_reference,
+    masked_batch_norm_reference,
+    masked_conv2d_reference,
+    masked_max_pool2d_reference,
+)
+from effssl_kernels.sparse import packed as P
+from effssl_kernels.sparse.packed import PackedMap, pack_map
+
+from utils import random_mask
+
+
+def _packed(seed=0, n=2, c=3, hw=32, block=8, stride=2, dtype=torch.float64):
+    mask = random_mask(n, hw, hw, block, p=0.5, seed=seed)
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, c, hw // stride, hw // stride, generator=g, dtype=dtype)
+    x = x * mask.pixel_mask(stride, x.shape[-2:])  # the dense masked map
+    return x.requires_grad_(True), mask, pack_map(x, mask, (stride, stride))
+
+
+def test_metadata_is_dense_data_is_tiles():
+    x, mask, p = _packed()
+    assert isinstance(p, PackedMap)
+    assert p.shape == x.shape and p.size() == x.shape and p.size(1) == 3 and p.dim() == 4
+    assert p.numel() == x.numel() and p.dtype == x.dtype and p.device == x.device
+    assert p.requires_grad and p.tiles.shape == (p.index.num_tiles, 3, 4, 4)
+    assert type(p.tiles) is torch.Tensor
+    assert torch.equal(p.to_dense(), x)
+    assert "PackedMap" in repr(p)
+
+
+def test_elementwise_ops_stay_packed_and_match_dense():
+    x, mask, p = _packed(seed=1)
+    scale = torch.rand(1, 3, 1, 1, dtype=x.dtype) + 0.5
+
+    def f(t):
+        y = F.relu(t) + t * 2
+        y = y * scale - 0.5 * t  # a per-channel tensor and scalars broadcast alike
+        y += t
+        return torch.relu_(y)
+
+    got = f(p)
+    assert isinstance(got, PackedMap) and got.index is p.index
+    want = f(x)
+    torch.testing.assert_close(got.to_dense(), want)
+    g = torch.randn_like(want)
+    gp, = torch.autograd.grad(got.to_dense(), x, g)
+    gd, = torch.autograd.grad(want, x, g)
+    torch.testing.assert_close(gp, gd)
+
+
+def test_other_ops_see_the_dense_map():
+    x, mask, p = _packed(seed=2)
+    row = torch.randn(x.shape[-1], dtype=x.dtype)  # broadcasts along W, not per channel
+    with pytest.warns(UserWarning, match="dense map"):
+        y = p + row
+    assert type(y) is torch.Tensor
+    torch.testing.assert_close(y, x + row)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.testing.assert_close(p.sum(dim=(2, 3)), x.sum(dim=(2, 3)))
+        torch.testing.assert_close(torch.flatten(p, 1), torch.flatten(x, 1))
+        torch.testing.assert_close(p[1, :, 3], x[1, :, 3])
+
+
+def test_maps_of_different_resolutions_combine_densely():
+    x, mask, p = _packed(seed=3)
+    q = pack_map(x, mask, (2, 2))
+    assert q.index is p.index  # one TileIndex per mask and stride
+    other = random_mask(2, 32, 32, 8, p=0.5, seed=9)
+    r = pack_map(x * other.pixel_mask(2, x.shape[-2:]), other, (2, 2))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        y = p + r
+    assert type(y) is torch.Tensor
+    torch.testing.assert_close(y, x + r.to_dense())
+
+
+def test_unknown_in_place_op_raises():
+    _, _, p = _packed(seed=4)
+    with pytest.raises(NotImplementedError, match="in-place"):
+        p.fill_(1.0)
+    with pytest.raises(NotImplementedError, match="in-place"):
+        p[0] = 1.0
+
+
+def test_to_dense_is_cached_until_the_tiles_change():
+    _, _, p = _packed(seed=5)
+    a = p.to_dense()
+    assert p.to_dense() is a
+    q = F.relu(p, inplace=True)  # same storage, new version
+    b = p.to_dense()
+    assert b is not a and torch.equal(b, q.to_dense())
+
+
+# ----------------------------------------------------------------------------- packed layers
+@pytest.mark.parametrize("k,s,pad", [(3, 2, 1), (2, 2, 0), (3, 1, 1)])
+def test_max_pool_packed_matches_reference_negative_values(k, s, pad):
+    """All values negative: a -inf outside the image and zeros under removed blocks differ."""
+    mask = random_mask(2, 32, 32, 8, p=0.5, seed=6)
+    x = -torch.rand(2, 3, 16, 16, dtype=torch.float64) - 0.1
+    x.requires_grad_(True)
+    y = P.max_pool2d_map(x, k, s, pad, 1, False, mask=mask, in_stride=(2, 2))
+    assert isinstance(y, PackedMap)
+    want = masked_max_pool2d_reference(x, k, s, pad, mask=mask, in_stride=(2, 2))
+    torch.testing.assert_close(y.to_dense(), want)
+    g = torch.randn_like(want)
+    torch.testing.assert_close(torch.autograd.grad(y.to_dense(), x, g)[0],
+                               torch.autograd.grad(want, x, g)[0])
+    # ceil_mode and unaligned pools run masked-dense
+    assert type(P.max_pool2d_map(x, 3, 2, 1, 1, True, mask=mask, in_stride=(2, 2))) is torch.Tensor
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_batch_norm_packed_matches_reference(training):
+    x, mask, p = _packed(seed=7, c=4)
+    rm, rv = torch.randn(4, dtype=x.dtype) * 0.1, torch.rand(4, dtype=x.dtype) + 0.5
+    w, b = torch.rand(4, dtype=x.dtype) + 0.5, torch.randn(4, dtype=x.dtype)
+    rm2, rv2 = rm.clone(), rv.clone()
+    y = P.batch_norm_map(p, rm, rv, w, b, training, 0.1, 1e-5)
+    want = masked_batch_norm_reference(x, mask.pixel_mask(2, x.shape[-2:]), rm2, rv2, w, b,
+                                       training, 0.1, 1e-5)
+    torch.testing.assert_close(y.to_dense(), want)
+    torch.testing.assert_close(rm, rm2)
+    torch.testing.assert_close(rv, rv2)
+
+
+def test_batch_norm_packed_one_or_no_kept_pixel():
+    keep = torch.zeros(2, 4, 4, dtype=torch.bool)
+    keep[1, 2, 3] = True  # one 1x1 tile at stride 8 with block 8: n == 1
+    mask = BlockMask(keep, 8, 32)
+    x = torch.randn(2, 3, 4, 4, dtype=torch.float64) * mask.pixel_mask(8, (4, 4))
+    for m in (mask, BlockMask(torch.zeros_like(keep), 8, 32)):
+        p = pack_map(x, m, (8, 8))
+        rm, rv = torch.zeros(3, dtype=x.dtype), torch.ones(3, dtype=x.dtype)
+        y = P.batch_norm_map(p, rm, rv, None, None, True, 0.1, 1e-5)
+        assert torch.equal(y.to_dense(), torch.zeros_like(x))
+        assert torch.equal(rm, torch.zeros(3, dtype=x.dtype)) and torch.equal(rv, torch.ones(3, dtype=x.dtype))
+
+
+def test_avg_pool_packed_matches_reference_and_empty_sample():
+    keep = torch.rand(3, 4, 4) < 0.5
+    keep[1] = False  # nothing kept: zeros, not NaN
+    keep[0, 0, 0] = True
+    mask = BlockMask(keep, 8, 32)
+    x = torch.randn(3, 5, 16, 16, dtype=torch.float64) * mask.pixel_mask(2, (16, 16))
+    got = P.packed_avg_pool(pack_map(x, mask, (2, 2)))
+    want = masked_avg_pool_reference(x, mask.pixel_mask(2, (16, 16)))
+    torch.testing.assert_close(got, want)
+    assert torch.equal(got[1], torch.zeros(5, dtype=x.dtype))
+
+
+def test_conv2d_map_packs_aligned_layers_only():
+    mask = random_mask(2, 32, 32, 8, p=0.5, seed=8)
+    x = torch.randn(2, 3, 16, 16, dtype=torch.float64)
+    w = torch.randn(4, 3, 3, 3, dtype=torch.float64)
+    y = P.conv2d_map(x, w, None, 2, 1, 1, 1, mask=mask, in_stride=(2, 2))
+    assert isinstance(y, PackedMap) and y.index.stride == (4, 4)
+    torch.testing.assert_close(y.to_dense(), masked_conv2d_reference(
+        x, w, None, 2, 1, 1, 1, mask=mask, in_stride=(2, 2)))
+    # stride 16 with block 8 is not tile-aligned: masked-dense, dense out
+    y2 = P.conv2d_map(y, torch.randn(4, 4, 3, 3, dtype=torch.float64), None, 4, 1, 1, 1,
+                      mask=mask, in_stride=(4, 4))
+    assert type(y2) is torch.Tensor
+
+
+# ----------------------------------------------------------------------------- in a ResNet
+def _cifar18():
+    from test_sparsify_resnet import _cifar_resnet
+    return _cifar_resnet()
+
+
+@pytest.mark.parametrize("block,packs,unpacks", [(8, 1, 0), (4, 1, 1)])
+def test_resnet_packs_once_and_unpacks_only_where_unaligned(monkeypatch, block, packs, unpacks):
+    """CIFAR ResNet at 32 px, strides 1..8: block 8 keeps every map packed from the stem to the
+    pool; block 4 leaves the layout once, before layer4 (stride 8), for both of its branches."""
+    calls = {"pack": 0, "unpack": 0}
+
+    def spy(name, real):
+        def f(*a, **k):
+            calls[name] += 1
+            return real(*a, **k)
+        return f
+
+    monkeypatch.setattr(P, "pack", spy("pack", P.pack))
+    monkeypatch.setattr(P, "unpack", spy("unpack", P.unpack))
+    model = R.sparsify(_cifar18())
+    keep = random_mask(2, 32, 32, block, p=0.5, seed=1).keep
+    with R.block_mask(keep, block):
+        y = model(torch.randn(2, 3, 32, 32))
+    y.sum().backward()
+    assert calls == {"pack": packs, "unpack": unpacks}
+
+
+def test_resnet_packed_equals_unpacked_path(monkeypatch):
+    """The packed layout changes no number: the same model with packing disabled (every layer
+    dense in, dense out) gives the same outputs, gradients and running statistics."""
+    torch.manual_seed(0)
+    a = R.sparsify(_cifar18().double())
+    b = copy.deepcopy(a)
+    x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+    keep = random_mask(2, 32, 32, 8, p=0.5, seed=2).keep
+    with R.block_mask(keep, 8):
+        ya = a(x)
+    monkeypatch.setattr(P, "packing_enabled", lambda: False)
+    with R.block_mask(keep, 8):
+        yb = b(x)
+    torch.testing.assert_close(ya, yb, rtol=1e-10, atol=1e-12)
+    ya.sum().backward()
+    yb.sum().backward()
+    for (k, pa), pb in zip(a.named_parameters(), b.parameters()):
+        torch.testing.assert_close(pa.grad, pb.grad, rtol=1e-9, atol=1e-11,
+                                   msg=lambda m, k=k: f"{k}: {m}")
+    for (k, ba), bb in zip(a.named_buffers(), b.buffers()):
+        torch.testing.assert_close(ba, bb, rtol=1e-10, atol=1e-12, msg=lambda m, k=k: f"{k}: {m}")

@@ -1,0 +1,72 @@
+"""Two-process DDP (gloo, CPU) of a sparsified ResNet: each rank runs its half of the batch with
+its half of the mask; the gradients equal one process's average of the two halves' gradients,
+and each rank's BatchNorm statistics equal that half's (BatchNorm2d is per rank)."""
+import copy
+import os
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from effssl_kernels.masks import BlockMask
+from effssl_kernels.nn import resnet as R
+
+from test_sparsify_resnet import _cifar_resnet, _randomize_bn
+
+pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distributed missing")
+
+
+def _setup(seed=0):
+    torch.manual_seed(seed)
+    model = R.sparsify(_randomize_bn(_cifar_resnet()).double())
+    g = torch.Generator().manual_seed(seed + 1)
+    x = torch.randn(4, 3, 32, 32, generator=g, dtype=torch.float64)
+    keep = torch.rand(4, 4, 4, generator=g) < 0.5
+    keep[:, 0, 0] = True
+    return model, x, keep
+
+
+def _step(model, x, keep):
+    with R.block_mask(BlockMask(keep, 8, 32)):
+        y = model(x)
+    y.square().mean().backward()  # outside the with: the mask was captured at forward
+
+
+def _worker(rank, world, init_file, out_dir):
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
+                            world_size=world)
+    try:
+        torch.set_num_threads(1)
+        model, x, keep = _setup()
+        ddp = DDP(model)
+        half = slice(2 * rank, 2 * rank + 2)
+        _step(ddp, x[half], keep[half])
+        torch.save({"grads": {k: p.grad for k, p in model.named_parameters()},
+                    "buffers": dict(model.named_buffers())}, os.path.join(out_dir, f"{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_ddp_two_ranks_match_averaged_halves(tmp_path):
+    mp.spawn(_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
+    model, x, keep = _setup()
+    halves = []
+    for r in range(2):
+        m = copy.deepcopy(model)
+        _step(m, x[2 * r: 2 * r + 2], keep[2 * r: 2 * r + 2])
+        halves.append(m)
+    for r in range(2):
+        got = torch.load(tmp_path / f"{r}.pt")
+        for k, p in model.named_parameters():
+            want = (dict(halves[0].named_parameters())[k].grad
+                    + dict(halves[1].named_parameters())[k].grad) / 2
+            torch.testing.assert_close(got["grads"][k], want, rtol=1e-9, atol=1e-12,
+                                       msg=lambda m, k=k: f"rank {r} grad {k}: {m}")
+        for k, b in halves[r].named_buffers():
+            torch.testing.assert_close(got["buffers"][k], b, rtol=1e-12, atol=0,
+                                       msg=lambda m, k=k: f"rank {r} buffer {k}: {m}")
+    # The halves differ, so the average is a real check of the all-reduce.
+    g0 = halves[0].conv1.weight.grad
+    assert not torch.allclose(g0, halves[1].conv1.weight.grad)
