@@ -34,6 +34,18 @@ TORCH_LIBRARY(effssl_kernels, m) {
       "_scatter_patches(Tensor cols, Tensor keep, int patch_size, int height, int width, "
       "ScalarType dtype) -> Tensor");
   // --- end patch_embed_gather ---
+
+  // --- halo_gather (SEMANTICS.md section 2) ---
+  // tiles [T, C, bh, bw]; table int64 [T, ph, pw] of source pixels t*bh*bw + y*bw + x, or
+  // S = T*bh*bw (zero) or S + 1 (outside) -> [T, C, ph, pw] channels last. order / offsets: the
+  // inverse table, which only the backward reads (inputs, so that autograd can save them).
+  m.def(
+      "halo_gather(Tensor tiles, Tensor table, Tensor order, Tensor offsets, float outside) -> "
+      "Tensor");
+  // grad [T, C, ph, pw] -> grad_tiles [T, C, bh, bw] channels last: per source pixel s, the sum
+  // over order[offsets[s]:offsets[s+1]] (padded pixels t*ph*pw + u*pw + v) in a fixed order.
+  m.def("halo_gather_backward(Tensor grad, Tensor order, Tensor offsets, int bh, int bw) -> Tensor");
+  // --- end halo_gather ---
 }
 
 // A plain CPython module (no pybind11 headers: they add ~20 s of compile time to a file that

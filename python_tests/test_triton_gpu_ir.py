@@ -30,6 +30,7 @@ def _lower_all() -> dict:
 
     from effssl_kernels.triton import block_match as bm
     from effssl_kernels.triton import gather_tokens as gt
+    from effssl_kernels.triton import halo_gather as hg
     from effssl_kernels.triton import patch_embed_gather as pe
 
     target = GPUTarget("cuda", 90, 32)
@@ -83,10 +84,24 @@ def _lower_all() -> dict:
             dict(BLOCK_M=64, BLOCK_K=64),
             ("s_w",),
         ),
+        "halo_gather_fwd": (
+            hg._halo_gather_fwd_kernel,
+            dict(x_ptr="*bf16", table_ptr="*i64", out_ptr="*bf16"),
+            {"outside": "fp32"},
+            dict(BLOCK_R=32, BLOCK_C=64),
+            ("s1", "s3"),
+        ),
+        "halo_gather_bwd": (
+            hg._halo_gather_bwd_kernel,
+            dict(g_ptr="*bf16", order_ptr="*i64", offsets_ptr="*i64", out_ptr="*bf16"),
+            {},
+            dict(ACC_F64=False, BLOCK_S=32, BLOCK_C=64),
+            ("g1", "g3"),
+        ),
     }
     out = {}
     covered = {c[0] for c in cases.values()}
-    for mod in (bm, gt, pe):
+    for mod in (bm, gt, pe, hg):
         for name in dir(mod):
             k = getattr(mod, name)
             if name.endswith("kernel") and hasattr(k, "arg_names") and k not in covered:
@@ -126,4 +141,4 @@ def test_every_triton_kernel_lowers_for_sm90():
     results = json.loads(proc.stdout.strip().splitlines()[-1])
     bad = {f"{case}/{mode}": msg for case, r in results.items() for mode, msg in r.items() if msg != "ok"}
     assert not bad, bad
-    assert len(results) == 6
+    assert len(results) == 8

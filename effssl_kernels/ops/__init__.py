@@ -1,6 +1,7 @@
 """Public functions: the only code that calls the compiled extension or launches Triton."""
 from .block_match import block_match, similar_blocks
 from .gather_tokens import gather_tokens
+from .halo_gather import halo_gather_op
 from .patch_embed_gather import patch_embed_gather
 
-__all__ = ["block_match", "similar_blocks", "gather_tokens", "patch_embed_gather"]
+__all__ = ["block_match", "similar_blocks", "gather_tokens", "halo_gather_op", "patch_embed_gather"]

@@ -66,7 +66,7 @@ class TileIndex:
         self.batch = slot.shape[0]
         self.grid = (slot.shape[1], slot.shape[2])
         self.size = (self.grid[0] * tile[0], self.grid[1] * tile[1])
-        self._halo_tables: Dict[Tuple[int, int, int, int], Tensor] = {}
+        self._halo_tables: Dict[tuple, object] = {}  # halo -> table, ("inverse", *halo) -> inverse
 
     @property
     def device(self) -> torch.device:
@@ -115,6 +115,22 @@ class TileIndex:
         if table is None:
             table = self._halo_tables[key] = self._build_halo_table(*key)
         return table
+
+    def halo_inverse(self, halo) -> Tuple[Tensor, Tensor]:
+        """The inverse of :meth:`halo_table`: ``order`` int64 ``[T * ph * pw]``, the padded pixels
+        ``t*ph*pw + u*pw + v`` sorted (stably) by the source pixel they read, and ``offsets``
+        int64 ``[T * bh * bw + 1]``, source pixel ``s`` being read by ``order[offsets[s]:
+        offsets[s+1]]`` (zero and outside reads sort last, past ``offsets[-1]``). The backward of
+        :func:`halo_gather` sums over these runs. On the device, no host sync; cached per halo."""
+        key = ("inverse",) + _halo4(halo)
+        inv = self._halo_tables.get(key)
+        if inv is None:
+            flat = self.halo_table(key[1:]).reshape(-1)
+            src, order = torch.sort(flat, stable=True)
+            S = self.num_tiles * self.tile[0] * self.tile[1]
+            starts = torch.arange(S + 1, device=flat.device, dtype=flat.dtype)
+            inv = self._halo_tables[key] = (order, torch.searchsorted(src, starts))
+        return inv
 
     def _build_halo_table(self, left: int, right: int, top: int, bottom: int) -> Tensor:
         dev = self.device
@@ -219,21 +235,15 @@ def halo_gather(tiles: Tensor, index: TileIndex, halo, outside: float = 0.0) -> 
     with a border of ``halo`` pixels (int, ``(rows, cols)`` or ``(left, right, top, bottom)``)
     filled from its neighbour tiles, zero where the neighbour block is removed and ``outside``
     beyond the image (0 for a convolution's zero padding, ``-inf`` for max pooling's).
-    One ``index_select`` from a padded channels-last buffer with the cached
-    :meth:`TileIndex.halo_table` (its autograd backward is a scatter-add); the result is
-    channels-last strided. ``halo == 0`` returns ``tiles`` itself."""
+    The ``effssl_kernels::halo_gather`` op (C++ on CPU, Triton on CUDA) with the cached
+    :meth:`TileIndex.halo_table`; its backward is a deterministic gather over
+    :meth:`TileIndex.halo_inverse`. The result is channels-last strided. ``halo == 0`` returns
+    ``tiles`` itself."""
+    from ..ops.halo_gather import halo_gather_op
+
     _check_tiles(tiles, index, "halo_gather")
-    left, right, top, bottom = _halo4(halo)
-    if left == right == top == bottom == 0:
+    key = _halo4(halo)
+    if key == (0, 0, 0, 0):
         return tiles
-    T, C, bh, bw = tiles.shape
-    table = index.halo_table((left, right, top, bottom))
-    # Pixel-major rows [T*bh*bw + 2, C]: gathering whole rows keeps each pixel's channels
-    # together (the channels-last layout the GPU convolutions want); then the zero and outside rows.
-    buf = tiles.new_zeros((T * bh * bw + 2, C))
-    buf[: T * bh * bw].view(T, bh, bw, C).copy_(tiles.permute(0, 2, 3, 1))
-    if outside != 0:
-        buf[T * bh * bw + 1].fill_(outside)
-    ph, pw = bh + top + bottom, bw + left + right
-    out = buf.index_select(0, table.reshape(-1))
-    return out.view(T, ph, pw, C).permute(0, 3, 1, 2)
+    order, offsets = index.halo_inverse(key)
+    return halo_gather_op(tiles, index.halo_table(key), order, offsets, outside)

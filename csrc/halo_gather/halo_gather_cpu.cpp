@@ -1,0 +1,136 @@
+// halo_gather on the CPU (SEMANTICS.md section 2): each packed tile [C, bh, bw] with a border of
+// halo pixels read from its neighbour tiles. A table [T, ph, pw] (built once per mask, stride and
+// halo by sparse/tiles.py) names, for each padded pixel, the source pixel s = t*bh*bw + y*bw + x,
+// or S = T*bh*bw (a removed neighbour: zero) or S + 1 (outside the image: `outside`).
+// Forward: parallel over padded pixels, C channels copied per pixel into a channels-last output.
+// Backward, deterministic and without atomics: the inverse table (padded pixels sorted by source,
+// `order`, in runs `offsets[s]:offsets[s+1]`) lets each source pixel sum the gradients of every
+// padded pixel that read it, in a fixed order, in float32 (float64 for float64).
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <type_traits>
+#include <vector>
+
+#include "effssl/checks.h"
+
+namespace effssl {
+namespace {
+
+constexpr const char* kOp = "halo_gather";
+
+void check_table(const at::Tensor& table, const at::Tensor& tiles) {
+  EFFSSL_CHECK(table.scalar_type() == at::kLong, kOp, "table must be int64, got ",
+               table.scalar_type());
+  EFFSSL_CHECK(table.dim() == 3 && table.size(0) == tiles.size(0), kOp,
+               "table must be [T, ph, pw] with T = ", tiles.size(0), ", got ", table.sizes());
+  EFFSSL_CHECK(table.device() == tiles.device(), kOp, "table must be on the device of tiles");
+}
+
+template <typename T>
+using acc_t = std::conditional_t<std::is_same_v<T, double>, double, float>;
+
+at::Tensor halo_gather_cpu(const at::Tensor& tiles, const at::Tensor& table,
+                           const at::Tensor& /*order*/, const at::Tensor& /*offsets*/,
+                           double outside) {
+  EFFSSL_CHECK(tiles.dim() == 4, kOp, "tiles must be 4-D [T, C, bh, bw], got ", tiles.sizes());
+  check_table(table, tiles);
+  const int64_t T = tiles.size(0), C = tiles.size(1), bh = tiles.size(2), bw = tiles.size(3);
+  const int64_t ph = table.size(1), pw = table.size(2), S = T * bh * bw;
+  at::Tensor out = at::empty({T, C, ph, pw},
+                             tiles.options().memory_format(at::MemoryFormat::ChannelsLast));
+  if (out.numel() == 0) return out;
+  const at::Tensor tab = table.contiguous();
+  const int64_t* tp = tab.const_data_ptr<int64_t>();
+  const int64_t s0 = tiles.stride(0), s1 = tiles.stride(1), s2 = tiles.stride(2),
+                s3 = tiles.stride(3);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, tiles.scalar_type(), kOp, [&] {
+    const scalar_t* xp = tiles.const_data_ptr<scalar_t>();
+    scalar_t* op = out.data_ptr<scalar_t>();  // channels last: pixel r's channels at r * C
+    const scalar_t fill = static_cast<scalar_t>(outside);
+    at::parallel_for(0, T * ph * pw, std::max<int64_t>(1, 16384 / std::max<int64_t>(C, 1)),
+                     [&](int64_t begin, int64_t end) {
+      for (int64_t r = begin; r < end; ++r) {
+        const int64_t s = tp[r];
+        scalar_t* o = op + r * C;
+        if (s >= S || s < 0) {  // S: removed neighbour, S + 1: outside the image
+          TORCH_CHECK(s == S || s == S + 1, kOp, ": table entry ", s, " is outside [0, ", S + 2, ")");
+          std::fill(o, o + C, s == S ? static_cast<scalar_t>(0) : fill);
+          continue;
+        }
+        const int64_t t = s / (bh * bw), p = s - t * bh * bw, y = p / bw, x = p - y * bw;
+        const scalar_t* src = xp + t * s0 + y * s2 + x * s3;
+        if (s1 == 1) {
+          std::copy(src, src + C, o);
+        } else {
+          for (int64_t c = 0; c < C; ++c) o[c] = src[c * s1];
+        }
+      }
+    });
+  });
+  return out;
+}
+
+at::Tensor halo_gather_backward_cpu(const at::Tensor& grad, const at::Tensor& order,
+                                    const at::Tensor& offsets, int64_t bh, int64_t bw) {
+  EFFSSL_CHECK(grad.dim() == 4, kOp, "grad must be 4-D [T, C, ph, pw], got ", grad.sizes());
+  EFFSSL_CHECK(order.scalar_type() == at::kLong && offsets.scalar_type() == at::kLong, kOp,
+               "order and offsets must be int64");
+  const int64_t T = grad.size(0), C = grad.size(1), ph = grad.size(2), pw = grad.size(3);
+  const int64_t S = T * bh * bw;
+  EFFSSL_CHECK(bh >= 1 && bw >= 1, kOp, "tile size must be positive, got ", bh, "x", bw);
+  EFFSSL_CHECK(offsets.dim() == 1 && offsets.size(0) == S + 1, kOp, "offsets must be [",
+               S + 1, "], got ", offsets.sizes());
+  EFFSSL_CHECK(order.dim() == 1 && order.size(0) <= T * ph * pw, kOp,
+               "order must be 1-D with at most ", T * ph * pw, " entries, got ", order.sizes());
+  at::Tensor gt = at::empty({T, C, bh, bw},
+                            grad.options().memory_format(at::MemoryFormat::ChannelsLast));
+  if (gt.numel() == 0) return gt;
+  const at::Tensor ord = order.contiguous(), off = offsets.contiguous();
+  const int64_t* orp = ord.const_data_ptr<int64_t>();
+  const int64_t* ofp = off.const_data_ptr<int64_t>();
+  const int64_t M = ord.size(0);
+  const int64_t g0 = grad.stride(0), g1 = grad.stride(1), g2 = grad.stride(2),
+                g3 = grad.stride(3);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad.scalar_type(), kOp, [&] {
+    using acc = acc_t<scalar_t>;
+    const scalar_t* gp = grad.const_data_ptr<scalar_t>();
+    scalar_t* op = gt.data_ptr<scalar_t>();  // channels last: source pixel s at s * C
+    at::parallel_for(0, S, std::max<int64_t>(1, 4096 / std::max<int64_t>(C, 1)),
+                     [&](int64_t begin, int64_t end) {
+      std::vector<acc> a(C);
+      for (int64_t s = begin; s < end; ++s) {
+        std::fill(a.begin(), a.end(), acc(0));
+        const int64_t lo = ofp[s], hi = ofp[s + 1];
+        TORCH_CHECK(0 <= lo && lo <= hi && hi <= M, kOp, ": offsets are not a partition of order");
+        for (int64_t j = lo; j < hi; ++j) {
+          const int64_t q = orp[j];  // padded pixel t*ph*pw + u*pw + v
+          TORCH_CHECK(0 <= q && q < T * ph * pw, kOp, ": order entry ", q, " out of range");
+          const int64_t t = q / (ph * pw), rem = q - t * ph * pw, u = rem / pw, v = rem - u * pw;
+          const scalar_t* g = gp + t * g0 + u * g2 + v * g3;
+          if (g1 == 1) {
+            for (int64_t c = 0; c < C; ++c) a[c] += static_cast<acc>(g[c]);
+          } else {
+            for (int64_t c = 0; c < C; ++c) a[c] += static_cast<acc>(g[c * g1]);
+          }
+        }
+        scalar_t* o = op + s * C;
+        for (int64_t c = 0; c < C; ++c) o[c] = static_cast<scalar_t>(a[c]);
+      }
+    });
+  });
+  return gt;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(effssl_kernels, CPU, m) {
+  m.impl("halo_gather", &halo_gather_cpu);
+  m.impl("halo_gather_backward", &halo_gather_backward_cpu);
+}
+
+}  // namespace effssl

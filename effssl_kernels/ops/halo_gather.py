@@ -1,0 +1,96 @@
+"""halo_gather: the op under ``effssl_kernels.sparse.halo_gather``, its registrations, autograd.
+
+Two ops, each with a fake impl and autograd so ``torch.compile(fullgraph=True)`` traces forward
+and backward with a data-dependent tile count: the C++ op ``effssl_kernels::halo_gather`` (CPU
+kernel, schema in csrc/bindings.cpp) with ``effssl_kernels::halo_gather_backward``, and the
+Triton op ``effssl_kernels::_halo_gather_triton`` (CUDA tensors; CPU only under
+TRITON_INTERPRET=1) with ``_halo_gather_backward_triton``. Both backwards are deterministic
+gathers over the inverse table (no atomics). The table and its inverse come from
+:meth:`effssl_kernels.sparse.TileIndex.halo_table` / ``halo_inverse``, which are trusted here
+(built by us): an entry out of range raises on the CPU and gives NaN in Triton.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .. import _backend
+from ..reference.tiles import halo_gather_reference
+
+
+def halo_gather_op(tiles: Tensor, table: Tensor, order: Tensor, offsets: Tensor,
+                   outside: float = 0.0) -> Tensor:
+    """tiles ``[T, C, bh, bw]`` (float32/16/bf16/64, any strides) -> ``[T, C, ph, pw]`` channels
+    last, as :func:`~effssl_kernels.reference.tiles.halo_gather_reference`; differentiable in
+    ``tiles``."""
+    which = _backend.choose(tiles.device.type, cuda_kernel=False)
+    if which == "reference":
+        return halo_gather_reference(tiles, table, outside)
+    if which == "triton":
+        return torch.ops.effssl_kernels._halo_gather_triton(tiles, table, order, offsets,
+                                                            float(outside))
+    return torch.ops.effssl_kernels.halo_gather.default(tiles, table, order, offsets,
+                                                        float(outside))
+
+
+# ----------------------------------------------------------------------------- fake impls, autograd
+def _fake(tiles, table, order, offsets, outside):
+    T, C = tiles.shape[0], tiles.shape[1]
+    return tiles.new_empty((T, C, table.shape[1], table.shape[2])).contiguous(
+        memory_format=torch.channels_last)
+
+
+def _fake_backward(grad, order, offsets, bh, bw):
+    return grad.new_empty((grad.shape[0], grad.shape[1], bh, bw)).contiguous(
+        memory_format=torch.channels_last)
+
+
+def _setup_context(ctx, inputs, output):
+    tiles, table, order, offsets, outside = inputs
+    ctx.save_for_backward(order, offsets)
+    ctx.tile = (tiles.shape[2], tiles.shape[3])
+
+
+def _make_backward(backward_op):
+    def _backward(ctx, grad):
+        order, offsets = ctx.saved_tensors
+        if not ctx.needs_input_grad[0]:
+            return None, None, None, None, None
+        return backward_op(grad, order, offsets, *ctx.tile), None, None, None, None
+
+    return _backward
+
+
+if _backend.HAS_EXT:
+    torch.library.register_fake("effssl_kernels::halo_gather")(_fake)
+    torch.library.register_fake("effssl_kernels::halo_gather_backward")(_fake_backward)
+    torch.library.register_autograd(
+        "effssl_kernels::halo_gather",
+        _make_backward(torch.ops.effssl_kernels.halo_gather_backward.default),
+        setup_context=_setup_context,
+    )
+
+
+@torch.library.triton_op("effssl_kernels::_halo_gather_triton", mutates_args=())
+def _halo_gather_triton(tiles: Tensor, table: Tensor, order: Tensor, offsets: Tensor,
+                        outside: float) -> Tensor:
+    from ..triton.halo_gather import halo_gather_fwd  # lazy: importing triton costs ~2.5 s
+
+    return halo_gather_fwd(tiles, table, outside)
+
+
+@torch.library.triton_op("effssl_kernels::_halo_gather_backward_triton", mutates_args=())
+def _halo_gather_backward_triton(grad: Tensor, order: Tensor, offsets: Tensor, bh: int,
+                                 bw: int) -> Tensor:
+    from ..triton.halo_gather import halo_gather_bwd
+
+    return halo_gather_bwd(grad, order, offsets, bh, bw)
+
+
+_halo_gather_triton.register_autograd(
+    _make_backward(torch.ops.effssl_kernels._halo_gather_backward_triton.default),
+    setup_context=_setup_context,
+)
+
+_backend.register_interpreter_fakes((_halo_gather_triton, _fake),
+                                    (_halo_gather_backward_triton, _fake_backward))

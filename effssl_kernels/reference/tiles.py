@@ -1,0 +1,20 @@
+"""Plain-PyTorch reference of halo_gather on a halo table (SEMANTICS.md section 2)."""
+from __future__ import annotations
+
+from torch import Tensor
+
+
+def halo_gather_reference(tiles: Tensor, table: Tensor, outside: float = 0.0) -> Tensor:
+    """tiles ``[T, C, bh, bw]``, table int64 ``[T, ph, pw]`` of source pixels
+    ``t*bh*bw + y*bw + x`` (``S = T*bh*bw``: zero, ``S + 1``: ``outside``) -> ``[T, C, ph, pw]``
+    channels-last strided. One ``index_select`` of whole pixel rows from a channels-last buffer
+    with the zero and outside rows appended; its autograd backward is a scatter-add."""
+    T, C, bh, bw = tiles.shape
+    S = T * bh * bw
+    buf = tiles.new_zeros((S + 2, C))
+    buf[:S].view(T, bh, bw, C).copy_(tiles.permute(0, 2, 3, 1))
+    if outside != 0:
+        buf[S + 1].fill_(outside)
+    ph, pw = table.shape[1], table.shape[2]
+    out = buf.index_select(0, table.reshape(-1))
+    return out.view(T, ph, pw, C).permute(0, 3, 1, 2)

@@ -1,0 +1,140 @@
+"""Triton halo_gather: each packed tile with a border read from its neighbours, and its backward.
+
+Forward: one program per block of ``BLOCK_R`` padded pixels x ``BLOCK_C`` channels reads the
+table (source pixel ``s = t*bh*bw + y*bw + x``, ``S`` = zero, ``S + 1`` = outside), gathers the
+channels of each source pixel from the tiles with their strides (int64 offsets) and stores a
+channels-last ``[T, C, ph, pw]``. A table entry outside ``[0, S + 2)`` gives NaN, never a read.
+
+Backward, deterministic and without atomics: one program per block of ``BLOCK_S`` source pixels
+x ``BLOCK_C`` channels sums, in float32 (float64 for float64), the gradients of the padded pixels
+in its run ``order[offsets[s]:offsets[s+1]]`` (the inverse table, ascending), and writes every
+source pixel once (channels last). SEMANTICS.md section 2; oracle
+``effssl_kernels.reference.tiles.halo_gather_reference``.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+
+@triton.jit
+def _halo_gather_fwd_kernel(
+    x_ptr,  # tiles [T, C, bh, bw], strides s*
+    table_ptr,  # int64 [T * ph * pw] contiguous
+    out_ptr,  # [T * ph * pw, C] contiguous (channels last)
+    R,  # T * ph * pw
+    C,
+    S,  # T * bh * bw
+    P,  # bh * bw
+    bw,
+    s0,
+    s1,
+    s2,
+    s3,
+    outside,  # float fill beyond the image
+    BLOCK_R: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+):
+    offs_r = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
+    offs_c = tl.program_id(1).to(tl.int64) * BLOCK_C + tl.arange(0, BLOCK_C)
+    R = tl.cast(R, tl.int64)
+    S = tl.cast(S, tl.int64)
+    P = tl.cast(P, tl.int64)
+    bw = tl.cast(bw, tl.int64)
+    r_in = offs_r < R
+    c_in = offs_c < C
+    s = tl.load(table_ptr + offs_r, mask=r_in, other=0)
+    real = (s >= 0) & (s < S)
+    ss = tl.where(real, s, 0)
+    t = ss // P
+    p = ss - t * P
+    y = p // bw
+    x = p - y * bw
+    ptrs = x_ptr + t[:, None] * s0 + offs_c[None, :] * s1 + y[:, None] * s2 + x[:, None] * s3
+    v = tl.load(ptrs, mask=real[:, None] & c_in[None, :], other=0.0)
+    fill = tl.where(s == S + 1, outside, 0.0)
+    fill = tl.where((s < 0) | (s > S + 1), float("nan"), fill)
+    v = tl.where(real[:, None], v, fill[:, None].to(v.dtype))
+    out_ptrs = out_ptr + offs_r[:, None] * C + offs_c[None, :]
+    tl.store(out_ptrs, v.to(out_ptr.dtype.element_ty), mask=r_in[:, None] & c_in[None, :])
+
+
+@triton.jit
+def _halo_gather_bwd_kernel(
+    g_ptr,  # grad [T, C, ph, pw], strides g*
+    order_ptr,  # int64 [M]: padded pixels t*ph*pw + u*pw + v sorted by source
+    offsets_ptr,  # int64 [S + 1]
+    out_ptr,  # [S, C] contiguous (channels last grad of the tiles)
+    S,
+    C,
+    PP,  # ph * pw
+    pw,
+    g0,
+    g1,
+    g2,
+    g3,
+    ACC_F64: tl.constexpr,
+    BLOCK_S: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+):
+    offs_s = tl.program_id(0).to(tl.int64) * BLOCK_S + tl.arange(0, BLOCK_S)
+    offs_c = tl.program_id(1).to(tl.int64) * BLOCK_C + tl.arange(0, BLOCK_C)
+    PP = tl.cast(PP, tl.int64)
+    pw = tl.cast(pw, tl.int64)
+    s_in = offs_s < S
+    c_in = offs_c < C
+    lo = tl.load(offsets_ptr + offs_s, mask=s_in, other=0)
+    cnt = tl.load(offsets_ptr + offs_s + 1, mask=s_in, other=0) - lo
+    if ACC_F64:
+        acc = tl.zeros([BLOCK_S, BLOCK_C], dtype=tl.float64)
+    else:
+        acc = tl.zeros([BLOCK_S, BLOCK_C], dtype=tl.float32)
+    # 1 to 4 readers per pixel for a one-pixel halo (itself, then its neighbours' borders)
+    for j in range(0, tl.max(cnt, axis=0)):
+        has = j < cnt
+        q = tl.load(order_ptr + lo + j, mask=has, other=0)
+        t = q // PP
+        rem = q - t * PP
+        u = rem // pw
+        v = rem - u * pw
+        ptrs = g_ptr + t[:, None] * g0 + offs_c[None, :] * g1 + u[:, None] * g2 + v[:, None] * g3
+        acc += tl.load(ptrs, mask=has[:, None] & c_in[None, :], other=0.0).to(acc.dtype)
+    out_ptrs = out_ptr + offs_s[:, None] * C + offs_c[None, :]
+    tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=s_in[:, None] & c_in[None, :])
+
+
+def _block_c(C: int) -> int:
+    return max(16, min(128, triton.next_power_of_2(max(C, 1))))
+
+
+def halo_gather_fwd(tiles: Tensor, table: Tensor, outside: float) -> Tensor:
+    T, C, bh, bw = tiles.shape
+    ph, pw = table.shape[1], table.shape[2]
+    out = torch.empty((T, C, ph, pw), dtype=tiles.dtype, device=tiles.device,
+                      memory_format=torch.channels_last)
+    R = T * ph * pw
+    if out.numel() == 0:
+        return out
+    BLOCK_R, BLOCK_C = 32, _block_c(C)
+    grid = (triton.cdiv(R, BLOCK_R), triton.cdiv(C, BLOCK_C))
+    _halo_gather_fwd_kernel[grid](
+        tiles, table.contiguous(), out, R, C, T * bh * bw, bh * bw, bw, *tiles.stride(),
+        float(outside), BLOCK_R=BLOCK_R, BLOCK_C=BLOCK_C)
+    return out
+
+
+def halo_gather_bwd(grad: Tensor, order: Tensor, offsets: Tensor, bh: int, bw: int) -> Tensor:
+    T, C, ph, pw = grad.shape
+    out = torch.empty((T, C, bh, bw), dtype=grad.dtype, device=grad.device,
+                      memory_format=torch.channels_last)
+    S = T * bh * bw
+    if out.numel() == 0:
+        return out
+    BLOCK_S, BLOCK_C = 32, _block_c(C)
+    grid = (triton.cdiv(S, BLOCK_S), triton.cdiv(C, BLOCK_C))
+    _halo_gather_bwd_kernel[grid](
+        grad, order.contiguous(), offsets.contiguous(), out, S, C, ph * pw, pw, *grad.stride(),
+        ACC_F64=grad.dtype == torch.float64, BLOCK_S=BLOCK_S, BLOCK_C=BLOCK_C)
+    return out

@@ -1,0 +1,156 @@
+"""halo_gather op (C++ CPU kernel; Triton under TRITON_INTERPRET=1 or on a GPU) against the
+plain-PyTorch reference and against tiles cut from the dense masked map: every dtype, strided
+and channels-last tiles, outside fills, gradients (deterministic gather backward), gradcheck,
+opcheck, bad tables."""
+import pytest
+import torch
+
+from effssl_kernels.ops.halo_gather import halo_gather_op
+from effssl_kernels.reference.tiles import halo_gather_reference
+from effssl_kernels.sparse import TileIndex, pack
+from utils import HAS_GPU, INTERPRET, random_mask
+
+ALL = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+# Forward is a copy: exact. Gradients: float32 (float64) sums of at most a few values rounded once.
+GRAD_TOL = {torch.float32: (1e-6, 1e-6), torch.float64: (1e-12, 1e-12),
+            torch.float16: (1e-3, 1e-3), torch.bfloat16: (1e-2, 1e-2)}
+
+
+def _case(stride=2, halo=1, seed=0, C=5, dtype=torch.float32, layout="contiguous", N=2,
+          hw=(32, 24), B=8):
+    mask = random_mask(N, *hw, B, p=0.6, seed=seed)
+    idx = TileIndex.from_mask(mask, stride)
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(N, C, *idx.size, generator=g, dtype=torch.float64)
+    tiles = pack(x, idx).to(dtype)
+    if layout == "channels_last":
+        tiles = tiles.contiguous(memory_format=torch.channels_last)
+    elif layout == "strided":  # every other channel of a wider tensor
+        wide = torch.randn(tiles.shape[0], 2 * C, *tiles.shape[2:], dtype=dtype)
+        wide[:, ::2] = tiles
+        tiles = wide[:, ::2]
+    table = idx.halo_table(halo)
+    order, offsets = idx.halo_inverse(halo)
+    return tiles, table, order, offsets, idx
+
+
+def _check(tiles, table, order, offsets, outside=0.0):
+    t = tiles.detach().clone().requires_grad_(True)
+    r = tiles.detach().clone().requires_grad_(True)
+    got = halo_gather_op(t, table, order, offsets, outside)
+    want = halo_gather_reference(r, table, outside)
+    assert got.shape == want.shape and got.dtype == want.dtype
+    assert got.is_contiguous(memory_format=torch.channels_last)
+    assert torch.equal(got, want)
+    g = torch.randn(want.shape, dtype=torch.float64).to(tiles.dtype)
+    gt, = torch.autograd.grad(got, t, g)
+    gr, = torch.autograd.grad(want.double(), r, g.double())  # float64 sums
+    rtol, atol = GRAD_TOL[tiles.dtype]
+    torch.testing.assert_close(gt.double(), gr.double(), rtol=rtol, atol=atol)
+    return got, gt
+
+
+@pytest.mark.parametrize("dtype", ALL)
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "strided"])
+def test_cpu_matches_reference(dtype, layout):
+    _check(*_case(dtype=dtype, layout=layout)[:4])
+
+
+@pytest.mark.parametrize("stride,halo", [(1, 1), (2, (2, 1)), (4, (1, 0, 2, 1)), (4, 3), (8, 2),
+                                         (4, 5)])
+@pytest.mark.parametrize("outside", [0.0, float("-inf")])
+def test_cpu_halos_and_fills(stride, halo, outside):
+    tiles, table, order, offsets, idx = _case(stride=stride, halo=halo, seed=stride)
+    got, _ = _check(tiles, table, order, offsets, outside)
+    if outside != 0:
+        assert torch.isinf(got).any()
+
+
+def test_cpu_empty_and_all_removed():
+    keep = torch.zeros(2, 4, 3, dtype=torch.bool)
+    from effssl_kernels.masks import BlockMask
+    idx = TileIndex.from_mask(BlockMask(keep, 8, (32, 24)), 2)
+    tiles = torch.randn(0, 3, 4, 4, requires_grad=True)
+    out = halo_gather_op(tiles, idx.halo_table(1), *idx.halo_inverse(1))
+    assert out.shape == (0, 3, 6, 6)
+    out.sum().backward()
+    assert tiles.grad.shape == tiles.shape
+
+
+def test_backward_is_deterministic():
+    tiles, table, order, offsets, _ = _case(stride=4, halo=3, C=33)
+    tiles.requires_grad_(True)
+    g = torch.randn(tiles.shape[0], 33, *table.shape[1:])
+    a = torch.autograd.grad(halo_gather_op(tiles, table, order, offsets), tiles, g)[0]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # another partition of the work: same bits
+    try:
+        b = torch.autograd.grad(halo_gather_op(tiles, table, order, offsets), tiles, g)[0]
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(a, b)
+
+
+def test_gradcheck_float64():
+    tiles, table, order, offsets, _ = _case(stride=2, halo=(1, 2), C=2, dtype=torch.float64,
+                                            hw=(16, 16), B=8)
+    tiles.requires_grad_(True)
+    assert torch.autograd.gradcheck(
+        lambda t: halo_gather_op(t, table, order, offsets, -2.0), (tiles,))
+
+
+def test_opcheck():
+    tiles, table, order, offsets, _ = _case(C=3)
+    tiles.requires_grad_(True)
+    torch.library.opcheck(torch.ops.effssl_kernels.halo_gather.default,
+                          (tiles, table, order, offsets, 0.0))
+    torch.library.opcheck(torch.ops.effssl_kernels.halo_gather.default,
+                          (tiles.detach().bfloat16(), table, order, offsets, float("-inf")))
+    g = torch.randn(tiles.shape[0], 3, *table.shape[1:])
+    torch.library.opcheck(torch.ops.effssl_kernels.halo_gather_backward.default,
+                          (g, order, offsets, 4, 4))
+
+
+def test_bad_table_raises():
+    tiles, table, order, offsets, _ = _case()
+    bad = table.clone()
+    bad[0, 0, 0] = tiles.shape[0] * 16 + 2  # past the outside row
+    with pytest.raises(RuntimeError, match="table entry"):
+        halo_gather_op(tiles, bad, order, offsets)
+    with pytest.raises(RuntimeError, match="T = "):
+        halo_gather_op(tiles, table[1:], order, offsets)
+    with pytest.raises(RuntimeError, match="int64"):
+        halo_gather_op(tiles, table.int(), order, offsets)
+
+
+# ----------------------------------------------------------------------------- Triton
+triton_only = pytest.mark.skipif(not (HAS_GPU or INTERPRET),
+                                 reason="needs a CUDA device or TRITON_INTERPRET=1")
+
+
+@triton_only
+@pytest.mark.triton
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("stride,halo,outside", [(2, 1, 0.0), (4, (1, 0, 2, 1), float("-inf")),
+                                                 (8, 2, 0.0)])
+def test_triton_matches_reference(monkeypatch, dtype, stride, halo, outside):
+    pytest.importorskip("triton")
+    monkeypatch.setenv("EFFSSL_BACKEND", "triton")
+    dev = "cuda" if HAS_GPU else "cpu"
+    tiles, table, order, offsets, _ = _case(stride=stride, halo=halo, C=3, dtype=dtype,
+                                            layout="strided", N=1, hw=(16, 24))
+    args = [a.to(dev) for a in (tiles, table, order, offsets)]
+    _check(*args, outside=outside)
+
+
+@triton_only
+@pytest.mark.triton
+def test_triton_opcheck(monkeypatch):
+    pytest.importorskip("triton")
+    dev = "cuda" if HAS_GPU else "cpu"
+    tiles, table, order, offsets, _ = _case(C=2, N=1, hw=(16, 16))
+    args = (tiles.to(dev).requires_grad_(True), table.to(dev), order.to(dev), offsets.to(dev),
+            0.0)
+    torch.library.opcheck(torch.ops.effssl_kernels._halo_gather_triton.default, args,
+                          test_utils=("test_schema", "test_autograd_registration",
+                                      "test_faketensor"))
