@@ -56,6 +56,7 @@ from torch.utils._pytree import tree_flatten
 
 from ..masks import BlockMask
 from ..reference.masked_net import masked_avg_pool_reference, masked_batch_norm_reference
+from ..sparse.tiles import kept_tiles, prepare_tiles
 from ..sparse.packed import (
     PackedMap,
     as_dense,
@@ -76,12 +77,14 @@ class _MaskState:
     """The mask of one ``with block_mask(...)``: a BlockMask, or a keep grid whose image size is
     taken from the input of the first masked layer at stride 1 (one BlockMask per image size)."""
 
-    __slots__ = ("block_size", "by_size", "keep", "last", "mask")
+    __slots__ = ("base", "block_size", "by_size", "keep", "last", "mask")
 
     def __init__(self, mask: BlockMask | None, keep: Tensor | None, block_size: int | None):
         self.mask, self.keep, self.block_size = mask, keep, block_size
         self.by_size: dict[tuple[int, int], BlockMask] = {}
         self.last: BlockMask | None = None  # the mask of the latest input image
+        # The kept list (the step's one host sync) now, not inside a compiled forward.
+        self.base = prepare_tiles(mask) if mask is not None else kept_tiles(keep)
 
     def get(self, x: Tensor, in_stride: Pair, fn: str) -> BlockMask:
         if self.mask is not None:
@@ -91,6 +94,7 @@ class _MaskState:
             m = self.by_size.get(size)
             if m is None:
                 m = BlockMask(self.keep, self.block_size, size)  # checks the grid
+                prepare_tiles(m, self.base)
                 self.by_size[size] = m
             self.last = m
             return m

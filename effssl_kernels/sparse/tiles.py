@@ -14,7 +14,7 @@ per mask (one host sync, to learn ``T``) and shared by the :class:`TileIndex` of
 """
 from __future__ import annotations
 
-from typing import Dict, Sequence, Tuple, Union
+from typing import Dict, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor
@@ -25,7 +25,7 @@ IntOrPair = Union[int, Sequence[int]]
 
 
 
-def _build_base(keep: Tensor) -> Tuple[Tensor, Tensor]:
+def kept_tiles(keep: Tensor) -> Tuple[Tensor, Tensor]:
     """keep bool ``[N, Hb, Wb]`` -> kept int64 ``[T, 3]`` (row-major ``(n, i, j)``) and slot int64
     ``[N, Hb, Wb]`` (tile index or -1), on keep's device. ``nonzero`` is the only host sync."""
     kept = keep.nonzero()  # the one sync: T sizes every packed tensor of the step
@@ -34,6 +34,19 @@ def _build_base(keep: Tensor) -> Tuple[Tensor, Tensor]:
     rank = flat.to(torch.int64).cumsum(0) - 1
     slot = torch.where(flat, rank, torch.full_like(rank, -1)).view(keep.shape)
     return kept, slot
+
+
+def prepare_tiles(mask: BlockMask, base: Optional[Tuple[Tensor, Tensor]] = None
+                  ) -> Tuple[Tensor, Tensor]:
+    """Build (or adopt ``base``, from another mask with the same keep) the kept list and slot
+    table of ``mask`` now: the step's one host sync. ``block_mask`` calls it on entering the
+    ``with``, so that under ``torch.compile`` the tile count comes into the graph as the size
+    of an input (a dynamic size the compiler plans for) rather than from ``nonzero`` inside it
+    (an unbacked size, on which Inductor's convolution layouts go wrong)."""
+    entry = mask._tile_indices
+    if "base" not in entry:
+        entry["base"] = base if base is not None else kept_tiles(mask.keep)
+    return entry["base"]
 
 
 def is_tile_aligned(mask: BlockMask, stride: IntOrPair) -> bool:
@@ -94,9 +107,7 @@ class TileIndex:
         entry = mask._tile_indices
         idx = entry.get(s)
         if idx is None:
-            base = entry.get("base")
-            if base is None:
-                base = entry["base"] = _build_base(mask.keep)
+            base = prepare_tiles(mask)
             B = mask.block_size
             idx = entry[s] = cls(base[0], base[1], (B // s[0], B // s[1]), s)
         return idx
