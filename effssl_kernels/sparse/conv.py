@@ -167,10 +167,4 @@ def sparse_conv2d_packed(tiles: Tensor, weight: Tensor, bias: Optional[Tensor] =
 def _conv_tiles(tiles: Tensor, weight: Tensor, bias: Optional[Tensor], stride: Tuple[int, int],
                 halo: Halo, dilation: IntOrPair, groups: int, index: TileIndex) -> Tensor:
     """``[T, C, bh, bw]`` -> ``[T, C_out, bh / sh, bw / sw]``: halo, then a VALID conv."""
-    h = halo_gather(tiles, index, halo)
-    if torch.compiler.is_compiling():
-        # With a data-dependent tile count the convolution's fake kernel assumes an NCHW
-        # output whatever the input's layout, while the real one follows a channels-last
-        # input (Inductor then fails its stride assert): give it NCHW under compile.
-        h = h.contiguous()
-    return F.conv2d(h, weight, bias, stride, 0, dilation, groups)
+    return F.conv2d(halo_gather(tiles, index, halo), weight, bias, stride, 0, dilation, groups)
