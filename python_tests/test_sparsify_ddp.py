@@ -1,6 +1,11 @@
 """Two-process DDP (gloo, CPU) of a sparsified ResNet: each rank runs its half of the batch with
-its half of the mask; the gradients equal one process's average of the two halves' gradients,
-and each rank's BatchNorm statistics equal that half's (BatchNorm2d is per rank)."""
+its half of the mask.
+- BatchNorm2d (per rank): the gradients equal one process's average of the two halves'
+  gradients, and each rank's BatchNorm statistics equal that half's.
+- SyncBatchNorm: statistics over the kept positions of both ranks, so outputs, gradients and
+  running statistics equal one process running the whole batch with BatchNorm2d; checked with
+  block 8 (every map packed) and block 4 (layer4 masked-dense). DDP refuses SyncBatchNorm on
+  CPU modules, so there the gradients are all-reduced by hand, as DDP would."""
 import copy
 import os
 
@@ -18,39 +23,70 @@ from test_sparsify_resnet import _cifar_resnet, _randomize_bn
 pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distributed missing")
 
 
-def _setup(seed=0):
+def _setup(seed=0, block=8, sync=False):
     torch.manual_seed(seed)
-    model = R.sparsify(_randomize_bn(_cifar_resnet()).double())
+    model = _randomize_bn(_cifar_resnet()).double()
+    if sync:
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    model = R.sparsify(model)
     g = torch.Generator().manual_seed(seed + 1)
     x = torch.randn(4, 3, 32, 32, generator=g, dtype=torch.float64)
-    keep = torch.rand(4, 4, 4, generator=g) < 0.5
+    keep = torch.rand(4, 32 // block, 32 // block, generator=g) < 0.5
     keep[:, 0, 0] = True
     return model, x, keep
 
 
 def _step(model, x, keep):
-    with R.block_mask(BlockMask(keep, 8, 32)):
+    with R.block_mask(BlockMask(keep, 32 // keep.shape[-1], 32)):
         y = model(x)
     y.square().mean().backward()  # outside the with: the mask was captured at forward
+    return y.detach()
 
 
-def _worker(rank, world, init_file, out_dir):
+def _worker(rank, world, init_file, out_dir, block, sync):
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
                             world_size=world)
     try:
         torch.set_num_threads(1)
-        model, x, keep = _setup()
-        ddp = DDP(model)
+        model, x, keep = _setup(block=block, sync=sync)
         half = slice(2 * rank, 2 * rank + 2)
-        _step(ddp, x[half], keep[half])
+        if sync:  # DDP refuses SyncBatchNorm on CPU modules: average the gradients as it would
+            y = _step(model, x[half], keep[half])
+            for p in model.parameters():
+                dist.all_reduce(p.grad)
+                p.grad /= world
+        else:
+            y = _step(DDP(model), x[half], keep[half])
         torch.save({"grads": {k: p.grad for k, p in model.named_parameters()},
-                    "buffers": dict(model.named_buffers())}, os.path.join(out_dir, f"{rank}.pt"))
+                    "buffers": dict(model.named_buffers()), "out": y},
+                   os.path.join(out_dir, f"{rank}.pt"))
     finally:
         dist.destroy_process_group()
 
 
+def _spawn(tmp_path, block, sync):
+    mp.spawn(_worker, args=(2, str(tmp_path / "init"), str(tmp_path), block, sync), nprocs=2,
+             join=True)
+    return [torch.load(tmp_path / f"{r}.pt") for r in range(2)]
+
+
+@pytest.mark.parametrize("block", [8, 4])
+def test_ddp_sync_batch_norm_equals_the_whole_batch(tmp_path, block):
+    ranks = _spawn(tmp_path, block, sync=True)
+    whole, x, keep = _setup(block=block, sync=False)  # one process, the whole batch, plain BN
+    y = _step(whole, x, keep)
+    for r, got in enumerate(ranks):
+        torch.testing.assert_close(got["out"], y[2 * r: 2 * r + 2], rtol=1e-10, atol=1e-12)
+        for k, p in whole.named_parameters():
+            torch.testing.assert_close(got["grads"][k], p.grad, rtol=1e-8, atol=1e-12,
+                                       msg=lambda m, k=k: f"rank {r} grad {k}: {m}")
+        for k, b in whole.named_buffers():
+            torch.testing.assert_close(got["buffers"][k], b, rtol=1e-10, atol=1e-12,
+                                       msg=lambda m, k=k: f"rank {r} buffer {k}: {m}")
+
+
 def test_ddp_two_ranks_match_averaged_halves(tmp_path):
-    mp.spawn(_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
+    _spawn(tmp_path, 8, sync=False)
     model, x, keep = _setup()
     halves = []
     for r in range(2):

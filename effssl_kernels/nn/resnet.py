@@ -37,9 +37,9 @@ runs, and the tensors derived from it are saved by autograd, so ``backward`` out
 gives the masked gradients. ``torch.utils.checkpoint`` recomputes the forward in ``backward``,
 outside the ``with``, so it would recompute unmasked: use :func:`checkpoint` here instead, which
 re-enters the mask of the forward for the recomputation. ``mask.keep_ratio()`` gives the removal
-ratio to log (1 - keep ratio). ``SyncBatchNorm`` on a packed map runs its own forward on the
-tiles, so its cross-rank statistics cover kept positions only; on a masked-dense map (not
-tile-aligned) it uses this rank's kept positions only.
+ratio to log (1 - keep ratio). ``SyncBatchNorm`` in training takes its statistics over the kept
+positions of all ranks: on CUDA packed maps through its own kernels (run on the tiles), elsewhere
+(CPU tensors, masked-dense maps) through differentiable all-reduces of the masked sums.
 """
 from __future__ import annotations
 
@@ -205,9 +205,7 @@ class _MaskedConv2d:
 
 
 class _MaskedBatchNorm:
-    """BatchNorm2d / SyncBatchNorm over kept positions. SyncBatchNorm on a packed map runs its
-    own forward on the tiles (statistics over the kept positions of all ranks); on a dense
-    (not tile-aligned) map over this rank's kept positions only."""
+    """BatchNorm2d / SyncBatchNorm over kept positions (SyncBatchNorm: of all ranks)."""
 
     def forward(self, x):
         mask, s = _mask_for(self, x)
@@ -215,9 +213,10 @@ class _MaskedBatchNorm:
             return super().forward(as_dense(x))
         if x.dim() != 4:
             raise ValueError(f"sparse BatchNorm2d: expected 4-D input, got {x.dim()}-D")
-        if isinstance(x, PackedMap) and isinstance(self, nn.SyncBatchNorm) and self.training:
-            # A [T, C, bh, bw] batch holds exactly the kept pixels, so the cross-rank
-            # reduction of nn.SyncBatchNorm (counts included) is section 2's SyncBN as is.
+        group = _sync_group(self)
+        if group is not None and isinstance(x, PackedMap) and x.device.type == "cuda":
+            # A [T, C, bh, bw] batch holds exactly the kept pixels, so nn.SyncBatchNorm's own
+            # cross-rank kernels (counts included) compute section 2's SyncBN as is.
             return PackedMap.from_tiles(super().forward(x.tiles), x.index, x.mask)
         # As nn.BatchNorm2d.forward: the update factor and num_batches_tracked.
         factor = 0.0 if self.momentum is None else self.momentum
@@ -228,10 +227,39 @@ class _MaskedBatchNorm:
         use_running = not self.training or self.track_running_stats
         rm = self.running_mean if use_running else None
         rv = self.running_var if use_running else None
+        if group is not None:  # CPU tensors or masked-dense maps: sums all-reduced across ranks
+            reduce = _cross_rank_sum(group)
+            if isinstance(x, PackedMap):
+                t = x.tiles
+                ones = torch.ones((t.shape[0], 1, *t.shape[2:]), dtype=torch.bool, device=t.device)
+                y = masked_batch_norm_reference(t, ones, rm, rv, self.weight, self.bias, True,
+                                                factor, self.eps, reduce=reduce)
+                return PackedMap.from_tiles(y, x.index, x.mask)
+            return masked_batch_norm_reference(x, mask.pixel_mask(s, x.shape[-2:]), rm, rv,
+                                               self.weight, self.bias, True, factor, self.eps,
+                                               reduce=reduce)
         if isinstance(x, PackedMap):
             return batch_norm_map(x, rm, rv, self.weight, self.bias, bn_training, factor, self.eps)
         return masked_batch_norm_reference(x, mask.pixel_mask(s, x.shape[-2:]), rm, rv,
                                            self.weight, self.bias, bn_training, factor, self.eps)
+
+
+def _sync_group(bn: nn.Module):
+    """The process group a SyncBatchNorm in training reduces over, or None (BatchNorm2d, eval,
+    no initialised process group of more than one rank)."""
+    if not (isinstance(bn, nn.SyncBatchNorm) and bn.training):
+        return None
+    import torch.distributed as dist
+    if not (dist.is_available() and dist.is_initialized()):
+        return None
+    group = bn.process_group or dist.group.WORLD
+    return group if dist.get_world_size(group) > 1 else None
+
+
+def _cross_rank_sum(group):
+    from torch.distributed.nn.functional import all_reduce  # differentiable: grads all-reduced
+
+    return lambda t: all_reduce(t, group=group)
 
 
 class _MaskedMaxPool2d:

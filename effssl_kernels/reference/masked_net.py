@@ -7,7 +7,7 @@ All functions are differentiable with autograd.
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence, Tuple, Union
+from typing import Callable, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -85,7 +85,8 @@ def _acc_dtype(dt: torch.dtype) -> torch.dtype:
 def masked_batch_norm_reference(x: Tensor, mask_pixels: Tensor, running_mean: Optional[Tensor],
                                 running_var: Optional[Tensor], weight: Optional[Tensor] = None,
                                 bias: Optional[Tensor] = None, training: bool = False,
-                                momentum: float = 0.1, eps: float = 1e-5) -> Tensor:
+                                momentum: float = 0.1, eps: float = 1e-5,
+                                reduce: Optional[Callable[[Tensor], Tensor]] = None) -> Tensor:
     """BatchNorm2d over the kept positions: x ``[N, C, H, W]``, mask_pixels bool ``[N, 1, H, W]``
     -> ``M * bn(x)``, same shape and dtype (statistics in float32 for fp16/bf16 inputs).
 
@@ -96,6 +97,11 @@ def masked_batch_norm_reference(x: Tensor, mask_pixels: Tensor, running_mean: Op
 
     ``momentum`` is the update factor, a float, as for ``F.batch_norm``; ``None`` is rejected:
     ``nn.BatchNorm2d(momentum=None)`` (cumulative average) passes ``1 / num_batches_tracked``.
+
+    ``reduce`` (training only): a differentiable sum of a tensor across ranks (SyncBatchNorm);
+    the per-channel sums, the count and the squared deviations pass through it, so ``n``, the
+    mean and the variance are over the kept positions of all ranks (two passes: no
+    ``E[x^2] - mean^2`` cancellation).
     """
     fn = "masked_batch_norm_reference"
     _check_pixels(x, mask_pixels, fn)
@@ -116,9 +122,14 @@ def masked_batch_norm_reference(x: Tensor, mask_pixels: Tensor, running_mean: Op
     m = mask_pixels.to(acc)
     if training:
         n = mask_pixels.sum(dtype=torch.int64)  # kept positions per channel (no host sync)
+        s1 = xa.sum(dim=(0, 2, 3))
+        if reduce is not None:
+            both = reduce(torch.cat([s1, n.to(acc).view(1)]))
+            s1, n = both[:C], both[C].detach().round().to(torch.int64)
         n_safe = n.clamp(min=1).to(acc)
-        mean = xa.sum(dim=(0, 2, 3)) / n_safe
-        var = (m * (xa - mean.view(1, C, 1, 1)) ** 2).sum(dim=(0, 2, 3)) / n_safe
+        mean = s1 / n_safe
+        sq = (m * (xa - mean.view(1, C, 1, 1)) ** 2).sum(dim=(0, 2, 3))
+        var = (sq if reduce is None else reduce(sq)) / n_safe
         if running_mean is not None:
             with torch.no_grad():
                 upd = n > 1
