@@ -17,6 +17,7 @@ BENCHMARKS = [
     "bench.bench_patch_embed_gather",
     "bench.bench_vit_step",
     "bench.bench_sparse_conv",
+    "bench.bench_simsiam_step",
 ]
 
 

@@ -38,7 +38,7 @@ from torch import nn
 import effssl_kernels.sparse.conv as sparse_conv_mod
 import effssl_kernels.sparse.packed as packed_mod
 from effssl_kernels.masks import BlockMask
-from effssl_kernels.nn import block_mask, sparsify
+from effssl_kernels.nn import block_mask, sparsify, tile_plan
 
 from .common import device_info, parse_args, report, time_ms
 
@@ -106,12 +106,14 @@ def run(device: str, quick: bool = False):
                                      else ("resnet18", 512, 112, 16, 8))
     amp = gpu
     fmt = torch.channels_last if gpu else torch.contiguous_format
-    note = ("bf16 autocast, channels_last" if gpu
-            else "fp32; layer4 masked-dense (stride 32 > block 16)")
     torch.manual_seed(0)
     dense = SimSiam(getattr(torchvision.models, arch)(), feat).to(device, memory_format=fmt).train()
     sparse = copy.deepcopy(dense)
     sparsify(sparse.backbone, torch.zeros(2, 3, img, img, device=device))
+    plan = tile_plan(sparse.backbone, block, img)
+    n_dense = sum(v == "masked-dense" for v in plan.values())
+    note = (("bf16 autocast, channels_last" if gpu else "fp32")
+            + f"; {n_dense}/{len(plan)} modules masked-dense")
     g = torch.Generator(device=device).manual_seed(1)
     v1 = torch.rand(batch, 3, img, img, device=device, generator=g).contiguous(memory_format=fmt)
     v2 = torch.rand(batch, 3, img, img, device=device, generator=g).contiguous(memory_format=fmt)

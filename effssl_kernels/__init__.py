@@ -13,6 +13,7 @@ from .nn import (
     patch_size,
     sparsify,
     sparsify_vit,
+    tile_plan,
     token_keep,
     unsparsify,
     unsparsify_vit,
@@ -34,6 +35,6 @@ __all__ = [
     "sparsify_vit", "unsparsify_vit", "token_keep", "patch_size", "is_sparse_vit",
     # block-sparse convolution (issue 3; plain-PyTorch tile kernels so far)
     "BlockMask", "TileIndex", "PackedMap", "sparse_conv2d", "sparse_conv2d_packed",
-    "sparsify", "unsparsify", "block_mask", "masked_checkpoint", "is_sparse",
+    "sparsify", "unsparsify", "block_mask", "masked_checkpoint", "is_sparse", "tile_plan",
     "__version__",
 ]

@@ -224,3 +224,23 @@ def test_resnet_packed_equals_unpacked_path(monkeypatch):
                                    msg=lambda m, k=k: f"{k}: {m}")
     for (k, ba), bb in zip(a.named_buffers(), b.buffers()):
         torch.testing.assert_close(ba, bb, rtol=1e-10, atol=1e-12, msg=lambda m, k=k: f"{k}: {m}")
+
+
+@pytest.mark.parametrize("block,size,n_dense", [(16, 64, 11), (8, 32, 21), (30, 60, 40)])
+def test_tile_plan_says_which_layers_stay_packed(block, size, n_dense):
+    """tile_plan predicts the run: a conv / BN / max pool returns a PackedMap iff 'tiles'."""
+    import torchvision
+
+    model = R.sparsify(torchvision.models.resnet18())
+    plan = R.tile_plan(model, block, size)
+    assert sum(v == "masked-dense" for v in plan.values()) == n_dense
+    seen = {}
+    hooks = [m.register_forward_hook(lambda m, a, o, n=n: seen.__setitem__(n, type(o)))
+             for n, m in model.named_modules() if n in plan and n != "avgpool"]
+    keep = random_mask(2, size, size, block, p=0.6, seed=3).keep
+    with R.block_mask(keep, block):
+        model(torch.randn(2, 3, size, size))
+    for h in hooks:
+        h.remove()
+    assert seen and all((t is PackedMap) == (plan[n] == "tiles") for n, t in seen.items()), \
+        {n: (t.__name__, plan[n]) for n, t in seen.items()}

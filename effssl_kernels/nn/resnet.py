@@ -56,7 +56,8 @@ from torch.utils._pytree import tree_flatten
 
 from ..masks import BlockMask
 from ..reference.masked_net import masked_avg_pool_reference, masked_batch_norm_reference
-from ..sparse.tiles import kept_tiles, prepare_tiles
+from ..sparse.conv import conv_tile_halo
+from ..sparse.tiles import is_tile_aligned, kept_tiles, prepare_tiles
 from ..sparse.packed import (
     PackedMap,
     as_dense,
@@ -67,7 +68,8 @@ from ..sparse.packed import (
 )
 from ._swap import sparse_class as _sparse_class
 
-__all__ = ["block_mask", "checkpoint", "input_strides", "is_sparse", "sparsify", "unsparsify"]
+__all__ = ["block_mask", "checkpoint", "input_strides", "is_sparse", "sparsify", "tile_plan",
+           "unsparsify"]
 
 Pair = tuple[int, int]
 
@@ -487,6 +489,35 @@ def unsparsify(model: nn.Module) -> nn.Module:
             m.__dict__.pop("_effssl_in_stride", None)
             m.__class__ = type(m)._effssl_base
     return model
+
+
+def tile_plan(model: nn.Module, block_size: int, image_size) -> dict[str, str]:
+    """``{module name: 'tiles' | 'masked-dense'}`` for every swapped module of a sparsified
+    model on images of ``image_size`` with blocks of ``block_size``: which layers compute kept
+    tiles only and which fall back to masked-dense (a stride that does not divide the block, an
+    image that is not a whole number of blocks, a ceil-mode pool). BatchNorm and the global pool
+    follow their input: tiles where the map at their stride is tile-aligned."""
+    if not is_sparse(model):
+        raise TypeError("tile_plan: model was not converted by sparsify")
+    H, W = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
+    B = operator.index(block_size)
+    mask = BlockMask(torch.ones(1, H // B, W // B, dtype=torch.bool), B, (H, W))
+    plan = {}
+    for name, m in model.named_modules():
+        if not _is_swapped(m) or "_effssl_in_stride" not in m.__dict__:
+            continue
+        s = m.__dict__["_effssl_in_stride"]
+        if isinstance(m, nn.Conv2d):
+            ok = conv_tile_halo(m.kernel_size, m.stride, m.padding, m.dilation, mask=mask,
+                                in_stride=s) is not None
+        elif isinstance(m, nn.MaxPool2d):
+            st = m.stride if m.stride not in (None, (), []) else m.kernel_size
+            ok = not m.ceil_mode and conv_tile_halo(m.kernel_size, st, m.padding, m.dilation,
+                                                    mask=mask, in_stride=s) is not None
+        else:
+            ok = is_tile_aligned(mask, s)
+        plan[name] = "tiles" if ok else "masked-dense"
+    return plan
 
 
 def input_strides(model: nn.Module) -> dict[str, Pair]:
