@@ -88,6 +88,20 @@ def choose(device_type: str, cuda_kernel: bool = True) -> str:
     return "cpp"
 
 
+def register_ext_op_pair(name: str, fake, backward_name: str, fake_backward, make_backward,
+                         setup_context) -> None:
+    """For a C++ op ``effssl_kernels::<name>`` whose backward is the C++ op ``<backward_name>``:
+    both fake impls, and the autograd ``make_backward(backward op)`` with ``setup_context``.
+    A no-op without the extension (the op does not exist then)."""
+    if not HAS_EXT:
+        return
+    torch.library.register_fake(f"effssl_kernels::{name}")(fake)
+    torch.library.register_fake(f"effssl_kernels::{backward_name}")(fake_backward)
+    backward_op = getattr(torch.ops.effssl_kernels, backward_name).default
+    torch.library.register_autograd(f"effssl_kernels::{name}", make_backward(backward_op),
+                                    setup_context=setup_context)
+
+
 def register_interpreter_fakes(*op_fakes) -> None:
     """Under TRITON_INTERPRET=1 give each ``(triton_op, fake_impl)`` an explicit fake impl and let
     functionalization pass through: there ``wrap_triton`` hands back the raw kernel, which cannot

@@ -134,14 +134,8 @@ def _make_backward(backward_op):
     return _backward
 
 
-if _backend.HAS_EXT:
-    torch.library.register_fake("effssl_kernels::gather_tokens")(_fake)
-    torch.library.register_fake("effssl_kernels::gather_tokens_backward")(_fake_backward)
-    torch.library.register_autograd(
-        "effssl_kernels::gather_tokens",
-        _make_backward(torch.ops.effssl_kernels.gather_tokens_backward.default),
-        setup_context=_setup_context,
-    )
+_backend.register_ext_op_pair("gather_tokens", _fake, "gather_tokens_backward", _fake_backward, _make_backward,
+                             _setup_context)
 
 
 @torch.library.triton_op("effssl_kernels::_gather_tokens_triton", mutates_args=())

@@ -61,14 +61,8 @@ def _make_backward(backward_op):
     return _backward
 
 
-if _backend.HAS_EXT:
-    torch.library.register_fake("effssl_kernels::halo_gather")(_fake)
-    torch.library.register_fake("effssl_kernels::halo_gather_backward")(_fake_backward)
-    torch.library.register_autograd(
-        "effssl_kernels::halo_gather",
-        _make_backward(torch.ops.effssl_kernels.halo_gather_backward.default),
-        setup_context=_setup_context,
-    )
+_backend.register_ext_op_pair("halo_gather", _fake, "halo_gather_backward", _fake_backward, _make_backward,
+                             _setup_context)
 
 
 @torch.library.triton_op("effssl_kernels::_halo_gather_triton", mutates_args=())
