@@ -244,3 +244,34 @@ def test_tile_plan_says_which_layers_stay_packed(block, size, n_dense):
         h.remove()
     assert seen and all((t is PackedMap) == (plan[n] == "tiles") for n, t in seen.items()), \
         {n: (t.__name__, plan[n]) for n, t in seen.items()}
+
+
+def test_per_sample_scale_stays_packed():
+    """Drop-path / stochastic depth scale each sample by a [N, 1, 1, 1] tensor."""
+    x, mask, p = _packed(seed=11, n=3)
+    keep = torch.tensor([1.0, 0.0, 2.0], dtype=x.dtype).view(3, 1, 1, 1)
+    per_c = torch.randn(3, 3, 1, 1, dtype=x.dtype)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no dense fallback
+        noise = p.new_empty((3, 1, 1, 1))  # shape-only: no unpack either
+        y = p.div(0.5) * keep + p * per_c
+    assert isinstance(y, PackedMap) and noise.shape == (3, 1, 1, 1)
+    torch.testing.assert_close(y.to_dense(), x.div(0.5) * keep + x * per_c)
+
+
+def test_timm_drop_path_stays_packed_and_matches_unpacked(monkeypatch):
+    timm = pytest.importorskip("timm")
+    model = timm.create_model("resnet18", num_classes=4, drop_path_rate=0.5).double().train()
+    R.sparsify(model)
+    x = torch.randn(3, 3, 64, 64, dtype=torch.float64)
+    keep = random_mask(3, 64, 64, 16, p=0.6, seed=4).keep
+    torch.manual_seed(5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # every op of timm's forward stays on the tiles
+        with R.block_mask(keep, 16):
+            ya = model(x)
+    monkeypatch.setattr(P, "packing_enabled", lambda: False)
+    torch.manual_seed(5)  # the same drop-path draws
+    with R.block_mask(keep, 16):
+        yb = model(x)
+    torch.testing.assert_close(ya, yb, rtol=1e-10, atol=1e-12)

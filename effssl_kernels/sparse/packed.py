@@ -8,8 +8,8 @@ tensor: a ``torch.Tensor`` subclass whose storage *is* the packed ``[T, C, bh, b
 
 * The swapped conv / BN / pool modules read ``.tiles`` and return PackedMaps, so from the first
   tile-aligned layer to the global pool no activation is ever unpacked (SegBlocks' layout).
-* Elementwise ops (ReLU and friends, residual adds, scaling by a scalar or a per-channel tensor)
-  run on the tiles directly: exact, because every consumer of the map reads removed positions as
+* Elementwise ops (ReLU and friends, residual adds, scaling by a scalar, a per-channel tensor or
+  a per-sample ``[N, 1, 1, 1]`` one such as drop-path's) run on the tiles directly: exact, because every consumer of the map reads removed positions as
   zero, and zeros stay zeros under ReLU and adds (SEMANTICS.md section 2).
 * ``shape``, ``size()``, ``dim()``, ``numel()`` report the dense ``[N, C, H, W]``; ``dtype``,
   ``device``, ``requires_grad``, ``grad_fn`` are the tiles'.
@@ -66,7 +66,10 @@ _DENSE_META = {
 _TILE_META = {Tensor.dtype.__get__, Tensor.device.__get__, Tensor.requires_grad.__get__,
               Tensor.grad_fn.__get__, Tensor.is_cuda.__get__, Tensor.layout.__get__,
               Tensor.is_floating_point, Tensor.element_size, Tensor.requires_grad_,
-              Tensor.is_leaf.__get__, Tensor.data_ptr, Tensor.get_device}
+              Tensor.is_leaf.__get__, Tensor.data_ptr, Tensor.get_device,
+              # new tensors of a given shape take only dtype and device from the map
+              Tensor.new_empty, Tensor.new_zeros, Tensor.new_ones, Tensor.new_full,
+              Tensor.new_tensor}
 
 _WARNED: set = set()
 
@@ -141,18 +144,18 @@ class PackedMap(Tensor):
         if func in _TILE_META:
             with _DisableSubclass():
                 return func(*args, **kwargs)
-        if func in _ELEMENTWISE and _same_index(packed) and all(
-                _broadcasts_per_channel(a) for a in flat if isinstance(a, Tensor)
-                and not isinstance(a, PackedMap)):
+        if func in _ELEMENTWISE and _same_index(packed):
             index, mask = packed[0]._effssl_index, packed[0]._effssl_mask
-            tile_shape = packed[0].tiles.shape
-            a2, k2 = tree_unflatten([a.tiles if isinstance(a, PackedMap) else a for a in flat], spec)
-            with _DisableSubclass():
-                out = func(*a2, **k2)
-            if isinstance(out, Tensor) and out.dim() == 4 and out.shape[0] == tile_shape[0] \
-                    and out.shape[2:] == tile_shape[2:]:
-                return PackedMap.from_tiles(out, index, mask)
-            return out
+            if all(_broadcast_kind(a, index.batch) for a in flat
+                   if isinstance(a, Tensor) and not isinstance(a, PackedMap)):
+                tile_shape = packed[0].tiles.shape
+                a2, k2 = tree_unflatten([_on_tiles(a, index) for a in flat], spec)
+                with _DisableSubclass():
+                    out = func(*a2, **k2)
+                if isinstance(out, Tensor) and out.dim() == 4 and out.shape[0] == tile_shape[0] \
+                        and out.shape[2:] == tile_shape[2:]:
+                    return PackedMap.from_tiles(out, index, mask)
+                return out
         name = _name(func)
         if name in _IN_PLACE_DUNDERS or (name.endswith("_") and not name.startswith("__")):
             raise NotImplementedError(
@@ -172,14 +175,28 @@ def _same_index(packed) -> bool:
     return all(p._effssl_index is packed[0]._effssl_index for p in packed)
 
 
-def _broadcasts_per_channel(t: Tensor) -> bool:
-    """A tensor that broadcasts the same way against ``[T, C, bh, bw]`` as against
-    ``[N, C, H, W]``: a scalar, or constant over batch and space (``[C, 1, 1]``, ``[1, C, 1, 1]``)."""
+def _broadcast_kind(t: Tensor, batch: int):
+    """How a plain tensor broadcasts against ``[N, C, H, W]`` in a way tiles can follow:
+    'same' (a scalar, or constant over batch and space: ``[C, 1, 1]``, ``[1, C, 1, 1]``),
+    'sample' (``[N, 1 or C, 1, 1]``: per sample, e.g. drop-path's keep mask), or None."""
     s = t.shape
     if t.dim() > 4:
-        return False
-    return t.numel() == 1 or (t.dim() >= 3 and s[-1] == 1 and s[-2] == 1
-                              and (t.dim() == 3 or s[0] == 1))
+        return None
+    if t.numel() == 1 or (t.dim() >= 3 and s[-1] == 1 and s[-2] == 1
+                          and (t.dim() == 3 or s[0] == 1)):
+        return "same"
+    if t.dim() == 4 and s[0] == batch and s[2] == 1 and s[3] == 1:
+        return "sample"
+    return None
+
+
+def _on_tiles(a, index: TileIndex):
+    """An argument of an elementwise op, as it applies to the tiles."""
+    if isinstance(a, PackedMap):
+        return a.tiles
+    if isinstance(a, Tensor) and _broadcast_kind(a, index.batch) == "sample":
+        return a.index_select(0, index.kept[:, 0])  # each tile takes its sample's row
+    return a
 
 
 def packing_enabled() -> bool:
