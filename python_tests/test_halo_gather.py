@@ -154,3 +154,21 @@ def test_triton_opcheck(monkeypatch):
     torch.library.opcheck(torch.ops.effssl_kernels._halo_gather_triton.default, args,
                           test_utils=("test_schema", "test_autograd_registration",
                                       "test_faketensor"))
+
+
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+
+@given(B=st.sampled_from([1, 2, 4, 8]), s=st.sampled_from([1, 2, 4]), gh=st.integers(1, 4),
+       gw=st.integers(1, 4), halo=st.tuples(*[st.integers(0, 5)] * 4), C=st.integers(1, 9),
+       p=st.floats(0.0, 1.0), seed=st.integers(0, 2**16),
+       outside=st.sampled_from([0.0, float("-inf"), 3.5]))
+@settings(max_examples=60, deadline=None, derandomize=True)
+def test_fuzz_cpu_matches_reference(B, s, gh, gw, halo, C, p, seed, outside):
+    if B % s:
+        return
+    mask = random_mask(2, gh * B, gw * B, B, p=p, seed=seed)
+    idx = TileIndex.from_mask(mask, s)
+    x = torch.randn(2, C, *idx.size, dtype=torch.float64, generator=torch.Generator().manual_seed(seed))
+    _check(pack(x, idx), idx.halo_table(halo), *idx.halo_inverse(halo), outside=outside)
