@@ -16,6 +16,7 @@ BENCHMARKS = [
     "bench.bench_gather_tokens",
     "bench.bench_patch_embed_gather",
     "bench.bench_vit_step",
+    "bench.bench_halo_gather",
     "bench.bench_sparse_conv",
     "bench.bench_simsiam_step",
 ]

@@ -2,7 +2,7 @@
 // halo pixels read from its neighbour tiles. A table [T, ph, pw] (built once per mask, stride and
 // halo by sparse/tiles.py) names, for each padded pixel, the source pixel s = t*bh*bw + y*bw + x,
 // or S = T*bh*bw (a removed neighbour: zero) or S + 1 (outside the image: `outside`).
-// Forward: parallel over padded pixels, C channels copied per pixel into a channels-last output.
+// Forward: parallel over padded pixels, C channels copied per pixel, channels last in and out.
 // Backward, deterministic and without atomics: the inverse table (padded pixels sorted by source,
 // `order`, in runs `offsets[s]:offsets[s+1]`) lets each source pixel sum the gradients of every
 // padded pixel that read it, in a fixed order, in float32 (float64 for float64).
@@ -46,28 +46,24 @@ at::Tensor halo_gather_cpu(const at::Tensor& tiles, const at::Tensor& table,
   if (out.numel() == 0) return out;
   const at::Tensor tab = table.contiguous();
   const int64_t* tp = tab.const_data_ptr<int64_t>();
-  const int64_t s0 = tiles.stride(0), s1 = tiles.stride(1), s2 = tiles.stride(2),
-                s3 = tiles.stride(3);
+  // Channels last (a no-op for the usual channels-last tiles): source pixel s's C channels are
+  // then the C values at s * C, with no per-pixel index arithmetic (divisions cost more than
+  // the copy of a 64-channel pixel).
+  const at::Tensor x = tiles.contiguous(at::MemoryFormat::ChannelsLast);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, tiles.scalar_type(), kOp, [&] {
-    const scalar_t* xp = tiles.const_data_ptr<scalar_t>();
-    scalar_t* op = out.data_ptr<scalar_t>();  // channels last: pixel r's channels at r * C
+    const scalar_t* xp = x.const_data_ptr<scalar_t>();
+    scalar_t* op = out.data_ptr<scalar_t>();  // channels last: padded pixel r at r * C
     const scalar_t fill = static_cast<scalar_t>(outside);
     at::parallel_for(0, T * ph * pw, std::max<int64_t>(1, 16384 / std::max<int64_t>(C, 1)),
                      [&](int64_t begin, int64_t end) {
       for (int64_t r = begin; r < end; ++r) {
         const int64_t s = tp[r];
         scalar_t* o = op + r * C;
-        if (s >= S || s < 0) {  // S: removed neighbour, S + 1: outside the image
+        if (s >= 0 && s < S) {
+          std::copy(xp + s * C, xp + (s + 1) * C, o);
+        } else {  // S: removed neighbour, S + 1: outside the image
           TORCH_CHECK(s == S || s == S + 1, kOp, ": table entry ", s, " is outside [0, ", S + 2, ")");
           std::fill(o, o + C, s == S ? static_cast<scalar_t>(0) : fill);
-          continue;
-        }
-        const int64_t t = s / (bh * bw), p = s - t * bh * bw, y = p / bw, x = p - y * bw;
-        const scalar_t* src = xp + t * s0 + y * s2 + x * s3;
-        if (s1 == 1) {
-          std::copy(src, src + C, o);
-        } else {
-          for (int64_t c = 0; c < C; ++c) o[c] = src[c * s1];
         }
       }
     });
@@ -94,31 +90,33 @@ at::Tensor halo_gather_backward_cpu(const at::Tensor& grad, const at::Tensor& or
   const int64_t* orp = ord.const_data_ptr<int64_t>();
   const int64_t* ofp = off.const_data_ptr<int64_t>();
   const int64_t M = ord.size(0);
-  const int64_t g0 = grad.stride(0), g1 = grad.stride(1), g2 = grad.stride(2),
-                g3 = grad.stride(3);
+  // As in the forward: in channels last, padded pixel q's C channels are at q * C.
+  const at::Tensor gr = grad.contiguous(at::MemoryFormat::ChannelsLast);
+  const int64_t Q = T * ph * pw;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad.scalar_type(), kOp, [&] {
     using acc = acc_t<scalar_t>;
-    const scalar_t* gp = grad.const_data_ptr<scalar_t>();
+    const scalar_t* gp = gr.const_data_ptr<scalar_t>();
     scalar_t* op = gt.data_ptr<scalar_t>();  // channels last: source pixel s at s * C
     at::parallel_for(0, S, std::max<int64_t>(1, 4096 / std::max<int64_t>(C, 1)),
                      [&](int64_t begin, int64_t end) {
       std::vector<acc> a(C);
       for (int64_t s = begin; s < end; ++s) {
-        std::fill(a.begin(), a.end(), acc(0));
         const int64_t lo = ofp[s], hi = ofp[s + 1];
         TORCH_CHECK(0 <= lo && lo <= hi && hi <= M, kOp, ": offsets are not a partition of order");
-        for (int64_t j = lo; j < hi; ++j) {
-          const int64_t q = orp[j];  // padded pixel t*ph*pw + u*pw + v
-          TORCH_CHECK(0 <= q && q < T * ph * pw, kOp, ": order entry ", q, " out of range");
-          const int64_t t = q / (ph * pw), rem = q - t * ph * pw, u = rem / pw, v = rem - u * pw;
-          const scalar_t* g = gp + t * g0 + u * g2 + v * g3;
-          if (g1 == 1) {
-            for (int64_t c = 0; c < C; ++c) a[c] += static_cast<acc>(g[c]);
-          } else {
-            for (int64_t c = 0; c < C; ++c) a[c] += static_cast<acc>(g[c * g1]);
-          }
-        }
         scalar_t* o = op + s * C;
+        if (hi - lo == 1 && std::is_same_v<scalar_t, acc>) {  // read once: a copy
+          const int64_t q = orp[lo];
+          TORCH_CHECK(0 <= q && q < Q, kOp, ": order entry ", q, " out of range");
+          std::copy(gp + q * C, gp + (q + 1) * C, o);
+          continue;
+        }
+        std::fill(a.begin(), a.end(), acc(0));
+        for (int64_t j = lo; j < hi; ++j) {
+          const int64_t q = orp[j];
+          TORCH_CHECK(0 <= q && q < Q, kOp, ": order entry ", q, " out of range");
+          const scalar_t* g = gp + q * C;
+          for (int64_t c = 0; c < C; ++c) a[c] += static_cast<acc>(g[c]);
+        }
         for (int64_t c = 0; c < C; ++c) o[c] = static_cast<scalar_t>(a[c]);
       }
     });
