@@ -6,7 +6,7 @@ on a GPU, 8 in float32 on a CPU. Modes: forward, and forward+backward (grad of t
 Providers:
 
 - ours: the C++ kernel on a CPU, Triton on a GPU (backward: a gather over the inverse table);
-- index_select (reference): ``effssl_kernels.reference.tiles.halo_gather_reference``, one
+- index_select (reference): ``reference.halo_gather.halo_gather_reference``, one
   ``index_select`` of pixel rows from a channels-last buffer (its backward is a scatter-add);
 - torch.compile of the reference;
 - copy: a plain copy of the output's bytes, the bandwidth yardstick.
@@ -25,7 +25,7 @@ import torch
 
 from effssl_kernels.masks import BlockMask
 from effssl_kernels.ops.halo_gather import halo_gather_op
-from effssl_kernels.reference.tiles import halo_gather_reference
+from effssl_kernels.reference.halo_gather import halo_gather_reference
 from effssl_kernels.sparse import TileIndex
 
 from .common import device_info, parse_args, report, time_ms

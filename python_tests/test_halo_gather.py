@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from effssl_kernels.ops.halo_gather import halo_gather_op
-from effssl_kernels.reference.tiles import halo_gather_reference
+from effssl_kernels.reference.halo_gather import halo_gather_reference
 from effssl_kernels.sparse import TileIndex, pack
 from utils import HAS_GPU, INTERPRET, random_mask
 

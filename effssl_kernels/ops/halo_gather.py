@@ -15,13 +15,13 @@ import torch
 from torch import Tensor
 
 from .. import _backend
-from ..reference.tiles import halo_gather_reference
+from ..reference.halo_gather import halo_gather_reference
 
 
 def halo_gather_op(tiles: Tensor, table: Tensor, order: Tensor, offsets: Tensor,
                    outside: float = 0.0) -> Tensor:
     """tiles ``[T, C, bh, bw]`` (float32/16/bf16/64, any strides) -> ``[T, C, ph, pw]`` channels
-    last, as :func:`~effssl_kernels.reference.tiles.halo_gather_reference`; differentiable in
+    last, as :func:`~effssl_kernels.reference.halo_gather.halo_gather_reference`; differentiable in
     ``tiles``."""
     which = _backend.choose(tiles.device.type, cuda_kernel=False)
     if which == "reference":

@@ -1,6 +1,7 @@
 """Plain-PyTorch references: the oracle of every test and the baseline of every benchmark."""
 from .block_match import block_match_reference, candidate_order
 from .gather_tokens import gather_tokens_reference, patch_embed_gather_reference, patch_embed_reference
+from .halo_gather import halo_gather_reference
 from .masked_net import (
     masked_avg_pool_reference,
     masked_batch_norm_reference,
@@ -12,6 +13,7 @@ __all__ = [
     "block_match_reference",
     "candidate_order",
     "gather_tokens_reference",
+    "halo_gather_reference",
     "patch_embed_gather_reference",
     "patch_embed_reference",
     "masked_avg_pool_reference",

@@ -9,7 +9,7 @@ Backward, deterministic and without atomics: one program per block of ``BLOCK_S`
 x ``BLOCK_C`` channels sums, in float32 (float64 for float64), the gradients of the padded pixels
 in its run ``order[offsets[s]:offsets[s+1]]`` (the inverse table, ascending), and writes every
 source pixel once (channels last). SEMANTICS.md section 2; oracle
-``effssl_kernels.reference.tiles.halo_gather_reference``.
+``effssl_kernels.reference.halo_gather.halo_gather_reference``.
 """
 from __future__ import annotations
 
