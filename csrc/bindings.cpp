@@ -36,15 +36,22 @@ TORCH_LIBRARY(effssl_kernels, m) {
   // --- end patch_embed_gather ---
 
   // --- halo_gather (SEMANTICS.md section 2) ---
-  // tiles [T, C, bh, bw]; table int64 [T, ph, pw] of source pixels t*bh*bw + y*bw + x, or
-  // S = T*bh*bw (zero) or S + 1 (outside) -> [T, C, ph, pw] channels last. order / offsets: the
-  // inverse table, which only the backward reads (inputs, so that autograd can save them).
+  // A gather of whole pixels (C channels each) from a source [T, C, bh, bw] whose S = T*bh*bw
+  // pixels are numbered t*bh*bw + y*bw + x: table int64 [R, ph, pw] names each output pixel's
+  // source, or S (zero) or S + 1 (`outside`) -> [R, C, ph, pw] channels last. With R = T it
+  // gives each packed tile its halo; other tables pack a dense map (the source [N, C, H, W]) or
+  // unpack tiles. order / offsets: the inverse table, which only the backward reads (inputs, so
+  // that autograd can save them).
   m.def(
       "halo_gather(Tensor tiles, Tensor table, Tensor order, Tensor offsets, float outside) -> "
       "Tensor");
-  // grad [T, C, ph, pw] -> grad_tiles [T, C, bh, bw] channels last: per source pixel s, the sum
-  // over order[offsets[s]:offsets[s+1]] (padded pixels t*ph*pw + u*pw + v) in a fixed order.
-  m.def("halo_gather_backward(Tensor grad, Tensor order, Tensor offsets, int bh, int bw) -> Tensor");
+  // grad [R, C, ph, pw] -> grad of the source [num_tiles, C, bh, bw] channels last (num_tiles a
+  // SymInt: a data-dependent tile count must not specialise a compiled backward): per source
+  // pixel s, the sum over order[offsets[s]:offsets[s+1]] (output pixels r*ph*pw + u*pw + v) in a
+  // fixed order.
+  m.def(
+      "halo_gather_backward(Tensor grad, Tensor order, Tensor offsets, SymInt num_tiles, int bh, "
+      "int bw) -> Tensor");
   // --- end halo_gather ---
 }
 

@@ -26,8 +26,7 @@ constexpr const char* kOp = "halo_gather";
 void check_table(const at::Tensor& table, const at::Tensor& tiles) {
   EFFSSL_CHECK(table.scalar_type() == at::kLong, kOp, "table must be int64, got ",
                table.scalar_type());
-  EFFSSL_CHECK(table.dim() == 3 && table.size(0) == tiles.size(0), kOp,
-               "table must be [T, ph, pw] with T = ", tiles.size(0), ", got ", table.sizes());
+  EFFSSL_CHECK(table.dim() == 3, kOp, "table must be 3-D [R, ph, pw], got ", table.sizes());
   EFFSSL_CHECK(table.device() == tiles.device(), kOp, "table must be on the device of tiles");
 }
 
@@ -40,8 +39,8 @@ at::Tensor halo_gather_cpu(const at::Tensor& tiles, const at::Tensor& table,
   EFFSSL_CHECK(tiles.dim() == 4, kOp, "tiles must be 4-D [T, C, bh, bw], got ", tiles.sizes());
   check_table(table, tiles);
   const int64_t T = tiles.size(0), C = tiles.size(1), bh = tiles.size(2), bw = tiles.size(3);
-  const int64_t ph = table.size(1), pw = table.size(2), S = T * bh * bw;
-  at::Tensor out = at::empty({T, C, ph, pw},
+  const int64_t R = table.size(0), ph = table.size(1), pw = table.size(2), S = T * bh * bw;
+  at::Tensor out = at::empty({R, C, ph, pw},
                              tiles.options().memory_format(at::MemoryFormat::ChannelsLast));
   if (out.numel() == 0) return out;
   const at::Tensor tab = table.contiguous();
@@ -54,7 +53,7 @@ at::Tensor halo_gather_cpu(const at::Tensor& tiles, const at::Tensor& table,
     const scalar_t* xp = x.const_data_ptr<scalar_t>();
     scalar_t* op = out.data_ptr<scalar_t>();  // channels last: padded pixel r at r * C
     const scalar_t fill = static_cast<scalar_t>(outside);
-    at::parallel_for(0, T * ph * pw, std::max<int64_t>(1, 16384 / std::max<int64_t>(C, 1)),
+    at::parallel_for(0, R * ph * pw, std::max<int64_t>(1, 16384 / std::max<int64_t>(C, 1)),
                      [&](int64_t begin, int64_t end) {
       for (int64_t r = begin; r < end; ++r) {
         const int64_t s = tp[r];
@@ -72,17 +71,18 @@ at::Tensor halo_gather_cpu(const at::Tensor& tiles, const at::Tensor& table,
 }
 
 at::Tensor halo_gather_backward_cpu(const at::Tensor& grad, const at::Tensor& order,
-                                    const at::Tensor& offsets, int64_t bh, int64_t bw) {
-  EFFSSL_CHECK(grad.dim() == 4, kOp, "grad must be 4-D [T, C, ph, pw], got ", grad.sizes());
+                                    const at::Tensor& offsets, int64_t num_tiles, int64_t bh,
+                                    int64_t bw) {
+  EFFSSL_CHECK(grad.dim() == 4, kOp, "grad must be 4-D [R, C, ph, pw], got ", grad.sizes());
   EFFSSL_CHECK(order.scalar_type() == at::kLong && offsets.scalar_type() == at::kLong, kOp,
                "order and offsets must be int64");
-  const int64_t T = grad.size(0), C = grad.size(1), ph = grad.size(2), pw = grad.size(3);
-  const int64_t S = T * bh * bw;
-  EFFSSL_CHECK(bh >= 1 && bw >= 1, kOp, "tile size must be positive, got ", bh, "x", bw);
+  const int64_t R = grad.size(0), C = grad.size(1), ph = grad.size(2), pw = grad.size(3);
+  const int64_t T = num_tiles, S = T * bh * bw;
+  EFFSSL_CHECK(T >= 0 && bh >= 1 && bw >= 1, kOp, "bad tile shape ", T, " x ", bh, " x ", bw);
   EFFSSL_CHECK(offsets.dim() == 1 && offsets.size(0) == S + 1, kOp, "offsets must be [",
                S + 1, "], got ", offsets.sizes());
-  EFFSSL_CHECK(order.dim() == 1 && order.size(0) <= T * ph * pw, kOp,
-               "order must be 1-D with at most ", T * ph * pw, " entries, got ", order.sizes());
+  EFFSSL_CHECK(order.dim() == 1 && order.size(0) <= R * ph * pw, kOp,
+               "order must be 1-D with at most ", R * ph * pw, " entries, got ", order.sizes());
   at::Tensor gt = at::empty({T, C, bh, bw},
                             grad.options().memory_format(at::MemoryFormat::ChannelsLast));
   if (gt.numel() == 0) return gt;
@@ -92,7 +92,7 @@ at::Tensor halo_gather_backward_cpu(const at::Tensor& grad, const at::Tensor& or
   const int64_t M = ord.size(0);
   // As in the forward: in channels last, padded pixel q's C channels are at q * C.
   const at::Tensor gr = grad.contiguous(at::MemoryFormat::ChannelsLast);
-  const int64_t Q = T * ph * pw;
+  const int64_t Q = R * ph * pw;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad.scalar_type(), kOp, [&] {
     using acc = acc_t<scalar_t>;
     const scalar_t* gp = gr.const_data_ptr<scalar_t>();

@@ -20,8 +20,9 @@ from ..reference.halo_gather import halo_gather_reference
 
 def halo_gather_op(tiles: Tensor, table: Tensor, order: Tensor, offsets: Tensor,
                    outside: float = 0.0) -> Tensor:
-    """tiles ``[T, C, bh, bw]`` (float32/16/bf16/64, any strides) -> ``[T, C, ph, pw]`` channels
-    last, as :func:`~effssl_kernels.reference.halo_gather.halo_gather_reference`; differentiable in
+    """Source ``[T, C, bh, bw]`` (float32/16/bf16/64, any strides), table ``[R, ph, pw]`` ->
+    ``[R, C, ph, pw]`` channels last, as
+    :func:`~effssl_kernels.reference.halo_gather.halo_gather_reference`; differentiable in
     ``tiles``."""
     which = _backend.choose(tiles.device.type, cuda_kernel=False)
     if which == "reference":
@@ -35,20 +36,19 @@ def halo_gather_op(tiles: Tensor, table: Tensor, order: Tensor, offsets: Tensor,
 
 # ----------------------------------------------------------------------------- fake impls, autograd
 def _fake(tiles, table, order, offsets, outside):
-    T, C = tiles.shape[0], tiles.shape[1]
-    return tiles.new_empty((T, C, table.shape[1], table.shape[2])).contiguous(
-        memory_format=torch.channels_last)
+    return tiles.new_empty((table.shape[0], tiles.shape[1], table.shape[1], table.shape[2])
+                           ).contiguous(memory_format=torch.channels_last)
 
 
-def _fake_backward(grad, order, offsets, bh, bw):
-    return grad.new_empty((grad.shape[0], grad.shape[1], bh, bw)).contiguous(
+def _fake_backward(grad, order, offsets, num_tiles, bh, bw):
+    return grad.new_empty((num_tiles, grad.shape[1], bh, bw)).contiguous(
         memory_format=torch.channels_last)
 
 
 def _setup_context(ctx, inputs, output):
     tiles, table, order, offsets, outside = inputs
     ctx.save_for_backward(order, offsets)
-    ctx.tile = (tiles.shape[2], tiles.shape[3])
+    ctx.tile = (tiles.shape[0], tiles.shape[2], tiles.shape[3])
 
 
 def _make_backward(backward_op):
@@ -74,11 +74,11 @@ def _halo_gather_triton(tiles: Tensor, table: Tensor, order: Tensor, offsets: Te
 
 
 @torch.library.triton_op("effssl_kernels::_halo_gather_backward_triton", mutates_args=())
-def _halo_gather_backward_triton(grad: Tensor, order: Tensor, offsets: Tensor, bh: int,
-                                 bw: int) -> Tensor:
+def _halo_gather_backward_triton(grad: Tensor, order: Tensor, offsets: Tensor, num_tiles: int,
+                                 bh: int, bw: int) -> Tensor:
     from ..triton.halo_gather import halo_gather_bwd
 
-    return halo_gather_bwd(grad, order, offsets, bh, bw)
+    return halo_gather_bwd(grad, order, offsets, num_tiles, bh, bw)
 
 
 _halo_gather_triton.register_autograd(

@@ -5,9 +5,9 @@ from torch import Tensor
 
 
 def halo_gather_reference(tiles: Tensor, table: Tensor, outside: float = 0.0) -> Tensor:
-    """tiles ``[T, C, bh, bw]``, table int64 ``[T, ph, pw]`` of source pixels
-    ``t*bh*bw + y*bw + x`` (``S = T*bh*bw``: zero, ``S + 1``: ``outside``) -> ``[T, C, ph, pw]``
-    channels-last strided. One ``index_select`` of whole pixel rows from a channels-last buffer
+    """Source ``[T, C, bh, bw]``, table int64 ``[R, ph, pw]`` of source pixels
+    ``t*bh*bw + y*bw + x`` (``S = T*bh*bw``: zero, ``S + 1``: ``outside``) -> ``[R, C, ph, pw]``
+    channels-last strided (R = T: each tile with its halo; other tables pack or unpack). One ``index_select`` of whole pixel rows from a channels-last buffer
     with the zero and outside rows appended; its autograd backward is a scatter-add."""
     T, C, bh, bw = tiles.shape
     S = T * bh * bw
@@ -15,6 +15,6 @@ def halo_gather_reference(tiles: Tensor, table: Tensor, outside: float = 0.0) ->
     buf[:S].view(T, bh, bw, C).copy_(tiles.permute(0, 2, 3, 1))
     if outside != 0:
         buf[S + 1].fill_(outside)
-    ph, pw = table.shape[1], table.shape[2]
+    R, ph, pw = table.shape
     out = buf.index_select(0, table.reshape(-1))
-    return out.view(T, ph, pw, C).permute(0, 3, 1, 2)
+    return out.view(R, ph, pw, C).permute(0, 3, 1, 2)

@@ -79,7 +79,7 @@ class TileIndex:
         self.batch = slot.shape[0]
         self.grid = (slot.shape[1], slot.shape[2])
         self.size = (self.grid[0] * tile[0], self.grid[1] * tile[1])
-        self._halo_tables: Dict[tuple, object] = {}  # halo -> table, ("inverse", *halo) -> inverse
+        self._halo_tables: Dict[tuple, object] = {}  # gather tables, see _cached
 
     @property
     def device(self) -> torch.device:
@@ -122,10 +122,7 @@ class TileIndex:
 
         Any reach works: a halo wider than a tile reads tiles several blocks away."""
         key = _halo4(halo)
-        table = self._halo_tables.get(key)
-        if table is None:
-            table = self._halo_tables[key] = self._build_halo_table(*key)
-        return table
+        return self._cached(key, lambda: self._build_halo_table(*key))
 
     def halo_inverse(self, halo) -> Tuple[Tensor, Tensor]:
         """The inverse of :meth:`halo_table`: ``order`` int64 ``[T * ph * pw]``, the padded pixels
@@ -133,15 +130,42 @@ class TileIndex:
         int64 ``[T * bh * bw + 1]``, source pixel ``s`` being read by ``order[offsets[s]:
         offsets[s+1]]`` (zero and outside reads sort last, past ``offsets[-1]``). The backward of
         :func:`halo_gather` sums over these runs. On the device, no host sync; cached per halo."""
-        key = ("inverse",) + _halo4(halo)
-        inv = self._halo_tables.get(key)
-        if inv is None:
-            flat = self.halo_table(key[1:]).reshape(-1)
-            src, order = torch.sort(flat, stable=True)
-            S = self.num_tiles * self.tile[0] * self.tile[1]
-            starts = torch.arange(S + 1, device=flat.device, dtype=flat.dtype)
-            inv = self._halo_tables[key] = (order, torch.searchsorted(src, starts))
-        return inv
+        key = _halo4(halo)
+        return self._cached(("inverse",) + key, lambda: _inverse(
+            self.halo_table(key), self.num_tiles * self.tile[0] * self.tile[1]))
+
+    def pack_tables(self) -> Tuple[Tensor, Tensor, Tensor]:
+        """(table, order, offsets) of :func:`pack` as a gather from the dense map (source pixels
+        ``(n*H + r)*W + c``): tile pixel ``(t, y, x)`` reads ``(n, i*bh + y, j*bw + x)``."""
+        def build():
+            (bh, bw), (H, W), T = self.tile, self.size, self.num_tiles
+            n, i, j = self.kept.unbind(1)
+            y = torch.arange(bh, device=self.device).view(1, bh, 1)
+            x = torch.arange(bw, device=self.device).view(1, 1, bw)
+            table = ((n.view(T, 1, 1) * H + i.view(T, 1, 1) * bh + y) * W
+                     + j.view(T, 1, 1) * bw + x)
+            return (table,) + _inverse(table, self.batch * H * W)
+        return self._cached(("pack",), build)
+
+    def unpack_tables(self) -> Tuple[Tensor, Tensor, Tensor]:
+        """(table, order, offsets) of :func:`unpack` as a gather from the tiles: dense pixel
+        ``(n, r, c)`` reads its tile's pixel, or the zero row under a removed block."""
+        def build():
+            (bh, bw), (Hb, Wb), T = self.tile, self.grid, self.num_tiles
+            P = bh * bw
+            slot = self.slot.repeat_interleave(bh, 1).repeat_interleave(bw, 2)  # [N, H, W]
+            r = torch.arange(Hb * bh, device=self.device).view(1, -1, 1)
+            c = torch.arange(Wb * bw, device=self.device).view(1, 1, -1)
+            src = slot * P + (r % bh) * bw + (c % bw)
+            table = torch.where(slot >= 0, src, torch.full_like(src, T * P))
+            return (table,) + _inverse(table, T * P)
+        return self._cached(("unpack",), build)
+
+    def _cached(self, key, build):
+        v = self._halo_tables.get(key)
+        if v is None:
+            v = self._halo_tables[key] = build()
+        return v
 
     def _build_halo_table(self, left: int, right: int, top: int, bottom: int) -> Tensor:
         dev = self.device
@@ -162,6 +186,14 @@ class TileIndex:
         src = src_tile * P + (rc - bi * bh) * bw + (cc - bj * bw)
         src = torch.where(src_tile >= 0, src, torch.full_like(src, T * P))
         return torch.where(inside, src, torch.full_like(src, T * P + 1))
+
+
+def _inverse(table: Tensor, num_sources: int) -> Tuple[Tensor, Tensor]:
+    """(order, offsets) of a gather table: the entries sorted (stably) by the source they read,
+    and for each source ``s < num_sources`` its run ``order[offsets[s]:offsets[s+1]]``."""
+    src, order = torch.sort(table.reshape(-1), stable=True)
+    starts = torch.arange(num_sources + 1, device=table.device, dtype=table.dtype)
+    return order, torch.searchsorted(src, starts)
 
 
 def _halo4(halo) -> Tuple[int, int, int, int]:
@@ -200,16 +232,11 @@ def _check_tiles(tiles: Tensor, index: TileIndex, fn: str) -> None:
         raise ValueError(f"{fn}: tiles are on {tiles.device} but the index is on {index.device}")
 
 
-def _block_view(x: Tensor, index: TileIndex) -> Tensor:
-    """``[N, C, H, W]`` -> view ``[N, C, Hb, bh, Wb, bw]`` (splitting a dim never copies)."""
-    (Hb, Wb), (bh, bw) = index.grid, index.tile
-    return x.unflatten(3, (Wb, bw)).unflatten(2, (Hb, bh))
-
-
 def pack(x: Tensor, index: TileIndex) -> Tensor:
     """Dense ``[N, C, H, W]`` with ``(H, W) == index.size`` -> packed kept tiles
-    ``[T, C, bh, bw]`` (removed blocks are dropped, so their values never matter).
-    One gather over the kept tiles only; its backward scatters into zeros."""
+    ``[T, C, bh, bw]`` channels last (removed blocks are dropped, so their values never
+    matter). The ``halo_gather`` op with :meth:`TileIndex.pack_tables`; its backward is a
+    gather too (each dense pixel is read at most once: zeros elsewhere)."""
     _check_index(index, "pack")
     if not isinstance(x, Tensor) or x.dim() != 4:
         raise ValueError("pack: x must be a 4-D [N, C, H, W] tensor")
@@ -218,9 +245,9 @@ def pack(x: Tensor, index: TileIndex) -> Tensor:
                          f"[{index.batch}, C, {index.size[0]}, {index.size[1]}]")
     if x.device != index.device:
         raise ValueError(f"pack: x is on {x.device} but the index is on {index.device}")
-    n, i, j = index.kept.unbind(1)
-    # Advanced indices split by slices: the indexed dim goes first -> [T, C, bh, bw].
-    return _block_view(x, index)[n, :, i, :, j, :]
+    from ..ops.halo_gather import halo_gather_op
+
+    return halo_gather_op(x, *index.pack_tables())
 
 
 def unpack(tiles: Tensor, index: TileIndex, out_shape: Sequence[int],
@@ -234,11 +261,12 @@ def unpack(tiles: Tensor, index: TileIndex, out_shape: Sequence[int],
         raise ValueError(f"unpack: out_shape {tuple(out_shape)} does not match the index and "
                          f"tiles: expected [{index.batch}, {tiles.shape[1]}, {index.size[0]}, "
                          f"{index.size[1]}]")
-    out = torch.empty((N, C, H, W), dtype=tiles.dtype, device=tiles.device,
-                      memory_format=memory_format).zero_()
-    n, i, j = index.kept.unbind(1)
-    _block_view(out, index)[n, :, i, :, j, :] = tiles  # autograd records this as CopySlices
-    return out
+    from ..ops.halo_gather import halo_gather_op
+
+    if N == 0 or C == 0:
+        return tiles.new_zeros((N, C, H, W)).contiguous(memory_format=memory_format)
+    out = halo_gather_op(tiles, *index.unpack_tables())  # channels last
+    return out.contiguous(memory_format=memory_format)
 
 
 def halo_gather(tiles: Tensor, index: TileIndex, halo, outside: float = 0.0) -> Tensor:

@@ -22,9 +22,9 @@ from torch import Tensor
 @triton.jit
 def _halo_gather_fwd_kernel(
     x_ptr,  # tiles [T, C, bh, bw], strides s*
-    table_ptr,  # int64 [T * ph * pw] contiguous
-    out_ptr,  # [T * ph * pw, C] contiguous (channels last)
-    R,  # T * ph * pw
+    table_ptr,  # int64 [R * ph * pw] contiguous
+    out_ptr,  # [R * ph * pw, C] contiguous (channels last)
+    R,  # output pixels: R * ph * pw
     C,
     S,  # T * bh * bw
     P,  # bh * bw
@@ -63,8 +63,8 @@ def _halo_gather_fwd_kernel(
 
 @triton.jit
 def _halo_gather_bwd_kernel(
-    g_ptr,  # grad [T, C, ph, pw], strides g*
-    order_ptr,  # int64 [M]: padded pixels t*ph*pw + u*pw + v sorted by source
+    g_ptr,  # grad [R, C, ph, pw], strides g*
+    order_ptr,  # int64 [M]: output pixels r*ph*pw + u*pw + v sorted by source
     offsets_ptr,  # int64 [S + 1]
     out_ptr,  # [S, C] contiguous (channels last grad of the tiles)
     S,
@@ -111,10 +111,10 @@ def _block_c(C: int) -> int:
 
 def halo_gather_fwd(tiles: Tensor, table: Tensor, outside: float) -> Tensor:
     T, C, bh, bw = tiles.shape
-    ph, pw = table.shape[1], table.shape[2]
-    out = torch.empty((T, C, ph, pw), dtype=tiles.dtype, device=tiles.device,
+    n_out, ph, pw = table.shape
+    out = torch.empty((n_out, C, ph, pw), dtype=tiles.dtype, device=tiles.device,
                       memory_format=torch.channels_last)
-    R = T * ph * pw
+    R = n_out * ph * pw
     if out.numel() == 0:
         return out
     BLOCK_R, BLOCK_C = 32, _block_c(C)
@@ -125,8 +125,9 @@ def halo_gather_fwd(tiles: Tensor, table: Tensor, outside: float) -> Tensor:
     return out
 
 
-def halo_gather_bwd(grad: Tensor, order: Tensor, offsets: Tensor, bh: int, bw: int) -> Tensor:
-    T, C, ph, pw = grad.shape
+def halo_gather_bwd(grad: Tensor, order: Tensor, offsets: Tensor, T: int, bh: int,
+                    bw: int) -> Tensor:
+    _, C, ph, pw = grad.shape
     out = torch.empty((T, C, bh, bw), dtype=grad.dtype, device=grad.device,
                       memory_format=torch.channels_last)
     S = T * bh * bw
