@@ -143,7 +143,7 @@ def run(device: str, quick: bool = False):
         try:
             with _provider(prov):
                 fn()  # warm-up
-                t = time_ms(fn, device, min_run_time=0.5 if quick else 2.0)
+                t = time_ms(fn, device, min_run_time=0.5 if quick else (2.0 if gpu else 5.0))
         except Exception as e:  # report, never hide, a case that fails
             row["note"] = f"failed: {e}"[:120]
             rows.append(row)
