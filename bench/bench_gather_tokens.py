@@ -26,7 +26,7 @@ import torch
 from effssl_kernels.ops.gather_tokens import gather_tokens
 from effssl_kernels.reference.gather_tokens import gather_tokens_reference
 
-from .common import device_info, parse_args, report, time_ms
+from .common import device_info, mark_speedups, parse_args, report, time_ms
 
 WIDTHS = [("ViT-S", 384), ("ViT-B", 768)]
 RATIOS = [0.25, 0.5, 0.75]
@@ -112,14 +112,10 @@ def run(device: str, quick: bool = False):
                     copy_gbps = 2 * N * K * D * es / (t["median_ms"] * 1e-3) / 1e9
                     copy_row = {"case": case, "mode": "copy", "provider": "copy (yardstick)", **t, "gbps": copy_gbps}
                     case_rows.append(copy_row)
-                ours = next((r for r in case_rows if r["provider"] == "ours" and "median_ms" in r), None)
                 for r in case_rows:
                     if "gbps" in r:
                         r["pct_copy_bw"] = 100 * r["gbps"] / copy_gbps
-                    if ours is not None and "median_ms" in r and r is not ours and r["mode"] == mode:
-                        # how much faster ours is than this provider
-                        r["ours_speedup"] = r["median_ms"] / ours["median_ms"]
-                        ours[f"speedup_vs_{r['provider']}"] = r["ours_speedup"]
+                mark_speedups([r for r in case_rows if r["mode"] == mode])
                 rows += case_rows
     return rows, info, N, dtype
 

@@ -28,7 +28,7 @@ from effssl_kernels.ops.halo_gather import halo_gather_op
 from effssl_kernels.reference.halo_gather import halo_gather_reference
 from effssl_kernels.sparse import TileIndex
 
-from .common import device_info, parse_args, report, time_ms
+from .common import device_info, mark_speedups, parse_args, report, time_ms
 
 LAYERS = [("layer1 8x8 tiles", 4, 64), ("layer2 4x4 tiles", 8, 128), ("layer3 2x2 tiles", 16, 256)]
 BATCH = {"cuda": 256, "cpu": 8}
@@ -90,10 +90,7 @@ def run(device: str, quick: bool = False):
                 gbps = nbytes / (t["median_ms"] * 1e-3) / 1e9
                 case_rows.append({"case": case, "mode": mode, "provider": prov, **t,
                                   "gbps": gbps, "pct_copy_bw": 100 * gbps / copy_gbps})
-            ours = next((r for r in case_rows if r["provider"] == "ours" and "median_ms" in r), None)
-            for r in case_rows:
-                if ours is not None and "median_ms" in r and r is not ours:
-                    r["ours_speedup"] = r["median_ms"] / ours["median_ms"]
+            mark_speedups(case_rows)
             rows += case_rows
     return rows, info, N, dtype
 

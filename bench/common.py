@@ -134,6 +134,18 @@ def _fmt(v) -> str:
     return str(v)
 
 
+def mark_speedups(rows: list[dict], ours: str = "ours") -> None:
+    """``ours_speedup`` (provider time / ours: > 1 means ours is faster) on every timed row of
+    ``rows`` (one case and mode), and ``speedup_vs_<provider>`` on ours' row."""
+    mine = next((r for r in rows if r.get("provider") == ours and "median_ms" in r), None)
+    if mine is None:
+        return
+    for r in rows:
+        if "median_ms" in r and r is not mine:
+            r["ours_speedup"] = r["median_ms"] / mine["median_ms"]
+            mine[f"speedup_vs_{r['provider']}"] = r["ours_speedup"]
+
+
 def parse_args(doc: str, quick_help: str, argv=None):
     """The CLI every benchmark shares: --device, --out, --quick."""
     import argparse
