@@ -9,6 +9,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 
 #include "block_match_args.h"
 
@@ -17,14 +18,13 @@ namespace {
 
 constexpr int kTileDx = 16;  // candidates along x scored together: the inner loop vectorises
 
-// Sum of squared differences of one B x B x C block of a against `count` (<= kTileDx)
+// Sum of squared differences of one B x B x C block of a against `n` (< kTileDx, the tail of
+// a row of candidates; full tiles take tile_ssd16 below, in the same order of operations)
 // horizontally consecutive candidates starting at pb. The loop runs over candidates innermost,
-// so each template value meets kTileDx contiguous window values whatever B is; per-row partial
-// sums keep the float32 error of a long chain small.
-template <int COUNT>
+// so each template value meets the window values of every candidate; per-row partial sums keep
+// the float32 error of a long chain small.
 inline void tile_ssd(const float* pa, const float* pb, int64_t plane, int W, int C, int B,
-                     int count, float* out) {
-  const int n = COUNT > 0 ? COUNT : count;
+                     int n, float* out) {
   float total[kTileDx] = {};
   for (int c = 0; c < C; ++c) {
     const float* ra = pa + c * plane;
@@ -42,6 +42,49 @@ inline void tile_ssd(const float* pa, const float* pb, int64_t plane, int W, int
     }
   }
   for (int j = 0; j < n; ++j) out[j] = total[j];
+}
+
+// The full tile (16 candidates) with its accumulators in four explicit 4-float vectors (GCC/Clang
+// vector extensions, SSE on any x86-64): written as the loop above, GCC keeps the 16 partial sums
+// in memory and spills every iteration (measured 6-9 GFLOP/s per core vs 17 for this form).
+typedef float v4f __attribute__((vector_size(16)));
+static_assert(kTileDx == 16, "tile_ssd16 scores four 4-float vectors of candidates");
+
+inline v4f loadu4(const float* p) {
+  v4f v;
+  std::memcpy(&v, p, sizeof v);  // an unaligned load
+  return v;
+}
+
+inline void tile_ssd16(const float* pa, const float* pb, int64_t plane, int W, int C, int B,
+                       float* out) {
+  v4f t0 = {}, t1 = {}, t2 = {}, t3 = {};
+  for (int c = 0; c < C; ++c) {
+    const float* ra = pa + c * plane;
+    const float* rb = pb + c * plane;
+    for (int ky = 0; ky < B; ++ky, ra += W, rb += W) {
+      v4f r0 = {}, r1 = {}, r2 = {}, r3 = {};  // per-row partial sums, as in tile_ssd
+      for (int kx = 0; kx < B; ++kx) {
+        const float s = ra[kx];
+        const v4f t = {s, s, s, s};
+        const float* q = rb + kx;
+        const v4f d0 = t - loadu4(q), d1 = t - loadu4(q + 4), d2 = t - loadu4(q + 8),
+                  d3 = t - loadu4(q + 12);
+        r0 += d0 * d0;
+        r1 += d1 * d1;
+        r2 += d2 * d2;
+        r3 += d3 * d3;
+      }
+      t0 += r0;
+      t1 += r1;
+      t2 += r2;
+      t3 += r3;
+    }
+  }
+  std::memcpy(out, &t0, sizeof t0);
+  std::memcpy(out + 4, &t1, sizeof t1);
+  std::memcpy(out + 8, &t2, sizeof t2);
+  std::memcpy(out + 12, &t3, sizeof t3);
 }
 
 // a, b: contiguous float32 [N, C, H, W], b already mirrored where flip is set.
@@ -69,9 +112,9 @@ void block_match_cpu_kernel(const float* a, const float* b, const BlockMatchPara
           const int count = std::min(kTileDx, rx.hi - dx0 + 1);
           const float* pb = b + n * C * plane + (cy + dy) * W + (cx + dx0);
           if (count == kTileDx)
-            tile_ssd<kTileDx>(pa, pb, plane, W, C, B, count, ssd);
+            tile_ssd16(pa, pb, plane, W, C, B, ssd);
           else  // never reads past the last candidate: the tail may end at the tensor's end
-            tile_ssd<0>(pa, pb, plane, W, C, B, count, ssd);
+            tile_ssd(pa, pb, plane, W, C, B, count, ssd);
           for (int t = 0; t < count; ++t) {
             const int dx = dx0 + t;
             const float mse = ssd[t] * inv_count;
