@@ -471,6 +471,19 @@ def test_bad_inputs():
         unpack(tiles, idx, (2, 3, 8, 16))
 
 
+def test_strided_1x1_gradients_many_shapes():
+    """Regression: strided 1x1 convs of channels-last tiles hit a torch CPU bug (wrong weight or
+    input gradients for ~10% of shapes); sparse_conv2d must be right for every one."""
+    for seed in range(40):
+        g = torch.Generator().manual_seed(seed)
+        n = int(torch.randint(1, 4, (), generator=g))
+        cin = int(torch.randint(1, 9, (), generator=g))
+        mask = random_mask(n, 32, 16, 8, p=0.6, seed=seed)
+        x = torch.randn(n, cin, 16, 8, generator=g)
+        w, b = conv_params(cin, 5, 1, 1)
+        check_vs_reference(x, w, b, 2, 0, 1, 1, mask, 2)
+
+
 # ---- property-based: any geometry, tiled or masked-dense, equals the oracle --------------------
 from hypothesis import given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
