@@ -229,21 +229,14 @@ class _MaskedBatchNorm:
         use_running = not self.training or self.track_running_stats
         rm = self.running_mean if use_running else None
         rv = self.running_var if use_running else None
-        if group is not None:  # CPU tensors or masked-dense maps: sums all-reduced across ranks
-            reduce = _cross_rank_sum(group)
-            if isinstance(x, PackedMap):
-                t = x.tiles
-                ones = torch.ones((t.shape[0], 1, *t.shape[2:]), dtype=torch.bool, device=t.device)
-                y = masked_batch_norm_reference(t, ones, rm, rv, self.weight, self.bias, True,
-                                                factor, self.eps, reduce=reduce)
-                return PackedMap.from_tiles(y, x.index, x.mask)
-            return masked_batch_norm_reference(x, mask.pixel_mask(s, x.shape[-2:]), rm, rv,
-                                               self.weight, self.bias, True, factor, self.eps,
-                                               reduce=reduce)
+        # SyncBatchNorm on CPU tensors or masked-dense maps: sums all-reduced across ranks.
+        reduce = None if group is None else _cross_rank_sum(group)
         if isinstance(x, PackedMap):
-            return batch_norm_map(x, rm, rv, self.weight, self.bias, bn_training, factor, self.eps)
+            return batch_norm_map(x, rm, rv, self.weight, self.bias, bn_training, factor,
+                                  self.eps, reduce=reduce)
         return masked_batch_norm_reference(x, mask.pixel_mask(s, x.shape[-2:]), rm, rv,
-                                           self.weight, self.bias, bn_training, factor, self.eps)
+                                           self.weight, self.bias, bn_training, factor, self.eps,
+                                           reduce=reduce)
 
 
 def _sync_group(bn: nn.Module):
@@ -511,9 +504,8 @@ def tile_plan(model: nn.Module, block_size: int, image_size) -> dict[str, str]:
             ok = conv_tile_halo(m.kernel_size, m.stride, m.padding, m.dilation, mask=mask,
                                 in_stride=s) is not None
         elif isinstance(m, nn.MaxPool2d):
-            st = m.stride if m.stride not in (None, (), []) else m.kernel_size
-            ok = not m.ceil_mode and conv_tile_halo(m.kernel_size, st, m.padding, m.dilation,
-                                                    mask=mask, in_stride=s) is not None
+            ok = not m.ceil_mode and conv_tile_halo(m.kernel_size, _module_stride(m), m.padding,
+                                                    m.dilation, mask=mask, in_stride=s) is not None
         else:
             ok = is_tile_aligned(mask, s)
         plan[name] = "tiles" if ok else "masked-dense"

@@ -9,8 +9,9 @@ tensor: a ``torch.Tensor`` subclass whose storage *is* the packed ``[T, C, bh, b
 * The swapped conv / BN / pool modules read ``.tiles`` and return PackedMaps, so from the first
   tile-aligned layer to the global pool no activation is ever unpacked (SegBlocks' layout).
 * Elementwise ops (ReLU and friends, residual adds, scaling by a scalar, a per-channel tensor or
-  a per-sample ``[N, 1, 1, 1]`` one such as drop-path's) run on the tiles directly: exact, because every consumer of the map reads removed positions as
-  zero, and zeros stay zeros under ReLU and adds (SEMANTICS.md section 2).
+  a per-sample ``[N, 1, 1, 1]`` one such as drop-path's) run on the tiles directly: exact,
+  because every consumer of the map reads removed positions as zero, and zeros stay zeros under
+  ReLU and adds (SEMANTICS.md section 2).
 * ``shape``, ``size()``, ``dim()``, ``numel()`` report the dense ``[N, C, H, W]``; ``dtype``,
   ``device``, ``requires_grad``, ``grad_fn`` are the tiles'.
 * Any other op sees the dense map (:meth:`PackedMap.to_dense`, zeros under removed blocks) and
@@ -22,7 +23,7 @@ Autograd runs on the tiles (the subclass is a plain alias of them), so gradients
 from __future__ import annotations
 
 import warnings
-from typing import Optional, Tuple
+from typing import Callable, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -239,8 +240,10 @@ def max_pool2d_map(x: Tensor, kernel_size, stride, padding, dilation, ceil_mode:
     read as zero, outside the image as -inf, max pooling's padding) -> PackedMap; otherwise
     masked-dense on the dense map."""
     stride = kernel_size if stride is None or stride == () else stride
-    halo = None if ceil_mode or not packing_enabled() else conv_tile_halo(kernel_size, stride, padding, dilation, mask=mask,
-                                                 in_stride=in_stride, size=x.shape[-2:])
+    halo = None
+    if not ceil_mode and packing_enabled():
+        halo = conv_tile_halo(kernel_size, stride, padding, dilation, mask=mask,
+                              in_stride=in_stride, size=x.shape[-2:])
     if halo is None:
         return masked_max_pool2d_reference(as_dense(x), kernel_size, stride, padding, dilation,
                                            ceil_mode, mask=mask, in_stride=in_stride)
@@ -250,7 +253,6 @@ def max_pool2d_map(x: Tensor, kernel_size, stride, padding, dilation, ceil_mode:
                      dilation)
     idx_out = TileIndex.from_mask(mask, (in_stride[0] * s[0], in_stride[1] * s[1]))
     return PackedMap.from_tiles(y, idx_out, mask)
-
 
 
 def conv2d_map(x: Tensor, weight: Tensor, bias: Optional[Tensor], stride, padding, dilation,
@@ -284,16 +286,19 @@ def _tiles_at(x: Tensor, mask: BlockMask, in_stride: Tuple[int, int], fn: str):
 
 def batch_norm_map(x: PackedMap, running_mean: Optional[Tensor], running_var: Optional[Tensor],
                    weight: Optional[Tensor], bias: Optional[Tensor], training: bool,
-                   momentum: float, eps: float) -> PackedMap:
+                   momentum: float, eps: float,
+                   reduce: Optional[Callable[[Tensor], Tensor]] = None) -> PackedMap:
     """Masked BatchNorm of a PackedMap: ``F.batch_norm`` over ``[T, C, bh, bw]`` takes its
-    statistics over kept pixels only, so it is section 2's BN as is; when ``n = T * bh * bw``
-    is at most 1 in training (where F.batch_norm raises) the reference gives zeros/no update."""
+    statistics over kept pixels only, so it is section 2's BN as is. The reference (every tile
+    pixel kept) runs instead when ``n = T * bh * bw`` is at most 1 in training (where
+    F.batch_norm raises; the reference gives zeros and no update) and with ``reduce``, the
+    cross-rank sum of SyncBatchNorm (see ``masked_batch_norm_reference``)."""
     tiles = x.tiles
     T, _, bh, bw = tiles.shape
-    if training and T * bh * bw <= 1:
+    if reduce is not None or (training and T * bh * bw <= 1):
         ones = torch.ones((T, 1, bh, bw), dtype=torch.bool, device=tiles.device)
         y = masked_batch_norm_reference(tiles, ones, running_mean, running_var, weight, bias,
-                                        training, momentum, eps)
+                                        training, momentum, eps, reduce=reduce)
     else:
         y = F.batch_norm(tiles, running_mean, running_var, weight, bias, training, momentum, eps)
     return PackedMap.from_tiles(y, x.index, x.mask)

@@ -1,4 +1,4 @@
-"""Packed kept-block tiles of a masked feature map (SegBlocks-style layout), plain PyTorch.
+"""Packed kept-block tiles of a masked feature map (SegBlocks-style layout).
 
 At a feature map of cumulative stride ``s = (sh, sw)`` with ``B % sh == B % sw == 0`` and spatial
 size exactly ``(Hb * B / sh, Wb * B / sw)`` (the *tile-aligned* case: the image is a whole number
@@ -7,7 +7,8 @@ feature rows ``[i*bh, (i+1)*bh)`` and columns ``[j*bw, (j+1)*bw)`` (SEMANTICS.md
 A map is *packed* as ``[T, C, bh, bw]``: only the ``T`` kept tiles, in row-major ``(n, i, j)``
 order. Every removed pixel is zero in the masked network, so the packed tensor holds all the
 information; convolutions run on it after :func:`halo_gather` has given each tile the border
-pixels its kernel reads from neighbour tiles.
+pixels its kernel reads from neighbour tiles. The halo exchange, :func:`pack` and :func:`unpack`
+are all the ``effssl_kernels::halo_gather`` op, each with its own cached :class:`TileIndex` table.
 
 The kept list and slot table depend only on the mask, not on the stride, so they are built once
 per mask (one host sync, to learn ``T``) and shared by the :class:`TileIndex` of every resolution.
@@ -20,9 +21,9 @@ import torch
 from torch import Tensor
 
 from ..masks import BlockMask, _as_int, _positive_pair
+from ..ops.halo_gather import halo_gather_op
 
 IntOrPair = Union[int, Sequence[int]]
-
 
 
 def kept_tiles(keep: Tensor) -> Tuple[Tensor, Tensor]:
@@ -79,7 +80,7 @@ class TileIndex:
         self.batch = slot.shape[0]
         self.grid = (slot.shape[1], slot.shape[2])
         self.size = (self.grid[0] * tile[0], self.grid[1] * tile[1])
-        self._halo_tables: Dict[tuple, object] = {}  # gather tables, see _cached
+        self._tables: Dict[tuple, object] = {}  # gather tables by kind, see _cached
 
     @property
     def device(self) -> torch.device:
@@ -162,9 +163,9 @@ class TileIndex:
         return self._cached(("unpack",), build)
 
     def _cached(self, key, build):
-        v = self._halo_tables.get(key)
+        v = self._tables.get(key)
         if v is None:
-            v = self._halo_tables[key] = build()
+            v = self._tables[key] = build()
         return v
 
     def _build_halo_table(self, left: int, right: int, top: int, bottom: int) -> Tensor:
@@ -245,26 +246,20 @@ def pack(x: Tensor, index: TileIndex) -> Tensor:
                          f"[{index.batch}, C, {index.size[0]}, {index.size[1]}]")
     if x.device != index.device:
         raise ValueError(f"pack: x is on {x.device} but the index is on {index.device}")
-    from ..ops.halo_gather import halo_gather_op
-
     return halo_gather_op(x, *index.pack_tables())
 
 
 def unpack(tiles: Tensor, index: TileIndex, out_shape: Sequence[int],
            memory_format: torch.memory_format = torch.contiguous_format) -> Tensor:
     """Packed ``[T, C, bh, bw]`` -> dense ``out_shape == [N, C, H, W]`` (``(H, W) ==
-    index.size``) with zeros under removed blocks, in ``memory_format``. Its backward is a gather
-    of the kept tiles (removed positions get no gradient)."""
+    index.size``) with zeros under removed blocks, in ``memory_format``. The ``halo_gather`` op
+    with :meth:`TileIndex.unpack_tables`; its backward gathers the kept tiles' gradient."""
     _check_tiles(tiles, index, "unpack")
     N, C, H, W = (int(v) for v in out_shape)
     if (N, H, W) != (index.batch, *index.size) or C != tiles.shape[1]:
         raise ValueError(f"unpack: out_shape {tuple(out_shape)} does not match the index and "
                          f"tiles: expected [{index.batch}, {tiles.shape[1]}, {index.size[0]}, "
                          f"{index.size[1]}]")
-    from ..ops.halo_gather import halo_gather_op
-
-    if N == 0 or C == 0:
-        return tiles.new_zeros((N, C, H, W)).contiguous(memory_format=memory_format)
     out = halo_gather_op(tiles, *index.unpack_tables())  # channels last
     return out.contiguous(memory_format=memory_format)
 
@@ -278,8 +273,6 @@ def halo_gather(tiles: Tensor, index: TileIndex, halo, outside: float = 0.0) -> 
     :meth:`TileIndex.halo_table`; its backward is a deterministic gather over
     :meth:`TileIndex.halo_inverse`. The result is channels-last strided. ``halo == 0`` returns
     ``tiles`` itself."""
-    from ..ops.halo_gather import halo_gather_op
-
     _check_tiles(tiles, index, "halo_gather")
     key = _halo4(halo)
     if key == (0, 0, 0, 0):

@@ -3,7 +3,7 @@
 Forward: one program per block of ``BLOCK_R`` padded pixels x ``BLOCK_C`` channels reads the
 table (source pixel ``s = t*bh*bw + y*bw + x``, ``S`` = zero, ``S + 1`` = outside), gathers the
 channels of each source pixel from the tiles with their strides (int64 offsets) and stores a
-channels-last ``[T, C, ph, pw]``. A table entry outside ``[0, S + 2)`` gives NaN, never a read.
+channels-last ``[R, C, ph, pw]``. A table entry outside ``[0, S + 2)`` gives NaN, never a read.
 
 Backward, deterministic and without atomics: one program per block of ``BLOCK_S`` source pixels
 x ``BLOCK_C`` channels sums, in float32 (float64 for float64), the gradients of the padded pixels
