@@ -1,15 +1,20 @@
 """Run the whole benchmark suite: ``python -m bench [--quick] [--device cpu|cuda] [--out DIR]``.
 
-Sizes fit the machine: the issue's GPU sizes on a GPU, smaller pair counts on a CPU. Each
-benchmark prints its table and writes JSON; the folder is named at the end.
+Sizes fit the machine: the issues' GPU sizes on a GPU, CPU-sized cases on a CPU. Each benchmark
+prints its table and writes JSON; then ``report.md`` (every table) and PNG plots (speedup per
+kernel, time against keep ratio) are written beside them, and the folder is named at the end.
+``--only NAME ...`` runs a subset (e.g. ``--only multi_crop simwnw_step``).
 """
 from __future__ import annotations
 
 import argparse
 import importlib
+import os
 
 import torch
 from rich.progress import Progress
+
+from .report import write_report
 
 BENCHMARKS = [
     "bench.bench_block_match",
@@ -19,6 +24,10 @@ BENCHMARKS = [
     "bench.bench_halo_gather",
     "bench.bench_sparse_conv",
     "bench.bench_simsiam_step",
+    "bench.bench_multi_crop",
+    "bench.bench_simwnw_step",
+    "bench.bench_tcr_loss",
+    "bench.bench_emp_ssl_step",
 ]
 
 
@@ -27,11 +36,18 @@ def main() -> None:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--out", default=None, help="results folder (default bench/results/<gpu|cpu>)")
     ap.add_argument("--quick", action="store_true", help="smaller sizes, skip the slowest baselines")
+    ap.add_argument("--only", nargs="+", default=None, help="benchmark names without the bench_ prefix")
     args = ap.parse_args()
+    names = BENCHMARKS
+    if args.only:
+        names = [f"bench.bench_{n}" for n in args.only]
+        unknown = sorted(set(names) - set(BENCHMARKS))
+        if unknown:
+            ap.error(f"unknown benchmarks {unknown}; choose from {[n[12:] for n in BENCHMARKS]}")
     paths = []
     with Progress() as progress:
-        task = progress.add_task("benchmarks", total=len(BENCHMARKS))
-        for name in BENCHMARKS:
+        task = progress.add_task("benchmarks", total=len(names))
+        for name in names:
             progress.update(task, description=name)
             mod = importlib.import_module(name)
             argv = ["--device", args.device] + (["--quick"] if args.quick else [])
@@ -39,7 +55,10 @@ def main() -> None:
                 argv += ["--out", args.out]
             paths.append(mod.main(argv))
             progress.advance(task)
+    folder = os.path.dirname(paths[-1])
+    report = write_report(folder)
     print("results:", *paths, sep="\n  ")
+    print(f"report: {report}\nresults folder: {folder}")
 
 
 if __name__ == "__main__":

@@ -53,6 +53,14 @@ TORCH_LIBRARY(effssl_kernels, m) {
       "halo_gather_backward(Tensor grad, Tensor order, Tensor offsets, SymInt num_tiles, int bh, "
       "int bw) -> Tensor");
   // --- end halo_gather ---
+
+  // --- multi_crop (SEMANTICS.md section 4) ---
+  // images [N, C, H, W]; boxes float/int [N, P, 4] (top, left, height, width); flips bool [N, P]
+  // -> [N*P, C, out_h, out_w] contiguous in out_dtype (default images'). Forward only.
+  m.def(
+      "multi_crop(Tensor images, Tensor boxes, Tensor flips, int out_h, int out_w, "
+      "ScalarType? out_dtype) -> Tensor");
+  // --- end multi_crop ---
 }
 
 // A plain CPython module (no pybind11 headers: they add ~20 s of compile time to a file that

@@ -4,6 +4,8 @@ Layers: kernels (csrc/, effssl_kernels/triton/) -> ops (effssl_kernels/ops/) -> 
 with a plain-PyTorch reference of every op in effssl_kernels/reference/.
 """
 from . import _backend
+from .losses import tcr_loss
+from .emp_ssl import bag_of_features, emp_ssl_loss, emp_ssl_patches
 from .masks import BlockMask
 from .nn import (
     block_mask,
@@ -18,11 +20,12 @@ from .nn import (
     unsparsify,
     unsparsify_vit,
 )
-from .ops import block_match, gather_tokens, patch_embed_gather, similar_blocks
+from .ops import block_match, gather_tokens, multi_crop, patch_embed_gather, similar_blocks
 from .patch_scaling import resize_patch_embed, resize_pos_embed
 from .sparse import PackedMap, TileIndex, sparse_conv2d, sparse_conv2d_packed
-from .tokens import random_token_keep, similar_token_keep
-from .transforms import TwoViewCrop, TwoViews, crop_centers
+from .simwnw import SimWnW, SimWnWMasks, SimWnWViews, simwnw_masks
+from .tokens import random_token_keep, similar_token_keep, tokens_from_psnr
+from .transforms import TwoViewCrop, TwoViews, crop_centers, random_resized_boxes
 
 __version__ = "0.1.0"
 
@@ -36,5 +39,10 @@ __all__ = [
     # block-sparse convolution (issue 3; plain-PyTorch tile kernels so far)
     "BlockMask", "TileIndex", "PackedMap", "sparse_conv2d", "sparse_conv2d_packed",
     "sparsify", "unsparsify", "block_mask", "masked_checkpoint", "is_sparse", "tile_plan",
+    # EMP-SSL (issue 6)
+    "tcr_loss", "emp_ssl_loss", "emp_ssl_patches", "bag_of_features",
+    # SimWnW / EMP-SSL pipeline (issue 5)
+    "multi_crop", "random_resized_boxes", "SimWnW", "SimWnWMasks", "SimWnWViews", "simwnw_masks",
+    "tokens_from_psnr",
     "__version__",
 ]

@@ -16,7 +16,7 @@ from torch import Tensor
 
 from .ops import block_match
 
-__all__ = ["random_token_keep", "similar_token_keep", "round_keep_count"]
+__all__ = ["random_token_keep", "similar_token_keep", "round_keep_count", "tokens_from_psnr"]
 
 
 def _int_arg(name: str, fn: str, value, minimum: int) -> int:
@@ -163,7 +163,15 @@ def similar_token_keep(
         psnr_b = psnr_a  # same place in both views: the mse is symmetric, no second search
     else:
         psnr_b, _ = block_match(view_b, view_a, patch_size, search_radius, centers=centers_b, flip=flip, **kw)
-    N = view_a.shape[0]
+    return tokens_from_psnr(psnr_a, psnr_b, threshold_db, multiple_of)
+
+
+def tokens_from_psnr(psnr_a: Tensor, psnr_b: Tensor, threshold_db: float = 20.0,
+                     multiple_of: int = 8) -> tuple[Tensor, Tensor]:
+    """The token choice of :func:`similar_token_keep` from both directions' block_match PSNRs
+    (float32 ``[N, Hb, Wb]`` each, patches = blocks): ``(keep_a, keep_b)`` int64 ``[N, K]``, one
+    host sync (reading ``K``)."""
+    N = psnr_a.shape[0]
     L = psnr_a.shape[1] * psnr_a.shape[2]
     psnr = torch.stack((psnr_a.reshape(N, L), psnr_b.reshape(N, L)))  # [2, N, L]
     similar = psnr > threshold_db  # NaN, -inf: False

@@ -10,6 +10,7 @@ package (and ``crop_centers``) imports without it.
 """
 from __future__ import annotations
 
+import math
 from typing import NamedTuple, Sequence, Union
 
 import torch
@@ -17,11 +18,79 @@ from torch import Tensor
 
 from ._utils import as_pair
 
-__all__ = ["crop_centers", "TwoViewCrop", "TwoViews"]
+__all__ = ["crop_centers", "random_resized_boxes", "TwoViewCrop", "TwoViews"]
 
 _INT_DTYPES = (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)
 
 
+def random_resized_boxes(
+    n: int,
+    p: int,
+    image_size: Union[int, Sequence[int]],
+    scale: Sequence[float] = (0.08, 1.0),
+    ratio: Sequence[float] = (3.0 / 4.0, 4.0 / 3.0),
+    hflip_p: float = 0.5,
+    *,
+    generator: torch.Generator | None = None,
+    device: torch.device | str | None = None,
+) -> tuple[Tensor, Tensor]:
+    """``n * p`` RandomResizedCrop boxes and flips at once, for :func:`effssl_kernels.multi_crop`.
+
+    Each box follows ``torchvision.transforms.RandomResizedCrop.get_params``: up to 10 tries of
+    an area fraction uniform in ``scale`` and a log-uniform aspect ratio in ``ratio``, the first
+    that fits the image wins; if none fits, the centre crop of the whole image clipped to the
+    ratio range. The draws are vectorised (all 10 tries of every box at once, on the CPU from
+    ``generator``), so the boxes follow torchvision's distribution, not its exact random stream.
+
+    Args:
+        n, p: images and boxes per image.
+        image_size: ``(H, W)`` of the source images, or an int.
+        scale, ratio, hflip_p: as ``RandomResizedCrop`` and ``RandomHorizontalFlip``.
+        generator: optional CPU ``torch.Generator``; device: where the results go.
+
+    Returns:
+        ``(boxes, flips)``: float32 ``[n, p, 4]`` integer-valued ``(top, left, height, width)`` and
+        bool ``[n, p]``.
+    """
+    H, W = as_pair(image_size, "random_resized_boxes: image_size")
+    if len(scale) != 2 or not (0 < scale[0] <= scale[1]):
+        raise ValueError(f"random_resized_boxes: scale must be (min, max) with 0 < min <= max, got {scale!r}")
+    if len(ratio) != 2 or not (0 < ratio[0] <= ratio[1]):
+        raise ValueError(f"random_resized_boxes: ratio must be (min, max) with 0 < min <= max, got {ratio!r}")
+    if not (0.0 <= float(hflip_p) <= 1.0):
+        raise ValueError(f"random_resized_boxes: hflip_p must be in [0, 1], got {hflip_p!r}")
+    if n < 0 or p < 0:
+        raise ValueError(f"random_resized_boxes: n and p must be >= 0, got {n}, {p}")
+    tries = 10
+    g = generator
+    area = H * W * torch.empty(n, p, tries, dtype=torch.float64).uniform_(scale[0], scale[1], generator=g)
+    logr = torch.empty(n, p, tries, dtype=torch.float64).uniform_(math.log(ratio[0]), math.log(ratio[1]), generator=g)
+    r = torch.exp(logr)
+    w = torch.sqrt(area * r).round()
+    h = torch.sqrt(area / r).round()
+    fits = (w > 0) & (w <= W) & (h > 0) & (h <= H)
+    first = torch.where(fits, torch.arange(tries).expand_as(fits), tries).min(-1).values  # [n, p]
+    any_fit = first < tries
+    pick = first.clamp(max=tries - 1)[..., None]
+    h = h.gather(-1, pick)[..., 0]
+    w = w.gather(-1, pick)[..., 0]
+    # torchvision's fallback: the whole image, clipped to the ratio range, centred
+    in_ratio = W / H
+    if in_ratio < min(ratio):
+        fw, fh = W, int(round(W / min(ratio)))
+    elif in_ratio > max(ratio):
+        fh, fw = H, int(round(H * max(ratio)))
+    else:
+        fw, fh = W, H
+    h = torch.where(any_fit, h, float(fh))
+    w = torch.where(any_fit, w, float(fw))
+    u = torch.rand(n, p, 2, dtype=torch.float64, generator=g)
+    # torch.randint(0, H - h + 1): floor of a uniform draw over the H - h + 1 positions
+    t = torch.where(any_fit, torch.floor(u[..., 0] * (H - h + 1)), float((H - fh) // 2))
+    l = torch.where(any_fit, torch.floor(u[..., 1] * (W - w + 1)), float((W - fw) // 2))  # noqa: E741
+    boxes = torch.stack([t, l, h, w], -1).to(torch.float32)
+    flips = torch.rand(n, p, generator=g) < hflip_p
+    return boxes.to(device), flips.to(device)
 
 
 def _check_crop_args(boxes_a, boxes_b, flips_a, flips_b, view_size, block_size) -> tuple[int, int]:

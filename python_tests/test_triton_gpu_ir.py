@@ -31,6 +31,7 @@ def _lower_all() -> dict:
     from effssl_kernels.triton import block_match as bm
     from effssl_kernels.triton import gather_tokens as gt
     from effssl_kernels.triton import halo_gather as hg
+    from effssl_kernels.triton import multi_crop as mc
     from effssl_kernels.triton import patch_embed_gather as pe
 
     target = GPUTarget("cuda", 90, 32)
@@ -98,10 +99,24 @@ def _lower_all() -> dict:
             dict(ACC_F64=False, BLOCK_S=32, BLOCK_C=64),
             ("g1", "g3"),
         ),
+        "multi_crop_u8": (
+            mc._multi_crop_kernel,
+            dict(img_ptr="*u8", box_ptr="*fp32", flip_ptr="*i1", out_ptr="*u8"),
+            {},
+            dict(OUT_U8=True, BLOCK=256),
+            ("sw",),
+        ),
+        "multi_crop_bf16_to_fp32": (
+            mc._multi_crop_kernel,
+            dict(img_ptr="*bf16", box_ptr="*fp32", flip_ptr="*i1", out_ptr="*fp32"),
+            {},
+            dict(OUT_U8=False, BLOCK=256),
+            ("sw",),
+        ),
     }
     out = {}
     covered = {c[0] for c in cases.values()}
-    for mod in (bm, gt, pe, hg):
+    for mod in (bm, gt, pe, hg, mc):
         for name in dir(mod):
             k = getattr(mod, name)
             if name.endswith("kernel") and hasattr(k, "arg_names") and k not in covered:
@@ -141,4 +156,4 @@ def test_every_triton_kernel_lowers_for_sm90():
     results = json.loads(proc.stdout.strip().splitlines()[-1])
     bad = {f"{case}/{mode}": msg for case, r in results.items() for mode, msg in r.items() if msg != "ok"}
     assert not bad, bad
-    assert len(results) == 8
+    assert len(results) == 10

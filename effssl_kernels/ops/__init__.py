@@ -2,6 +2,7 @@
 from .block_match import block_match, similar_blocks
 from .gather_tokens import gather_tokens
 from .halo_gather import halo_gather_op
+from .multi_crop import multi_crop
 from .patch_embed_gather import patch_embed_gather
 
-__all__ = ["block_match", "similar_blocks", "gather_tokens", "halo_gather_op", "patch_embed_gather"]
+__all__ = ["block_match", "gather_tokens", "halo_gather_op", "multi_crop", "patch_embed_gather", "similar_blocks"]

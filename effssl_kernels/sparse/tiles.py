@@ -26,10 +26,14 @@ from ..ops.halo_gather import halo_gather_op
 IntOrPair = Union[int, Sequence[int]]
 
 
-def kept_tiles(keep: Tensor) -> Tuple[Tensor, Tensor]:
+def kept_tiles(keep: Tensor, count: Optional[int] = None) -> Tuple[Tensor, Tensor]:
     """keep bool ``[N, Hb, Wb]`` -> kept int64 ``[T, 3]`` (row-major ``(n, i, j)``) and slot int64
-    ``[N, Hb, Wb]`` (tile index or -1), on keep's device. ``nonzero`` is the only host sync."""
-    kept = keep.nonzero()  # the one sync: T sizes every packed tensor of the step
+    ``[N, Hb, Wb]`` (tile index or -1), on keep's device. ``nonzero`` is the only host sync;
+    with ``count`` (``T``, known from an earlier sync) there is none."""
+    if count is None:
+        kept = keep.nonzero()  # the one sync: T sizes every packed tensor of the step
+    else:
+        kept = torch.nonzero_static(keep, size=count)
     flat = keep.reshape(-1)
     # Row-major rank of each kept block = its row in `kept` (nonzero is row-major too); no sync.
     rank = flat.to(torch.int64).cumsum(0) - 1

@@ -1,0 +1,168 @@
+"""multi_crop: our one-launch crop-resize-flip against what a user has on device tensors.
+
+Cases (uint8 images in, float32 patches out, values 0..255):
+- SimWnW: 2 views of 224x224 per image from 256x320 images (N=256 on a GPU, 16 on a CPU);
+- EMP-SSL: 20 and 200 patches of 32x32 per 32x32 CIFAR image, RandomResizedCrop boxes of
+  scale (0.25, 0.25) (N=256 on a GPU; 32 and 8 on a CPU).
+Providers:
+- ours: ``effssl_kernels.multi_crop`` (C++ on a CPU, Triton on a GPU);
+- torchvision v2 loop: ``resized_crop(antialias=False)`` + ``horizontal_flip`` per patch, the
+  per-sample loop of a GPU augmentation pipeline; timed on the first 256 patches and scaled to
+  all of them (said in the note), since 51,200 launches per call make the suite crawl;
+- roi_align: ``torchvision.ops.roi_align(aligned=True, sampling_ratio=1)`` (one bilinear sample
+  per output pixel at the same points, clamped at the border instead of zero) + flip by
+  ``torch.where``, on float32 images (the uint8 -> float32 conversion is timed with it);
+- grid_sample: ``F.affine_grid`` of the boxes + ``F.grid_sample(bilinear, zeros,
+  align_corners=False)`` + the same flip, on float32 images;
+- copy: ``out.copy_(src)`` of the output's bytes from a same-sized uint8 source, the bandwidth
+  yardstick.
+GB/s counts the least traffic: one read of an input element per output element (uint8) and one
+write of the output (float32); ``pct_copy_bw`` is GB/s over the copy's.
+
+    python -m bench.bench_multi_crop [--device cuda|cpu] [--out DIR] [--quick]
+"""
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+import torch.nn.functional as F
+
+from effssl_kernels.ops.multi_crop import multi_crop
+
+from .common import device_info, mark_speedups, parse_args, report, time_ms
+
+LOOP_PATCHES = 256
+
+
+def _cases(device: str, quick: bool):
+    gpu = device == "cuda"
+    q = 4 if quick else 1
+    return [
+        ("SimWnW 2 views 224 from 256x320", (256 if gpu else 16) // q, 256, 320, 2, 224, (0.08, 1.0)),
+        ("EMP-SSL 20 patches 32 from 32x32", (256 if gpu else 32) // q, 32, 32, 20, 32, (0.25, 0.25)),
+        ("EMP-SSL 200 patches 32 from 32x32", (256 if gpu else 8) // q, 32, 32, 200, 32, (0.25, 0.25)),
+    ]
+
+
+def random_boxes(N: int, P: int, H: int, W: int, scale, gen) -> torch.Tensor:
+    """RandomResizedCrop-style int boxes ``[N, P, 4]`` (area fraction ``scale``, ratio 3/4..4/3)."""
+    area = H * W * torch.empty(N, P).uniform_(*scale, generator=gen)
+    logr = torch.empty(N, P).uniform_(math.log(3 / 4), math.log(4 / 3), generator=gen)
+    r = torch.exp(logr)
+    w = torch.sqrt(area * r).round().clamp(1, W)
+    h = torch.sqrt(area / r).round().clamp(1, H)
+    t = (torch.rand(N, P, generator=gen) * (H - h + 1)).floor()
+    l = (torch.rand(N, P, generator=gen) * (W - w + 1)).floor()  # noqa: E741
+    return torch.stack([t, l, h, w], -1)
+
+
+def torchvision_loop(images, boxes, flips, size, limit=None):
+    from torchvision.transforms.v2 import functional as TF
+
+    out, k = [], 0
+    N, P = boxes.shape[:2]
+    bl, fl = boxes.long().tolist(), flips.tolist()
+    for n in range(N):
+        for p in range(P):
+            if limit is not None and k >= limit:
+                return out
+            v = TF.resized_crop(images[n], *bl[n][p], size=[size, size], antialias=False).float()
+            out.append(TF.horizontal_flip(v) if fl[n][p] else v)
+            k += 1
+    return out
+
+
+def roi_align_crop(images, boxes, flips, size):
+    from torchvision.ops import roi_align
+
+    N, P = boxes.shape[:2]
+    b = boxes.float()
+    idx = torch.arange(N, device=images.device, dtype=torch.float32).repeat_interleave(P)
+    t, l, h, w = b.reshape(-1, 4).unbind(-1)  # noqa: E741
+    rois = torch.stack([idx, l, t, l + w, t + h], -1)
+    out = roi_align(images.float(), rois, (size, size), spatial_scale=1.0, sampling_ratio=1, aligned=True)
+    return torch.where(flips.reshape(-1, 1, 1, 1), out.flip(-1), out)
+
+
+def grid_sample_crop(images, boxes, flips, size):
+    N, P = boxes.shape[:2]
+    C, H, W = images.shape[1:]
+    t, l, h, w = boxes.float().reshape(-1, 4).unbind(-1)  # noqa: E741
+    # normalised coords (align_corners=False): x_n = (2 x + 1) / W - 1 at pixel centre x
+    sx, sy = w / W, h / H
+    tx, ty = (2 * l + w) / W - 1, (2 * t + h) / H - 1
+    sx = torch.where(flips.reshape(-1), -sx, sx)
+    z = torch.zeros_like(sx)
+    theta = torch.stack([torch.stack([sx, z, tx], -1), torch.stack([z, sy, ty], -1)], 1)
+    grid = F.affine_grid(theta, [N * P, C, size, size], align_corners=False)
+    src = images.float().repeat_interleave(P, 0)
+    return F.grid_sample(src, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+
+
+def run(device: str, quick: bool = False):
+    info = device_info(device)
+    rows = []
+    for case, N, H, W, P, S, scale in _cases(device, quick):
+        gen = torch.Generator().manual_seed(0)
+        images = torch.randint(0, 256, (N, 3, H, W), generator=gen, dtype=torch.uint8).to(device)
+        boxes = random_boxes(N, P, H, W, scale, gen).to(device)
+        flips = (torch.rand(N, P, generator=gen) < 0.5).to(device)
+        n_out = N * P * 3 * S * S
+        nbytes = n_out * (1 + 4)
+        label = f"{case} (N={N}, {N * P} patches)"
+        fns = {
+            "ours": lambda: multi_crop(images, boxes, flips, S, out_dtype=torch.float32),
+            "roi_align": lambda: roi_align_crop(images, boxes, flips, S),
+            "grid_sample": lambda: grid_sample_crop(images, boxes, flips, S),
+        }
+        case_rows = []
+        for prov, fn in fns.items():
+            try:
+                fn()
+                t = time_ms(fn, device, min_run_time=0.3 if quick else 1.0)
+            except Exception as e:  # report, never hide, a provider that fails
+                case_rows.append({"case": label, "provider": prov, "note": f"failed: {e}"[:120]})
+                continue
+            case_rows.append({"case": label, "provider": prov, **t, "gbps": nbytes / (t["median_ms"] * 1e-3) / 1e9})
+        n_loop = min(LOOP_PATCHES, N * P)
+        try:
+            torchvision_loop(images, boxes, flips, S, n_loop)
+            t = time_ms(lambda: torchvision_loop(images, boxes, flips, S, n_loop), device,
+                        min_run_time=0.3 if quick else 1.0)
+            f = N * P / n_loop
+            t = {k: v * f for k, v in t.items()}
+            case_rows.append({"case": label, "provider": "torchvision v2 loop", **t,
+                              "gbps": nbytes / (t["median_ms"] * 1e-3) / 1e9,
+                              "note": f"timed on {n_loop} patches, x{f:.0f}" if f > 1 else None})
+        except ImportError as e:
+            case_rows.append({"case": label, "provider": "torchvision v2 loop", "note": f"failed: {e}"[:120]})
+        src = torch.randint(0, 256, (n_out,), dtype=torch.uint8, device=device)
+        dst = torch.empty(n_out, dtype=torch.float32, device=device)
+        t = time_ms(lambda: dst.copy_(src), device, min_run_time=0.3 if quick else 1.0)
+        copy_gbps = nbytes / (t["median_ms"] * 1e-3) / 1e9
+        case_rows.append({"case": label, "provider": "copy (yardstick)", **t, "gbps": copy_gbps})
+        for r in case_rows:
+            if "gbps" in r:
+                r["pct_copy_bw"] = 100 * r["gbps"] / copy_gbps
+        mark_speedups([r for r in case_rows if r["provider"] != "copy (yardstick)"])
+        rows += case_rows
+    return rows, info
+
+
+def main(argv=None) -> str:
+    args = parse_args(__doc__, "a quarter of the images, shorter timing", argv)
+    os.environ.pop("EFFSSL_BACKEND", None)  # ours = the default backend of the device
+    rows, info = run(args.device, args.quick)
+    return report(
+        args, "multi_crop",
+        f"multi_crop on {info['device']}, uint8 -> float32 "
+        "(ours_speedup: provider time / ours, >1 means ours is faster)",
+        info, rows,
+        ["case", "provider", "median_ms", "p20_ms", "p80_ms", "ours_speedup", "gbps", "pct_copy_bw", "note"],
+    )
+
+
+if __name__ == "__main__":
+    main()

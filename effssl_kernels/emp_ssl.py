@@ -1,0 +1,128 @@
+"""EMP-SSL (Tong et al. 2023): many crops per image, one epoch, total coding rate + invariance.
+
+A step (shared/seeds/001_c2fdba03c4bcd6a8.txt, and EMP-SSL's public code):
+
+1. :func:`emp_ssl_patches`: ``P`` (20 to 200) RandomResizedCrop + flip patches per image,
+   made on the device by one ``multi_crop`` launch, patch-major (``[P * N, C, s, s]``: patch
+   ``i`` of every image, then patch ``i + 1``), so that ``z.view(P, N, d)`` are EMP-SSL's
+   ``z_list`` chunks.
+2. The encoder (a plain model, or one converted by ``effssl_kernels.sparsify`` and run under
+   ``block_mask``) embeds all patches in one batch.
+3. :func:`emp_ssl_loss`: with ``Z_i`` the L2-normalised embeddings of patch ``i`` of the ``N``
+   images and ``Zbar`` their mean over patches (per image),
+
+       loss = -lam * mean_i mean_n cos(Z_i[n], Zbar[n])  -  mean_i R(Z_i),
+       R(Z) = 0.5 * logdet(I + d / (N eps^2) Z^T Z)       (``tcr_loss``, all P groups batched)
+
+   EMP-SSL's defaults: ``lam = 200`` (its ``patch_sim``), ``eps = 0.2`` (its code's ``d / (N
+   eps)`` with ``eps = 0.2`` is this formula with ``eps = sqrt(0.2)``: pass ``eps=0.2 ** 0.5``
+   to reproduce it exactly).
+4. Evaluation: :func:`bag_of_features`, the mean over patches of each image's embedding.
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence, Union
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .losses import tcr_loss
+from .ops.multi_crop import multi_crop
+from .transforms import random_resized_boxes
+
+__all__ = ["emp_ssl_patches", "emp_ssl_loss", "bag_of_features"]
+
+
+@torch.no_grad()
+def emp_ssl_patches(
+    images: Tensor,
+    num_patches: int,
+    size: Union[int, Sequence[int]],
+    *,
+    scale: Sequence[float] = (0.25, 0.25),
+    ratio: Sequence[float] = (3.0 / 4.0, 4.0 / 3.0),
+    hflip_p: float = 0.5,
+    generator: Optional[torch.Generator] = None,
+    out_dtype: Optional[torch.dtype] = None,
+) -> Tensor:
+    """``num_patches`` crop-resize-flip patches of every image in one ``multi_crop`` launch.
+
+    Args:
+        images: ``[N, C, H, W]`` on any device (uint8 gives float32 in ``[0, 1]``; a float image
+            keeps its dtype and values).
+        num_patches: ``P`` (EMP-SSL: 20 to 200). size: patch side(s).
+        scale, ratio, hflip_p: the RandomResizedCrop/flip parameters (EMP-SSL's CIFAR recipe:
+            scale (0.25, 0.25)). generator: CPU ``torch.Generator`` for the boxes.
+        out_dtype: override the output dtype.
+
+    Returns:
+        ``[P * N, C, s, s]`` patch-major: row ``i * N + n`` is patch ``i`` of image ``n``.
+        Photometric augmentations are the caller's (per patch, after this).
+    """
+    if not isinstance(images, Tensor) or images.dim() != 4:
+        raise ValueError("emp_ssl_patches: images must be a [N, C, H, W] tensor")
+    if isinstance(num_patches, bool) or not isinstance(num_patches, int) or num_patches < 1:
+        raise ValueError(f"emp_ssl_patches: num_patches must be a positive int, got {num_patches!r}")
+    N = images.shape[0]
+    boxes, flips = random_resized_boxes(N, num_patches, tuple(images.shape[-2:]), scale, ratio, hflip_p,
+                                        generator=generator, device=images.device)
+    u8 = images.dtype == torch.uint8
+    p = multi_crop(images, boxes, flips, size, out_dtype=torch.float32 if u8 and out_dtype is None else out_dtype)
+    if u8:
+        p = p.mul_(1.0 / 255)
+    # multi_crop is image-major (n * P + i); EMP-SSL chunks patch-major
+    return p.view(N, num_patches, *p.shape[1:]).transpose(0, 1).reshape(num_patches * N, *p.shape[1:])
+
+
+def emp_ssl_loss(z: Tensor, num_patches: int, *, lam: float = 200.0, eps: float = 0.2,
+                 normalize: bool = True, check: bool = True) -> tuple[Tensor, dict]:
+    """EMP-SSL's loss of patch-major embeddings.
+
+    Args:
+        z: ``[P * N, d]`` (patch-major, as :func:`emp_ssl_patches` orders the patches) or
+            ``[P, N, d]``, any float dtype.
+        num_patches: ``P``. lam: weight of the invariance term. eps: the coding rate's
+            distortion (see the module docstring for EMP-SSL's convention).
+        normalize: L2-normalise each embedding first (EMP-SSL normalises its projector output;
+            pass False if yours already is). check: ``tcr_loss``'s positive-definiteness check
+            (one host sync; False for asynchronous loops and ``torch.compile``).
+
+    Returns:
+        ``(loss, parts)``: the scalar loss (float32, or float64 for float64 ``z``) and
+        ``{"invariance": mean cosine to the patch mean, "tcr": mean coding rate}``, detached.
+    """
+    if not isinstance(z, Tensor) or z.dim() not in (2, 3):
+        raise ValueError("emp_ssl_loss: z must be [P * N, d] or [P, N, d]")
+    if isinstance(num_patches, bool) or not isinstance(num_patches, int) or num_patches < 1:
+        raise ValueError(f"emp_ssl_loss: num_patches must be a positive int, got {num_patches!r}")
+    if z.dim() == 2:
+        if z.shape[0] % num_patches:
+            raise ValueError(f"emp_ssl_loss: {z.shape[0]} rows are not {num_patches} patches of N images")
+        z = z.view(num_patches, z.shape[0] // num_patches, z.shape[1])
+    elif z.shape[0] != num_patches:
+        raise ValueError(f"emp_ssl_loss: z has {z.shape[0]} patch groups, num_patches is {num_patches}")
+    if normalize:
+        z = F.normalize(z, dim=-1)
+    acc = torch.float64 if z.dtype == torch.float64 else torch.float32
+    zbar = z.mean(0, keepdim=True)
+    sim = F.cosine_similarity(z.to(acc), zbar.to(acc), dim=-1).mean()  # mean over patches and images
+    rate = tcr_loss(z, eps, check=check).mean()  # [P] groups in one batched factorisation
+    loss = -lam * sim - rate
+    return loss, {"invariance": sim.detach(), "tcr": rate.detach()}
+
+
+@torch.no_grad()
+def bag_of_features(model: nn.Module, images: Tensor, num_patches: int, size: Union[int, Sequence[int]],
+                    *, chunk: int = 0, **patch_kw) -> Tensor:
+    """EMP-SSL's evaluation embedding: the mean of ``model`` over ``num_patches`` patches of each
+    image (``[N, d]``). ``chunk`` (> 0) runs the model on that many patches at a time to bound
+    memory; ``patch_kw`` go to :func:`emp_ssl_patches` (e.g. ``scale``, ``generator``).
+    ``model`` is called as given: put it in eval mode first."""
+    N = images.shape[0]
+    patches = emp_ssl_patches(images, num_patches, size, **patch_kw)
+    if chunk and chunk > 0:
+        z = torch.cat([model(p) for p in patches.split(chunk)])
+    else:
+        z = model(patches)
+    return z.reshape(num_patches, N, -1).mean(0)

@@ -1,0 +1,293 @@
+"""SimWnW end to end: two views -> similar blocks in both directions -> masks -> sparse encoder.
+
+A SimWnW step (SEMANTICS.md section 1; shared/research/simwnw.md section 8):
+
+1. Two views of each image by crop-resize-flip (:meth:`SimWnW.views`: ``multi_crop`` on the
+   device, boxes recorded), before any photometric change.
+2. :func:`simwnw_masks`: block search of A's blocks in B and of B's blocks in A (``block_match``,
+   centred by the recorded geometry when given); view A drops its blocks that have a similar
+   block (PSNR above the threshold) in B, view B the same with A and B swapped. No gradients,
+   no host synchronisation.
+3. The photometric augmentations (the user's callable), then the encoder converted by
+   ``effssl_kernels.sparsify`` (ResNets) or ``sparsify_vit`` (ViTs, patch = block) runs each view
+   with its mask (:meth:`SimWnW.encode`): one host synchronisation for both views (the kept-tile
+   counts, or the ViT's kept-token count).
+
+Example (SimSiam; SimCLR/BYOL/DINO change only the loss and the second encoder)::
+
+    sw = ek.SimWnW(block_size=32, threshold_db=20.0)
+    model = ek.sparsify(resnet50())                       # once
+    for images in loader:                                 # uint8 [N, 3, H, W] on the GPU
+        v = sw.views(images, 224)                          # raw views in [0, 1] + their masks
+        xa, xb = photometric(v.view_a), photometric(v.view_b)
+        za, zb = sw.encode(model, xa, xb, v.masks)         # backbone features, masked
+        loss = simsiam_loss(head(za), head(zb))
+        log(sw.removal_history)                            # device tensors, read when logging
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable, NamedTuple, Optional, Sequence, Union
+
+import torch
+from torch import Tensor, nn
+
+from .masks import BlockMask
+from .nn.resnet import block_mask, is_sparse
+from .nn.vit import is_sparse_vit, token_keep
+from .ops.block_match import block_match, similar_blocks
+from .ops.multi_crop import multi_crop
+from .sparse.tiles import kept_tiles, prepare_tiles
+from .tokens import tokens_from_psnr
+from .transforms import crop_centers, random_resized_boxes
+
+__all__ = ["SimWnW", "SimWnWMasks", "SimWnWViews", "simwnw_masks"]
+
+
+class SimWnWMasks(NamedTuple):
+    """Both views' kept blocks. ``keep_a``, ``keep_b``: bool ``[N, Hb, Wb]`` (True = kept);
+    ``psnr_a``, ``psnr_b``: float32 ``[N, Hb, Wb]`` of each block's best match in the other view;
+    ``block_size``: ``B``; ``image_size``: ``(H, W)`` of the views."""
+
+    keep_a: Tensor
+    keep_b: Tensor
+    psnr_a: Tensor
+    psnr_b: Tensor
+    block_size: int
+    image_size: tuple
+
+    def removal(self) -> Tensor:
+        """float32 ``[2]`` on the masks' device: the fraction of A's and of B's blocks removed
+        (batch means). No sync; ``.tolist()`` it when logging."""
+        return torch.stack([1 - self.keep_a.float().mean(), 1 - self.keep_b.float().mean()])
+
+
+def _min_keep(keep: Tensor, psnr: Tensor, k: int) -> Tensor:
+    """``keep`` with at least ``k`` blocks per sample: the ``k`` least similar (lowest PSNR;
+    kept blocks count first) are forced on. No sync."""
+    if k <= 0 or keep.numel() == 0:
+        return keep
+    N = keep.shape[0]
+    flat_keep = keep.reshape(N, -1)
+    key = torch.where(flat_keep, torch.full_like(psnr.reshape(N, -1), float("-inf")), psnr.reshape(N, -1))
+    key = torch.nan_to_num(key, nan=float("inf"))  # NaN blocks are kept already (never similar)
+    idx = torch.sort(key, dim=1, stable=True).indices[:, : min(k, key.shape[1])]
+    return flat_keep.scatter(1, idx, True).view_as(keep)
+
+
+@torch.no_grad()
+def simwnw_masks(
+    view_a: Tensor,
+    view_b: Tensor,
+    block_size: int,
+    *,
+    search_radius: Optional[int] = None,
+    threshold_db: float = 20.0,
+    data_range: float = 1.0,
+    boxes_a: Optional[Tensor] = None,
+    boxes_b: Optional[Tensor] = None,
+    flips_a: Optional[Tensor] = None,
+    flips_b: Optional[Tensor] = None,
+    min_keep: int = 1,
+) -> SimWnWMasks:
+    """SimWnW's two masks: A drops its blocks with a similar block in B, B those with one in A.
+
+    Args:
+        view_a, view_b: ``[N, C, H, W]``, same shape/device/dtype (float32/16/bf16), values in
+            ``[0, data_range]``: the views after the geometric augmentations, before the
+            photometric ones.
+        block_size: ``B``; blocks on the ``H // B`` x ``W // B`` grid.
+        search_radius: displacements searched around each counterpart, default ``B // 2``
+            (SimWnW's search region of twice the block side).
+        threshold_db: PSNR above which a pair is similar (SimWnW: 20 dB).
+        boxes_a, boxes_b, flips_a, flips_b: the crops that made the views (``[N, 4]`` source
+            pixels ``(top, left, height, width)``, bool ``[N]``), all four or none. With them each
+            search starts where the block's scene point landed in the other view
+            (:func:`effssl_kernels.crop_centers`); without, at the same grid position.
+        min_keep: each view keeps at least this many blocks per sample (its least similar), so
+            no sample is emptied (0 allows it: the masked pool then gives zeros).
+
+    Returns:
+        :class:`SimWnWMasks`. Computed under ``torch.no_grad()``, without host synchronisation.
+    """
+    if not isinstance(view_a, Tensor) or not isinstance(view_b, Tensor):
+        raise TypeError("simwnw_masks: view_a and view_b must be tensors")
+    if view_a.dim() != 4:
+        raise ValueError(f"simwnw_masks: views must be [N, C, H, W], got {tuple(view_a.shape)}")
+    if isinstance(min_keep, bool) or not isinstance(min_keep, int) or min_keep < 0:
+        raise ValueError(f"simwnw_masks: min_keep must be an int >= 0, got {min_keep!r}")
+    r = block_size // 2 if search_radius is None else search_radius
+    geometry = (boxes_a, boxes_b, flips_a, flips_b)
+    if any(g is not None for g in geometry):
+        if any(g is None for g in geometry):
+            raise ValueError("simwnw_masks: give all of boxes_a, boxes_b, flips_a, flips_b, or none")
+        size = tuple(view_a.shape[-2:])
+        ca, flip = crop_centers(boxes_a, boxes_b, flips_a, flips_b, size, block_size)
+        cb, _ = crop_centers(boxes_b, boxes_a, flips_b, flips_a, size, block_size)
+    else:
+        ca = cb = flip = None
+    psnr_a, _ = block_match(view_a, view_b, block_size, r, data_range=data_range, centers=ca, flip=flip)
+    psnr_b, _ = block_match(view_b, view_a, block_size, r, data_range=data_range, centers=cb, flip=flip)
+    keep_a = _min_keep(~similar_blocks(psnr_a, threshold_db), psnr_a, min_keep)
+    keep_b = _min_keep(~similar_blocks(psnr_b, threshold_db), psnr_b, min_keep)
+    return SimWnWMasks(keep_a, keep_b, psnr_a, psnr_b, int(block_size), tuple(view_a.shape[-2:]))
+
+
+class SimWnWViews(NamedTuple):
+    """What :meth:`SimWnW.views` returns: ``view_a``, ``view_b`` ``[N, C, S, S]`` float32 in
+    ``[0, 1]`` (photometric already applied if asked), ``masks``, and the geometry (boxes
+    float32 ``[N, 4]``, flips bool ``[N]``) for logging or other losses."""
+
+    view_a: Tensor
+    view_b: Tensor
+    masks: SimWnWMasks
+    boxes_a: Tensor
+    boxes_b: Tensor
+    flips_a: Tensor
+    flips_b: Tensor
+
+
+class SimWnW:
+    """The SimWnW recipe, configured once: views, masks, masked encoding, removal log.
+
+    Args:
+        block_size: ``B`` (fast path: divides the view size and every ResNet stride, e.g. 32 at
+            224 px, 4 at 32 px; for a ViT it must equal the patch size).
+        search_radius: default ``B // 2``. threshold_db: SimWnW's 20 dB. min_keep: see
+            :func:`simwnw_masks`.
+        use_geometry: centre each search by the recorded crops (True) or at the same grid
+            position (False).
+        match_on: ``"raw"`` (default, SimWnW's choice): match the views after the geometric
+            augmentations and before the photometric ones; ``"augmented"``: after both.
+        record: keep each step's removal fractions (device tensors, no sync) in
+            ``removal_history``; :meth:`removal_log` reads them (one sync).
+    """
+
+    def __init__(self, block_size: int = 32, *, search_radius: Optional[int] = None, threshold_db: float = 20.0,
+                 min_keep: int = 1, use_geometry: bool = True, match_on: str = "raw", record: bool = True):
+        if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
+            raise ValueError(f"SimWnW: block_size must be a positive int, got {block_size!r}")
+        if match_on not in ("raw", "augmented"):
+            raise ValueError(f"SimWnW: match_on must be 'raw' or 'augmented', got {match_on!r}")
+        if not isinstance(threshold_db, (int, float)) or isinstance(threshold_db, bool) or math.isnan(threshold_db):
+            raise TypeError(f"SimWnW: threshold_db must be a number, got {threshold_db!r}")
+        self.block_size = block_size
+        self.search_radius = block_size // 2 if search_radius is None else search_radius
+        self.threshold_db = float(threshold_db)
+        self.min_keep = min_keep
+        self.use_geometry = bool(use_geometry)
+        self.match_on = match_on
+        self.record = bool(record)
+        self.removal_history: list[Tensor] = []
+
+    def __repr__(self) -> str:
+        return (f"SimWnW(block_size={self.block_size}, search_radius={self.search_radius}, "
+                f"threshold_db={self.threshold_db}, min_keep={self.min_keep}, "
+                f"use_geometry={self.use_geometry}, match_on={self.match_on!r})")
+
+    def masks(self, view_a: Tensor, view_b: Tensor, boxes_a=None, boxes_b=None, flips_a=None, flips_b=None,
+              *, data_range: float = 1.0) -> SimWnWMasks:
+        """:func:`simwnw_masks` with this configuration (geometry ignored if ``use_geometry`` is
+        False); records the removal fractions."""
+        geo = dict(boxes_a=boxes_a, boxes_b=boxes_b, flips_a=flips_a, flips_b=flips_b) if self.use_geometry else {}
+        m = simwnw_masks(view_a, view_b, self.block_size, search_radius=self.search_radius,
+                         threshold_db=self.threshold_db, data_range=data_range, min_keep=self.min_keep, **geo)
+        if self.record:
+            self.removal_history.append(m.removal())
+        return m
+
+    def removal_log(self) -> list[tuple[float, float]]:
+        """Per recorded step, the removed fractions ``(A, B)`` as floats (one sync)."""
+        if not self.removal_history:
+            return []
+        return [tuple(r) for r in torch.stack(self.removal_history).tolist()]
+
+    @torch.no_grad()
+    def views(
+        self,
+        images: Tensor,
+        view_size: Union[int, Sequence[int]],
+        *,
+        scale: Sequence[float] = (0.08, 1.0),
+        ratio: Sequence[float] = (3.0 / 4.0, 4.0 / 3.0),
+        hflip_p: float = 0.5,
+        photometric: Optional[Callable[[Tensor], Tensor]] = None,
+        generator: Optional[torch.Generator] = None,
+    ) -> SimWnWViews:
+        """Two RandomResizedCrop + flip views of each image (one ``multi_crop`` launch) and their
+        masks.
+
+        Args:
+            images: ``[N, C, H, W]`` uint8 (0..255) or float (in ``[0, 1]``) on any device.
+            view_size: output side(s). scale, ratio, hflip_p: as torchvision's transforms.
+            photometric: optional callable on a ``[N, C, S, S]`` float32 batch in ``[0, 1]``
+                (colour jitter, blur, normalisation, ...), applied to each view after matching
+                (``match_on="raw"``) or before (``"augmented"``; it must then keep ``[0, 1]``).
+            generator: CPU ``torch.Generator`` for the boxes and flips.
+        """
+        if not isinstance(images, Tensor) or images.dim() != 4:
+            raise ValueError("SimWnW.views: images must be a [N, C, H, W] tensor")
+        N = images.shape[0]
+        boxes, flips = random_resized_boxes(N, 2, tuple(images.shape[-2:]), scale, ratio, hflip_p,
+                                            generator=generator, device=images.device)
+        out_dtype = torch.float32 if images.dtype == torch.uint8 else None
+        v = multi_crop(images, boxes, flips, view_size, out_dtype=out_dtype).float()
+        if images.dtype == torch.uint8:
+            v = v.mul_(1.0 / 255)
+        v = v.view(N, 2, *v.shape[1:])
+        va, vb = v[:, 0], v[:, 1]
+        if photometric is not None and self.match_on == "augmented":
+            va, vb = photometric(va), photometric(vb)
+        m = self.masks(va, vb, boxes[:, 0], boxes[:, 1], flips[:, 0], flips[:, 1])
+        if photometric is not None and self.match_on == "raw":
+            va, vb = photometric(va), photometric(vb)
+        return SimWnWViews(va, vb, m, boxes[:, 0], boxes[:, 1], flips[:, 0], flips[:, 1])
+
+    def encode(self, model: nn.Module, view_a: Tensor, view_b: Tensor, masks: SimWnWMasks,
+               *, concat: bool = False) -> tuple[Tensor, Tensor]:
+        """Run the sparsified ``model`` on both views with their masks: ``(model(A), model(B))``.
+
+        ResNets (``sparsify``): each view under ``block_mask`` with its kept blocks; both
+        views' tile lists are built with one host sync. ViTs (``sparsify_vit``, patch size =
+        ``block_size``): each view keeps its non-similar tokens (``tokens_from_psnr``: one ``K``
+        for both, one sync). ``concat=True`` runs one call on the concatenated batch (BatchNorm
+        then normalises over both views together, as some SimCLR code does).
+        """
+        if tuple(view_a.shape[-2:]) != tuple(masks.image_size) or view_a.shape != view_b.shape:
+            raise ValueError(f"SimWnW.encode: views {tuple(view_a.shape)}, {tuple(view_b.shape)} do not "
+                             f"match the masks' image size {masks.image_size}")
+        N = view_a.shape[0]
+        if is_sparse(model):
+            B, size = masks.block_size, masks.image_size
+            if concat:
+                m = BlockMask(torch.cat([masks.keep_a, masks.keep_b]), B, size)
+                with block_mask(m):
+                    z = model(torch.cat([view_a, view_b]))
+                return z[:N], z[N:]
+            ma, mb = BlockMask(masks.keep_a, B, size), BlockMask(masks.keep_b, B, size)
+            counts = torch.stack([masks.keep_a.sum(), masks.keep_b.sum()]).tolist()  # the one sync
+            prepare_tiles(ma, kept_tiles(ma.keep, counts[0]))
+            prepare_tiles(mb, kept_tiles(mb.keep, counts[1]))
+            with block_mask(ma):
+                za = model(view_a)
+            with block_mask(mb):
+                zb = model(view_b)
+            return za, zb
+        if is_sparse_vit(model):
+            p = getattr(getattr(model, "patch_embed", None), "patch_size", None)
+            p = p[0] if isinstance(p, (tuple, list)) else p
+            if p is not None and p != masks.block_size:
+                raise ValueError(f"SimWnW.encode: a ViT's masks need block_size = its patch size {p}, "
+                                 f"got {masks.block_size}")
+            ka, kb = tokens_from_psnr(masks.psnr_a, masks.psnr_b, self.threshold_db)
+            if concat:
+                with token_keep(torch.cat([ka, kb])):
+                    z = model(torch.cat([view_a, view_b]))
+                return z[:N], z[N:]
+            with token_keep(ka):
+                za = model(view_a)
+            with token_keep(kb):
+                zb = model(view_b)
+            return za, zb
+        raise TypeError("SimWnW.encode: convert the model first with effssl_kernels.sparsify (ResNet) or "
+                        "effssl_kernels.sparsify_vit (ViT)")

@@ -1,0 +1,118 @@
+"""EMP-SSL's step pieces (effssl_kernels/emp_ssl.py) against the plain formulas of EMP-SSL's code:
+patch order, the loss and its gradients (float64, tight), and a many-patch step on a tiny plain
+and block-sparse ResNet."""
+import pytest
+import torch
+import torch.nn.functional as F
+from torchvision.models.resnet import BasicBlock, ResNet
+
+import effssl_kernels as ek
+from effssl_kernels.emp_ssl import bag_of_features, emp_ssl_loss, emp_ssl_patches
+
+
+def _plain_loss(z_flat, P, lam, eps):
+    """EMP-SSL's code, loop for loop: chunk, mean, cosine to the mean, logdet of the d x d matrix."""
+    z = F.normalize(z_flat, dim=-1)
+    z_list = z.chunk(P, dim=0)
+    z_avg = torch.stack(list(z_list)).mean(0)
+    sim = sum(F.cosine_similarity(zi, z_avg, dim=1).mean() for zi in z_list) / P
+    tcr = 0
+    for zi in z_list:
+        b, d = zi.shape
+        eye = torch.eye(d, dtype=zi.dtype)
+        tcr = tcr + 0.5 * torch.logdet(eye + d / (b * eps**2) * zi.T @ zi)
+    return -lam * sim - tcr / P
+
+
+@pytest.mark.parametrize("P,N,d", [(4, 6, 10), (3, 12, 5), (1, 3, 4)])
+def test_loss_matches_emp_ssl_code(P, N, d):
+    torch.manual_seed(0)
+    z = torch.randn(P * N, d, dtype=torch.float64, requires_grad=True)
+    loss, parts = emp_ssl_loss(z, P, lam=200.0, eps=0.2)
+    want = _plain_loss(z, P, 200.0, 0.2)
+    torch.testing.assert_close(loss, want, rtol=1e-10, atol=1e-10)
+    g, = torch.autograd.grad(loss, z)
+    gw, = torch.autograd.grad(want, z)
+    torch.testing.assert_close(g, gw, rtol=1e-8, atol=1e-10)
+    # [P, N, d] input is the same
+    loss3, _ = emp_ssl_loss(z.view(P, N, d), P)
+    torch.testing.assert_close(loss3, loss)
+    assert set(parts) == {"invariance", "tcr"} and not parts["tcr"].requires_grad
+
+
+def test_loss_float32_and_gradcheck():
+    torch.manual_seed(1)
+    z = torch.randn(3 * 5, 7, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda t: emp_ssl_loss(t, 3, lam=2.0)[0], (z,))
+    loss32, _ = emp_ssl_loss(z.detach().float(), 3, lam=2.0)
+    torch.testing.assert_close(loss32.double(), emp_ssl_loss(z.detach(), 3, lam=2.0)[0], rtol=1e-5, atol=1e-5)
+
+
+def test_invariance_term_rewards_agreeing_patches():
+    torch.manual_seed(2)
+    base = torch.randn(1, 8, 16)
+    same = base.expand(5, 8, 16).reshape(40, 16)
+    noisy = (base + torch.randn(5, 8, 16)).reshape(40, 16)
+    assert emp_ssl_loss(same, 5)[1]["invariance"] > 0.999
+    assert emp_ssl_loss(noisy, 5)[1]["invariance"] < 0.9
+
+
+def test_patches_are_patch_major_multi_crops():
+    images = torch.randint(0, 256, (3, 3, 20, 24), dtype=torch.uint8)
+    got = emp_ssl_patches(images, 4, 8, generator=torch.Generator().manual_seed(5))
+    boxes, flips = ek.random_resized_boxes(3, 4, (20, 24), (0.25, 0.25), generator=torch.Generator().manual_seed(5))
+    crops = ek.multi_crop(images, boxes, flips, 8, out_dtype=torch.float32) / 255  # image-major
+    assert got.shape == (12, 3, 8, 8) and got.dtype == torch.float32
+    for i in range(4):
+        for n in range(3):
+            torch.testing.assert_close(got[i * 3 + n], crops[n * 4 + i], rtol=0, atol=1e-7)
+
+
+def _tiny_resnet():
+    m = ResNet(BasicBlock, [1, 1, 1, 1], num_classes=16)
+    m.conv1 = torch.nn.Conv2d(3, 64, 3, 1, 1, bias=False)
+    m.maxpool = torch.nn.Identity()
+    return m
+
+
+def test_many_patch_step_plain_and_block_sparse():
+    torch.manual_seed(3)
+    images = torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8)
+    patches = emp_ssl_patches(images, 6, 16, generator=torch.Generator().manual_seed(0))
+    plain = _tiny_resnet().eval()
+    sparse = ek.sparsify(_tiny_resnet().eval())
+    sparse.load_state_dict(plain.state_dict())
+    loss_plain, _ = emp_ssl_loss(plain(patches), 6, check=True)
+    keep_all = torch.ones(patches.shape[0], 4, 4, dtype=torch.bool)
+    with ek.block_mask(keep_all, 4):
+        loss_sparse, _ = emp_ssl_loss(sparse(patches), 6)
+    torch.testing.assert_close(loss_sparse, loss_plain, rtol=1e-5, atol=1e-5)
+    # a real mask: the loss changes, and gradients reach the weights and stay finite
+    keep = torch.rand(patches.shape[0], 4, 4) < 0.6
+    keep[:, 0, 0] = True
+    with ek.block_mask(keep, 4):
+        loss_masked, _ = emp_ssl_loss(sparse(patches), 6)
+    loss_masked.backward()
+    assert not torch.allclose(loss_masked, loss_plain)
+    assert all(torch.isfinite(p.grad).all() for p in sparse.parameters() if p.grad is not None)
+    assert sparse.conv1.weight.grad.abs().sum() > 0
+
+
+def test_bag_of_features_is_the_patch_mean():
+    images = torch.rand(3, 3, 24, 24)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 5, 3), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten())
+    got = bag_of_features(model, images, 4, 12, generator=torch.Generator().manual_seed(1), chunk=5)
+    patches = emp_ssl_patches(images, 4, 12, generator=torch.Generator().manual_seed(1))
+    want = model(patches).view(4, 3, 5).mean(0)
+    torch.testing.assert_close(got, want)
+
+
+def test_errors():
+    with pytest.raises(ValueError, match="not 4 patches"):
+        emp_ssl_loss(torch.randn(10, 3), 4)
+    with pytest.raises(ValueError, match="patch groups"):
+        emp_ssl_loss(torch.randn(3, 2, 3), 4)
+    with pytest.raises(ValueError, match="num_patches"):
+        emp_ssl_patches(torch.rand(1, 3, 8, 8), 0, 4)
+    with pytest.raises(ValueError, match="positive definite"):
+        emp_ssl_loss(torch.full((8, 3), float("nan")), 2, normalize=False)

@@ -1,0 +1,72 @@
+"""multi_crop on the Triton path (EFFSSL_BACKEND=triton) against the reference.
+
+On a GPU machine the kernel runs on CUDA tensors; elsewhere on CPU tensors under
+TRITON_INTERPRET=1 (conftest.py), so shapes stay tiny. The kernel does the reference's float32
+operations in its order, so outputs are exact, except that the interpreter truncates float32 ->
+bfloat16 on stores (one bfloat16 step, BF16_INTERP_TOL).
+"""
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+from effssl_kernels.ops.multi_crop import multi_crop  # noqa: E402
+from effssl_kernels.reference.multi_crop import multi_crop_reference  # noqa: E402
+from utils import HAS_GPU, INTERPRET, make_layout  # noqa: E402
+
+pytestmark = [
+    pytest.mark.triton,
+    pytest.mark.skipif(not (HAS_GPU or INTERPRET), reason="needs a CUDA device or TRITON_INTERPRET=1"),
+]
+
+DEVICE = "cuda" if HAS_GPU else "cpu"
+BF16_INTERP_TOL = 2**-7
+
+
+@pytest.fixture(autouse=True)
+def _triton_backend(monkeypatch):
+    monkeypatch.setenv("EFFSSL_BACKEND", "triton")
+
+
+def _case(dtype, layout, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.rand(2, 3, 13, 11, generator=gen)
+    x = (x * 255).to(dtype) if dtype == torch.uint8 else x.to(dtype)
+    boxes = torch.cat([torch.rand(2, 3, 2, generator=gen) * 16 - 3, torch.rand(2, 3, 2, generator=gen) * 14 + 0.5], -1)
+    boxes[0, 0] = torch.tensor([0.0, 0.0, 13.0, 11.0])  # an integer box: the plain resize
+    flips = torch.rand(2, 3, generator=gen) < 0.5
+    return make_layout(x, layout), boxes, flips
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.uint8])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "sliced"])
+def test_matches_reference(dtype, layout):
+    x, boxes, flips = _case(dtype, layout)
+    got = multi_crop(x.to(DEVICE), boxes.to(DEVICE), flips.to(DEVICE), (7, 9))
+    want = multi_crop_reference(x.contiguous(), boxes, flips, (7, 9))
+    assert got.dtype == dtype and got.shape == want.shape and got.is_contiguous()
+    rtol = BF16_INTERP_TOL if (dtype == torch.bfloat16 and INTERPRET) else 0.0
+    torch.testing.assert_close(got.cpu(), want, rtol=rtol, atol=0)
+
+
+def test_uint8_to_float32_and_outside():
+    x, boxes, flips = _case(torch.uint8, "contiguous", seed=1)
+    boxes[1, 2] = torch.tensor([40.0, 40.0, 3.0, 3.0])  # wholly outside: zeros
+    got = multi_crop(x.to(DEVICE), boxes.to(DEVICE), flips.to(DEVICE), 5, out_dtype=torch.float32).cpu()
+    torch.testing.assert_close(got, multi_crop_reference(x, boxes, flips, (5, 5), torch.float32), rtol=0, atol=0)
+    assert torch.equal(got[5], torch.zeros_like(got[5]))
+
+
+def test_float64_falls_back_to_reference():
+    x, boxes, flips = _case(torch.float64, "contiguous")
+    got = multi_crop(x.to(DEVICE), boxes.to(DEVICE), flips.to(DEVICE), 4).cpu()
+    torch.testing.assert_close(got, multi_crop_reference(x, boxes, flips, (4, 4)), rtol=0, atol=0)
+
+
+def test_bad_box_raises(monkeypatch):
+    # The host check (a device-side assert on CUDA would poison this process's CUDA context).
+    monkeypatch.setenv("EFFSSL_CHECK_INDICES", "1")
+    x, boxes, flips = _case(torch.float32, "contiguous")
+    boxes[1, 1, 2] = 0.0
+    with pytest.raises(ValueError, match="positive"):
+        multi_crop(x.to(DEVICE), boxes.to(DEVICE), flips.to(DEVICE), 4)

@@ -1,0 +1,177 @@
+"""SimWnW end to end (effssl_kernels/simwnw.py): box sampling, both directions' masks, views
+with recorded geometry, and the masked encoders, each against the composition of the ops it
+is built from (block_match, crop_centers, multi_crop, block_mask, token_keep)."""
+import math
+
+import pytest
+import torch
+from torchvision.models.resnet import BasicBlock, ResNet
+
+import effssl_kernels as ek
+from effssl_kernels.simwnw import _min_keep
+
+
+def _cifar_resnet():
+    m = ResNet(BasicBlock, [1, 1, 1, 1], num_classes=10)
+    m.conv1 = torch.nn.Conv2d(3, 64, 3, 1, 1, bias=False)
+    m.maxpool = torch.nn.Identity()
+    m.fc = torch.nn.Identity()
+    return m
+
+
+# ----------------------------------------------------------------------------- boxes
+def test_random_resized_boxes_follow_torchvision():
+    from torchvision.transforms import RandomResizedCrop
+
+    gen = torch.Generator().manual_seed(0)
+    H, W = 120, 200
+    boxes, flips = ek.random_resized_boxes(500, 4, (H, W), generator=gen)
+    assert boxes.shape == (500, 4, 4) and flips.shape == (500, 4) and flips.dtype == torch.bool
+    t, l, h, w = boxes.unbind(-1)
+    assert (t >= 0).all() and (l >= 0).all() and (t + h <= H).all() and (l + w <= W).all()
+    assert (h >= 1).all() and (w >= 1).all() and torch.equal(boxes, boxes.round())
+    frac = (h * w / (H * W)).mean().item()
+    torch.manual_seed(0)
+    img = torch.zeros(1, H, W)
+    tv = torch.tensor([RandomResizedCrop.get_params(img, (0.08, 1.0), (3 / 4, 4 / 3)) for _ in range(2000)]).float()
+    tv_frac = (tv[:, 2] * tv[:, 3] / (H * W)).mean().item()
+    assert abs(frac - tv_frac) < 0.03, (frac, tv_frac)  # same distribution (std error ~0.006)
+    assert abs(flips.float().mean().item() - 0.5) < 0.05
+
+
+def test_random_resized_boxes_fallback_and_errors():
+    # scale 1 with a ratio range that excludes the square image: every try fails -> centre crop
+    boxes, _ = ek.random_resized_boxes(3, 2, 100, scale=(1.0, 1.0), ratio=(2.0, 3.0))
+    assert torch.equal(boxes, torch.tensor([25.0, 0.0, 50.0, 100.0]).expand(3, 2, 4))
+    with pytest.raises(ValueError, match="scale"):
+        ek.random_resized_boxes(1, 1, 10, scale=(0.5, 0.1))
+    with pytest.raises(ValueError, match="hflip_p"):
+        ek.random_resized_boxes(1, 1, 10, hflip_p=2.0)
+
+
+# ----------------------------------------------------------------------------- masks
+def test_identical_views_remove_all_but_min_keep():
+    x = torch.rand(3, 3, 32, 32)
+    m = ek.simwnw_masks(x, x.clone(), 8)
+    assert m.keep_a.shape == (3, 4, 4)
+    assert torch.equal(m.keep_a.sum((1, 2)), torch.ones(3, dtype=torch.long))
+    assert torch.equal(m.keep_b.sum((1, 2)), torch.ones(3, dtype=torch.long))
+    m0 = ek.simwnw_masks(x, x.clone(), 8, min_keep=0)
+    assert not m0.keep_a.any() and not m0.keep_b.any()
+    torch.testing.assert_close(m0.removal(), torch.ones(2))
+
+
+def test_independent_views_remove_nothing():
+    gen = torch.Generator().manual_seed(1)
+    a, b = torch.rand(2, 3, 32, 32, generator=gen), torch.rand(2, 3, 32, 32, generator=gen)
+    m = ek.simwnw_masks(a, b, 8)
+    assert m.keep_a.all() and m.keep_b.all()
+    torch.testing.assert_close(m.removal(), torch.zeros(2))
+
+
+def test_masks_are_both_directions_of_block_match_with_geometry():
+    gen = torch.Generator().manual_seed(2)
+    # smooth images with one noisy quadrant: both outcomes occur
+    images = torch.nn.functional.interpolate(torch.rand(4, 3, 6, 8, generator=gen), size=(48, 60), mode="bilinear")
+    images[:, :, :24, :30] = torch.rand(4, 3, 24, 30, generator=gen)
+    boxes, flips = ek.random_resized_boxes(4, 2, (48, 60), scale=(0.3, 1.0), generator=gen)
+    v = ek.multi_crop(images, boxes, flips, 32).view(4, 2, 3, 32, 32)
+    ba, bb, fa, fb = boxes[:, 0], boxes[:, 1], flips[:, 0], flips[:, 1]
+    m = ek.simwnw_masks(v[:, 0], v[:, 1], 8, threshold_db=15.0, boxes_a=ba, boxes_b=bb, flips_a=fa, flips_b=fb,
+                        min_keep=0)
+    ca, flip = ek.crop_centers(ba, bb, fa, fb, 32, 8)
+    cb, _ = ek.crop_centers(bb, ba, fb, fa, 32, 8)
+    pa, _ = ek.block_match(v[:, 0], v[:, 1], 8, 4, centers=ca, flip=flip)
+    pb, _ = ek.block_match(v[:, 1], v[:, 0], 8, 4, centers=cb, flip=flip)
+    assert torch.equal(m.keep_a, pa <= 15.0) and torch.equal(m.keep_b, pb <= 15.0)
+    assert torch.equal(m.psnr_a, pa)
+    assert m.keep_a.any() and not m.keep_a.all()  # the case exercises both outcomes
+
+
+def test_min_keep_forces_the_least_similar():
+    psnr = torch.tensor([[[30.0, 25.0], [40.0, 21.0]]])
+    keep = psnr <= 20
+    out = _min_keep(keep, psnr, 2)
+    assert torch.equal(out, torch.tensor([[[False, True], [False, True]]]))
+    assert torch.equal(_min_keep(torch.ones_like(keep), psnr, 2), torch.ones_like(keep))
+
+
+def test_mask_errors():
+    x = torch.rand(1, 3, 16, 16)
+    with pytest.raises(ValueError, match="all of boxes_a"):
+        ek.simwnw_masks(x, x, 4, boxes_a=torch.zeros(1, 4))
+    with pytest.raises(ValueError, match="min_keep"):
+        ek.simwnw_masks(x, x, 4, min_keep=-1)
+    with pytest.raises(ValueError, match="match_on"):
+        ek.SimWnW(8, match_on="late")
+
+
+# ----------------------------------------------------------------------------- views
+@pytest.mark.parametrize("match_on", ["raw", "augmented"])
+def test_views_record_geometry_and_match_where_asked(match_on):
+    images = torch.randint(0, 256, (3, 3, 40, 52), dtype=torch.uint8)
+    images[:, :, :, :26] = 128  # flat left half: similar blocks exist
+
+    def photometric(x):
+        return (x * 0.5 + 0.25).clamp(0, 1)
+
+    sw = ek.SimWnW(8, match_on=match_on)
+    v = sw.views(images, 32, scale=(0.5, 1.0), photometric=photometric, generator=torch.Generator().manual_seed(0))
+    raw = ek.multi_crop(images, torch.stack([v.boxes_a, v.boxes_b], 1), torch.stack([v.flips_a, v.flips_b], 1), 32,
+                        out_dtype=torch.float32).view(3, 2, 3, 32, 32) / 255
+    torch.testing.assert_close(v.view_a, photometric(raw[:, 0]))
+    torch.testing.assert_close(v.view_b, photometric(raw[:, 1]))
+    ma, mb = (raw[:, 0], raw[:, 1]) if match_on == "raw" else (photometric(raw[:, 0]), photometric(raw[:, 1]))
+    want = ek.simwnw_masks(ma, mb, 8, boxes_a=v.boxes_a, boxes_b=v.boxes_b, flips_a=v.flips_a, flips_b=v.flips_b)
+    assert torch.equal(v.masks.keep_a, want.keep_a) and torch.equal(v.masks.keep_b, want.keep_b)
+    assert len(sw.removal_history) == 1
+    (ra, rb), = sw.removal_log()
+    assert math.isclose(ra, 1 - want.keep_a.float().mean().item(), abs_tol=1e-6)
+
+
+# ----------------------------------------------------------------------------- encoders
+@pytest.mark.parametrize("concat", [False, True])
+def test_encode_resnet_equals_block_mask(concat):
+    torch.manual_seed(0)
+    model = ek.sparsify(_cifar_resnet().eval())
+    a, b = torch.rand(2, 3, 32, 32), torch.rand(2, 3, 32, 32)
+    b[:, :, :16] = a[:, :, :16]  # top half identical: removed in both views
+    sw = ek.SimWnW(8, use_geometry=False)
+    m = sw.masks(a, b)
+    assert not m.keep_a.all() and m.keep_a.any()
+    za, zb = sw.encode(model, a, b, m, concat=concat)
+    with ek.block_mask(m.keep_a, 8):
+        want_a = model(a)
+    with ek.block_mask(m.keep_b, 8):
+        want_b = model(b)
+    torch.testing.assert_close(za, want_a, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(zb, want_b, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(za, model(a))  # the mask changed the features
+
+
+def test_encode_vit_equals_token_keep():
+    timm = pytest.importorskip("timm")
+    torch.manual_seed(0)
+    vit = timm.create_model("vit_small_patch16_224", img_size=32, patch_size=8, depth=1, embed_dim=16, num_heads=2,
+                            num_classes=0).eval()
+    vit = ek.sparsify_vit(vit)
+    a, b = torch.rand(2, 3, 32, 32), torch.rand(2, 3, 32, 32)
+    b[:, :, :16] = a[:, :, :16]  # 8 of 16 tokens similar: K = 8
+    sw = ek.SimWnW(8, search_radius=0, use_geometry=False)
+    m = sw.masks(a, b)
+    za, zb = sw.encode(vit, a, b, m)
+    ka, kb = ek.tokens_from_psnr(m.psnr_a, m.psnr_b, 20.0)
+    assert ka.shape[1] < 16  # tokens were dropped
+    with ek.token_keep(ka):
+        want = vit(a)
+    torch.testing.assert_close(za, want)
+    with pytest.raises(ValueError, match="patch size"):
+        sw16 = ek.SimWnW(16, use_geometry=False)
+        sw16.encode(vit, a, b, sw16.masks(a, b))
+
+
+def test_encode_needs_a_converted_model():
+    x = torch.rand(1, 3, 16, 16)
+    sw = ek.SimWnW(8)
+    with pytest.raises(TypeError, match="sparsify"):
+        sw.encode(torch.nn.Conv2d(3, 3, 3), x, x, sw.masks(x, x))
