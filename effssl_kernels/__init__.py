@@ -23,6 +23,7 @@ from .nn import (
 from .ops import block_match, gather_tokens, multi_crop, patch_embed_gather, similar_blocks
 from .patch_scaling import resize_patch_embed, resize_pos_embed
 from .sparse import PackedMap, TileIndex, sparse_conv2d, sparse_conv2d_packed
+from .schedule import AccelerationSchedule
 from .simwnw import SimWnW, SimWnWMasks, SimWnWViews, simwnw_masks
 from .tokens import random_token_keep, similar_token_keep, tokens_from_psnr
 from .transforms import TwoViewCrop, TwoViews, crop_centers, random_resized_boxes
@@ -40,7 +41,7 @@ __all__ = [
     "BlockMask", "TileIndex", "PackedMap", "sparse_conv2d", "sparse_conv2d_packed",
     "sparsify", "unsparsify", "block_mask", "masked_checkpoint", "is_sparse", "tile_plan",
     # EMP-SSL (issue 6)
-    "tcr_loss", "emp_ssl_loss", "emp_ssl_patches", "bag_of_features",
+    "tcr_loss", "AccelerationSchedule", "emp_ssl_loss", "emp_ssl_patches", "bag_of_features",
     # SimWnW / EMP-SSL pipeline (issue 5)
     "multi_crop", "random_resized_boxes", "SimWnW", "SimWnWMasks", "SimWnWViews", "simwnw_masks",
     "tokens_from_psnr",

@@ -42,9 +42,7 @@ class Candidate(NamedTuple):
 
 
 def _candidate(value, what: str) -> Candidate:
-    if isinstance(value, Candidate):
-        keep, patch = value
-    elif isinstance(value, (tuple, list)) and len(value) == 2:
+    if isinstance(value, (tuple, list)) and len(value) == 2:  # Candidate is a tuple
         keep, patch = value
     else:
         raise TypeError(f"{what} must be a (keep, patch) pair, got {value!r}")
@@ -127,8 +125,10 @@ class AccelerationSchedule:
     ``Bias2_c + (kappa_c / kappa_ref) * Var_c`` (AAIP's "squared bias + cost-adjusted
     variance"). ``Var_c`` is the variance at the probe batch size; ``variance_scale`` (default 1)
     rescales it to the training batch size, ``b_probe / b_train``, when they differ. Early in
-    training the gradient noise is large and cheap, biased settings win; near convergence the
-    variance shrinks, the bias of compression dominates and milder settings win.
+    training the gradient noise is large, so cheap (biased) settings win; near convergence the
+    noise shrinks, the bias of compression dominates and milder settings win. The paper's own
+    equations were not available here; this is the rule as its captions describe it (CA-MSE =
+    squared bias + cost-adjusted variance, argmin per stage), with the estimators above.
 
     The reference setting ``ref`` (default: keep 1.0 at the smallest patch of the grid, or
     ``None`` = the model's own patch when the grid has it) is always a candidate (added to the
@@ -416,10 +416,14 @@ class AccelerationSchedule:
         params: Iterable[Tensor],
         batches: Union[Callable[[], object], Iterable],
     ) -> Candidate:
-        """Estimate now (``estimate``), record it in ``history`` for ``step``, put the argmin in force."""
+        """Estimate now (``estimate``), record it in ``history`` for ``step``, put the argmin in force.
+
+        The entry's ``stage`` is the latest checkpoint at or before ``step``; ``on_step`` calls this
+        at checkpoints, a call in between re-estimates the stage in force.
+        """
         entry = self.estimate(loss_fn, params, batches)
-        idx = max(self._due_index(int(step)), self._stage + 1)
-        idx = min(idx, len(self.checkpoints) - 1)
+        # the latest checkpoint reached; an update between checkpoints re-estimates the stage in force
+        idx = max(self._due_index(int(step)), self._stage)
         entry = {"step": int(step), "stage": idx, "progress": int(step) / self.total_steps, **entry}
         self.history.append(entry)
         self._stage = idx
@@ -468,8 +472,8 @@ class AccelerationSchedule:
 
         ``vit.forward_features`` is wrapped by an instance attribute for the duration (so direct
         ``forward_features`` calls are covered too); do not deep-copy the model inside.
-        Raises TypeError when no sparsified ViT is found, ValueError for several, a bad role or
-        a patch that does not divide the image size.
+        Raises TypeError when no sparsified ViT is found, ValueError for several, a bad role, a
+        ViT already inside ``apply`` or a patch that does not divide the image size.
         """
         from .nn.vit import is_sparse_vit, patch_size, token_keep
         from .tokens import random_token_keep
@@ -483,6 +487,10 @@ class AccelerationSchedule:
         multiple_of = self.multiple_of
         had_own = "forward_features" in vit.__dict__
         inner = vit.forward_features
+        if getattr(inner, "_effssl_schedule", False):
+            # nested keeps would let the outer one win while the inner patch size wins: refuse
+            raise ValueError("AccelerationSchedule.apply: this ViT is already inside apply(); "
+                             "one setting per model at a time")
 
         def forward_features(x, *args, **kwargs):
             keep = None
@@ -493,6 +501,8 @@ class AccelerationSchedule:
                                          generator=generator, device=x.device)
             with token_keep(keep):
                 return inner(x, *args, **kwargs)
+
+        forward_features._effssl_schedule = True
 
         with contextlib.ExitStack() as stack:
             if p != native:

@@ -175,3 +175,30 @@ def test_encode_needs_a_converted_model():
     sw = ek.SimWnW(8)
     with pytest.raises(TypeError, match="sparsify"):
         sw.encode(torch.nn.Conv2d(3, 3, 3), x, x, sw.masks(x, x))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_masks_do_not_synchronise_and_encode_syncs_once():
+    # The contract: masks without a host sync; the masked encoder of both views, one.
+    images = torch.randint(0, 256, (4, 3, 40, 48), dtype=torch.uint8, device="cuda")
+    sw = ek.SimWnW(8)
+    boxes, flips = ek.random_resized_boxes(4, 2, (40, 48), device="cuda")
+    v = ek.multi_crop(images, boxes, flips, 32, out_dtype=torch.float32).view(4, 2, 3, 32, 32) / 255
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        m = sw.masks(v[:, 0], v[:, 1], boxes[:, 0], boxes[:, 1], flips[:, 0], flips[:, 1])
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    model = ek.sparsify(_cifar_resnet().cuda().eval())
+    import warnings
+
+    torch.cuda.set_sync_debug_mode("warn")
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            sw.encode(model, v[:, 0].contiguous(), v[:, 1].contiguous(), m)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    syncs = [w for w in caught if "synchroniz" in str(w.message)]
+    assert len(syncs) <= 1, [str(w.message)[:200] for w in syncs]
