@@ -47,6 +47,11 @@ def _table(rows: list[dict]) -> str:
 _OURS = {"ours", "cpp", "cuda", "triton"}
 
 
+def _is_ours(provider: str) -> bool:
+    """Our kernels, under any variant name ("ours (check=True)", "multi_crop (patches only)")."""
+    return provider in _OURS or provider.startswith("ours")
+
+
 def best_alternative_speedups(results: dict[str, dict]) -> list[tuple[str, float]]:
     """``[(label, speedup)]`` per benchmark case (and mode): ours against the best alternative,
     i.e. the smallest ``ours_speedup`` (provider time / ours) of the other providers' rows, or of
@@ -59,9 +64,10 @@ def best_alternative_speedups(results: dict[str, dict]) -> list[tuple[str, float
             label = " ".join(str(r[k]) for k in ("case", "layer", "mode") if r.get(k) is not None)
             prov = str(r.get("provider", ""))
             vals = groups.setdefault(f"{name}: {label}"[:70], [])
-            if prov not in _OURS and "yardstick" not in prov and isinstance(r.get("ours_speedup"), (int, float)):
+            if not _is_ours(prov) and "yardstick" not in prov and isinstance(r.get("ours_speedup"), (int, float)):
                 vals.append(r["ours_speedup"])
-            vals += [v for k, v in r.items() if k.startswith("speedup_vs_") and isinstance(v, (int, float))]
+            vals += [v for k, v in r.items() if k.startswith("speedup_vs_") and not _is_ours(k[len("speedup_vs_"):])
+                     and "yardstick" not in k and isinstance(v, (int, float))]
         out += [(label, min(v)) for label, v in groups.items() if v]
     return out
 

@@ -1,0 +1,40 @@
+"""The suite's report (bench/report.py) on a folder of small synthetic results."""
+import json
+
+import pytest
+
+from bench.report import best_alternative_speedups, keep_curves, write_report  # repo root on pythonpath
+
+
+def _write(folder, name, rows):
+    info = {"device": "test", "torch": "x", "cuda": None, "triton": None, "effssl_kernels": "0", "git_sha": "s",
+            "date": "d", "batch": 4}
+    (folder / f"{name}.json").write_text(json.dumps({"info": info, "rows": rows}))
+
+
+def test_report_tables_speedups_and_curves(tmp_path):
+    _write(tmp_path, "kern", [
+        {"case": "a", "provider": "ours", "median_ms": 1.0},
+        {"case": "a", "provider": "torch", "median_ms": 3.0, "ours_speedup": 3.0},
+        {"case": "a", "provider": "compile", "median_ms": 2.0, "ours_speedup": 2.0},
+        {"case": "a", "provider": "copy (yardstick)", "median_ms": 0.5, "ours_speedup": 0.5},
+        {"case": "b", "provider": "ours", "median_ms": 1.0, "speedup_vs_torch": 0.8, "speedup_vs_ours (check)": 0.1},
+    ])
+    _write(tmp_path, "step", [
+        {"provider": "dense", "keep": 1.0, "median_ms": 10.0, "rel_time": 1.0},
+        {"provider": "packed", "keep": 1.0, "median_ms": 11.0, "rel_time": 1.1},
+        {"provider": "packed", "keep": 0.5, "median_ms": 7.0, "rel_time": 0.7},
+    ])
+    (tmp_path / "not_a_result.json").write_text("[1, 2]")
+    # best alternative: min over real alternatives (not the yardstick, not a variant of ours)
+    sp = dict(best_alternative_speedups({"kern": json.loads((tmp_path / "kern.json").read_text())}))
+    assert sp == {"kern: a": 2.0, "kern: b": 0.8}
+    curves = keep_curves({"step": json.loads((tmp_path / "step.json").read_text())})
+    assert sorted(curves["step"]["packed"]) == [(0.5, 0.7), (1.0, 1.1)]
+    path = write_report(str(tmp_path))
+    text = open(path).read()
+    assert "## kern" in text and "## step" in text and "| case | provider | median_ms" in text
+    assert "batch: 4" in text and "not_a_result" not in text
+    pytest.importorskip("matplotlib")
+    assert (tmp_path / "speedup_per_kernel.png").stat().st_size > 0
+    assert (tmp_path / "time_vs_keep.png").stat().st_size > 0
