@@ -28,7 +28,7 @@ from torchvision.models.resnet import BasicBlock, ResNet
 
 from effssl_kernels.emp_ssl import emp_ssl_loss, emp_ssl_patches
 
-from .common import device_info, mark_speedups, parse_args, report, time_ms
+from .common import device_info, mark_speedups, parse_args, report, timed_row
 
 
 class EMPModel(nn.Module):
@@ -85,16 +85,11 @@ def run(device: str, quick: bool = False):
 
         fns = {"multi_crop": step(ours), "cpu loader": step(loader),
                "multi_crop (patches only)": ours, "cpu loader (patches only)": loader}
-        case_rows = []
-        for prov, fn in fns.items():
-            try:
-                fn()
-                t = time_ms(fn, device, min_run_time=0.3 if quick else 1.0)
-            except Exception as e:  # report, never hide, a provider that fails
-                case_rows.append({"case": case, "provider": prov, "note": f"failed: {e}"[:120]})
-                continue
-            case_rows.append({"case": case, "provider": prov, **t,
-                              "patches_per_s": P * N / (t["median_ms"] * 1e-3)})
+        case_rows = [timed_row({"case": case, "provider": prov}, fn, device, 0.3 if quick else 1.0)
+                     for prov, fn in fns.items()]
+        for r in case_rows:
+            if "median_ms" in r:
+                r["patches_per_s"] = P * N / (r["median_ms"] * 1e-3)
         by = {r["provider"]: r for r in case_rows if "median_ms" in r}
         for name in ("multi_crop", "cpu loader"):
             if name in by and f"{name} (patches only)" in by:

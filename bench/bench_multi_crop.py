@@ -31,7 +31,7 @@ import torch.nn.functional as F
 
 from effssl_kernels.ops.multi_crop import multi_crop
 
-from .common import device_info, mark_speedups, parse_args, report, time_ms
+from .common import device_info, mark_speedups, parse_args, report, time_ms, timed_row
 
 LOOP_PATCHES = 256
 
@@ -117,15 +117,11 @@ def run(device: str, quick: bool = False):
             "roi_align": lambda: roi_align_crop(images, boxes, flips, S),
             "grid_sample": lambda: grid_sample_crop(images, boxes, flips, S),
         }
-        case_rows = []
-        for prov, fn in fns.items():
-            try:
-                fn()
-                t = time_ms(fn, device, min_run_time=0.3 if quick else 1.0)
-            except Exception as e:  # report, never hide, a provider that fails
-                case_rows.append({"case": label, "provider": prov, "note": f"failed: {e}"[:120]})
-                continue
-            case_rows.append({"case": label, "provider": prov, **t, "gbps": nbytes / (t["median_ms"] * 1e-3) / 1e9})
+        case_rows = [timed_row({"case": label, "provider": prov}, fn, device, 0.3 if quick else 1.0)
+                     for prov, fn in fns.items()]
+        for r in case_rows:
+            if "median_ms" in r:
+                r["gbps"] = nbytes / (r["median_ms"] * 1e-3) / 1e9
         n_loop = min(LOOP_PATCHES, N * P)
         try:
             torchvision_loop(images, boxes, flips, S, n_loop)

@@ -32,7 +32,7 @@ from torch import nn
 import effssl_kernels as ek
 
 from .bench_simsiam_step import SimSiam
-from .common import device_info, parse_args, report, time_ms
+from .common import device_info, parse_args, report, timed_row
 from .real_images import photo_batch
 
 MEAN = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
@@ -160,23 +160,17 @@ def run(device: str, quick: bool = False):
         case, dense_step, simwnw_step, sw = make(device, quick)
         base = None
         for prov, fn in (("dense", dense_step), ("simwnw", simwnw_step)):
-            row = {"case": case, "provider": prov}
-            try:
-                fn()  # warm-up
-                sw.removal_history.clear()
-                t = time_ms(fn, device, min_run_time=0.5 if quick else (2.0 if device == "cuda" else 5.0))
-            except Exception as e:  # report, never hide, a case that fails
-                row["note"] = f"failed: {type(e).__name__}: {e}"[:160]
-                rows.append(row)
-                continue
-            row.update(t)
-            if prov == "dense":
-                base = t["median_ms"]
-            else:
-                log = sw.removal_log()
-                row["removal"] = sum(a + b for a, b in log) / (2 * len(log)) if log else None
-            if base:
-                row["rel_time"] = t["median_ms"] / base
+            sw.removal_history.clear()  # timed_row's warm-up call records too; the log is per row
+            row = timed_row({"case": case, "provider": prov}, fn, device,
+                            0.5 if quick else (2.0 if device == "cuda" else 5.0))
+            if "median_ms" in row:
+                if prov == "dense":
+                    base = row["median_ms"]
+                else:
+                    log = sw.removal_log()
+                    row["removal"] = sum(a + b for a, b in log) / (2 * len(log)) if log else None
+                if base:
+                    row["rel_time"] = row["median_ms"] / base
             rows.append(row)
     return rows, info
 

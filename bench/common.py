@@ -103,6 +103,16 @@ def time_ms(fn, device: str, *, min_run_time: float = 1.0) -> dict:
     return {"median_ms": m.median * 1e3, "p20_ms": q(0.2), "p80_ms": q(0.8)}
 
 
+def timed_row(row: dict, fn, device: str, min_run_time: float) -> dict:
+    """``row`` plus ``time_ms(fn)`` after one warm-up call; a provider that fails gets a
+    ``note`` instead (reported, never hidden)."""
+    try:
+        fn()
+        return {**row, **time_ms(fn, device, min_run_time=min_run_time)}
+    except Exception as e:  # noqa: BLE001
+        return {**row, "note": f"failed: {type(e).__name__}: {e}"[:160]}
+
+
 def results_dir(device_tag: str) -> str:
     d = os.path.join(RESULTS, device_tag)
     os.makedirs(d, exist_ok=True)
