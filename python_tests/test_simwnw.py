@@ -188,6 +188,7 @@ def test_masks_do_not_synchronise_and_encode_syncs_once():
     torch.cuda.set_sync_debug_mode("error")
     try:
         m = sw.masks(v[:, 0], v[:, 1], boxes[:, 0], boxes[:, 1], flips[:, 0], flips[:, 1])
+        sw.views(images, 32)  # boxes to the device, multi_crop, masks: no sync either
     finally:
         torch.cuda.set_sync_debug_mode("default")
     model = ek.sparsify(_cifar_resnet().cuda().eval())
