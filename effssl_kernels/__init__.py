@@ -22,6 +22,7 @@ from .nn import (
 )
 from .ops import block_match, gather_tokens, multi_crop, patch_embed_gather, similar_blocks
 from .patch_scaling import resize_patch_embed, resize_pos_embed
+from .photometric import PhotometricParams, PhotometricSampler, photometric
 from .sparse import PackedMap, TileIndex, sparse_conv2d, sparse_conv2d_packed
 from .schedule import AccelerationSchedule
 from .simwnw import SimWnW, SimWnWMasks, SimWnWViews, simwnw_masks
@@ -45,5 +46,7 @@ __all__ = [
     # SimWnW / EMP-SSL pipeline (issue 5)
     "multi_crop", "random_resized_boxes", "SimWnW", "SimWnWMasks", "SimWnWViews", "simwnw_masks",
     "tokens_from_psnr",
+    # photometric augmentations (issue 7)
+    "PhotometricParams", "PhotometricSampler", "photometric",
     "__version__",
 ]

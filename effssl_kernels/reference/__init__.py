@@ -13,6 +13,7 @@ from .masked_net import (
     masked_max_pool2d_reference,
 )
 from .multi_crop import multi_crop_reference
+from .photometric import photometric_reference
 from .tcr import tcr_loss_reference
 
 __all__ = [
@@ -26,6 +27,7 @@ __all__ = [
     "masked_max_pool2d_reference",
     "multi_crop_reference",
     "patch_embed_gather_reference",
+    "photometric_reference",
     "patch_embed_reference",
     "tcr_loss_reference",
 ]
