@@ -2,7 +2,7 @@
 
 Both steps start from the same uint8 photographs on the device (scikit-image / scikit-learn
 bundled photos, bench/real_images.py) and make their two views with ``multi_crop``
-(RandomResizedCrop + flip boxes, ``random_resized_boxes``), so the data path costs the same.
+(RandomResizedCrop + flip boxes, ``random_crops``), so the data path costs the same.
 
 - SimSiam (ResNet + 3-layer projector + predictor, symmetric negative cosine, stop-grad):
   ``dense`` runs the unconverted model; ``simwnw`` runs ``SimWnW.views`` (views + block search
@@ -44,10 +44,7 @@ def _normalize(x):
 
 
 def _dense_views(images, size, gen):
-    boxes, flips = ek.random_resized_boxes(images.shape[0], 2, tuple(images.shape[-2:]), generator=gen,
-                                           device=images.device)
-    v = ek.multi_crop(images, boxes, flips, size, out_dtype=torch.float32).mul_(1 / 255)
-    v = v.view(images.shape[0], 2, *v.shape[1:])
+    v, _, _ = ek.random_crops(images, 2, size, generator=gen)  # what SimWnW.views crops, unmasked
     return _normalize(v[:, 0]), _normalize(v[:, 1])
 
 

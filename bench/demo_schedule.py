@@ -109,10 +109,8 @@ class Views:
         base_boxes, _ = ek.random_resized_boxes(n, 1, (H, W), scale=(0.15, 0.6), hflip_p=0.0, generator=self.gen,
                                                 device=self.device)
         base = ek.multi_crop(self.pool[idx], base_boxes, None, (H // 2, W // 2))  # uint8 [n, 3, H/2, W/2]
-        boxes, flips = ek.random_resized_boxes(n, 2, (H // 2, W // 2), scale=(0.2, 1.0), generator=self.gen,
-                                               device=self.device)
-        v = ek.multi_crop(base, boxes, flips, self.img, out_dtype=torch.float32).mul_(1 / 255)
-        v = ((v - MEAN.to(v.device)) / STD.to(v.device)).view(n, 2, 3, self.img, self.img)
+        v, _, _ = ek.random_crops(base, 2, self.img, scale=(0.2, 1.0), generator=self.gen)
+        v = (v - MEAN.to(v.device)) / STD.to(v.device)
         return v[:, 0].contiguous(), v[:, 1].contiguous()
 
 
@@ -180,9 +178,10 @@ def train(cfg, device, steps, use_schedule: bool, init_state):
         if step + 1 in stage_end:
             with torch.no_grad():
                 ev = float(step_loss(held_out))
-            t = sorted(acc.pop("times")[1:] or [0.0])  # the first step of a stage pays warm-up
+            t = sorted(acc.pop("times")[1:])  # the first step of a stage pays warm-up
             ls = acc.pop("losses")
-            rows.append({**acc, "steps": step + 1 - acc["from_step"], "step_ms_median": 1e3 * t[len(t) // 2],
+            rows.append({**acc, "steps": step + 1 - acc["from_step"],
+                         "step_ms_median": 1e3 * t[len(t) // 2] if t else None,  # a 1-step stage: untimed
                          "train_loss": sum(ls) / len(ls), "eval_loss": ev, "elapsed_s": elapsed})
             acc = None
     return rows, sched
@@ -213,7 +212,8 @@ def main(argv=None):
     rows = base_rows + sched_rows
     for r in sched_rows:
         b = base_rows[r["stage"]]
-        r["rel_step_time"] = r["step_ms_median"] / b["step_ms_median"]
+        if r["step_ms_median"] and b["step_ms_median"]:
+            r["rel_step_time"] = r["step_ms_median"] / b["step_ms_median"]
     info = device_info(args.device)
     info.update(config={k: v for k, v in cfg.items()}, steps=steps, wall_s={"baseline": t_base, "schedule": t_sched})
     out = args.out or results_dir("gpu" if args.device == "cuda" else "cpu")

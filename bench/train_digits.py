@@ -205,11 +205,7 @@ class Run:
             v = self.sw.views(images, VIEW, scale=SCALE, photometric=self.photo, generator=self.g)
             return v.view_a, v.view_b, v.masks
         # The same calls SimWnW.views makes (same generator stream), without the block search.
-        n = images.shape[0]
-        boxes, flips = ek.random_resized_boxes(n, 2, (VIEW, VIEW), scale=SCALE, generator=self.g,
-                                               device=images.device)
-        v = ek.multi_crop(images, boxes, flips, VIEW, out_dtype=torch.float32).mul_(1 / 255)
-        v = v.view(n, 2, *v.shape[1:])
+        v, _, _ = ek.random_crops(images, 2, VIEW, scale=SCALE, generator=self.g)
         return self.photo(v[:, 0]), self.photo(v[:, 1]), None
 
     def step(self, step: int, total: int) -> None:

@@ -27,7 +27,7 @@ from .sparse import PackedMap, TileIndex, sparse_conv2d, sparse_conv2d_packed
 from .schedule import AccelerationSchedule
 from .simwnw import SimWnW, SimWnWMasks, SimWnWViews, simwnw_masks
 from .tokens import random_token_keep, similar_token_keep, tokens_from_psnr
-from .transforms import TwoViewCrop, TwoViews, crop_centers, random_resized_boxes
+from .transforms import TwoViewCrop, TwoViews, crop_centers, random_crops, random_resized_boxes
 
 __version__ = "0.1.0"
 
@@ -44,7 +44,7 @@ __all__ = [
     # EMP-SSL (issue 6)
     "tcr_loss", "AccelerationSchedule", "emp_ssl_loss", "emp_ssl_patches", "bag_of_features",
     # SimWnW / EMP-SSL pipeline (issue 5)
-    "multi_crop", "random_resized_boxes", "SimWnW", "SimWnWMasks", "SimWnWViews", "simwnw_masks",
+    "multi_crop", "random_crops", "random_resized_boxes", "SimWnW", "SimWnWMasks", "SimWnWViews", "simwnw_masks",
     "tokens_from_psnr",
     # photometric augmentations (issue 7)
     "PhotometricParams", "PhotometricSampler", "photometric",

@@ -28,8 +28,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .losses import tcr_loss
-from .ops.multi_crop import multi_crop
-from .transforms import random_resized_boxes
+from .transforms import random_crops
 
 __all__ = ["emp_ssl_patches", "emp_ssl_loss", "bag_of_features"]
 
@@ -64,15 +63,10 @@ def emp_ssl_patches(
         raise ValueError("emp_ssl_patches: images must be a [N, C, H, W] tensor")
     if isinstance(num_patches, bool) or not isinstance(num_patches, int) or num_patches < 1:
         raise ValueError(f"emp_ssl_patches: num_patches must be a positive int, got {num_patches!r}")
-    N = images.shape[0]
-    boxes, flips = random_resized_boxes(N, num_patches, tuple(images.shape[-2:]), scale, ratio, hflip_p,
-                                        generator=generator, device=images.device)
-    u8 = images.dtype == torch.uint8
-    p = multi_crop(images, boxes, flips, size, out_dtype=torch.float32 if u8 and out_dtype is None else out_dtype)
-    if u8:
-        p = p.mul_(1.0 / 255)
-    # multi_crop is image-major (n * P + i); EMP-SSL chunks patch-major
-    return p.view(N, num_patches, *p.shape[1:]).transpose(0, 1).reshape(num_patches * N, *p.shape[1:])
+    p, _, _ = random_crops(images, num_patches, size, scale, ratio, hflip_p, generator=generator,
+                           out_dtype=out_dtype)
+    # the crops are image-major ([N, P, ...]); EMP-SSL chunks patch-major
+    return p.transpose(0, 1).reshape(num_patches * images.shape[0], *p.shape[2:])
 
 
 def emp_ssl_loss(z: Tensor, num_patches: int, *, lam: float = 200.0, eps: float = 0.2,

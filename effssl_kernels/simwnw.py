@@ -36,10 +36,9 @@ from .masks import BlockMask
 from .nn.resnet import block_mask, is_sparse
 from .nn.vit import is_sparse_vit, token_keep
 from .ops.block_match import block_match, similar_blocks
-from .ops.multi_crop import multi_crop
 from .sparse.tiles import kept_tiles, prepare_tiles
 from .tokens import tokens_from_psnr
-from .transforms import crop_centers, random_resized_boxes
+from .transforms import crop_centers, random_crops
 
 __all__ = ["SimWnW", "SimWnWMasks", "SimWnWViews", "simwnw_masks"]
 
@@ -227,15 +226,8 @@ class SimWnW:
         """
         if not isinstance(images, Tensor) or images.dim() != 4:
             raise ValueError("SimWnW.views: images must be a [N, C, H, W] tensor")
-        N = images.shape[0]
-        boxes, flips = random_resized_boxes(N, 2, tuple(images.shape[-2:]), scale, ratio, hflip_p,
-                                            generator=generator, device=images.device)
-        out_dtype = torch.float32 if images.dtype == torch.uint8 else None
-        v = multi_crop(images, boxes, flips, view_size, out_dtype=out_dtype).float()
-        if images.dtype == torch.uint8:
-            v = v.mul_(1.0 / 255)
-        v = v.view(N, 2, *v.shape[1:])
-        va, vb = v[:, 0], v[:, 1]
+        v, boxes, flips = random_crops(images, 2, view_size, scale, ratio, hflip_p, generator=generator)
+        va, vb = v[:, 0].float(), v[:, 1].float()
         if photometric is not None and self.match_on == "augmented":
             va, vb = photometric(va), photometric(vb)
         m = self.masks(va, vb, boxes[:, 0], boxes[:, 1], flips[:, 0], flips[:, 1])

@@ -17,8 +17,9 @@ import torch
 from torch import Tensor
 
 from ._utils import as_pair
+from .ops.multi_crop import multi_crop
 
-__all__ = ["crop_centers", "random_resized_boxes", "TwoViewCrop", "TwoViews"]
+__all__ = ["crop_centers", "random_crops", "random_resized_boxes", "TwoViewCrop", "TwoViews"]
 
 _INT_DTYPES = (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)
 
@@ -96,6 +97,40 @@ def random_resized_boxes(
         # is queued like a kernel, so drawing boxes never stalls the training step.
         return boxes.pin_memory().to(device, non_blocking=True), flips.pin_memory().to(device, non_blocking=True)
     return boxes.to(device), flips.to(device)
+
+
+def random_crops(
+    images: Tensor,
+    num_crops: int,
+    size: Union[int, Sequence[int]],
+    scale: Sequence[float] = (0.08, 1.0),
+    ratio: Sequence[float] = (3.0 / 4.0, 4.0 / 3.0),
+    hflip_p: float = 0.5,
+    *,
+    generator: torch.Generator | None = None,
+    out_dtype: torch.dtype | None = None,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """``num_crops`` RandomResizedCrop + flip crops of every image: :func:`random_resized_boxes`
+    and one :func:`effssl_kernels.multi_crop` launch on the images' device.
+
+    Args:
+        images: ``[N, C, H, W]``; uint8 (0..255) crops come out in ``[0, 1]`` (float32 unless
+            ``out_dtype`` names another float dtype), float crops keep dtype and values.
+        num_crops: ``P``. size: crop side(s). scale, ratio, hflip_p, generator: as
+            :func:`random_resized_boxes`. out_dtype: as ``multi_crop``'s.
+
+    Returns:
+        ``(crops, boxes, flips)``: ``[N, P, C, s, s]`` (image-major), float32 ``[N, P, 4]`` and
+        bool ``[N, P]`` on the images' device.
+    """
+    N = images.shape[0]
+    boxes, flips = random_resized_boxes(N, num_crops, tuple(images.shape[-2:]), scale, ratio, hflip_p,
+                                        generator=generator, device=images.device)
+    u8 = images.dtype == torch.uint8
+    crops = multi_crop(images, boxes, flips, size, out_dtype=(out_dtype or torch.float32) if u8 else out_dtype)
+    if u8:
+        crops = crops.mul_(1.0 / 255)
+    return crops.view(N, num_crops, *crops.shape[1:]), boxes, flips
 
 
 def _check_crop_args(boxes_a, boxes_b, flips_a, flips_b, view_size, block_size) -> tuple[int, int]:
