@@ -26,7 +26,7 @@ import torch
 from effssl_kernels.ops.gather_tokens import gather_tokens
 from effssl_kernels.reference.gather_tokens import gather_tokens_reference
 
-from .common import device_info, mark_speedups, parse_args, report, time_ms
+from .common import device_info, mark_speedups, parse_args, report, time_ms, timed_row
 
 WIDTHS = [("ViT-S", 384), ("ViT-B", 768)]
 RATIOS = [0.25, 0.5, 0.75]
@@ -98,14 +98,11 @@ def run(device: str, quick: bool = False):
                         fn = lambda f=f: torch.autograd.grad(f(xg, keep, pg), (xg, pg), grad)  # noqa: E731
                     else:
                         fn = lambda f=f: f(x, keep, pos)  # noqa: E731
-                    try:
-                        _warm_up(fn, device)
-                        t = time_ms(fn, device, min_run_time=0.3 if quick else 1.0)
-                    except Exception as e:  # report, never hide, a provider that fails
-                        case_rows.append({"case": case, "mode": mode, "provider": prov, "note": f"failed: {e}"[:120]})
-                        continue
-                    case_rows.append({"case": case, "mode": mode, "provider": prov, **t,
-                                      "gbps": nbytes / (t["median_ms"] * 1e-3) / 1e9})
+                    row = timed_row({"case": case, "mode": mode, "provider": prov}, fn, device,
+                                    0.3 if quick else 1.0, warm_up=_warm_up)
+                    if "median_ms" in row:
+                        row["gbps"] = nbytes / (row["median_ms"] * 1e-3) / 1e9
+                    case_rows.append(row)
                 if copy_gbps is None:
                     src = x[:, :K]
                     t = time_ms(lambda: out.copy_(src), device, min_run_time=0.3 if quick else 1.0)

@@ -28,7 +28,7 @@ from effssl_kernels.ops.halo_gather import halo_gather_op
 from effssl_kernels.reference.halo_gather import halo_gather_reference
 from effssl_kernels.sparse import TileIndex
 
-from .common import device_info, mark_speedups, parse_args, report, time_ms
+from .common import device_info, mark_speedups, parse_args, report, time_ms, timed_row
 
 LAYERS = [("layer1 8x8 tiles", 4, 64), ("layer2 4x4 tiles", 8, 128), ("layer3 2x2 tiles", 16, 256)]
 BATCH = {"cuda": 256, "cpu": 8}
@@ -80,16 +80,12 @@ def run(device: str, quick: bool = False):
             for prov, f in fns.items():
                 fn = ((lambda f=f: torch.autograd.grad(f(tg), tg, grad)) if bwd
                       else (lambda f=f: f(tiles)))
-                try:
-                    fn()  # warm-up (and compile)
-                    t = time_ms(fn, device, min_run_time=0.3 if quick else 1.0)
-                except Exception as e:  # report, never hide, a provider that fails
-                    case_rows.append({"case": case, "mode": mode, "provider": prov,
-                                      "note": f"failed: {e}"[:120]})
-                    continue
-                gbps = nbytes / (t["median_ms"] * 1e-3) / 1e9
-                case_rows.append({"case": case, "mode": mode, "provider": prov, **t,
-                                  "gbps": gbps, "pct_copy_bw": 100 * gbps / copy_gbps})
+                row = timed_row({"case": case, "mode": mode, "provider": prov}, fn, device,
+                                0.3 if quick else 1.0)  # the warm-up also compiles
+                if "median_ms" in row:
+                    row["gbps"] = nbytes / (row["median_ms"] * 1e-3) / 1e9
+                    row["pct_copy_bw"] = 100 * row["gbps"] / copy_gbps
+                case_rows.append(row)
             mark_speedups(case_rows)
             rows += case_rows
     return rows, info, N, dtype

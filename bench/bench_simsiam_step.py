@@ -41,7 +41,7 @@ import effssl_kernels.sparse.packed as packed_mod
 from effssl_kernels.masks import BlockMask
 from effssl_kernels.nn import block_mask, sparsify, tile_plan
 
-from .common import device_info, parse_args, report, time_ms
+from .common import device_info, parse_args, report, timed_row
 
 KEEPS = [1.0, 0.8, 0.75, 0.65, 0.5, 0.25, 0.0]
 PROVIDERS = ["dense", "packed", "per_layer", "masked_dense"]
@@ -140,18 +140,12 @@ def run(device: str, quick: bool = False):
         row = {"provider": prov, "arch": arch, "img": img, "block": block, "batch": batch,
                "keep": 1.0 if keep is None else keep, "note": note}
         fn = step_fn(dense if prov == "dense" else sparse, keep)
-        try:
-            with _provider(prov):
-                fn()  # warm-up
-                t = time_ms(fn, device, min_run_time=0.5 if quick else (2.0 if gpu else 5.0))
-        except Exception as e:  # report, never hide, a case that fails
-            row["note"] = f"failed: {e}"[:120]
-            rows.append(row)
-            continue
-        row.update(t)
-        if prov == "dense":
-            base = t["median_ms"]
-        row["rel_time"] = t["median_ms"] / base
+        with _provider(prov):
+            row = timed_row(row, fn, device, 0.5 if quick else (2.0 if gpu else 5.0))
+        if "median_ms" in row:
+            if prov == "dense":
+                base = row["median_ms"]
+            row["rel_time"] = row["median_ms"] / base
         rows.append(row)
     f = next((r["rel_time"] for r in rows if r["provider"] == "packed" and r["keep"] == 0.0
               and "rel_time" in r), None)

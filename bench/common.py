@@ -103,11 +103,14 @@ def time_ms(fn, device: str, *, min_run_time: float = 1.0) -> dict:
     return {"median_ms": m.median * 1e3, "p20_ms": q(0.2), "p80_ms": q(0.8)}
 
 
-def timed_row(row: dict, fn, device: str, min_run_time: float) -> dict:
-    """``row`` plus ``time_ms(fn)`` after one warm-up call; a provider that fails gets a
-    ``note`` instead (reported, never hidden)."""
+def timed_row(row: dict, fn, device: str, min_run_time: float, warm_up=None) -> dict:
+    """``row`` plus ``time_ms(fn)`` after a warm-up (one call, or ``warm_up(fn, device)``); a
+    provider that fails gets a ``note`` instead (reported, never hidden)."""
     try:
-        fn()
+        if warm_up is None:
+            fn()
+        else:
+            warm_up(fn, device)
         return {**row, **time_ms(fn, device, min_run_time=min_run_time)}
     except Exception as e:  # noqa: BLE001
         return {**row, "note": f"failed: {type(e).__name__}: {e}"[:160]}
