@@ -71,9 +71,14 @@ class SimSiam(nn.Module):
 
     def loss(self, v1, v2, m1=None, m2=None):
         with block_mask(m1):
-            z1 = self.projector(self.backbone(v1))
+            f1 = self.backbone(v1)
         with block_mask(m2):
-            z2 = self.projector(self.backbone(v2))
+            f2 = self.backbone(v2)
+        return self.head_loss(f1, f2)
+
+    def head_loss(self, f1, f2):
+        """Symmetric negative cosine with stop-gradient, from both views' backbone features."""
+        z1, z2 = self.projector(f1), self.projector(f2)
         p1, p2 = self.predictor(z1), self.predictor(z2)
         return -0.5 * (F.cosine_similarity(p1, z2.detach()).mean()
                        + F.cosine_similarity(p2, z1.detach()).mean())

@@ -89,17 +89,12 @@ def simsiam_case(device, quick):
     sw = ek.SimWnW(block, threshold_db=20.0)
     gen = torch.Generator().manual_seed(0)
 
-    def head_loss(model, z1, z2):
-        z1, z2 = model.projector(z1), model.projector(z2)
-        p1, p2 = model.predictor(z1), model.predictor(z2)
-        return -0.5 * (F.cosine_similarity(p1, z2.detach()).mean() + F.cosine_similarity(p2, z1.detach()).mean())
-
     def dense_step():
         dense.zero_grad(set_to_none=True)
         a, b = _dense_views(images, img, gen)
         with torch.autocast(device, dtype=torch.bfloat16, enabled=gpu):
-            loss = head_loss(dense, dense.backbone(a.contiguous(memory_format=fmt)),
-                             dense.backbone(b.contiguous(memory_format=fmt)))
+            loss = dense.head_loss(dense.backbone(a.contiguous(memory_format=fmt)),
+                                   dense.backbone(b.contiguous(memory_format=fmt)))
         loss.backward()
 
     def simwnw_step():
@@ -108,7 +103,7 @@ def simsiam_case(device, quick):
         with torch.autocast(device, dtype=torch.bfloat16, enabled=gpu):
             za, zb = sw.encode(sparse.backbone, v.view_a.contiguous(memory_format=fmt),
                                v.view_b.contiguous(memory_format=fmt), v.masks)
-            loss = head_loss(sparse, za, zb)
+            loss = sparse.head_loss(za, zb)
         loss.backward()
 
     return f"SimSiam {arch} {img}px block {block} batch {batch}", dense_step, simwnw_step, sw
