@@ -8,6 +8,7 @@ Environment switches:
   CUDA_HOME               toolkit root; found from nvcc on PATH when unset (see _find_cuda_home)
 """
 import glob
+import sys
 import os
 import re
 import shutil
@@ -84,6 +85,12 @@ def _extension():
     sources = ["csrc/bindings.cpp"] + sorted(glob.glob("csrc/*/*_cpu.cpp"))
     include_dirs = [os.path.join(ROOT, "csrc", "include")]
     cxx = ["-O3"]
+    link = []
+    if sys.platform.startswith("linux") and torch.backends.openmp.is_available():
+        # at::parallel_for's `#pragma omp parallel` lives in a header: without -fopenmp on our
+        # own files every CPU kernel silently runs on one thread, whatever set_num_threads says.
+        cxx.append("-fopenmp")
+        link.append("-fopenmp")
     macros = []
     if with_cuda:
         sources += sorted(glob.glob("csrc/*/*_cuda.cpp")) + sorted(glob.glob("csrc/*/*.cu"))
@@ -93,11 +100,11 @@ def _extension():
         _check_object_names(sources)
         return CUDAExtension(
             "effssl_kernels._C", sources, include_dirs=include_dirs, define_macros=macros,
-            extra_compile_args={"cxx": cxx, "nvcc": nvcc},
+            extra_compile_args={"cxx": cxx, "nvcc": nvcc}, extra_link_args=link,
         )
     return CppExtension(
         "effssl_kernels._C", sources, include_dirs=include_dirs, define_macros=macros,
-        extra_compile_args={"cxx": cxx},
+        extra_compile_args={"cxx": cxx}, extra_link_args=link,
     )
 
 

@@ -25,6 +25,7 @@ BENCHMARKS = [
     "bench.bench_sparse_conv",
     "bench.bench_simsiam_step",
     "bench.bench_multi_crop",
+    "bench.bench_photometric",
     "bench.bench_simwnw_step",
     "bench.bench_tcr_loss",
     "bench.bench_emp_ssl_step",

@@ -61,6 +61,15 @@ TORCH_LIBRARY(effssl_kernels, m) {
       "multi_crop(Tensor images, Tensor boxes, Tensor flips, int out_h, int out_w, "
       "ScalarType? out_dtype) -> Tensor");
   // --- end multi_crop ---
+
+  // --- photometric (effssl_kernels/reference/photometric.py) ---
+  // views [N, 3, H, W] float32/float16/bfloat16 in [0, 1] or uint8; params float32 [N, 13]
+  // (brightness, contrast, saturation, hue, order[4] as 0..3, jitter, gray, blur, solarize flags
+  // as 0/1, solarize threshold in [0, 1]); blur_weights float32 [N, K] (K odd; row n read only
+  // where the blur flag is set); norm float32 [2, 3] (mean; std) or None -> [N, 3, H, W] in the
+  // views' dtype (float32 for uint8 views with norm), channels_last iff the views are.
+  m.def("photometric(Tensor views, Tensor params, Tensor blur_weights, Tensor? norm) -> Tensor");
+  // --- end photometric ---
 }
 
 // A plain CPython module (no pybind11 headers: they add ~20 s of compile time to a file that

@@ -23,6 +23,7 @@ from .nn import (
 from .ops import block_match, gather_tokens, multi_crop, patch_embed_gather, similar_blocks
 from .patch_scaling import resize_patch_embed, resize_pos_embed
 from .photometric import PhotometricParams, PhotometricSampler, photometric
+from .pipeline import CropGroup, MultiViewAugment, MultiViews
 from .sparse import PackedMap, TileIndex, sparse_conv2d, sparse_conv2d_packed
 from .schedule import AccelerationSchedule
 from .simwnw import SimWnW, SimWnWMasks, SimWnWViews, simwnw_masks
@@ -47,6 +48,6 @@ __all__ = [
     "multi_crop", "random_crops", "random_resized_boxes", "SimWnW", "SimWnWMasks", "SimWnWViews", "simwnw_masks",
     "tokens_from_psnr",
     # photometric augmentations (issue 7)
-    "PhotometricParams", "PhotometricSampler", "photometric",
+    "PhotometricParams", "PhotometricSampler", "photometric", "CropGroup", "MultiViewAugment", "MultiViews",
     "__version__",
 ]

@@ -8,9 +8,10 @@ The chain, per sample, each step where its flag is set::
 :class:`PhotometricSampler` draws the per-sample parameters (seedable through a CPU
 ``torch.Generator``) and returns them as a :class:`PhotometricParams`, so a run is reproducible
 and the same parameters can be fed to the reference and, later, to the fused kernel.
-:func:`photometric` applies them; for now it is the plain-PyTorch reference
-(:func:`effssl_kernels.reference.photometric.photometric_reference`), which follows
-``torchvision.transforms.v2.functional`` op by op (see that module for the exact semantics).
+:func:`photometric` applies them with a fused kernel (C++ on the CPU, Triton on CUDA) whose oracle is the
+plain-PyTorch reference :func:`effssl_kernels.reference.photometric.photometric_reference`,
+which follows ``torchvision.transforms.v2.functional`` op by op (see that module for the exact
+semantics).
 
 Preset values (ImageNet, 224 px global views):
 
@@ -34,6 +35,7 @@ Solarize thresholds are in [0, 1] units whatever the input dtype: uint8 views ar
 from __future__ import annotations
 
 import math
+import os
 from typing import NamedTuple, Optional, Sequence, Union
 
 import torch
@@ -93,9 +95,27 @@ class PhotometricParams(NamedTuple):
         """The same parameters with every tensor moved to ``device``."""
         return PhotometricParams(*[v.to(device) if isinstance(v, Tensor) else v for v in self])
 
-    def check(self, N: int, device: Union[torch.device, str, None] = None) -> None:
+    def values_ok(self) -> Tensor:
+        """A 0-d bool tensor, on the parameters' device and without a host sync: every value in
+        range (factors >= 0, |hue| <= 0.5, permutations, sigma >= 0, thresholds in [0, 1],
+        std != 0, all finite)."""
+        floats = [getattr(self, n) for n in _PER_SAMPLE_FLOAT]
+        ok = torch.stack([torch.isfinite(v).all() for v in floats]).all()
+        for name in ("brightness", "contrast", "saturation", "blur_sigma"):
+            ok = ok & (getattr(self, name) >= 0).all()
+        ok = ok & (self.hue.abs() <= 0.5).all()
+        ok = ok & (self.order.sort(dim=1).values == torch.arange(4, device=self.order.device)).all()
+        if isinstance(self.solarize_threshold, Tensor):
+            thr = self.solarize_threshold
+            ok = ok & ((thr >= 0) & (thr <= 1)).all()
+        if self.std is not None:
+            ok = ok & (self.std != 0).all() & torch.isfinite(self.std).all() & torch.isfinite(self.mean).all()
+        return ok
+
+    def check(self, N: int, device: Union[torch.device, str, None] = None, values: bool = True) -> None:
         """Raise ``TypeError``/``ValueError`` unless these are valid parameters for ``N`` views on
-        ``device`` (``None``: any device, but all tensors on one)."""
+        ``device`` (``None``: any device, but all tensors on one). ``values=False`` checks types,
+        shapes and devices only (no host sync; :meth:`values_ok` gives the rest as a tensor)."""
         where = "PhotometricParams"
         if device is not None:
             device = torch.device(device)
@@ -118,7 +138,7 @@ class PhotometricParams(NamedTuple):
             ):
                 raise ValueError(f"{where}.{name} is on {value.device}, expected {device} (use params.to(device))")
             devices.add(value.device)
-            if kind == "float" and not bool(torch.isfinite(value).all()):
+            if values and kind == "float" and not bool(torch.isfinite(value).all()):
                 raise ValueError(f"{where}.{name} must be finite")
 
         if not isinstance(N, int) or isinstance(N, bool) or N < 0:
@@ -130,13 +150,13 @@ class PhotometricParams(NamedTuple):
         _tensor("order", self.order, (N, 4), "int64")
         for name in ("brightness", "contrast", "saturation"):
             v = getattr(self, name)
-            if N and bool((v < 0).any()):
+            if values and N and bool((v < 0).any()):
                 raise ValueError(f"{where}.{name} factors must be >= 0, got min {float(v.min())}")
-        if N and bool((self.hue.abs() > 0.5).any()):
+        if values and N and bool((self.hue.abs() > 0.5).any()):
             raise ValueError(f"{where}.hue shifts must be in [-0.5, 0.5], got max |hue| {float(self.hue.abs().max())}")
-        if N and not bool((self.order.sort(dim=1).values == torch.arange(4, device=self.order.device)).all()):
+        if values and N and not bool((self.order.sort(dim=1).values == torch.arange(4, device=self.order.device)).all()):
             raise ValueError(f"{where}.order rows must be permutations of 0..3 (brightness, contrast, saturation, hue)")
-        if N and bool((self.blur_sigma < 0).any()):
+        if values and N and bool((self.blur_sigma < 0).any()):
             raise ValueError(f"{where}.blur_sigma must be >= 0 (0 = no blur), got min {float(self.blur_sigma.min())}")
         k = self.blur_kernel
         if not isinstance(k, int) or isinstance(k, bool):
@@ -146,7 +166,7 @@ class PhotometricParams(NamedTuple):
         thr = self.solarize_threshold
         if isinstance(thr, Tensor):
             _tensor("solarize_threshold", thr, (N,), "float")
-            if N and bool(((thr < 0) | (thr > 1)).any()):
+            if values and N and bool(((thr < 0) | (thr > 1)).any()):
                 raise ValueError(f"{where}.solarize_threshold must be in [0, 1]")
         elif _is_real(thr):
             if not (0.0 <= float(thr) <= 1.0):
@@ -158,7 +178,7 @@ class PhotometricParams(NamedTuple):
         if self.mean is not None:
             _tensor("mean", self.mean, (3,), "float")
             _tensor("std", self.std, (3,), "float")
-            if bool((self.std == 0).any()):
+            if values and bool((self.std == 0).any()):
                 raise ValueError(f"{where}.std must be non-zero, got {self.std.tolist()}")
         if len(devices) > 1:
             raise ValueError(f"{where}: tensors on several devices {sorted(map(str, devices))}")
@@ -297,11 +317,14 @@ class PhotometricSampler:
         return cls(**kw)
 
     # ---------------------------------------------------------------------------------- sampling
-    def sample(self, N: int, device: Union[torch.device, str, None] = None) -> PhotometricParams:
-        """Draw parameters for ``N`` views on the CPU (from ``generator``) and move them to ``device``."""
+    def sample(self, N: int, device: Union[torch.device, str, None] = None,
+               generator: Optional[torch.Generator] = None) -> PhotometricParams:
+        """Draw parameters for ``N`` views on the CPU (from ``generator``, default the sampler's)
+        and move them to ``device`` (default: keep them on the CPU, which :func:`photometric`
+        takes for views on any device)."""
         if not isinstance(N, int) or isinstance(N, bool) or N < 0:
             raise ValueError(f"PhotometricSampler.sample: N must be a non-negative int, got {N!r}")
-        g = self.generator
+        g = self.generator if generator is None else generator
         f32 = torch.float32
 
         def uniform(lo: float, hi: float) -> Tensor:
@@ -341,14 +364,61 @@ class PhotometricSampler:
         )
 
 
+def _check_views(views) -> None:
+    if not isinstance(views, Tensor):
+        raise TypeError(f"photometric: views must be a torch.Tensor, got {type(views).__name__}")
+    if views.dim() != 4 or views.shape[1] != 3:
+        raise ValueError(f"photometric: views must be [N, 3, H, W], got {list(views.shape)}")
+    if views.dtype not in (torch.float32, torch.float16, torch.bfloat16, torch.uint8):
+        raise TypeError(f"photometric: views must be float32, float16, bfloat16 or uint8, got {views.dtype}")
+    if views.requires_grad and torch.is_grad_enabled():
+        raise RuntimeError(
+            "photometric is forward only (augmentation): it has no gradient. Call it on views that do "
+            "not require grad (e.g. views.detach()) or under torch.no_grad()."
+        )
+
+
 def photometric(views: Tensor, params: PhotometricParams) -> Tensor:
     """Apply the photometric chain with per-sample ``params`` to ``views`` ``[N, 3, H, W]``.
 
-    float32/float16/bfloat16 views in [0, 1] or uint8 views in 0..255, any memory format. Output
-    dtype: the input's, except uint8 with normalisation -> float32.
-    """
-    # The fused Triton/C++ kernel will replace this call, keeping this signature; the
-    # plain-PyTorch reference below stays its test oracle.
-    from .reference.photometric import photometric_reference
+    float32/float16/bfloat16 views in [0, 1] or uint8 views in 0..255, any strides (channels_last
+    in gives channels_last out). Output dtype: the input's, except uint8 with normalisation ->
+    float32. Exact semantics (torchvision v2's, per transform): the reference module
+    :mod:`effssl_kernels.reference.photometric`. ``params`` on the views' device, or on the CPU
+    (as :class:`PhotometricSampler` draws them): then they are checked and packed there and
+    copied through pinned memory, without a host sync.
 
-    return photometric_reference(views, params)
+    Kernels: C++ on CPU tensors, Triton on CUDA tensors (three launches, no host sync; see
+    ``effssl_kernels/triton/photometric.py``). Float32 results match the reference within 2e-5;
+    uint8 intermediates are truncated to levels after every op as torchvision does, so a float
+    rounding difference can move a value by one level (rare).
+
+    Raises TypeError/ValueError on bad views or parameters. On CUDA the parameter *values*
+    (ranges, permutations, the blur kernel fitting the views) are checked by a device-side assert
+    instead, to avoid host syncs (``EFFSSL_CHECK_INDICES=1`` checks them on the host); a bad value
+    there never reads out of bounds. CPU parameters are always checked on the host.
+    """
+    _check_views(views)
+    N, _, H, W = views.shape
+    if not isinstance(params, PhotometricParams):
+        raise TypeError(f"photometric: params must be a PhotometricParams, got {type(params).__name__}")
+    host_params = isinstance(params.brightness, Tensor) and params.brightness.device.type == "cpu"
+    on_host = host_params or os.environ.get("EFFSSL_CHECK_INDICES", "0") == "1"
+    compiling = torch.compiler.is_compiling()
+    params.check(N, "cpu" if host_params else views.device, values=on_host and not compiling)
+    k = params.blur_kernel
+    if k // 2 >= min(H, W):
+        blur_any = (params.blur_sigma > 0).any()
+        if on_host and not compiling:
+            if bool(blur_any):
+                raise ValueError(
+                    f"photometric: blur_kernel {k} needs views larger than {k // 2} px for reflect "
+                    f"padding, got {H}x{W}"
+                )
+        elif not compiling:
+            torch._assert_async(~blur_any, f"photometric: blur_kernel {k} needs views larger than {k // 2} px")
+    if not on_host and not compiling and N:
+        torch._assert_async(params.values_ok(), "photometric: parameter values out of range (see PhotometricParams)")
+    from .ops.photometric import run
+
+    return run(views, params, N)

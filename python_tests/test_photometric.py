@@ -212,7 +212,8 @@ def test_photometric_entry_point_and_exports():
         assert name in ek.__all__ and hasattr(ek, name)
     p = ek.PhotometricSampler.simclr(blur_kernel=K, generator=torch.Generator().manual_seed(0)).sample(N)
     x = _images(torch.float32)
-    assert torch.equal(ek.photometric(x, p), photometric_reference(x, p))
+    # the fused kernel sums the contrast mean and the blur in its own order: float32 rounding apart
+    torch.testing.assert_close(ek.photometric(x, p), photometric_reference(x, p), rtol=0, atol=2e-5)
 
 
 # ------------------------------------------------------------------------------------ sampler

@@ -33,6 +33,7 @@ def _lower_all() -> dict:
     from effssl_kernels.triton import halo_gather as hg
     from effssl_kernels.triton import multi_crop as mc
     from effssl_kernels.triton import patch_embed_gather as pe
+    from effssl_kernels.triton import photometric as ph
 
     target = GPUTarget("cuda", 90, 32)
     backend = make_backend(target)
@@ -113,10 +114,47 @@ def _lower_all() -> dict:
             dict(OUT_U8=False, BLOCK=256),
             ("sw",),
         ),
+        "photometric_stats_u8": (
+            ph._stats_kernel,
+            dict(x_ptr="*u8", prm_ptr="*fp32", part_ptr="*fp32"),
+            {},
+            dict(NBP=16, NCOL=13, IS_U8=True, BLOCK=4096),
+            ("sw",),
+        ),
+        "photometric_pointwise_bf16": (
+            ph._pointwise_kernel,
+            dict(x_ptr="*bf16", prm_ptr="*fp32", part_ptr="*fp32", norm_ptr="*fp32", scr_ptr="*fp32",
+                 out_ptr="*bf16"),
+            {},
+            dict(NBP=16, NCOL=13, IS_U8=False, HAS_NORM=True, BLOCK=1024),
+            ("sw", "ow"),
+        ),
+        "photometric_pointwise_u8": (
+            ph._pointwise_kernel,
+            dict(x_ptr="*u8", prm_ptr="*fp32", part_ptr="*fp32", norm_ptr="*fp32", scr_ptr="*u8",
+                 out_ptr="*fp32"),
+            {},
+            dict(NBP=16, NCOL=13, IS_U8=True, HAS_NORM=True, BLOCK=1024),
+            ("sw", "ow"),
+        ),
+        "photometric_blur_u8": (
+            ph._blur_kernel,
+            dict(scr_ptr="*u8", prm_ptr="*fp32", w_ptr="*fp32", norm_ptr="*fp32", out_ptr="*u8"),
+            {},
+            dict(K=23, NCOL=13, IS_U8=True, HAS_NORM=False, TH=32, TW=64),
+            ("ow",),
+        ),
+        "photometric_blur_fp32": (
+            ph._blur_kernel,
+            dict(scr_ptr="*fp32", prm_ptr="*fp32", w_ptr="*fp32", norm_ptr="*fp32", out_ptr="*fp16"),
+            {},
+            dict(K=3, NCOL=13, IS_U8=False, HAS_NORM=True, TH=32, TW=64),
+            ("ow",),
+        ),
     }
     out = {}
     covered = {c[0] for c in cases.values()}
-    for mod in (bm, gt, pe, hg, mc):
+    for mod in (bm, gt, pe, hg, mc, ph):
         for name in dir(mod):
             k = getattr(mod, name)
             if name.endswith("kernel") and hasattr(k, "arg_names") and k not in covered:
@@ -156,4 +194,4 @@ def test_every_triton_kernel_lowers_for_sm90():
     results = json.loads(proc.stdout.strip().splitlines()[-1])
     bad = {f"{case}/{mode}": msg for case, r in results.items() for mode, msg in r.items() if msg != "ok"}
     assert not bad, bad
-    assert len(results) == 10
+    assert len(results) == 15

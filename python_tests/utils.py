@@ -110,3 +110,59 @@ def random_mask(N, H, W, B, p=0.5, seed=0, device="cpu"):
     g = torch.Generator().manual_seed(seed)
     keep = torch.rand(N, H // B, W // B, generator=g) < p
     return BlockMask(keep.to(device), B, (H, W))
+
+
+# ------------------------------------------------------------------------------- photometric
+PHOTOMETRIC_OPS = ("brightness", "contrast", "saturation", "hue", "gray", "blur", "solarize")
+
+
+def photometric_case(n, h, w, dtype, ops=PHOTOMETRIC_OPS, p=1.0, k=5, norm=True, seed=0):
+    """(views [n, 3, h, w], PhotometricParams) with the ``ops`` switched on per sample with
+    probability ``p`` (random factors, order, sigma, thresholds) and every other op the identity.
+    The views have flat, saturated and gray regions (the clamps and the hsv special cases)."""
+    from effssl_kernels.photometric import IMAGENET_MEAN, IMAGENET_STD, PhotometricParams
+
+    g = torch.Generator().manual_seed(seed)
+    on = {op: (torch.rand(n, generator=g) < p) & (op in ops) for op in PHOTOMETRIC_OPS}
+
+    def factor(op, lo, hi):
+        v = torch.rand(n, generator=g) * (hi - lo) + lo
+        return torch.where(on[op], v, torch.full_like(v, 0.0 if op == "hue" else 1.0))
+
+    jitter = on["brightness"] | on["contrast"] | on["saturation"] | on["hue"]
+    params = PhotometricParams(
+        brightness=factor("brightness", 0.2, 1.8), contrast=factor("contrast", 0.2, 1.8),
+        saturation=factor("saturation", 0.0, 2.0), hue=factor("hue", -0.5, 0.5),
+        jitter_apply=jitter, order=torch.rand(n, 4, generator=g).argsort(dim=1), gray=on["gray"],
+        blur_sigma=torch.where(on["blur"], torch.rand(n, generator=g) * 1.9 + 0.1, torch.zeros(n)),
+        blur_kernel=k, solarize=on["solarize"],
+        solarize_threshold=torch.rand(n, generator=g) * 0.8 + 0.1,
+        mean=torch.tensor(IMAGENET_MEAN) if norm else None, std=torch.tensor(IMAGENET_STD) if norm else None,
+    )
+    x = torch.rand(n, 3, h, w, generator=g)
+    x[0, :, : max(1, h // 4)] = 1.0
+    x[-1, :, :, : max(1, w // 5)] = 0.25
+    if n > 1:
+        x[1, :, -2:] = x[1, :1, -2:]  # gray pixels: max == min
+    x = (x * 255).round().to(torch.uint8) if dtype == torch.uint8 else x.to(dtype)
+    return x, params
+
+
+def assert_photometric_close(got, want, views_dtype, level_frac=0.005):
+    """The kernels' tolerance against the reference: float32 2e-5; half types one step of the
+    type (the kernels compute in float32 and round once, as the reference; the interpreter
+    truncates to bfloat16); uint8 views: torchvision truncates every uint8 intermediate, so a
+    float32 rounding difference can move a value one level, on at most ``level_frac`` of them."""
+    assert got.dtype == want.dtype and got.shape == want.shape
+    g, w = got.double().cpu(), want.double().cpu()
+    assert torch.equal(g.isnan(), w.isnan())
+    g, w = g.nan_to_num(), w.nan_to_num()
+    d = (g - w).abs()
+    if views_dtype == torch.uint8:
+        level = 1.0 if got.dtype == torch.uint8 else 1 / 255 / 0.224  # one level, normalised
+        off = d > 2e-5
+        assert float(d.max()) <= level * 1.01 + 2e-5, float(d.max())
+        assert float(off.double().mean()) <= level_frac, float(off.double().mean())
+        return
+    rtol = {torch.float32: 0.0, torch.float16: 2**-10, torch.bfloat16: 2**-7}[views_dtype]
+    torch.testing.assert_close(g, w, rtol=rtol, atol=2e-5)

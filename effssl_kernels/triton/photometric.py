@@ -1,0 +1,303 @@
+"""Triton photometric chain: colour jitter (per-sample order), grayscale, blur, solarize, normalise.
+
+Three launches, each over all N samples (no host sync: samples skip work by their own flags):
+
+1. ``_stats_kernel`` (N x pixel blocks): contrast blends with the mean gray of the image *as it
+   is when contrast runs*, so this pass applies the jitter ops that precede contrast in each
+   sample's order and writes per-block partial sums of the gray image (floored for uint8).
+   Partial sums are added in a fixed order by the next pass: deterministic, no atomics.
+2. ``_pointwise_kernel`` (N x pixel blocks): jitter in order, grayscale; an unblurred sample is
+   finished here (solarize, normalise, store); a blurred one is stored to a scratch image
+   (uint8 levels for uint8 views, which is exact since every uint8 intermediate is a level).
+3. ``_blur_kernel`` (N x 3 x tiles): blurred samples only: separable blur from the scratch with
+   reflect padding, rounded for uint8, then solarize, normalise, store.
+
+Traffic per element: one read of the views (two where contrast needs the pre-pass), one write;
+blurred samples add one scratch write and its reads (L1/L2 hits within a tile). Reading the
+views through their strides makes channels_last work in place. Oracle:
+``effssl_kernels.reference.photometric.photometric_reference``; packed layout:
+``effssl_kernels.ops.photometric.pack_params``.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from ..ops.photometric import NUM_COLS, empty_out
+
+_BLOCK = 1024  # pixels per program of the pointwise passes
+_STATS_BLOCK = 4096
+_TH, _TW = 32, 64  # output tile of the blur
+
+
+@triton.jit
+def _finish(v, IS_U8: tl.constexpr):
+    """Clamp to the dtype's range; uint8 intermediates truncate to a level (torchvision's .to(uint8))."""
+    if IS_U8:
+        v = tl.floor(tl.minimum(tl.maximum(v, 0.0), 255.0))
+    else:
+        v = tl.minimum(tl.maximum(v, 0.0), 1.0)
+    return v
+
+
+@triton.jit
+def _gray(r, g, b, IS_U8: tl.constexpr):
+    y = tl.fma(b, 0.114, tl.fma(g, 0.587, r * 0.2989))
+    if IS_U8:
+        y = tl.floor(y)
+    return y
+
+
+@triton.jit
+def _blend(x, other, ratio, IS_U8: tl.constexpr):
+    # torchvision: x * ratio + other * (1 - ratio), one rounding of the sum (its fused add).
+    return _finish(tl.fma(other, 1.0 - ratio, x * ratio), IS_U8)
+
+
+@triton.jit
+def _hue(r, g, b, shift, IS_U8: tl.constexpr):
+    """torchvision's _rgb_to_hsv -> (h + shift) mod 1 -> _hsv_to_rgb, op for op."""
+    if IS_U8:
+        r = r * (1.0 / 255)
+        g = g * (1.0 / 255)
+        b = b * (1.0 / 255)
+    maxc = tl.maximum(tl.maximum(r, g), b)
+    minc = tl.minimum(tl.minimum(r, g), b)
+    eqc = maxc == minc
+    cr = maxc - minc
+    s = cr / tl.where(eqc, 1.0, maxc)
+    crd = tl.where(eqc, 1.0, cr)
+    rc = (maxc - r) / crd
+    gc = (maxc - g) / crd
+    bc = (maxc - b) / crd
+    h = tl.where(maxc == r, bc - gc, tl.where(maxc == g, (rc + 2.0) - bc, (gc + 4.0) - rc))
+    h = h * (1.0 / 6.0) + 1.0
+    h = h - tl.floor(h)  # fmod(h, 1) for h >= 0
+    h = h + shift
+    h = h - tl.floor(h)  # remainder(h, 1)
+    h6 = h * 6.0
+    fi = tl.floor(h6)
+    f = h6 - fi
+    i = fi.to(tl.int32) % 6
+    sxf = s * f
+    oms = 1.0 - s
+    q = tl.minimum(tl.maximum((1.0 - sxf) * maxc, 0.0), 1.0)
+    t = tl.minimum(tl.maximum((sxf + oms) * maxc, 0.0), 1.0)
+    p = tl.minimum(tl.maximum(oms * maxc, 0.0), 1.0)
+    v = maxc
+    r = tl.where(i == 0, v, tl.where(i == 1, q, tl.where((i == 2) | (i == 3), p, tl.where(i == 4, t, v))))
+    g = tl.where(i == 0, t, tl.where((i == 1) | (i == 2), v, tl.where(i == 3, q, p)))
+    b = tl.where(i <= 1, p, tl.where(i == 2, t, tl.where(i == 5, q, v)))
+    if IS_U8:
+        r = tl.floor(r * 255.999)
+        g = tl.floor(g * 255.999)
+        b = tl.floor(b * 255.999)
+    return r, g, b
+
+
+@triton.jit
+def _jitter_op(op, r, g, b, prm, mean, IS_U8: tl.constexpr):
+    """Run jitter op ``op`` (0 brightness, 1 contrast, 2 saturation, 3 hue) of row ``prm``."""
+    if op == 0:
+        f = tl.load(prm + 0)
+        r = _finish(r * f, IS_U8)
+        g = _finish(g * f, IS_U8)
+        b = _finish(b * f, IS_U8)
+    elif op == 1:
+        c = tl.load(prm + 1)
+        m = tl.zeros_like(r) + mean
+        r = _blend(r, m, c, IS_U8)
+        g = _blend(g, m, c, IS_U8)
+        b = _blend(b, m, c, IS_U8)
+    elif op == 2:
+        s = tl.load(prm + 2)
+        y = _gray(r, g, b, IS_U8)
+        r = _blend(r, y, s, IS_U8)
+        g = _blend(g, y, s, IS_U8)
+        b = _blend(b, y, s, IS_U8)
+    else:
+        shift = tl.load(prm + 3)
+        if shift != 0.0:  # ColorJitter skips a zero hue shift
+            r, g, b = _hue(r, g, b, shift, IS_U8)
+    return r, g, b
+
+
+@triton.jit
+def _load_rgb(x_ptr, n, offs, live, W, sn, sc, sh, sw):
+    y = offs // W
+    base = x_ptr + n * sn + y * sh + (offs - y * W) * sw
+    r = tl.load(base, mask=live, other=0).to(tl.float32)
+    g = tl.load(base + sc, mask=live, other=0).to(tl.float32)
+    b = tl.load(base + 2 * sc, mask=live, other=0).to(tl.float32)
+    return r, g, b
+
+
+@triton.jit
+def _stats_kernel(x_ptr, prm_ptr, part_ptr, HW, W, NB, sn, sc, sh, sw,
+                  NBP: tl.constexpr, NCOL: tl.constexpr, IS_U8: tl.constexpr, BLOCK: tl.constexpr):
+    pid = tl.program_id(0).to(tl.int64)
+    n = pid // NB
+    blk = pid - n * NB
+    prm = prm_ptr + n * NCOL
+    total = tl.zeros([], dtype=tl.float32)
+    if tl.load(prm + 8) != 0.0:
+        o1 = tl.load(prm + 5)
+        o2 = tl.load(prm + 6)
+        o3 = tl.load(prm + 7)
+        cslot = tl.where(o1 == 1.0, 1, 0) + tl.where(o2 == 1.0, 2, 0) + tl.where(o3 == 1.0, 3, 0)
+        offs = blk * BLOCK + tl.arange(0, BLOCK)
+        live = offs < HW
+        r, g, b = _load_rgb(x_ptr, n, offs, live, W, sn, sc, sh, sw)
+        for slot in tl.static_range(3):  # contrast runs at slot 3 at the latest
+            if slot < cslot:
+                op = tl.load(prm + 4 + slot).to(tl.int32)
+                r, g, b = _jitter_op(op, r, g, b, prm, 0.0, IS_U8)
+        total = tl.sum(tl.where(live, _gray(r, g, b, IS_U8), 0.0))
+    tl.store(part_ptr + n * NBP + blk, total)
+
+
+@triton.jit
+def _epilogue(v, c, prm, norm_ptr, IS_U8: tl.constexpr, HAS_NORM: tl.constexpr):
+    """Solarize (where flagged), then normalise."""
+    thr = tl.load(prm + 12)
+    if IS_U8:
+        thr = thr * 255.0
+        inv = 255.0 - v
+    else:
+        inv = 1.0 - v
+    if tl.load(prm + 11) != 0.0:
+        v = tl.where(v >= thr, inv, v)
+    if HAS_NORM:
+        if IS_U8:
+            v = v * (1.0 / 255)
+        v = (v - tl.load(norm_ptr + c)) / tl.load(norm_ptr + 3 + c)
+    return v
+
+
+@triton.jit
+def _pointwise_kernel(x_ptr, prm_ptr, part_ptr, norm_ptr, scr_ptr, out_ptr, HW, W, NB,
+                      sn, sc, sh, sw, on, oc, oh, ow,
+                      NBP: tl.constexpr, NCOL: tl.constexpr, IS_U8: tl.constexpr,
+                      HAS_NORM: tl.constexpr, BLOCK: tl.constexpr):
+    pid = tl.program_id(0).to(tl.int64)
+    n = pid // NB
+    offs = (pid - n * NB) * BLOCK + tl.arange(0, BLOCK)
+    live = offs < HW
+    prm = prm_ptr + n * NCOL
+    r, g, b = _load_rgb(x_ptr, n, offs, live, W, sn, sc, sh, sw)
+    if tl.load(prm + 8) != 0.0:
+        mean = tl.sum(tl.load(part_ptr + n * NBP + tl.arange(0, NBP))) / HW
+        for slot in tl.static_range(4):
+            op = tl.load(prm + 4 + slot).to(tl.int32)
+            r, g, b = _jitter_op(op, r, g, b, prm, mean, IS_U8)
+    if tl.load(prm + 9) != 0.0:
+        y = _gray(r, g, b, IS_U8)
+        r = y
+        g = y
+        b = y
+    if tl.load(prm + 10) != 0.0:  # blurred: the blur pass finishes this sample
+        s = scr_ptr + n * 3 * HW + offs
+        tl.store(s, r.to(scr_ptr.dtype.element_ty), mask=live)
+        tl.store(s + HW, g.to(scr_ptr.dtype.element_ty), mask=live)
+        tl.store(s + 2 * HW, b.to(scr_ptr.dtype.element_ty), mask=live)
+    else:
+        y = offs // W
+        o = out_ptr + n * on + y * oh + (offs - y * W) * ow
+        ty = out_ptr.dtype.element_ty
+        tl.store(o, _epilogue(r, 0, prm, norm_ptr, IS_U8, HAS_NORM).to(ty), mask=live)
+        tl.store(o + oc, _epilogue(g, 1, prm, norm_ptr, IS_U8, HAS_NORM).to(ty), mask=live)
+        tl.store(o + 2 * oc, _epilogue(b, 2, prm, norm_ptr, IS_U8, HAS_NORM).to(ty), mask=live)
+
+
+@triton.jit
+def _reflect(i, n):
+    """Reflect padding without edge repeat (-1 -> 1, n -> n - 2), then clamp: indices more than
+    one reflection away only feed outputs outside the image, which are never stored."""
+    i = tl.where(i < 0, -i, i)
+    i = tl.where(i >= n, 2 * n - 2 - i, i)
+    return tl.minimum(tl.maximum(i, 0), n - 1)
+
+
+@triton.jit
+def _round_half_even(v):
+    f = tl.floor(v)
+    d = v - f
+    odd = (f - 2.0 * tl.floor(f * 0.5)) != 0.0
+    return tl.where(d > 0.5, f + 1.0, tl.where(d < 0.5, f, tl.where(odd, f + 1.0, f)))
+
+
+@triton.jit
+def _blur_kernel(scr_ptr, prm_ptr, w_ptr, norm_ptr, out_ptr, H, W, TY, TX, on, oc, oh, ow,
+                 K: tl.constexpr, NCOL: tl.constexpr, IS_U8: tl.constexpr, HAS_NORM: tl.constexpr,
+                 TH: tl.constexpr, TW: tl.constexpr):
+    PAD: tl.constexpr = K // 2
+    pid = tl.program_id(0).to(tl.int64)
+    tiles = TY * TX
+    nc = pid // tiles  # n * 3 + c
+    t = pid - nc * tiles
+    ty = t // TX
+    n = nc // 3
+    c = nc - n * 3
+    prm = prm_ptr + n * NCOL
+    if tl.load(prm + 10) != 0.0:
+        r0 = ty * TH
+        cols = (t - ty * TX) * TW + tl.arange(0, TW)
+        rows = r0 + tl.arange(0, TH)
+        src = scr_ptr + nc * H * W
+        wrow = w_ptr + n * K
+        acc = tl.zeros([TH, TW], dtype=tl.float32)
+        # Input row i of the tile feeds output rows j with weight w[i - j]: horizontal blur of
+        # the row (K taps, L1 hits), then a rank-1 update of the output tile.
+        for i in range(TH + 2 * PAD):
+            ri = _reflect(r0 - PAD + i, H)
+            h = tl.zeros([TW], dtype=tl.float32)
+            for k in tl.static_range(K):
+                cc = _reflect(cols + (k - PAD), W)
+                h += tl.load(wrow + k) * tl.load(src + ri * W + cc).to(tl.float32)
+            tap = i - tl.arange(0, TH)
+            wv = tl.load(wrow + tap, mask=(tap >= 0) & (tap < K), other=0.0)
+            acc += wv[:, None] * h[None, :]
+        if IS_U8:
+            acc = _round_half_even(acc)
+        acc = _epilogue(acc, c, prm, norm_ptr, IS_U8, HAS_NORM)
+        live = (rows[:, None] < H) & (cols[None, :] < W)
+        o = out_ptr + n * on + c * oc + rows[:, None] * oh + cols[None, :] * ow
+        tl.store(o, acc.to(out_ptr.dtype.element_ty), mask=live)
+
+
+def photometric_fwd(views: Tensor, params: Tensor, blur_weights: Tensor, norm: Optional[Tensor]) -> Tensor:
+    """views [N, 3, H, W] (any strides), params float32 [N, 13], blur_weights float32 [N, K],
+    norm float32 [2, 3] or None -> [N, 3, H, W] (ops/photometric.py states dtype and layout)."""
+    N, _, H, W = views.shape
+    out = empty_out(views, norm is not None)
+    if out.numel() == 0:
+        return out
+    is_u8 = views.dtype == torch.uint8
+    HW = H * W
+    K = blur_weights.shape[1]
+    params = params.contiguous()
+    blur_weights = blur_weights.contiguous()
+    has_norm = norm is not None
+    norm_t = norm.contiguous() if has_norm else params  # a placeholder pointer when unused
+    nb_stats = triton.cdiv(HW, _STATS_BLOCK)
+    nbp = triton.next_power_of_2(nb_stats)
+    part = torch.zeros((N, nbp), dtype=torch.float32, device=views.device)
+    sn, sc, sh, sw = views.stride()
+    on, oc, oh, ow = out.stride()
+    _stats_kernel[(N * nb_stats,)](views, params, part, HW, W, nb_stats, sn, sc, sh, sw,
+                                   NBP=nbp, NCOL=NUM_COLS, IS_U8=is_u8, BLOCK=_STATS_BLOCK, num_warps=8)
+    scratch = torch.empty((N, 3, H, W), dtype=torch.uint8 if is_u8 else torch.float32, device=views.device)
+    nb = triton.cdiv(HW, _BLOCK)
+    _pointwise_kernel[(N * nb,)](views, params, part, norm_t, scratch, out, HW, W, nb,
+                                 sn, sc, sh, sw, on, oc, oh, ow,
+                                 NBP=nbp, NCOL=NUM_COLS, IS_U8=is_u8, HAS_NORM=has_norm, BLOCK=_BLOCK,
+                                 num_warps=4)
+    ty, tx = triton.cdiv(H, _TH), triton.cdiv(W, _TW)
+    _blur_kernel[(N * 3 * ty * tx,)](scratch, params, blur_weights, norm_t, out, H, W, ty, tx,
+                                     on, oc, oh, ow, K=K, NCOL=NUM_COLS, IS_U8=is_u8, HAS_NORM=has_norm,
+                                     TH=_TH, TW=_TW, num_warps=4)
+    return out

@@ -1,0 +1,211 @@
+"""photometric's C++ kernel (CPU tensors, the default backend) against the reference, the op
+registration, bad input, and the MultiViewAugment pipeline. The reference itself is checked
+against torchvision in test_photometric.py; the Triton kernel in test_photometric_triton.py.
+Tolerances: utils.assert_photometric_close."""
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import effssl_kernels as ek
+from effssl_kernels.ops.photometric import HAS_CPP_OP, pack_params
+from effssl_kernels.photometric import PhotometricSampler
+from effssl_kernels.reference.photometric import photometric_reference
+from test_photometric import _tv_chain
+from utils import PHOTOMETRIC_OPS, assert_photometric_close, make_layout, photometric_case
+
+pytestmark = pytest.mark.skipif(not HAS_CPP_OP, reason="extension built without the photometric kernel")
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.uint8]
+
+
+@pytest.fixture(autouse=True)
+def _cpp_backend(monkeypatch):
+    monkeypatch.setenv("EFFSSL_BACKEND", "auto")
+
+
+def _check(x, params, dtype, **kw):
+    got = ek.photometric(x, params)
+    want = photometric_reference(x.contiguous(), params)
+    assert_photometric_close(got, want, dtype, **kw)
+    return got
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("op", PHOTOMETRIC_OPS)
+@pytest.mark.parametrize("norm", [False, True])
+def test_each_op_alone(dtype, op, norm):
+    x, params = photometric_case(5, 11, 13, dtype, ops=(op,), norm=norm, seed=len(op))
+    got = _check(x, params, dtype)
+    if not norm and op != "hue":
+        assert not torch.equal(got, x)  # the op did something
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("preset", ["simclr", "byol1", "byol2", "dino_local"])
+def test_presets(dtype, preset):
+    g = torch.Generator().manual_seed(3)
+    sampler = {
+        "simclr": lambda: PhotometricSampler.simclr(blur_kernel=7, generator=g),
+        "byol1": lambda: PhotometricSampler.byol(1, blur_kernel=9, generator=g),
+        "byol2": lambda: PhotometricSampler.byol(2, blur_kernel=9, solarize_p=0.5, generator=g),
+        "dino_local": lambda: PhotometricSampler.dino_local(blur_kernel=5, generator=g),
+    }[preset]()
+    x, _ = photometric_case(16, 19, 23, dtype, seed=4)
+    _check(x, sampler.sample(16), dtype)
+
+
+def test_matches_torchvision_chain():
+    """The fused kernel against the chain of torchvision v2 functional calls, per sample."""
+    x, params = photometric_case(6, 12, 14, torch.float32, k=5, p=0.7, norm=False, seed=11)
+    got = ek.photometric(x, params)
+    for i in range(6):
+        want = _tv_chain(x[i], params, i)
+        torch.testing.assert_close(got[i], want, rtol=0, atol=2e-5)
+
+
+@pytest.mark.parametrize("layout", ["channels_last", "sliced"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.uint8])
+def test_layouts(layout, dtype):
+    x, params = photometric_case(4, 9, 10, dtype, k=3, seed=6)
+    got = _check(make_layout(x, layout), params, dtype)
+    assert got.is_contiguous(memory_format=torch.channels_last) == (layout == "channels_last")
+    torch.testing.assert_close(got.contiguous(), ek.photometric(x, params), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("shape", [(1, 1, 1), (1, 2, 1), (3, 1, 17), (2, 40, 3)])
+def test_odd_shapes_without_blur(shape):
+    n, h, w = shape
+    x, params = photometric_case(n, h, w, torch.float32, ops=PHOTOMETRIC_OPS[:5] + ("solarize",), seed=h * w)
+    _check(x, params, torch.float32)
+
+
+def test_empty_batch():
+    x, params = photometric_case(1, 5, 5, torch.uint8)
+    params = type(params)(*[v[:0] if isinstance(v, torch.Tensor) and v.shape[:1] == (1,) else v for v in params])
+    out = ek.photometric(x[:0], params)
+    assert out.shape == (0, 3, 5, 5) and out.dtype == torch.float32
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    n=st.integers(1, 4), h=st.integers(2, 12), w=st.integers(2, 12), k=st.sampled_from([1, 3]),
+    dtype=st.sampled_from(DTYPES), p=st.floats(0.0, 1.0), norm=st.booleans(), seed=st.integers(0, 10**6),
+)
+def test_fuzz_shapes_and_flags(n, h, w, k, dtype, p, norm, seed):
+    x, params = photometric_case(n, h, w, dtype, p=p, k=k, norm=norm, seed=seed)
+    # tiny images have few elements: allow one level-off element among them
+    _check(x, params, dtype, level_frac=max(0.005, 1.01 / x.numel()))
+
+
+def test_reproducible_from_seed():
+    x, _ = photometric_case(8, 16, 16, torch.uint8)
+    draw = lambda: PhotometricSampler.simclr(blur_kernel=5, generator=torch.Generator().manual_seed(7)).sample(8)  # noqa: E731
+    a, b = ek.photometric(x, draw()), ek.photometric(x, draw())
+    assert torch.equal(a, b)
+    c = ek.photometric(x, PhotometricSampler.simclr(blur_kernel=5, generator=torch.Generator().manual_seed(8)).sample(8))
+    assert not torch.equal(a, c)
+
+
+def test_opcheck():
+    x, params = photometric_case(3, 7, 8, torch.uint8, k=3, seed=2)
+    packed, weights, norm = pack_params(params, 3)
+    torch.library.opcheck(torch.ops.effssl_kernels.photometric.default, (x, packed, weights, norm))
+    torch.library.opcheck(torch.ops.effssl_kernels.photometric.default, (x.float() / 255, packed, weights, None))
+
+
+def test_compile_fullgraph():
+    x, params = photometric_case(3, 7, 8, torch.float32, k=3, seed=2)
+    fn = torch.compile(ek.photometric, fullgraph=True, backend="eager")
+    torch.testing.assert_close(fn(x, params), ek.photometric(x, params), rtol=0, atol=0)
+
+
+# ------------------------------------------------------------------------------ bad input
+def test_bad_views():
+    _, params = photometric_case(2, 5, 5, torch.float32)
+    with pytest.raises(TypeError, match="torch.Tensor"):
+        ek.photometric([1, 2], params)
+    with pytest.raises(ValueError, match=r"\[N, 3, H, W\]"):
+        ek.photometric(torch.rand(2, 4, 5, 5), params)
+    with pytest.raises(ValueError, match=r"\[N, 3, H, W\]"):
+        ek.photometric(torch.rand(3, 5, 5), params)
+    with pytest.raises(TypeError, match="float32, float16, bfloat16 or uint8"):
+        ek.photometric(torch.zeros(2, 3, 5, 5, dtype=torch.int32), params)
+    with pytest.raises(RuntimeError, match="forward only"):
+        ek.photometric(torch.rand(2, 3, 5, 5, requires_grad=True), params)
+    with pytest.raises(ValueError, match="shape"):
+        ek.photometric(torch.rand(3, 3, 5, 5), params)  # 3 views, parameters for 2
+    with pytest.raises(TypeError, match="PhotometricParams"):
+        ek.photometric(torch.rand(2, 3, 5, 5), dict(params._asdict()))
+
+
+@pytest.mark.parametrize("field,value,match", [
+    ("brightness", torch.tensor([1.0, -0.5]), ">= 0"),
+    ("hue", torch.tensor([0.0, 0.7]), r"\[-0.5, 0.5\]"),
+    ("blur_sigma", torch.tensor([-1.0, 0.0]), ">= 0"),
+    ("order", torch.tensor([[0, 1, 2, 3], [0, 0, 2, 3]]), "permutations"),
+    ("solarize_threshold", 1.5, r"\[0, 1\]"),
+    ("blur_kernel", 4, "odd"),
+    ("gray", torch.tensor([1, 0]), "bool"),
+    ("contrast", torch.tensor([1.0, float("nan")]), "finite"),
+])
+def test_bad_params(field, value, match):
+    x, params = photometric_case(2, 5, 5, torch.float32)
+    with pytest.raises((ValueError, TypeError), match=match):
+        ek.photometric(x, params._replace(**{field: value}))
+
+
+def test_blur_kernel_too_large():
+    x, params = photometric_case(2, 5, 6, torch.float32, ops=("blur",), k=11)
+    with pytest.raises(ValueError, match="blur_kernel 11 needs views larger than 5 px"):
+        ek.photometric(x, params)
+    # the same kernel size is fine when no sample blurs
+    ek.photometric(x, params._replace(blur_sigma=torch.zeros(2)))
+
+
+def test_cpp_op_checks_packed_tensors():
+    x, params = photometric_case(2, 5, 5, torch.float32, k=3)
+    packed, weights, norm = pack_params(params, 2)
+    op = torch.ops.effssl_kernels.photometric.default
+    with pytest.raises(ValueError, match="params"):
+        op(x, packed[:, :12], weights, norm)
+    with pytest.raises(ValueError, match="odd"):
+        op(x, packed, weights[:, :2], norm)
+    with pytest.raises((ValueError, TypeError), match="norm"):
+        op(x, packed, weights, norm[:1])
+    bad = packed.clone()
+    bad[0, 4] = 7.0
+    with pytest.raises(ValueError, match="order"):
+        op(x, bad, weights, norm)
+
+
+# ------------------------------------------------------------------------------ pipeline
+def test_multi_view_augment_dino():
+    imgs = (torch.rand(3, 3, 40, 48) * 255).to(torch.uint8)
+    make = lambda: ek.MultiViewAugment.dino(num_local=4, global_size=24, local_size=12,  # noqa: E731
+                                            generator=torch.Generator().manual_seed(0))
+    aug = make()
+    aug.groups[2] = aug.groups[2]._replace(sampler=PhotometricSampler.dino_local(blur_kernel=5))
+    aug.groups[0] = aug.groups[0]._replace(sampler=PhotometricSampler.dino_global(1, blur_kernel=9))
+    aug.groups[1] = aug.groups[1]._replace(sampler=PhotometricSampler.dino_global(2, blur_kernel=9))
+    out = aug(imgs)
+    assert [tuple(v.shape) for v in out.views] == [(3, 3, 24, 24), (3, 3, 24, 24), (12, 3, 12, 12)]
+    assert all(v.dtype == torch.float32 for v in out.views) and all(r.dtype == torch.uint8 for r in out.raw)
+    for v, r, b, f, p in zip(*out):
+        assert torch.equal(r, ek.multi_crop(imgs, b, f, r.shape[-1]))  # raw = the recorded geometry
+        assert torch.equal(v, ek.photometric(r, p))  # views = photometric of the raw crops
+    assert out.params[0].blur_sigma.gt(0).all()  # DINO's global view 1 always blurs
+    # reproducible from the generator
+    again = make()
+    again.groups = aug.groups
+    again.generator = torch.Generator().manual_seed(0)
+    assert all(torch.equal(a, b) for a, b in zip(again(imgs).views, out.views))
+
+
+def test_multi_view_augment_errors():
+    with pytest.raises(ValueError, match="too large"):
+        ek.MultiViewAugment.two_view(size=8)  # BYOL's blur kernel 23 on 8 px crops
+    with pytest.raises(ValueError, match="uint8"):
+        ek.MultiViewAugment.two_view(size=64)(torch.rand(2, 3, 64, 64))
+    with pytest.raises(ValueError, match="at least one"):
+        ek.MultiViewAugment([])

@@ -1,0 +1,99 @@
+"""photometric on the Triton path (EFFSSL_BACKEND=triton) against the reference.
+
+On a GPU machine the kernels run on CUDA tensors; elsewhere on CPU tensors under
+TRITON_INTERPRET=1 (conftest.py), so shapes stay tiny (the blur kernel is the slow one there).
+Tolerances: utils.assert_photometric_close.
+"""
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+import effssl_kernels as ek  # noqa: E402
+from effssl_kernels.photometric import PhotometricSampler  # noqa: E402
+from effssl_kernels.reference.photometric import photometric_reference  # noqa: E402
+from utils import HAS_GPU, INTERPRET, assert_photometric_close, make_layout, photometric_case  # noqa: E402
+
+pytestmark = [
+    pytest.mark.triton,
+    pytest.mark.skipif(not (HAS_GPU or INTERPRET), reason="needs a CUDA device or TRITON_INTERPRET=1"),
+]
+
+DEVICE = "cuda" if HAS_GPU else "cpu"
+DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.uint8]
+
+
+@pytest.fixture(autouse=True)
+def _triton_backend(monkeypatch):
+    monkeypatch.setenv("EFFSSL_BACKEND", "triton")
+
+
+def _run(x, params):
+    got = ek.photometric(x.to(DEVICE), params.to(DEVICE))
+    return got, photometric_reference(x, params)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("op", ["brightness", "contrast", "saturation", "hue", "gray", "solarize"])
+def test_each_pointwise_op(dtype, op):
+    x, params = photometric_case(3, 5, 7, dtype, ops=(op,), norm=False, seed=len(op))
+    got, want = _run(x, params)
+    assert_photometric_close(got, want, dtype)
+    if op != "hue":  # a random hue shift may leave some pixels unchanged, the others must change
+        assert not torch.equal(got.cpu(), x)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_blur_alone_two_tiles_each_way(dtype):
+    # 35 x 66 spans two 32 x 64 output tiles in each direction; the tile edges and the reflect
+    # padding at all four borders are exercised. One blurred sample keeps the interpreter quick.
+    x, params = photometric_case(2, 35, 66, dtype, ops=("blur",), k=3, norm=False, seed=3)
+    params = params._replace(blur_sigma=torch.tensor([0.0, 1.3]))
+    got, want = _run(x, params)
+    assert_photometric_close(got, want, dtype)
+    assert torch.equal(got[0].cpu(), x[0])  # the unblurred sample passes through
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_full_chain(dtype):
+    x, params = photometric_case(4, 6, 9, dtype, k=5, p=0.7, seed=5)
+    got, want = _run(x, params)
+    assert_photometric_close(got, want, dtype)
+
+
+@pytest.mark.parametrize("layout", ["channels_last", "sliced"])
+def test_layouts(layout):
+    x, params = photometric_case(3, 6, 8, torch.float32, k=3, seed=7)
+    got = ek.photometric(make_layout(x, layout).to(DEVICE), params.to(DEVICE))
+    assert_photometric_close(got, photometric_reference(x, params), torch.float32)
+    assert got.is_contiguous(memory_format=torch.channels_last) == (layout == "channels_last")
+
+
+def test_sampler_preset_reproducible():
+    sampler = lambda: PhotometricSampler.byol(2, blur_kernel=3, generator=torch.Generator().manual_seed(0))  # noqa: E731
+    x = (torch.rand(4, 3, 6, 7) * 255).to(torch.uint8)
+    a = ek.photometric(x.to(DEVICE), sampler().sample(4, DEVICE))
+    b = ek.photometric(x.to(DEVICE), sampler().sample(4, DEVICE))
+    assert torch.equal(a, b) and a.dtype == torch.float32
+    assert_photometric_close(a, photometric_reference(x, sampler().sample(4)), torch.uint8)
+
+
+def test_compile_fullgraph():
+    x, params = photometric_case(2, 5, 6, torch.float32, k=3, seed=9)
+    fn = torch.compile(ek.photometric, fullgraph=True, backend="eager")
+    assert_photometric_close(fn(x.to(DEVICE), params.to(DEVICE)), photometric_reference(x, params), torch.float32)
+
+
+@pytest.mark.skipif(not HAS_GPU, reason="host syncs exist only on a CUDA device")
+def test_no_host_sync_with_cpu_params_and_pipeline():
+    x = (torch.rand(8, 3, 64, 64) * 255).to(torch.uint8).cuda()
+    params = PhotometricSampler.simclr(blur_kernel=7).sample(8)  # CPU, as a training loop draws them
+    aug = ek.MultiViewAugment.two_view(size=48)
+    ek.photometric(x, params), aug(x)  # warm-up: Triton compiles, the allocators fill
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        ek.photometric(x, params)
+        aug(x)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
