@@ -36,6 +36,8 @@ from .masks import BlockMask
 from .nn.resnet import block_mask, is_sparse
 from .nn.vit import is_sparse_vit, token_keep
 from .ops.block_match import block_match, similar_blocks
+from .photometric import PhotometricSampler
+from .photometric import photometric as ek_photometric
 from .sparse.tiles import kept_tiles, prepare_tiles
 from .tokens import tokens_from_psnr
 from .transforms import crop_centers, random_crops
@@ -210,7 +212,8 @@ class SimWnW:
         scale: Sequence[float] = (0.08, 1.0),
         ratio: Sequence[float] = (3.0 / 4.0, 4.0 / 3.0),
         hflip_p: float = 0.5,
-        photometric: Optional[Callable[[Tensor], Tensor]] = None,
+        photometric: Union[None, Callable[[Tensor], Tensor], PhotometricSampler,
+                           Sequence[PhotometricSampler]] = None,
         generator: Optional[torch.Generator] = None,
     ) -> SimWnWViews:
         """Two RandomResizedCrop + flip views of each image (one ``multi_crop`` launch) and their
@@ -221,19 +224,36 @@ class SimWnW:
             view_size: output side(s). scale, ratio, hflip_p: as torchvision's transforms.
             photometric: optional callable on a ``[N, C, S, S]`` float32 batch in ``[0, 1]``
                 (colour jitter, blur, normalisation, ...), applied to each view after matching
-                (``match_on="raw"``) or before (``"augmented"``; it must then keep ``[0, 1]``).
-            generator: CPU ``torch.Generator`` for the boxes and flips.
+                (``match_on="raw"``) or before (``"augmented"``; it must then keep ``[0, 1]``);
+                or a :class:`PhotometricSampler` (both views), or a pair of them (view A, view
+                B, e.g. BYOL's two recipes): each view then gets per-sample parameters drawn
+                from ``generator`` and the fused :func:`effssl_kernels.photometric`.
+            generator: CPU ``torch.Generator`` for the boxes, flips and sampled parameters.
         """
         if not isinstance(images, Tensor) or images.dim() != 4:
             raise ValueError("SimWnW.views: images must be a [N, C, H, W] tensor")
+        fa, fb = self._photometric_fns(photometric, images.shape[0], generator)
         v, boxes, flips = random_crops(images, 2, view_size, scale, ratio, hflip_p, generator=generator)
         va, vb = v[:, 0].float(), v[:, 1].float()
-        if photometric is not None and self.match_on == "augmented":
-            va, vb = photometric(va), photometric(vb)
+        if fa is not None and self.match_on == "augmented":
+            va, vb = fa(va), fb(vb)
         m = self.masks(va, vb, boxes[:, 0], boxes[:, 1], flips[:, 0], flips[:, 1])
-        if photometric is not None and self.match_on == "raw":
-            va, vb = photometric(va), photometric(vb)
+        if fa is not None and self.match_on == "raw":
+            va, vb = fa(va), fb(vb)
         return SimWnWViews(va, vb, m, boxes[:, 0], boxes[:, 1], flips[:, 0], flips[:, 1])
+
+    def _photometric_fns(self, photometric, N: int, generator):
+        """``views``' photometric argument -> one callable per view (or ``(None, None)``)."""
+        if photometric is None or (callable(photometric) and not isinstance(photometric, PhotometricSampler)):
+            return photometric, photometric
+        samplers = (photometric, photometric) if isinstance(photometric, PhotometricSampler) else tuple(photometric)
+        if len(samplers) != 2 or not all(isinstance(x, PhotometricSampler) for x in samplers):
+            raise TypeError("SimWnW.views: photometric must be a callable, a PhotometricSampler or a pair of them")
+        if self.match_on == "augmented" and any(x.mean is not None for x in samplers):
+            raise ValueError(
+                "SimWnW.views: match_on='augmented' compares views in [0, 1]: give samplers with mean=None, std=None"
+            )
+        return tuple((lambda x, s=s: ek_photometric(x, s.sample(N, generator=generator))) for s in samplers)
 
     def encode(self, model: nn.Module, view_a: Tensor, view_b: Tensor, masks: SimWnWMasks,
                *, concat: bool = False) -> tuple[Tensor, Tensor]:

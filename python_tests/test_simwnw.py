@@ -129,6 +129,26 @@ def test_views_record_geometry_and_match_where_asked(match_on):
     assert math.isclose(ra, 1 - want.keep_a.float().mean().item(), abs_tol=1e-6)
 
 
+def test_views_with_photometric_samplers():
+    """A pair of samplers: each view gets its own per-sample parameters and the fused kernel."""
+    images = torch.randint(0, 256, (4, 3, 40, 52), dtype=torch.uint8)
+    pair = (ek.PhotometricSampler.byol(1, blur_kernel=5), ek.PhotometricSampler.byol(2, blur_kernel=5))
+    sw = ek.SimWnW(8)
+    v = sw.views(images, 32, photometric=pair, generator=torch.Generator().manual_seed(0))
+    # the same draws, replayed: boxes and flips first, then view A's then view B's parameters
+    g = torch.Generator().manual_seed(0)
+    crops, boxes, flips = ek.random_crops(images, 2, 32, generator=g)
+    pa, pb = pair[0].sample(4, generator=g), pair[1].sample(4, generator=g)
+    assert torch.equal(boxes[:, 0], v.boxes_a) and torch.equal(flips[:, 1], v.flips_b)
+    torch.testing.assert_close(v.view_a, ek.photometric(crops[:, 0], pa), rtol=0, atol=0)
+    torch.testing.assert_close(v.view_b, ek.photometric(crops[:, 1], pb), rtol=0, atol=0)
+    assert v.view_a.min() < 0  # normalised
+    with pytest.raises(ValueError, match="mean=None"):
+        ek.SimWnW(8, match_on="augmented").views(images, 32, photometric=pair[0])
+    with pytest.raises(TypeError, match="pair"):
+        sw.views(images, 32, photometric=(pair[0],))
+
+
 # ----------------------------------------------------------------------------- encoders
 @pytest.mark.parametrize("concat", [False, True])
 def test_encode_resnet_equals_block_mask(concat):
