@@ -80,6 +80,14 @@ def test_odd_shapes_without_blur(shape):
     _check(x, params, torch.float32)
 
 
+def test_nan_pixels_stay_nan():
+    x, params = photometric_case(3, 6, 7, torch.float32, ops=("brightness", "saturation", "gray", "solarize"), seed=1)
+    x[0, :, 2, 3] = float("nan")
+    x[1, 1, 0, 0] = float("nan")
+    got = _check(x, params, torch.float32)  # equal NaN masks are part of the check
+    assert bool(got[0, :, 2, 3].isnan().all())
+
+
 def test_empty_batch():
     x, params = photometric_case(1, 5, 5, torch.uint8)
     params = type(params)(*[v[:0] if isinstance(v, torch.Tensor) and v.shape[:1] == (1,) else v for v in params])

@@ -45,7 +45,7 @@ def test_each_pointwise_op(dtype, op):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_blur_alone_two_tiles_each_way(dtype):
-    # 35 x 66 spans two 32 x 64 output tiles in each direction; the tile edges and the reflect
+    # 35 x 66 spans several 16 x 64 blur tiles in each direction; the tile edges and the reflect
     # padding at all four borders are exercised. One blurred sample keeps the interpreter quick.
     x, params = photometric_case(2, 35, 66, dtype, ops=("blur",), k=3, norm=False, seed=3)
     params = params._replace(blur_sigma=torch.tensor([0.0, 1.3]))
@@ -76,6 +76,32 @@ def test_sampler_preset_reproducible():
     b = ek.photometric(x.to(DEVICE), sampler().sample(4, DEVICE))
     assert torch.equal(a, b) and a.dtype == torch.float32
     assert_photometric_close(a, photometric_reference(x, sampler().sample(4)), torch.uint8)
+
+
+def test_blur_kernel_23_and_nan():
+    # the presets' kernel size (23 taps, pad 11), one blurred sample; NaN pixels stay NaN
+    x, params = photometric_case(2, 24, 30, torch.float32, ops=("blur", "brightness", "solarize"), k=23, seed=12)
+    params = params._replace(blur_sigma=torch.tensor([1.7, 0.0]))
+    x[1, :, 3, 4] = float("nan")
+    got, want = _run(x, params)
+    assert_photometric_close(got, want, torch.float32)
+    assert bool(got[1, :, 3, 4].isnan().all())
+
+
+@pytest.mark.parametrize("dtype", [torch.uint8, torch.bfloat16])
+def test_large_image_several_stat_blocks(dtype):
+    # 72 x 96 = 6912 pixels > one 4096-pixel stats block: the contrast mean adds two partial
+    # sums; W = 96 is a multiple of 16 (the loads the GPU vectorises at 224 and 96 px)
+    x, params = photometric_case(2, 72, 96, dtype, ops=("brightness", "contrast", "hue"), seed=13)
+    got, want = _run(x, params)
+    assert_photometric_close(got, want, dtype)
+
+
+@pytest.mark.skipif(not HAS_GPU, reason="CUDA views with CPU parameters")
+def test_compile_cuda_views_cpu_params():
+    x, params = photometric_case(2, 16, 16, torch.uint8, k=3, seed=14)
+    fn = torch.compile(ek.photometric, fullgraph=True)
+    assert_photometric_close(fn(x.cuda(), params).cpu(), photometric_reference(x, params), torch.uint8)
 
 
 def test_compile_fullgraph():

@@ -72,7 +72,7 @@ def _to_device(t: Optional[Tensor], device: torch.device) -> Optional[Tensor]:
     # would wait for the stream (a host sync in the middle of a training step).
     if t is None or t.device == device:
         return t
-    if device.type == "cuda":
+    if device.type == "cuda" and not torch.compiler.is_compiling():  # pin_memory has no fake impl
         return t.pin_memory().to(device, non_blocking=True)
     return t.to(device)
 
@@ -86,6 +86,12 @@ def run(views: Tensor, params, N: int) -> Tensor:
         from ..reference.photometric import photometric_reference
 
         return photometric_reference(views, params.to(views.device))
+    if (views.is_cuda and params.brightness.device.type == "cpu" and not torch.compiler.is_compiling()
+            and torch.cuda.is_current_stream_capturing()):
+        raise RuntimeError(
+            "photometric: CPU parameters cannot be captured in a CUDA graph (the graph would replay a copy "
+            "from a reused pinned buffer); pass parameters already on the device (params.to('cuda'))"
+        )
     packed, weights, norm = (_to_device(t, views.device) for t in pack_params(params, N))
     if which == "triton":
         return torch.ops.effssl_kernels._photometric_triton(views, packed, weights, norm)

@@ -1,21 +1,24 @@
 """Triton photometric chain: colour jitter (per-sample order), grayscale, blur, solarize, normalise.
 
-Three launches, each over all N samples (no host sync: samples skip work by their own flags):
+Four launches, each over all N samples (no host sync: samples skip work by their own flags):
 
 1. ``_stats_kernel`` (N x pixel blocks): contrast blends with the mean gray of the image *as it
    is when contrast runs*, so this pass applies the jitter ops that precede contrast in each
    sample's order and writes per-block partial sums of the gray image (floored for uint8).
    Partial sums are added in a fixed order by the next pass: deterministic, no atomics.
 2. ``_pointwise_kernel`` (N x pixel blocks): jitter in order, grayscale; an unblurred sample is
-   finished here (solarize, normalise, store); a blurred one is stored to a scratch image
-   (uint8 levels for uint8 views, which is exact since every uint8 intermediate is a level).
-3. ``_blur_kernel`` (N x 3 x tiles): blurred samples only: separable blur from the scratch with
-   reflect padding, rounded for uint8, then solarize, normalise, store.
+   finished here (solarize, normalise, store); a blurred one is parked unfinished in the output
+   (float32 or uint8 levels hold it exactly; half outputs use a float32 scratch).
+3. ``_blur_rows_kernel`` / 4. ``_blur_cols_kernel`` (N x 3 x tiles, blurred samples only): the
+   separable blur as two 1-D passes through a float32 intermediate, reflect padding; the column
+   pass rounds uint8, solarizes, normalises and stores. Two 1-D passes cost about 2K loads and
+   FMAs per pixel; a one-kernel 2-D tile (row loop + rank-1 updates) needed ~6x the instructions
+   (SASS count, sm_90), more than the intermediate's extra 8 bytes per pixel of traffic.
 
 Traffic per element: one read of the views (two where contrast needs the pre-pass), one write;
-blurred samples add one scratch write and its reads (L1/L2 hits within a tile). Reading the
-views through their strides makes channels_last work in place. Oracle:
-``effssl_kernels.reference.photometric.photometric_reference``; packed layout:
+blurred samples add the parked write and its reads, and the intermediate's write and reads
+(L1/L2 hits within a tile). Reading the views through their strides makes channels_last work
+in place. Oracle: ``effssl_kernels.reference.photometric.photometric_reference``; packed layout:
 ``effssl_kernels.ops.photometric.pack_params``.
 """
 from __future__ import annotations
@@ -31,16 +34,17 @@ from ..ops.photometric import NUM_COLS, empty_out
 
 _BLOCK = 1024  # pixels per program of the pointwise passes
 _STATS_BLOCK = 4096
-_TH, _TW = 32, 64  # output tile of the blur
+_R, _BW = 16, 64  # rows x columns of a blur program's tile
 
 
 @triton.jit
 def _finish(v, IS_U8: tl.constexpr):
     """Clamp to the dtype's range; uint8 intermediates truncate to a level (torchvision's .to(uint8))."""
+    # PTX min/max drop a NaN operand; torch's clamp keeps NaN (uint8 has none to keep)
     if IS_U8:
         v = tl.floor(tl.minimum(tl.maximum(v, 0.0), 255.0))
     else:
-        v = tl.minimum(tl.maximum(v, 0.0), 1.0)
+        v = tl.minimum(tl.maximum(v, 0.0, propagate_nan=tl.PropagateNan.ALL), 1.0, propagate_nan=tl.PropagateNan.ALL)
     return v
 
 
@@ -128,8 +132,8 @@ def _jitter_op(op, r, g, b, prm, mean, IS_U8: tl.constexpr):
 
 @triton.jit
 def _load_rgb(x_ptr, n, offs, live, W, sn, sc, sh, sw):
-    y = offs // W
-    base = x_ptr + n * sn + y * sh + (offs - y * W) * sw
+    y = offs // W  # int32 within a plane (the wrapper checks the size)
+    base = x_ptr + n * sn + (y * sh + (offs - y * W) * sw)
     r = tl.load(base, mask=live, other=0).to(tl.float32)
     g = tl.load(base + sc, mask=live, other=0).to(tl.float32)
     b = tl.load(base + 2 * sc, mask=live, other=0).to(tl.float32)
@@ -141,7 +145,7 @@ def _stats_kernel(x_ptr, prm_ptr, part_ptr, HW, W, NB, sn, sc, sh, sw,
                   NBP: tl.constexpr, NCOL: tl.constexpr, IS_U8: tl.constexpr, BLOCK: tl.constexpr):
     pid = tl.program_id(0).to(tl.int64)
     n = pid // NB
-    blk = pid - n * NB
+    blk = (pid - n * NB).to(tl.int32)
     prm = prm_ptr + n * NCOL
     total = tl.zeros([], dtype=tl.float32)
     if tl.load(prm + 8) != 0.0:
@@ -152,10 +156,10 @@ def _stats_kernel(x_ptr, prm_ptr, part_ptr, HW, W, NB, sn, sc, sh, sw,
         offs = blk * BLOCK + tl.arange(0, BLOCK)
         live = offs < HW
         r, g, b = _load_rgb(x_ptr, n, offs, live, W, sn, sc, sh, sw)
-        for slot in tl.static_range(3):  # contrast runs at slot 3 at the latest
-            if slot < cslot:
-                op = tl.load(prm + 4 + slot).to(tl.int32)
-                r, g, b = _jitter_op(op, r, g, b, prm, 0.0, IS_U8)
+        # runtime loops (not static_range): one inlined copy of the jitter ops, not four
+        for slot in range(cslot):
+            op = tl.load(prm + 4 + slot).to(tl.int32)
+            r, g, b = _jitter_op(op, r, g, b, prm, 0.0, IS_U8)
         total = tl.sum(tl.where(live, _gray(r, g, b, IS_U8), 0.0))
     tl.store(part_ptr + n * NBP + blk, total)
 
@@ -180,18 +184,19 @@ def _epilogue(v, c, prm, norm_ptr, IS_U8: tl.constexpr, HAS_NORM: tl.constexpr):
 
 @triton.jit
 def _pointwise_kernel(x_ptr, prm_ptr, part_ptr, norm_ptr, scr_ptr, out_ptr, HW, W, NB,
-                      sn, sc, sh, sw, on, oc, oh, ow,
+                      sn, sc, sh, sw, qn, qc, qh, qw, on, oc, oh, ow,
                       NBP: tl.constexpr, NCOL: tl.constexpr, IS_U8: tl.constexpr,
-                      HAS_NORM: tl.constexpr, BLOCK: tl.constexpr):
+                      HAS_NORM: tl.constexpr, SCRATCH_IS_OUT: tl.constexpr, BLOCK: tl.constexpr):
     pid = tl.program_id(0).to(tl.int64)
     n = pid // NB
-    offs = (pid - n * NB) * BLOCK + tl.arange(0, BLOCK)
+    offs = (pid - n * NB).to(tl.int32) * BLOCK + tl.arange(0, BLOCK)
     live = offs < HW
     prm = prm_ptr + n * NCOL
     r, g, b = _load_rgb(x_ptr, n, offs, live, W, sn, sc, sh, sw)
     if tl.load(prm + 8) != 0.0:
         mean = tl.sum(tl.load(part_ptr + n * NBP + tl.arange(0, NBP))) / HW
-        for slot in tl.static_range(4):
+        # a runtime loop (not static_range): one inlined copy of the jitter ops, not four
+        for slot in range(4):
             op = tl.load(prm + 4 + slot).to(tl.int32)
             r, g, b = _jitter_op(op, r, g, b, prm, mean, IS_U8)
     if tl.load(prm + 9) != 0.0:
@@ -199,14 +204,21 @@ def _pointwise_kernel(x_ptr, prm_ptr, part_ptr, norm_ptr, scr_ptr, out_ptr, HW, 
         r = y
         g = y
         b = y
-    if tl.load(prm + 10) != 0.0:  # blurred: the blur pass finishes this sample
-        s = scr_ptr + n * 3 * HW + offs
-        tl.store(s, r.to(scr_ptr.dtype.element_ty), mask=live)
-        tl.store(s + HW, g.to(scr_ptr.dtype.element_ty), mask=live)
-        tl.store(s + 2 * HW, b.to(scr_ptr.dtype.element_ty), mask=live)
+    y = offs // W
+    x = offs - y * W
+    if tl.load(prm + 10) != 0.0:  # blurred: the blur passes finish this sample
+        if SCRATCH_IS_OUT:  # (not the same tensor passed twice: torch.compile clones each arg)
+            o = out_ptr + n * on + (y * oh + x * ow)
+            tl.store(o, r.to(out_ptr.dtype.element_ty), mask=live)
+            tl.store(o + oc, g.to(out_ptr.dtype.element_ty), mask=live)
+            tl.store(o + 2 * oc, b.to(out_ptr.dtype.element_ty), mask=live)
+        else:
+            s = scr_ptr + n * qn + (y * qh + x * qw)
+            tl.store(s, r, mask=live)
+            tl.store(s + qc, g, mask=live)
+            tl.store(s + 2 * qc, b, mask=live)
     else:
-        y = offs // W
-        o = out_ptr + n * on + y * oh + (offs - y * W) * ow
+        o = out_ptr + n * on + (y * oh + x * ow)
         ty = out_ptr.dtype.element_ty
         tl.store(o, _epilogue(r, 0, prm, norm_ptr, IS_U8, HAS_NORM).to(ty), mask=live)
         tl.store(o + oc, _epilogue(g, 1, prm, norm_ptr, IS_U8, HAS_NORM).to(ty), mask=live)
@@ -231,42 +243,61 @@ def _round_half_even(v):
 
 
 @triton.jit
-def _blur_kernel(scr_ptr, prm_ptr, w_ptr, norm_ptr, out_ptr, H, W, TY, TX, on, oc, oh, ow,
-                 K: tl.constexpr, NCOL: tl.constexpr, IS_U8: tl.constexpr, HAS_NORM: tl.constexpr,
-                 TH: tl.constexpr, TW: tl.constexpr):
-    PAD: tl.constexpr = K // 2
-    pid = tl.program_id(0).to(tl.int64)
+def _tile(pid, TY, TX, R: tl.constexpr, BW: tl.constexpr):
+    """Program ``pid`` -> (n, c, rows [R], cols [BW]) of an (n * 3 + c, row block, col block)
+    grid. Rows and columns are int32 (64-bit index math costs two instructions per op): offsets
+    within one image plane fit, the wrapper checks."""
     tiles = TY * TX
-    nc = pid // tiles  # n * 3 + c
-    t = pid - nc * tiles
+    nc = pid // tiles
+    t = (pid - nc * tiles).to(tl.int32)
     ty = t // TX
     n = nc // 3
-    c = nc - n * 3
+    rows = ty * R + tl.arange(0, R)
+    cols = (t - ty * TX) * BW + tl.arange(0, BW)
+    return n, nc - n * 3, rows, cols
+
+
+@triton.jit
+def _blur_rows_kernel(src_ptr, prm_ptr, w_ptr, tmp_ptr, H, W, TY, TX, qn, qc, qh, qw,
+                      K: tl.constexpr, NCOL: tl.constexpr, R: tl.constexpr, BW: tl.constexpr):
+    """Horizontal pass of blurred samples: tmp [N, 3, H, W] float32 = the K-tap row blur of src."""
+    PAD: tl.constexpr = K // 2
+    pid = tl.program_id(0).to(tl.int64)
+    n, c, rows, cols = _tile(pid, TY, TX, R, BW)
+    if tl.load(prm_ptr + n * NCOL + 10) != 0.0:
+        # rows past the image are clamped (their results are not stored); the column taps
+        # reflect, so every load is inside the image
+        src = src_ptr + n * qn + c * qc + (tl.minimum(rows, H - 1) * qh)[:, None]
+        acc = tl.zeros([R, BW], dtype=tl.float32)
+        for k in tl.static_range(K):
+            cc = _reflect(cols + (k - PAD), W)
+            acc += tl.load(w_ptr + n * K + k) * tl.load(src + (cc * qw)[None, :]).to(tl.float32)
+        live = (rows[:, None] < H) & (cols[None, :] < W)
+        tl.store(tmp_ptr + (n * 3 + c) * H * W + (rows[:, None] * W + cols[None, :]), acc, mask=live)
+
+
+@triton.jit
+def _blur_cols_kernel(tmp_ptr, prm_ptr, w_ptr, norm_ptr, out_ptr, H, W, TY, TX, on, oc, oh, ow,
+                      K: tl.constexpr, NCOL: tl.constexpr, IS_U8: tl.constexpr, HAS_NORM: tl.constexpr,
+                      R: tl.constexpr, BW: tl.constexpr):
+    """Vertical pass of blurred samples from tmp, rounded for uint8, then solarize and normalise."""
+    PAD: tl.constexpr = K // 2
+    pid = tl.program_id(0).to(tl.int64)
+    n, c, rows, cols = _tile(pid, TY, TX, R, BW)
     prm = prm_ptr + n * NCOL
     if tl.load(prm + 10) != 0.0:
-        r0 = ty * TH
-        cols = (t - ty * TX) * TW + tl.arange(0, TW)
-        rows = r0 + tl.arange(0, TH)
-        src = scr_ptr + nc * H * W
-        wrow = w_ptr + n * K
-        acc = tl.zeros([TH, TW], dtype=tl.float32)
-        # Input row i of the tile feeds output rows j with weight w[i - j]: horizontal blur of
-        # the row (K taps, L1 hits), then a rank-1 update of the output tile.
-        for i in range(TH + 2 * PAD):
-            ri = _reflect(r0 - PAD + i, H)
-            h = tl.zeros([TW], dtype=tl.float32)
-            for k in tl.static_range(K):
-                cc = _reflect(cols + (k - PAD), W)
-                h += tl.load(wrow + k) * tl.load(src + ri * W + cc).to(tl.float32)
-            tap = i - tl.arange(0, TH)
-            wv = tl.load(wrow + tap, mask=(tap >= 0) & (tap < K), other=0.0)
-            acc += wv[:, None] * h[None, :]
+        col_live = cols[None, :] < W
+        src = tmp_ptr + (n * 3 + c) * H * W + cols[None, :]
+        acc = tl.zeros([R, BW], dtype=tl.float32)
+        for k in tl.static_range(K):
+            rr = _reflect(rows + (k - PAD), H)
+            v = tl.load(src + (rr * W)[:, None], mask=col_live, other=0.0)
+            acc += tl.load(w_ptr + n * K + k) * v
         if IS_U8:
             acc = _round_half_even(acc)
         acc = _epilogue(acc, c, prm, norm_ptr, IS_U8, HAS_NORM)
-        live = (rows[:, None] < H) & (cols[None, :] < W)
-        o = out_ptr + n * on + c * oc + rows[:, None] * oh + cols[None, :] * ow
-        tl.store(o, acc.to(out_ptr.dtype.element_ty), mask=live)
+        o = out_ptr + n * on + c * oc + (rows[:, None] * oh + cols[None, :] * ow)
+        tl.store(o, acc.to(out_ptr.dtype.element_ty), mask=(rows[:, None] < H) & col_live)
 
 
 def photometric_fwd(views: Tensor, params: Tensor, blur_weights: Tensor, norm: Optional[Tensor]) -> Tensor:
@@ -276,6 +307,17 @@ def photometric_fwd(views: Tensor, params: Tensor, blur_weights: Tensor, norm: O
     out = empty_out(views, norm is not None)
     if out.numel() == 0:
         return out
+    if views.is_cuda:  # Triton launches on the current device, which may not be the views'
+        with torch.cuda.device(views.device):
+            return _launch(views, params, blur_weights, norm, out)
+    return _launch(views, params, blur_weights, norm, out)
+
+
+def _launch(views: Tensor, params: Tensor, blur_weights: Tensor, norm: Optional[Tensor], out: Tensor) -> Tensor:
+    N, _, H, W = views.shape
+    if max(abs(st) for st in views.stride()[1:]) * max(H, W) * 3 >= 2**31:
+        # offsets within one image are int32 in the kernels (64-bit index math costs 2x)
+        raise ValueError(f"photometric: views of {H}x{W} (strides {views.stride()}) are too large for the Triton kernels")
     is_u8 = views.dtype == torch.uint8
     HW = H * W
     K = blur_weights.shape[1]
@@ -288,16 +330,25 @@ def photometric_fwd(views: Tensor, params: Tensor, blur_weights: Tensor, norm: O
     part = torch.zeros((N, nbp), dtype=torch.float32, device=views.device)
     sn, sc, sh, sw = views.stride()
     on, oc, oh, ow = out.stride()
-    _stats_kernel[(N * nb_stats,)](views, params, part, HW, W, nb_stats, sn, sc, sh, sw,
+    wrap = torch.library.wrap_triton  # so torch.compile sees what each launch reads and writes
+    wrap(_stats_kernel)[(N * nb_stats,)](views, params, part, HW, W, nb_stats, sn, sc, sh, sw,
                                    NBP=nbp, NCOL=NUM_COLS, IS_U8=is_u8, BLOCK=_STATS_BLOCK, num_warps=8)
-    scratch = torch.empty((N, 3, H, W), dtype=torch.uint8 if is_u8 else torch.float32, device=views.device)
+    # Blurred samples park their pre-blur values in the output where it holds them exactly
+    # (float32, or uint8 levels); half outputs need a float32 scratch.
+    in_out = out.dtype in (torch.float32, torch.uint8)
+    scratch = out if in_out else torch.empty((N, 3, H, W), dtype=torch.float32, device=views.device)
+    qn, qc, qh, qw = scratch.stride()
     nb = triton.cdiv(HW, _BLOCK)
-    _pointwise_kernel[(N * nb,)](views, params, part, norm_t, scratch, out, HW, W, nb,
-                                 sn, sc, sh, sw, on, oc, oh, ow,
-                                 NBP=nbp, NCOL=NUM_COLS, IS_U8=is_u8, HAS_NORM=has_norm, BLOCK=_BLOCK,
-                                 num_warps=4)
-    ty, tx = triton.cdiv(H, _TH), triton.cdiv(W, _TW)
-    _blur_kernel[(N * 3 * ty * tx,)](scratch, params, blur_weights, norm_t, out, H, W, ty, tx,
-                                     on, oc, oh, ow, K=K, NCOL=NUM_COLS, IS_U8=is_u8, HAS_NORM=has_norm,
-                                     TH=_TH, TW=_TW, num_warps=4)
+    wrap(_pointwise_kernel)[(N * nb,)](views, params, part, norm_t, params if in_out else scratch, out, HW, W, nb,
+                                       sn, sc, sh, sw, qn, qc, qh, qw, on, oc, oh, ow,
+                                       NBP=nbp, NCOL=NUM_COLS, IS_U8=is_u8, HAS_NORM=has_norm,
+                                       SCRATCH_IS_OUT=in_out, BLOCK=_BLOCK, num_warps=4)
+    tmp = torch.empty((N, 3, H, W), dtype=torch.float32, device=views.device)
+    ty, tx = triton.cdiv(H, _R), triton.cdiv(W, _BW)
+    grid = (N * 3 * ty * tx,)
+    wrap(_blur_rows_kernel)[grid](scratch, params, blur_weights, tmp, H, W, ty, tx, qn, qc, qh, qw,
+                                  K=K, NCOL=NUM_COLS, R=_R, BW=_BW, num_warps=4)
+    wrap(_blur_cols_kernel)[grid](tmp, params, blur_weights, norm_t, out, H, W, ty, tx, on, oc, oh, ow,
+                                  K=K, NCOL=NUM_COLS, IS_U8=is_u8, HAS_NORM=has_norm, R=_R, BW=_BW,
+                                  num_warps=4)
     return out
