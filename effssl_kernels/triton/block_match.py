@@ -18,6 +18,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from . import device_of
+
 _INT64_MAX = tl.constexpr(2**63 - 1)
 _TEN_LOG10_2 = tl.constexpr(10.0 * math.log10(2.0))  # 10 * log10(x) == _TEN_LOG10_2 * log2(x)
 _INT_ARGS = ("C", "H", "W", "Hb", "Wb", "B", "R",
@@ -230,15 +232,16 @@ def block_match_triton(
     if n_prog >= 2**31:
         raise ValueError(f"block_match (triton): {n_prog} blocks exceed one launch grid (2^31 - 1)")
     block_d, block_kx, num_warps = _tile_sizes(B, r, H, W)
-    torch.library.wrap_triton(_block_match_fwd_kernel)[(n_prog,)](
-        a, b, centers, flip, psnr, offset,
-        C, H, W, Hb, Wb, B, r, float(data_range) * float(data_range),
-        *a.stride(), *b.stride(),
-        HAS_CENTERS=centers is not None,
-        HAS_FLIP=flip is not None,
-        EVEN_K=B % block_kx == 0,
-        BLOCK_D=block_d,
-        BLOCK_KX=block_kx,
-        num_warps=num_warps,
-    )
+    with device_of(a):  # launch on the tensors' GPU, not the current one
+        torch.library.wrap_triton(_block_match_fwd_kernel)[(n_prog,)](
+            a, b, centers, flip, psnr, offset,
+            C, H, W, Hb, Wb, B, r, float(data_range) * float(data_range),
+            *a.stride(), *b.stride(),
+            HAS_CENTERS=centers is not None,
+            HAS_FLIP=flip is not None,
+            EVEN_K=B % block_kx == 0,
+            BLOCK_D=block_d,
+            BLOCK_KX=block_kx,
+            num_warps=num_warps,
+        )
     return psnr, offset

@@ -23,6 +23,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from . import device_of
+
 POS_CHUNKS = 16  # grad_pos partials: enough programs to fill a GPU, 16 * L * D * 4 bytes extra
 
 
@@ -144,15 +146,16 @@ def gather_tokens_fwd(x: Tensor, keep: Tensor, pos: Optional[Tensor]) -> Tensor:
     block_k = min(triton.next_power_of_2(K), max(1, 4096 // block_d))
     grid = (N * triton.cdiv(K, block_k), triton.cdiv(D, block_d))
     sp = pos.stride() if pos is not None else (0, 0)
-    torch.library.wrap_triton(_gather_tokens_fwd_kernel)[grid](
-        x, keep, pos, out,
-        K, L, D,
-        *x.stride(), *keep.stride(), *sp,
-        HAS_POS=pos is not None,
-        BLOCK_K=block_k,
-        BLOCK_D=block_d,
-        num_warps=4,
-    )
+    with device_of(x):  # launch on the tensors' GPU, not the current one
+        torch.library.wrap_triton(_gather_tokens_fwd_kernel)[grid](
+            x, keep, pos, out,
+            K, L, D,
+            *x.stride(), *keep.stride(), *sp,
+            HAS_POS=pos is not None,
+            BLOCK_K=block_k,
+            BLOCK_D=block_d,
+            num_warps=4,
+        )
     return out
 
 
@@ -197,16 +200,17 @@ def gather_tokens_bwd(
     grid = (chunks, triton.cdiv(L, block_l), triton.cdiv(D, block_d))
     if max(grid[1], grid[2]) > 65535:  # CUDA's limit on grid dimensions 1 and 2
         raise ValueError(f"gather_tokens: L = {L} or D = {D} is too large for the Triton backward")
-    torch.library.wrap_triton(_gather_tokens_bwd_kernel)[grid](
-        grad, perm, bounds, gx if need_x else None, part,
-        N, K, L, D, samples,
-        *grad.stride(),
-        NEED_X=need_x,
-        NEED_POS=need_pos,
-        BLOCK_L=block_l,
-        BLOCK_D=block_d,
-        num_warps=4,
-    )
+    with device_of(grad):  # launch on the tensors' GPU, not the current one
+        torch.library.wrap_triton(_gather_tokens_bwd_kernel)[grid](
+            grad, perm, bounds, gx if need_x else None, part,
+            N, K, L, D, samples,
+            *grad.stride(),
+            NEED_X=need_x,
+            NEED_POS=need_pos,
+            BLOCK_L=block_l,
+            BLOCK_D=block_d,
+            num_warps=4,
+        )
     if need_pos:
         # fixed-order float32 reduction over the chunks, one rounding to pos's dtype
         gpos = part.sum(0).to(pos_dtype)

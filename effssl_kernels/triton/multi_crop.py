@@ -14,6 +14,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from . import device_of
+
 
 @triton.jit
 def _axis_taps(start, size, o, n_out, limit):
@@ -105,8 +107,9 @@ def multi_crop_fwd(images: Tensor, boxes: Tensor, flips: Tensor, out_h: int, out
     f = flips.reshape(N * P).contiguous()
     BLOCK = 256
     grid = (N * P * triton.cdiv(out_h * out_w, BLOCK),)
-    torch.library.wrap_triton(_multi_crop_kernel)[grid](
-        images, b, f, out, P, C, H, W, out_h, out_w, *images.stride(),
-        OUT_U8=out_dtype == torch.uint8, BLOCK=BLOCK,
-    )
+    with device_of(images):  # launch on the tensors' GPU, not the current one
+        torch.library.wrap_triton(_multi_crop_kernel)[grid](
+            images, b, f, out, P, C, H, W, out_h, out_w, *images.stride(),
+            OUT_U8=out_dtype == torch.uint8, BLOCK=BLOCK,
+        )
     return out

@@ -32,6 +32,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from . import device_of
+
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 _INT_ARGS = ("M", "K", "D", "KD", "L", "Wp", "P", "s_n", "s_c", "s_h", "s_w", "s_pl", "s_pd")
 
@@ -261,23 +263,24 @@ def patch_embed_gather_triton(
     bm, bn, bk, warps, stages = _fwd_tiles(M, D, KD, fp64)
     precision = "tf32" if (weight.dtype != torch.float32 or torch.backends.cudnn.allow_tf32) else "ieee"
     grid = (triton.cdiv(M, bm), triton.cdiv(D, bn))
-    torch.library.wrap_triton(_patch_embed_gather_fwd_kernel)[grid](
-        images, weight.contiguous(), None if bias is None else bias.contiguous(), keep.contiguous(), pos, out,
-        M, K, D, KD, L, Wp, p,
-        *images.stride(),
-        *(pos.stride() if pos is not None else (0, 0)),
-        HAS_BIAS=bias is not None,
-        HAS_POS=pos is not None,
-        FP64=fp64,
-        ADD_FP64=out_dtype == torch.float64,
-        INPUT_PRECISION=precision,
-        UPCAST_DOT=_INTERPRET and weight.dtype == torch.bfloat16,
-        BLOCK_M=bm,
-        BLOCK_N=bn,
-        BLOCK_K=bk,
-        num_warps=warps,
-        num_stages=stages,
-    )
+    with device_of(images):  # launch on the tensors' GPU, not the current one
+        torch.library.wrap_triton(_patch_embed_gather_fwd_kernel)[grid](
+            images, weight.contiguous(), None if bias is None else bias.contiguous(), keep.contiguous(), pos, out,
+            M, K, D, KD, L, Wp, p,
+            *images.stride(),
+            *(pos.stride() if pos is not None else (0, 0)),
+            HAS_BIAS=bias is not None,
+            HAS_POS=pos is not None,
+            FP64=fp64,
+            ADD_FP64=out_dtype == torch.float64,
+            INPUT_PRECISION=precision,
+            UPCAST_DOT=_INTERPRET and weight.dtype == torch.bfloat16,
+            BLOCK_M=bm,
+            BLOCK_N=bn,
+            BLOCK_K=bk,
+            num_warps=warps,
+            num_stages=stages,
+        )
     return out
 
 
@@ -293,8 +296,9 @@ def gather_patches_triton(images: Tensor, keep: Tensor, patch_size: int, dtype: 
     _check_int32(**{"N*K": M, "C*p*p": KD, "H": H, "W": W})
     bm, bk = (16, 32) if _INTERPRET else (64, 64)
     grid = (triton.cdiv(M, bm), triton.cdiv(KD, bk))
-    torch.library.wrap_triton(_gather_patches_kernel)[grid](
-        images, keep.contiguous(), out, M, K, KD, (H // p) * (W // p), W // p, p, *images.stride(),
-        BLOCK_M=bm, BLOCK_K=bk, num_warps=4,
-    )
+    with device_of(images):  # launch on the tensors' GPU, not the current one
+        torch.library.wrap_triton(_gather_patches_kernel)[grid](
+            images, keep.contiguous(), out, M, K, KD, (H // p) * (W // p), W // p, p, *images.stride(),
+            BLOCK_M=bm, BLOCK_K=bk, num_warps=4,
+        )
     return out

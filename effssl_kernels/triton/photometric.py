@@ -31,6 +31,7 @@ import triton.language as tl
 from torch import Tensor
 
 from ..ops.photometric import NUM_COLS, empty_out
+from . import device_of
 
 _BLOCK = 1024  # pixels per program of the pointwise passes
 _STATS_BLOCK = 4096
@@ -307,10 +308,8 @@ def photometric_fwd(views: Tensor, params: Tensor, blur_weights: Tensor, norm: O
     out = empty_out(views, norm is not None)
     if out.numel() == 0:
         return out
-    if views.is_cuda:  # Triton launches on the current device, which may not be the views'
-        with torch.cuda.device(views.device):
-            return _launch(views, params, blur_weights, norm, out)
-    return _launch(views, params, blur_weights, norm, out)
+    with device_of(views):  # launch on the views' GPU, not the current one
+        return _launch(views, params, blur_weights, norm, out)
 
 
 def _launch(views: Tensor, params: Tensor, blur_weights: Tensor, norm: Optional[Tensor], out: Tensor) -> Tensor:
