@@ -18,6 +18,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from . import device_of
+
 
 @triton.jit
 def _halo_gather_fwd_kernel(
@@ -119,9 +121,10 @@ def halo_gather_fwd(tiles: Tensor, table: Tensor, outside: float) -> Tensor:
         return out
     BLOCK_R, BLOCK_C = 32, _block_c(C)
     grid = (triton.cdiv(R, BLOCK_R), triton.cdiv(C, BLOCK_C))
-    _halo_gather_fwd_kernel[grid](
-        tiles, table.contiguous(), out, R, C, T * bh * bw, bh * bw, bw, *tiles.stride(),
-        float(outside), BLOCK_R=BLOCK_R, BLOCK_C=BLOCK_C)
+    with device_of(tiles):  # launch on the tensors' GPU, not the current one
+        _halo_gather_fwd_kernel[grid](
+            tiles, table.contiguous(), out, R, C, T * bh * bw, bh * bw, bw, *tiles.stride(),
+            float(outside), BLOCK_R=BLOCK_R, BLOCK_C=BLOCK_C)
     return out
 
 
@@ -135,7 +138,8 @@ def halo_gather_bwd(grad: Tensor, order: Tensor, offsets: Tensor, T: int, bh: in
         return out
     BLOCK_S, BLOCK_C = 32, _block_c(C)
     grid = (triton.cdiv(S, BLOCK_S), triton.cdiv(C, BLOCK_C))
-    _halo_gather_bwd_kernel[grid](
-        grad, order.contiguous(), offsets.contiguous(), out, S, C, ph * pw, pw, *grad.stride(),
-        ACC_F64=grad.dtype == torch.float64, BLOCK_S=BLOCK_S, BLOCK_C=BLOCK_C)
+    with device_of(grad):
+        _halo_gather_bwd_kernel[grid](
+            grad, order.contiguous(), offsets.contiguous(), out, S, C, ph * pw, pw, *grad.stride(),
+            ACC_F64=grad.dtype == torch.float64, BLOCK_S=BLOCK_S, BLOCK_C=BLOCK_C)
     return out
