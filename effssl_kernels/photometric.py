@@ -388,7 +388,7 @@ def photometric(views: Tensor, params: PhotometricParams) -> Tensor:
     (as :class:`PhotometricSampler` draws them): then they are checked and packed there and
     copied through pinned memory, without a host sync.
 
-    Kernels: C++ on CPU tensors, Triton on CUDA tensors (three launches, no host sync; see
+    Kernels: C++ on CPU tensors, Triton on CUDA tensors (four launches, no host sync; see
     ``effssl_kernels/triton/photometric.py``). Float32 results match the reference within 2e-5;
     uint8 intermediates are truncated to levels after every op as torchvision does, so a float
     rounding difference can move a value by one level (rare).
