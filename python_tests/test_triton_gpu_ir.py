@@ -118,7 +118,7 @@ def _lower_all() -> dict:
             ph._stats_kernel,
             dict(x_ptr="*u8", prm_ptr="*fp32", part_ptr="*fp32"),
             {},
-            dict(NBP=16, NCOL=13, IS_U8=True, BLOCK=4096),
+            dict(NBP=16, IS_U8=True, BLOCK=4096),
             ("sw",),
         ),
         "photometric_pointwise_bf16": (
@@ -126,7 +126,7 @@ def _lower_all() -> dict:
             dict(x_ptr="*bf16", prm_ptr="*fp32", part_ptr="*fp32", norm_ptr="*fp32", scr_ptr="*fp32",
                  out_ptr="*bf16"),
             {},
-            dict(NBP=16, NCOL=13, IS_U8=False, HAS_NORM=True, SCRATCH_IS_OUT=False, BLOCK=1024),
+            dict(NBP=16, IS_U8=False, HAS_NORM=True, SCRATCH_IS_OUT=False, BLOCK=1024),
             ("sw", "ow", "qw"),
         ),
         "photometric_pointwise_u8": (
@@ -134,28 +134,28 @@ def _lower_all() -> dict:
             dict(x_ptr="*u8", prm_ptr="*fp32", part_ptr="*fp32", norm_ptr="*fp32", scr_ptr="*fp32",
                  out_ptr="*fp32"),
             {},
-            dict(NBP=16, NCOL=13, IS_U8=True, HAS_NORM=True, SCRATCH_IS_OUT=True, BLOCK=1024),
+            dict(NBP=16, IS_U8=True, HAS_NORM=True, SCRATCH_IS_OUT=True, BLOCK=1024),
             ("sw", "ow", "qw"),
         ),
         "photometric_blur_rows_u8": (
             ph._blur_rows_kernel,
             dict(src_ptr="*u8", prm_ptr="*fp32", w_ptr="*fp32", tmp_ptr="*fp32"),
             {},
-            dict(K=23, NCOL=13, R=16, BW=64),
+            dict(K=23, R=16, BW=64),
             ("qw",),
         ),
         "photometric_blur_cols_u8": (
             ph._blur_cols_kernel,
             dict(tmp_ptr="*fp32", prm_ptr="*fp32", w_ptr="*fp32", norm_ptr="*fp32", out_ptr="*u8"),
             {},
-            dict(K=23, NCOL=13, IS_U8=True, HAS_NORM=False, R=16, BW=64),
+            dict(K=23, IS_U8=True, HAS_NORM=False, R=16, BW=64),
             ("ow",),
         ),
         "photometric_blur_cols_fp16": (
             ph._blur_cols_kernel,
             dict(tmp_ptr="*fp32", prm_ptr="*fp32", w_ptr="*fp32", norm_ptr="*fp32", out_ptr="*fp16"),
             {},
-            dict(K=3, NCOL=13, IS_U8=False, HAS_NORM=True, R=16, BW=64),
+            dict(K=3, IS_U8=False, HAS_NORM=True, R=16, BW=64),
             ("ow",),
         ),
     }
@@ -220,11 +220,11 @@ def _photometric_cubins() -> dict:
                 qn=3 * HW, qc=HW, qh=W, qw=1, TY=14, TX=4)
     f32 = "*fp32"
     cases = {
-        "stats": (ph._stats_kernel, dict(x_ptr="*u8"), dict(NBP=16, NCOL=13, IS_U8=True, BLOCK=4096), 8),
+        "stats": (ph._stats_kernel, dict(x_ptr="*u8"), dict(NBP=16, IS_U8=True, BLOCK=4096), 8),
         "pointwise": (ph._pointwise_kernel, dict(x_ptr="*u8"),
-                      dict(NBP=64, NCOL=13, IS_U8=True, HAS_NORM=True, SCRATCH_IS_OUT=True, BLOCK=1024), 4),
-        "blur_rows": (ph._blur_rows_kernel, dict(src_ptr="*u8"), dict(K=23, NCOL=13, R=16, BW=64), 4),
-        "blur_cols": (ph._blur_cols_kernel, {}, dict(K=23, NCOL=13, IS_U8=True, HAS_NORM=True, R=16, BW=64), 4),
+                      dict(NBP=64, IS_U8=True, HAS_NORM=True, SCRATCH_IS_OUT=True, BLOCK=1024), 4),
+        "blur_rows": (ph._blur_rows_kernel, dict(src_ptr="*u8"), dict(K=23, R=16, BW=64), 4),
+        "blur_cols": (ph._blur_cols_kernel, {}, dict(K=23, IS_U8=True, HAS_NORM=True, R=16, BW=64), 4),
     }
     ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
     out = {}

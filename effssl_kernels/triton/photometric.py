@@ -30,12 +30,26 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ..ops.photometric import NUM_COLS, empty_out
+from ..ops import photometric as _layout
+from ..ops.photometric import empty_out
 from . import device_of
 
 _BLOCK = 1024  # pixels per program of the pointwise passes
 _STATS_BLOCK = 4096
 _R, _BW = 16, 64  # rows x columns of a blur program's tile
+
+# Columns of a packed parameter row (ops/photometric.py owns the layout).
+_NCOL = tl.constexpr(_layout.NUM_COLS)
+_BRIGHTNESS = tl.constexpr(_layout.BRIGHTNESS)
+_CONTRAST = tl.constexpr(_layout.CONTRAST)
+_SATURATION = tl.constexpr(_layout.SATURATION)
+_HUE = tl.constexpr(_layout.HUE)
+_ORDER = tl.constexpr(_layout.ORDER)
+_JITTER = tl.constexpr(_layout.JITTER)
+_GRAY = tl.constexpr(_layout.GRAY)
+_BLUR = tl.constexpr(_layout.BLUR)
+_SOLARIZE = tl.constexpr(_layout.SOLARIZE)
+_THRESHOLD = tl.constexpr(_layout.THRESHOLD)
 
 
 @triton.jit
@@ -108,33 +122,34 @@ def _hue(r, g, b, shift, IS_U8: tl.constexpr):
 def _jitter_op(op, r, g, b, prm, mean, IS_U8: tl.constexpr):
     """Run jitter op ``op`` (0 brightness, 1 contrast, 2 saturation, 3 hue) of row ``prm``."""
     if op == 0:
-        f = tl.load(prm + 0)
+        f = tl.load(prm + _BRIGHTNESS)
         r = _finish(r * f, IS_U8)
         g = _finish(g * f, IS_U8)
         b = _finish(b * f, IS_U8)
     elif op == 1:
-        c = tl.load(prm + 1)
+        c = tl.load(prm + _CONTRAST)
         m = tl.zeros_like(r) + mean
         r = _blend(r, m, c, IS_U8)
         g = _blend(g, m, c, IS_U8)
         b = _blend(b, m, c, IS_U8)
     elif op == 2:
-        s = tl.load(prm + 2)
+        s = tl.load(prm + _SATURATION)
         y = _gray(r, g, b, IS_U8)
         r = _blend(r, y, s, IS_U8)
         g = _blend(g, y, s, IS_U8)
         b = _blend(b, y, s, IS_U8)
     else:
-        shift = tl.load(prm + 3)
+        shift = tl.load(prm + _HUE)
         if shift != 0.0:  # ColorJitter skips a zero hue shift
             r, g, b = _hue(r, g, b, shift, IS_U8)
     return r, g, b
 
 
 @triton.jit
-def _load_rgb(x_ptr, n, offs, live, W, sn, sc, sh, sw):
-    y = offs // W  # int32 within a plane (the wrapper checks the size)
-    base = x_ptr + n * sn + (y * sh + (offs - y * W) * sw)
+def _load_rgb(x_ptr, n, y, x, live, sn, sc, sh, sw):
+    """Pixels (y, x) of sample n, 3 channels, as float32. Offsets within an image are int32 (the
+    wrapper checks they fit): 64-bit index math costs two instructions per op."""
+    base = x_ptr + n * sn + (y * sh + x * sw)
     r = tl.load(base, mask=live, other=0).to(tl.float32)
     g = tl.load(base + sc, mask=live, other=0).to(tl.float32)
     b = tl.load(base + 2 * sc, mask=live, other=0).to(tl.float32)
@@ -143,23 +158,24 @@ def _load_rgb(x_ptr, n, offs, live, W, sn, sc, sh, sw):
 
 @triton.jit
 def _stats_kernel(x_ptr, prm_ptr, part_ptr, HW, W, NB, sn, sc, sh, sw,
-                  NBP: tl.constexpr, NCOL: tl.constexpr, IS_U8: tl.constexpr, BLOCK: tl.constexpr):
+                  NBP: tl.constexpr, IS_U8: tl.constexpr, BLOCK: tl.constexpr):
     pid = tl.program_id(0).to(tl.int64)
     n = pid // NB
     blk = (pid - n * NB).to(tl.int32)
-    prm = prm_ptr + n * NCOL
+    prm = prm_ptr + n * _NCOL
     total = tl.zeros([], dtype=tl.float32)
-    if tl.load(prm + 8) != 0.0:
-        o1 = tl.load(prm + 5)
-        o2 = tl.load(prm + 6)
-        o3 = tl.load(prm + 7)
+    if tl.load(prm + _JITTER) != 0.0:
+        o1 = tl.load(prm + _ORDER + 1)
+        o2 = tl.load(prm + _ORDER + 2)
+        o3 = tl.load(prm + _ORDER + 3)
         cslot = tl.where(o1 == 1.0, 1, 0) + tl.where(o2 == 1.0, 2, 0) + tl.where(o3 == 1.0, 3, 0)
         offs = blk * BLOCK + tl.arange(0, BLOCK)
         live = offs < HW
-        r, g, b = _load_rgb(x_ptr, n, offs, live, W, sn, sc, sh, sw)
+        y = offs // W
+        r, g, b = _load_rgb(x_ptr, n, y, offs - y * W, live, sn, sc, sh, sw)
         # runtime loops (not static_range): one inlined copy of the jitter ops, not four
         for slot in range(cslot):
-            op = tl.load(prm + 4 + slot).to(tl.int32)
+            op = tl.load(prm + _ORDER + slot).to(tl.int32)
             r, g, b = _jitter_op(op, r, g, b, prm, 0.0, IS_U8)
         total = tl.sum(tl.where(live, _gray(r, g, b, IS_U8), 0.0))
     tl.store(part_ptr + n * NBP + blk, total)
@@ -168,13 +184,13 @@ def _stats_kernel(x_ptr, prm_ptr, part_ptr, HW, W, NB, sn, sc, sh, sw,
 @triton.jit
 def _epilogue(v, c, prm, norm_ptr, IS_U8: tl.constexpr, HAS_NORM: tl.constexpr):
     """Solarize (where flagged), then normalise."""
-    thr = tl.load(prm + 12)
+    thr = tl.load(prm + _THRESHOLD)
     if IS_U8:
         thr = thr * 255.0
         inv = 255.0 - v
     else:
         inv = 1.0 - v
-    if tl.load(prm + 11) != 0.0:
+    if tl.load(prm + _SOLARIZE) != 0.0:
         v = tl.where(v >= thr, inv, v)
     if HAS_NORM:
         if IS_U8:
@@ -186,28 +202,28 @@ def _epilogue(v, c, prm, norm_ptr, IS_U8: tl.constexpr, HAS_NORM: tl.constexpr):
 @triton.jit
 def _pointwise_kernel(x_ptr, prm_ptr, part_ptr, norm_ptr, scr_ptr, out_ptr, HW, W, NB,
                       sn, sc, sh, sw, qn, qc, qh, qw, on, oc, oh, ow,
-                      NBP: tl.constexpr, NCOL: tl.constexpr, IS_U8: tl.constexpr,
+                      NBP: tl.constexpr, IS_U8: tl.constexpr,
                       HAS_NORM: tl.constexpr, SCRATCH_IS_OUT: tl.constexpr, BLOCK: tl.constexpr):
     pid = tl.program_id(0).to(tl.int64)
     n = pid // NB
     offs = (pid - n * NB).to(tl.int32) * BLOCK + tl.arange(0, BLOCK)
     live = offs < HW
-    prm = prm_ptr + n * NCOL
-    r, g, b = _load_rgb(x_ptr, n, offs, live, W, sn, sc, sh, sw)
-    if tl.load(prm + 8) != 0.0:
+    y = offs // W
+    x = offs - y * W
+    prm = prm_ptr + n * _NCOL
+    r, g, b = _load_rgb(x_ptr, n, y, x, live, sn, sc, sh, sw)
+    if tl.load(prm + _JITTER) != 0.0:
         mean = tl.sum(tl.load(part_ptr + n * NBP + tl.arange(0, NBP))) / HW
         # a runtime loop (not static_range): one inlined copy of the jitter ops, not four
         for slot in range(4):
-            op = tl.load(prm + 4 + slot).to(tl.int32)
+            op = tl.load(prm + _ORDER + slot).to(tl.int32)
             r, g, b = _jitter_op(op, r, g, b, prm, mean, IS_U8)
-    if tl.load(prm + 9) != 0.0:
-        y = _gray(r, g, b, IS_U8)
-        r = y
-        g = y
-        b = y
-    y = offs // W
-    x = offs - y * W
-    if tl.load(prm + 10) != 0.0:  # blurred: the blur passes finish this sample
+    if tl.load(prm + _GRAY) != 0.0:
+        lum = _gray(r, g, b, IS_U8)
+        r = lum
+        g = lum
+        b = lum
+    if tl.load(prm + _BLUR) != 0.0:  # blurred: the blur passes finish this sample
         if SCRATCH_IS_OUT:  # (not the same tensor passed twice: torch.compile clones each arg)
             o = out_ptr + n * on + (y * oh + x * ow)
             tl.store(o, r.to(out_ptr.dtype.element_ty), mask=live)
@@ -260,12 +276,12 @@ def _tile(pid, TY, TX, R: tl.constexpr, BW: tl.constexpr):
 
 @triton.jit
 def _blur_rows_kernel(src_ptr, prm_ptr, w_ptr, tmp_ptr, H, W, TY, TX, qn, qc, qh, qw,
-                      K: tl.constexpr, NCOL: tl.constexpr, R: tl.constexpr, BW: tl.constexpr):
+                      K: tl.constexpr, R: tl.constexpr, BW: tl.constexpr):
     """Horizontal pass of blurred samples: tmp [N, 3, H, W] float32 = the K-tap row blur of src."""
     PAD: tl.constexpr = K // 2
     pid = tl.program_id(0).to(tl.int64)
     n, c, rows, cols = _tile(pid, TY, TX, R, BW)
-    if tl.load(prm_ptr + n * NCOL + 10) != 0.0:
+    if tl.load(prm_ptr + n * _NCOL + _BLUR) != 0.0:
         # rows past the image are clamped (their results are not stored); the column taps
         # reflect, so every load is inside the image
         src = src_ptr + n * qn + c * qc + (tl.minimum(rows, H - 1) * qh)[:, None]
@@ -279,14 +295,14 @@ def _blur_rows_kernel(src_ptr, prm_ptr, w_ptr, tmp_ptr, H, W, TY, TX, qn, qc, qh
 
 @triton.jit
 def _blur_cols_kernel(tmp_ptr, prm_ptr, w_ptr, norm_ptr, out_ptr, H, W, TY, TX, on, oc, oh, ow,
-                      K: tl.constexpr, NCOL: tl.constexpr, IS_U8: tl.constexpr, HAS_NORM: tl.constexpr,
+                      K: tl.constexpr, IS_U8: tl.constexpr, HAS_NORM: tl.constexpr,
                       R: tl.constexpr, BW: tl.constexpr):
     """Vertical pass of blurred samples from tmp, rounded for uint8, then solarize and normalise."""
     PAD: tl.constexpr = K // 2
     pid = tl.program_id(0).to(tl.int64)
     n, c, rows, cols = _tile(pid, TY, TX, R, BW)
-    prm = prm_ptr + n * NCOL
-    if tl.load(prm + 10) != 0.0:
+    prm = prm_ptr + n * _NCOL
+    if tl.load(prm + _BLUR) != 0.0:
         col_live = cols[None, :] < W
         src = tmp_ptr + (n * 3 + c) * H * W + cols[None, :]
         acc = tl.zeros([R, BW], dtype=tl.float32)
@@ -331,7 +347,7 @@ def _launch(views: Tensor, params: Tensor, blur_weights: Tensor, norm: Optional[
     on, oc, oh, ow = out.stride()
     wrap = torch.library.wrap_triton  # so torch.compile sees what each launch reads and writes
     wrap(_stats_kernel)[(N * nb_stats,)](views, params, part, HW, W, nb_stats, sn, sc, sh, sw,
-                                   NBP=nbp, NCOL=NUM_COLS, IS_U8=is_u8, BLOCK=_STATS_BLOCK, num_warps=8)
+                                   NBP=nbp, IS_U8=is_u8, BLOCK=_STATS_BLOCK, num_warps=8)
     # Blurred samples park their pre-blur values in the output where it holds them exactly
     # (float32, or uint8 levels); half outputs need a float32 scratch.
     in_out = out.dtype in (torch.float32, torch.uint8)
@@ -340,14 +356,14 @@ def _launch(views: Tensor, params: Tensor, blur_weights: Tensor, norm: Optional[
     nb = triton.cdiv(HW, _BLOCK)
     wrap(_pointwise_kernel)[(N * nb,)](views, params, part, norm_t, params if in_out else scratch, out, HW, W, nb,
                                        sn, sc, sh, sw, qn, qc, qh, qw, on, oc, oh, ow,
-                                       NBP=nbp, NCOL=NUM_COLS, IS_U8=is_u8, HAS_NORM=has_norm,
+                                       NBP=nbp, IS_U8=is_u8, HAS_NORM=has_norm,
                                        SCRATCH_IS_OUT=in_out, BLOCK=_BLOCK, num_warps=4)
     tmp = torch.empty((N, 3, H, W), dtype=torch.float32, device=views.device)
     ty, tx = triton.cdiv(H, _R), triton.cdiv(W, _BW)
     grid = (N * 3 * ty * tx,)
     wrap(_blur_rows_kernel)[grid](scratch, params, blur_weights, tmp, H, W, ty, tx, qn, qc, qh, qw,
-                                  K=K, NCOL=NUM_COLS, R=_R, BW=_BW, num_warps=4)
+                                  K=K, R=_R, BW=_BW, num_warps=4)
     wrap(_blur_cols_kernel)[grid](tmp, params, blur_weights, norm_t, out, H, W, ty, tx, on, oc, oh, ow,
-                                  K=K, NCOL=NUM_COLS, IS_U8=is_u8, HAS_NORM=has_norm, R=_R, BW=_BW,
+                                  K=K, IS_U8=is_u8, HAS_NORM=has_norm, R=_R, BW=_BW,
                                   num_warps=4)
     return out
