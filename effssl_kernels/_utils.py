@@ -18,3 +18,16 @@ def as_pair(size, what: str) -> tuple[int, int]:
     if size[0] < 1 or size[1] < 1:
         raise ValueError(f"{what} must be positive, got {tuple(size)}")
     return int(size[0]), int(size[1])
+
+
+def to_device_async(t, device):
+    """``t.to(device)`` without a host sync: a CPU tensor bound for CUDA goes through pinned memory,
+    so the copy is queued like a kernel (from pageable memory it waits for the stream, a sync in
+    the middle of a training step). Under torch.compile a plain copy (pin_memory has no fake
+    impl). ``None`` (tensor or device) passes through."""
+    if t is None or device is None:
+        return t
+    device = torch.device(device)
+    if device.type == "cuda" and t.device.type == "cpu" and not torch.compiler.is_compiling():
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)

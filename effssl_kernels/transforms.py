@@ -16,7 +16,7 @@ from typing import NamedTuple, Sequence, Union
 import torch
 from torch import Tensor
 
-from ._utils import as_pair
+from ._utils import as_pair, to_device_async
 from .ops.multi_crop import multi_crop
 
 __all__ = ["crop_centers", "random_crops", "random_resized_boxes", "TwoViewCrop", "TwoViews"]
@@ -92,11 +92,7 @@ def random_resized_boxes(
     l = torch.where(any_fit, torch.floor(u[..., 1] * (W - w + 1)), float((W - fw) // 2))  # noqa: E741
     boxes = torch.stack([t, l, h, w], -1).to(torch.float32)
     flips = torch.rand(n, p, generator=g) < hflip_p
-    if device is not None and torch.device(device).type == "cuda":
-        # A copy from pageable memory waits for the stream (a host sync); from pinned memory it
-        # is queued like a kernel, so drawing boxes never stalls the training step.
-        return boxes.pin_memory().to(device, non_blocking=True), flips.pin_memory().to(device, non_blocking=True)
-    return boxes.to(device), flips.to(device)
+    return to_device_async(boxes, device), to_device_async(flips, device)  # drawing never stalls a step
 
 
 def random_crops(

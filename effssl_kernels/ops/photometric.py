@@ -14,6 +14,7 @@ import torch
 from torch import Tensor
 
 from .. import _backend
+from .._utils import to_device_async
 from ..reference.photometric import gaussian_kernel1d
 
 # Columns of the packed parameter rows (csrc/bindings.cpp states the same layout).
@@ -67,16 +68,6 @@ def empty_out(views: Tensor, has_norm: bool) -> Tensor:
                        memory_format=fmt)
 
 
-def _to_device(t: Optional[Tensor], device: torch.device) -> Optional[Tensor]:
-    # From pinned memory a host-to-device copy is queued like a kernel; from pageable memory it
-    # would wait for the stream (a host sync in the middle of a training step).
-    if t is None or t.device == device:
-        return t
-    if device.type == "cuda" and not torch.compiler.is_compiling():  # pin_memory has no fake impl
-        return t.pin_memory().to(device, non_blocking=True)
-    return t.to(device)
-
-
 def run(views: Tensor, params, N: int) -> Tensor:
     """Dispatch the checked ``views`` / ``params`` to the C++, Triton or reference implementation.
     CPU parameters for device views are packed on the CPU and copied in three non-blocking
@@ -92,7 +83,7 @@ def run(views: Tensor, params, N: int) -> Tensor:
             "photometric: CPU parameters cannot be captured in a CUDA graph (the graph would replay a copy "
             "from a reused pinned buffer); pass parameters already on the device (params.to('cuda'))"
         )
-    packed, weights, norm = (_to_device(t, views.device) for t in pack_params(params, N))
+    packed, weights, norm = (to_device_async(t, views.device) for t in pack_params(params, N))
     if which == "triton":
         return torch.ops.effssl_kernels._photometric_triton(views, packed, weights, norm)
     if not HAS_CPP_OP:
