@@ -24,10 +24,16 @@ def to_device_async(t, device):
     """``t.to(device)`` without a host sync: a CPU tensor bound for CUDA goes through pinned memory,
     so the copy is queued like a kernel (from pageable memory it waits for the stream, a sync in
     the middle of a training step). Under torch.compile a plain copy (pin_memory has no fake
-    impl). ``None`` (tensor or device) passes through."""
+    impl). ``None`` (tensor or device) passes through; raises inside CUDA graph capture."""
     if t is None or device is None:
         return t
     device = torch.device(device)
     if device.type == "cuda" and t.device.type == "cpu" and not torch.compiler.is_compiling():
+        if torch.cuda.is_current_stream_capturing():
+            raise RuntimeError(
+                "a CPU tensor (sampled parameters, crop boxes) cannot be copied to the GPU inside CUDA graph "
+                "capture: the graph would replay a copy from a reused pinned buffer. Draw on the device or "
+                "move them there before capturing."
+            )
         return t.pin_memory().to(device, non_blocking=True)
     return t.to(device)

@@ -77,12 +77,6 @@ def run(views: Tensor, params, N: int) -> Tensor:
         from ..reference.photometric import photometric_reference
 
         return photometric_reference(views, params.to(views.device))
-    if (views.is_cuda and params.brightness.device.type == "cpu" and not torch.compiler.is_compiling()
-            and torch.cuda.is_current_stream_capturing()):
-        raise RuntimeError(
-            "photometric: CPU parameters cannot be captured in a CUDA graph (the graph would replay a copy "
-            "from a reused pinned buffer); pass parameters already on the device (params.to('cuda'))"
-        )
     packed, weights, norm = (to_device_async(t, views.device) for t in pack_params(params, N))
     if which == "triton":
         return torch.ops.effssl_kernels._photometric_triton(views, packed, weights, norm)
