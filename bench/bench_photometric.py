@@ -87,8 +87,10 @@ def per_sample(p):
     return rows, p.blur_kernel, norm
 
 
-def _tv_chain(x, s, k, norm):
-    """One sample ``x`` [3, H, W] through torchvision v2 functional calls (as test_photometric)."""
+def torchvision_chain(x, s, k, norm):
+    """One sample ``x`` [3, H, W] through torchvision v2 functional calls: ``s`` its row of
+    ``per_sample``, ``k`` the blur kernel size, ``norm`` (mean, std) or None. Also the tests'
+    per-sample torchvision oracle; half views stay in their dtype (torchvision rounds each op)."""
     from torchvision.transforms.v2 import functional as TF
 
     jitter, order, b, c, sat, hue, gray, sigma, sol, thr = s
@@ -109,7 +111,8 @@ def _tv_chain(x, s, k, norm):
     if sol:
         x = TF.solarize(x, thr * 255 if x.dtype == torch.uint8 else thr)
     if norm is not None:
-        x = TF.normalize(TF.to_dtype(x, torch.float32, scale=True), *norm)
+        x = TF.to_dtype(x, torch.float32, scale=True) if x.dtype == torch.uint8 else x
+        x = TF.normalize(x, *norm)
     return x
 
 
@@ -117,7 +120,7 @@ def torchvision_loop(views, host, limit=None):
     """The per-sample loop on the first ``limit`` views (``host``: ``per_sample(params)``), stacked."""
     rows, k, norm = host
     n = views.shape[0] if limit is None else min(limit, views.shape[0])
-    return torch.stack([_tv_chain(views[i], rows[i], k, norm) for i in range(n)])
+    return torch.stack([torchvision_chain(views[i], rows[i], k, norm) for i in range(n)])
 
 
 def torchvision_batched(sampler, dtype):

@@ -9,6 +9,8 @@ from effssl_kernels.reference.photometric import gaussian_kernel1d, photometric_
 
 tvF = pytest.importorskip("torchvision.transforms.v2.functional")
 
+from bench import bench_photometric as bp  # noqa: E402  (its torchvision loop is the oracle here too)
+
 N, H, W = 6, 24, 28
 K = 9
 
@@ -46,35 +48,16 @@ def _images(dtype, n=N, seed=1):
     return x.to(dtype)
 
 
-def _tv_chain(x, p, i):
-    """The chain of torchvision v2 functional calls on sample ``i`` (``x`` [3, H, W])."""
-    if bool(p.jitter_apply[i]):
-        for t in p.order[i].tolist():
-            if t == 0:
-                x = tvF.adjust_brightness(x, float(p.brightness[i]))
-            elif t == 1:
-                x = tvF.adjust_contrast(x, float(p.contrast[i]))
-            elif t == 2:
-                x = tvF.adjust_saturation(x, float(p.saturation[i]))
-            elif float(p.hue[i]) != 0.0:
-                x = tvF.adjust_hue(x, float(p.hue[i]))
-    if bool(p.gray[i]):
-        x = tvF.rgb_to_grayscale(x, num_output_channels=3)
-    s = float(p.blur_sigma[i])
-    if s > 0:
-        x = tvF.gaussian_blur(x, [p.blur_kernel, p.blur_kernel], [s, s])
-    if bool(p.solarize[i]):
-        t = p.solarize_threshold
-        t = float(t[i]) if isinstance(t, torch.Tensor) else float(t)
-        x = tvF.solarize(x, t * 255 if x.dtype == torch.uint8 else t)
-    if p.mean is not None:
-        x = tvF.to_dtype(x, torch.float32, scale=True) if x.dtype == torch.uint8 else x
-        x = tvF.normalize(x, p.mean.tolist(), p.std.tolist())
-    return x
+def _tv_chain(x, p, i, host=None):
+    """The chain of torchvision v2 functional calls on sample ``i`` (``x`` [3, H, W]): the bench's
+    per-sample loop (``host``: ``per_sample(p)``, computed once by callers looping over samples)."""
+    rows, k, norm = host or bp.per_sample(p)
+    return bp.torchvision_chain(x, rows[i], k, norm)
 
 
 def _tv(views, p):
-    return torch.stack([_tv_chain(views[i], p, i) for i in range(views.shape[0])])
+    host = bp.per_sample(p)
+    return torch.stack([_tv_chain(views[i], p, i, host) for i in range(views.shape[0])])
 
 
 def _maxdiff(a, b):
