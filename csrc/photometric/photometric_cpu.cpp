@@ -144,7 +144,7 @@ struct Chain {
     for (int64_t i = 0; i < 3 * HW; ++i) p[i] = finish<kInt>(p[i] * f);
   }
 
-  // gray of a pixel, floored for uint8 (torchvision floors before blending).
+  // gray of a pixel, floored for uint8 (torchvision floors before blending and in grayscale).
   static float gray_level(float r, float g, float b) {
     const float y = gray_of(r, g, b);
     return kInt ? to_level(y) : y;
@@ -191,8 +191,7 @@ struct Chain {
   void grayscale() {
     float *r = R(), *g = G(), *b = B();
     for (int64_t i = 0; i < HW; ++i) {
-      const float y = kInt ? to_level(gray_of(r[i], g[i], b[i])) : gray_of(r[i], g[i], b[i]);
-      r[i] = g[i] = b[i] = y;
+      r[i] = g[i] = b[i] = gray_level(r[i], g[i], b[i]);
     }
   }
 
