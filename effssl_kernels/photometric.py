@@ -41,6 +41,8 @@ from typing import NamedTuple, Optional, Sequence, Union
 import torch
 from torch import Tensor
 
+from .reference.photometric import blur_fits, blur_size_message
+
 __all__ = ["PhotometricParams", "PhotometricSampler", "photometric", "IMAGENET_MEAN", "IMAGENET_STD"]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -95,22 +97,35 @@ class PhotometricParams(NamedTuple):
         """The same parameters with every tensor moved to ``device``."""
         return PhotometricParams(*[v.to(device) if isinstance(v, Tensor) else v for v in self])
 
+    def _value_rules(self):
+        """Every rule on the parameter *values*, as ``(ok, message)`` pairs: ``ok`` a 0-d bool
+        tensor on the parameters' device (no host sync), ``message()`` the error text. The one
+        place these rules live: :meth:`check` raises the first failing one, :meth:`values_ok`
+        ands them on the device."""
+        rules = [(torch.isfinite(getattr(self, n)).all(), lambda n=n: f"{n} must be finite") for n in _PER_SAMPLE_FLOAT]
+        for n in ("brightness", "contrast", "saturation"):
+            v = getattr(self, n)
+            rules.append(((v >= 0).all(), lambda n=n, v=v: f"{n} factors must be >= 0, got min {float(v.min())}"))
+        rules.append(((self.hue.abs() <= 0.5).all(),
+                      lambda: f"hue shifts must be in [-0.5, 0.5], got max |hue| {float(self.hue.abs().max())}"))
+        perm = self.order.sort(dim=1).values == torch.arange(4, device=self.order.device)
+        rules.append((perm.all(), lambda: "order rows must be permutations of 0..3 (brightness, contrast, saturation, hue)"))
+        rules.append(((self.blur_sigma >= 0).all(),
+                      lambda: f"blur_sigma must be >= 0 (0 = no blur), got min {float(self.blur_sigma.min())}"))
+        thr = self.solarize_threshold
+        if isinstance(thr, Tensor):
+            rules.append((((thr >= 0) & (thr <= 1)).all(), lambda: "solarize_threshold must be in [0, 1]"))
+        if self.std is not None:
+            rules.append((torch.isfinite(self.mean).all(), lambda: "mean must be finite"))
+            rules.append((torch.isfinite(self.std).all(), lambda: "std must be finite"))
+            rules.append(((self.std != 0).all(), lambda: f"std must be non-zero, got {self.std.tolist()}"))
+        return rules
+
     def values_ok(self) -> Tensor:
         """A 0-d bool tensor, on the parameters' device and without a host sync: every value in
         range (factors >= 0, |hue| <= 0.5, permutations, sigma >= 0, thresholds in [0, 1],
-        std != 0, all finite)."""
-        floats = [getattr(self, n) for n in _PER_SAMPLE_FLOAT]
-        ok = torch.stack([torch.isfinite(v).all() for v in floats]).all()
-        for name in ("brightness", "contrast", "saturation", "blur_sigma"):
-            ok = ok & (getattr(self, name) >= 0).all()
-        ok = ok & (self.hue.abs() <= 0.5).all()
-        ok = ok & (self.order.sort(dim=1).values == torch.arange(4, device=self.order.device)).all()
-        if isinstance(self.solarize_threshold, Tensor):
-            thr = self.solarize_threshold
-            ok = ok & ((thr >= 0) & (thr <= 1)).all()
-        if self.std is not None:
-            ok = ok & (self.std != 0).all() & torch.isfinite(self.std).all() & torch.isfinite(self.mean).all()
-        return ok
+        std != 0, all finite). Call it on parameters that passed ``check(values=False)``."""
+        return torch.stack([ok for ok, _ in self._value_rules()]).all()
 
     def check(self, N: int, device: Union[torch.device, str, None] = None, values: bool = True) -> None:
         """Raise ``TypeError``/``ValueError`` unless these are valid parameters for ``N`` views on
@@ -138,8 +153,6 @@ class PhotometricParams(NamedTuple):
             ):
                 raise ValueError(f"{where}.{name} is on {value.device}, expected {device} (use params.to(device))")
             devices.add(value.device)
-            if values and kind == "float" and not bool(torch.isfinite(value).all()):
-                raise ValueError(f"{where}.{name} must be finite")
 
         if not isinstance(N, int) or isinstance(N, bool) or N < 0:
             raise ValueError(f"{where}.check: N must be a non-negative int, got {N!r}")
@@ -148,16 +161,6 @@ class PhotometricParams(NamedTuple):
         for name in _PER_SAMPLE_BOOL:
             _tensor(name, getattr(self, name), (N,), "bool")
         _tensor("order", self.order, (N, 4), "int64")
-        for name in ("brightness", "contrast", "saturation"):
-            v = getattr(self, name)
-            if values and N and bool((v < 0).any()):
-                raise ValueError(f"{where}.{name} factors must be >= 0, got min {float(v.min())}")
-        if values and N and bool((self.hue.abs() > 0.5).any()):
-            raise ValueError(f"{where}.hue shifts must be in [-0.5, 0.5], got max |hue| {float(self.hue.abs().max())}")
-        if values and N and not bool((self.order.sort(dim=1).values == torch.arange(4, device=self.order.device)).all()):
-            raise ValueError(f"{where}.order rows must be permutations of 0..3 (brightness, contrast, saturation, hue)")
-        if values and N and bool((self.blur_sigma < 0).any()):
-            raise ValueError(f"{where}.blur_sigma must be >= 0 (0 = no blur), got min {float(self.blur_sigma.min())}")
         k = self.blur_kernel
         if not isinstance(k, int) or isinstance(k, bool):
             raise TypeError(f"{where}.blur_kernel must be an int, got {type(k).__name__}")
@@ -166,8 +169,6 @@ class PhotometricParams(NamedTuple):
         thr = self.solarize_threshold
         if isinstance(thr, Tensor):
             _tensor("solarize_threshold", thr, (N,), "float")
-            if values and N and bool(((thr < 0) | (thr > 1)).any()):
-                raise ValueError(f"{where}.solarize_threshold must be in [0, 1]")
         elif _is_real(thr):
             if not (0.0 <= float(thr) <= 1.0):
                 raise ValueError(f"{where}.solarize_threshold must be in [0, 1], got {thr}")
@@ -178,10 +179,12 @@ class PhotometricParams(NamedTuple):
         if self.mean is not None:
             _tensor("mean", self.mean, (3,), "float")
             _tensor("std", self.std, (3,), "float")
-            if values and bool((self.std == 0).any()):
-                raise ValueError(f"{where}.std must be non-zero, got {self.std.tolist()}")
         if len(devices) > 1:
             raise ValueError(f"{where}: tensors on several devices {sorted(map(str, devices))}")
+        if values:
+            for ok, message in self._value_rules():
+                if not bool(ok):
+                    raise ValueError(f"{where}.{message()}")
 
 
 def _prob(value, name: str) -> float:
@@ -407,16 +410,13 @@ def photometric(views: Tensor, params: PhotometricParams) -> Tensor:
     compiling = torch.compiler.is_compiling()
     params.check(N, "cpu" if host_params else views.device, values=on_host and not compiling)
     k = params.blur_kernel
-    if k // 2 >= min(H, W):
+    if not blur_fits(k, H, W):
         blur_any = (params.blur_sigma > 0).any()
         if on_host and not compiling:
             if bool(blur_any):
-                raise ValueError(
-                    f"photometric: blur_kernel {k} needs views larger than {k // 2} px for reflect "
-                    f"padding, got {H}x{W}"
-                )
+                raise ValueError(blur_size_message(k, H, W))
         elif not compiling:
-            torch._assert_async(~blur_any, f"photometric: blur_kernel {k} needs views larger than {k // 2} px")
+            torch._assert_async(~blur_any, blur_size_message(k, H, W))
     if not on_host and not compiling and N:
         torch._assert_async(params.values_ok(), "photometric: parameter values out of range (see PhotometricParams)")
     from .ops.photometric import run

@@ -24,6 +24,7 @@ from torch import Tensor
 
 from .ops.multi_crop import multi_crop
 from .photometric import PhotometricParams, PhotometricSampler, photometric
+from .reference.photometric import blur_fits
 from .transforms import random_resized_boxes
 
 __all__ = ["CropGroup", "MultiViews", "MultiViewAugment"]
@@ -81,7 +82,7 @@ class MultiViewAugment:
                 raise ValueError(f"MultiViewAugment: num and size must be positive ints, got {g.num!r}, {g.size!r}")
             if not isinstance(g.sampler, PhotometricSampler):
                 raise TypeError(f"MultiViewAugment: sampler must be a PhotometricSampler, got {type(g.sampler).__name__}")
-            if g.sampler.blur_p > 0 and g.sampler.blur_kernel // 2 >= g.size:
+            if g.sampler.blur_p > 0 and not blur_fits(g.sampler.blur_kernel, g.size, g.size):
                 raise ValueError(
                     f"MultiViewAugment: blur_kernel {g.sampler.blur_kernel} is too large for {g.size} px crops"
                 )

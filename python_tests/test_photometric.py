@@ -318,6 +318,32 @@ def test_params_errors(change, exc, match):
         photometric_reference(_images(torch.float32), p)
 
 
+@pytest.mark.parametrize(
+    "change,match",
+    [
+        (dict(order=torch.tensor([[0, 1, 2, 3]] * (N - 1) + [[0, 1, 1, 3]])), "permutation"),
+        (dict(blur_sigma=torch.tensor([0.0] * (N - 1) + [-0.5])), "blur_sigma"),
+        (dict(contrast=torch.tensor([1.0] * (N - 1) + [-1.0])), "contrast"),
+        (dict(saturation=torch.tensor([1.0] * (N - 1) + [float("inf")])), "saturation.*finite"),
+        (dict(hue=torch.tensor([0.0] * (N - 1) + [-0.6])), "hue"),
+        (dict(solarize_threshold=torch.tensor([0.5] * (N - 1) + [1.01])), "solarize_threshold"),
+        (dict(mean=torch.zeros(3), std=torch.tensor([1.0, 0.0, 1.0])), "std"),
+        (dict(mean=torch.tensor([0.0, float("nan"), 0.0]), std=torch.ones(3)), "mean.*finite"),
+        (dict(brightness=torch.tensor([1.0] * (N - 1) + [float("nan")])), "finite"),
+    ],
+)
+def test_values_ok_agrees_with_check(change, match):
+    # values_ok() is the device-side (no sync) form of check()'s value rules: one bad value in the
+    # last sample must turn it False exactly where check() raises.
+    good = _identity()
+    assert good.values_ok().item() is True
+    bad = good._replace(**change)
+    bad.check(N, "cpu", values=False)  # types and shapes are fine
+    assert bad.values_ok().item() is False
+    with pytest.raises(ValueError, match=match):
+        bad.check(N, "cpu")
+
+
 def test_view_errors():
     p = _identity()
     with pytest.raises(ValueError, match=r"\[N, 3, H, W\]"):

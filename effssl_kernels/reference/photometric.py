@@ -165,6 +165,17 @@ def gaussian_kernel1d(kernel_size: int, sigma: Tensor) -> Tensor:
     return torch.softmax(x.div(sigma.to(torch.float32).view(-1, 1)).pow(2).neg(), dim=-1)
 
 
+def blur_fits(kernel_size: int, height: int, width: int) -> bool:
+    """Whether a ``kernel_size`` blur can run on ``height x width`` views: reflect padding of
+    ``k // 2`` needs ``k // 2 < min(height, width)`` (``F.pad`` and torchvision refuse more)."""
+    return kernel_size // 2 < min(height, width)
+
+
+def blur_size_message(kernel_size: int, height: int, width: int) -> str:
+    return (f"photometric: blur_kernel {kernel_size} needs views larger than {kernel_size // 2} px for "
+            f"reflect padding, got {height}x{width}")
+
+
 def _blur(x: Tensor, sigma: Tensor, k: int) -> Tensor:
     integer = x.dtype == torch.uint8
     n, C, H, W = x.shape
@@ -216,10 +227,8 @@ def photometric_reference(views: Tensor, params: "PhotometricParams") -> Tensor:
     params.check(N, views.device)
     k = params.blur_kernel
     blur = params.blur_sigma > 0
-    if bool(blur.any()) and k // 2 >= min(H, W):
-        raise ValueError(
-            f"photometric: blur_kernel {k} needs views larger than {k // 2} px for reflect padding, got {H}x{W}"
-        )
+    if bool(blur.any()) and not blur_fits(k, H, W):
+        raise ValueError(blur_size_message(k, H, W))
     channels_last = views.dim() == 4 and views.is_contiguous(memory_format=torch.channels_last) and not (
         views.is_contiguous()
     )
