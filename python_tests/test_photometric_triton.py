@@ -123,3 +123,23 @@ def test_no_host_sync_with_cpu_params_and_pipeline():
         aug(x)
     finally:
         torch.cuda.set_sync_debug_mode("default")
+
+
+@pytest.mark.skipif(not HAS_GPU, reason="device allocations exist only on a CUDA device")
+def test_pipeline_allocates_no_device_memory_after_warmup():
+    # "allocation-light": after the first steps every buffer of a step (boxes, crops, packed
+    # parameters, scratch, views) comes back from torch's caching allocator, so later steps add no
+    # cudaMalloc (no new segments), the views of the previous step dropped as a training loop does.
+    x = (torch.rand(8, 3, 80, 96) * 255).to(torch.uint8).cuda()
+    aug = ek.MultiViewAugment.dino(num_local=4, global_size=64, local_size=32,
+                                   generator=torch.Generator().manual_seed(0))
+    for _ in range(3):
+        out = aug(x)
+    del out
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_stats()["segment.all.allocated"]
+    for _ in range(5):
+        out = aug(x)
+        del out
+    torch.cuda.synchronize()
+    assert torch.cuda.memory_stats()["segment.all.allocated"] == before
