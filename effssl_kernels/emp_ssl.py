@@ -40,7 +40,7 @@ def emp_ssl_patches(
     size: Union[int, Sequence[int]],
     *,
     scale: Sequence[float] = (0.25, 0.25),
-    ratio: Sequence[float] = (3.0 / 4.0, 4.0 / 3.0),
+    ratio: Sequence[float] = (1.0, 1.0),
     hflip_p: float = 0.5,
     generator: Optional[torch.Generator] = None,
     out_dtype: Optional[torch.dtype] = None,
@@ -51,9 +51,10 @@ def emp_ssl_patches(
         images: ``[N, C, H, W]`` on any device (uint8 gives float32 in ``[0, 1]``; a float image
             keeps its dtype and values).
         num_patches: ``P`` (EMP-SSL: 20 to 200). size: patch side(s).
-        scale, ratio, hflip_p: the RandomResizedCrop/flip parameters (EMP-SSL's CIFAR recipe:
-            scale (0.25, 0.25)). generator: CPU ``torch.Generator`` for the boxes.
-        out_dtype: override the output dtype.
+        scale, ratio, hflip_p: the RandomResizedCrop/flip parameters (defaults: EMP-SSL's CIFAR
+            recipe, ``RandomResizedCrop(32, scale=(0.25, 0.25), ratio=(1, 1))``: square quarters).
+            generator: CPU ``torch.Generator`` for the boxes.
+        out_dtype: a float dtype for the output (uint8 images give float32 by default).
 
     Returns:
         ``[P * N, C, s, s]`` patch-major: row ``i * N + n`` is patch ``i`` of image ``n``.

@@ -119,6 +119,9 @@ def random_crops(
         ``(crops, boxes, flips)``: ``[N, P, C, s, s]`` (image-major), float32 ``[N, P, 4]`` and
         bool ``[N, P]`` on the images' device.
     """
+    if out_dtype is not None and not (isinstance(out_dtype, torch.dtype) and out_dtype.is_floating_point):
+        raise TypeError(f"random_crops: out_dtype must be a floating-point dtype or None (crops of uint8 "
+                        f"images are scaled to [0, 1]), got {out_dtype!r}")
     N = images.shape[0]
     boxes, flips = random_resized_boxes(N, num_crops, tuple(images.shape[-2:]), scale, ratio, hflip_p,
                                         generator=generator, device=images.device)

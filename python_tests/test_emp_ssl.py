@@ -60,12 +60,27 @@ def test_invariance_term_rewards_agreeing_patches():
 def test_patches_are_patch_major_multi_crops():
     images = torch.randint(0, 256, (3, 3, 20, 24), dtype=torch.uint8)
     got = emp_ssl_patches(images, 4, 8, generator=torch.Generator().manual_seed(5))
-    boxes, flips = ek.random_resized_boxes(3, 4, (20, 24), (0.25, 0.25), generator=torch.Generator().manual_seed(5))
+    boxes, flips = ek.random_resized_boxes(3, 4, (20, 24), (0.25, 0.25), (1.0, 1.0),
+                                           generator=torch.Generator().manual_seed(5))
     crops = ek.multi_crop(images, boxes, flips, 8, out_dtype=torch.float32) / 255  # image-major
     assert got.shape == (12, 3, 8, 8) and got.dtype == torch.float32
     for i in range(4):
         for n in range(3):
             torch.testing.assert_close(got[i * 3 + n], crops[n * 4 + i], rtol=0, atol=1e-7)
+
+
+def test_default_patches_are_emp_ssl_square_quarters():
+    # EMP-SSL: RandomResizedCrop(32, scale=(0.25, 0.25), ratio=(1, 1)): on 32 px images every box is
+    # a 16 x 16 square, so 16 px patches copy pixels (x steps of exactly 1, mirrored when flipped)
+    images = torch.arange(32.0).expand(4, 3, 32, 32).contiguous()
+    p = emp_ssl_patches(images, 10, 16, generator=torch.Generator().manual_seed(0))
+    steps = p[..., 1:] - p[..., :-1]
+    assert bool(((steps.abs() == 1) & (steps == steps[..., :1])).all())
+
+
+def test_uint8_out_dtype_is_refused():
+    with pytest.raises(TypeError, match="floating-point"):
+        emp_ssl_patches(torch.zeros(1, 3, 8, 8, dtype=torch.uint8), 2, 4, out_dtype=torch.uint8)
 
 
 def _tiny_resnet():

@@ -191,6 +191,11 @@ def test_errors():
         b[1, 0] = torch.tensor(bad)
         with pytest.raises(ValueError, match="finite with positive height and width"):
             ek.multi_crop(x, b, flips, 4)
+    for bad in ([0, 0, 1e-50, 4], [0, 0, 1e39, 4]):  # fine in float64, 0 and inf in float32
+        b = boxes.double().clone()
+        b[1, 0] = torch.tensor(bad, dtype=torch.float64)
+        with pytest.raises(ValueError, match=r"1e[-+]?[35]\d.*in float32"):
+            ek.multi_crop(x, b, flips, 4)
     with pytest.raises(RuntimeError, match="forward only"):
         ek.multi_crop(x.requires_grad_(), boxes, flips, 4)
 

@@ -2,8 +2,9 @@
 
 On a GPU machine the kernel runs on CUDA tensors; elsewhere on CPU tensors under
 TRITON_INTERPRET=1 (conftest.py), so shapes stay tiny. The kernel does the reference's float32
-operations in its order, so outputs are exact, except that the interpreter truncates float32 ->
-bfloat16 on stores (one bfloat16 step, BF16_INTERP_TOL).
+operations in its order, so under the interpreter outputs are exact, except that it truncates
+float32 -> bfloat16 on stores (one bfloat16 step). On a GPU the compiler contracts multiply-adds
+into FMAs: float rounding, and one level for uint8 outputs on a .5 boundary (_tol).
 """
 import pytest
 import torch
@@ -20,7 +21,18 @@ pytestmark = [
 ]
 
 DEVICE = "cuda" if HAS_GPU else "cpu"
-BF16_INTERP_TOL = 2**-7
+
+
+def _tol(dtype, scale=1.0):
+    """(rtol, atol) of the Triton kernel against the reference for outputs of ``dtype`` whose
+    values reach ``scale``."""
+    if INTERPRET:
+        return (2**-7, 0.0) if dtype == torch.bfloat16 else (0.0, 0.0)
+    # FMA contraction: a few float32 ulps of the value, then the output's own rounding may flip
+    step = {torch.float32: 0.0, torch.float16: 2**-10, torch.bfloat16: 2**-7}
+    if dtype == torch.uint8:
+        return 0.0, 1.0
+    return step[dtype], 4 * 2**-23 * scale
 
 
 @pytest.fixture(autouse=True)
@@ -45,15 +57,16 @@ def test_matches_reference(dtype, layout):
     got = multi_crop(x.to(DEVICE), boxes.to(DEVICE), flips.to(DEVICE), (7, 9))
     want = multi_crop_reference(x.contiguous(), boxes, flips, (7, 9))
     assert got.dtype == dtype and got.shape == want.shape and got.is_contiguous()
-    rtol = BF16_INTERP_TOL if (dtype == torch.bfloat16 and INTERPRET) else 0.0
-    torch.testing.assert_close(got.cpu(), want, rtol=rtol, atol=0)
+    rtol, atol = _tol(dtype)
+    torch.testing.assert_close(got.cpu(), want, rtol=rtol, atol=atol)
 
 
 def test_uint8_to_float32_and_outside():
     x, boxes, flips = _case(torch.uint8, "contiguous", seed=1)
     boxes[1, 2] = torch.tensor([40.0, 40.0, 3.0, 3.0])  # wholly outside: zeros
     got = multi_crop(x.to(DEVICE), boxes.to(DEVICE), flips.to(DEVICE), 5, out_dtype=torch.float32).cpu()
-    torch.testing.assert_close(got, multi_crop_reference(x, boxes, flips, (5, 5), torch.float32), rtol=0, atol=0)
+    rtol, atol = _tol(torch.float32, scale=255.0)
+    torch.testing.assert_close(got, multi_crop_reference(x, boxes, flips, (5, 5), torch.float32), rtol=rtol, atol=atol)
     assert torch.equal(got[5], torch.zeros_like(got[5]))
 
 

@@ -88,6 +88,31 @@ def test_blur_kernel_23_and_nan():
     assert bool(got[1, :, 3, 4].isnan().all())
 
 
+@pytest.mark.parametrize("channel", [0, 1, 2])
+def test_nan_in_one_channel_with_hue_and_saturation(channel):
+    # torch's max over channels makes the whole pixel NaN in hue; GPU min/max drop NaN operands
+    x, params = photometric_case(2, 6, 7, torch.float32, ops=("hue", "saturation"), seed=21)
+    params = params._replace(hue=torch.tensor([0.3, -0.2]))
+    x[0, channel, 2, 3] = float("nan")
+    got, want = _run(x, params)
+    assert bool(want[0, :, 2, 3].isnan().all())
+    assert_photometric_close(got, want, torch.float32)
+
+
+def test_int32_offset_guard():
+    # meta tensors: the guard reads only shapes and strides
+    from effssl_kernels.triton.photometric import fit_int32_offsets
+
+    crop = torch.empty_strided((2, 3, 224, 224), (3 * 2**30, 2**30, 2048, 1), device="meta")  # of a huge tensor
+    out = torch.empty((2, 3, 224, 224), device="meta")
+    assert fit_int32_offsets(crop, out).is_contiguous()  # copied, not refused
+    big = torch.empty((2, 3, 1024, 1024), device="meta")  # 3M elements a sample: as is
+    assert fit_int32_offsets(big, big) is big
+    huge = torch.empty((1, 3, 27000, 27000), device="meta")
+    with pytest.raises(ValueError, match="too large"):
+        fit_int32_offsets(huge, huge)
+
+
 @pytest.mark.parametrize("dtype", [torch.uint8, torch.bfloat16])
 def test_large_image_several_stat_blocks(dtype):
     # 72 x 96 = 6912 pixels > one 4096-pixel stats block: the contrast mean adds two partial

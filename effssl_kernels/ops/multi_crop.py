@@ -65,13 +65,14 @@ def _check_boxes(boxes: Tensor) -> None:
     checked (a bad box then gives zeros or garbage values, never an out-of-bounds read)."""
     if torch.compiler.is_compiling() or boxes.numel() == 0:
         return
-    b = boxes if boxes.is_floating_point() else boxes.to(torch.float64)
+    b = boxes.to(torch.float32)  # checked as the kernels compute them: 1e39 is inf, 1e-50 is 0 there
     ok = torch.isfinite(b).all(-1) & (b[..., 2] > 0) & (b[..., 3] > 0)
     if boxes.device.type == "cpu" or os.environ.get("EFFSSL_CHECK_INDICES", "0") == "1":
         if not bool(ok.all()):
             bad = (~ok).nonzero()[0].tolist()
             raise ValueError(
-                f"multi_crop: box {bad} = {boxes[bad[0], bad[1]].tolist()} must be finite with positive height and width"
+                f"multi_crop: box {bad} = {boxes[bad[0], bad[1]].tolist()} must be finite with positive height and "
+                "width in float32 (the kernels' precision)"
             )
     else:
         torch._assert_async(ok.all(), "multi_crop: every box must be finite with positive height and width")
@@ -121,8 +122,7 @@ def multi_crop(
     dt = _check(images, boxes, flips, out_dtype)
     oh, ow = as_pair(out_size, "multi_crop: out_size")
     which = _backend.choose(images.device.type, cuda_kernel=False)
-    if which != "cpp":  # the C++ kernel checks the boxes as it converts them
-        _check_boxes(boxes)
+    _check_boxes(boxes)  # the C++ kernel checks again (direct op calls), quoting float32 values
     if which == "reference" or (which == "triton" and images.dtype == torch.float64):
         return multi_crop_reference(images, boxes, flips, (oh, ow), dt)
     if which == "triton":

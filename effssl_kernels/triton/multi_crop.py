@@ -1,8 +1,11 @@
 """Triton multi_crop: crop-resize-flip of many boxes per image in one launch.
 
-One program per (box, block of ``BLOCK`` output pixels), on a 1-D grid,: it computes the bilinear taps of its
+One program per (box, block of ``BLOCK`` output pixels), on a 1-D grid: it computes the bilinear taps of its
 pixels once (torch's ``upsample_bilinear2d`` arithmetic on the crop, as the reference) and loops
-over the channels, so the index math is paid once per pixel, not per channel. Images are read
+over the channels, so the index math is paid once per pixel, not per channel. The operations are
+the reference's, in its order; on a GPU the compiler contracts multiply-adds into FMAs, so outputs
+differ from the reference by float rounding (~1 ulp; a uint8 output by one level where the value
+sits on a .5 boundary), while under the interpreter they are exact. Images are read
 through their strides (any layout, int64 offsets); taps outside the image read nothing and
 count 0. The output is contiguous ``[N*P, C, oh, ow]``. SEMANTICS.md section 4; oracle
 ``effssl_kernels.reference.multi_crop.multi_crop_reference``.
@@ -18,10 +21,9 @@ from . import device_of
 
 
 @triton.jit
-def _axis_taps(start, size, o, n_out, limit):
-    """Taps of output positions ``o`` along one axis of boxes ``(start, size)``: (i0, i1, w0, w1,
-    valid0, valid1); the reference's formulas, in float32."""
-    scale = size / n_out
+def _axis_taps(start, size, scale, o, limit):
+    """Taps of output positions ``o`` along one axis of boxes ``(start, size)`` with ``scale =
+    size / n_out``: (i0, i1, w0, w1, valid0, valid1); the reference's formulas, in float32."""
     s = scale * (o.to(tl.float32) + 0.5) - 0.5
     s = tl.maximum(s, 0.0)
     s = tl.minimum(s, tl.maximum(size - 1.0, 0.0))
@@ -40,7 +42,7 @@ def _axis_taps(start, size, o, n_out, limit):
 @triton.jit
 def _multi_crop_kernel(
     img_ptr,  # [N, C, H, W], strides s*
-    box_ptr,  # float32 [N*P, 4] contiguous
+    box_ptr,  # float32 [N*P, 6] contiguous: top, left, height, width, height / OH, width / OW
     flip_ptr,  # bool/int8 [N*P] contiguous
     out_ptr,  # [N*P, C, OH, OW] contiguous
     P,
@@ -65,14 +67,15 @@ def _multi_crop_kernel(
     live = offs < n_pix
     oy = offs // OW
     ox = offs - oy * OW
-    top = tl.load(box_ptr + q * 4)
-    left = tl.load(box_ptr + q * 4 + 1)
-    bh = tl.load(box_ptr + q * 4 + 2)
-    bw = tl.load(box_ptr + q * 4 + 3)
+    box = box_ptr + q * 6
+    top = tl.load(box)
+    left = tl.load(box + 1)
+    bh = tl.load(box + 2)
+    bw = tl.load(box + 3)
     flip = tl.load(flip_ptr + q) != 0
     ox = tl.where(flip, OW - 1 - ox, ox)  # column x reads the taps of column OW - 1 - x
-    y0, y1, wy0, wy1, vy0, vy1 = _axis_taps(top, bh, oy, OH, H)
-    x0, x1, wx0, wx1, vx0, vx1 = _axis_taps(left, bw, ox, OW, W)
+    y0, y1, wy0, wy1, vy0, vy1 = _axis_taps(top, bh, tl.load(box + 4), oy, H)
+    x0, x1, wx0, wx1, vx0, vx1 = _axis_taps(left, bw, tl.load(box + 5), ox, W)
     m00 = live & vy0 & vx0
     m01 = live & vy0 & vx1
     m10 = live & vy1 & vx0
@@ -84,7 +87,8 @@ def _multi_crop_kernel(
     p11 = base + y1 * sh + x1 * sw
     o_ptr = out_ptr + q * C * n_pix + offs
     for c in range(C):
-        cc = c * sc
+        c64 = tl.full([], c, tl.int64)  # int64: (C - 1) * sc and C * n_pix pass 2^31 on huge images
+        cc = c64 * sc
         v00 = tl.load(p00 + cc, mask=m00, other=0.0).to(tl.float32)
         v01 = tl.load(p01 + cc, mask=m01, other=0.0).to(tl.float32)
         v10 = tl.load(p10 + cc, mask=m10, other=0.0).to(tl.float32)
@@ -92,7 +96,7 @@ def _multi_crop_kernel(
         v = wy0 * (wx0 * v00 + wx1 * v01) + wy1 * (wx0 * v10 + wx1 * v11)
         if OUT_U8:
             v = tl.floor(tl.minimum(tl.maximum(v, 0.0), 255.0) + 0.5)
-        tl.store(o_ptr + c * n_pix, v.to(out_ptr.dtype.element_ty), mask=live)
+        tl.store(o_ptr + c64 * n_pix, v.to(out_ptr.dtype.element_ty), mask=live)
 
 
 def multi_crop_fwd(images: Tensor, boxes: Tensor, flips: Tensor, out_h: int, out_w: int, out_dtype: torch.dtype) -> Tensor:
@@ -103,7 +107,9 @@ def multi_crop_fwd(images: Tensor, boxes: Tensor, flips: Tensor, out_h: int, out
     out = torch.empty((N * P, C, out_h, out_w), device=images.device, dtype=out_dtype)
     if out.numel() == 0:
         return out
-    b = boxes.to(torch.float32).reshape(N * P, 4).contiguous()
+    b = boxes.to(torch.float32).reshape(N * P, 4)
+    # the scales divided here, exactly as the reference (a GPU kernel's "/" is approximate)
+    b = torch.cat([b, b[:, 2:] / torch.tensor([out_h, out_w], dtype=torch.float32, device=b.device)], 1)
     f = flips.reshape(N * P).contiguous()
     BLOCK = 256
     grid = (N * P * triton.cdiv(out_h * out_w, BLOCK),)

@@ -84,6 +84,11 @@ def _hue(r, g, b, shift, IS_U8: tl.constexpr):
         r = r * (1.0 / 255)
         g = g * (1.0 / 255)
         b = b * (1.0 / 255)
+    else:
+        # torch's max over channels makes a pixel with one NaN channel NaN in all three; PTX
+        # min/max drop NaN operands, so keep the NaN (r + g + b) and put it back at the end
+        poison = r + g + b
+        nan_px = poison != poison
     maxc = tl.maximum(tl.maximum(r, g), b)
     minc = tl.minimum(tl.minimum(r, g), b)
     eqc = maxc == minc
@@ -111,6 +116,10 @@ def _hue(r, g, b, shift, IS_U8: tl.constexpr):
     r = tl.where(i == 0, v, tl.where(i == 1, q, tl.where((i == 2) | (i == 3), p, tl.where(i == 4, t, v))))
     g = tl.where(i == 0, t, tl.where((i == 1) | (i == 2), v, tl.where(i == 3, q, p)))
     b = tl.where(i <= 1, p, tl.where(i == 2, t, tl.where(i == 5, q, v)))
+    if not IS_U8:
+        r = tl.where(nan_px, poison, r)
+        g = tl.where(nan_px, poison, g)
+        b = tl.where(nan_px, poison, b)
     if IS_U8:
         r = tl.floor(r * 255.999)
         g = tl.floor(g * 255.999)
@@ -324,15 +333,34 @@ def photometric_fwd(views: Tensor, params: Tensor, blur_weights: Tensor, norm: O
     out = empty_out(views, norm is not None)
     if out.numel() == 0:
         return out
+    views = fit_int32_offsets(views, out)
     with device_of(views):  # launch on the views' GPU, not the current one
         return _launch(views, params, blur_weights, norm, out)
 
 
+def _max_offset(t: Tensor) -> int:
+    """The largest offset within one sample that the kernels form in int32: pixel (H-1, W-1) of
+    channel 2 (strides are never negative in torch)."""
+    _, _, H, W = t.shape
+    _, sc, sh, sw = t.stride()
+    return (H - 1) * sh + (W - 1) * sw + 2 * sc
+
+
+def fit_int32_offsets(views: Tensor, out: Tensor) -> Tensor:
+    """The kernels index within one sample in int32 (64-bit index math costs two instructions per
+    op); sample offsets are int64. Views whose strides overflow int32 (a small crop of a huge
+    tensor) are copied contiguous; a sample too large even then raises."""
+    if _max_offset(views) >= 2**31:
+        views = views.contiguous()
+    _, _, H, W = views.shape
+    if max(_max_offset(views), _max_offset(out), 3 * H * W) >= 2**31:
+        raise ValueError(f"photometric: views of {H}x{W} px are too large for the Triton kernels "
+                         "(more than 2^31 elements per sample)")
+    return views
+
+
 def _launch(views: Tensor, params: Tensor, blur_weights: Tensor, norm: Optional[Tensor], out: Tensor) -> Tensor:
     N, _, H, W = views.shape
-    if max(abs(st) for st in views.stride()[1:]) * max(H, W) * 3 >= 2**31:
-        # offsets within one image are int32 in the kernels (64-bit index math costs 2x)
-        raise ValueError(f"photometric: views of {H}x{W} (strides {views.stride()}) are too large for the Triton kernels")
     is_u8 = views.dtype == torch.uint8
     HW = H * W
     K = blur_weights.shape[1]
