@@ -48,7 +48,7 @@ class EMPModel(nn.Module):
 def cpu_loader_patches(images_cpu: torch.Tensor, P: int, device: str) -> torch.Tensor:
     from torchvision.transforms import v2
 
-    t = v2.Compose([v2.RandomResizedCrop(32, scale=(0.25, 0.25), antialias=False), v2.RandomHorizontalFlip()])
+    t = v2.Compose([v2.RandomResizedCrop(32, scale=(0.25, 0.25), ratio=(1, 1), antialias=False), v2.RandomHorizontalFlip()])
     patches = [t(img) for i in range(P) for img in images_cpu]  # patch-major, as EMP-SSL chunks
     return torch.stack(patches).to(device, non_blocking=True).float().div_(255)
 
