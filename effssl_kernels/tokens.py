@@ -28,7 +28,11 @@ def _int_arg(name: str, fn: str, value, minimum: int) -> int:
 
 
 def round_keep_count(count: int, num_patches: int, multiple_of: int = 8) -> int:
-    """``min(L, roundup(max(1, count), multiple_of))``: the batch's ``K`` (never 0, never above L)."""
+    """``min(L, roundup(max(1, count), multiple_of))``: the batch's ``K`` (never 0, never above L).
+
+    Raises TypeError / ValueError unless ``num_patches`` and ``multiple_of`` are ints >= 1."""
+    _int_arg("num_patches", "round_keep_count", num_patches, 1)
+    _int_arg("multiple_of", "round_keep_count", multiple_of, 1)
     count = max(1, int(count))
     return min(num_patches, -(-count // multiple_of) * multiple_of)
 
@@ -170,7 +174,26 @@ def tokens_from_psnr(psnr_a: Tensor, psnr_b: Tensor, threshold_db: float = 20.0,
                      multiple_of: int = 8) -> tuple[Tensor, Tensor]:
     """The token choice of :func:`similar_token_keep` from both directions' block_match PSNRs
     (float32 ``[N, Hb, Wb]`` each, patches = blocks): ``(keep_a, keep_b)`` int64 ``[N, K]``, one
-    host sync (reading ``K``)."""
+    host sync (reading ``K``).
+
+    Raises TypeError / ValueError for PSNR maps that are not floating-point 3-D tensors of one
+    shape and device with at least one block, a NaN or non-number ``threshold_db``, or a
+    ``multiple_of`` that is not an int >= 1."""
+    fn = "tokens_from_psnr"
+    if not isinstance(psnr_a, Tensor) or not isinstance(psnr_b, Tensor):
+        raise TypeError(f"{fn}: psnr_a and psnr_b must be tensors")
+    if not (psnr_a.is_floating_point() and psnr_b.is_floating_point()):
+        raise TypeError(f"{fn}: PSNR maps must be floating point, got {psnr_a.dtype} and {psnr_b.dtype}")
+    if psnr_a.dim() != 3 or psnr_a.shape != psnr_b.shape:
+        raise ValueError(f"{fn}: PSNR maps must be [N, Hb, Wb] of one shape, got "
+                         f"{tuple(psnr_a.shape)} and {tuple(psnr_b.shape)}")
+    if psnr_a.device != psnr_b.device:
+        raise ValueError(f"{fn}: PSNR maps are on {psnr_a.device} and {psnr_b.device}")
+    if psnr_a.shape[1] * psnr_a.shape[2] == 0:
+        raise ValueError(f"{fn}: PSNR maps hold no block, got {tuple(psnr_a.shape)}")
+    if isinstance(threshold_db, bool) or not isinstance(threshold_db, (int, float)) or math.isnan(threshold_db):
+        raise TypeError(f"{fn}: threshold_db must be a number, got {threshold_db!r}")
+    _int_arg("multiple_of", fn, multiple_of, 1)
     N = psnr_a.shape[0]
     L = psnr_a.shape[1] * psnr_a.shape[2]
     psnr = torch.stack((psnr_a.reshape(N, L), psnr_b.reshape(N, L)))  # [2, N, L]

@@ -21,7 +21,8 @@ pytestmark = pytest.mark.skipif(not _backend.HAS_EXT, reason="needs the compiled
 DEVICES = ["cpu"] + (["cuda"] if HAS_GPU else [])
 # (rtol, atol) of a gradient against the float64 reference: one rounding to the dtype, plus
 # float32 summation of a few terms (loosest for bfloat16's 8-bit mantissa).
-GRAD_TOL = {torch.float32: (1e-5, 1e-5), torch.float16: (1e-3, 1e-3), torch.bfloat16: (8e-3, 8e-3)}
+GRAD_TOL = {torch.float32: (1e-5, 1e-5), torch.float16: (1e-3, 1e-3), torch.bfloat16: (8e-3, 8e-3),
+            torch.float64: (1e-12, 1e-12)}
 
 
 def _keep(N, L, K, unique=True, dtype=torch.int64):
@@ -139,15 +140,18 @@ def test_layouts(device, dtype):
     want = gather_tokens(x, keep, pos)
     for args in [(xs, keep, pos), (x, ks, ps), (xs, ks.int(), ps), (x.transpose(0, 1).contiguous().transpose(0, 1), keep, pos)]:
         torch.testing.assert_close(gather_tokens(*args), want, rtol=0, atol=0)
-    # an expanded gradient: out.sum() backward hands the op a stride-0 grad
+    # an expanded gradient: out.sum() backward hands the op a stride-0 grad; strided leaves and
+    # a strided keep give the same gradients
     x1 = x.clone().requires_grad_()
     p1 = pos.clone().requires_grad_()
-    gather_tokens(xs.detach().requires_grad_(), ks, ps).sum().backward()
+    xs1, ps1 = xs.detach().requires_grad_(), ps.detach().requires_grad_()
+    gather_tokens(xs1, ks, ps1).sum().backward()
     gather_tokens(x1, keep, p1).sum().backward()
     x2 = x.clone().requires_grad_()
     p2 = pos.clone().requires_grad_()
     gather_tokens(x2, keep, p2).backward(torch.ones(N, K, D, dtype=dtype, device=device))
     assert torch.equal(x1.grad, x2.grad) and torch.equal(p1.grad, p2.grad)
+    assert torch.equal(xs1.grad, x1.grad) and torch.equal(ps1.grad, p1.grad)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -242,14 +246,46 @@ def test_empty_batch_and_zero_width():
     assert gather_tokens(torch.randn(2, 5, 0), torch.zeros(2, 3, dtype=torch.long)).shape == (2, 3, 0)
 
 
+@pytest.mark.parametrize("bad", [[[7], [0]], [[0], [-3]]])
+def test_zero_width_still_checks_indices(bad):
+    # D == 0 leaves the kernels no row to read, so no index would be checked there
+    x = torch.randn(2, 5, 0, requires_grad=True)
+    keep = torch.tensor(bad)
+    with pytest.raises(ValueError, match="outside"):
+        gather_tokens(x, keep)
+    with pytest.raises(ValueError, match="outside"):
+        torch.ops.effssl_kernels.gather_tokens(x.detach(), keep, None)
+    with pytest.raises(ValueError, match="outside"):
+        torch.ops.effssl_kernels.gather_tokens_backward(
+            torch.randn(2, 1, 0), keep, 5, torch.float32, torch.float32, True, True)
+
+
+@pytest.mark.parametrize("xd,pd", [(torch.float64, None), (torch.float64, torch.float64),
+                                    (torch.float32, torch.float64), (torch.float64, torch.bfloat16),
+                                    (torch.float16, torch.float64)], ids=str)
+@pytest.mark.parametrize("shape", SHAPES[:4], ids=str)
+def test_float64(xd, pd, shape):
+    # float64 (e.g. a float64 ViT's unfused embedding path) promotes as torch does, adds and
+    # accumulates in float64
+    N, L, D, K, unique = shape
+    x = torch.randn(N, L, D).to(xd).requires_grad_()
+    pos = None if pd is None else torch.randn(1, L, D).to(pd).requires_grad_()
+    keep = _keep(N, L, K, unique)
+    out = gather_tokens(x, keep, pos)
+    assert out.dtype == (xd if pd is None else torch.promote_types(xd, pd))
+    _check_against_reference(x, keep, pos)
+
 def test_gradcheck():
-    # The op takes float32/16/bf16 only (SEMANTICS.md), so no float64 run: it is linear, so
-    # float32 central differences with eps = 0.5 are exact up to float32 rounding.
-    x = torch.randn(2, 5, 3, requires_grad=True)
-    pos = torch.randn(1, 5, 3, requires_grad=True)
+    x = torch.randn(2, 5, 3, dtype=torch.float64, requires_grad=True)
+    pos = torch.randn(1, 5, 3, dtype=torch.float64, requires_grad=True)
     keep = torch.tensor([[4, 0, 4], [1, 2, 3]])
+    assert torch.autograd.gradcheck(lambda a, b: gather_tokens(a, keep, b), (x, pos))
+    # float32 too: the op is linear, so central differences with eps = 0.5 are exact up to
+    # float32 rounding
+    x32, p32 = x.detach().float().requires_grad_(), pos.detach().float().requires_grad_()
     with pytest.warns(UserWarning, match="double precision"):
-        assert torch.autograd.gradcheck(lambda a, b: gather_tokens(a, keep, b), (x, pos), eps=0.5, atol=1e-4, rtol=1e-4)
+        assert torch.autograd.gradcheck(lambda a, b: gather_tokens(a, keep, b), (x32, p32), eps=0.5,
+                                        atol=1e-4, rtol=1e-4)
 
 
 def test_reference_backend(monkeypatch):
@@ -340,8 +376,8 @@ def _args():
 
 BAD = [
     (lambda x, k, p: gather_tokens(x[0], k, p), ValueError, "3-D"),
-    (lambda x, k, p: gather_tokens(x.double(), k, p), TypeError, "float32, float16 or bfloat16"),
-    (lambda x, k, p: gather_tokens(x.int(), k, p), TypeError, "float32, float16 or bfloat16"),
+    (lambda x, k, p: gather_tokens(x.int(), k, p), TypeError, "float32, float64, float16 or bfloat16"),
+    (lambda x, k, p: gather_tokens(x.to(torch.complex64), k, p), TypeError, "float32, float64, float16"),
     (lambda x, k, p: gather_tokens(x, k.float(), p), TypeError, "int32 or int64"),
     (lambda x, k, p: gather_tokens(x, k.to(torch.int16), p), TypeError, "int32 or int64"),
     (lambda x, k, p: gather_tokens(x, k[0], p), ValueError, "2-D"),
@@ -351,7 +387,7 @@ BAD = [
     (lambda x, k, p: gather_tokens(x, k, p[:, :5]), ValueError, "pos_embed must have shape"),
     (lambda x, k, p: gather_tokens(x, k, p.expand(2, 6, 4)), ValueError, "pos_embed must have shape"),
     (lambda x, k, p: gather_tokens(x, k, p[..., :3]), ValueError, "pos_embed must have shape"),
-    (lambda x, k, p: gather_tokens(x, k, p.double()), TypeError, "pos_embed must be float32"),
+    (lambda x, k, p: gather_tokens(x, k, p.int()), TypeError, "pos_embed must be float32"),
     (lambda x, k, p: gather_tokens(x, k, p.numpy()), TypeError, "tensor or None"),
     (lambda x, k, p: gather_tokens(x, k.tolist(), p), TypeError, "tensors"),
     (lambda x, k, p: gather_tokens(x, k, p.to("meta")), ValueError, "must be on"),
@@ -367,13 +403,18 @@ def test_bad_input(call, exc, msg):
         call(*_args())
 
 
-def test_bad_index_in_backward_raises():
-    # keep changed in place after the forward (a user bug): the backward checks indices too
-    x = torch.randn(2, 6, 4, requires_grad=True)
+@pytest.mark.parametrize("need", ["x", "pos"])
+def test_bad_index_in_backward_raises(need):
+    # The saved keep changed behind autograd's back (through .data, which does not bump the
+    # version counter, so autograd's "modified by an inplace operation" check cannot fire):
+    # the C++ backward range-checks the indices itself.
+    x = torch.randn(2, 6, 4, requires_grad=need == "x")
+    pos = torch.randn(6, 4, requires_grad=need == "pos")
     keep = torch.tensor([[0, 5], [2, 2]])
-    out = gather_tokens(x, keep)
-    keep[1, 0] = 9
-    with pytest.raises((ValueError, RuntimeError), match="outside|modified"):
+    out = gather_tokens(x, keep, pos)
+    keep.data[1, 0] = 9
+    assert keep._version == 0
+    with pytest.raises(ValueError, match=r"keep\[1, 0\] = 9 is outside \[0, 6\)"):
         out.sum().backward()
 
 
@@ -381,7 +422,7 @@ def test_bad_index_in_backward_raises():
     "args,msg",
     [
         ((torch.randn(2, 6), torch.zeros(2, 1, dtype=torch.long), None), "3-D"),
-        ((torch.randn(2, 6, 4).double(), torch.zeros(2, 1, dtype=torch.long), None), "float32"),
+        ((torch.randn(2, 6, 4).int(), torch.zeros(2, 1, dtype=torch.long), None), "float32"),
         ((torch.randn(2, 6, 4), torch.zeros(2, 1), None), "int32 or int64"),
         ((torch.randn(2, 6, 4), torch.zeros(3, 1, dtype=torch.long), None), "batch"),
         ((torch.randn(2, 6, 4), torch.zeros(2, 0, dtype=torch.long), None), "K >= 1"),
@@ -403,6 +444,6 @@ def test_bad_input_direct_backward_op():
     with pytest.raises(RuntimeError, match="tokens but keep has"):
         bwd(grad, keep[:, :2], 5, torch.float32, torch.float32, True, True)
     with pytest.raises(TypeError, match="x_dtype"):
-        bwd(grad, keep, 5, torch.float64, torch.float32, True, False)
+        bwd(grad, keep, 5, torch.int32, torch.float32, True, False)
     with pytest.raises(ValueError, match="outside"):
         bwd(grad, keep + 5, 5, torch.float32, torch.float32, False, True)

@@ -27,7 +27,8 @@ DEVICE = "cuda" if HAS_GPU else "cpu"
 BF16_INTERP_TOL = 2**-7  # one bfloat16 step, relative
 # (rtol, atol) of gradients against float64: one rounding to the dtype (truncation when
 # interpreting bfloat16) after a float32 sum
-GRAD_TOL = {torch.float32: (1e-5, 1e-5), torch.float16: (1e-3, 1e-3), torch.bfloat16: (1.6e-2, 1.6e-2)}
+GRAD_TOL = {torch.float32: (1e-5, 1e-5), torch.float16: (1e-3, 1e-3), torch.bfloat16: (1.6e-2, 1.6e-2),
+            torch.float64: (1e-12, 1e-12)}
 
 
 @pytest.fixture(autouse=True)
@@ -107,6 +108,15 @@ def test_matches_reference(dtype, pos_kind, shape):
     else:
         keep = torch.randint(0, L, (N, K))
     _check(x, keep, pos)
+
+
+@pytest.mark.parametrize("xd,pd", [(torch.float64, None), (torch.float64, torch.float64),
+                                    (torch.float32, torch.float64), (torch.float64, torch.bfloat16)], ids=str)
+def test_float64(xd, pd):
+    # float64 adds and accumulates in float64 (a float32 accumulator would miss GRAD_TOL by far)
+    x = torch.randn(3, 6, 20).to(xd).requires_grad_()
+    pos = None if pd is None else torch.randn(1, 6, 20).to(pd).requires_grad_()
+    _check(x, torch.randint(0, 6, (3, 10)), pos)
 
 
 def test_mixed_dtypes_and_int32():

@@ -6,6 +6,7 @@ import torch
 
 import effssl_kernels as ek
 from effssl_kernels.reference import block_match_reference
+from effssl_kernels.tokens import round_keep_count
 
 
 def _check_rows(keep: torch.Tensor, L: int) -> None:
@@ -278,3 +279,44 @@ def test_similar_keep_one_sync(monkeypatch):
     ek.similar_token_keep(a, b, p, search_radius=1)
     monkeypatch.undo()
     assert len(calls) == 1, calls
+
+
+PSNR = torch.tensor([[[30.0, 10.0], [10.0, 30.0]]])
+
+
+@pytest.mark.parametrize(
+    "args,kw,exc,match",
+    [
+        ((PSNR, PSNR, 20.0), {"multiple_of": 0}, ValueError, "multiple_of must be at least 1"),
+        ((PSNR, PSNR, 20.0), {"multiple_of": -8}, ValueError, "multiple_of must be at least 1"),
+        ((PSNR, PSNR, 20.0), {"multiple_of": 2.0}, TypeError, "multiple_of must be an int"),
+        ((PSNR, PSNR, 20.0), {"multiple_of": True}, TypeError, "multiple_of must be an int"),
+        ((PSNR, PSNR, float("nan")), {}, TypeError, "threshold_db"),
+        ((PSNR, PSNR, "20"), {}, TypeError, "threshold_db"),
+        ((PSNR, PSNR[:, :1], 20.0), {}, ValueError, "one shape"),
+        ((PSNR[0], PSNR[0], 20.0), {}, ValueError, r"\[N, Hb, Wb\]"),
+        ((PSNR, PSNR.long(), 20.0), {}, TypeError, "floating point"),
+        ((PSNR, PSNR.tolist(), 20.0), {}, TypeError, "tensors"),
+        ((PSNR[:, :0], PSNR[:, :0], 20.0), {}, ValueError, "no block"),
+    ],
+)
+def test_tokens_from_psnr_errors(args, kw, exc, match):
+    with pytest.raises(exc, match=match):
+        ek.tokens_from_psnr(*args, **kw)
+
+
+def test_tokens_from_psnr_valid():
+    ka, kb = ek.tokens_from_psnr(PSNR, PSNR, 20.0, multiple_of=1)
+    assert ka.tolist() == [[1, 2]] and kb.tolist() == [[1, 2]]
+
+
+@pytest.mark.parametrize("args,exc", [((5, 16, 0), ValueError), ((5, 16, -8), ValueError), ((5, 16, 2.5), TypeError),
+                                      ((5, 0, 8), ValueError), ((5, 16, True), TypeError)])
+def test_round_keep_count_errors(args, exc):
+    with pytest.raises(exc):
+        round_keep_count(*args)
+
+
+def test_round_keep_count():
+    assert [round_keep_count(c, 16, 8) for c in (0, 1, 8, 9, 20)] == [8, 8, 8, 16, 16]
+    assert round_keep_count(3, 16, 1) == 3

@@ -51,14 +51,29 @@ def _lower_all() -> dict:
             gt._gather_tokens_fwd_kernel,
             dict(x_ptr="*bf16", keep_ptr="*i64", pos_ptr="*fp32", out_ptr="*fp32"),
             {},
-            dict(HAS_POS=True, BLOCK_K=16, BLOCK_D=128),
+            dict(HAS_POS=True, F64=False, BLOCK_K=16, BLOCK_D=128),
+            ("sx_d", "sk_k", "sp_d"),
+        ),
+        "gather_tokens_fwd_f64": (
+            gt._gather_tokens_fwd_kernel,
+            dict(x_ptr="*fp64", keep_ptr="*i64", pos_ptr="*fp64", out_ptr="*fp64"),
+            {},
+            dict(HAS_POS=True, F64=True, BLOCK_K=16, BLOCK_D=128),
             ("sx_d", "sk_k", "sp_d"),
         ),
         "gather_tokens_bwd": (
             gt._gather_tokens_bwd_kernel,
             dict(grad_ptr="*bf16", perm_ptr="*i64", bounds_ptr="*i64", gx_ptr="*bf16", part_ptr="*fp32"),
             {},
-            dict(NEED_X=True, NEED_POS=True, BLOCK_L=16, BLOCK_D=128),
+            dict(NEED_X=True, NEED_POS=True, F64=False, BLOCK_L=16, BLOCK_D=128),
+            ("sg_d",),
+        ),
+        "gather_tokens_bwd_f64": (
+            gt._gather_tokens_bwd_kernel,
+            dict(grad_ptr="*fp64", perm_ptr="*i64", bounds_ptr="*i64", gx_ptr="*fp64",
+                 part_ptr="*fp64"),
+            {},
+            dict(NEED_X=True, NEED_POS=True, F64=True, BLOCK_L=16, BLOCK_D=128),
             ("sg_d",),
         ),
         "patch_embed_gather_bf16": (
@@ -201,7 +216,7 @@ def test_every_triton_kernel_lowers_for_sm90():
     results = json.loads(proc.stdout.strip().splitlines()[-1])
     bad = {f"{case}/{mode}": msg for case, r in results.items() for mode, msg in r.items() if msg != "ok"}
     assert not bad, bad
-    assert len(results) == 16
+    assert len(results) == 18
 
 
 def _photometric_cubins() -> dict:

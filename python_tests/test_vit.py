@@ -102,13 +102,13 @@ def test_vit_small_full_width():
 def test_keep_uses_fused_op(monkeypatch):
     """The identity-norm path calls patch_embed_gather (the fused op), with the patch positions."""
     calls = []
-    orig = vit_mod.patch_embed_gather
+    orig = vit_mod._patch_embed_gather
 
-    def spy(images, weight, bias, keep, pos_embed=None):
+    def spy(images, weight, bias, keep, pos_embed, check_range):
         calls.append(None if pos_embed is None else tuple(pos_embed.shape))
-        return orig(images, weight, bias, keep, pos_embed)
+        return orig(images, weight, bias, keep, pos_embed, check_range=check_range)
 
-    monkeypatch.setattr(vit_mod, "patch_embed_gather", spy)
+    monkeypatch.setattr(vit_mod, "_patch_embed_gather", spy)
     for kw, shape in (({}, (1, 16, 96)), ({"no_embed_class": True, "reg_tokens": 2}, (1, 16, 96))):
         model = ek.sparsify_vit(_vit(depth=1, **kw))
         with ek.token_keep(torch.tensor([[0, 5]])):
@@ -265,12 +265,229 @@ def test_bad_images_and_models():
     with ek.token_keep(torch.tensor([[0]])):
         with pytest.raises(ValueError, match="divide"):
             dyn(torch.randn(1, 3, 60, 64))
-    pad = ek.sparsify_vit(_vit(depth=1, dynamic_img_size=True, dynamic_img_pad=True))
-    x = torch.randn(1, 3, 60, 50)
-    with ek.token_keep(torch.arange(16).reshape(1, 16)):
-        torch.testing.assert_close(pad(x), type(pad).__mro__[2].forward(pad, x), rtol=1e-5, atol=1e-5)
     with pytest.raises(TypeError):
         ek.sparsify_vit(nn.Linear(2, 2))
     with pytest.raises(TypeError):
         ek.unsparsify_vit(_vit(depth=1))
     assert ek.sparsify_vit(model) is model  # idempotent
+
+
+def _timm_reference(ref, x, keep):
+    """The untouched timm model ``ref``: its own PatchEmbed and its class's ``_pos_embed`` on all
+    patches, then the prefix + ``keep`` tokens gathered, then its blocks and head."""
+    full = ref._pos_embed(ref.patch_embed(x))
+    n, npre = x.shape[0], ref.num_prefix_tokens
+    sel = torch.cat((torch.arange(npre).expand(n, -1), keep + npre), 1)
+    tokens = full.gather(1, sel[..., None].expand(-1, -1, full.shape[-1]))
+    return ref.forward_head(ref.norm(ref.blocks(ref.norm_pre(tokens))))
+
+
+def _check_vs_timm(model, ref, x, L, tol=1e-5):
+    """No keep, all patches kept, and two partial keeps (duplicates, K = 1) against ``ref``."""
+    torch.testing.assert_close(model(x), ref(x), rtol=tol, atol=tol)
+    n = x.shape[0]
+    g = torch.Generator().manual_seed(L)
+    for keep in (torch.arange(L).expand(n, L), torch.randint(0, L, (n, max(1, L // 2)), generator=g),
+                 torch.randint(0, L, (n, 1), generator=g)):
+        with ek.token_keep(keep):
+            out = model(x)
+        want = ref(x) if keep.shape[1] == L and torch.equal(keep[0], torch.arange(L)) else _timm_reference(ref, x, keep)
+        torch.testing.assert_close(out, want, rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("kw", [{}, {"dynamic_img_size": True}, {"embed_norm_layer": nn.LayerNorm}])
+def test_deit_distilled_matches_timm(kw):
+    """VisionTransformerDistilled's prefix is cls + dist (num_prefix_tokens = 2): the sparse path
+    must build it as timm's own _pos_embed of that class does."""
+    ref = timm.create_model("deit_tiny_distilled_patch16_224", img_size=32, patch_size=8, depth=1, embed_dim=16,
+                            num_heads=2, num_classes=5, **kw).eval()
+    ref.dist_token.data.normal_()  # timm initialises it near cls_token; make them clearly different
+    model = ek.sparsify_vit(copy.deepcopy(ref))
+    assert model.num_prefix_tokens == 2 and model.dist_token is not None
+    x = torch.randn(2, 3, 32, 32)
+    _check_vs_timm(model, ref, x, 16)
+    if kw.get("dynamic_img_size"):  # another resolution: pos_embed resampled with both prefix entries kept
+        _check_vs_timm(model, ref, torch.randn(2, 3, 48, 40), 30)
+    # the patch-size path builds the same prefix
+    ref12 = copy.deepcopy(ref)
+    ref12.set_input_size(patch_size=16)
+    with ek.patch_size(model, 16, interpolation="bicubic", antialias=True):
+        _check_vs_timm(model, ref12, x, 4, tol=1e-4)
+
+
+def test_prefix_must_match_num_prefix_tokens():
+    """A model whose prefix tokens do not add up to num_prefix_tokens is refused (at conversion
+    and, if changed later, at forward) instead of broadcasting a wrong prefix; so is a subclass
+    with its own _pos_embed, whose prefix the converter cannot know."""
+    from timm.models.vision_transformer import VisionTransformer
+
+    bad = _vit(depth=1, reg_tokens=2)
+    bad.num_prefix_tokens = 2  # 1 cls + 2 registers = 3
+    with pytest.raises(ValueError, match="num_prefix_tokens"):
+        ek.sparsify_vit(bad)
+    assert not ek.is_sparse_vit(bad)
+    distilled_reg = timm.create_model("deit_tiny_distilled_patch16_224", img_size=32, patch_size=8, depth=1,
+                                      embed_dim=16, num_heads=2, reg_tokens=2)
+    with pytest.raises(ValueError, match="num_prefix_tokens"):  # timm's own _pos_embed ignores them
+        ek.sparsify_vit(distilled_reg)
+    model = ek.sparsify_vit(_vit(depth=1, reg_tokens=2))
+    model.reg_token = None
+    with ek.token_keep(torch.tensor([[0, 1]])):
+        with pytest.raises(ValueError, match="num_prefix_tokens"):
+            model(torch.randn(1, 3, 64, 64))
+
+    class OwnPrefix(VisionTransformer):
+        def _pos_embed(self, x):
+            return super()._pos_embed(x)
+
+    own = OwnPrefix(img_size=32, patch_size=8, depth=1, embed_dim=16, num_heads=2, num_classes=0)
+    with pytest.raises(TypeError, match="_pos_embed"):
+        ek.sparsify_vit(own)
+
+
+@pytest.mark.parametrize("norm", [_ScaleNorm, "simplenorm", nn.LayerNorm, None])
+def test_float64_token_keep(norm):
+    """float64 runs every embedding path (fused, token-wise norm, embed-all-then-gather)."""
+    kw = {} if norm is None else {"embed_norm_layer": norm}
+    ref = timm.create_model("vit_small_patch16_224", img_size=16, patch_size=4, depth=1, embed_dim=8, num_heads=2,
+                            num_classes=3, reg_tokens=1, **kw).double().eval()
+    model = ek.sparsify_vit(copy.deepcopy(ref))
+    x = torch.randn(2, 3, 16, 16, dtype=torch.float64)
+    keep = torch.tensor([[0, 3, 3, 15], [1, 2, 9, 4]])
+    with ek.token_keep(keep):
+        out = model(x)
+    assert out.dtype == torch.float64
+    torch.testing.assert_close(out, _timm_reference(ref, x, keep), rtol=1e-12, atol=1e-12)
+
+
+def test_float64_gradcheck_unfused_norm():
+    """gradcheck through the embed-all-then-gather path (a norm not known to act per token)."""
+    model = ek.sparsify_vit(
+        timm.create_model("vit_small_patch16_224", img_size=8, patch_size=4, in_chans=2, depth=1, embed_dim=4,
+                          num_heads=2, num_classes=2, embed_norm_layer=_ScaleNorm).double().eval()
+    )
+    x = torch.randn(2, 2, 8, 8, dtype=torch.float64)
+    keep = torch.tensor([[3, 1, 1], [0, 2, 3]])
+    names = ["patch_embed.proj.weight", "patch_embed.norm.weight", "pos_embed", "cls_token"]
+    params = dict(model.named_parameters())
+
+    def embed(*tensors):
+        with ek.token_keep(keep):
+            return _embed_with(model, dict(zip(names, tensors)), x)
+
+    assert torch.autograd.gradcheck(embed, tuple(params[n].detach().clone().requires_grad_() for n in names))
+
+
+def test_non_square_patches_match_timm():
+    """A model with (ph, pw) patches, and patch_size((ph, pw)), under token_keep: embed all, then
+    gather (patch_embed_gather takes square patches), equal to timm."""
+    ref = timm.create_model("vit_small_patch16_224", img_size=(16, 32), patch_size=(4, 8), depth=1, embed_dim=16,
+                            num_heads=2, num_classes=3, reg_tokens=1).eval()
+    model = ek.sparsify_vit(copy.deepcopy(ref))
+    _check_vs_timm(model, ref, torch.randn(2, 3, 16, 32), 16)
+
+    ref = timm.create_model("vit_small_patch16_224", img_size=48, patch_size=8, depth=1, embed_dim=16, num_heads=2,
+                            num_classes=3, no_embed_class=True, reg_tokens=2).eval()
+    model = ek.sparsify_vit(copy.deepcopy(ref))
+    ref.set_input_size(patch_size=(12, 16))  # timm's own patch resize (bicubic, antialias) and pos resample
+    with ek.patch_size(model, (12, 16), interpolation="bicubic", antialias=True):
+        _check_vs_timm(model, ref, torch.rand(2, 3, 48, 48), 12, tol=1e-4)
+
+
+@pytest.mark.parametrize("variant", ["cls", "no_embed_class", "reg4", "reg2_no_embed_class", "no_class_token_reg",
+                                     "embed_layernorm", "embed_other_norm"])
+def test_dynamic_img_size_other_resolution_matches_timm(variant):
+    """dynamic_img_size at sizes other than img_size: the positional embedding is resampled from
+    the stored grid, as timm's _pos_embed does."""
+    ref = _vit(depth=1, dynamic_img_size=True, **VARIANTS[variant])
+    model = ek.sparsify_vit(copy.deepcopy(ref))
+    for h, w in ((48, 80), (96, 64)):
+        _check_vs_timm(model, ref, torch.randn(2, 3, h, w), (h // 16) * (w // 16))
+
+
+def test_dynamic_img_pad_matches_timm():
+    ref = _vit(depth=1, dynamic_img_size=True, dynamic_img_pad=True, reg_tokens=1)
+    model = ek.sparsify_vit(copy.deepcopy(ref))
+    _check_vs_timm(model, ref, torch.randn(2, 3, 60, 50), 16)  # padded to 64 x 64: a 4 x 4 grid
+
+
+@pytest.mark.parametrize("kw", [{"no_embed_class": True}, {"reg_tokens": 2}, {"no_embed_class": True, "reg_tokens": 2},
+                                {"class_token": False, "global_pool": "avg", "no_embed_class": True}])
+def test_patch_size_layouts_match_timm(kw):
+    """patch_size with no_embed_class and register tokens against timm's own set_input_size."""
+    ref = timm.create_model("vit_small_patch16_224", img_size=48, patch_size=8, depth=1, embed_dim=16, num_heads=2,
+                            num_classes=3, **kw).eval()
+    model = ek.sparsify_vit(copy.deepcopy(ref))
+    x = torch.rand(2, 3, 48, 48)
+    for p in (12, 6):
+        resized = copy.deepcopy(ref)
+        resized.set_input_size(patch_size=p)
+        with ek.patch_size(model, p, interpolation="bicubic", antialias=True):
+            _check_vs_timm(model, resized, x, (48 // p) ** 2, tol=1e-4)
+
+
+def test_tokenwise_timm_norms_are_fused(monkeypatch):
+    """timm's token-wise norms embed only the kept patches; a norm not known to act per token
+    (and channels-first LayerNorm2d, a LayerNorm subclass) embeds all, then gathers."""
+    from timm.layers import LayerNorm2d
+
+    calls = []
+    orig = vit_mod._gather_tokens
+    monkeypatch.setattr(vit_mod, "_gather_tokens", lambda *a, **k: calls.append(1) or orig(*a, **k))
+    for norm in ("simplenorm", "rmsnormfp32", "layernormfp32", "rmsnorm", "layernorm"):
+        ref = _vit(depth=1, embed_norm_layer=norm)
+        model = ek.sparsify_vit(copy.deepcopy(ref))
+        calls.clear()
+        keep = torch.tensor([[0, 3, 7], [2, 2, 15]])
+        x = torch.randn(2, 3, 64, 64)
+        with ek.token_keep(keep):
+            out = model(x)
+        assert not calls, norm
+        torch.testing.assert_close(out, _timm_reference(ref, x, keep), rtol=1e-5, atol=1e-5)
+    assert isinstance(LayerNorm2d(96), vit_mod._TOKENWISE_NORMS)
+    assert isinstance(LayerNorm2d(96), vit_mod._NOT_TOKENWISE_NORMS)
+
+
+def test_keep_range_checked_once_or_not_at_all(monkeypatch):
+    """check=True: one range check per forward (token_keep's, not the ops' again); check=False:
+    none, and on CPU a bad index still raises from the kernel that reads it."""
+    import importlib
+
+    gt_mod = importlib.import_module("effssl_kernels.ops.gather_tokens")  # the package attribute is the function
+    peg_mod = importlib.import_module("effssl_kernels.ops.patch_embed_gather")
+
+    calls = []
+    orig = vit_mod.check_keep_range
+
+    def spy(keep, L, op):
+        calls.append(op)
+        return orig(keep, L, op)
+
+    for mod in (vit_mod, gt_mod, peg_mod):
+        monkeypatch.setattr(mod, "check_keep_range", spy)
+    x = torch.randn(1, 3, 64, 64)
+    keep = torch.tensor([[0, 5]])
+    for kw in ({}, {"embed_norm_layer": _ScaleNorm}, {"embed_norm_layer": nn.LayerNorm}):
+        model = ek.sparsify_vit(_vit(depth=1, **kw))
+        calls.clear()
+        with ek.token_keep(keep):
+            want = model(x)
+        assert calls == ["token_keep"], kw
+        calls.clear()
+        with ek.token_keep(keep, check=False):
+            assert torch.equal(model(x), want)
+        assert calls == [], kw
+        with ek.token_keep(torch.tensor([[0, 99]]), check=False):
+            with pytest.raises((ValueError, RuntimeError, IndexError), match="99|outside|out of"):
+                model(x)
+        with ek.token_keep(torch.tensor([[0, 99]])):
+            with pytest.raises(ValueError, match="token_keep: keep holds 99"):
+                model(x)
+
+
+def test_patch_size_rejects_bools():
+    model = ek.sparsify_vit(_vit(depth=1))
+    for bad in ((True, True), True, (16, False)):
+        with pytest.raises(ValueError, match="positive int"):
+            with ek.patch_size(model, bad):
+                pass

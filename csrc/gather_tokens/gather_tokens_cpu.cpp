@@ -1,8 +1,10 @@
 // gather_tokens on the CPU (SEMANTICS.md section 3): out[n, k] = x[n, keep[n, k]] + pos[keep[n, k]].
-// Forward: parallel over output rows, strides read in place, float32 add, one rounding.
-// Backward: both gradients are written row by row from float32 sums in a fixed order (ascending
-// k, then n), so they are deterministic and independent of the thread count; no zero-fill pass
-// and no atomics. Every index is range-checked where it is read (free next to the row copy).
+// Forward: parallel over output rows, strides read in place, float32 add (float64 when a float64
+// tensor is involved), one rounding.
+// Backward: both gradients are written row by row from float32 (float64) sums in a fixed order
+// (ascending k, then n), so they are deterministic and independent of the thread count; no
+// zero-fill pass and no atomics. Every index is range-checked where it is read (free next to the
+// row copy), and on its own when D == 0 leaves no row to read.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -24,16 +26,28 @@ namespace {
 
 constexpr const char* kOp = "gather_tokens";
 
-// Calls f(T{}) with T the C++ type of a float32/float16/bfloat16 dtype.
+// float64 too (unlike effssl::is_float_kind): float64 models take the unfused path through
+// this op (nn/vit.py), and patch_embed_gather, which it must equal, takes float64.
+inline bool is_token_float(at::ScalarType s) {
+  return s == at::kFloat || s == at::kDouble || s == at::kHalf || s == at::kBFloat16;
+}
+
+// Calls f(T{}) with T the C++ type of a float32/float64/float16/bfloat16 dtype.
 template <typename F>
 void dispatch_float(at::ScalarType s, const char* what, F&& f) {
   switch (s) {
     case at::kFloat: f(float{}); break;
+    case at::kDouble: f(double{}); break;
     case at::kHalf: f(at::Half{}); break;
     case at::kBFloat16: f(at::BFloat16{}); break;
-    default: TORCH_CHECK_TYPE(false, kOp, ": ", what, " must be float32, float16 or bfloat16, got ", s);
+    default:
+      TORCH_CHECK_TYPE(false, kOp, ": ", what, " must be float32, float64, float16 or bfloat16, got ", s);
   }
 }
+
+// Accumulator of a sum that involves A and B: float64 when either is, float32 otherwise.
+template <typename A, typename B>
+using acc_t = std::conditional_t<std::is_same_v<A, double> || std::is_same_v<B, double>, double, float>;
 
 template <typename F>
 void dispatch_index(at::ScalarType s, F&& f) {
@@ -61,6 +75,14 @@ struct KeepView {
   }
 };
 
+// Range-checks every index without reading x: when D == 0 the kernels read no row, and a bad
+// index must still raise, as it does for D > 0.
+template <typename Idx>
+void check_all(const KeepView<Idx>& kv, int64_t N, int64_t K) {
+  for (int64_t n = 0; n < N; ++n)
+    for (int64_t k = 0; k < K; ++k) kv.at(n, k);
+}
+
 // Shared argument rules; the Python wrapper checks the same with friendlier types first.
 void check_keep(const at::Tensor& keep, int64_t N, const at::Device& dev) {
   EFFSSL_CHECK(keep.scalar_type() == at::kLong || keep.scalar_type() == at::kInt, kOp,
@@ -73,8 +95,8 @@ void check_keep(const at::Tensor& keep, int64_t N, const at::Device& dev) {
 
 // pos [L, D] or [1, L, D] -> [L, D] view.
 at::Tensor pos_2d(const at::Tensor& pos, int64_t L, int64_t D, const at::Device& dev) {
-  EFFSSL_CHECK(is_float_kind(pos), kOp, "pos_embed must be float32, float16 or bfloat16, got ",
-               pos.scalar_type());
+  EFFSSL_CHECK(is_token_float(pos.scalar_type()), kOp,
+               "pos_embed must be float32, float64, float16 or bfloat16, got ", pos.scalar_type());
   const bool ok = (pos.dim() == 2 && pos.size(0) == L && pos.size(1) == D) ||
                   (pos.dim() == 3 && pos.size(0) == 1 && pos.size(1) == L && pos.size(2) == D);
   EFFSSL_CHECK(ok, kOp, "pos_embed must be [L, D] or [1, L, D] with L = ", L, ", D = ", D,
@@ -84,15 +106,17 @@ at::Tensor pos_2d(const at::Tensor& pos, int64_t L, int64_t D, const at::Device&
 }
 
 // ----------------------------------------------------------------------------- forward
-// Output type of x + pos, as torch.promote_types for these three dtypes (no pos: x's type).
+// Output type of x + pos, as torch.promote_types for these four dtypes (no pos: x's type):
+// the common type, float64 if either is, else float32 (float16 + bfloat16 -> float32).
 template <typename TX, typename TP>
 using promoted_t =
-    std::conditional_t<std::is_void_v<TP> || std::is_same_v<TX, TP>, TX, float>;
+    std::conditional_t<std::is_void_v<TP> || std::is_same_v<TX, TP>, TX, acc_t<TX, TP>>;
 
 template <typename TX, typename TP, typename Idx>
 void forward_kernel(const at::Tensor& x, const KeepView<Idx>& kv, const at::Tensor* pos,
                     at::Tensor& out) {
   using TO = promoted_t<TX, TP>;
+  using A = acc_t<TO, TO>;
   const int64_t N = x.size(0), K = out.size(1), D = x.size(2);
   const TX* xp = x.const_data_ptr<TX>();
   const int64_t sx0 = x.stride(0), sx1 = x.stride(1), sx2 = x.stride(2);
@@ -111,16 +135,15 @@ void forward_kernel(const at::Tensor& x, const KeepView<Idx>& kv, const at::Tens
           for (int64_t d = 0; d < D; ++d) o[d] = xr[d * sx2];
         }
       } else {
-        // one float32 add and one rounding: what torch's own x + pos computes
+        // one float32 (float64) add and one rounding: what torch's own x + pos computes
         const TP* pr = pos->const_data_ptr<TP>() + l * pos->stride(0);
         const int64_t sp1 = pos->stride(1);
         if (sx2 == 1 && sp1 == 1) {  // contiguous rows: the loop vectorises
           for (int64_t d = 0; d < D; ++d)
-            o[d] = static_cast<TO>(static_cast<float>(xr[d]) + static_cast<float>(pr[d]));
+            o[d] = static_cast<TO>(static_cast<A>(xr[d]) + static_cast<A>(pr[d]));
         } else {
           for (int64_t d = 0; d < D; ++d)
-            o[d] = static_cast<TO>(static_cast<float>(xr[d * sx2]) +
-                                   static_cast<float>(pr[d * sp1]));
+            o[d] = static_cast<TO>(static_cast<A>(xr[d * sx2]) + static_cast<A>(pr[d * sp1]));
         }
       }
     }
@@ -130,8 +153,8 @@ void forward_kernel(const at::Tensor& x, const KeepView<Idx>& kv, const at::Tens
 at::Tensor gather_tokens_cpu(const at::Tensor& x, const at::Tensor& keep,
                              const std::optional<at::Tensor>& pos_embed) {
   EFFSSL_CHECK(x.dim() == 3, kOp, "x must be 3-D [N, L, D], got ", x.sizes());
-  EFFSSL_CHECK(is_float_kind(x), kOp, "x must be float32, float16 or bfloat16, got ",
-               x.scalar_type());
+  EFFSSL_CHECK(is_token_float(x.scalar_type()), kOp,
+               "x must be float32, float64, float16 or bfloat16, got ", x.scalar_type());
   const int64_t N = x.size(0), L = x.size(1), D = x.size(2);
   EFFSSL_CHECK(L >= 1, kOp, "x must have at least one token (L >= 1)");
   check_keep(keep, N, x.device());
@@ -143,10 +166,13 @@ at::Tensor gather_tokens_cpu(const at::Tensor& x, const at::Tensor& keep,
     out_type = c10::promoteTypes(out_type, pos->scalar_type());
   }
   at::Tensor out = at::empty({N, K, D}, x.options().dtype(out_type));
-  if (out.numel() == 0) return out;
   dispatch_index(keep.scalar_type(), [&](auto i_tag) {
     using Idx = decltype(i_tag);
     const KeepView<Idx> kv{keep.const_data_ptr<Idx>(), keep.stride(0), keep.stride(1), L};
+    if (out.numel() == 0) {  // D == 0 (or N == 0): no row read, check the indices anyway
+      check_all(kv, N, K);
+      return;
+    }
     dispatch_float(x.scalar_type(), "x", [&](auto x_tag) {
       using TX = decltype(x_tag);
       if (!pos) {
@@ -162,21 +188,24 @@ at::Tensor gather_tokens_cpu(const at::Tensor& x, const at::Tensor& keep,
 }
 
 // ----------------------------------------------------------------------------- backward
-// a[0:D] += row g (stride sg2), in float32; unit stride spelled out so that loop vectorises.
-template <typename TG>
-inline void add_row(float* a, const TG* g, int64_t D, int64_t sg2) {
+// a[0:D] += row g (stride sg2), in A (float32 or float64); unit stride spelled out so that
+// loop vectorises.
+template <typename A, typename TG>
+inline void add_row(A* a, const TG* g, int64_t D, int64_t sg2) {
   if (sg2 == 1) {
-    for (int64_t d = 0; d < D; ++d) a[d] += static_cast<float>(g[d]);
+    for (int64_t d = 0; d < D; ++d) a[d] += static_cast<A>(g[d]);
   } else {
-    for (int64_t d = 0; d < D; ++d) a[d] += static_cast<float>(g[d * sg2]);
+    for (int64_t d = 0; d < D; ++d) a[d] += static_cast<A>(g[d * sg2]);
   }
 }
 
-// grad_x[n, l] = sum of grad[n, k] over keep[n, k] == l, ascending k, in float32. Per sample, a
+// grad_x[n, l] = sum of grad[n, k] over keep[n, k] == l, ascending k, in float32 (float64 when
+// grad or x is float64). Per sample, a
 // linked list head[l] -> k -> nxt[k] (built backwards, so it runs in ascending k) finds the
 // rows; each grad_x row is written once (zeros, a converted copy, or the float32 sum).
 template <typename TG, typename TX, typename Idx>
 void backward_x_kernel(const at::Tensor& grad, const KeepView<Idx>& kv, at::Tensor& gx) {
+  using A = acc_t<TG, TX>;
   const int64_t N = grad.size(0), K = grad.size(1), D = grad.size(2), L = kv.L;
   const TG* gp = grad.const_data_ptr<TG>();
   const int64_t sg0 = grad.stride(0), sg1 = grad.stride(1), sg2 = grad.stride(2);
@@ -184,7 +213,7 @@ void backward_x_kernel(const at::Tensor& grad, const KeepView<Idx>& kv, at::Tens
   at::parallel_for(0, N, std::max<int64_t>(1, 65536 / std::max<int64_t>(L * D, 1)),
                    [&](int64_t begin, int64_t end) {
     std::vector<int64_t> head(L), nxt(K);
-    std::vector<float> acc(D);
+    std::vector<A> acc(D);
     for (int64_t n = begin; n < end; ++n) {
       std::fill(head.begin(), head.end(), -1);
       for (int64_t k = K - 1; k >= 0; --k) {
@@ -202,14 +231,14 @@ void backward_x_kernel(const at::Tensor& grad, const KeepView<Idx>& kv, at::Tens
         const TG* g = gp + n * sg0 + k * sg1;
         if (nxt[k] < 0) {  // the common case: a token kept once
           if (sg2 == 1) {  // unit stride spelled out so the conversion loop vectorises
-            for (int64_t d = 0; d < D; ++d) o[d] = static_cast<TX>(static_cast<float>(g[d]));
+            for (int64_t d = 0; d < D; ++d) o[d] = static_cast<TX>(static_cast<A>(g[d]));
           } else {
-            for (int64_t d = 0; d < D; ++d) o[d] = static_cast<TX>(static_cast<float>(g[d * sg2]));
+            for (int64_t d = 0; d < D; ++d) o[d] = static_cast<TX>(static_cast<A>(g[d * sg2]));
           }
           continue;
         }
-        float* a = acc.data();
-        std::fill(a, a + D, 0.f);
+        A* a = acc.data();
+        std::fill(a, a + D, A(0));
         for (; k >= 0; k = nxt[k]) add_row(a, gp + n * sg0 + k * sg1, D, sg2);
         for (int64_t d = 0; d < D; ++d) o[d] = static_cast<TX>(a[d]);
       }
@@ -217,10 +246,12 @@ void backward_x_kernel(const at::Tensor& grad, const KeepView<Idx>& kv, at::Tens
   });
 }
 
-// grad_pos[l] = sum of grad[n, k] over keep[n, k] == l, ascending (n, k), in float32: a
+// grad_pos[l] = sum of grad[n, k] over keep[n, k] == l, ascending (n, k), in float32 (float64
+// when grad or pos is float64): a
 // counting sort of the N*K rows by l (serial, over N*K ints), then parallel over l.
 template <typename TG, typename TP, typename Idx>
 void backward_pos_kernel(const at::Tensor& grad, const KeepView<Idx>& kv, at::Tensor& gpos) {
+  using A = acc_t<TG, TP>;
   const int64_t N = grad.size(0), K = grad.size(1), D = grad.size(2), L = kv.L;
   const TG* gp = grad.const_data_ptr<TG>();
   const int64_t sg0 = grad.stride(0), sg1 = grad.stride(1), sg2 = grad.stride(2);
@@ -236,10 +267,10 @@ void backward_pos_kernel(const at::Tensor& grad, const KeepView<Idx>& kv, at::Te
   }
   const int64_t per_l = std::max<int64_t>(1, (N * K / L) * D);
   at::parallel_for(0, L, std::max<int64_t>(1, 65536 / per_l), [&](int64_t begin, int64_t end) {
-    std::vector<float> acc(D);
-    float* a = acc.data();
+    std::vector<A> acc(D);
+    A* a = acc.data();
     for (int64_t l = begin; l < end; ++l) {
-      std::fill(a, a + D, 0.f);
+      std::fill(a, a + D, A(0));
       for (int64_t j = start[l]; j < start[l + 1]; ++j) {
         const int64_t n = rows[j] / K, k = rows[j] - n * K;
         add_row(a, gp + n * sg0 + k * sg1, D, sg2);
@@ -256,8 +287,8 @@ std::tuple<at::Tensor, at::Tensor> gather_tokens_backward_cpu(
     const at::Tensor& grad, const at::Tensor& keep, int64_t num_tokens, at::ScalarType x_dtype,
     at::ScalarType pos_dtype, bool need_x, bool need_pos) {
   EFFSSL_CHECK(grad.dim() == 3, kOp, "grad must be 3-D [N, K, D], got ", grad.sizes());
-  EFFSSL_CHECK(is_float_kind(grad), kOp, "grad must be float32, float16 or bfloat16, got ",
-               grad.scalar_type());
+  EFFSSL_CHECK(is_token_float(grad.scalar_type()), kOp,
+               "grad must be float32, float64, float16 or bfloat16, got ", grad.scalar_type());
   EFFSSL_CHECK(num_tokens >= 1, kOp, "num_tokens must be at least 1, got ", num_tokens);
   const int64_t N = grad.size(0), K = grad.size(1), D = grad.size(2), L = num_tokens;
   check_keep(keep, N, grad.device());
@@ -269,6 +300,7 @@ std::tuple<at::Tensor, at::Tensor> gather_tokens_backward_cpu(
   dispatch_index(keep.scalar_type(), [&](auto i_tag) {
     using Idx = decltype(i_tag);
     const KeepView<Idx> kv{keep.const_data_ptr<Idx>(), keep.stride(0), keep.stride(1), L};
+    if (D == 0) check_all(kv, N, K);  // no row to read below, so no index checked there
     dispatch_float(grad.scalar_type(), "grad", [&](auto g_tag) {
       using TG = decltype(g_tag);
       if (need_x && gx.numel() > 0)

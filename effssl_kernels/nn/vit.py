@@ -10,8 +10,9 @@ unchanged. Per call, inside
 
 the embedding stage computes only the kept patches in one fused op (``patch_embed_gather``:
 patch-embed GEMM + gather + positional embedding) and puts the prefix tokens (cls, registers,
-always kept) first, as timm's ``PatchDropout`` orders them; everything after ``_pos_embed``
-(``patch_drop``, ``norm_pre``, blocks, head) runs unchanged on ``N x (prefix + K)`` tokens.
+or DeiT's cls and distillation tokens; always kept) first, as timm's ``PatchDropout`` orders
+them; everything after ``_pos_embed`` (``patch_drop``, ``norm_pre``, blocks, head) runs
+unchanged on ``N x (prefix + K)`` tokens.
 ``with effssl_kernels.patch_size(model, p):`` runs the same model at another patch size with
 PI-resized kernels and an interpolated positional embedding (FlexiViT), differentiably, so
 gradients reach the original parameters. Outside both the model is exactly the original.
@@ -32,8 +33,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..ops import gather_tokens, patch_embed_gather
 from ..ops._indices import check_keep_range
+from ..ops.gather_tokens import _gather_tokens
+from ..ops.patch_embed_gather import _patch_embed_gather
 from ..patch_scaling import resize_matrix_pinv, resize_patch_embed, resize_pos_embed
 from ._swap import sparse_class as _sparse_class
 
@@ -43,22 +45,24 @@ __all__ = ["sparsify_vit", "unsparsify_vit", "token_keep", "patch_size", "is_spa
 _KEEP: contextvars.ContextVar = contextvars.ContextVar("effssl_token_keep", default=None)
 
 
-def _tokenwise_norms() -> tuple:
-    """Norm layers that act on each token alone (the last dim): gathering commutes with them."""
-    norms = [nn.LayerNorm]  # timm's LayerNorm subclasses it
+def _tokenwise_norms() -> tuple[tuple, tuple]:
+    """(norm layers that act on each token alone (the last dim), so gathering commutes with
+    them; their subclasses that normalise another dim and must not take the fused path)."""
+    norms = [nn.LayerNorm]  # timm's LayerNorm and LayerNormFp32 subclass it
     if hasattr(nn, "RMSNorm"):
         norms.append(nn.RMSNorm)
-    try:
-        from timm.layers import RmsNorm
+    import timm.layers as tl
 
-        norms.append(RmsNorm)
-    except ImportError:
-        pass
-    return tuple(norms)
+    norms += [getattr(tl, n) for n in ("RmsNorm", "RmsNormFp32", "SimpleNorm", "SimpleNormFp32") if hasattr(tl, n)]
+    # channels-first (NCHW) variants: they normalise dim 1
+    not_tokenwise = [getattr(tl, n) for n in ("LayerNorm2d", "LayerNorm2dFp32", "LayerNormExp2d", "RmsNorm2d",
+                                              "RmsNorm2dFp32", "SimpleNorm2d", "SimpleNorm2dFp32") if hasattr(tl, n)]
+    return tuple(norms), tuple(not_tokenwise)
 
 
 # Filled by sparsify_vit (timm is imported there, not when effssl_kernels is imported).
 _TOKENWISE_NORMS: tuple = (nn.LayerNorm,)
+_NOT_TOKENWISE_NORMS: tuple = ()
 
 
 # ----------------------------------------------------------------------------- per-call state
@@ -71,9 +75,13 @@ def token_keep(keep: Optional[Tensor], *, check: bool = True) -> Iterator[None]:
             each image (prefix tokens are always kept and come first), on the images' device;
             any order and duplicates are allowed (each index yields its token). ``None``: keep
             all (the untouched model), e.g. for a momentum encoder inside an outer ``with``.
-        check: verify ``0 <= keep < L`` in eager mode (ValueError on CPU; on CUDA a device-side
-            assert without a host sync, or a ValueError with ``EFFSSL_CHECK_INDICES=1``; skipped
-            under ``torch.compile``). Shapes, dtype and device are always checked.
+        check: verify ``0 <= keep < L`` once per forward in eager mode (ValueError on CPU; on
+            CUDA a device-side assert without a host sync, or a ValueError with
+            ``EFFSSL_CHECK_INDICES=1``; skipped under ``torch.compile``). ``False`` skips it (the
+            ops are told not to check again either): a bad index then still never reads out of
+            bounds (the CPU kernels raise as they read it, CUDA gives NaN rows or torch's
+            indexing assert), as inside ``torch.compile``. Shapes, dtype and device are always
+            checked.
 
     Raises TypeError / ValueError here for a wrong type, rank, dtype or ``K == 0``; the model
     raises ValueError for a batch or device mismatch and out-of-range indices.
@@ -114,9 +122,10 @@ def patch_size(
     grid interpolated (``resize_pos_embed``, bicubic as timm) on every forward from the current
     parameters, so the parameters keep their identity and receive the gradients. The image size
     stays the model's (e.g. 240 px at patch 16, 24, 30 or 40: grids 15, 10, 8, 6); the size must
-    divide it. Combines with ``token_keep`` (``keep`` then indexes the new grid). The setting
-    belongs to the model (not per thread); nesting restores the outer size. The resize matrix is
-    computed and cached here, outside any compiled region.
+    divide it. Combines with ``token_keep`` (``keep`` then indexes the new grid; a non-square
+    ``(ph, pw)`` embeds all patches, then gathers, since ``patch_embed_gather`` takes square
+    patches). The setting belongs to the model (not per thread); nesting restores the outer
+    size. The resize matrix is computed and cached here, outside any compiled region.
 
     Raises TypeError when ``model`` is not sparsified, ValueError for a bad size.
     """
@@ -125,7 +134,8 @@ def patch_size(
     pe = model.patch_embed
     if isinstance(size, int) and not isinstance(size, bool):
         size = (size, size)
-    if not (isinstance(size, (tuple, list)) and len(size) == 2 and all(isinstance(s, int) and s > 0 for s in size)):
+    if not (isinstance(size, (tuple, list)) and len(size) == 2
+            and all(isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in size)):
         raise ValueError(f"patch_size: size must be a positive int or a pair of them, got {size!r}")
     size = (int(size[0]), int(size[1]))
     fixed = pe.img_size is not None and pe.strict_img_size and not pe.dynamic_img_pad
@@ -193,8 +203,32 @@ def _check_keep(keep: Tensor, N: int, L: int, device: torch.device, check: bool)
         check_keep_range(keep, L, "token_keep")
 
 
+# The prefix in timm's order: VisionTransformer puts cls then registers first, DeiT's
+# VisionTransformerDistilled cls then dist (it has no dist_token / no registers).
+_PREFIX_NAMES = ("cls_token", "dist_token", "reg_token")
+
+
+def _prefix(model, N: int, who: str = "sparse ViT") -> Optional[Tensor]:
+    """``[N, P, D]``: the prefix tokens that timm's ``_pos_embed`` puts first, or None. ``P`` must
+    be ``num_prefix_tokens``, which splits ``pos_embed``: a mismatch (e.g. a distilled model
+    with registers, which timm's own ``_pos_embed`` ignores) raises instead of broadcasting a
+    wrong prefix."""
+    tokens = [t.expand(N, -1, -1) for t in (getattr(model, n, None) for n in _PREFIX_NAMES) if t is not None]
+    P = sum(t.shape[1] for t in tokens)
+    if P != model.num_prefix_tokens:
+        raise ValueError(
+            f"{who}: the prefix tokens (cls, dist, registers) of {type(model).__name__} hold {P} "
+            f"tokens but num_prefix_tokens is {model.num_prefix_tokens}"
+        )
+    if not tokens:
+        return None
+    return torch.cat(tokens, dim=1) if len(tokens) > 1 else tokens[0]
+
+
 def _sparse_pos_embed(model, images: Tensor, keep: Optional[Tensor], check: bool, ps) -> Tensor:
     """prefix tokens (+ their pos) then the kept patch tokens (+ their pos), then ``pos_drop``."""
+    N = images.shape[0]
+    prefix = _prefix(model, N)  # checks num_prefix_tokens, which splits pos_embed
     pe = model.patch_embed
     weight, bias = pe.proj.weight, pe.proj.bias
     if ps is None:
@@ -202,7 +236,7 @@ def _sparse_pos_embed(model, images: Tensor, keep: Optional[Tensor], check: bool
     else:
         p = (ps[0], ps[1])
         weight = resize_patch_embed(weight, p, interpolation=ps[2], antialias=ps[3])
-    N, _, H, W = images.shape
+    H, W = images.shape[-2:]
     grid = (H // p[0], W // p[1])
     L = grid[0] * grid[1]
     npre = model.num_prefix_tokens
@@ -222,31 +256,28 @@ def _sparse_pos_embed(model, images: Tensor, keep: Optional[Tensor], check: bool
         _check_keep(keep, N, L, images.device, check)
 
     norm = pe.norm
+    tokenwise = isinstance(norm, _TOKENWISE_NORMS) and not isinstance(norm, _NOT_TOKENWISE_NORMS)
+    # The range was checked once above (or the caller chose check=False): the ops skip theirs.
     if keep is None:
         x = F.conv2d(images, weight, bias, stride=p).flatten(2).transpose(1, 2)
         x = norm(x)
         if pos_patch is not None:
             x = x + pos_patch
-    elif isinstance(norm, nn.Identity):
-        x = patch_embed_gather(images, weight, bias, keep, pos_patch)
-    elif isinstance(norm, _TOKENWISE_NORMS):
+    elif p[0] == p[1] and isinstance(norm, nn.Identity):
+        x = _patch_embed_gather(images, weight, bias, keep, pos_patch, check_range=False)
+    elif p[0] == p[1] and tokenwise:
         # The norm acts on each token alone, so embed only the kept patches, normalise, then add
         # their positions: still no full embedding.
-        x = norm(patch_embed_gather(images, weight, bias, keep, None))
+        x = norm(_patch_embed_gather(images, weight, bias, keep, None, check_range=False))
         if pos_patch is not None:
             x = x + pos_patch.reshape(L, -1)[keep]
     else:
-        # A norm we cannot prove token-wise: embed every patch, normalise, then gather (+ pos).
+        # Non-square patches (patch_embed_gather takes p x p only) or a norm we cannot prove
+        # token-wise: embed every patch, normalise, then gather (+ pos).
         x = norm(F.conv2d(images, weight, bias, stride=p).flatten(2).transpose(1, 2))
-        x = gather_tokens(x, keep, pos_patch)
+        x = _gather_tokens(x, keep, pos_patch, check_range=False)
 
-    to_cat = []
-    if model.cls_token is not None:
-        to_cat.append(model.cls_token.expand(N, -1, -1))
-    if model.reg_token is not None:
-        to_cat.append(model.reg_token.expand(N, -1, -1))
-    if to_cat:
-        prefix = torch.cat(to_cat, dim=1) if len(to_cat) > 1 else to_cat[0]
+    if prefix is not None:
         if pos_prefix is not None:
             prefix = prefix + pos_prefix
         x = torch.cat((prefix, x), dim=1)
@@ -255,24 +286,27 @@ def _sparse_pos_embed(model, images: Tensor, keep: Optional[Tensor], check: bool
     return model.pos_drop(x)
 
 
-
-
 def sparsify_vit(model: nn.Module) -> nn.Module:
     """Convert a timm ``VisionTransformer`` in place for ``token_keep`` / ``patch_size``; returns it.
 
-    Supports class token or not (``class_token=False``), register tokens, both positional
-    layouts (``no_embed_class``), no positional embedding, ``dynamic_img_size`` /
-    ``dynamic_img_pad``, a patch-embed norm (token-wise norms such as LayerNorm/RMSNorm still
-    embed only the kept patches, others embed all then gather), ``pos_drop`` and ``patch_drop``
-    (which then drops among the kept tokens in training). Idempotent. ``copy.deepcopy`` keeps
+    Supports timm's ``VisionTransformer`` and DeiT's ``VisionTransformerDistilled`` (cls and
+    distillation tokens), class token or not (``class_token=False``), register tokens, both
+    positional layouts (``no_embed_class``), no positional embedding, ``dynamic_img_size`` /
+    ``dynamic_img_pad``, non-square patches (embedded in full, then gathered), a patch-embed
+    norm (token-wise norms such as LayerNorm/RMSNorm/timm's SimpleNorm still embed only the kept
+    patches, others embed all then gather), ``pos_drop`` and ``patch_drop`` (which then drops
+    among the kept tokens in training). Idempotent. ``copy.deepcopy`` keeps
     the conversion (e.g. for a momentum encoder); ``state_dict`` keys are unchanged. Pickling the
     whole module is not supported (save the ``state_dict``). Spatial outputs of
     ``forward_intermediates`` need all tokens, as with timm's own PatchDropout.
 
-    Raises TypeError for another model or a patch embedding other than timm's ``PatchEmbed``.
+    Raises TypeError for another model (a subclass that overrides ``_pos_embed`` included) or a
+    patch embedding other than timm's ``PatchEmbed``; ValueError when the prefix tokens do not
+    add up to ``model.num_prefix_tokens``.
     """
     try:
         from timm.layers import PatchEmbed
+        from timm.models.deit import VisionTransformerDistilled
         from timm.models.vision_transformer import VisionTransformer
     except ImportError as e:  # pragma: no cover - timm is an optional dependency
         raise TypeError("sparsify_vit: needs timm (pip install timm)") from e
@@ -280,6 +314,13 @@ def sparsify_vit(model: nn.Module) -> nn.Module:
         raise TypeError(f"sparsify_vit: expected a timm VisionTransformer, got {type(model).__name__}")
     if is_sparse_vit(model):
         return model
+    # The sparse _pos_embed replaces the class's own, so it builds what timm's two versions build;
+    # another override (a subclass's own prefix or positions) would be silently dropped: refuse it.
+    if type(model)._pos_embed not in (VisionTransformer._pos_embed, VisionTransformerDistilled._pos_embed):
+        raise TypeError(
+            f"sparsify_vit: {type(model).__name__} overrides VisionTransformer._pos_embed; only timm's "
+            "VisionTransformer and VisionTransformerDistilled are supported"
+        )
     pe = model.patch_embed
     if not isinstance(pe, PatchEmbed):
         raise TypeError(f"sparsify_vit: patch_embed must be timm's PatchEmbed, got {type(pe).__name__}")
@@ -293,8 +334,9 @@ def sparsify_vit(model: nn.Module) -> nn.Module:
         or proj.padding_mode != "zeros"
     ):
         raise TypeError("sparsify_vit: patch_embed.proj must be a Conv2d with kernel == stride, no padding")
-    global _TOKENWISE_NORMS
-    _TOKENWISE_NORMS = _tokenwise_norms()
+    _prefix(model, 1, "sparsify_vit")  # ValueError now rather than at the first forward
+    global _TOKENWISE_NORMS, _NOT_TOKENWISE_NORMS
+    _TOKENWISE_NORMS, _NOT_TOKENWISE_NORMS = _tokenwise_norms()
     pe.__class__ = _sparse_class(type(pe), _SparsePatchEmbedMixin)
     model.__class__ = _sparse_class(type(model), _SparseViTMixin)
     return model

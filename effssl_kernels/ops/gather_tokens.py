@@ -18,7 +18,7 @@ from .. import _backend
 from ..reference.gather_tokens import gather_tokens_reference
 from ._indices import check_keep_range
 
-_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 _INDEX_DTYPES = (torch.int32, torch.int64)
 
 
@@ -26,7 +26,7 @@ def _check(x, keep, pos_embed) -> None:
     if not isinstance(x, Tensor) or not isinstance(keep, Tensor):
         raise TypeError("gather_tokens: x and keep must be tensors")
     if x.dtype not in _DTYPES:
-        raise TypeError(f"gather_tokens: x must be float32, float16 or bfloat16, got {x.dtype}")
+        raise TypeError(f"gather_tokens: x must be float32, float64, float16 or bfloat16, got {x.dtype}")
     if x.dim() != 3:
         raise ValueError(f"gather_tokens: x must be 3-D [N, L, D], got shape {tuple(x.shape)}")
     if keep.dtype not in _INDEX_DTYPES:
@@ -46,7 +46,9 @@ def _check(x, keep, pos_embed) -> None:
         if not isinstance(pos_embed, Tensor):
             raise TypeError("gather_tokens: pos_embed must be a tensor or None")
         if pos_embed.dtype not in _DTYPES:
-            raise TypeError(f"gather_tokens: pos_embed must be float32, float16 or bfloat16, got {pos_embed.dtype}")
+            raise TypeError(
+                f"gather_tokens: pos_embed must be float32, float64, float16 or bfloat16, got {pos_embed.dtype}"
+            )
         if tuple(pos_embed.shape) not in ((1, L, D), (L, D)):
             raise ValueError(
                 f"gather_tokens: pos_embed must have shape [1, L, D] or [L, D] with L={L}, D={D}, "
@@ -63,16 +65,18 @@ def gather_tokens(x: Tensor, keep: Tensor, pos_embed: Optional[Tensor] = None) -
     ``out[n, k] = x[n, keep[n, k]] + pos_embed[keep[n, k]]``.
 
     Args:
-        x: ``[N, L, D]`` float32, float16 or bfloat16, any strides (read in place).
+        x: ``[N, L, D]`` float32, float64, float16 or bfloat16, any strides (read in place).
         keep: int32 or int64 ``[N, K]``, ``K >= 1``, values in ``[0, L)``; duplicates allowed.
-        pos_embed: ``[1, L, D]``, ``[L, D]`` or None, float32/float16/bfloat16, on x's device.
+        pos_embed: ``[1, L, D]``, ``[L, D]`` or None, float32/float64/float16/bfloat16, on x's
+            device.
 
     Returns:
         ``[N, K, D]`` contiguous, dtype ``torch.promote_types(x.dtype, pos_embed.dtype)`` (x's
-        without pos_embed): one float32 add and one rounding, as timm's ``gather + add``.
-        Backward gives ``grad_x`` (zeros at dropped tokens, duplicates summed) and ``grad_pos``
-        (summed over the batch, in pos_embed's shape and dtype), each only when needed,
-        accumulated in float32 and deterministic on every backend. No double backward.
+        without pos_embed): one float32 add (float64 when either is float64) and one rounding,
+        as timm's ``gather + add``. Backward gives ``grad_x`` (zeros at dropped tokens,
+        duplicates summed) and ``grad_pos`` (summed over the batch, in pos_embed's shape and
+        dtype), each only when needed, accumulated in float32 (float64 for float64) and
+        deterministic on every backend. No double backward.
 
     AMP: the op casts nothing; it follows its inputs' dtypes (bfloat16 tokens + float32
     pos_embed give float32, as timm under autocast).
@@ -85,10 +89,17 @@ def gather_tokens(x: Tensor, keep: Tensor, pos_embed: Optional[Tensor] = None) -
     Raises TypeError/ValueError on bad dtypes, shapes, K = 0, devices or indices. Matches
     ``effssl_kernels.reference.gather_tokens_reference``.
     """
+    return _gather_tokens(x, keep, pos_embed, check_range=True)
+
+
+def _gather_tokens(x: Tensor, keep: Tensor, pos_embed: Optional[Tensor], check_range: bool) -> Tensor:
+    """``gather_tokens``; ``check_range=False`` skips the host / device-assert range check for a
+    caller that has checked ``keep`` already (``token_keep``). The C++ kernel checks every index
+    as it reads it whatever the flag; Triton writes NaN rows for a bad index."""
     _check(x, keep, pos_embed)
     L = x.shape[1]
     which = _backend.choose(x.device.type, cuda_kernel=False)
-    if which != "cpp":  # the C++ kernel checks every index as it reads it
+    if check_range and which != "cpp":  # the C++ kernel checks every index as it reads it
         check_keep_range(keep, L, "gather_tokens")
     if which == "reference":
         return gather_tokens_reference(x, keep, pos_embed)

@@ -114,12 +114,23 @@ def patch_embed_gather(
     are scatters that sum duplicates in float32; deterministic on CPU).
     Matches ``effssl_kernels.reference.patch_embed_gather_reference``.
     """
+    return _patch_embed_gather(images, weight, bias, keep, pos_embed, check_range=True)
+
+
+def _patch_embed_gather(
+    images: Tensor, weight: Tensor, bias: Optional[Tensor], keep: Tensor, pos_embed: Optional[Tensor],
+    check_range: bool,
+) -> Tensor:
+    """``patch_embed_gather``; ``check_range=False`` skips the host / device-assert range check
+    for a caller that has checked ``keep`` already (``token_keep``). The C++ kernel still checks
+    each index as it reads it; Triton writes NaN rows for a bad index."""
     _check(images, weight, bias, keep, pos_embed)
     images, weight, bias = _gemm_inputs(images, weight, bias)
     if keep.dtype not in (torch.int32, torch.int64):
         keep = keep.long()
-    L = (images.shape[2] // weight.shape[-1]) * (images.shape[3] // weight.shape[-1])
-    check_keep_range(keep, L, "patch_embed_gather")
+    if check_range:
+        L = (images.shape[2] // weight.shape[-1]) * (images.shape[3] // weight.shape[-1])
+        check_keep_range(keep, L, "patch_embed_gather")
     which = _backend.choose(images.device.type, cuda_kernel=False)
     if which == "reference":
         return patch_embed_gather_reference(images.to(weight.dtype), weight, bias, keep, pos_embed)

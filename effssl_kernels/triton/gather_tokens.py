@@ -2,15 +2,17 @@
 
 Forward: one program per (sample, block of ``BLOCK_K`` kept rows) x ``BLOCK_D`` columns; loads
 the indices once, gathers ``x`` and ``pos`` rows (any strides, int64 offsets), adds in float32
-and stores one rounding in the output dtype. An index outside ``[0, L)`` is never read: its row
-of the output is NaN (the op checks indices on the host only when asked, see ops/gather_tokens).
+(float64 for a float64 output) and stores one rounding in the output dtype. An index outside
+``[0, L)`` is never read: its row of the output is NaN (the op checks indices on the host only
+when asked, see ops/gather_tokens).
 
 Backward, deterministic and without atomics: ``torch.sort(keep, stable=True)`` and
 ``searchsorted`` give, per sample, the run of ``k`` (ascending) that kept each token ``l``.
 One program per (chunk of samples, block of ``BLOCK_L`` tokens) x ``BLOCK_D`` columns sums
-those runs in float32 and writes every ``grad_x`` row once (zeros for dropped tokens, so no
-zero-fill pass); the same sums, added over the chunk's samples, give float32 partials of
-``grad_pos`` that ``torch.sum`` reduces over chunks in a fixed order. ``grad`` is read once
+those runs in float32 (float64 when a float64 tensor is involved) and writes every ``grad_x``
+row once (zeros for dropped tokens, so no zero-fill pass); the same sums, added over the
+chunk's samples, give partials of ``grad_pos`` that ``torch.sum`` reduces over chunks in a
+fixed order. ``grad`` is read once
 for both gradients. Indices outside ``[0, L)`` contribute nothing.
 SEMANTICS.md section 3; oracle ``effssl_kernels.reference.gather_tokens_reference``.
 """
@@ -49,6 +51,7 @@ def _gather_tokens_fwd_kernel(
     sp_d,
     # meta-parameters
     HAS_POS: tl.constexpr,
+    F64: tl.constexpr,  # add in float64 (a float64 output), else float32
     BLOCK_K: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
@@ -64,10 +67,11 @@ def _gather_tokens_fwd_kernel(
     valid = k_in & (idx >= 0) & (idx < L)
     m = valid[:, None] & d_in[None, :]
     v = tl.load(x_ptr + n * sx_n + idx[:, None] * sx_l + offs_d[None, :] * sx_d, mask=m, other=0.0)
-    v = v.to(tl.float32)  # bf16 arithmetic is wrong under the interpreter; float32 on the GPU too
+    ACC = tl.float64 if F64 else tl.float32
+    v = v.to(ACC)  # bf16 arithmetic is wrong under the interpreter; float32 on the GPU too
     if HAS_POS:
         p = tl.load(pos_ptr + idx[:, None] * sp_l + offs_d[None, :] * sp_d, mask=m, other=0.0)
-        v += p.to(tl.float32)
+        v += p.to(ACC)
     v = tl.where(valid[:, None], v, float("nan"))
     out_ptrs = out_ptr + (n * K + offs_k)[:, None] * D + offs_d[None, :]
     tl.store(out_ptrs, v.to(out_ptr.dtype.element_ty), mask=k_in[:, None] & d_in[None, :])
@@ -80,7 +84,7 @@ def _gather_tokens_bwd_kernel(
     perm_ptr,  # int64 [N, K] contiguous: per sample, k sorted by keep[n, k] (stable)
     bounds_ptr,  # int64 [N, L + 1] contiguous: run of token l is perm[n, bounds[l]:bounds[l+1]]
     gx_ptr,  # [N, L, D] contiguous in x's dtype, or None
-    part_ptr,  # float32 [chunks, L, D] contiguous, or None
+    part_ptr,  # float32 (float64 when F64) [chunks, L, D] contiguous, or None
     # sizes
     N,
     K,
@@ -94,6 +98,7 @@ def _gather_tokens_bwd_kernel(
     # meta-parameters
     NEED_X: tl.constexpr,
     NEED_POS: tl.constexpr,
+    F64: tl.constexpr,  # sum in float64 (grad, x or pos is float64), else float32
     BLOCK_L: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
@@ -102,19 +107,20 @@ def _gather_tokens_bwd_kernel(
     offs_d = tl.program_id(2).to(tl.int64) * BLOCK_D + tl.arange(0, BLOCK_D)
     l_in = offs_l < L
     d_in = offs_d < D
-    pos_acc = tl.zeros([BLOCK_L, BLOCK_D], dtype=tl.float32)
+    ACC = tl.float64 if F64 else tl.float32
+    pos_acc = tl.zeros([BLOCK_L, BLOCK_D], dtype=ACC)
     for i in range(0, samples):
         n = chunk * samples + i
         rows = l_in & (n < N)
         start = tl.load(bounds_ptr + n * (L + 1) + offs_l, mask=rows, other=0)
         count = tl.load(bounds_ptr + n * (L + 1) + offs_l + 1, mask=rows, other=0) - start
-        acc = tl.zeros([BLOCK_L, BLOCK_D], dtype=tl.float32)
+        acc = tl.zeros([BLOCK_L, BLOCK_D], dtype=ACC)
         # usually 0 or 1 rows per token; duplicates add up in ascending k
         for j in range(0, tl.max(count, axis=0)):
             has = j < count
             k = tl.load(perm_ptr + n * K + start + j, mask=has, other=0)
             g_ptrs = grad_ptr + n * sg_n + k[:, None] * sg_k + offs_d[None, :] * sg_d
-            acc += tl.load(g_ptrs, mask=has[:, None] & d_in[None, :], other=0.0).to(tl.float32)
+            acc += tl.load(g_ptrs, mask=has[:, None] & d_in[None, :], other=0.0).to(ACC)
         if NEED_X:
             gx_ptrs = gx_ptr + (n * L + offs_l)[:, None] * D + offs_d[None, :]
             tl.store(gx_ptrs, acc.to(gx_ptr.dtype.element_ty), mask=rows[:, None] & d_in[None, :])
@@ -133,7 +139,7 @@ def _block_d(D: int) -> int:
 def gather_tokens_fwd(x: Tensor, keep: Tensor, pos: Optional[Tensor]) -> Tensor:
     """Launch ``_gather_tokens_fwd_kernel``; arguments arrive validated by ``ops.gather_tokens``.
 
-    x ``[N, L, D]`` float32/float16/bfloat16 (any strides), keep int32/int64 ``[N, K]``, pos
+    x ``[N, L, D]`` float32/float64/float16/bfloat16 (any strides), keep int32/int64 ``[N, K]``, pos
     ``[L, D]`` or None. Returns ``[N, K, D]`` contiguous in the promoted dtype.
     """
     N, L, D = x.shape
@@ -152,6 +158,7 @@ def gather_tokens_fwd(x: Tensor, keep: Tensor, pos: Optional[Tensor]) -> Tensor:
             K, L, D,
             *x.stride(), *keep.stride(), *sp,
             HAS_POS=pos is not None,
+            F64=dtype == torch.float64,
             BLOCK_K=block_k,
             BLOCK_D=block_d,
             num_warps=4,
@@ -188,11 +195,12 @@ def gather_tokens_bwd(
     tokens = torch.arange(L + 1, device=dev, dtype=keep.dtype).expand(N, L + 1).contiguous()
     bounds = torch.searchsorted(sorted_keep.contiguous(), tokens)
     perm = perm.contiguous()
+    acc = torch.float64 if torch.float64 in (grad.dtype, x_dtype, pos_dtype) else torch.float32
     if need_pos:
         chunks = min(N, POS_CHUNKS)
         samples = triton.cdiv(N, chunks)
         chunks = triton.cdiv(N, samples)
-        part = torch.empty((chunks, L, D), dtype=torch.float32, device=dev)
+        part = torch.empty((chunks, L, D), dtype=acc, device=dev)
     else:
         chunks, samples, part = N, 1, None
     block_d = _block_d(D)
@@ -207,11 +215,12 @@ def gather_tokens_bwd(
             *grad.stride(),
             NEED_X=need_x,
             NEED_POS=need_pos,
+            F64=acc == torch.float64,
             BLOCK_L=block_l,
             BLOCK_D=block_d,
             num_warps=4,
         )
     if need_pos:
-        # fixed-order float32 reduction over the chunks, one rounding to pos's dtype
+        # fixed-order float32 (float64) reduction over the chunks, one rounding to pos's dtype
         gpos = part.sum(0).to(pos_dtype)
     return gx, gpos
