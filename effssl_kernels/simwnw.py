@@ -39,7 +39,7 @@ from .ops.block_match import block_match, similar_blocks
 from .photometric import PhotometricSampler
 from .photometric import photometric as ek_photometric
 from .sparse.tiles import kept_tiles, prepare_tiles
-from .tokens import tokens_from_psnr
+from .tokens import round_keep_count
 from .transforms import crop_centers, random_crops
 
 __all__ = ["SimWnW", "SimWnWMasks", "SimWnWViews", "simwnw_masks"]
@@ -74,6 +74,25 @@ def _min_keep(keep: Tensor, psnr: Tensor, k: int) -> Tensor:
     key = torch.nan_to_num(key, nan=float("inf"))  # NaN blocks are kept already (never similar)
     idx = torch.sort(key, dim=1, stable=True).indices[:, : min(k, key.shape[1])]
     return flat_keep.scatter(1, idx, True).view_as(keep)
+
+
+def _vit_tokens(masks: SimWnWMasks, multiple_of: int = 8) -> tuple[Tensor, Tensor, int]:
+    """Both views' ViT token lists from the masks (patch = block): int64 ``[N, K]`` each (rows
+    ascending) and ``K``.
+
+    Every kept block's token is kept (so ``min_keep`` and the masks' threshold hold). One ``K``
+    serves both views, ``min(L, roundup(c, multiple_of))`` with ``c`` the largest kept count
+    of any sample of either view (one host sync); each row fills up to ``K`` with its least
+    similar removed blocks (lowest PSNR, then lowest index), as ``similar_token_keep`` does.
+    """
+    N, Hb, Wb = masks.keep_a.shape
+    L = Hb * Wb
+    keep = torch.stack((masks.keep_a.reshape(N, L), masks.keep_b.reshape(N, L)))  # [2, N, L]
+    psnr = torch.stack((masks.psnr_a.reshape(N, L), masks.psnr_b.reshape(N, L)))
+    K = round_keep_count(int(keep.sum(-1).max()) if N else 1, L, multiple_of)  # the one sync
+    key = torch.where(keep, float("-inf"), torch.nan_to_num(psnr.float(), nan=float("inf")))
+    chosen = torch.sort(key, dim=-1, stable=True).indices[..., :K].sort(dim=-1).values
+    return chosen[0], chosen[1], K
 
 
 @torch.no_grad()
@@ -161,7 +180,9 @@ class SimWnW:
         match_on: ``"raw"`` (default, SimWnW's choice): match the views after the geometric
             augmentations and before the photometric ones; ``"augmented"``: after both.
         record: keep each step's removal fractions (device tensors, no sync) in
-            ``removal_history``; :meth:`removal_log` reads them (one sync).
+            ``removal_history``; :meth:`removal_log` reads them (one sync). :meth:`masks`
+            records the masks' block removal; :meth:`encode` of a ViT then replaces that entry
+            by the token removal it applied, ``1 - K / L`` for both views (``K`` rounds up).
     """
 
     def __init__(self, block_size: int = 32, *, search_radius: Optional[int] = None, threshold_db: float = 20.0,
@@ -180,6 +201,7 @@ class SimWnW:
         self.match_on = match_on
         self.record = bool(record)
         self.removal_history: list[Tensor] = []
+        self._recorded: Optional[tuple[SimWnWMasks, Tensor]] = None  # last masks and their entry
 
     def __repr__(self) -> str:
         return (f"SimWnW(block_size={self.block_size}, search_radius={self.search_radius}, "
@@ -194,11 +216,25 @@ class SimWnW:
         m = simwnw_masks(view_a, view_b, self.block_size, search_radius=self.search_radius,
                          threshold_db=self.threshold_db, data_range=data_range, min_keep=self.min_keep, **geo)
         if self.record:
-            self.removal_history.append(m.removal())
+            entry = m.removal()
+            self.removal_history.append(entry)
+            self._recorded = (m, entry)
         return m
 
+    def _record_tokens(self, masks: SimWnWMasks, K: int, L: int) -> None:
+        """Replace the entry :meth:`masks` recorded for ``masks`` by the ViT token removal."""
+        if not self.record or self._recorded is None or self._recorded[0] is not masks:
+            return  # masks made elsewhere (simwnw_masks) were never recorded
+        entry = self._recorded[1]
+        for i in range(len(self.removal_history) - 1, -1, -1):
+            if self.removal_history[i] is entry:
+                self.removal_history[i] = torch.full_like(entry, 1.0 - K / L)
+                break
+        self._recorded = None
+
     def removal_log(self) -> list[tuple[float, float]]:
-        """Per recorded step, the removed fractions ``(A, B)`` as floats (one sync)."""
+        """Per recorded step, the removed fractions ``(A, B)`` as floats (one sync): of the blocks
+        for ResNets, of the patch tokens for ViTs once :meth:`encode` ran on the step's masks."""
         if not self.removal_history:
             return []
         return [tuple(r) for r in torch.stack(self.removal_history).tolist()]
@@ -261,9 +297,12 @@ class SimWnW:
 
         ResNets (``sparsify``): each view under ``block_mask`` with its kept blocks; both
         views' tile lists are built with one host sync. ViTs (``sparsify_vit``, patch size =
-        ``block_size``): each view keeps its non-similar tokens (``tokens_from_psnr``: one ``K``
-        for both, one sync). ``concat=True`` runs one call on the concatenated batch (BatchNorm
-        then normalises over both views together, as some SimCLR code does).
+        ``block_size``): each view keeps the tokens of its kept blocks (``masks.keep_a`` /
+        ``keep_b``, so the masks' threshold and ``min_keep`` hold), topped up to one ``K`` for
+        both views, a multiple of 8 (or ``L``), with its least similar removed blocks (one
+        sync); a recorded step's removal becomes ``1 - K / L``. ``concat=True`` runs one call
+        on the concatenated batch (BatchNorm then normalises over both views together, as some
+        SimCLR code does).
         """
         if tuple(view_a.shape[-2:]) != tuple(masks.image_size) or view_a.shape != view_b.shape:
             raise ValueError(f"SimWnW.encode: views {tuple(view_a.shape)}, {tuple(view_b.shape)} do not "
@@ -291,7 +330,8 @@ class SimWnW:
             if p is not None and p != masks.block_size:
                 raise ValueError(f"SimWnW.encode: a ViT's masks need block_size = its patch size {p}, "
                                  f"got {masks.block_size}")
-            ka, kb = tokens_from_psnr(masks.psnr_a, masks.psnr_b, self.threshold_db)
+            ka, kb, K = _vit_tokens(masks)
+            self._record_tokens(masks, K, masks.keep_a.shape[1] * masks.keep_a.shape[2])
             if concat:
                 with token_keep(torch.cat([ka, kb])):
                     z = model(torch.cat([view_a, view_b]))

@@ -163,6 +163,16 @@ def _check_crop_args(boxes_a, boxes_b, flips_a, flips_b, view_size, block_size) 
     return H, W
 
 
+def _int_box(box: Tensor) -> tuple[Tensor, Tensor]:
+    """int64 ``[N, 4]`` values of ``box`` (0 where not exact) and bool ``[N]``: all four are
+    integers within +-2^31. No sync."""
+    if box.is_floating_point():
+        integral = (box == box.floor()) & (box.abs() <= 2**31)  # False for NaN and inf
+        return torch.where(integral, box, 0).to(torch.int64), integral.all(-1)
+    v = box.to(torch.int64)
+    return v, ((v >= -(2**31)) & (v <= 2**31)).all(-1)
+
+
 def crop_centers(
     boxes_a: Tensor,
     boxes_b: Tensor,
@@ -186,8 +196,10 @@ def crop_centers(
     Args:
         boxes_a, boxes_b: ``[N, 4]`` float or int ``(top, left, height, width)`` in source-image
             pixels, the ``(i, j, h, w)`` of ``RandomResizedCrop.get_params``. Heights and
-            widths must be positive (not checked: that would need a host sync; a zero one sends
-            the centre far outside, where the block has no candidate).
+            widths should be positive; a sample whose box (A's or B's) has a zero, negative or
+            NaN height or width gets every centre at ``(-2^30, -2^30)``, far outside the view,
+            where its blocks have no candidate (psnr ``-inf``, never similar). Not raised:
+            checking values would need a host sync.
         flips_a, flips_b: bool ``[N]``: the view was mirrored after the crop.
         view_size: ``(H, W)`` (or an int for square views) of both views.
         block_size: side ``B`` of A's blocks; the grid is ``Hb = H // B`` by ``Wb = W // B``.
@@ -199,17 +211,20 @@ def crop_centers(
 
     Raises:
         TypeError / ValueError: non-tensor or wrongly typed inputs, shapes other than ``[N, 4]``
-        and ``[N]``, mismatched ``N`` or devices, a non-positive size, a block larger than the view.
+        and ``[N]``, mismatched ``N`` or devices, a non-positive view or block size, a block
+        larger than the view.
 
-    Centres are rounded half up, so with equal box sizes (no rescale) they are exact: a block
-    whose counterpart lies fully inside B is found at offset ``(0, 0)``.
+    Centres are rounded half up. Integer-valued boxes (RandomResizedCrop's, whatever their
+    dtype; values within +-2^31, views up to 2^24) are mapped in exact int64 arithmetic, so exact
+    half ties round up and equal box sizes give exact centres: a block whose counterpart lies
+    fully inside B is found at offset ``(0, 0)``. Other boxes go through float64 (float32 on
+    MPS), where a value within rounding error of a tie may round either way.
     """
     H, W = _check_crop_args(boxes_a, boxes_b, flips_a, flips_b, view_size, block_size)
     B = block_size
     Hb, Wb = H // B, W // B
     dev = boxes_a.device
-    # float64 so that half-integer rounding ties of large source images come out exactly as in
-    # integer arithmetic; MPS has no float64.
+    # MPS has no float64.
     f = torch.float32 if dev.type == "mps" else torch.float64
     ta, la, ha, wa = boxes_a.to(f).unbind(-1)  # each [N]
     tb, lb, hb, wb = boxes_b.to(f).unbind(-1)
@@ -229,8 +244,32 @@ def crop_centers(
     #   6. The top-left of the B x B block centred at (yB, xB) is (yB - B/2, xB - B/2), rounded
     #      half up with floor(. + 1/2) (torch.round rounds half to even, which would make equal
     #      shifts round differently at even and odd positions).
-    ar = torch.arange(Hb, device=dev, dtype=f)
-    yA = (ar + 0.5) * B  # [Hb]
+    # Multiplied by 2 hb > 0, step 6 for y is
+    #   cy = floor((2 (ta - tb) H + (2i + 1) B ha - (B - 1) hb) / (2 hb)),
+    # exact in int64 for integer-valued boxes (in float64, some exact .5 ties of rescaled boxes
+    # land just below .5 and round down). For x the same with the left edges la, lb, or, when A
+    # is mirrored (steps 2 and 5), the negated right edges -(la + wa), -(lb + wb).
+    far = 1 << 30
+    ok = (ha > 0) & (wa > 0) & (hb > 0) & (wb > 0)  # False for NaN too
+
+    # Exact path, for samples whose eight values are integers within +-2^31 (|numerator| < 2^60).
+    ia, exact_a = _int_box(boxes_a)
+    ib, exact_b = _int_box(boxes_b)
+    exact = ok & exact_a & exact_b & (max(H, W) <= 1 << 24)
+    one = torch.ones_like(ia)  # non-exact samples: a denominator that cannot be 0
+    ti, li, hi, wi = torch.where(exact[:, None], ia, one).unbind(-1)
+    tj, lj, hj, wj = torch.where(exact[:, None], ib, one).unbind(-1)
+    ei = torch.where(flips_a, -(li + wi), li)[:, None]  # [N, 1]
+    ej = torch.where(flips_a, -(lj + wj), lj)[:, None]
+    k2y = torch.arange(Hb, device=dev, dtype=torch.int64) * 2 + 1  # 2i + 1
+    k2x = torch.arange(Wb, device=dev, dtype=torch.int64) * 2 + 1
+    num_y = 2 * H * (ti - tj)[:, None] + k2y * (B * hi[:, None]) - (B - 1) * hj[:, None]
+    num_x = 2 * W * (ei - ej) + k2x * (B * wi[:, None]) - (B - 1) * wj[:, None]
+    cy_exact = torch.div(num_y, 2 * hj[:, None], rounding_mode="floor")  # [N, Hb]
+    cx_exact = torch.div(num_x, 2 * wj[:, None], rounding_mode="floor")  # [N, Wb]
+
+    # Float path, the same steps for other boxes.
+    yA = (torch.arange(Hb, device=dev, dtype=f) + 0.5) * B  # [Hb]
     xA = (torch.arange(Wb, device=dev, dtype=f) + 0.5) * B  # [Wb]
     fa = flips_a.view(-1, 1)
     xA_src = torch.where(fa, W - xA, xA)  # [N, Wb]
@@ -241,10 +280,13 @@ def crop_centers(
     xB = torch.where(fa, W - xB_src, xB_src)
     cy = torch.floor(yB - B / 2 + 0.5)
     cx = torch.floor(xB - B / 2 + 0.5)
-    # Degenerate boxes give inf/NaN; keep the int64 cast defined and the centre far outside.
-    big = float(1 << 30)
-    cy = torch.nan_to_num(cy, nan=-big).clamp(-big, big).to(torch.int64)
-    cx = torch.nan_to_num(cx, nan=-big).clamp(-big, big).to(torch.int64)
+    # Degenerate boxes give inf/NaN here (replaced below): keep the int64 cast defined.
+    cy = torch.nan_to_num(cy, nan=-far).clamp(-far, far).to(torch.int64)
+    cx = torch.nan_to_num(cx, nan=-far).clamp(-far, far).to(torch.int64)
+
+    # Per sample: the exact centres where they exist; far outside for a box without area.
+    cy = torch.where(ok[:, None], torch.where(exact[:, None], cy_exact, cy).clamp(-far, far), -far)
+    cx = torch.where(ok[:, None], torch.where(exact[:, None], cx_exact, cx).clamp(-far, far), -far)
     N = boxes_a.shape[0]
     centers = torch.stack(
         (cy[:, :, None].expand(N, Hb, Wb), cx[:, None, :].expand(N, Hb, Wb)), dim=-1

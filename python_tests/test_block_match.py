@@ -1,4 +1,6 @@
-"""block_match / similar_blocks: C++ CPU kernel and CUDA kernel against the reference."""
+"""block_match / similar_blocks: C++ CPU kernel and CUDA kernel against the reference (flip and
+centers given as views: every backend)."""
+import importlib.util
 import itertools
 
 import numpy as np
@@ -9,7 +11,7 @@ from hypothesis import strategies as st
 
 import effssl_kernels as ek
 from effssl_kernels.reference import block_match_reference, candidate_order
-from utils import DTYPES, HAS_GPU, assert_block_match, make_layout, requires_gpu
+from utils import DTYPES, HAS_GPU, INTERPRET, assert_block_match, make_layout, requires_gpu
 
 DEVICES = ["cpu"] + (["cuda"] if HAS_GPU else [])
 
@@ -62,6 +64,9 @@ SHAPES = [  # N, C, H, W, B, r
     (1, 3, 24, 24, 24, 3),  # one block as large as the image
     (2, 2, 9, 30, 1, 1),
     (1, 4, 20, 20, 6, 0),  # radius 0: the block's own position only
+    # r >= 8: the CPU kernel's full 16-candidate tiles (tile_ssd16) plus a tail
+    (2, 3, 40, 44, 4, 9),  # 19 candidates per row: one tile and a tail of 3
+    (1, 1, 20, 40, 2, 16),  # 33 per row: two tiles and a tail of 1
 ]
 
 
@@ -102,6 +107,30 @@ def test_planted_shift_recovered_exactly(device, dtype, shift):
             assert off[:, i, j].tolist() == [[dy, dx]] * 2
             assert torch.isposinf(psnr[:, i, j]).all()
     assert_block_match(psnr, off, a, b, B, r)
+
+
+@pytest.mark.parametrize("r", [9, 16])
+def test_cpu_full_candidate_tiles(r):
+    # The CPU kernel scores 16 horizontally consecutive candidates at once (tile_ssd16) and the
+    # rest of a row one at a time (tile_ssd); only r >= 8 reaches the former (2r + 1 = 19: one
+    # tile and a tail of 3; 33: two tiles and a tail of 1; clipped rows near the border: other
+    # splits). Offsets must equal the reference's, planted shifts must be found in every tile.
+    N, C, B = 3, 2, 4
+    H, W = 2 * r + 8, 2 * r + 20
+    for dy, dx in [(1, 3 - r), (-2, r - 4), (0, r)]:  # dx in the first tile, the last one, the tail
+        a, b = _shifted_pair(N, C, H, W, dy, dx, pad=r)
+        psnr, off = ek.block_match(a, b, B, r)
+        ys, xs = torch.arange(H // B) * B + dy, torch.arange(W // B) * B + dx
+        inside = ((ys >= 0) & (ys <= H - B))[:, None] & ((xs >= 0) & (xs <= W - B))[None, :]
+        assert inside.sum() >= 20
+        assert torch.isposinf(psnr[:, inside]).all()
+        assert (off[:, inside] == torch.tensor([dy, dx], dtype=torch.int32)).all()
+        assert_block_match(psnr, off, a, b, B, r, exact_offsets=True)
+    a, b = torch.rand(N, C, H, W), torch.rand(N, C, H, W)
+    centers = torch.randint(-r, max(H, W) + r, (N, H // B, W // B, 2))
+    flip = torch.tensor([True, False, True])
+    psnr, off = ek.block_match(a, b, B, r, centers=centers, flip=flip)
+    assert_block_match(psnr, off, a, b, B, r, centers=centers, flip=flip, exact_offsets=True)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -166,6 +195,65 @@ def test_flip_and_centres(device, dtype):
     # A view and its mirror image, searched with flip, match perfectly at offset 0.
     psnr, off = ek.block_match(a, a.flip(-1), B, r, flip=torch.ones(N, dtype=torch.bool, device=device))
     assert torch.isposinf(psnr).all() and (off == 0).all()
+
+
+# Every backend on every device this machine has: (device, EFFSSL_BACKEND). Triton runs CPU
+# tensors only under its interpreter (conftest.py sets it where there is no GPU).
+_HAS_TRITON = importlib.util.find_spec("triton") is not None
+_TRITON_CPU = [pytest.mark.triton, pytest.mark.skipif(not (_HAS_TRITON and INTERPRET), reason="TRITON_INTERPRET=1")]
+_TRITON_GPU = [pytest.mark.triton, pytest.mark.skipif(not _HAS_TRITON, reason="needs triton")]
+BACKENDS = [("cpu", "reference"), ("cpu", "cpp"), pytest.param("cpu", "triton", marks=_TRITON_CPU)]
+if HAS_GPU:
+    BACKENDS += [("cuda", "reference"), ("cuda", "cuda"), pytest.param("cuda", "triton", marks=_TRITON_GPU)]
+
+
+def _flip_view(kind, device):
+    """bool [4] flip that is a view, not a dense array: a column of an [N, 2] tensor (as
+    ``flips[:, 0]`` of random_resized_boxes) or a stride-0 expand of one flag."""
+    if kind == "column":
+        f = torch.tensor([True, True, False, True], device=device)
+        # read as a dense array the column gives [T, F, T, F]: wrong for samples 1, 2, 3
+        flip = torch.stack([f, ~f], 1)[:, 0]
+    else:
+        # one True flag of a longer storage, expanded: a dense read gives [T, F, F, F]
+        flip = torch.tensor([True, False, False, False], device=device)[:1].expand(4)
+    assert not flip.is_contiguous()
+    return flip
+
+
+def _centers_view(kind, values):
+    """``values`` [N, Hb, Wb, 2] as a strided int64 slice or (all samples equal) an int32 expand."""
+    N, Hb, Wb, _ = values.shape
+    if kind == "expand":
+        return values[:1].int().expand(N, Hb, Wb, 2)
+    big = torch.zeros(N, Hb, 2 * Wb, 2, dtype=torch.int64, device=values.device)
+    big[:, :, ::2] = values
+    return big[:, :, ::2]
+
+
+@pytest.mark.parametrize("device,backend", BACKENDS)
+@pytest.mark.parametrize("flip_kind", ["column", "expand"])
+@pytest.mark.parametrize("centers_kind", ["strided", "expand"])
+def test_flip_and_centres_as_views(device, backend, flip_kind, centers_kind, monkeypatch):
+    # flip and centers that are views (stride 2, stride 0) are read by value on every backend.
+    monkeypatch.setenv("EFFSSL_BACKEND", backend)
+    N, C, H, W, B, r = 4, 2, 12, 16, 4, 2
+    flip = _flip_view(flip_kind, device)
+    a = torch.rand(N, C, H, W, device=device)
+    # b is a, mirrored where flip is set: searched at each block's own place every block is an
+    # exact match at (0, 0); a flag read from the wrong sample makes it finite
+    b = torch.where(flip.view(N, 1, 1, 1), a.flip(-1), a)
+    ys, xs = torch.meshgrid(torch.arange(H // B) * B, torch.arange(W // B) * B, indexing="ij")
+    own = torch.stack([ys, xs], -1).to(device).expand(N, H // B, W // B, 2)
+    psnr, off = ek.block_match(a, b, B, r, centers=_centers_view(centers_kind, own), flip=flip)
+    assert torch.isposinf(psnr).all() and (off == 0).all()
+    # random b and centres: the same answer as from dense copies, and the reference's
+    b = torch.rand(N, C, H, W, device=device)
+    centers = _centers_view(centers_kind, torch.randint(-3, 14, (N, H // B, W // B, 2), device=device))
+    psnr, off = ek.block_match(a, b, B, r, centers=centers, flip=flip)
+    dense = ek.block_match(a, b, B, r, centers=centers.contiguous(), flip=flip.contiguous())
+    assert torch.equal(psnr, dense[0]) and torch.equal(off, dense[1])
+    assert_block_match(psnr, off, a, b, B, r, centers=centers, flip=flip, exact_offsets=backend != "cuda")
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -25,6 +25,26 @@ SHAPES = [
     (2, 5, 48, 48, 1, 3),
 ]
 
+# Shapes that reach the tiled kernel's rarer paths, none of which SHAPES above reaches (there
+# every block has one dx tile per row, one pass and one channel chunk). Each was checked with
+# the review's layout.py, a Python replay of make_tiled_layout and of tiled_cross's tile
+# arithmetic, run for every block (H100 opt-in limit 227 KB; an A100's 163 KB gives the same
+# paths):
+TILED_SHAPES = [  # N, C, H, W, block, radius
+    # Dx = 35 > 33: ntx = 2 dx tiles per row (PX = 33, stride 32, `own` clipping); one pass,
+    # one chunk (Cc = 2), so the K-split reduction also maps two tiles per row
+    (1, 2, 60, 60, 8, 17),
+    # ntx = 2 and nchunks = 2 (Cc = 2: chunks of 2 + 1 channels, re-staged, sq accumulated)
+    (1, 3, 96, 96, 32, 17),
+    # the default radius B/2 with C = 6 > Cc = 4: nchunks = 2; PX 17 and 33 both occur
+    (1, 6, 80, 80, 32, 16),
+    # Dx = 101: ntx = 4, Dy * ntx = 404 > 288 tiles: passes = 2 (KS = 1), one chunk, so the
+    # staged template and window are reused by the second pass (133 KB: the opt-in limit)
+    (1, 1, 104, 104, 2, 50),
+    # passes = 2 with nchunks = 2 (Cc = 2; Cc = 1, nchunks = 3 on an A100): re-staged per pass
+    (1, 3, 104, 104, 2, 50),
+]
+
 
 @pytest.fixture(params=PATHS)
 def path(request, monkeypatch):
@@ -41,6 +61,33 @@ def test_random(path, dtype, shape):
     b = torch.rand(N, C, H, W, device="cuda").to(dtype)
     psnr, off = ek.block_match(a, b, B, r)
     assert_block_match(psnr, off, a, b, B, r)
+
+
+@pytest.mark.parametrize("shape", TILED_SHAPES, ids=str)
+def test_tiled_kernel_paths(path, shape):
+    # Every kernel forced on the small-radius shapes (image falls through to tiled where the
+    # image exceeds shared memory); r = 50, whose reference check takes 5-10 s a call, runs
+    # once, on the tiled kernel it is there for.
+    N, C, H, W, B, r = shape
+    slow = r > 32
+    if slow and path != "tiled":
+        pytest.skip("r = 50 shapes test the tiled kernel's passes")
+    g = torch.Generator().manual_seed(0)
+    a = torch.rand(N, C, H, W, generator=g).cuda()
+    b = torch.rand(N, C, H, W, generator=g).cuda()
+    if not slow:
+        psnr, off = ek.block_match(a, b, B, r)
+        assert_block_match(psnr, off, a, b, B, r)
+        a, b = a.bfloat16(), b.bfloat16()  # converted while staging
+    # Centres jittered by up to 2 px around each block's own place and a flip that is a
+    # stride-2 view, as flips[:, 0]. The same replay with these centres: the chunks are
+    # unchanged, 16 of 21 blocks keep ntx = 2 on the first shape, 302 and 313 of 2704 take two
+    # passes on the last two.
+    ys, xs = torch.meshgrid(torch.arange(H // B) * B, torch.arange(W // B) * B, indexing="ij")
+    centers = torch.stack([ys, xs], -1)[None] + torch.randint(-2, 3, (N, H // B, W // B, 2), generator=g)
+    flips = torch.tensor([[True, False]] * N, device="cuda")
+    psnr, off = ek.block_match(a, b, B, r, centers=centers.cuda(), flip=flips[:, 0])
+    assert_block_match(psnr, off, a, b, B, r, centers=centers, flip=flips[:, 0])
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -98,12 +145,23 @@ def test_identical_views_and_data_range(path):
 
 
 def test_matches_cpu_kernel_bitwise_offsets(path):
-    # Same data on both devices: same winners (the tie rule is a total order), psnr within 1e-3 dB.
-    a, b = torch.rand(4, 3, 32, 32), torch.rand(4, 3, 32, 32)
-    pc, oc = ek.block_match(a, b, 4, 4)
-    pg, og = ek.block_match(a.cuda(), b.cuda(), 4, 4)
-    torch.testing.assert_close(pg.cpu(), pc, atol=1e-3, rtol=0)
-    assert_block_match(pg, og, a, b, 4, 4)
+    # Same data on both devices. Pixels in {0, 1/2, 1} make every partial sum of squares exact in
+    # float32 (multiples of 1/4 below 48), so no summation order changes a key and the direct
+    # kernels (image, direct) must pick exactly the CPU kernel's winners, about 1 block in 8 by
+    # the tie rule alone (the tie rule is a total order). The tiled kernel ranks by the
+    # a^2+b^2-2ab identity: it gets SEMANTICS.md's 1e-4 tolerance. psnr within 1e-3 dB.
+    g = torch.Generator().manual_seed(0)
+    a = torch.randint(0, 3, (4, 3, 32, 32), generator=g) / 2
+    b = torch.randint(0, 3, (4, 3, 32, 32), generator=g) / 2
+    centers = torch.randint(-4, 32, (4, 8, 8, 2), generator=g)
+    flip = torch.tensor([False, True, False, True])
+    for kw in ({}, {"centers": centers, "flip": flip}):
+        pc, oc = ek.block_match(a, b, 4, 4, **kw)
+        pg, og = ek.block_match(a.cuda(), b.cuda(), 4, 4, **{k: v.cuda() for k, v in kw.items()})
+        if path != "tiled":
+            assert torch.equal(og.cpu(), oc)
+        torch.testing.assert_close(pg.cpu(), pc, atol=1e-3, rtol=0)
+        assert_block_match(pg, og, a, b, 4, 4, exact_offsets=path != "tiled", **kw)
 
 
 def test_deterministic(path):

@@ -197,6 +197,23 @@ def test_flip(dtype):
     assert_block_match(psnr, off, a2, b2, 3, 2, flip=flip, centers=centers, exact_offsets=True)
 
 
+def test_direct_op_reads_views_by_value():
+    # ek.block_match densifies flip and centers, but the Triton op can be called directly: it
+    # must not index views (stride 2, stride 0) as dense arrays either. test_block_match.py's
+    # test_flip_and_centres_as_views covers the public function on this backend.
+    N, C, H, W, B, r = 4, 2, 12, 12, 4, 1
+    a = torch.rand(N, C, H, W, device=DEVICE)
+    f = torch.tensor([True, True, False, True], device=DEVICE)
+    flip = torch.stack([f, ~f], 1)[:, 0]  # dense read: [T, F, T, F]
+    b = torch.where(flip.view(N, 1, 1, 1), a.flip(-1), a)
+    ys, xs = torch.meshgrid(torch.arange(3) * B, torch.arange(3) * B, indexing="ij")
+    big = torch.full((1, 3, 3, 4), 100, dtype=torch.int32, device=DEVICE)  # (y, 100, x, 100)
+    big[..., 0], big[..., 2] = ys.to(DEVICE), xs.to(DEVICE)
+    centers = big[..., ::2].expand(N, 3, 3, 2)  # each block's own place; strides (0, 12, 4, 2)
+    psnr, off = torch.ops.effssl_kernels._block_match_triton(a, b, B, r, 1.0, centers, flip)
+    assert torch.isposinf(psnr).all() and (off == 0).all()
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_nan_input(dtype):
     a, b = torch.rand(2, 3, 12, 12).to(dtype), torch.rand(2, 3, 12, 12).to(dtype)

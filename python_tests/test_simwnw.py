@@ -176,18 +176,56 @@ def test_encode_vit_equals_token_keep():
                             num_classes=0).eval()
     vit = ek.sparsify_vit(vit)
     a, b = torch.rand(2, 3, 32, 32), torch.rand(2, 3, 32, 32)
-    b[:, :, :16] = a[:, :, :16]  # 8 of 16 tokens similar: K = 8
+    b[:, :, :16] = a[:, :, :16]  # block rows 0-1 and blocks (2, 0), (2, 1) identical:
+    b[:, :, 16:24, :16] = a[:, :, 16:24, :16]  # 10 of 16 tokens similar in both views
     sw = ek.SimWnW(8, search_radius=0, use_geometry=False)
     m = sw.masks(a, b)
+    assert m.keep_a.sum().item() == m.keep_b.sum().item() == 2 * 6
     za, zb = sw.encode(vit, a, b, m)
+    # the 6 kept tokens, topped up to K = 8 with the lowest-index removed ones (all +inf dB)
+    want_keep = torch.tensor([[0, 1, 10, 11, 12, 13, 14, 15]] * 2)
+    assert torch.equal(m.keep_a.flatten(1).nonzero()[:, 1].view(2, 6), want_keep[:, 2:])
     ka, kb = ek.tokens_from_psnr(m.psnr_a, m.psnr_b, 20.0)
-    assert ka.shape[1] < 16  # tokens were dropped
-    with ek.token_keep(ka):
-        want = vit(a)
-    torch.testing.assert_close(za, want)
+    assert torch.equal(ka, want_keep) and torch.equal(kb, want_keep)
+    with ek.token_keep(want_keep):
+        torch.testing.assert_close(za, vit(a))
+        torch.testing.assert_close(zb, vit(b))
+    # the log holds the token removal applied (8 of 16 dropped), not the masks' 10 of 16
+    assert sw.removal_log() == [(0.5, 0.5)]
+    torch.testing.assert_close(m.removal(), torch.full((2,), 10 / 16))
     with pytest.raises(ValueError, match="patch size"):
         sw16 = ek.SimWnW(16, use_geometry=False)
         sw16.encode(vit, a, b, sw16.masks(a, b))
+
+
+def test_encode_vit_honours_min_keep_and_the_masks_threshold():
+    timm = pytest.importorskip("timm")
+    torch.manual_seed(0)
+    vit = timm.create_model("vit_small_patch16_224", img_size=32, patch_size=8, depth=1, embed_dim=16, num_heads=2,
+                            num_classes=0).eval()
+    vit = ek.sparsify_vit(vit)
+    a, b = torch.rand(2, 3, 32, 32), torch.rand(2, 3, 32, 32)
+    b[:, :, :16] = a[:, :, :16]  # 8 of 16 tokens similar at 20 dB
+    with ek.token_keep(torch.arange(16).expand(2, 16)):
+        dense_a, dense_b = vit(a), vit(b)
+    # min_keep = 12 keeps 12 blocks per view, so K = roundup(12, 8) = 16: every token
+    sw = ek.SimWnW(8, search_radius=0, use_geometry=False, min_keep=12)
+    m = sw.masks(a, b)
+    assert (m.keep_a.flatten(1).sum(1) == 12).all()
+    za, zb = sw.encode(vit, a, b, m)
+    torch.testing.assert_close(za, dense_a)
+    torch.testing.assert_close(zb, dense_b)
+    assert sw.removal_log() == [(0.0, 0.0)]
+    # masks made at another threshold (nothing, not even +inf dB, is above +inf) keep every
+    # token, whatever the encoder's own threshold_db; masks it did not record leave its log alone
+    sw20 = ek.SimWnW(8, search_radius=0, use_geometry=False)
+    m_all = ek.simwnw_masks(a, b, 8, search_radius=0, threshold_db=float("inf"))
+    assert m_all.keep_a.all() and m_all.keep_b.all()
+    for concat in (False, True):
+        za, zb = sw20.encode(vit, a, b, m_all, concat=concat)
+        torch.testing.assert_close(za, dense_a)
+        torch.testing.assert_close(zb, dense_b)
+    assert sw20.removal_log() == []
 
 
 def test_encode_needs_a_converted_model():

@@ -162,6 +162,72 @@ def test_centers_by_hand():
     assert c3[0, :, 0, 0].tolist() == [8 * i for i in range(6)]
 
 
+def _exact_centers(box_a, box_b, flip_a, view, bs):
+    """crop_centers' map (steps 1-6 of its derivation) in exact rational arithmetic:
+    (rows [Hb], cols [Wb]) of python ints, ties rounded half up."""
+    from fractions import Fraction as Fr
+
+    ta, la, ha, wa = (Fr(v) for v in box_a)
+    tb, lb, hb, wb = (Fr(v) for v in box_b)
+    rows = []
+    for i in range(view // bs):
+        yb = (ta + Fr(2 * i + 1, 2) * bs * ha / view - tb) * view / hb
+        rows.append(int((yb - Fr(bs, 2) + Fr(1, 2)).__floor__()))
+    cols = []
+    for j in range(view // bs):
+        xa = Fr(2 * j + 1, 2) * bs
+        xa = view - xa if flip_a else xa
+        xb = (la + xa * wa / view - lb) * view / wb
+        xb = view - xb if flip_a else xb
+        cols.append(int((xb - Fr(bs, 2) + Fr(1, 2)).__floor__()))
+    return rows, cols
+
+
+def test_crop_centers_exact_half_ties():
+    """Integer boxes round exact .5 ties up even when rescaled (float64 put this one just below
+    .5: centre row 47 instead of 48), whatever the boxes' dtype."""
+    f = torch.tensor([False])
+    ba, bb = torch.tensor([[109, 0, 383, 224]]), torch.tensor([[146, 0, 352, 224]])
+    rows, _ = _exact_centers(ba[0].tolist(), bb[0].tolist(), False, 224, 32)
+    assert rows[2] == 48  # (109 + 80 * 383 / 224 - 146) * 224 / 352 - 16 = 95 / 2 exactly
+    for dtype in (torch.int64, torch.float32, torch.float64):
+        c, _ = crop_centers(ba.to(dtype), bb.to(dtype), f, f, 224, 32)
+        assert c[0, :, 0, 0].tolist() == rows
+    # Random integer boxes (every one exact, flips included) and random fractional ones (the
+    # float path, where ties have probability 0) in one batch, against exact arithmetic.
+    g = torch.Generator().manual_seed(0)
+    N = 400
+    boxes = torch.cat([torch.randint(0, 300, (2, N, 2), generator=g), torch.randint(20, 400, (2, N, 2), generator=g)], -1)
+    frac = torch.arange(N) % 4 == 3
+    boxes = torch.where(frac[:, None], boxes + torch.rand(2, N, 4, generator=g, dtype=torch.float64), boxes)
+    fa = torch.rand(N, generator=g) < 0.5
+    fb = torch.rand(N, generator=g) < 0.5
+    c, _ = crop_centers(boxes[0], boxes[1], fa, fb, 224, 32)
+    c32, _ = crop_centers(boxes[0].float(), boxes[1].float(), fa, fb, 224, 32)
+    ints = ~frac
+    assert torch.equal(c32[ints], c[ints])  # RandomResizedCrop's float32 boxes: the same answer
+    for n in range(N):
+        rows, cols = _exact_centers(boxes[0, n].tolist(), boxes[1, n].tolist(), bool(fa[n]), 224, 32)
+        assert c[n, :, 0, 0].tolist() == rows and c[n, 0, :, 1].tolist() == cols, n
+
+
+def test_crop_centers_boxes_without_area():
+    """A zero, negative or NaN height/width of either box sends all of that sample's centres
+    far outside, so its blocks have no candidate; the other samples are unaffected."""
+    good = [4.0, 6.0, 40.0, 48.0]
+    bad = [[4, 6, 0, 48], [4, 6, 40, -48], [4, 6, float("nan"), 48]]
+    ba = torch.tensor([good] + bad + [good] * 3)
+    bb = torch.tensor([good] * 4 + bad)
+    fa = torch.tensor([False, True, False, True, False, True, False])
+    fb = torch.zeros(7, dtype=torch.bool)
+    centers, flip = crop_centers(ba, bb, fa, fb, 32, 8)
+    assert (centers[1:] == -(1 << 30)).all()
+    ref, _ = crop_centers(ba[:1], bb[:1], fa[:1], fb[:1], 32, 8)
+    assert torch.equal(centers[:1], ref) and (centers[0].abs() < 32).all()
+    psnr, _ = block_match(torch.rand(7, 3, 32, 32), torch.rand(7, 3, 32, 32), 8, 2, centers=centers, flip=flip)
+    assert torch.isneginf(psnr[1:]).all() and torch.isfinite(psnr[0]).all()
+
+
 def _ramp(H, W):
     """[3, H, W]: channel 0 = y, channel 1 = x of each pixel centre (continuous source coords)."""
     y = (torch.arange(H, dtype=torch.float32) + 0.5).view(H, 1).expand(H, W)

@@ -91,14 +91,16 @@ inline void tile_ssd16(const float* pa, const float* pb, int64_t plane, int W, i
 void block_match_cpu_kernel(const float* a, const float* b, const BlockMatchParams& p) {
   const int B = p.block, r = p.radius, H = p.H, W = p.W, C = p.C;
   const int64_t plane = static_cast<int64_t>(H) * W;
-  const int64_t nblocks = static_cast<int64_t>(p.N) * p.Hb * p.Wb;
+  // int64: Hb * Wb passes 2^31 for B = 1 on a 46341^2 image (H, W may reach 2^24)
+  const int64_t per_sample = static_cast<int64_t>(p.Hb) * p.Wb;
+  const int64_t nblocks = p.N * per_sample;
   const float inv_count = 1.f / (static_cast<float>(C) * B * B);
   const float peak2 = p.data_range * p.data_range;
   const int64_t work = int64_t(2 * r + 1) * (2 * r + 1) * C * B * B;
   at::parallel_for(0, nblocks, std::max<int64_t>(1, 65536 / (work + 1)), [&](int64_t begin, int64_t end) {
     float ssd[kTileDx];
     for (int64_t blk = begin; blk < end; ++blk) {
-      const int64_t n = blk / (p.Hb * p.Wb);
+      const int64_t n = blk / per_sample;
       const int i = static_cast<int>((blk / p.Wb) % p.Hb), j = static_cast<int>(blk % p.Wb);
       const int64_t cy = p.centers ? p.centers[2 * blk] : int64_t(i) * B;
       const int64_t cx = p.centers ? p.centers[2 * blk + 1] : int64_t(j) * B;

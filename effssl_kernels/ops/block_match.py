@@ -93,7 +93,9 @@ def block_match(
 
     Args:
         a, b: views ``[N, C, H, W]``, same shape, device and dtype (float32, float16, bfloat16),
-            values in ``[0, data_range]``. Any strides (channels_last, slices) are read in place.
+            values in ``[0, data_range]``, any strides (channels_last, slices): the CUDA and
+            Triton kernels read them in place, the CPU kernel from float32 contiguous copies
+            (``b`` mirrored where ``flip`` is set).
         block_size: side ``B`` of the non-overlapping blocks of ``a``; the grid is
             ``Hb = H // B`` by ``Wb = W // B``; leftover rows/columns belong to no block.
         search_radius: ``r``; every displacement in ``[-r, r]^2`` whose block lies inside ``b``.
@@ -111,6 +113,18 @@ def block_match(
         candidate within 1e-4 relative of the least mse; psnr is always the direct mse of the
         returned candidate. Exact ties go to the smallest ``|dy| + |dx|``, then ``dy``, ``dx``.
 
+    Which kernel runs (SEMANTICS.md section 5): CUDA tensors take one of three kernels by shape.
+    The image kernel (one CTA per sample) when ``4 * C * (H*W + Hb*B * Wb*B)`` bytes fit in
+    48 KB (CIFAR's 3x32x32: 24 KB); else the tiled kernel, the fast path (one CTA per block,
+    template and search window in shared memory, ranked by the ``a^2 + b^2 - 2ab`` identity and
+    the winner re-scored directly), when one channel's window fits the device's opt-in shared
+    memory (B = 32: r up to 55 on an H100, 46 on an A100; more channels are staged in chunks);
+    else the direct kernel (one thread per candidate, from global memory).
+    ``EFFSSL_BACKEND=triton`` (or the default ``auto`` when the CUDA kernels were not built)
+    takes the Triton kernel (direct mse) instead; CPU tensors the C++ kernel (direct mse, 16
+    horizontally adjacent candidates per vector tile). All meet the tolerance above; only
+    speed differs.
+
     Raises ValueError/TypeError on bad shapes, dtypes, devices, sizes or arguments.
     Matches ``effssl_kernels.reference.block_match_reference``. Not differentiable.
     """
@@ -119,6 +133,9 @@ def block_match(
     if which == "reference":
         return block_match_reference(a, b, block_size, search_radius, float(data_range), centers, flip)
     centers = _prepare_centers(centers)
+    # The kernels index flip as a dense [N] array: a column of the [N, 2] flips of
+    # random_resized_boxes (stride 2) or an expanded flag (stride 0) must be copied first.
+    flip = None if flip is None else flip.contiguous()
     if which == "triton":
         return torch.ops.effssl_kernels._block_match_triton(
             a, b, block_size, search_radius, float(data_range), centers, flip

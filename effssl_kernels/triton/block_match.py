@@ -53,7 +53,7 @@ def _block_match_fwd_kernel(
     a_ptr,
     b_ptr,
     centers_ptr,  # int32 [N, Hb, Wb, 2] contiguous, or None
-    flip_ptr,  # bool [N], or None
+    flip_ptr,  # bool [N] contiguous, or None
     psnr_ptr,  # float32 [N, Hb, Wb] contiguous
     offset_ptr,  # int32 [N, Hb, Wb, 2] contiguous
     # sizes
@@ -218,9 +218,14 @@ def block_match_triton(
     """Launch ``_block_match_fwd_kernel``; arguments arrive validated by ``ops.block_match``.
 
     a, b: [N, C, H, W] float32/float16/bfloat16, any strides (read in place); centers: int32
-    contiguous [N, Hb, Wb, 2] or None; flip: bool [N] or None. Returns psnr float32 [N, Hb, Wb]
+    [N, Hb, Wb, 2] or None; flip: bool [N] or None. Returns psnr float32 [N, Hb, Wb]
     and offset int32 [N, Hb, Wb, 2] on a's device, as ``block_match_reference``.
     """
+    # The kernel takes no strides for centers and flip: it indexes them as dense arrays. The op
+    # can be called directly (torch.ops.effssl_kernels._block_match_triton), so copy views here
+    # (a no-op for the dense tensors ops.block_match passes).
+    centers = None if centers is None else centers.contiguous()
+    flip = None if flip is None else flip.contiguous()
     N, C, H, W = a.shape
     B, r = int(block_size), int(search_radius)
     Hb, Wb = H // B, W // B
