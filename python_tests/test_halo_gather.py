@@ -77,18 +77,38 @@ def test_cpu_empty_and_all_removed():
     assert tiles.grad.shape == tiles.shape
 
 
+def _ordered_sum(g, order, offsets, tile_shape):
+    """The backward's documented order, in g's dtype: per source pixel ``s``, its readers
+    ``order[offsets[s]:offsets[s + 1]]`` added one by one to zero (adding exact zeros where a
+    run has ended keeps the bits)."""
+    T, bh, bw = tile_shape
+    C = g.shape[1]
+    rows = g.permute(0, 2, 3, 1).reshape(-1, C)  # padded pixel q at row q
+    lo, cnt = offsets[:-1], offsets[1:] - offsets[:-1]
+    acc = torch.zeros(T * bh * bw, C, dtype=g.dtype)
+    for j in range(int(cnt.max())):
+        q = order[(lo + j).clamp(max=order.numel() - 1)]
+        acc = acc + torch.where((j < cnt)[:, None], rows[q], torch.zeros((), dtype=g.dtype))
+    return acc.view(T, bh, bw, C).permute(0, 3, 1, 2)
+
+
 def test_backward_is_deterministic():
-    tiles, table, order, offsets, _ = _case(stride=4, halo=3, C=33)
+    """Bit-equal to a fixed-order float32 sum with 1 and with 2 threads (set explicitly: under
+    OMP_NUM_THREADS=1 the default is one thread). Up to 3 readers per pixel of random values,
+    so another summation order would show in the last bits."""
+    tiles, table, order, offsets, _ = _case(stride=1, halo=3, C=33)
     tiles.requires_grad_(True)
     g = torch.randn(tiles.shape[0], 33, *table.shape[1:])
-    a = torch.autograd.grad(halo_gather_op(tiles, table, order, offsets), tiles, g)[0]
+    want = _ordered_sum(g, order, offsets, (tiles.shape[0], *tiles.shape[2:]))
+    assert (offsets[1:] - offsets[:-1]).max() >= 3 and tiles.shape[0] * 64 > 2 * 4096 // 33
     threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # another partition of the work: same bits
     try:
-        b = torch.autograd.grad(halo_gather_op(tiles, table, order, offsets), tiles, g)[0]
+        for n in (1, 2):  # 2: at least two chunks of at::parallel_for's grain
+            torch.set_num_threads(n)
+            got = torch.autograd.grad(halo_gather_op(tiles, table, order, offsets), tiles, g)[0]
+            assert torch.equal(got, want)
     finally:
         torch.set_num_threads(threads)
-    assert torch.equal(a, b)
 
 
 def test_gradcheck_float64():
@@ -96,6 +116,22 @@ def test_gradcheck_float64():
                                             hw=(16, 16), B=8)
     tiles.requires_grad_(True)
     assert torch.autograd.gradcheck(
+        lambda t: halo_gather_op(t, table, order, offsets, -2.0), (tiles,))
+
+
+@pytest.mark.parametrize("which", ["halo", "pack", "unpack"])
+def test_gradgradcheck_float64(which):
+    """Double backward (create_graph=True) through the backward op: it must be the forward
+    gather again, not the zeros autograd's fallback gives an op without a formula."""
+    tiles, table, order, offsets, idx = _case(stride=2, halo=(1, 2), C=2, dtype=torch.float64,
+                                              N=1, hw=(8, 8), B=4)
+    if which == "pack":  # R != T: the dense map is the source
+        tiles = torch.randn(1, 2, *idx.size, dtype=torch.float64)
+        table, order, offsets = idx.pack_tables()
+    elif which == "unpack":  # entries read the zero row
+        table, order, offsets = idx.unpack_tables()
+    tiles.requires_grad_(True)
+    assert torch.autograd.gradgradcheck(
         lambda t: halo_gather_op(t, table, order, offsets, -2.0), (tiles,))
 
 
@@ -109,6 +145,9 @@ def test_opcheck():
     g = torch.randn(tiles.shape[0], 3, *table.shape[1:])
     torch.library.opcheck(torch.ops.effssl_kernels.halo_gather_backward.default,
                           (g, order, offsets, tiles.shape[0], 4, 4))
+    torch.library.opcheck(torch.ops.effssl_kernels.halo_gather_backward.default,
+                          (g.requires_grad_(True), order, offsets, tiles.shape[0], 4, 4),
+                          test_utils=("test_schema", "test_autograd_registration"))
 
 
 def test_bad_table_raises():
@@ -130,7 +169,7 @@ triton_only = pytest.mark.skipif(not (HAS_GPU or INTERPRET),
 
 @triton_only
 @pytest.mark.triton
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("stride,halo,outside", [(2, 1, 0.0), (4, (1, 0, 2, 1), float("-inf")),
                                                  (8, 2, 0.0)])
 def test_triton_matches_reference(monkeypatch, dtype, stride, halo, outside):
@@ -145,6 +184,21 @@ def test_triton_matches_reference(monkeypatch, dtype, stride, halo, outside):
 
 @triton_only
 @pytest.mark.triton
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("layout", ["contiguous", "strided"])
+def test_triton_second_channel_block(monkeypatch, dtype, layout):
+    """C = 130 > BLOCK_C = 128: a second program along the channels (program_id(1) = 1),
+    forward and backward, with masked channel lanes in it."""
+    pytest.importorskip("triton")
+    monkeypatch.setenv("EFFSSL_BACKEND", "triton")
+    dev = "cuda" if HAS_GPU else "cpu"
+    tiles, table, order, offsets, _ = _case(stride=8, halo=(1, 0, 2, 1), C=130, dtype=dtype,
+                                            layout=layout, N=1, hw=(16, 24))
+    _check(*[a.to(dev) for a in (tiles, table, order, offsets)], outside=-1.5)
+
+
+@triton_only
+@pytest.mark.triton
 def test_triton_opcheck(monkeypatch):
     pytest.importorskip("triton")
     dev = "cuda" if HAS_GPU else "cpu"
@@ -154,6 +208,22 @@ def test_triton_opcheck(monkeypatch):
     torch.library.opcheck(torch.ops.effssl_kernels._halo_gather_triton.default, args,
                           test_utils=("test_schema", "test_autograd_registration",
                                       "test_faketensor"))
+
+
+@triton_only
+@pytest.mark.triton
+def test_triton_gradgradcheck_float64(monkeypatch):
+    pytest.importorskip("triton")
+    monkeypatch.setenv("EFFSSL_BACKEND", "triton")
+    dev = "cuda" if HAS_GPU else "cpu"
+    tiles, table, order, offsets, _ = _case(stride=2, halo=1, C=2, dtype=torch.float64, N=1,
+                                            hw=(8, 4), B=4, seed=3)
+    tiles, table, order, offsets = (a.to(dev) for a in (tiles, table, order, offsets))
+    tiles.requires_grad_(True)
+    assert tiles.shape[0] > 1  # some halo pixels read another tile
+    # fast mode (random projections): a few interpreted launches instead of one per element
+    assert torch.autograd.gradgradcheck(
+        lambda t: halo_gather_op(t, table, order, offsets, 3.0), (tiles,), fast_mode=True)
 
 
 from hypothesis import given, settings  # noqa: E402

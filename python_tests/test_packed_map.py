@@ -63,8 +63,9 @@ def test_elementwise_ops_stay_packed_and_match_dense():
 def test_other_ops_see_the_dense_map():
     x, mask, p = _packed(seed=2)
     row = torch.randn(x.shape[-1], dtype=x.dtype)  # broadcasts along W, not per channel
-    with pytest.warns(UserWarning, match="dense map"):
+    with pytest.warns(UserWarning, match="dense map") as rec:
         y = p + row
+    assert not any("exact" in str(w.message) for w in rec)  # not for every op (layers, reductions)
     assert type(y) is torch.Tensor
     torch.testing.assert_close(y, x + row)
     with warnings.catch_warnings():
@@ -93,6 +94,86 @@ def test_unknown_in_place_op_raises():
         p.fill_(1.0)
     with pytest.raises(NotImplementedError, match="in-place"):
         p[0] = 1.0
+
+
+def test_zero_breaking_ops_run_on_the_dense_map():
+    """Ops that turn removed zeros into non-zeros give the dense op's result on the dense map, as
+    the per-layer (compiled) path does; zero-preserving ones stay packed."""
+    x, mask, p = _packed(seed=12)
+    bias = torch.randn(1, 3, 1, 1, dtype=x.dtype)
+    breaking = [torch.sigmoid, lambda t: t + 1, lambda t: 1 - t, lambda t: t.clamp(min=0.5),
+                lambda t: torch.clamp(t, -2.0, -0.5), lambda t: t + bias,
+                lambda t: F.hardtanh(t, 0.5, 2.0), lambda t: 2.0 / (t.abs() + 1)]
+    keeping = [lambda t: t.clamp(min=0), lambda t: t.clamp(-1.0, 1.0), lambda t: F.hardtanh(t),
+               lambda t: t + 0, torch.tanh, lambda t: t / 2, lambda t: -t]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for i, f in enumerate(breaking):
+            y = f(p)
+            assert type(y) is torch.Tensor, i
+            torch.testing.assert_close(y, f(x), msg=lambda m, i=i: f"breaking {i}: {m}")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no dense fallback
+        for i, f in enumerate(keeping):
+            y = f(p)
+            assert isinstance(y, PackedMap), i
+            torch.testing.assert_close(y.to_dense(), f(x), msg=lambda m, i=i: f"keeping {i}: {m}")
+    with pytest.raises(NotImplementedError, match="in-place"):
+        p.detach().clone().clamp_(min=0.5)  # would change a dense copy
+
+
+def test_full_size_dense_operand():
+    """A plain map of the packed map's dense shape (a masked-dense layer's output): packed for
+    in-place ops and products, exact as it is zero under removed blocks; ``dense += packed``
+    changes the dense tensor itself."""
+    x, mask, p = _packed(seed=13)
+    g = torch.Generator().manual_seed(13)
+    d = (torch.randn(x.shape, generator=g, dtype=x.dtype) * mask.pixel_mask(2, x.shape[-2:]))
+    d.requires_grad_(True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # on the tiles
+        q = p * 1.0  # a non-leaf to change in place
+        q += d
+        r = q * d
+    assert isinstance(q, PackedMap) and isinstance(r, PackedMap)
+    torch.testing.assert_close(q.to_dense(), x + d)
+    torch.testing.assert_close(r.to_dense(), (x + d) * d)
+    gx, gd = torch.autograd.grad(r.to_dense().sum(), (x, d))
+    wx, wd = torch.autograd.grad(((x + d) * d).sum(), (x, d))
+    torch.testing.assert_close(gx, wx)
+    torch.testing.assert_close(gd, wd)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        s = p + d  # out of place: the dense sum, exact whatever d holds under removed blocks
+        e = d.detach().clone()
+        e += p
+    assert type(s) is torch.Tensor and type(e) is torch.Tensor
+    torch.testing.assert_close(s, x + d)
+    torch.testing.assert_close(e, x + d)
+
+
+def test_to_dense_under_inference_mode():
+    """Inference tensors have no version counter: unpacked every time, in-place changes seen."""
+    x, mask, _ = _packed(seed=14)
+    x = x.detach()
+    with torch.inference_mode():
+        p = pack_map(x, mask, (2, 2))
+        assert p.tiles.is_inference()
+        torch.testing.assert_close(p.to_dense(), x)
+        p.tiles.mul_(2.0)
+        torch.testing.assert_close(p.to_dense(), 2 * x)
+
+
+@pytest.mark.parametrize("f", [
+    lambda t: F.batch_norm(t, None, None, training=True), lambda t: F.conv2d(t, torch.ones(1, 3, 1, 1, dtype=t.dtype)),
+    lambda t: F.max_pool2d(t, 2), lambda t: F.avg_pool2d(t, 2), lambda t: F.adaptive_avg_pool2d(t, 1),
+    lambda t: F.group_norm(t, 1), lambda t: F.layer_norm(t, t.shape[-1:]),
+    lambda t: F.interpolate(t, scale_factor=2.0)])
+def test_layer_functionals_refuse_packed_maps(f):
+    """A module that sparsify did not convert (added or replaced after it) must not run unmasked."""
+    _, _, p = _packed(seed=15)
+    with pytest.raises(RuntimeError, match="sparsify"):
+        f(p)
 
 
 def test_to_dense_is_cached_until_the_tiles_change():

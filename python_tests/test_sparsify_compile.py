@@ -40,3 +40,49 @@ def test_compiled_sparse_resnet_one_graph_for_all_masks(backend):
                                        msg=lambda m, k=k: f"step {step} {k}: {m}")
         graphs.append(counters["stats"]["unique_graphs"])
     assert graphs[-1] <= 2 and graphs[-1] == graphs[-2]  # the third mask compiles nothing
+
+
+def test_zero_breaking_ops_agree_eager_and_compiled():
+    """sigmoid, x + 1, 1 - x, clamp(min > 0) of a masked map turn removed zeros into non-zeros:
+    eager (packed maps) and compiled (dense maps per layer) both give the dense op's result on
+    the dense masked map, so a consumer that is not a layer (a sum) sees the same numbers; the
+    masked pool after them reads only kept positions."""
+    import warnings
+
+    from torch import nn
+
+    from effssl_kernels.reference.masked_net import (
+        masked_avg_pool_reference,
+        masked_conv2d_reference,
+    )
+    from effssl_kernels.sparse.packed import as_dense
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.pool = nn.Conv2d(3, 4, 3, 1, 1), nn.AdaptiveAvgPool2d(1)
+
+        def forward(self, x):
+            h = self.conv(x)
+            z = torch.sigmoid(h)
+            return self.pool(z), z, h + 1, 1 - h, h.clamp(min=0.5), torch.relu(h)
+
+    torch._dynamo.reset()
+    eager = R.sparsify(Net().double(), example_input=torch.zeros(1, 3, 16, 16, dtype=torch.float64))
+    compiled = torch.compile(copy.deepcopy(eager), backend="aot_eager", fullgraph=True)
+    keep = torch.tensor([[[True, False], [False, False]]])
+    mask = BlockMask(keep, 8, 16)
+    x = torch.randn(1, 3, 16, 16, dtype=torch.float64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # eager unpacks after the zero-breaking ops
+        with R.block_mask(keep, 8):
+            ye = [as_dense(t) for t in eager(x)]
+    with R.block_mask(keep, 8):
+        yc = compiled(x)
+    h = masked_conv2d_reference(x, eager.conv.weight, eager.conv.bias, 1, 1, mask=mask)
+    want = [masked_avg_pool_reference(torch.sigmoid(h), mask.pixel_mask(1, (16, 16))).view(1, 4, 1, 1),
+            torch.sigmoid(h), h + 1, 1 - h, h.clamp(min=0.5), torch.relu(h)]
+    for i, (a, b, w) in enumerate(zip(ye, yc, want)):
+        torch.testing.assert_close(a, w, rtol=1e-12, atol=1e-12, msg=lambda m, i=i: f"eager {i}: {m}")
+        torch.testing.assert_close(b, w, rtol=1e-12, atol=1e-12, msg=lambda m, i=i: f"compiled {i}: {m}")
+    torch.testing.assert_close(ye[1].flatten(1).sum(1), yc[1].flatten(1).sum(1))

@@ -18,7 +18,10 @@ Layout (``effssl_kernels.sparse.packed``): the first tile-aligned layer packs it
 there every map between layers is a :class:`~effssl_kernels.sparse.packed.PackedMap`, a tensor
 subclass that looks like ``[N, C, H, W]`` to the model's code but holds only the kept tiles;
 ReLU and residual adds run on the tiles, BN is ``F.batch_norm`` over the tiles (its statistics are
-then over kept pixels only), and no map is unpacked until the global pool. A layer that is not
+then over kept pixels only), and no map is unpacked until the global pool. The model's own
+pointwise ops give what they give on the dense masked map on every path (eager, compiled,
+masked-dense): ops that turn zeros into non-zeros (``sigmoid``, ``x + 1``) unpack, and only
+converted layers restore removed footprints to zero. A layer that is not
 tile-aligned (a stride that does not divide the block, an image that is not a whole number of
 blocks) takes the dense map and runs masked-dense. Under ``torch.compile`` maps are not packed
 between layers: each layer packs, computes its kept tiles and unpacks (the subclass does not
@@ -27,7 +30,9 @@ trace); the graph is compiled once for every mask (the tile count is data-depend
 Cumulative strides are fixed at ``sparsify`` time by one traced forward of a small dummy input
 (eval mode, no grad, so no running statistic moves): every tensor carries the stride of the map it
 is on; an op outside the swapped modules passes its input's stride on and must keep the spatial
-size (otherwise the model has a resampling layer we do not know, and ``sparsify`` raises); a
+size and the rank (otherwise the model has a resampling layer or a spatial reduction such as
+``x.mean((2, 3))`` that would count removed positions, and ``sparsify`` raises; the global
+pool's output is no longer a map, so ``flatten`` and heads after it are free); a
 swapped module records its input's stride and multiplies its output's by its own stride. So the
 stride is the product of the strides of the layers on the path (residual downsample branches start
 from the block input's stride), never a ratio of sizes. ``input_strides(model)`` lists the table.
@@ -77,7 +82,9 @@ Pair = tuple[int, int]
 # ----------------------------------------------------------------------------- per-call state
 class _MaskState:
     """The mask of one ``with block_mask(...)``: a BlockMask, or a keep grid whose image size is
-    taken from the input of the first masked layer at stride 1 (one BlockMask per image size)."""
+    taken from the input of the model's first masked layer (the first to run in the trace of
+    ``sparsify``) at each forward; later layers at stride 1 may see other sizes (a padding-0
+    conv, a ceil-mode pool). One BlockMask per image size."""
 
     __slots__ = ("base", "block_size", "by_size", "keep", "last", "mask")
 
@@ -88,10 +95,16 @@ class _MaskState:
         # The kept list (the step's one host sync) now, not inside a compiled forward.
         self.base = prepare_tiles(mask) if mask is not None else kept_tiles(keep)
 
-    def get(self, x: Tensor, in_stride: Pair, fn: str) -> BlockMask:
+    def get(self, x: Tensor, in_stride: Pair, fn: str, first: bool = False) -> BlockMask:
         if self.mask is not None:
+            size = tuple(self.mask.image_size)
+            if first and (int(x.shape[-2]), int(x.shape[-1])) != size:
+                raise ValueError(f"{fn}: the input image is {x.shape[-2]}x{x.shape[-1]} but the "
+                                 f"BlockMask's image is {size[0]}x{size[1]}")
             return self.mask
-        if in_stride == (1, 1):  # the input image: its size fixes the block grid
+        # The input image (the first layer's input; or any stride-1 input before any first
+        # layer ran, e.g. a submodule called on its own) fixes the block grid.
+        if first or (self.last is None and in_stride == (1, 1)):
             size = (int(x.shape[-2]), int(x.shape[-1]))
             m = self.by_size.get(size)
             if m is None:
@@ -189,7 +202,7 @@ def _mask_for(module: nn.Module, x: Tensor) -> tuple[BlockMask | None, Pair]:
         return None, (1, 1)
     s = _in_stride(module)
     fn = f"sparse {type(module)._effssl_base.__name__}"
-    m = state.get(x, s, fn)
+    m = state.get(x, s, fn, first=module.__dict__.get("_effssl_first", False))
     m.check_input(x, fn)
     return m, s
 
@@ -328,6 +341,8 @@ def _plan(model: nn.Module) -> dict[nn.Module, type]:
     fast = _fast_avg_pool_cls()
     plan: dict[nn.Module, type] = {}
     for name, m in model.named_modules():
+        if _is_swapped(m):  # converted by an earlier sparsify
+            continue
         where = f"sparsify: {name or 'model'} ({type(m).__name__})"
         t = type(m)
         if t is nn.Conv2d:
@@ -397,28 +412,69 @@ class _StrideTracer(TorchFunctionMode):
                               f"{tuple(ins[0].shape[-2:])} -> {tuple(o.shape[-2:])} outside the "
                               f"supported layers")
                 return out
+            if self.depth == 0 and o.dim() != 4 and ins[0].dim() == 4:
+                # A reduction (x.mean((2, 3)), x.flatten(2).sum(-1), ...) or a reshape of a
+                # feature map: under a mask it would count removed positions as zeros.
+                self.error = (f"{getattr(func, '__name__', func)} turns a "
+                              f"{tuple(ins[0].shape)} feature map into a {o.dim()}-D tensor "
+                              f"outside the supported layers, which would count removed "
+                              f"positions as zeros under a mask; use nn.AdaptiveAvgPool2d(1) "
+                              f"(mean over kept positions) for global average pooling")
+                return out
             o._effssl_s = s
+            # The swapped modules whose outputs it is made of (for tile_plan).
+            o._effssl_from = frozenset().union(*(getattr(t, "_effssl_from", ()) for t in ins))
         return out
 
 
-def _trace_strides(model: nn.Module, plan: dict[nn.Module, type],
-                   example_input: Tensor | None) -> dict[nn.Module, Pair]:
-    if example_input is None:
-        conv = next((m for m in plan if isinstance(m, nn.Conv2d)), None)
-        if conv is None:
-            raise TypeError("sparsify: the model has no Conv2d")
-        p = conv.weight
-        example_input = torch.zeros(2, conv.in_channels, 64, 64, device=p.device, dtype=p.dtype)
+def _trace_strides(model: nn.Module, modules: list[nn.Module], example_input: Tensor | None
+                   ) -> tuple[dict[nn.Module, Pair], nn.Module | None, dict]:
+    """({module: input stride} of the swapped ``modules`` that ran, the first of them to run,
+    {module: the swapped modules its input is made of})."""
+    if example_input is not None:
+        return _trace_once(model, modules, example_input)
+    convs = [m for m in modules if isinstance(m, nn.Conv2d)]
+    if not convs:
+        raise TypeError("sparsify: the model has no Conv2d")
+    # The first conv registered need not be the first to run (a head registered first): try
+    # each distinct in_channels in registration order.
+    first_error = None
+    for c in dict.fromkeys(m.in_channels for m in convs):
+        p = convs[0].weight
+        x = torch.zeros(2, c, 64, 64, device=p.device, dtype=p.dtype)
+        try:
+            return _trace_once(model, modules, x)
+        except RuntimeError as e:  # the model's own forward rejected the input
+            first_error = first_error or e
+    raise TypeError("sparsify: the default example input [2, C, 64, 64] (C the in_channels of "
+                    "a Conv2d) does not run the model; pass example_input") from first_error
+
+
+def _trace_once(model: nn.Module, modules: list[nn.Module], example_input: Tensor
+                ) -> tuple[dict[nn.Module, Pair], nn.Module | None, dict]:
     table: dict[nn.Module, Pair] = {}
+    sources: dict[nn.Module, frozenset] = {}
+    whole: dict[nn.Module, bool] = {}
+    order: list[nn.Module] = []
     tracer = _StrideTracer()
     handles = []
+    fast = _fast_avg_pool_cls()
+    pools = (nn.AdaptiveAvgPool2d,) + ((fast,) if fast is not None else ())
 
     def pre(m, args):
         x = args[0] if args else None
         s = getattr(x, "_effssl_s", None) if isinstance(x, Tensor) else None
         if s is None:
             tracer.error = tracer.error or f"the input of {type(m).__name__} has no known stride"
-        elif table.setdefault(m, s) != s:
+        elif m not in table:
+            order.append(m)
+            table[m] = s
+            sources[m] = getattr(x, "_effssl_from", frozenset())
+            # Whether the map is image / stride, as tiles need (not after a padding-0 conv).
+            H0, W0 = example_input.shape[-2:]
+            whole[m] = all(n // st <= side <= -(-n // st) for n, st, side in
+                           ((H0, s[0], x.shape[-2]), (W0, s[1], x.shape[-1])))
+        elif table[m] != s:
             tracer.error = tracer.error or (f"{type(m).__name__} runs at strides {table[m]} and {s} "
                                             f"(a shared module must see one stride)")
         tracer.depth += 1
@@ -427,49 +483,67 @@ def _trace_strides(model: nn.Module, plan: dict[nn.Module, type],
         tracer.depth -= 1
         s = table.get(m)
         if s is not None and isinstance(out, Tensor):
+            if isinstance(m, pools):
+                out._effssl_s = None  # pooled: no longer a map (flatten and heads are fine)
+                return
             ms = _module_stride(m)
             out._effssl_s = (s[0] * ms[0], s[1] * ms[1])
+            out._effssl_from = frozenset((m,))
 
-    for m in plan:
+    for m in modules:
         handles.append(m.register_forward_pre_hook(pre))
         handles.append(m.register_forward_hook(post))
     modes = {m: m.training for m in model.modules()}
     x = example_input.detach().clone()
     x._effssl_s = (1, 1)
+    tok = _MASK.set(None)  # converted modules run unmasked in the trace
     try:
         model.eval()
         with torch.no_grad(), tracer:
             model(x)
     finally:
+        _MASK.reset(tok)
         for h in handles:
             h.remove()
         for m, t in modes.items():
             m.training = t
     if tracer.error is not None:
         raise TypeError(f"sparsify: cannot track the cumulative stride: {tracer.error}")
-    return table
+    return table, (order[0] if order else None), (sources, whole)
 
 
 def sparsify(model: nn.Module, example_input: Tensor | None = None) -> nn.Module:
     """Convert a ResNet (torchvision or timm; any model built of the supported layers) in place
-    for :func:`block_mask`; returns it. Idempotent.
+    for :func:`block_mask`; returns it. Run it after any module replacement (e.g.
+    ``nn.SyncBatchNorm.convert_sync_batchnorm``, a new head): called again, it converts the
+    modules still unconverted and traces the strides again; a fully converted model is returned
+    as is. (An unconverted layer that gets a packed map raises at forward; on a masked-dense
+    map it cannot be detected and would run unmasked.)
 
     ``example_input`` is the dummy input of the stride trace (default zeros ``[2, C, 64, 64]``
     on the first conv's device and dtype); it must run every swapped module. No running statistic
     changes. Raises TypeError for layers the masked network does not define (e.g. ``AvgPool2d``
     downsampling, ``Conv2d``/``BatchNorm2d`` subclasses with their own forward, non-global or
-    max pools) and ValueError for a ``padding_mode`` other than ``'zeros'``.
+    max pools, a spatial reduction such as ``x.mean((2, 3))`` outside ``AdaptiveAvgPool2d(1)``)
+    and ValueError for a ``padding_mode`` other than ``'zeros'``.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"sparsify: expected an nn.Module, got {type(model).__name__}")
-    if is_sparse(model):
+    plan = _plan(model)  # the modules still unconverted
+    done = [m for m in model.modules() if _is_swapped(m)]
+    if not plan and done:
         return model
-    plan = _plan(model)
-    table = _trace_strides(model, plan, example_input)
+    table, first, (sources, whole) = _trace_strides(model, list(plan) + done, example_input)
     for m, mixin in plan.items():
         m.__class__ = _sparse_class(type(m), mixin)
+    for m in list(plan) + done:
+        m.__dict__.pop("_effssl_first", None)
         if m in table:
             m._effssl_in_stride = table[m]
+            m._effssl_sources = tuple(sources[m])
+            m._effssl_whole = whole[m]
+    if first is not None:
+        first._effssl_first = True  # its input fixes the image size of block_mask(keep, B)
     return model
 
 
@@ -480,6 +554,9 @@ def unsparsify(model: nn.Module) -> nn.Module:
     for m in model.modules():
         if _is_swapped(m):
             m.__dict__.pop("_effssl_in_stride", None)
+            m.__dict__.pop("_effssl_first", None)
+            m.__dict__.pop("_effssl_sources", None)
+            m.__dict__.pop("_effssl_whole", None)
             m.__class__ = type(m)._effssl_base
     return model
 
@@ -488,28 +565,40 @@ def tile_plan(model: nn.Module, block_size: int, image_size) -> dict[str, str]:
     """``{module name: 'tiles' | 'masked-dense'}`` for every swapped module of a sparsified
     model on images of ``image_size`` with blocks of ``block_size``: which layers compute kept
     tiles only and which fall back to masked-dense (a stride that does not divide the block, an
-    image that is not a whole number of blocks, a ceil-mode pool). BatchNorm and the global pool
-    follow their input: tiles where the map at their stride is tile-aligned."""
+    image that is not a whole number of blocks, a ceil-mode pool, an input that is not
+    image / stride in the trace, as after a padding-0 conv). BatchNorm and the global pool
+    follow their input: tiles where the map at their stride is tile-aligned and some layer
+    producing their input (in the trace) returns packed tiles, as an in-place residual add onto
+    a packed map keeps it packed."""
     if not is_sparse(model):
         raise TypeError("tile_plan: model was not converted by sparsify")
     H, W = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
     B = operator.index(block_size)
     mask = BlockMask(torch.ones(1, H // B, W // B, dtype=torch.bool), B, (H, W))
-    plan = {}
-    for name, m in model.named_modules():
-        if not _is_swapped(m) or "_effssl_in_stride" not in m.__dict__:
-            continue
-        s = m.__dict__["_effssl_in_stride"]
-        if isinstance(m, nn.Conv2d):
-            ok = conv_tile_halo(m.kernel_size, m.stride, m.padding, m.dilation, mask=mask,
-                                in_stride=s) is not None
-        elif isinstance(m, nn.MaxPool2d):
-            ok = not m.ceil_mode and conv_tile_halo(m.kernel_size, _module_stride(m), m.padding,
-                                                    m.dilation, mask=mask, in_stride=s) is not None
-        else:
-            ok = is_tile_aligned(mask, s)
-        plan[name] = "tiles" if ok else "masked-dense"
-    return plan
+    packs: dict[nn.Module, bool] = {}
+
+    def packed(m: nn.Module) -> bool:  # whether m returns a PackedMap
+        if m not in packs:
+            packs[m] = False  # a cycle (a shared module) reads as not packed
+            s = m.__dict__["_effssl_in_stride"]
+            if not m.__dict__.get("_effssl_whole", True):
+                ok = False  # its input is not image / stride (e.g. after a padding-0 conv)
+            elif isinstance(m, nn.Conv2d):
+                ok = conv_tile_halo(m.kernel_size, m.stride, m.padding, m.dilation, mask=mask,
+                                    in_stride=s) is not None
+            elif isinstance(m, nn.MaxPool2d):
+                ok = not m.ceil_mode and conv_tile_halo(
+                    m.kernel_size, _module_stride(m), m.padding, m.dilation, mask=mask,
+                    in_stride=s) is not None
+            else:
+                ok = is_tile_aligned(mask, s) and any(
+                    packed(p) for p in m.__dict__.get("_effssl_sources", ())
+                    if "_effssl_in_stride" in p.__dict__)
+            packs[m] = ok
+        return packs[m]
+
+    return {name: "tiles" if packed(m) else "masked-dense" for name, m in model.named_modules()
+            if _is_swapped(m) and "_effssl_in_stride" in m.__dict__}
 
 
 def input_strides(model: nn.Module) -> dict[str, Pair]:

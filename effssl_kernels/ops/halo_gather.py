@@ -5,9 +5,11 @@ and backward with a data-dependent tile count: the C++ op ``effssl_kernels::halo
 kernel, schema in csrc/bindings.cpp) with ``effssl_kernels::halo_gather_backward``, and the
 Triton op ``effssl_kernels::_halo_gather_triton`` (CUDA tensors; CPU only under
 TRITON_INTERPRET=1) with ``_halo_gather_backward_triton``. Both backwards are deterministic
-gathers over the inverse table (no atomics). The table and its inverse come from
-:meth:`effssl_kernels.sparse.TileIndex.halo_table` / ``halo_inverse``, which are trusted here
-(built by us): an entry out of range raises on the CPU and gives NaN in Triton.
+gathers over the inverse table (no atomics). The backwards are linear in ``grad`` and have
+autograd too (double backward: gradient penalties, meta-learning): the backward of the backward
+is the forward gather, with the table rebuilt from its inverse. The table and its inverse come
+from :meth:`effssl_kernels.sparse.TileIndex.halo_table` / ``halo_inverse``, which are trusted
+here (built by us): an entry out of range raises on the CPU and gives NaN in Triton.
 """
 from __future__ import annotations
 
@@ -61,8 +63,43 @@ def _make_backward(backward_op):
     return _backward
 
 
+def _setup_context_backward(ctx, inputs, output):
+    grad, order, offsets, num_tiles, bh, bw = inputs
+    ctx.save_for_backward(order, offsets)
+    ctx.padded = (grad.shape[0], grad.shape[2], grad.shape[3])
+
+
+def _table_from_inverse(order: Tensor, offsets: Tensor, padded) -> Tensor:
+    """The forward table ``[R, ph, pw]`` from its inverse (order, offsets), without a host sync:
+    ``order[j]`` reads source ``s`` for ``offsets[s] <= j < offsets[s + 1]``. The entries past
+    the last run (zero or outside row in the forward) all become the zero row ``S``: the fill
+    is a constant, so its gradient is zero."""
+    S = offsets.numel() - 1
+    j = torch.arange(order.numel(), device=order.device, dtype=offsets.dtype)
+    src = torch.searchsorted(offsets, j, right=True) - 1  # S past offsets[S]
+    return torch.full_like(order, S).scatter(0, order, src).view(*padded)
+
+
+def _make_double_backward(forward_op):
+    """Autograd of a backward op: it is linear in ``grad`` (the transpose of the gather), so its
+    backward is the gather itself, ``halo_gather(gg, table, order, offsets, outside=0)``."""
+    def _backward(ctx, gg):
+        if not ctx.needs_input_grad[0]:
+            return None, None, None, None, None, None
+        order, offsets = ctx.saved_tensors
+        table = _table_from_inverse(order, offsets, ctx.padded)
+        return forward_op(gg, table, order, offsets, 0.0), None, None, None, None, None
+
+    return _backward
+
+
 _backend.register_ext_op_pair("halo_gather", _fake, "halo_gather_backward", _fake_backward, _make_backward,
                              _setup_context)
+if _backend.HAS_EXT:
+    torch.library.register_autograd(
+        "effssl_kernels::halo_gather_backward",
+        _make_double_backward(torch.ops.effssl_kernels.halo_gather.default),
+        setup_context=_setup_context_backward)
 
 
 @torch.library.triton_op("effssl_kernels::_halo_gather_triton", mutates_args=())
@@ -84,6 +121,10 @@ def _halo_gather_backward_triton(grad: Tensor, order: Tensor, offsets: Tensor, n
 _halo_gather_triton.register_autograd(
     _make_backward(torch.ops.effssl_kernels._halo_gather_backward_triton.default),
     setup_context=_setup_context,
+)
+_halo_gather_backward_triton.register_autograd(
+    _make_double_backward(torch.ops.effssl_kernels._halo_gather_triton.default),
+    setup_context=_setup_context_backward,
 )
 
 _backend.register_interpreter_fakes((_halo_gather_triton, _fake),

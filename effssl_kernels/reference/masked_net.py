@@ -44,9 +44,28 @@ def masked_conv2d_reference(x: Tensor, weight: Tensor, bias: Optional[Tensor] = 
     _check_x_mask(x, mask, "masked_conv2d_reference")
     s_in = _positive_pair(in_stride, "in_stride")
     s = _positive_pair(stride, "stride")
-    y = F.conv2d(_apply(mask.pixel_mask(s_in, x.shape[-2:]), x), weight, bias, s, padding,
-                 dilation, groups)
+    xm = _apply(mask.pixel_mask(s_in, x.shape[-2:]), x)
+    if (s != (1, 1) and tuple(weight.shape[-2:]) == (1, 1) and _no_padding(padding)
+            and not xm.is_contiguous()):
+        # A CPU bug of torch 2.14 (oneDNN): the backward of a strided 1x1 conv of a
+        # channels-last input corrupts the heap (abort) or gives wrong gradients. Slicing,
+        # then a stride-1 conv, is the same conv (ceil(H / s) outputs either way). NCHW inputs
+        # keep F.conv2d as is: bit-equal to the dense conv when everything is kept.
+        xs = xm[..., ::s[0], ::s[1]]
+        if xm.is_contiguous(memory_format=torch.channels_last):
+            xs = xs.contiguous(memory_format=torch.channels_last)  # F.conv2d's output layout
+        y = F.conv2d(xs, weight, bias, 1, 0, dilation, groups)
+    else:
+        y = F.conv2d(xm, weight, bias, s, padding, dilation, groups)
     return _apply(mask.pixel_mask(_mul(s_in, s), y.shape[-2:]), y)
+
+
+def _no_padding(padding) -> bool:
+    if isinstance(padding, str):
+        return padding == "valid"
+    if isinstance(padding, (tuple, list)):
+        return all(p == 0 for p in padding)
+    return padding == 0
 
 
 def masked_max_pool2d_reference(x: Tensor, kernel_size: IntOrPair, stride: Optional[IntOrPair] = None,

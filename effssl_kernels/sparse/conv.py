@@ -90,10 +90,17 @@ def _check_weight(weight: Tensor, bias: Optional[Tensor], fn: str) -> None:
                          f"{tuple(bias.shape) if isinstance(bias, Tensor) else type(bias).__name__}")
 
 
-def _check_x(x: Tensor, mask: BlockMask, s_in: Tuple[int, int], fn: str) -> None:
+def _check_mask_x(x: Tensor, mask: BlockMask, fn: str) -> None:
     if not isinstance(mask, BlockMask):
         raise TypeError(f"{fn}: mask must be a BlockMask, got {type(mask).__name__}")
     mask.check_input(x, fn)
+
+
+def _check_x(x: Tensor, mask: BlockMask, s_in: Tuple[int, int], fn: str) -> None:
+    """The checks of a map about to be packed into tiles. The masked-dense path takes any size
+    (``BlockMask.pixel_mask``: a valid conv's smaller map, a ceil-mode pool's larger one), so
+    only :func:`_check_mask_x` runs there."""
+    _check_mask_x(x, mask, fn)
     # x must be the map of the masked images at in_stride: each side floor or ceil of
     # image / in_stride (convs and pools round either way); anything else is another image.
     for side, img, s, what in ((x.shape[2], mask.image_size[0], s_in[0], "height"),
@@ -116,20 +123,22 @@ def sparse_conv2d(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None,
                   dilation: IntOrPair = 1, groups: int = 1, *, mask: BlockMask,
                   in_stride: IntOrPair = 1) -> Tensor:
     """``M_out * conv2d(M_in * x)`` computing kept blocks only: x ``[N, C, H, W]`` at cumulative
-    stride ``in_stride`` (``H`` = floor or ceil of ``mask.image_size[0] / in_stride``), weight
-    ``[C_out, C / groups, kh, kw]`` -> ``[N, C_out, ho, wo]`` at stride ``in_stride * stride``,
-    zeros (and zero gradients) under removed blocks, in x's memory format. Arguments as
-    ``F.conv2d``. Layers that are not tile-aligned (module docstring, :func:`conv_tile_halo`)
-    run masked-dense, with the same result."""
+    stride ``in_stride``, weight ``[C_out, C / groups, kh, kw]`` -> ``[N, C_out, ho, wo]`` at
+    stride ``in_stride * stride``, zeros (and zero gradients) under removed blocks, in x's
+    memory format. Arguments as ``F.conv2d``. Tiled only when x is exactly the
+    ``mask.image_size / in_stride`` map and the layer is tile-aligned (module docstring,
+    :func:`conv_tile_halo`); any other size or layer runs masked-dense, with the same result
+    as :func:`~effssl_kernels.reference.masked_net.masked_conv2d_reference`."""
     fn = "sparse_conv2d"
     s_in = _positive_pair(in_stride, "in_stride")
-    _check_x(x, mask, s_in, fn)
+    _check_mask_x(x, mask, fn)
     _check_weight(weight, bias, fn)
     halo = conv_tile_halo(weight.shape[-2:], stride, padding, dilation, mask=mask,
                           in_stride=s_in, size=x.shape[-2:])
     if halo is None:
         return masked_conv2d_reference(x, weight, bias, stride, padding, dilation, groups,
                                        mask=mask, in_stride=s_in)
+    _check_x(x, mask, s_in, fn)  # implied by conv_tile_halo(size=...); kept as the tiles' guard
     s = _positive_pair(stride, "stride")
     idx_in = TileIndex.from_mask(mask, s_in)
     idx_out = TileIndex.from_mask(mask, (s_in[0] * s[0], s_in[1] * s[1]))
@@ -169,7 +178,8 @@ def _conv_tiles(tiles: Tensor, weight: Tensor, bias: Optional[Tensor], stride: T
     """``[T, C, bh, bw]`` -> ``[T, C_out, bh / sh, bw / sw]``: halo, then a VALID conv."""
     if tuple(weight.shape[-2:]) == (1, 1) and stride != (1, 1):
         # A strided 1x1 conv reads every s-th pixel: convolve those at stride 1. Besides
-        # skipping the strided kernel, this avoids a CPU bug of torch 2.14 (oneDNN): strided
-        # 1x1 convs of channels-last inputs give wrong gradients for ~10% of shapes.
+        # skipping the strided kernel, this avoids a CPU bug of torch 2.14 (oneDNN): the
+        # backward of a strided 1x1 conv of a channels-last input gives wrong gradients or
+        # corrupts the heap and aborts the process (masked_conv2d_reference slices too).
         return F.conv2d(tiles[:, :, ::stride[0], ::stride[1]], weight, bias, 1, 0, 1, groups)
     return F.conv2d(halo_gather(tiles, index, halo), weight, bias, stride, 0, dilation, groups)

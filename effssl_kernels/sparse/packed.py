@@ -8,14 +8,27 @@ tensor: a ``torch.Tensor`` subclass whose storage *is* the packed ``[T, C, bh, b
 
 * The swapped conv / BN / pool modules read ``.tiles`` and return PackedMaps, so from the first
   tile-aligned layer to the global pool no activation is ever unpacked (SegBlocks' layout).
-* Elementwise ops (ReLU and friends, residual adds, scaling by a scalar, a per-channel tensor or
-  a per-sample ``[N, 1, 1, 1]`` one such as drop-path's) run on the tiles directly: exact,
-  because every consumer of the map reads removed positions as zero, and zeros stay zeros under
-  ReLU and adds (SEMANTICS.md section 2).
+* Elementwise ops run on the tiles directly where that gives exactly the dense op's result on
+  the dense map (zeros under removed blocks): ops that map zeros to zeros, with every other
+  operand zero there too. ReLU and friends, tanh, residual adds of maps, scaling by a scalar, a
+  per-channel tensor or a per-sample ``[N, 1, 1, 1]`` one such as drop-path's, adding zero.
+  Ops that turn zeros into non-zeros (``sigmoid``, ``x + 1``, ``1 - x``, ``clamp(min=0.5)``, adding
+  a bias) run on the dense map and return it dense, as the per-layer path under
+  ``torch.compile`` and the masked-dense reference do: section 2 restores removed footprints to
+  zero at every *layer*, and every converted layer reads its input masked, so only consumers
+  that are not layers (sums, heads) can see the difference, and they see the same values on
+  every path.
+* A plain tensor of the map's full dense shape (a masked-dense layer's output, say) is packed for
+  products (exact whatever it holds under removed blocks) and for in-place sums such as
+  ``out += identity`` (exact when it is zero there, as every converted layer's output is; a
+  packed map cannot hold anything else). Out-of-place sums with it run on the dense map.
 * ``shape``, ``size()``, ``dim()``, ``numel()`` report the dense ``[N, C, H, W]``; ``dtype``,
   ``device``, ``requires_grad``, ``grad_fn`` are the tiles'.
+* The layer functionals (``F.conv2d``, ``F.batch_norm``, pools, norms, resampling) raise: a
+  PackedMap reaching one means a module that ``sparsify`` did not convert (added or replaced
+  after it) would run unmasked.
 * Any other op sees the dense map (:meth:`PackedMap.to_dense`, zeros under removed blocks) and
-  returns a dense result, with one warning per op name; an unknown in-place op raises, since it
+  returns a dense result, with one warning per op name; an in-place one raises, since it
   would modify a temporary.
 
 Autograd runs on the tiles (the subclass is a plain alias of them), so gradients are packed too.
@@ -37,23 +50,35 @@ from .tiles import TileIndex, halo_gather, pack, unpack
 
 _DisableSubclass = torch._C.DisableTorchFunctionSubclass
 
-# Ops applied pixel by pixel (and channel by channel): on tiles they give the tiles of the
-# dense result. Anything else goes through the dense map.
-_ELEMENTWISE = {
-    F.relu, F.relu_, F.relu6, F.leaky_relu, F.hardtanh, F.gelu, F.silu, F.elu, F.hardswish,
-    F.mish, F.dropout,
-    torch.relu, torch.relu_, torch.sigmoid, torch.tanh, torch.add, torch.sub, torch.mul,
-    torch.clamp, torch.where,
-    Tensor.relu, Tensor.relu_, Tensor.sigmoid, Tensor.sigmoid_, Tensor.tanh, Tensor.tanh_,
-    Tensor.add, Tensor.add_, Tensor.__add__, Tensor.__radd__, Tensor.__iadd__,
-    Tensor.sub, Tensor.sub_, Tensor.__sub__, Tensor.__rsub__, Tensor.__isub__,
-    Tensor.mul, Tensor.mul_, Tensor.__mul__, Tensor.__rmul__, Tensor.__imul__,
-    Tensor.div, Tensor.div_, Tensor.__truediv__, Tensor.__itruediv__, Tensor.__neg__,
-    Tensor.clamp, Tensor.clamp_, Tensor.clamp_min, Tensor.clamp_min_, Tensor.clone,
-    Tensor.contiguous, Tensor.detach, Tensor.float, Tensor.half, Tensor.bfloat16, Tensor.double,
-    Tensor.type_as,
+# Ops applied pixel by pixel (and channel by channel) that run on the tiles when that gives
+# exactly the dense op on the dense map, i.e. when removed positions stay zero (module docstring):
+# by kind, as that depends on the other operands.
+_UNARY = {  # zero to zero whatever their other (non-tensor) arguments
+    F.relu, F.relu_, F.relu6, F.leaky_relu, F.gelu, F.silu, F.elu, F.hardswish, F.mish, F.dropout,
+    torch.relu, torch.relu_, torch.tanh, torch.neg,
+    Tensor.relu, Tensor.relu_, Tensor.tanh, Tensor.tanh_, Tensor.neg, Tensor.__neg__,
+    Tensor.clone, Tensor.contiguous, Tensor.detach, Tensor.float, Tensor.half, Tensor.bfloat16,
+    Tensor.double, Tensor.type_as,
 }
+_PRODUCTS = {torch.mul, Tensor.mul, Tensor.mul_, Tensor.__mul__, Tensor.__rmul__, Tensor.__imul__}
+_QUOTIENTS = {torch.div, Tensor.div, Tensor.div_, Tensor.__truediv__, Tensor.__itruediv__}
+_SUMS = {torch.add, torch.sub, Tensor.add, Tensor.add_, Tensor.__add__, Tensor.__radd__,
+         Tensor.__iadd__, Tensor.sub, Tensor.sub_, Tensor.__sub__, Tensor.__rsub__, Tensor.__isub__}
+# (lower, upper) bound parameters and their defaults: zero to zero iff lower <= 0 <= upper.
+_CLAMPS = {torch.clamp: (("min", None), ("max", None)), Tensor.clamp: (("min", None), ("max", None)),
+           Tensor.clamp_: (("min", None), ("max", None)), Tensor.clamp_min: (("min", None),),
+           Tensor.clamp_min_: (("min", None),), F.hardtanh: (("min_val", -1.0), ("max_val", 1.0))}
 _IN_PLACE_DUNDERS = {"__iadd__", "__isub__", "__imul__", "__itruediv__", "__setitem__"}
+
+# Layers of the masked network (or layers it refuses): a PackedMap reaching one means a module
+# that sparsify did not convert, which would compute over removed positions as if they were data.
+_LAYERS = {
+    F.conv2d, torch.conv2d, torch.conv_transpose2d, F.batch_norm, torch.batch_norm,
+    F.instance_norm, F.group_norm, F.layer_norm, F.local_response_norm, F.max_pool2d,
+    F.max_pool2d_with_indices, torch.max_pool2d, F.avg_pool2d, F.adaptive_avg_pool2d,
+    F.adaptive_max_pool2d, F.adaptive_max_pool2d_with_indices, F.lp_pool2d,
+    F.fractional_max_pool2d, F.interpolate, F.pixel_shuffle, F.pixel_unshuffle, F.unfold,
+}
 
 # Metadata queries answered without unpacking. Dense geometry:
 _DENSE_META = {
@@ -124,6 +149,10 @@ class PackedMap(Tensor):
         until the tiles change, so the two branches of a residual block that both leave the
         packed layout unpack once."""
         tiles = self.tiles
+        if tiles.is_inference():
+            # Inference tensors have no version counter to key a cache on (and may change in
+            # place inside inference mode): unpack every time.
+            return unpack(tiles, self._effssl_index, self.dense_shape, memory_format)
         key = (tiles._version, memory_format)
         cached = self.__dict__.get("_effssl_dense")
         if cached is not None and cached[0] == key:
@@ -145,27 +174,32 @@ class PackedMap(Tensor):
         if func in _TILE_META:
             with _DisableSubclass():
                 return func(*args, **kwargs)
-        if func in _ELEMENTWISE and _same_index(packed):
-            index, mask = packed[0]._effssl_index, packed[0]._effssl_mask
-            if all(_broadcast_kind(a, index.batch) for a in flat
-                   if isinstance(a, Tensor) and not isinstance(a, PackedMap)):
-                tile_shape = packed[0].tiles.shape
-                a2, k2 = tree_unflatten([_on_tiles(a, index) for a in flat], spec)
-                with _DisableSubclass():
-                    out = func(*a2, **k2)
-                if isinstance(out, Tensor) and out.dim() == 4 and out.shape[0] == tile_shape[0] \
-                        and out.shape[2:] == tile_shape[2:]:
-                    return PackedMap.from_tiles(out, index, mask)
-                return out
         name = _name(func)
-        if name in _IN_PLACE_DUNDERS or (name.endswith("_") and not name.startswith("__")):
+        if func in _LAYERS:
+            raise RuntimeError(
+                f"PackedMap: {name} got a masked map: a layer that sparsify did not convert ran "
+                f"under block_mask and would treat removed blocks as data. Modules added or "
+                f"replaced after sparsify (nn.SyncBatchNorm.convert_sync_batchnorm, a new head) "
+                f"are not converted: call sparsify(model) again after replacing modules (it "
+                f"converts those still unconverted), or convert before sparsify")
+        on_tiles = _tile_args(func, args, kwargs, packed)
+        if on_tiles is not None:
+            p0 = packed[0]
+            tile_shape = p0.tiles.shape
+            with _DisableSubclass():
+                out = func(*on_tiles, **kwargs)
+            if isinstance(out, Tensor) and out.dim() == 4 and out.shape[0] == tile_shape[0] \
+                    and out.shape[2:] == tile_shape[2:]:
+                return PackedMap.from_tiles(out, p0._effssl_index, p0._effssl_mask)
+            return out
+        if args and isinstance(args[0], PackedMap) and _in_place(func, name, args, kwargs):
             raise NotImplementedError(
-                f"PackedMap: in-place {name} on a packed map is not supported (it would change a "
-                f"dense copy); call .to_dense() first")
+                f"PackedMap: in-place {name} on a packed map is not supported here (it would "
+                f"change a dense copy); call .to_dense() first")
         if name not in _WARNED:
             _WARNED.add(name)
-            warnings.warn(f"PackedMap: {name} is not a known elementwise op; running it on the "
-                          f"dense map (slower, exact)", stacklevel=2)
+            warnings.warn(f"PackedMap: {name} does not run on the tiles; running it on the dense "
+                          f"map (zeros under removed blocks; slower)", stacklevel=2)
         a2, k2 = tree_unflatten([a.to_dense() if isinstance(a, PackedMap) else a for a in flat],
                                 spec)
         with _DisableSubclass():
@@ -174,6 +208,71 @@ class PackedMap(Tensor):
 
 def _same_index(packed) -> bool:
     return all(p._effssl_index is packed[0]._effssl_index for p in packed)
+
+
+def _in_place(func, name: str, args, kwargs) -> bool:
+    if name in _IN_PLACE_DUNDERS or (name.endswith("_") and not name.startswith("__")):
+        return True
+    if func is F.hardtanh and len(args) > 3:
+        return bool(args[3])
+    return kwargs.get("inplace") is True
+
+
+def _is_number(a) -> bool:
+    return isinstance(a, (int, float)) and not isinstance(a, bool)
+
+
+def _tile_args(func, args, kwargs, packed) -> Optional[list]:
+    """The positional arguments of ``func`` on the tiles when running it there gives exactly the
+    dense op on the dense maps (zeros stay zeros, see the module docstring), else None."""
+    if not packed or not _same_index(packed) or "out" in kwargs \
+            or any(isinstance(a, Tensor) for a in tree_flatten(kwargs)[0]):
+        return None
+    in_place = _in_place(func, _name(func), args, kwargs)
+    if in_place and not isinstance(args[0], PackedMap):
+        return None  # a plain tensor changed in place: the dense op does that
+    if func in _CLAMPS:
+        bounds = _CLAMPS[func]
+        vals = [args[1 + i] if 1 + i < len(args) else kwargs.get(k, d)
+                for i, (k, d) in enumerate(bounds)]
+        if any(v is not None and not _is_number(v) for v in vals):
+            return None
+        lo, hi = vals[0], vals[1] if len(vals) > 1 else None
+        if (lo is not None and lo > 0) or (hi is not None and hi < 0):
+            return None
+    elif func in _SUMS:
+        # Zero where every term is: maps, the number 0, or (in place) a full dense map.
+        for a in args:
+            if not (isinstance(a, PackedMap) or (_is_number(a) and a == 0)
+                    or (in_place and _full_map(a, packed[0]))):
+                return None
+    elif func in _QUOTIENTS:
+        if not isinstance(args[0], PackedMap) or any(isinstance(a, PackedMap) for a in args[1:]):
+            return None  # only a map divided by something else is zero where the map is
+    elif func not in _UNARY and func not in _PRODUCTS:
+        return None
+    index = packed[0]._effssl_index
+    out = []
+    for a in args:
+        if isinstance(a, PackedMap):
+            out.append(a.tiles)
+        elif not isinstance(a, Tensor):
+            out.append(a)
+        elif (func in _PRODUCTS or func in _SUMS) and _full_map(a, packed[0]):
+            out.append(pack(a, index))  # zero under removed blocks, as maps of this mask are
+        else:
+            kind = _broadcast_kind(a, index.batch)
+            if kind is None:
+                return None
+            # Each tile takes its sample's row.
+            out.append(a.index_select(0, index.kept[:, 0]) if kind == "sample" else a)
+    return out
+
+
+def _full_map(a, p: "PackedMap") -> bool:
+    """Whether plain ``a`` is a dense map of ``p``'s shape and device."""
+    return isinstance(a, Tensor) and not isinstance(a, PackedMap) and a.shape == p.dense_shape \
+        and a.device == p.device
 
 
 def _broadcast_kind(t: Tensor, batch: int):
@@ -189,15 +288,6 @@ def _broadcast_kind(t: Tensor, batch: int):
     if t.dim() == 4 and s[0] == batch and s[2] == 1 and s[3] == 1:
         return "sample"
     return None
-
-
-def _on_tiles(a, index: TileIndex):
-    """An argument of an elementwise op, as it applies to the tiles."""
-    if isinstance(a, PackedMap):
-        return a.tiles
-    if isinstance(a, Tensor) and _broadcast_kind(a, index.batch) == "sample":
-        return a.index_select(0, index.kept[:, 0])  # each tile takes its sample's row
-    return a
 
 
 def packing_enabled() -> bool:
