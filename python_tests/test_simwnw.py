@@ -169,12 +169,17 @@ def test_encode_resnet_equals_block_mask(concat):
     assert not torch.allclose(za, model(a))  # the mask changed the features
 
 
-def test_encode_vit_equals_token_keep():
+def _tiny_vit():
+    """A sparsified one-block ViT on 32 px images with 8 px patches (16 tokens), seeded."""
     timm = pytest.importorskip("timm")
     torch.manual_seed(0)
     vit = timm.create_model("vit_small_patch16_224", img_size=32, patch_size=8, depth=1, embed_dim=16, num_heads=2,
                             num_classes=0).eval()
-    vit = ek.sparsify_vit(vit)
+    return ek.sparsify_vit(vit)
+
+
+def test_encode_vit_equals_token_keep():
+    vit = _tiny_vit()
     a, b = torch.rand(2, 3, 32, 32), torch.rand(2, 3, 32, 32)
     b[:, :, :16] = a[:, :, :16]  # block rows 0-1 and blocks (2, 0), (2, 1) identical:
     b[:, :, 16:24, :16] = a[:, :, 16:24, :16]  # 10 of 16 tokens similar in both views
@@ -199,11 +204,7 @@ def test_encode_vit_equals_token_keep():
 
 
 def test_encode_vit_honours_min_keep_and_the_masks_threshold():
-    timm = pytest.importorskip("timm")
-    torch.manual_seed(0)
-    vit = timm.create_model("vit_small_patch16_224", img_size=32, patch_size=8, depth=1, embed_dim=16, num_heads=2,
-                            num_classes=0).eval()
-    vit = ek.sparsify_vit(vit)
+    vit = _tiny_vit()
     a, b = torch.rand(2, 3, 32, 32), torch.rand(2, 3, 32, 32)
     b[:, :, :16] = a[:, :, :16]  # 8 of 16 tokens similar at 20 dB
     with ek.token_keep(torch.arange(16).expand(2, 16)):
