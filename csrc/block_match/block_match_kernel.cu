@@ -786,11 +786,14 @@ Path forced_path() {
 
 // Without the opt-in attribute, static + dynamic shared memory must stay within 48 KB (the default
 // cudaFuncAttributeMaxDynamicSharedMemorySize is 48 KB minus the kernel's static __shared__), so
-// the static part (bm_tiled_kernel: ~0.8 KB) must be counted here.
+// the static part (bm_tiled_kernel: ~0.8 KB) must be counted here. The attribute is process-wide
+// per function and device, so it is always raised to the device's whole opt-in `limit` (callers
+// check bytes <= limit), never to this call's size: a host thread setting a smaller value between
+// another thread's set and launch would make that launch fail.
 template <typename Kernel>
-cudaError_t allow_smem(Kernel kernel, long long bytes) {
+cudaError_t allow_smem(Kernel kernel, long long bytes, long long limit) {
   if (bytes + kStaticSmemReserve <= 48 * 1024) return cudaSuccess;
-  return cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes));
+  return cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(limit));
 }
 
 template <typename T>
@@ -811,7 +814,7 @@ int launch_typed(const BlockMatchParams& p, cudaStream_t stream) {
     const long long img =
         4LL * p.C * (static_cast<long long>(p.H) * p.W + static_cast<long long>(p.Hb) * p.block * p.Wb * p.block);
     if (img <= (force == Path::Image ? limit : kImageSmemAuto)) {
-      err = allow_smem(bm_image_kernel<T>, img);
+      err = allow_smem(bm_image_kernel<T>, img, limit);
       if (err != cudaSuccess) return static_cast<int>(err);
       const unsigned grid = static_cast<unsigned>(std::min<long long>(p.N, INT_MAX));
       bm_image_kernel<T><<<grid, kImageThreads, static_cast<size_t>(img), stream>>>(p);
@@ -822,7 +825,7 @@ int launch_typed(const BlockMatchParams& p, cudaStream_t stream) {
     TiledLayout L;
     long long bytes = 0;
     if (make_tiled_layout(p, limit, L, bytes)) {
-      err = allow_smem(bm_tiled_kernel<T>, bytes);
+      err = allow_smem(bm_tiled_kernel<T>, bytes, limit);
       if (err != cudaSuccess) return static_cast<int>(err);
       bm_tiled_kernel<T><<<grid_blocks, kTileThreads, static_cast<size_t>(bytes), stream>>>(p, L);
       return static_cast<int>(cudaGetLastError());

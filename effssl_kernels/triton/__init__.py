@@ -12,3 +12,15 @@ def device_of(t: torch.Tensor):
     """Context for a launch: Triton launches on the *current* CUDA device, which need not be the
     tensors' (views on cuda:1 while cuda:0 is current). A no-op for CPU tensors (interpreter)."""
     return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
+
+
+def check_grid(grid: tuple, op: str) -> tuple:
+    """``grid`` if CUDA can launch it, else a ValueError naming ``op``: axis 0 holds up to 2^31 - 1
+    programs, axes 1 and 2 up to 65535 (a launch past them fails with an opaque "invalid
+    argument"; the interpreter has no limit, so tests on the CPU would never see it)."""
+    limits = (2**31 - 1, 65535, 65535)
+    for axis, (n, lim) in enumerate(zip(grid, limits)):
+        if n > lim:
+            raise ValueError(f"{op}: the Triton launch needs {n} programs on grid axis {axis} "
+                             f"(CUDA allows {lim}); the input is too large for this kernel")
+    return grid

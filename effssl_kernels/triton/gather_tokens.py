@@ -25,7 +25,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from . import device_of
+from . import check_grid, device_of
 
 POS_CHUNKS = 16  # grad_pos partials: enough programs to fill a GPU, 16 * L * D * 4 bytes extra
 
@@ -150,7 +150,7 @@ def gather_tokens_fwd(x: Tensor, keep: Tensor, pos: Optional[Tensor]) -> Tensor:
         return out
     block_d = _block_d(D)
     block_k = min(triton.next_power_of_2(K), max(1, 4096 // block_d))
-    grid = (N * triton.cdiv(K, block_k), triton.cdiv(D, block_d))
+    grid = check_grid((N * triton.cdiv(K, block_k), triton.cdiv(D, block_d)), "gather_tokens")
     sp = pos.stride() if pos is not None else (0, 0)
     with device_of(x):  # launch on the tensors' GPU, not the current one
         torch.library.wrap_triton(_gather_tokens_fwd_kernel)[grid](
@@ -205,9 +205,8 @@ def gather_tokens_bwd(
         chunks, samples, part = N, 1, None
     block_d = _block_d(D)
     block_l = min(triton.next_power_of_2(L), max(1, 2048 // block_d))
-    grid = (chunks, triton.cdiv(L, block_l), triton.cdiv(D, block_d))
-    if max(grid[1], grid[2]) > 65535:  # CUDA's limit on grid dimensions 1 and 2
-        raise ValueError(f"gather_tokens: L = {L} or D = {D} is too large for the Triton backward")
+    grid = check_grid((chunks, triton.cdiv(L, block_l), triton.cdiv(D, block_d)),
+                      "gather_tokens backward")
     with device_of(grad):  # launch on the tensors' GPU, not the current one
         torch.library.wrap_triton(_gather_tokens_bwd_kernel)[grid](
             grad, perm, bounds, gx if need_x else None, part,

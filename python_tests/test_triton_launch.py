@@ -1,0 +1,78 @@
+"""Launch-site rules of the Triton kernels that only a GPU would reveal, checked on the CPU.
+
+- Every launch goes through ``torch.library.wrap_triton``: ``triton_op`` uses the launcher as the
+  op's fake impl under ``torch.compile``, and a raw ``kernel[grid](...)`` asks a FakeTensor for its
+  data pointer there (on a GPU; under the interpreter tests register explicit fakes, so they
+  would not notice).
+- Grids beyond CUDA's limits (axes 1 and 2 stop at 65535) raise a ValueError naming the op
+  instead of failing the launch with "invalid argument" (the interpreter has no limit).
+"""
+import ast
+import glob
+import os
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+from effssl_kernels.triton import check_grid  # noqa: E402
+
+TRITON_DIR = os.path.join(os.path.dirname(__file__), "..", "effssl_kernels", "triton")
+
+
+def _jit_names(tree: ast.Module) -> set[str]:
+    """Names of the module's ``@triton.jit`` functions."""
+    out = set()
+    for node in tree.body:
+        if isinstance(node, ast.FunctionDef):
+            for d in node.decorator_list:
+                d = d.func if isinstance(d, ast.Call) else d
+                if isinstance(d, ast.Attribute) and d.attr == "jit":
+                    out.add(node.name)
+    return out
+
+
+def test_every_triton_launch_is_wrapped():
+    bad, launches = [], 0
+    files = sorted(glob.glob(os.path.join(TRITON_DIR, "*.py")))
+    assert len(files) >= 6
+    for path in files:
+        tree = ast.parse(open(path).read())
+        jit = _jit_names(tree)
+        for node in ast.walk(tree):
+            # kernel[grid](...): a call of a subscript
+            if isinstance(node, ast.Call) and isinstance(node.func, ast.Subscript):
+                launches += 1
+                target = node.func.value
+                if isinstance(target, ast.Name) and target.id in jit:
+                    bad.append(f"{os.path.basename(path)}:{node.lineno} {target.id}[...]")
+    assert launches >= 10  # the scan sees the launches (it would pass vacuously otherwise)
+    assert not bad, f"raw Triton launches (wrap them in torch.library.wrap_triton): {bad}"
+
+
+def test_check_grid():
+    assert check_grid((2**31 - 1, 65535, 65535), "op") == (2**31 - 1, 65535, 65535)
+    assert check_grid((7,), "op") == (7,)
+    for grid, axis in (((2**31, 1), 0), ((1, 65536), 1), ((1, 1, 65536), 2)):
+        with pytest.raises(ValueError, match=f"my_op: .* grid axis {axis}"):
+            check_grid(grid, "my_op")
+
+
+def test_gather_tokens_too_wide_raises_before_launch():
+    from effssl_kernels.triton.gather_tokens import gather_tokens_fwd
+
+    D = 65535 * 128 + 1  # one column block too many on axis 1 (stride-0 input: no memory)
+    x = torch.zeros(1, 1, 1).expand(1, 1, D)
+    with pytest.raises(ValueError, match="gather_tokens: .* grid axis 1"):
+        gather_tokens_fwd(x, torch.zeros(1, 1, dtype=torch.int64), None)
+
+
+def test_halo_gather_too_many_channels_raises_before_launch():
+    from effssl_kernels.triton.halo_gather import halo_gather_fwd
+
+    C = 65535 * 128 + 1
+    tiles = torch.zeros(1, 1, 1, 1).expand(1, C, 1, 1)
+    table = torch.zeros(1, 1, 1, dtype=torch.int32)
+    with pytest.raises(ValueError, match="halo_gather: .* grid axis 1"):
+        halo_gather_fwd(tiles, table, 0.0)
