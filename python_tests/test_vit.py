@@ -491,3 +491,27 @@ def test_patch_size_rejects_bools():
         with pytest.raises(ValueError, match="positive int"):
             with ek.patch_size(model, bad):
                 pass
+
+
+def test_masked_checkpoint_recomputes_under_the_forward_keep():
+    """Whole-model checkpointing with backward outside the ``with``: ek.masked_checkpoint
+    recomputes with the tokens kept at forward (torch's own checkpoint would recompute with every
+    token and fail on the saved shapes)."""
+    torch.manual_seed(0)
+    a = ek.sparsify_vit(_vit(torch.float64))
+    b = copy.deepcopy(a)
+    x = torch.randn(2, 3, 64, 64, dtype=torch.float64)
+    keep = torch.tensor([[0, 3, 5, 9, 10, 12, 14, 15], [1, 2, 3, 4, 6, 7, 8, 11]])
+    with ek.token_keep(keep):
+        ya = a(x)
+        yb = ek.masked_checkpoint(b, x)
+    torch.testing.assert_close(yb, ya)
+    assert not torch.allclose(ya, a(x))  # the keep changes the output
+    ya.square().sum().backward()
+    yb.square().sum().backward()  # outside the with
+    for (k, pa), pb in zip(a.named_parameters(), b.parameters()):
+        torch.testing.assert_close(pb.grad, pa.grad, msg=lambda m, k=k: f"{k}: {m}")
+    with ek.token_keep(keep):
+        yc = torch.utils.checkpoint.checkpoint(b, x, use_reentrant=False)
+    with pytest.raises(RuntimeError):
+        yc.sum().backward()  # the plain checkpoint recomputes with all 16 tokens

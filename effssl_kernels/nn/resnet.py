@@ -171,17 +171,16 @@ def block_mask(mask: BlockMask | Tensor | None, block_size: int | None = None) -
 
 def checkpoint(function, *args, **kwargs):
     """``torch.utils.checkpoint.checkpoint(function, *args, use_reentrant=False, **kwargs)`` that
-    recomputes under the :func:`block_mask` in force now (plain checkpointing would recompute
-    unmasked when ``backward`` runs outside the ``with``). As with any checkpoint, a BatchNorm in
-    training inside ``function`` updates its running statistics again when recomputed."""
-    state = _MASK.get()
+    recomputes under the :func:`block_mask` and :func:`~effssl_kernels.token_keep` in force now
+    (plain checkpointing would recompute unmasked, or with every token, when ``backward`` runs
+    outside the ``with``). As with any checkpoint, a BatchNorm in training inside ``function``
+    updates its running statistics again when recomputed."""
+    # Both are context variables: a snapshot of the context carries them (and any later one).
+    snapshot = contextvars.copy_context()
 
     def run(*a, **k):
-        tok = _MASK.set(state)
-        try:
-            return function(*a, **k)
-        finally:
-            _MASK.reset(tok)
+        # A fresh copy per call: a Context cannot be entered twice (forward, then recompute).
+        return snapshot.copy().run(function, *a, **k)
 
     kwargs.setdefault("use_reentrant", False)
     return torch.utils.checkpoint.checkpoint(run, *args, **kwargs)
