@@ -515,3 +515,21 @@ def test_masked_checkpoint_recomputes_under_the_forward_keep():
         yc = torch.utils.checkpoint.checkpoint(b, x, use_reentrant=False)
     with pytest.raises(RuntimeError):
         yc.sum().backward()  # the plain checkpoint recomputes with all 16 tokens
+
+
+def test_timm_block_checkpointing_with_keep():
+    """timm's own (per-block) gradient checkpointing recomputes blocks on the kept tokens."""
+    torch.manual_seed(0)
+    a = ek.sparsify_vit(_vit(torch.float64))
+    b = copy.deepcopy(a)
+    b.set_grad_checkpointing(True)
+    a.train(), b.train()  # timm checkpoints only in training (no dropout in _vit)
+    x = torch.randn(2, 3, 64, 64, dtype=torch.float64)
+    keep = torch.tensor([[0, 3, 5, 9, 10, 12, 14, 15], [1, 2, 3, 4, 6, 7, 8, 11]])
+    with ek.token_keep(keep):
+        ya, yb = a(x), b(x)
+    torch.testing.assert_close(yb, ya)
+    ya.square().sum().backward()
+    yb.square().sum().backward()
+    for (k, pa), pb in zip(a.named_parameters(), b.parameters()):
+        torch.testing.assert_close(pb.grad, pa.grad, msg=lambda m, k=k: f"{k}: {m}")
