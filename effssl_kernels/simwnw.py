@@ -39,7 +39,7 @@ from .ops.block_match import block_match, similar_blocks
 from .photometric import PhotometricSampler
 from .photometric import photometric as ek_photometric
 from .sparse.tiles import kept_tiles, prepare_tiles
-from .tokens import round_keep_count
+from .tokens import keep_topped_up
 from .transforms import crop_centers, random_crops
 
 __all__ = ["SimWnW", "SimWnWMasks", "SimWnWViews", "simwnw_masks"]
@@ -74,25 +74,6 @@ def _min_keep(keep: Tensor, psnr: Tensor, k: int) -> Tensor:
     key = torch.nan_to_num(key, nan=float("inf"))  # NaN blocks are kept already (never similar)
     idx = torch.sort(key, dim=1, stable=True).indices[:, : min(k, key.shape[1])]
     return flat_keep.scatter(1, idx, True).view_as(keep)
-
-
-def _vit_tokens(masks: SimWnWMasks, multiple_of: int = 8) -> tuple[Tensor, Tensor, int]:
-    """Both views' ViT token lists from the masks (patch = block): int64 ``[N, K]`` each (rows
-    ascending) and ``K``.
-
-    Every kept block's token is kept (so ``min_keep`` and the masks' threshold hold). One ``K``
-    serves both views, ``min(L, roundup(c, multiple_of))`` with ``c`` the largest kept count
-    of any sample of either view (one host sync); each row fills up to ``K`` with its least
-    similar removed blocks (lowest PSNR, then lowest index), as ``similar_token_keep`` does.
-    """
-    N, Hb, Wb = masks.keep_a.shape
-    L = Hb * Wb
-    keep = torch.stack((masks.keep_a.reshape(N, L), masks.keep_b.reshape(N, L)))  # [2, N, L]
-    psnr = torch.stack((masks.psnr_a.reshape(N, L), masks.psnr_b.reshape(N, L)))
-    K = round_keep_count(int(keep.sum(-1).max()) if N else 1, L, multiple_of)  # the one sync
-    key = torch.where(keep, float("-inf"), torch.nan_to_num(psnr.float(), nan=float("inf")))
-    chosen = torch.sort(key, dim=-1, stable=True).indices[..., :K].sort(dim=-1).values
-    return chosen[0], chosen[1], K
 
 
 @torch.no_grad()
@@ -330,7 +311,8 @@ class SimWnW:
             if p is not None and p != masks.block_size:
                 raise ValueError(f"SimWnW.encode: a ViT's masks need block_size = its patch size {p}, "
                                  f"got {masks.block_size}")
-            ka, kb, K = _vit_tokens(masks)
+            # the tokens of the kept blocks (the masks' threshold and min_keep hold), topped up
+            ka, kb, K = keep_topped_up(masks.keep_a, masks.keep_b, masks.psnr_a, masks.psnr_b)
             self._record_tokens(masks, K, masks.keep_a.shape[1] * masks.keep_a.shape[2])
             if concat:
                 with token_keep(torch.cat([ka, kb])):

@@ -194,17 +194,25 @@ def tokens_from_psnr(psnr_a: Tensor, psnr_b: Tensor, threshold_db: float = 20.0,
     if isinstance(threshold_db, bool) or not isinstance(threshold_db, (int, float)) or math.isnan(threshold_db):
         raise TypeError(f"{fn}: threshold_db must be a number, got {threshold_db!r}")
     _int_arg("multiple_of", fn, multiple_of, 1)
-    N = psnr_a.shape[0]
-    L = psnr_a.shape[1] * psnr_a.shape[2]
-    psnr = torch.stack((psnr_a.reshape(N, L), psnr_b.reshape(N, L)))  # [2, N, L]
-    similar = psnr > threshold_db  # NaN, -inf: False
-    if N == 0:
-        K = round_keep_count(1, L, multiple_of)
-    else:
-        K = round_keep_count(int((~similar).sum(-1).max()), L, multiple_of)  # the one sync
-    # Non-similar tokens sort first (-inf), then similar ones by rising PSNR; the stable sort
-    # breaks ties by index, so the choice is deterministic.
-    key = torch.where(similar, psnr, torch.full_like(psnr, float("-inf")))
-    chosen = torch.sort(key, dim=-1, stable=True).indices[..., :K]
-    keep = chosen.sort(dim=-1).values
-    return keep[0], keep[1]
+    keep_a, keep_b, _ = keep_topped_up(~(psnr_a > threshold_db), ~(psnr_b > threshold_db),  # NaN, -inf: kept
+                                       psnr_a, psnr_b, multiple_of)
+    return keep_a, keep_b
+
+
+def keep_topped_up(kept_a: Tensor, kept_b: Tensor, psnr_a: Tensor, psnr_b: Tensor,
+                   multiple_of: int = 8) -> tuple[Tensor, Tensor, int]:
+    """Both views' token lists from bool keep grids ``[N, Hb, Wb]`` and their PSNRs (same
+    shape): ``(keep_a, keep_b, K)``, int64 ``[N, K]`` rows ascending. Every kept token is kept;
+    one ``K = round_keep_count(c, L, multiple_of)`` serves both views, ``c`` the largest kept
+    count of any sample of either (the one host sync); each row fills up to ``K`` with its
+    least similar removed tokens (lowest PSNR, NaN last, then lowest index: deterministic)."""
+    N = kept_a.shape[0]
+    L = kept_a.shape[1] * kept_a.shape[2]
+    kept = torch.stack((kept_a.reshape(N, L), kept_b.reshape(N, L)))  # [2, N, L]
+    psnr = torch.stack((psnr_a.reshape(N, L), psnr_b.reshape(N, L)))
+    K = round_keep_count(int(kept.sum(-1).max()) if N else 1, L, multiple_of)  # the one sync
+    # Kept tokens sort first (-inf), then removed ones by rising PSNR; the stable sort breaks
+    # ties by index.
+    key = torch.where(kept, float("-inf"), torch.nan_to_num(psnr, nan=float("inf")))
+    chosen = torch.sort(key, dim=-1, stable=True).indices[..., :K].sort(dim=-1).values
+    return chosen[0], chosen[1], K
