@@ -77,3 +77,21 @@ def test_load_rebuilds_classes_not_made_yet():
 def test_unknown_names_are_attribute_errors():
     assert not hasattr(_swap, "Sparse")
     assert not hasattr(_swap, "Sparse[torch:nn/Nope+torch:nn/Conv2d]")
+
+
+def test_sparse_vit_torch_save_round_trip():
+    timm = pytest.importorskip("timm")
+    import effssl_kernels as ek
+
+    torch.manual_seed(0)
+    m = ek.sparsify_vit(timm.create_model("vit_small_patch16_224", img_size=32, patch_size=8, depth=1,
+                                          embed_dim=16, num_heads=2, num_classes=0)).eval()
+    buf = io.BytesIO()
+    torch.save(m, buf)
+    buf.seek(0)
+    loaded = torch.load(buf, weights_only=False)
+    assert ek.is_sparse_vit(loaded) and type(loaded) is type(m)
+    x = torch.rand(2, 3, 32, 32)
+    keep = torch.tensor([[0, 2, 4, 6, 8, 10, 12, 14], [1, 3, 5, 7, 9, 11, 13, 15]])
+    with torch.no_grad(), ek.token_keep(keep):
+        assert torch.equal(loaded(x), m(x))

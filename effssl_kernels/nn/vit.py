@@ -296,8 +296,8 @@ def sparsify_vit(model: nn.Module) -> nn.Module:
     norm (token-wise norms such as LayerNorm/RMSNorm/timm's SimpleNorm still embed only the kept
     patches, others embed all then gather), ``pos_drop`` and ``patch_drop`` (which then drops
     among the kept tokens in training). Idempotent. ``copy.deepcopy`` keeps
-    the conversion (e.g. for a momentum encoder); ``state_dict`` keys are unchanged. Pickling the
-    whole module is not supported (save the ``state_dict``). Spatial outputs of
+    the conversion (e.g. for a momentum encoder); ``state_dict`` keys are unchanged; the whole module
+    pickles (``torch.save(model)``) as the sparse ResNets do (``nn._swap``). Spatial outputs of
     ``forward_intermediates`` need all tokens, as with timm's own PatchDropout.
 
     Raises TypeError for another model (a subclass that overrides ``_pos_embed`` included) or a
