@@ -321,37 +321,36 @@ def test_all_removed_zeros_and_zero_grads():
     assert t.shape == (0, 6, 2, 2)
 
 
+def _float64_case(conv, stride_in, mask):
+    """(sparse_conv2d as a function of (x, w, b), float64 inputs that require grad) for a conv
+    ``(cin, cout, k, stride, pad, dilation, groups)`` on the images of ``mask`` / ``stride_in``."""
+    cin, cout, k, s, pad, d, g = conv
+    H, W = mask.image_size
+    x = torch.randn(mask.keep.shape[0], cin, H // stride_in, W // stride_in, dtype=torch.float64,
+                    requires_grad=True)
+    w, b = conv_params(cin, cout, k, g, dtype=torch.float64)
+    w.requires_grad_(), b.requires_grad_()
+    return (lambda x, w, b: sparse_conv2d(x, w, b, s, pad, d, g, mask=mask, in_stride=stride_in)), (x, w, b)
+
+
 @pytest.mark.parametrize("conv,stride_in,B", [
     ((2, 3, 3, 1, 1, 1, 1), 1, 4),
     ((2, 2, 3, 2, 1, 1, 2), 1, 4),
     ((2, 3, 7, 1, 3, 1, 1), 2, 4),  # 7x7 on 2x2 tiles
 ])
 def test_sparse_conv2d_gradcheck_float64(conv, stride_in, B):
-    cin, cout, k, s, pad, d, g = conv
     mask = random_mask(2, 8, 8, B, p=0.6, seed=8)
-    x = torch.randn(2, cin, 8 // stride_in, 8 // stride_in, dtype=torch.float64,
-                    requires_grad=True)
-    w, b = conv_params(cin, cout, k, g, dtype=torch.float64)
-    w.requires_grad_(), b.requires_grad_()
-    assert torch.autograd.gradcheck(
-        lambda x, w, b: sparse_conv2d(x, w, b, s, pad, d, g, mask=mask, in_stride=stride_in),
-        (x, w, b))
+    assert torch.autograd.gradcheck(*_float64_case(conv, stride_in, mask))
 
 
 @pytest.mark.parametrize("conv,stride_in", [((2, 2, 3, 1, 1, 1, 1), 1), ((2, 3, 3, 2, 1, 1, 1), 2)])
 def test_sparse_conv2d_gradgradcheck_float64(conv, stride_in):
     """Second-order gradients (gradient penalties, meta-learning) through pack, halo, unpack:
     without autograd on the backward ops they came back as zeros."""
-    cin, cout, k, s, pad, d, g = conv
+    _, _, k, s, pad, d, _ = conv
     mask = random_mask(1, 8, 8, 4, p=0.6, seed=8)
     assert conv_tile_halo(k, s, pad, d, mask=mask, in_stride=stride_in) is not None
-    x = torch.randn(1, cin, 8 // stride_in, 8 // stride_in, dtype=torch.float64,
-                    requires_grad=True)
-    w, b = conv_params(cin, cout, k, g, dtype=torch.float64)
-    w.requires_grad_(), b.requires_grad_()
-    assert torch.autograd.gradgradcheck(
-        lambda x, w, b: sparse_conv2d(x, w, b, s, pad, d, g, mask=mask, in_stride=stride_in),
-        (x, w, b))
+    assert torch.autograd.gradgradcheck(*_float64_case(conv, stride_in, mask))
 
 
 def test_gradient_penalty_through_sparsified_model():
