@@ -27,7 +27,7 @@ from .pipeline import CropGroup, MultiViewAugment, MultiViews
 from .sparse import PackedMap, TileIndex, sparse_conv2d, sparse_conv2d_packed
 from .schedule import AccelerationSchedule
 from .simwnw import SimWnW, SimWnWMasks, SimWnWViews, simwnw_masks
-from .tokens import random_token_keep, similar_token_keep, tokens_from_psnr
+from .tokens import keep_buckets, random_token_keep, similar_token_keep, tokens_from_psnr
 from .transforms import TwoViewCrop, TwoViews, crop_centers, random_crops, random_resized_boxes
 
 __version__ = "0.1.0"
@@ -46,7 +46,7 @@ __all__ = [
     "tcr_loss", "AccelerationSchedule", "emp_ssl_loss", "emp_ssl_patches", "bag_of_features",
     # SimWnW / EMP-SSL pipeline (issue 5)
     "multi_crop", "random_crops", "random_resized_boxes", "SimWnW", "SimWnWMasks", "SimWnWViews", "simwnw_masks",
-    "tokens_from_psnr",
+    "tokens_from_psnr", "keep_buckets",
     # photometric augmentations (issue 7)
     "PhotometricParams", "PhotometricSampler", "photometric", "CropGroup", "MultiViewAugment", "MultiViews",
     "__version__",

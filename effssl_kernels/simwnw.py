@@ -11,7 +11,7 @@ A SimWnW step (SEMANTICS.md section 1; shared/research/simwnw.md section 8):
 3. The photometric augmentations (the user's callable), then the encoder converted by
    ``effssl_kernels.sparsify`` (ResNets) or ``sparsify_vit`` (ViTs, patch = block) runs each view
    with its mask (:meth:`SimWnW.encode`): one host synchronisation for both views (the kept-tile
-   counts, or the ViT's kept-token count).
+   counts, or the ViT's kept-token counts).
 
 Example (SimSiam; SimCLR/BYOL/DINO change only the loss and the second encoder)::
 
@@ -39,7 +39,7 @@ from .ops.block_match import block_match, similar_blocks
 from .photometric import PhotometricSampler
 from .photometric import photometric as ek_photometric
 from .sparse.tiles import kept_tiles, prepare_tiles
-from .tokens import keep_topped_up
+from .tokens import keep_buckets, keep_topped_up
 from .transforms import crop_centers, random_crops
 
 __all__ = ["SimWnW", "SimWnWMasks", "SimWnWViews", "simwnw_masks"]
@@ -163,11 +163,21 @@ class SimWnW:
         record: keep each step's removal fractions (device tensors, no sync) in
             ``removal_history``; :meth:`removal_log` reads them (one sync). :meth:`masks`
             records the masks' block removal; :meth:`encode` of a ViT then replaces that entry
-            by the token removal it applied, ``1 - K / L`` for both views (``K`` rounds up).
+            by the token removal it applied, ``1 - K / L`` per view (mean over its samples of
+            their group's ``K``, which rounds up).
+        token_buckets: ViTs only. A dense token batch has one ``K``, the largest kept count of
+            any sample, so one sample that keeps every token makes the whole batch keep every
+            token (at batch 128 on photographs, one ``K`` removed 0% of the tokens where the
+            masks marked 55% similar). :meth:`encode` therefore sorts both views' samples by
+            kept count, cuts them into ``token_buckets`` equal groups and runs the model once
+            per group, each with its own ``K`` (4 groups removed 41% there; ``keep_buckets``). Exact for
+            models that treat samples independently (LayerNorm ViTs); a BatchNorm in training
+            mode would see per-group statistics, so it is refused. ``1``: one call per view.
     """
 
     def __init__(self, block_size: int = 32, *, search_radius: Optional[int] = None, threshold_db: float = 20.0,
-                 min_keep: int = 1, use_geometry: bool = True, match_on: str = "raw", record: bool = True):
+                 min_keep: int = 1, use_geometry: bool = True, match_on: str = "raw", record: bool = True,
+                 token_buckets: int = 4):
         if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
             raise ValueError(f"SimWnW: block_size must be a positive int, got {block_size!r}")
         if match_on not in ("raw", "augmented"):
@@ -181,13 +191,17 @@ class SimWnW:
         self.use_geometry = bool(use_geometry)
         self.match_on = match_on
         self.record = bool(record)
+        if isinstance(token_buckets, bool) or not isinstance(token_buckets, int) or token_buckets < 1:
+            raise ValueError(f"SimWnW: token_buckets must be an int >= 1, got {token_buckets!r}")
+        self.token_buckets = token_buckets
         self.removal_history: list[Tensor] = []
         self._recorded: Optional[tuple[SimWnWMasks, Tensor]] = None  # last masks and their entry
 
     def __repr__(self) -> str:
         return (f"SimWnW(block_size={self.block_size}, search_radius={self.search_radius}, "
                 f"threshold_db={self.threshold_db}, min_keep={self.min_keep}, "
-                f"use_geometry={self.use_geometry}, match_on={self.match_on!r})")
+                f"use_geometry={self.use_geometry}, match_on={self.match_on!r}, "
+                f"token_buckets={self.token_buckets})")
 
     def masks(self, view_a: Tensor, view_b: Tensor, boxes_a=None, boxes_b=None, flips_a=None, flips_b=None,
               *, data_range: float = 1.0) -> SimWnWMasks:
@@ -202,14 +216,15 @@ class SimWnW:
             self._recorded = (m, entry)
         return m
 
-    def _record_tokens(self, masks: SimWnWMasks, K: int, L: int) -> None:
-        """Replace the entry :meth:`masks` recorded for ``masks`` by the ViT token removal."""
+    def _record_tokens(self, masks: SimWnWMasks, removal: Tensor) -> None:
+        """Replace the entry :meth:`masks` recorded for ``masks`` by the ViT token removal
+        ``[2]`` (views A, B)."""
         if not self.record or self._recorded is None or self._recorded[0] is not masks:
             return  # masks made elsewhere (simwnw_masks) were never recorded
         entry = self._recorded[1]
         for i in range(len(self.removal_history) - 1, -1, -1):
             if self.removal_history[i] is entry:
-                self.removal_history[i] = torch.full_like(entry, 1.0 - K / L)
+                self.removal_history[i] = removal.to(entry)
                 break
         self._recorded = None
 
@@ -279,11 +294,14 @@ class SimWnW:
         ResNets (``sparsify``): each view under ``block_mask`` with its kept blocks; both
         views' tile lists are built with one host sync. ViTs (``sparsify_vit``, patch size =
         ``block_size``): each view keeps the tokens of its kept blocks (``masks.keep_a`` /
-        ``keep_b``, so the masks' threshold and ``min_keep`` hold), topped up to one ``K`` for
-        both views, a multiple of 8 (or ``L``), with its least similar removed blocks (one
-        sync); a recorded step's removal becomes ``1 - K / L``. ``concat=True`` runs one call
-        on the concatenated batch (BatchNorm then normalises over both views together, as some
-        SimCLR code does).
+        ``keep_b``, so the masks' threshold and ``min_keep`` hold), topped up with its least
+        similar removed blocks to a ``K`` that is a multiple of 8 (or ``L``), one sync: with
+        ``token_buckets`` > 1 (default 4) both views' samples are pooled and run in that many
+        groups, each with its own ``K``; with 1, one ``K`` serves both views and each view runs
+        in one call. A recorded step's removal becomes ``1 - K / L`` (per view, averaged over
+        its samples). ``concat=True`` runs one call on the concatenated batch (ResNets, and
+        ViTs with ``token_buckets=1``; BatchNorm then normalises over both views together, as
+        some SimCLR code does).
         """
         if tuple(view_a.shape[-2:]) != tuple(masks.image_size) or view_a.shape != view_b.shape:
             raise ValueError(f"SimWnW.encode: views {tuple(view_a.shape)}, {tuple(view_b.shape)} do not "
@@ -311,9 +329,12 @@ class SimWnW:
             if p is not None and p != masks.block_size:
                 raise ValueError(f"SimWnW.encode: a ViT's masks need block_size = its patch size {p}, "
                                  f"got {masks.block_size}")
+            L = masks.keep_a.shape[1] * masks.keep_a.shape[2]
+            if self.token_buckets > 1:
+                return self._encode_vit_buckets(model, view_a, view_b, masks, L)
             # the tokens of the kept blocks (the masks' threshold and min_keep hold), topped up
             ka, kb, K = keep_topped_up(masks.keep_a, masks.keep_b, masks.psnr_a, masks.psnr_b)
-            self._record_tokens(masks, K, masks.keep_a.shape[1] * masks.keep_a.shape[2])
+            self._record_tokens(masks, torch.full((2,), 1.0 - K / L))
             if concat:
                 with token_keep(torch.cat([ka, kb])):
                     z = model(torch.cat([view_a, view_b]))
@@ -325,3 +346,26 @@ class SimWnW:
             return za, zb
         raise TypeError("SimWnW.encode: convert the model first with effssl_kernels.sparsify (ResNet) or "
                         "effssl_kernels.sparsify_vit (ViT)")
+
+    def _encode_vit_buckets(self, model: nn.Module, view_a: Tensor, view_b: Tensor, masks: SimWnWMasks,
+                            L: int) -> tuple[Tensor, Tensor]:
+        """Both views' samples pooled, sorted by kept count, run in ``token_buckets`` groups
+        (``keep_buckets``: one host sync), and put back in order."""
+        bn = [n for n, m in model.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training]
+        if bn:
+            raise ValueError(f"SimWnW.encode: token_buckets={self.token_buckets} runs the batch in groups, so the "
+                             f"BatchNorm {bn[0]!r} (training mode) would normalise each group alone; use "
+                             "SimWnW(token_buckets=1) for this model")
+        N = view_a.shape[0]
+        groups = keep_buckets(torch.cat([masks.keep_a, masks.keep_b]), torch.cat([masks.psnr_a, masks.psnr_b]),
+                              self.token_buckets)
+        x = torch.cat([view_a, view_b])
+        outs, k_of_row = [], torch.empty(2 * N, device=masks.keep_a.device)
+        for rows, keep in groups:
+            with token_keep(keep):
+                outs.append(model(x[rows]))
+            k_of_row[rows] = keep.shape[1]
+        order = torch.cat([rows for rows, _ in groups])
+        z = torch.cat(outs).index_select(0, torch.argsort(order).to(outs[0].device))  # back to batch order
+        self._record_tokens(masks, 1.0 - k_of_row.view(2, N).mean(1) / L)
+        return z[:N], z[N:]

@@ -8,6 +8,7 @@ of the blocks is tensor-core friendly and ``torch.compile`` sees few distinct sh
 """
 from __future__ import annotations
 
+import itertools
 import math
 from typing import Optional, Sequence, Union
 
@@ -16,7 +17,7 @@ from torch import Tensor
 
 from .ops import block_match
 
-__all__ = ["random_token_keep", "similar_token_keep", "round_keep_count", "tokens_from_psnr"]
+__all__ = ["random_token_keep", "similar_token_keep", "round_keep_count", "tokens_from_psnr", "keep_buckets"]
 
 
 def _int_arg(name: str, fn: str, value, minimum: int) -> int:
@@ -199,6 +200,15 @@ def tokens_from_psnr(psnr_a: Tensor, psnr_b: Tensor, threshold_db: float = 20.0,
     return keep_a, keep_b
 
 
+def _fill_up(kept: Tensor, psnr: Tensor, K: int) -> Tensor:
+    """Rows ``[..., L]`` -> int64 ``[..., K]`` ascending: every kept token, then the least
+    similar removed ones (lowest PSNR, NaN last, then lowest index: deterministic)."""
+    # Kept tokens sort first (-inf), then removed ones by rising PSNR; the stable sort breaks
+    # ties by index.
+    key = torch.where(kept, float("-inf"), torch.nan_to_num(psnr, nan=float("inf")))
+    return torch.sort(key, dim=-1, stable=True).indices[..., :K].sort(dim=-1).values
+
+
 def keep_topped_up(kept_a: Tensor, kept_b: Tensor, psnr_a: Tensor, psnr_b: Tensor,
                    multiple_of: int = 8) -> tuple[Tensor, Tensor, int]:
     """Both views' token lists from bool keep grids ``[N, Hb, Wb]`` and their PSNRs (same
@@ -211,8 +221,38 @@ def keep_topped_up(kept_a: Tensor, kept_b: Tensor, psnr_a: Tensor, psnr_b: Tenso
     kept = torch.stack((kept_a.reshape(N, L), kept_b.reshape(N, L)))  # [2, N, L]
     psnr = torch.stack((psnr_a.reshape(N, L), psnr_b.reshape(N, L)))
     K = round_keep_count(int(kept.sum(-1).max()) if N else 1, L, multiple_of)  # the one sync
-    # Kept tokens sort first (-inf), then removed ones by rising PSNR; the stable sort breaks
-    # ties by index.
-    key = torch.where(kept, float("-inf"), torch.nan_to_num(psnr, nan=float("inf")))
-    chosen = torch.sort(key, dim=-1, stable=True).indices[..., :K].sort(dim=-1).values
+    chosen = _fill_up(kept, psnr, K)
     return chosen[0], chosen[1], K
+
+
+def keep_buckets(kept: Tensor, psnr: Tensor, buckets: int,
+                 multiple_of: int = 8) -> list[tuple[Tensor, Tensor]]:
+    """Split a batch into ``buckets`` groups of samples with similar kept counts, each with its
+    own ``K``: ``[(rows, keep), ...]``, ``rows`` int64 ``[n_g]`` (indices into the batch),
+    ``keep`` int64 ``[n_g, K_g]`` rows ascending, as :func:`keep_topped_up` makes them.
+
+    One ``K`` per batch (SEMANTICS.md section 3) is the largest kept count of any sample, so a
+    single sample that keeps everything makes the whole batch keep everything. Sorting the
+    samples by kept count and cutting them into ``buckets`` equal groups (``tensor_split``;
+    ties in row order) gives each group the ``K`` of its own largest count; run the model once
+    per group. ``kept`` bool ``[M, L]``, ``psnr`` ``[M, L]`` (or ``[M, Hb, Wb]`` grids). One host
+    sync; groups are never empty (``min(buckets, M)`` of them)."""
+    buckets = _int_arg("buckets", "keep_buckets", buckets, 1)
+    if kept.shape != psnr.shape or kept.dim() < 2 or kept.dtype != torch.bool:
+        raise ValueError(f"keep_buckets: kept must be bool [M, L] (or [M, Hb, Wb]) and psnr the same shape, got "
+                         f"{kept.dtype} {tuple(kept.shape)} and {tuple(psnr.shape)}")
+    M = kept.shape[0]
+    if M == 0:
+        raise ValueError("keep_buckets: empty batch")
+    kept, psnr = kept.reshape(M, -1), psnr.reshape(M, -1)
+    L = kept.shape[1]
+    counts = kept.sum(-1)
+    order = torch.argsort(counts, stable=True)
+    groups = order.tensor_split(min(buckets, M))
+    ranked = counts[order]
+    ends = itertools.accumulate(len(g) for g in groups)  # sizes are shapes: no sync
+    largest = torch.stack([ranked[e - 1] for e in ends]).tolist()  # each group's last (sorted); the one sync
+    out = []
+    for rows, c in zip(groups, largest):
+        out.append((rows, _fill_up(kept[rows], psnr[rows], round_keep_count(c, L, multiple_of))))
+    return out

@@ -178,12 +178,13 @@ def _tiny_vit():
     return ek.sparsify_vit(vit)
 
 
-def test_encode_vit_equals_token_keep():
+@pytest.mark.parametrize("buckets", [1, 4])
+def test_encode_vit_equals_token_keep(buckets):
     vit = _tiny_vit()
     a, b = torch.rand(2, 3, 32, 32), torch.rand(2, 3, 32, 32)
     b[:, :, :16] = a[:, :, :16]  # block rows 0-1 and blocks (2, 0), (2, 1) identical:
     b[:, :, 16:24, :16] = a[:, :, 16:24, :16]  # 10 of 16 tokens similar in both views
-    sw = ek.SimWnW(8, search_radius=0, use_geometry=False)
+    sw = ek.SimWnW(8, search_radius=0, use_geometry=False, token_buckets=buckets)
     m = sw.masks(a, b)
     assert m.keep_a.sum().item() == m.keep_b.sum().item() == 2 * 6
     za, zb = sw.encode(vit, a, b, m)
@@ -229,6 +230,63 @@ def test_encode_vit_honours_min_keep_and_the_masks_threshold():
     assert sw20.removal_log() == []
 
 
+def _mixed_views():
+    """4 pairs whose views share 0, 4, 8 and 12 of their 16 blocks (kept counts 16, 12, 8, 4)."""
+    a, b = torch.rand(4, 3, 32, 32), torch.rand(4, 3, 32, 32)
+    for n, rows in enumerate((0, 1, 2, 3)):
+        b[n, :, : 8 * rows] = a[n, :, : 8 * rows]
+    return a, b
+
+
+def test_encode_vit_buckets_run_each_group_with_its_own_k():
+    vit = _tiny_vit()
+    a, b = _mixed_views()
+    sw1 = ek.SimWnW(8, search_radius=0, use_geometry=False, token_buckets=1)
+    sw4 = ek.SimWnW(8, search_radius=0, use_geometry=False, token_buckets=4)
+    m = sw4.masks(a, b)
+    assert m.keep_a.flatten(1).sum(1).tolist() == [16, 12, 8, 4]
+    za, zb = sw4.encode(vit, a, b, m)
+    (za.square().sum() + zb.sum()).backward()
+    got_grads = [p.grad.clone() for p in vit.parameters()]
+    # by hand: both views pooled (A's rows 0-3, B's 4-7), sorted by count, 4 groups of 2
+    groups = ek.keep_buckets(torch.cat([m.keep_a, m.keep_b]), torch.cat([m.psnr_a, m.psnr_b]), 4)
+    assert [k.shape[1] for _, k in groups] == [8, 8, 16, 16]  # counts 4 4 | 8 8 | 12 12 | 16 16
+    x, want = torch.cat([a, b]), torch.empty(8, za.shape[1])
+    vit.zero_grad()
+    loss = 0
+    for rows, keep in groups:
+        with ek.token_keep(keep):
+            z = vit(x[rows])
+        want[rows] = z.detach()
+        loss = loss + (z * torch.where(rows[:, None] < 4, z, 1)).sum()  # A squared, B summed
+    loss.backward()
+    torch.testing.assert_close(za, want[:4])
+    torch.testing.assert_close(zb, want[4:])
+    for p, g in zip(vit.parameters(), got_grads):
+        torch.testing.assert_close(g, p.grad)
+    # the log holds what each view kept: A's K per sample 16 16 8 8, B's the same
+    assert sw4.removal_log() == [(0.25, 0.25)]
+    # one K for the batch keeps every token (the sample that shares nothing keeps 16)
+    sw1.encode(vit, a, b, sw1.masks(a, b))
+    assert sw1.removal_log() == [(0.0, 0.0)]
+
+
+def test_encode_vit_buckets_refuse_batchnorm_in_training():
+    vit = _tiny_vit()
+    vit.head = torch.nn.BatchNorm1d(16)  # per-group statistics would differ from the batch's
+    a, b = _mixed_views()
+    sw = ek.SimWnW(8, search_radius=0, use_geometry=False)
+    with pytest.raises(ValueError, match="BatchNorm 'head'.*token_buckets=1"):
+        sw.encode(vit.train(), a, b, sw.masks(a, b))
+    sw.encode(vit.eval(), a, b, sw.masks(a, b))  # running statistics: samples are independent
+    za, _ = ek.SimWnW(8, search_radius=0, use_geometry=False, token_buckets=1).encode(vit.train(), a, b,
+                                                                                      sw.masks(a, b))
+    assert za.shape == (4, 16)
+    for bad in (0, 1.5, True):
+        with pytest.raises(ValueError, match="token_buckets"):
+            ek.SimWnW(8, token_buckets=bad)
+
+
 def test_encode_needs_a_converted_model():
     x = torch.rand(1, 3, 16, 16)
     sw = ek.SimWnW(8)
@@ -258,6 +316,27 @@ def test_masks_do_not_synchronise_and_encode_syncs_once():
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             sw.encode(model, v[:, 0].contiguous(), v[:, 1].contiguous(), m)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    syncs = [w for w in caught if "synchroniz" in str(w.message)]
+    assert len(syncs) <= 1, [str(w.message)[:200] for w in syncs]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("buckets", [1, 4])
+def test_encode_vit_syncs_once(buckets):
+    import warnings
+
+    vit = _tiny_vit().cuda()
+    a, b = (v.cuda() for v in _mixed_views())
+    sw = ek.SimWnW(8, search_radius=0, use_geometry=False, token_buckets=buckets)
+    m = sw.masks(a, b)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("warn")
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            sw.encode(vit, a, b, m)
     finally:
         torch.cuda.set_sync_debug_mode("default")
     syncs = [w for w in caught if "synchroniz" in str(w.message)]

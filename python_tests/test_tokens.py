@@ -320,3 +320,66 @@ def test_round_keep_count_errors(args, exc):
 def test_round_keep_count():
     assert [round_keep_count(c, 16, 8) for c in (0, 1, 8, 9, 20)] == [8, 8, 8, 16, 16]
     assert round_keep_count(3, 16, 1) == 3
+
+
+# ----------------------------------------------------------------------------- keep_buckets
+def _planted_kept(gen):
+    """12 samples of 20 tokens with kept counts 1..20 spread out, and random PSNRs."""
+    counts = torch.tensor([20, 1, 3, 17, 5, 8, 8, 2, 12, 19, 6, 4])
+    kept = torch.rand(12, 20, generator=gen).argsort(1) < counts[:, None]
+    psnr = torch.rand(12, 20, generator=gen) * 40
+    psnr[0, 3] = float("nan")
+    return kept, psnr
+
+
+@pytest.mark.parametrize("buckets", [1, 2, 3, 5, 12, 40])
+def test_keep_buckets_groups_by_count(buckets):
+    kept, psnr = _planted_kept(torch.Generator().manual_seed(0))
+    groups = ek.keep_buckets(kept, psnr, buckets)
+    assert len(groups) == min(buckets, 12)
+    rows = torch.cat([r for r, _ in groups])
+    assert torch.equal(rows.sort().values, torch.arange(12)), "every sample in exactly one group"
+    sizes = [len(r) for r, _ in groups]
+    assert max(sizes) - min(sizes) <= 1
+    counts = kept.sum(1)
+    assert (counts[rows].diff() >= 0).all(), "groups follow the kept count"
+    for r, keep in groups:
+        _check_rows(keep, 20)
+        assert keep.shape == (len(r), round_keep_count(int(counts[r].max()), 20))
+        for i, row in enumerate(r.tolist()):
+            mine = torch.zeros(20, dtype=torch.bool)
+            mine[keep[i]] = True
+            assert mine[kept[row]].all(), "a kept token was dropped"
+            # the fill-up: the lowest-PSNR removed tokens (NaN last), as the one-K path chooses
+            extra = (~kept[row]).nonzero()[:, 0]
+            key = psnr[row, extra].nan_to_num(nan=float("inf"))
+            want = extra[key.argsort(stable=True)[: keep.shape[1] - int(kept[row].sum())]]
+            assert torch.equal(mine.nonzero()[:, 0], torch.cat([kept[row].nonzero()[:, 0], want]).sort().values)
+
+
+def test_keep_buckets_saves_tokens_over_one_k():
+    kept, psnr = _planted_kept(torch.Generator().manual_seed(1))
+    one = ek.keep_buckets(kept, psnr, 1)
+    assert one[0][1].shape[1] == 20  # the sample that keeps all 20 sets the batch's K
+    four = ek.keep_buckets(kept, psnr, 4)
+    # counts sorted 1 2 3 | 4 5 6 | 8 8 12 | 17 19 20 -> K = 8, 8, 16, 20
+    assert [k.shape[1] for _, k in four] == [8, 8, 16, 20]
+    # grids [M, Hb, Wb] are flattened like the masks
+    g = ek.keep_buckets(kept.view(12, 4, 5), psnr.view(12, 4, 5), 4)
+    assert all(torch.equal(a[1], b[1]) for a, b in zip(g, four))
+
+
+@pytest.mark.parametrize(
+    "args,exc,match",
+    [
+        ((torch.ones(2, 4, dtype=torch.bool), torch.zeros(2, 4), 0), ValueError, "buckets must be at least 1"),
+        ((torch.ones(2, 4, dtype=torch.bool), torch.zeros(2, 4), 2.0), TypeError, "buckets must be an int"),
+        ((torch.ones(2, 4), torch.zeros(2, 4), 2), ValueError, "bool"),
+        ((torch.ones(2, 4, dtype=torch.bool), torch.zeros(2, 5), 2), ValueError, "same shape"),
+        ((torch.ones(4, dtype=torch.bool), torch.zeros(4), 2), ValueError, r"\[M, L\]"),
+        ((torch.ones(0, 4, dtype=torch.bool), torch.zeros(0, 4), 2), ValueError, "empty"),
+    ],
+)
+def test_keep_buckets_errors(args, exc, match):
+    with pytest.raises(exc, match=match):
+        ek.keep_buckets(*args)
