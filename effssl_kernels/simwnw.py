@@ -291,9 +291,11 @@ class SimWnW:
                *, concat: bool = False) -> tuple[Tensor, Tensor]:
         """Run the sparsified ``model`` on both views with their masks: ``(model(A), model(B))``.
 
-        ResNets (``sparsify``): each view under ``block_mask`` with its kept blocks; both
-        views' tile lists are built with one host sync. ViTs (``sparsify_vit``, patch size =
-        ``block_size``): each view keeps the tokens of its kept blocks (``masks.keep_a`` /
+        ``model`` may be wrapped (DDP, ``torch.compile``) or hold the converted encoder with a
+        head; it is called as given. ResNets (``sparsify``): each view under ``block_mask``
+        with its kept blocks; both views' tile lists are built with one host sync. ViTs
+        (``sparsify_vit``, patch size = ``block_size``): each view keeps the tokens of its
+        kept blocks (``masks.keep_a`` /
         ``keep_b``, so the masks' threshold and ``min_keep`` hold), topped up with its least
         similar removed blocks to a ``K`` that is a multiple of 8 (or ``L``), one sync: with
         ``token_buckets`` > 1 (default 4) both views' samples are pooled and run in that many
@@ -323,8 +325,10 @@ class SimWnW:
             with block_mask(mb):
                 zb = model(view_b)
             return za, zb
-        if is_sparse_vit(model):
-            p = getattr(getattr(model, "patch_embed", None), "patch_size", None)
+        # the ViT itself, or inside a wrapper (DDP, torch.compile) or a larger model (ViT + head)
+        vit = next((m for m in model.modules() if is_sparse_vit(m)), None)
+        if vit is not None:
+            p = getattr(getattr(vit, "patch_embed", None), "patch_size", None)
             p = p[0] if isinstance(p, (tuple, list)) else p
             if p is not None and p != masks.block_size:
                 raise ValueError(f"SimWnW.encode: a ViT's masks need block_size = its patch size {p}, "

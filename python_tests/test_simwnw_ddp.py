@@ -1,0 +1,71 @@
+"""SimWnW.encode under two-process DDP (gloo, CPU): the wrapped model is called once per token
+group (ViT, ``token_buckets=2``) or once per view (ResNet), then one backward. The averaged
+gradients must equal one process running both ranks' halves the same way; the ViT is found
+inside the DDP wrapper and inside a larger model (encoder + head)."""
+import os
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+import effssl_kernels as ek
+
+from test_simwnw import _cifar_resnet
+
+pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distributed missing")
+
+
+def _model(kind):
+    torch.manual_seed(0)
+    if kind == "resnet":
+        return ek.sparsify(_cifar_resnet().double())
+    import timm
+
+    vit = timm.create_model("vit_small_patch16_224", img_size=32, patch_size=8, depth=1, embed_dim=16, num_heads=2,
+                            num_classes=0)
+    return torch.nn.Sequential(ek.sparsify_vit(vit), torch.nn.Linear(16, 4)).double()
+
+
+def _data():
+    """4 pairs of views whose similar parts differ (kept counts 16, 12, 8, 4 of 16 blocks)."""
+    g = torch.Generator().manual_seed(1)
+    a, b = torch.rand(4, 3, 32, 32, generator=g), torch.rand(4, 3, 32, 32, generator=g)
+    for n in range(4):
+        b[n, :, : 8 * n] = a[n, :, : 8 * n]
+    return a.double(), b.double()
+
+
+def _step(model, a, b):
+    sw = ek.SimWnW(8, search_radius=0, use_geometry=False, token_buckets=2)
+    za, zb = sw.encode(model, a, b, sw.masks(a.float(), b.float()))  # block_match takes no float64
+    (za.square().sum() + zb.sum()).backward()
+
+
+def _worker(rank, world, init_file, out_dir, kind):
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        torch.set_num_threads(1)
+        model = _model(kind)
+        a, b = _data()
+        half = slice(2 * rank, 2 * rank + 2)
+        _step(DDP(model), a[half], b[half])
+        torch.save({k: p.grad for k, p in model.named_parameters()}, os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("kind", ["vit", "resnet"])
+def test_ddp_encode_matches_averaged_halves(tmp_path, kind):
+    if kind == "vit":
+        pytest.importorskip("timm")
+    mp.spawn(_worker, args=(2, str(tmp_path / "init"), str(tmp_path), kind), nprocs=2, join=True)
+    model = _model(kind)
+    a, b = _data()
+    for half in (slice(0, 2), slice(2, 4)):
+        _step(model, a[half], b[half])
+    for r in range(2):
+        got = torch.load(tmp_path / f"rank{r}.pt")
+        for k, p in model.named_parameters():
+            torch.testing.assert_close(got[k], p.grad / 2, msg=lambda m: f"{kind} rank {r} {k}: {m}")
