@@ -16,6 +16,8 @@
 // Every kernel is deterministic run to run: fixed reduction orders and no atomics; the argmin
 // compares (key, rank) pairs, a total order because every candidate has its own rank.
 //
+// Registers and spills for sm_90 are checked without a GPU by python_tests/test_cuda_ptxas.py.
+//
 // Setting EFFSSL_BLOCK_MATCH_CUDA_PATH=image|tiled|direct forces a kernel (tests and benchmarks;
 // a forced kernel that cannot run the shape falls through to the next one in that order).
 #include "block_match.h"
