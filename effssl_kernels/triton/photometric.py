@@ -295,7 +295,9 @@ def _blur_rows_kernel(src_ptr, prm_ptr, w_ptr, tmp_ptr, H, W, TY, TX, qn, qc, qh
         # reflect, so every load is inside the image
         src = src_ptr + n * qn + c * qc + (tl.minimum(rows, H - 1) * qh)[:, None]
         acc = tl.zeros([R, BW], dtype=tl.float32)
-        for k in tl.static_range(K):
+        # unrolled by 4, not fully: Triton 3.6 hoists all K taps' loads of a full unroll (168
+        # registers at K = 23, against 80 here; python_tests/test_triton_gpu_ir.py checks)
+        for k in tl.range(0, K, loop_unroll_factor=4):
             cc = _reflect(cols + (k - PAD), W)
             acc += tl.load(w_ptr + n * K + k) * tl.load(src + (cc * qw)[None, :]).to(tl.float32)
         live = (rows[:, None] < H) & (cols[None, :] < W)
