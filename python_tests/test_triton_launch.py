@@ -76,3 +76,26 @@ def test_halo_gather_too_many_channels_raises_before_launch():
     table = torch.zeros(1, 1, 1, dtype=torch.int32)
     with pytest.raises(ValueError, match="halo_gather: .* grid axis 1"):
         halo_gather_fwd(tiles, table, 0.0)
+
+
+def test_wrap_triton_hands_compile_a_traceable_kernel():
+    """Compiled kernels (no interpreter) go to torch.library.wrap_triton; interpreted ones come
+    back as they are (torch before 2.14 raised on them, so the whole interpreter suite failed)."""
+    import subprocess
+    import sys
+
+    from effssl_kernels.triton import multi_crop, wrap_triton
+
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        assert wrap_triton(multi_crop._multi_crop_kernel) is multi_crop._multi_crop_kernel
+    code = ("from effssl_kernels.triton import multi_crop, wrap_triton\n"
+            "from torch._higher_order_ops.triton_kernel_wrap import TraceableTritonKernelWrapper\n"
+            "w = wrap_triton(multi_crop._multi_crop_kernel)\n"
+            "assert isinstance(w, TraceableTritonKernelWrapper), type(w)\n"
+            "print('ok')\n")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    assert out.stdout.strip() == "ok", out.stderr[-2000:]
+    for path in glob.glob(os.path.join(TRITON_DIR, "*.py")):
+        if not path.endswith("__init__.py"):
+            assert "library.wrap_triton" not in open(path).read(), f"{path}: use effssl_kernels.triton.wrap_triton"

@@ -14,6 +14,20 @@ def device_of(t: torch.Tensor):
     return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
 
 
+def wrap_triton(kernel):
+    """``torch.library.wrap_triton(kernel)``, so that ``torch.compile`` sees what a launch reads
+    and writes; the kernel itself under TRITON_INTERPRET=1, where ``@triton.jit`` gives an
+    InterpretedFunction that torch before 2.14 refuses ("wrap_triton only works on functions
+    annotated with triton.jit") and nothing is traced for the interpreter anyway (torch 2.14
+    hands it back the same way)."""
+    from triton.runtime.autotuner import Autotuner
+    from triton.runtime.jit import JITFunction
+
+    if isinstance(kernel, (JITFunction, Autotuner)):
+        return torch.library.wrap_triton(kernel)
+    return kernel
+
+
 def check_grid(grid: tuple, op: str) -> tuple:
     """``grid`` if CUDA can launch it, else a ValueError naming ``op``: axis 0 holds up to 2^31 - 1
     programs, axes 1 and 2 up to 65535 (a launch past them fails with an opaque "invalid

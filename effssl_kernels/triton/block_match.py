@@ -18,7 +18,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from . import device_of
+from . import device_of, wrap_triton
 
 _INT64_MAX = tl.constexpr(2**63 - 1)
 _TEN_LOG10_2 = tl.constexpr(10.0 * math.log10(2.0))  # 10 * log10(x) == _TEN_LOG10_2 * log2(x)
@@ -238,7 +238,7 @@ def block_match_triton(
         raise ValueError(f"block_match (triton): {n_prog} blocks exceed one launch grid (2^31 - 1)")
     block_d, block_kx, num_warps = _tile_sizes(B, r, H, W)
     with device_of(a):  # launch on the tensors' GPU, not the current one
-        torch.library.wrap_triton(_block_match_fwd_kernel)[(n_prog,)](
+        wrap_triton(_block_match_fwd_kernel)[(n_prog,)](
             a, b, centers, flip, psnr, offset,
             C, H, W, Hb, Wb, B, r, float(data_range) * float(data_range),
             *a.stride(), *b.stride(),

@@ -25,7 +25,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from . import check_grid, device_of
+from . import check_grid, device_of, wrap_triton
 
 POS_CHUNKS = 16  # grad_pos partials: enough programs to fill a GPU, 16 * L * D * 4 bytes extra
 
@@ -153,7 +153,7 @@ def gather_tokens_fwd(x: Tensor, keep: Tensor, pos: Optional[Tensor]) -> Tensor:
     grid = check_grid((N * triton.cdiv(K, block_k), triton.cdiv(D, block_d)), "gather_tokens")
     sp = pos.stride() if pos is not None else (0, 0)
     with device_of(x):  # launch on the tensors' GPU, not the current one
-        torch.library.wrap_triton(_gather_tokens_fwd_kernel)[grid](
+        wrap_triton(_gather_tokens_fwd_kernel)[grid](
             x, keep, pos, out,
             K, L, D,
             *x.stride(), *keep.stride(), *sp,
@@ -208,7 +208,7 @@ def gather_tokens_bwd(
     grid = check_grid((chunks, triton.cdiv(L, block_l), triton.cdiv(D, block_d)),
                       "gather_tokens backward")
     with device_of(grad):  # launch on the tensors' GPU, not the current one
-        torch.library.wrap_triton(_gather_tokens_bwd_kernel)[grid](
+        wrap_triton(_gather_tokens_bwd_kernel)[grid](
             grad, perm, bounds, gx if need_x else None, part,
             N, K, L, D, samples,
             *grad.stride(),

@@ -18,7 +18,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from . import check_grid, device_of
+from . import check_grid, device_of, wrap_triton
 
 
 @triton.jit
@@ -122,7 +122,7 @@ def halo_gather_fwd(tiles: Tensor, table: Tensor, outside: float) -> Tensor:
     BLOCK_R, BLOCK_C = 32, _block_c(C)
     grid = check_grid((triton.cdiv(R, BLOCK_R), triton.cdiv(C, BLOCK_C)), "halo_gather")
     with device_of(tiles):  # launch on the tensors' GPU, not the current one
-        torch.library.wrap_triton(_halo_gather_fwd_kernel)[grid](
+        wrap_triton(_halo_gather_fwd_kernel)[grid](
             tiles, table.contiguous(), out, R, C, T * bh * bw, bh * bw, bw, *tiles.stride(),
             float(outside), BLOCK_R=BLOCK_R, BLOCK_C=BLOCK_C)
     return out
@@ -139,7 +139,7 @@ def halo_gather_bwd(grad: Tensor, order: Tensor, offsets: Tensor, T: int, bh: in
     BLOCK_S, BLOCK_C = 32, _block_c(C)
     grid = check_grid((triton.cdiv(S, BLOCK_S), triton.cdiv(C, BLOCK_C)), "halo_gather backward")
     with device_of(grad):
-        torch.library.wrap_triton(_halo_gather_bwd_kernel)[grid](
+        wrap_triton(_halo_gather_bwd_kernel)[grid](
             grad, order.contiguous(), offsets.contiguous(), out, S, C, ph * pw, pw, *grad.stride(),
             ACC_F64=grad.dtype == torch.float64, BLOCK_S=BLOCK_S, BLOCK_C=BLOCK_C)
     return out

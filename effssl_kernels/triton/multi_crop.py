@@ -17,7 +17,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from . import device_of
+from . import device_of, wrap_triton
 
 
 @triton.jit
@@ -114,7 +114,7 @@ def multi_crop_fwd(images: Tensor, boxes: Tensor, flips: Tensor, out_h: int, out
     BLOCK = 256
     grid = (N * P * triton.cdiv(out_h * out_w, BLOCK),)
     with device_of(images):  # launch on the tensors' GPU, not the current one
-        torch.library.wrap_triton(_multi_crop_kernel)[grid](
+        wrap_triton(_multi_crop_kernel)[grid](
             images, b, f, out, P, C, H, W, out_h, out_w, *images.stride(),
             OUT_U8=out_dtype == torch.uint8, BLOCK=BLOCK,
         )

@@ -32,7 +32,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from . import check_grid, device_of
+from . import check_grid, device_of, wrap_triton
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 _INT_ARGS = ("M", "K", "D", "KD", "L", "Wp", "P", "s_n", "s_c", "s_h", "s_w", "s_pl", "s_pd")
@@ -264,7 +264,7 @@ def patch_embed_gather_triton(
     precision = "tf32" if (weight.dtype != torch.float32 or torch.backends.cudnn.allow_tf32) else "ieee"
     grid = check_grid((triton.cdiv(M, bm), triton.cdiv(D, bn)), "patch_embed_gather")
     with device_of(images):  # launch on the tensors' GPU, not the current one
-        torch.library.wrap_triton(_patch_embed_gather_fwd_kernel)[grid](
+        wrap_triton(_patch_embed_gather_fwd_kernel)[grid](
             images, weight.contiguous(), None if bias is None else bias.contiguous(), keep.contiguous(), pos, out,
             M, K, D, KD, L, Wp, p,
             *images.stride(),
@@ -297,7 +297,7 @@ def gather_patches_triton(images: Tensor, keep: Tensor, patch_size: int, dtype: 
     bm, bk = (16, 32) if _INTERPRET else (64, 64)
     grid = check_grid((triton.cdiv(M, bm), triton.cdiv(KD, bk)), "patch_embed_gather (patches)")
     with device_of(images):  # launch on the tensors' GPU, not the current one
-        torch.library.wrap_triton(_gather_patches_kernel)[grid](
+        wrap_triton(_gather_patches_kernel)[grid](
             images, keep.contiguous(), out, M, K, KD, (H // p) * (W // p), W // p, p, *images.stride(),
             BLOCK_M=bm, BLOCK_K=bk, num_warps=4,
         )

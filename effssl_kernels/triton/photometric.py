@@ -32,7 +32,7 @@ from torch import Tensor
 
 from ..ops import photometric as _layout
 from ..ops.photometric import empty_out
-from . import device_of
+from . import device_of, wrap_triton
 
 _BLOCK = 1024  # pixels per program of the pointwise passes
 _STATS_BLOCK = 4096
@@ -375,7 +375,7 @@ def _launch(views: Tensor, params: Tensor, blur_weights: Tensor, norm: Optional[
     part = torch.zeros((N, nbp), dtype=torch.float32, device=views.device)
     sn, sc, sh, sw = views.stride()
     on, oc, oh, ow = out.stride()
-    wrap = torch.library.wrap_triton  # so torch.compile sees what each launch reads and writes
+    wrap = wrap_triton  # so torch.compile sees what each launch reads and writes
     wrap(_stats_kernel)[(N * nb_stats,)](views, params, part, HW, W, nb_stats, sn, sc, sh, sw,
                                    NBP=nbp, IS_U8=is_u8, BLOCK=_STATS_BLOCK, num_warps=8)
     # Blurred samples park their pre-blur values in the output where it holds them exactly
