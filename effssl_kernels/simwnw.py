@@ -303,7 +303,9 @@ class SimWnW:
         in one call. A recorded step's removal becomes ``1 - K / L`` (per view, averaged over
         its samples). ``concat=True`` runs one call on the concatenated batch (ResNets, and
         ViTs with ``token_buckets=1``; BatchNorm then normalises over both views together, as
-        some SimCLR code does).
+        some SimCLR code does). Under DDP with BatchNorm and a call per view, build it with
+        ``broadcast_buffers=False`` or pass ``concat=True``: the second call's buffer broadcast
+        rewrites running statistics that the first call's backward saved (torch 2.11 raises).
         """
         if tuple(view_a.shape[-2:]) != tuple(masks.image_size) or view_a.shape != view_b.shape:
             raise ValueError(f"SimWnW.encode: views {tuple(view_a.shape)}, {tuple(view_b.shape)} do not "

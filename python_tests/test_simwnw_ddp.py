@@ -1,7 +1,12 @@
 """SimWnW.encode under two-process DDP (gloo, CPU): the wrapped model is called once per token
-group (ViT, ``token_buckets=2``) or once per view (ResNet), then one backward. The averaged
-gradients must equal one process running both ranks' halves the same way; the ViT is found
-inside the DDP wrapper and inside a larger model (encoder + head)."""
+group (ViT, ``token_buckets=2``), once per view (ResNet) or once for both (``concat=True``), then
+one backward. The averaged gradients must equal one process running both ranks' halves the same
+way; the ViT is found inside the DDP wrapper and inside a larger model (encoder + head).
+
+With BatchNorm and a call per view, DDP's default buffer broadcast at the second call rewrites
+running statistics in place that the first call's backward saved: torch 2.11 raises ("modified
+by an inplace operation"), torch 2.14 does not. Hence ``broadcast_buffers=False`` there (or
+``concat=True``, one call), as SimWnW.encode's docstring says."""
 import os
 
 import pytest
@@ -37,34 +42,35 @@ def _data():
     return a.double(), b.double()
 
 
-def _step(model, a, b):
+def _step(model, a, b, concat):
     sw = ek.SimWnW(8, search_radius=0, use_geometry=False, token_buckets=2)
-    za, zb = sw.encode(model, a, b, sw.masks(a.float(), b.float()))  # block_match takes no float64
+    m = sw.masks(a.float(), b.float())  # block_match takes no float64
+    za, zb = sw.encode(model, a, b, m, concat=concat)
     (za.square().sum() + zb.sum()).backward()
 
 
-def _worker(rank, world, init_file, out_dir, kind):
+def _worker(rank, world, init_file, out_dir, kind, concat):
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
         torch.set_num_threads(1)
         model = _model(kind)
         a, b = _data()
         half = slice(2 * rank, 2 * rank + 2)
-        _step(DDP(model), a[half], b[half])
+        _step(DDP(model, broadcast_buffers=concat), a[half], b[half], concat)
         torch.save({k: p.grad for k, p in model.named_parameters()}, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("kind", ["vit", "resnet"])
-def test_ddp_encode_matches_averaged_halves(tmp_path, kind):
+@pytest.mark.parametrize("kind,concat", [("vit", False), ("resnet", False), ("resnet", True)])
+def test_ddp_encode_matches_averaged_halves(tmp_path, kind, concat):
     if kind == "vit":
         pytest.importorskip("timm")
-    mp.spawn(_worker, args=(2, str(tmp_path / "init"), str(tmp_path), kind), nprocs=2, join=True)
+    mp.spawn(_worker, args=(2, str(tmp_path / "init"), str(tmp_path), kind, concat), nprocs=2, join=True)
     model = _model(kind)
     a, b = _data()
     for half in (slice(0, 2), slice(2, 4)):
-        _step(model, a[half], b[half])
+        _step(model, a[half], b[half], concat)
     for r in range(2):
         got = torch.load(tmp_path / f"rank{r}.pt")
         for k, p in model.named_parameters():

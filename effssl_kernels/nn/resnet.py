@@ -71,6 +71,7 @@ from ..sparse.packed import (
     max_pool2d_map,
     packed_avg_pool,
 )
+from ._state import ContextState, run_in
 from ._swap import sparse_class as _sparse_class
 
 __all__ = ["block_mask", "checkpoint", "input_strides", "is_sparse", "sparsify", "tile_plan",
@@ -121,7 +122,7 @@ class _MaskState:
         return m
 
 
-_MASK: contextvars.ContextVar = contextvars.ContextVar("effssl_block_mask", default=None)
+_MASK = ContextState("effssl_block_mask")
 
 
 @contextlib.contextmanager
@@ -162,11 +163,8 @@ def block_mask(mask: BlockMask | Tensor | None, block_size: int | None = None) -
     else:
         raise TypeError(f"block_mask: expected a BlockMask, a bool keep tensor or None, got "
                         f"{type(mask).__name__}")
-    tok = _MASK.set(state)
-    try:
+    with _MASK.bound(state):
         yield
-    finally:
-        _MASK.reset(tok)
 
 
 def checkpoint(function, *args, **kwargs):
@@ -179,8 +177,7 @@ def checkpoint(function, *args, **kwargs):
     snapshot = contextvars.copy_context()
 
     def run(*a, **k):
-        # A fresh copy per call: a Context cannot be entered twice (forward, then recompute).
-        return snapshot.copy().run(function, *a, **k)
+        return run_in(snapshot, function, *a, **k)
 
     kwargs.setdefault("use_reentrant", False)
     return torch.utils.checkpoint.checkpoint(run, *args, **kwargs)
@@ -495,13 +492,11 @@ def _trace_once(model: nn.Module, modules: list[nn.Module], example_input: Tenso
     modes = {m: m.training for m in model.modules()}
     x = example_input.detach().clone()
     x._effssl_s = (1, 1)
-    tok = _MASK.set(None)  # converted modules run unmasked in the trace
     try:
         model.eval()
-        with torch.no_grad(), tracer:
+        with _MASK.bound(None), torch.no_grad(), tracer:  # converted modules run unmasked in the trace
             model(x)
     finally:
-        _MASK.reset(tok)
         for h in handles:
             h.remove()
         for m, t in modes.items():

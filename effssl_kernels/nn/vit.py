@@ -20,13 +20,13 @@ gradients reach the original parameters. Outside both the model is exactly the o
 The keep lives in a ``contextvars.ContextVar``: it is per thread (and per asyncio task) and
 applies to every sparsified ViT called inside the ``with``, so an online encoder called inside
 and a momentum encoder called outside (or inside ``token_keep(None)``) are driven separately.
-``torch.compile(model, fullgraph=True)`` traces the ContextVar read without a graph break
-(tested on torch 2.14; each distinct ``K`` or patch size specialises the graph).
+``torch.compile(model, fullgraph=True)`` reads it without a graph break (through a mirror that
+Dynamo can trace on every torch, ``nn/_state.py``; tested on torch 2.11 and 2.14; each distinct
+``K`` or patch size specialises the graph).
 """
 from __future__ import annotations
 
 import contextlib
-import contextvars
 from typing import Iterator, Optional, Sequence, Union
 
 import torch
@@ -37,12 +37,13 @@ from ..ops._indices import check_keep_range
 from ..ops.gather_tokens import _gather_tokens
 from ..ops.patch_embed_gather import _patch_embed_gather
 from ..patch_scaling import resize_matrix_pinv, resize_patch_embed, resize_pos_embed
+from ._state import ContextState
 from ._swap import sparse_class as _sparse_class
 
 __all__ = ["sparsify_vit", "unsparsify_vit", "token_keep", "patch_size", "is_sparse_vit"]
 
 # (keep [N, K] int64, check values) or None: the keep of the current thread / task.
-_KEEP: contextvars.ContextVar = contextvars.ContextVar("effssl_token_keep", default=None)
+_KEEP = ContextState("effssl_token_keep")
 
 
 def _tokenwise_norms() -> tuple[tuple, tuple]:
@@ -96,11 +97,8 @@ def token_keep(keep: Optional[Tensor], *, check: bool = True) -> Iterator[None]:
         if keep.shape[1] == 0:
             raise ValueError("token_keep: keep must keep at least one token per sample (K >= 1)")
         keep = keep.long()
-    tok = _KEEP.set(None if keep is None else (keep, bool(check)))
-    try:
+    with _KEEP.bound(None if keep is None else (keep, bool(check))):
         yield
-    finally:
-        _KEEP.reset(tok)
 
 
 def is_sparse_vit(model: nn.Module) -> bool:

@@ -1,0 +1,62 @@
+"""The per-call state of the swapped layers (the block mask, the kept tokens), readable by
+``torch.compile`` on every supported torch.
+
+A ``contextvars.ContextVar`` holds it: per thread and per asyncio task, and carried by a context
+snapshot (``checkpoint`` recomputes under the forward's). Dynamo before torch 2.14 cannot trace
+``ContextVar.get`` ("Dynamo does not know how to trace method `get` of class `ContextVar`", a
+graph break that ``fullgraph=True`` turns into an error), so every ``set`` also writes a plain
+attribute, the mirror, which a traced forward reads instead. The mirror is process-wide: two
+threads that compile under different masks at the same moment would race on it.
+"""
+from __future__ import annotations
+
+import contextlib
+import contextvars
+from typing import Any, Iterator
+
+import torch
+
+_ALL: list["ContextState"] = []
+
+
+def _compiling() -> bool:
+    return torch.compiler.is_compiling()
+
+
+class ContextState:
+    """A ContextVar (default None) with a mirror for traced code."""
+
+    def __init__(self, name: str):
+        self.var: contextvars.ContextVar = contextvars.ContextVar(name, default=None)
+        self.mirror: Any = None
+        _ALL.append(self)
+
+    def get(self) -> Any:
+        return self.mirror if _compiling() else self.var.get()
+
+    @contextlib.contextmanager
+    def bound(self, value: Any) -> Iterator[None]:
+        """``value`` in force inside the ``with`` (the previous one restored after)."""
+        tok, prev = self.var.set(value), self.mirror
+        self.mirror = value
+        try:
+            yield
+        finally:
+            self.var.reset(tok)
+            self.mirror = prev
+
+
+def run_in(snapshot: contextvars.Context, fn, *args, **kwargs):
+    """``fn(*args, **kwargs)`` in a copy of ``snapshot`` with every mirror set from it, so that
+    compiled code called there sees the snapshot's state too."""
+    def body():
+        prev = [s.mirror for s in _ALL]
+        for s in _ALL:
+            s.mirror = s.var.get()
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            for s, p in zip(_ALL, prev):
+                s.mirror = p
+
+    return snapshot.copy().run(body)  # a Context cannot be entered twice: a fresh copy per call
