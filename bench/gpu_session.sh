@@ -47,6 +47,7 @@ SANITIZE_TESTS="python_tests/test_block_match_cuda.py"
 BENCH_PLAN="block_match:90 vit_step:80 patch_embed_gather:60 gather_tokens:50 simsiam_step:70
   simwnw_step:70 multi_crop:40 photometric:60 sparse_conv:80 halo_gather:40 emp_ssl_step:50 tcr_loss:40"
 
+FAILED=""  # stages that failed or ran out of time; the script exits 1 if any did
 log() { echo "== $(date -u +%H:%M:%S) +$((SECONDS - T0))s $*"; }
 left() { echo $((DEADLINE - (SECONDS - T0))); }
 keep_logs() { tar czf "$OUT/logs.tgz" -C "$LOGS" . 2>/dev/null; }
@@ -56,7 +57,7 @@ build() {
     return 0
   fi
   log "build (TORCH_CUDA_ARCH_LIST=$TORCH_CUDA_ARCH_LIST)"
-  if ! pip install --no-build-isolation --no-deps -e . >"$LOGS/build.log" 2>&1; then
+  if ! timeout $(($(left) > 30 ? $(left) : 30)) pip install --no-build-isolation --no-deps -e . >"$LOGS/build.log" 2>&1; then
     tail -40 "$LOGS/build.log"
     keep_logs
     exit 1
@@ -78,6 +79,7 @@ stage() {  # stage NAME LIMIT_S COMMAND...: run until LIMIT_S or the deadline, l
   [ "$rest" -lt "$limit" ] && limit=$rest
   if [ "$limit" -lt 15 ]; then
     log "$name skipped: $(left) s left before the deadline"
+    FAILED="$FAILED $name(skipped)"
     return 1
   fi
   log "$name (limit ${limit}s)"
@@ -85,7 +87,8 @@ stage() {  # stage NAME LIMIT_S COMMAND...: run until LIMIT_S or the deadline, l
   local rc=$?
   tail -${TAIL:-25} "$LOGS/$name.log"
   keep_logs
-  log "$name exit $rc"
+  log "$name exit $rc$([ $rc -eq 124 ] && echo ' (time limit)')"
+  [ $rc -eq 0 ] || FAILED="$FAILED $name($rc)"
   return 0
 }
 
@@ -107,15 +110,23 @@ sanitize() {
   done
 }
 
+archive_results() {  # $1: the archive under $OUT
+  [ -d bench/results/gpu ] && tar czf "$OUT/$1" bench/results/gpu
+}
+
 bench() {  # bench [NAME,NAME,...]: those (default: the whole plan), one process each
-  local want=${1:-} item name limit
+  local want=${1:-} item name limit w
+  for w in ${want//,/ }; do
+    [[ " $BENCH_PLAN " == *" $w:"* ]] || { echo "unknown benchmark $w (the plan: $BENCH_PLAN)"; exit 2; }
+  done
   for item in $BENCH_PLAN; do
     name=${item%%:*} limit=${item##*:}
     [ -z "$want" ] || [[ ",$want," == *",$name,"* ]] || continue
     TAIL=12 stage "bench_$name" "$limit" python -m bench --device cuda --only "$name" || continue
-    tar czf "$OUT/results_gpu.tgz" bench/results/gpu 2>/dev/null
+    archive_results results_gpu.tgz
   done
-  python -m bench.report bench/results/gpu >/dev/null 2>&1 && tar czf "$OUT/results_gpu.tgz" bench/results/gpu
+  [ -d bench/results/gpu ] && timeout 60 python -m bench.report bench/results/gpu >/dev/null 2>&1
+  archive_results results_gpu.tgz
 }
 
 for s in "$@"; do
@@ -137,8 +148,9 @@ for s in "$@"; do
       # the minutes guard stops both runs at the same step if 2000 steps do not fit the call
       stage train_digits 330 python -m bench.train_digits --device cuda --minutes 4.5
       stage demo_schedule 120 python -m bench.demo_schedule --device cuda
-      tar czf "$OUT/train_gpu.tgz" bench/results/gpu
+      archive_results train_gpu.tgz
       ;;
   esac
 done
 log "done, $(left) s before the deadline"
+[ -z "$FAILED" ] || { log "failed:$FAILED"; exit 1; }

@@ -31,6 +31,7 @@ from typing import Callable, NamedTuple, Optional, Sequence, Union
 
 import torch
 from torch import Tensor, nn
+from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from .masks import BlockMask
 from .nn.resnet import block_mask, is_sparse
@@ -169,10 +170,10 @@ class SimWnW:
             any sample, so one sample that keeps every token makes the whole batch keep every
             token (at batch 128 on photographs, one ``K`` removed 0% of the tokens where the
             masks marked 55% similar). :meth:`encode` therefore sorts both views' samples by
-            kept count, cuts them into ``token_buckets`` equal groups and runs the model once
-            per group, each with its own ``K`` (4 groups removed 41% there; ``keep_buckets``). Exact for
-            models that treat samples independently (LayerNorm ViTs); a BatchNorm in training
-            mode would see per-group statistics, so it is refused. ``1``: one call per view.
+            kept count, cuts them into ``token_buckets`` equal groups (merging neighbours
+            whose ``K`` is the same) and runs the model once per group, each with its own ``K`` (4 groups removed 41% there; ``keep_buckets``). Exact for
+            models that treat samples independently (LayerNorm ViTs); a BatchNorm that uses
+            batch statistics (training mode) would see per-group statistics, so it is refused. ``1``: one call per view.
     """
 
     def __init__(self, block_size: int = 32, *, search_radius: Optional[int] = None, threshold_db: float = 20.0,
@@ -216,15 +217,16 @@ class SimWnW:
             self._recorded = (m, entry)
         return m
 
-    def _record_tokens(self, masks: SimWnWMasks, removal: Tensor) -> None:
-        """Replace the entry :meth:`masks` recorded for ``masks`` by the ViT token removal
-        ``[2]`` (views A, B)."""
+    def _record_tokens(self, masks: SimWnWMasks, removal: Union[float, Tensor]) -> None:
+        """Replace the entry :meth:`masks` recorded for ``masks`` by the ViT token removal: one
+        float for both views, or ``[2]`` (views A, B) on the masks' device (no copy, no sync)."""
         if not self.record or self._recorded is None or self._recorded[0] is not masks:
             return  # masks made elsewhere (simwnw_masks) were never recorded
         entry = self._recorded[1]
         for i in range(len(self.removal_history) - 1, -1, -1):
             if self.removal_history[i] is entry:
-                self.removal_history[i] = removal.to(entry)
+                self.removal_history[i] = (torch.full_like(entry, removal) if isinstance(removal, float)
+                                           else removal.to(entry))
                 break
         self._recorded = None
 
@@ -303,7 +305,8 @@ class SimWnW:
         in one call. A recorded step's removal becomes ``1 - K / L`` (per view, averaged over
         its samples). ``concat=True`` runs one call on the concatenated batch (ResNets, and
         ViTs with ``token_buckets=1``; BatchNorm then normalises over both views together, as
-        some SimCLR code does). Under DDP with BatchNorm and a call per view, build it with
+        some SimCLR code does). The model may return a tensor or a tuple / dict of tensors
+        (batch first). Under DDP with BatchNorm and a call per view, build it with
         ``broadcast_buffers=False`` or pass ``concat=True``: the second call's buffer broadcast
         rewrites running statistics that the first call's backward saved (torch 2.11 raises).
         """
@@ -317,7 +320,7 @@ class SimWnW:
                 m = BlockMask(torch.cat([masks.keep_a, masks.keep_b]), B, size)
                 with block_mask(m):
                     z = model(torch.cat([view_a, view_b]))
-                return z[:N], z[N:]
+                return _split(z, N)
             ma, mb = BlockMask(masks.keep_a, B, size), BlockMask(masks.keep_b, B, size)
             counts = torch.stack([masks.keep_a.sum(), masks.keep_b.sum()]).tolist()  # the one sync
             prepare_tiles(ma, kept_tiles(ma.keep, counts[0]))
@@ -340,11 +343,11 @@ class SimWnW:
                 return self._encode_vit_buckets(model, view_a, view_b, masks, L)
             # the tokens of the kept blocks (the masks' threshold and min_keep hold), topped up
             ka, kb, K = keep_topped_up(masks.keep_a, masks.keep_b, masks.psnr_a, masks.psnr_b)
-            self._record_tokens(masks, torch.full((2,), 1.0 - K / L))
+            self._record_tokens(masks, 1.0 - K / L)
             if concat:
                 with token_keep(torch.cat([ka, kb])):
                     z = model(torch.cat([view_a, view_b]))
-                return z[:N], z[N:]
+                return _split(z, N)
             with token_keep(ka):
                 za = model(view_a)
             with token_keep(kb):
@@ -357,7 +360,8 @@ class SimWnW:
                             L: int) -> tuple[Tensor, Tensor]:
         """Both views' samples pooled, sorted by kept count, run in ``token_buckets`` groups
         (``keep_buckets``: one host sync), and put back in order."""
-        bn = [n for n, m in model.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training]
+        bn = [n for n, m in model.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
+              and (m.training or m.running_mean is None)]  # batch statistics
         if bn:
             raise ValueError(f"SimWnW.encode: token_buckets={self.token_buckets} runs the batch in groups, so the "
                              f"BatchNorm {bn[0]!r} (training mode) would normalise each group alone; use "
@@ -372,6 +376,25 @@ class SimWnW:
                 outs.append(model(x[rows]))
             k_of_row[rows] = keep.shape[1]
         order = torch.cat([rows for rows, _ in groups])
-        z = torch.cat(outs).index_select(0, torch.argsort(order).to(outs[0].device))  # back to batch order
+        z = _join(outs, torch.argsort(order))  # back to batch order
         self._record_tokens(masks, 1.0 - k_of_row.view(2, N).mean(1) / L)
-        return z[:N], z[N:]
+        return _split(z, N)
+
+
+def _split(z, N: int):
+    """A model output over ``[A; B]`` (a tensor, or a tuple / dict of them) -> ``(z_A, z_B)``."""
+    leaves, spec = tree_flatten(z)
+    return tuple(tree_unflatten([x[sl] if isinstance(x, Tensor) else x for x in leaves], spec)
+                 for sl in (slice(None, N), slice(N, None)))
+
+
+def _join(outs: list, inverse: Tensor):
+    """Outputs of the groups (same structure) -> one output in batch order: each tensor leaf
+    concatenated and re-ordered by ``inverse`` (row i of the result is row ``inverse[i]``)."""
+    flat = [tree_flatten(o) for o in outs]
+    leaves = []
+    for i, x in enumerate(flat[0][0]):
+        if isinstance(x, Tensor):
+            x = torch.cat([f[0][i] for f in flat]).index_select(0, inverse.to(x.device))
+        leaves.append(x)
+    return tree_unflatten(leaves, flat[0][1])

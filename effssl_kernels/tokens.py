@@ -234,9 +234,10 @@ def keep_buckets(kept: Tensor, psnr: Tensor, buckets: int,
     One ``K`` per batch (SEMANTICS.md section 3) is the largest kept count of any sample, so a
     single sample that keeps everything makes the whole batch keep everything. Sorting the
     samples by kept count and cutting them into ``buckets`` equal groups (``tensor_split``;
-    ties in row order) gives each group the ``K`` of its own largest count; run the model once
-    per group. ``kept`` bool ``[M, L]``, ``psnr`` ``[M, L]`` (or ``[M, Hb, Wb]`` grids). One host
-    sync; groups are never empty (``min(buckets, M)`` of them)."""
+    ties in row order) gives each group the ``K`` of its own largest count; neighbouring groups
+    with the same ``K`` are merged, so at most ``min(buckets, M)`` groups come back, never empty.
+    Run the model once per group. ``kept`` bool ``[M, L]``, ``psnr`` ``[M, L]`` (or
+    ``[M, Hb, Wb]`` grids). One host sync."""
     buckets = _int_arg("buckets", "keep_buckets", buckets, 1)
     if kept.shape != psnr.shape or kept.dim() < 2 or kept.dtype != torch.bool:
         raise ValueError(f"keep_buckets: kept must be bool [M, L] (or [M, Hb, Wb]) and psnr the same shape, got "
@@ -252,7 +253,15 @@ def keep_buckets(kept: Tensor, psnr: Tensor, buckets: int,
     ranked = counts[order]
     ends = itertools.accumulate(len(g) for g in groups)  # sizes are shapes: no sync
     largest = torch.stack([ranked[e - 1] for e in ends]).tolist()  # each group's last (sorted); the one sync
+    ks = [round_keep_count(c, L, multiple_of) for c in largest]
+    merged: list[list] = []  # neighbours with the same K run as one group: fewer model calls
+    for rows, K in zip(groups, ks):
+        if merged and merged[-1][1] == K:
+            merged[-1][0].append(rows)
+        else:
+            merged.append([[rows], K])
     out = []
-    for rows, c in zip(groups, largest):
-        out.append((rows, _fill_up(kept[rows], psnr[rows], round_keep_count(c, L, multiple_of))))
+    for parts, K in merged:
+        rows = torch.cat(parts) if len(parts) > 1 else parts[0]
+        out.append((rows, _fill_up(kept[rows], psnr[rows], K)))
     return out

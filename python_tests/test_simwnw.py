@@ -250,7 +250,7 @@ def test_encode_vit_buckets_run_each_group_with_its_own_k():
     got_grads = [p.grad.clone() for p in vit.parameters()]
     # by hand: both views pooled (A's rows 0-3, B's 4-7), sorted by count, 4 groups of 2
     groups = ek.keep_buckets(torch.cat([m.keep_a, m.keep_b]), torch.cat([m.psnr_a, m.psnr_b]), 4)
-    assert [k.shape[1] for _, k in groups] == [8, 8, 16, 16]  # counts 4 4 | 8 8 | 12 12 | 16 16
+    assert [k.shape[1] for _, k in groups] == [8, 16]  # counts 4 4 | 8 8 | 12 12 | 16 16, merged
     x, want = torch.cat([a, b]), torch.empty(8, za.shape[1])
     vit.zero_grad()
     loss = 0
@@ -271,6 +271,31 @@ def test_encode_vit_buckets_run_each_group_with_its_own_k():
     assert sw1.removal_log() == [(0.0, 0.0)]
 
 
+class _TupleOut(torch.nn.Module):
+    """A converted ViT returning ``(z, {"mean": z.mean(1)})``: outputs need not be one tensor."""
+
+    def __init__(self, vit):
+        super().__init__()
+        self.vit = vit
+
+    def forward(self, x):
+        z = self.vit(x)
+        return z, {"mean": z.mean(1)}
+
+
+@pytest.mark.parametrize("buckets,concat", [(4, False), (1, False), (1, True)])
+def test_encode_vit_structured_outputs(buckets, concat):
+    vit = _tiny_vit()
+    a, b = _mixed_views()
+    sw = ek.SimWnW(8, search_radius=0, use_geometry=False, token_buckets=buckets)
+    m = sw.masks(a, b)
+    za, zb = sw.encode(vit, a, b, m, concat=concat)
+    (ta, da), (tb, db) = sw.encode(_TupleOut(vit), a, b, m, concat=concat)
+    for t, d, z in ((ta, da, za), (tb, db, zb)):
+        torch.testing.assert_close(t, z)
+        torch.testing.assert_close(d["mean"], z.mean(1))
+
+
 def test_encode_vit_buckets_refuse_batchnorm_in_training():
     vit = _tiny_vit()
     vit.head = torch.nn.BatchNorm1d(16)  # per-group statistics would differ from the batch's
@@ -279,6 +304,9 @@ def test_encode_vit_buckets_refuse_batchnorm_in_training():
     with pytest.raises(ValueError, match="BatchNorm 'head'.*token_buckets=1"):
         sw.encode(vit.train(), a, b, sw.masks(a, b))
     sw.encode(vit.eval(), a, b, sw.masks(a, b))  # running statistics: samples are independent
+    vit.head = torch.nn.BatchNorm1d(16, track_running_stats=False)  # batch statistics in eval too
+    with pytest.raises(ValueError, match="BatchNorm 'head'"):
+        sw.encode(vit.eval(), a, b, sw.masks(a, b))
     za, _ = ek.SimWnW(8, search_radius=0, use_geometry=False, token_buckets=1).encode(vit.train(), a, b,
                                                                                       sw.masks(a, b))
     assert za.shape == (4, 16)

@@ -12,8 +12,12 @@ from effssl_kernels.nn import resnet as R
 from test_sparsify_resnet import _cifar_resnet, _randomize_bn
 
 
-@pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
-def test_compiled_sparse_resnet_one_graph_for_all_masks(backend):
+@pytest.mark.parametrize("backend,mirrored", [("aot_eager", False), ("inductor", False), ("aot_eager", True)])
+def test_compiled_sparse_resnet_one_graph_for_all_masks(backend, mirrored, monkeypatch):
+    # mirrored: the mask read through nn/_state.py's mirror, as on torch < 2.14
+    from effssl_kernels.nn import _state
+
+    monkeypatch.setattr(_state, "_MIRRORED", mirrored)
     torch._dynamo.reset()
     from torch._dynamo.utils import counters
     counters.clear()

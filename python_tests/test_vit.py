@@ -206,8 +206,14 @@ def test_patch_drop_and_pos_drop_still_work():
     assert feats.shape == (2, 3 + 4, 96)  # prefix 3, then timm's PatchDropout keeps int(8 * 0.5)
 
 
+@pytest.mark.parametrize("mirrored", [False, True])
 @pytest.mark.parametrize("backend", ["eager", "aot_eager"])
-def test_compile_fullgraph(backend):
+def test_compile_fullgraph(backend, mirrored, monkeypatch):
+    # mirrored: the keep read through nn/_state.py's mirror, as on torch < 2.14 (whose Dynamo
+    # cannot trace ContextVar.get); here both ways run on the one torch of CI
+    from effssl_kernels.nn import _state
+
+    monkeypatch.setattr(_state, "_MIRRORED", mirrored)
     torch._dynamo.reset()
     model = ek.sparsify_vit(_vit(depth=1, reg_tokens=1))
     x = torch.randn(2, 3, 64, 64)

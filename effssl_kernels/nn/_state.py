@@ -4,9 +4,11 @@
 A ``contextvars.ContextVar`` holds it: per thread and per asyncio task, and carried by a context
 snapshot (``checkpoint`` recomputes under the forward's). Dynamo before torch 2.14 cannot trace
 ``ContextVar.get`` ("Dynamo does not know how to trace method `get` of class `ContextVar`", a
-graph break that ``fullgraph=True`` turns into an error), so every ``set`` also writes a plain
-attribute, the mirror, which a traced forward reads instead. The mirror is process-wide: two
-threads that compile under different masks at the same moment would race on it.
+graph break that ``fullgraph=True`` turns into an error), so there every ``set`` also writes a
+plain attribute, the mirror, which compiled code reads instead (torch 2.14 reads the ContextVar).
+The mirror is process-wide: on torch < 2.14 a compiled sparse model called from one thread while
+another thread is inside a ``with`` for a different mask sees that mask. Call compiled models
+from one thread at a time there (eager calls always read the ContextVar).
 """
 from __future__ import annotations
 
@@ -19,8 +21,12 @@ import torch
 _ALL: list["ContextState"] = []
 
 
+# Dynamo traces ContextVar.get from torch 2.14 on (seen failing on 2.11; 2.12-2.13 untested)
+_MIRRORED = tuple(int(x) for x in torch.__version__.split("+")[0].split(".")[:2]) < (2, 14)
+
+
 def _compiling() -> bool:
-    return torch.compiler.is_compiling()
+    return _MIRRORED and torch.compiler.is_compiling()
 
 
 class ContextState:
@@ -42,8 +48,8 @@ class ContextState:
         try:
             yield
         finally:
+            self.mirror = prev  # first: reset raises for a token of another Context
             self.var.reset(tok)
-            self.mirror = prev
 
 
 def run_in(snapshot: contextvars.Context, fn, *args, **kwargs):

@@ -23,7 +23,8 @@ def wrap_triton(kernel):
     from triton.runtime.autotuner import Autotuner
     from triton.runtime.jit import JITFunction
 
-    if isinstance(kernel, (JITFunction, Autotuner)):
+    inner = kernel.fn if isinstance(kernel, Autotuner) else kernel  # an autotuner of the interpreter
+    if isinstance(inner, JITFunction):
         return torch.library.wrap_triton(kernel)
     return kernel
 

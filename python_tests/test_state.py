@@ -1,0 +1,56 @@
+"""nn/_state.py: the ContextVar that carries the block mask and the kept tokens, and the mirror
+that compiled code reads on torch < 2.14 (whose Dynamo cannot trace ContextVar.get)."""
+import contextvars
+
+import pytest
+import torch
+
+from effssl_kernels.nn import _state
+
+
+def test_bound_nests_and_restores_both():
+    s = _state.ContextState("t_nest")
+    a, b = object(), object()
+    with s.bound(a):
+        assert s.get() is a and s.mirror is a
+        with s.bound(b):
+            assert s.get() is b and s.mirror is b
+        assert s.get() is a and s.mirror is a
+    assert s.get() is None and s.mirror is None
+    with pytest.raises(RuntimeError), s.bound(a):
+        raise RuntimeError
+    assert s.get() is None and s.mirror is None
+
+
+def test_mirror_restored_when_reset_fails():
+    # entered in one Context, left in another: ContextVar.reset raises; the mirror must not stay set
+    s = _state.ContextState("t_foreign")
+    cm = s.bound(torch.ones(1))
+    contextvars.copy_context().run(cm.__enter__)
+    with pytest.raises(ValueError):
+        cm.__exit__(None, None, None)
+    assert s.mirror is None
+
+
+def test_run_in_sets_the_mirrors_from_the_snapshot():
+    s = _state.ContextState("t_snap")
+    with s.bound("forward"):
+        snap = contextvars.copy_context()
+    seen = _state.run_in(snap, lambda: (s.get(), s.mirror))
+    assert seen == ("forward", "forward") and s.mirror is None
+
+
+@pytest.mark.parametrize("mirrored", [False, True])
+def test_compiled_code_reads_the_mirror_only_when_mirrored(mirrored, monkeypatch):
+    if not mirrored and _state.torch.__version__ < "2.14":
+        pytest.skip("this torch's Dynamo cannot trace ContextVar.get: the mirror is what it uses")
+    monkeypatch.setattr(_state, "_MIRRORED", mirrored)
+    s = _state.ContextState("t_compile")
+    torch._dynamo.reset()
+    f = torch.compile(lambda x: x + s.get(), backend="eager", fullgraph=True)
+    x = torch.zeros(2)
+    with s.bound(torch.ones(2)):
+        s.mirror = torch.full((2,), 5.0)  # what only the mirror holds
+        out = f(x)
+    assert torch.equal(out, torch.full((2,), 5.0 if mirrored else 1.0))
+    assert s.get() is None and s.mirror is None
