@@ -17,6 +17,8 @@ def test_compiled_sparse_resnet_one_graph_for_all_masks(backend, mirrored, monke
     # mirrored: the mask read through nn/_state.py's mirror, as on torch < 2.14
     from effssl_kernels.nn import _state
 
+    if not mirrored and torch.__version__ < "2.14":
+        pytest.skip("this torch's Dynamo cannot trace ContextVar.get: the mirror is what it uses")
     monkeypatch.setattr(_state, "_MIRRORED", mirrored)
     torch._dynamo.reset()
     from torch._dynamo.utils import counters

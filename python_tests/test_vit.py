@@ -213,6 +213,8 @@ def test_compile_fullgraph(backend, mirrored, monkeypatch):
     # cannot trace ContextVar.get); here both ways run on the one torch of CI
     from effssl_kernels.nn import _state
 
+    if not mirrored and torch.__version__ < "2.14":
+        pytest.skip("this torch's Dynamo cannot trace ContextVar.get: the mirror is what it uses")
     monkeypatch.setattr(_state, "_MIRRORED", mirrored)
     torch._dynamo.reset()
     model = ek.sparsify_vit(_vit(depth=1, reg_tokens=1))
