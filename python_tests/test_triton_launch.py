@@ -99,3 +99,11 @@ def test_wrap_triton_hands_compile_a_traceable_kernel():
     for path in glob.glob(os.path.join(TRITON_DIR, "*.py")):
         if not path.endswith("__init__.py"):
             assert "library.wrap_triton" not in open(path).read(), f"{path}: use effssl_kernels.triton.wrap_triton"
+
+
+def test_halo_gather_int32_pixel_indices_are_checked():
+    from effssl_kernels.triton import halo_gather as hg
+
+    hg._check_int32("halo_gather", 2**31 - 1)
+    with pytest.raises(ValueError, match="halo_gather backward: 2147483648 pixels"):
+        hg._check_int32("halo_gather backward", 2**31)

@@ -43,18 +43,19 @@ def _halo_gather_fwd_kernel(
     offs_c = tl.program_id(1).to(tl.int64) * BLOCK_C + tl.arange(0, BLOCK_C)
     R = tl.cast(R, tl.int64)
     S = tl.cast(S, tl.int64)
-    P = tl.cast(P, tl.int64)
-    bw = tl.cast(bw, tl.int64)
     r_in = offs_r < R
     c_in = offs_c < C
     s = tl.load(table_ptr + offs_r, mask=r_in, other=0)
     real = (s >= 0) & (s < S)
-    ss = tl.where(real, s, 0)
+    # S < 2^31 (the launcher checks): the divisions in int32. 64-bit divisions cost Triton 3.8
+    # 255 registers and spills at 32 x 128; the pointer arithmetic stays int64.
+    ss = tl.where(real, s, 0).to(tl.int32)
     t = ss // P
     p = ss - t * P
     y = p // bw
     x = p - y * bw
-    ptrs = x_ptr + t[:, None] * s0 + offs_c[None, :] * s1 + y[:, None] * s2 + x[:, None] * s3
+    row = t.to(tl.int64) * s0 + y.to(tl.int64) * s2 + x.to(tl.int64) * s3
+    ptrs = x_ptr + row[:, None] + offs_c[None, :] * s1
     v = tl.load(ptrs, mask=real[:, None] & c_in[None, :], other=0.0)
     fill = tl.where(s == S + 1, outside, 0.0)
     fill = tl.where((s < 0) | (s > S + 1), float("nan"), fill)
@@ -83,8 +84,6 @@ def _halo_gather_bwd_kernel(
 ):
     offs_s = tl.program_id(0).to(tl.int64) * BLOCK_S + tl.arange(0, BLOCK_S)
     offs_c = tl.program_id(1).to(tl.int64) * BLOCK_C + tl.arange(0, BLOCK_C)
-    PP = tl.cast(PP, tl.int64)
-    pw = tl.cast(pw, tl.int64)
     s_in = offs_s < S
     c_in = offs_c < C
     lo = tl.load(offsets_ptr + offs_s, mask=s_in, other=0)
@@ -96,15 +95,23 @@ def _halo_gather_bwd_kernel(
     # 1 to 4 readers per pixel for a one-pixel halo (itself, then its neighbours' borders)
     for j in range(0, tl.max(cnt, axis=0)):
         has = j < cnt
-        q = tl.load(order_ptr + lo + j, mask=has, other=0)
+        # q < 2^31 (the launcher checks): int32 divisions, int64 pointer arithmetic
+        q = tl.load(order_ptr + lo + j, mask=has, other=0).to(tl.int32)
         t = q // PP
         rem = q - t * PP
         u = rem // pw
         v = rem - u * pw
-        ptrs = g_ptr + t[:, None] * g0 + offs_c[None, :] * g1 + u[:, None] * g2 + v[:, None] * g3
+        row = t.to(tl.int64) * g0 + u.to(tl.int64) * g2 + v.to(tl.int64) * g3
+        ptrs = g_ptr + row[:, None] + offs_c[None, :] * g1
         acc += tl.load(ptrs, mask=has[:, None] & c_in[None, :], other=0.0).to(acc.dtype)
     out_ptrs = out_ptr + offs_s[:, None] * C + offs_c[None, :]
     tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=s_in[:, None] & c_in[None, :])
+
+
+def _check_int32(op: str, pixels: int) -> None:
+    """The kernels split pixel indices (not offsets) in int32: fine below 2^31 pixels a map."""
+    if pixels >= 2**31:
+        raise ValueError(f"{op}: {pixels} pixels in one map; the Triton kernel indexes them in int32")
 
 
 def _block_c(C: int) -> int:
@@ -119,6 +126,7 @@ def halo_gather_fwd(tiles: Tensor, table: Tensor, outside: float) -> Tensor:
     R = n_out * ph * pw
     if out.numel() == 0:
         return out
+    _check_int32("halo_gather", T * bh * bw)
     BLOCK_R, BLOCK_C = 32, _block_c(C)
     grid = check_grid((triton.cdiv(R, BLOCK_R), triton.cdiv(C, BLOCK_C)), "halo_gather")
     with device_of(tiles):  # launch on the tensors' GPU, not the current one
@@ -136,7 +144,10 @@ def halo_gather_bwd(grad: Tensor, order: Tensor, offsets: Tensor, T: int, bh: in
     S = T * bh * bw
     if out.numel() == 0:
         return out
-    BLOCK_S, BLOCK_C = 32, _block_c(C)
+    _check_int32("halo_gather backward", grad.shape[0] * ph * pw)
+    BLOCK_C = _block_c(C)
+    # at most 2048 elements a program: 32 x 128 spilled with Triton 3.8 (255 registers)
+    BLOCK_S = 32 if BLOCK_C <= 64 else 16
     grid = check_grid((triton.cdiv(S, BLOCK_S), triton.cdiv(C, BLOCK_C)), "halo_gather backward")
     with device_of(grad):
         wrap_triton(_halo_gather_bwd_kernel)[grid](
