@@ -301,7 +301,7 @@ def _other_cubins() -> dict:
                         dict(HAS_CENTERS=True, HAS_FLIP=True, EVEN_K=True, BLOCK_D=64, BLOCK_KX=32), 4, 3),
         "gather_tokens_fwd": (gt._gather_tokens_fwd_kernel,
                               dict(x_ptr="*bf16", keep_ptr="*i64", pos_ptr="*fp32", out_ptr="*bf16"), {},
-                              dict(HAS_POS=True, F64=False, BLOCK_K=16, BLOCK_D=128), 4, 3),
+                              dict(HAS_POS=True, F64=False, BLOCK_K=32, BLOCK_D=128), 4, 3),  # K >= 32
         "gather_tokens_bwd": (gt._gather_tokens_bwd_kernel,
                               dict(grad_ptr="*bf16", perm_ptr="*i64", bounds_ptr="*i64", gx_ptr="*bf16",
                                    part_ptr="*fp32"), {},
