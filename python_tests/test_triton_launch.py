@@ -101,9 +101,11 @@ def test_wrap_triton_hands_compile_a_traceable_kernel():
             assert "library.wrap_triton" not in open(path).read(), f"{path}: use effssl_kernels.triton.wrap_triton"
 
 
-def test_halo_gather_int32_pixel_indices_are_checked():
-    from effssl_kernels.triton import halo_gather as hg
+def test_int32_index_limits_are_checked():
+    from effssl_kernels.triton import check_int32
 
-    hg._check_int32("halo_gather", 2**31 - 1)
-    with pytest.raises(ValueError, match="halo_gather backward: 2147483648 pixels"):
-        hg._check_int32("halo_gather backward", 2**31)
+    check_int32("halo_gather", {"tile pixels": 2**31 - 1})
+    with pytest.raises(ValueError, match=r"halo_gather backward: padded pixels = 2147483648 must be below 2\^31"):
+        check_int32("halo_gather backward", {"padded pixels": 2**31})
+    with pytest.raises(ValueError, match=r"patch_embed_gather \(Triton\): H = 2147418112 must be below 2\^31 - 2\^16"):
+        check_int32("patch_embed_gather (Triton)", {"H": 2**31 - 2**16}, 2**31 - 2**16, "2^31 - 2^16")

@@ -39,3 +39,11 @@ def check_grid(grid: tuple, op: str) -> tuple:
             raise ValueError(f"{op}: the Triton launch needs {n} programs on grid axis {axis} "
                              f"(CUDA allows {lim}); the input is too large for this kernel")
     return grid
+
+
+def check_int32(op: str, sizes: dict, limit: int = 2**31, limit_text: str = "2^31") -> None:
+    """A ValueError naming ``op`` unless every value of ``sizes`` ({name: value}, quantities a
+    kernel indexes in int32) is below ``limit``."""
+    for name, v in sizes.items():
+        if v >= limit:
+            raise ValueError(f"{op}: {name} = {v} must be below {limit_text} (the kernel indexes it in int32)")

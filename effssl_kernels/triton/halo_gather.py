@@ -18,7 +18,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from . import check_grid, device_of, wrap_triton
+from . import check_grid, check_int32, device_of, wrap_triton
 
 
 @triton.jit
@@ -108,12 +108,6 @@ def _halo_gather_bwd_kernel(
     tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=s_in[:, None] & c_in[None, :])
 
 
-def _check_int32(op: str, pixels: int) -> None:
-    """The kernels split pixel indices (not offsets) in int32: fine below 2^31 pixels a map."""
-    if pixels >= 2**31:
-        raise ValueError(f"{op}: {pixels} pixels in one map; the Triton kernel indexes them in int32")
-
-
 def _block_c(C: int) -> int:
     return max(16, min(128, triton.next_power_of_2(max(C, 1))))
 
@@ -126,7 +120,7 @@ def halo_gather_fwd(tiles: Tensor, table: Tensor, outside: float) -> Tensor:
     R = n_out * ph * pw
     if out.numel() == 0:
         return out
-    _check_int32("halo_gather", T * bh * bw)
+    check_int32("halo_gather", {"tile pixels": T * bh * bw})  # split in int32 by the kernel
     BLOCK_R, BLOCK_C = 32, _block_c(C)
     grid = check_grid((triton.cdiv(R, BLOCK_R), triton.cdiv(C, BLOCK_C)), "halo_gather")
     with device_of(tiles):  # launch on the tensors' GPU, not the current one
@@ -144,7 +138,7 @@ def halo_gather_bwd(grad: Tensor, order: Tensor, offsets: Tensor, T: int, bh: in
     S = T * bh * bw
     if out.numel() == 0:
         return out
-    _check_int32("halo_gather backward", grad.shape[0] * ph * pw)
+    check_int32("halo_gather backward", {"padded pixels": grad.shape[0] * ph * pw})
     BLOCK_C = _block_c(C)
     # at most 2048 elements a program: 32 x 128 spilled with Triton 3.8 (255 registers)
     BLOCK_S = 32 if BLOCK_C <= 64 else 16

@@ -32,7 +32,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from . import check_grid, device_of, wrap_triton
+from . import check_grid, check_int32, device_of, wrap_triton
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 _INT_ARGS = ("M", "K", "D", "KD", "L", "Wp", "P", "s_n", "s_c", "s_h", "s_w", "s_pl", "s_pd")
@@ -107,7 +107,7 @@ def _patch_embed_gather_fwd_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
-    # int32 indices (bounded by the launcher's _check_int32); int64 image and output offsets
+    # int32 indices (bounded by the launcher's check_int32); int64 image and output offsets
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     # tl.cast, not .to: Inductor turns integer arguments equal to 1 into constexprs (no .to)
@@ -230,13 +230,6 @@ def _fwd_tiles(M: int, D: int, KD: int, fp64: bool) -> tuple[int, int, int, int,
 _INT32_LIMIT = 2**31 - 2**16
 
 
-def _check_int32(**sizes: int) -> None:
-    for name, v in sizes.items():
-        if v >= _INT32_LIMIT:
-            raise ValueError(f"patch_embed_gather (Triton): {name} = {v} must be below 2^31 - 2^16 "
-                             "(the kernel indexes it in int32)")
-
-
 def patch_embed_gather_triton(
     images: Tensor, weight: Tensor, bias: Optional[Tensor], keep: Tensor, pos_embed: Optional[Tensor]
 ) -> Tensor:
@@ -258,7 +251,8 @@ def patch_embed_gather_triton(
     pos = None if pos_embed is None else pos_embed.reshape(L, D)
     if pos is not None and (L - 1) * pos.stride(0) + (D - 1) * pos.stride(1) >= _INT32_LIMIT:
         pos = pos.contiguous()  # pos_embed offsets are int32 in the kernel
-    _check_int32(**{"N*K": M, "C*p*p": KD, "D*C*p*p": D * KD, "L*D": L * D, "H": H, "W": W})
+    check_int32("patch_embed_gather (Triton)", {"N*K": M, "C*p*p": KD, "D*C*p*p": D * KD, "L*D": L * D,
+                                                 "H": H, "W": W}, _INT32_LIMIT, "2^31 - 2^16")
     fp64 = weight.dtype == torch.float64
     bm, bn, bk, warps, stages = _fwd_tiles(M, D, KD, fp64)
     precision = "tf32" if (weight.dtype != torch.float32 or torch.backends.cudnn.allow_tf32) else "ieee"
@@ -293,7 +287,8 @@ def gather_patches_triton(images: Tensor, keep: Tensor, patch_size: int, dtype: 
     M = N * K
     if M == 0:
         return out
-    _check_int32(**{"N*K": M, "C*p*p": KD, "H": H, "W": W})
+    check_int32("patch_embed_gather (Triton)", {"N*K": M, "C*p*p": KD, "H": H, "W": W}, _INT32_LIMIT,
+                "2^31 - 2^16")
     bm, bk = (16, 32) if _INTERPRET else (64, 64)
     grid = check_grid((triton.cdiv(M, bm), triton.cdiv(KD, bk)), "patch_embed_gather (patches)")
     with device_of(images):  # launch on the tensors' GPU, not the current one
