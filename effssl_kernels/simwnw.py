@@ -171,9 +171,11 @@ class SimWnW:
             token (at batch 128 on photographs, one ``K`` removed 0% of the tokens where the
             masks marked 55% similar). :meth:`encode` therefore sorts both views' samples by
             kept count, cuts them into ``token_buckets`` equal groups (merging neighbours
-            whose ``K`` is the same) and runs the model once per group, each with its own ``K`` (4 groups removed 41% there; ``keep_buckets``). Exact for
-            models that treat samples independently (LayerNorm ViTs); a BatchNorm that uses
-            batch statistics (training mode) would see per-group statistics, so it is refused. ``1``: one call per view.
+            whose ``K`` is the same) and runs the model once per group, each with its own
+            ``K`` (4 groups removed 41% there; ``keep_buckets``). Exact for models that treat
+            samples independently (LayerNorm ViTs); a BatchNorm that uses batch statistics
+            (training mode) would see per-group statistics, so it is refused. ``1``: one call
+            per view.
     """
 
     def __init__(self, block_size: int = 32, *, search_radius: Optional[int] = None, threshold_db: float = 20.0,
@@ -297,9 +299,9 @@ class SimWnW:
         head; it is called as given. ResNets (``sparsify``): each view under ``block_mask``
         with its kept blocks; both views' tile lists are built with one host sync. ViTs
         (``sparsify_vit``, patch size = ``block_size``): each view keeps the tokens of its
-        kept blocks (``masks.keep_a`` /
-        ``keep_b``, so the masks' threshold and ``min_keep`` hold), topped up with its least
-        similar removed blocks to a ``K`` that is a multiple of 8 (or ``L``), one sync: with
+        kept blocks (``masks.keep_a`` / ``keep_b``, so the masks' threshold and ``min_keep``
+        hold), topped up with its least similar removed blocks to a ``K`` that is a multiple
+        of 8 (or ``L``), one sync: with
         ``token_buckets`` > 1 (default 4) both views' samples are pooled and run in that many
         groups, each with its own ``K``; with 1, one ``K`` serves both views and each view runs
         in one call. A recorded step's removal becomes ``1 - K / L`` (per view, averaged over
@@ -364,7 +366,7 @@ class SimWnW:
               and (m.training or m.running_mean is None)]  # batch statistics
         if bn:
             raise ValueError(f"SimWnW.encode: token_buckets={self.token_buckets} runs the batch in groups, so the "
-                             f"BatchNorm {bn[0]!r} (training mode) would normalise each group alone; use "
+                             f"BatchNorm {bn[0]!r} (batch statistics) would normalise each group alone; use "
                              "SimWnW(token_buckets=1) for this model")
         N = view_a.shape[0]
         groups = keep_buckets(torch.cat([masks.keep_a, masks.keep_b]), torch.cat([masks.psnr_a, masks.psnr_b]),

@@ -22,7 +22,7 @@ _ALL: list["ContextState"] = []
 
 
 # Dynamo traces ContextVar.get from torch 2.14 on (seen failing on 2.11; 2.12-2.13 untested)
-_MIRRORED = tuple(int(x) for x in torch.__version__.split("+")[0].split(".")[:2]) < (2, 14)
+_MIRRORED = torch.__version__ < "2.14"  # TorchVersion compares as a version, not a string
 
 
 def _compiling() -> bool:

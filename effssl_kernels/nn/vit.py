@@ -20,9 +20,9 @@ gradients reach the original parameters. Outside both the model is exactly the o
 The keep lives in a ``contextvars.ContextVar``: it is per thread (and per asyncio task) and
 applies to every sparsified ViT called inside the ``with``, so an online encoder called inside
 and a momentum encoder called outside (or inside ``token_keep(None)``) are driven separately.
-``torch.compile(model, fullgraph=True)`` reads it without a graph break (through a mirror that
-Dynamo can trace on every torch, ``nn/_state.py``; tested on torch 2.11 and 2.14; each distinct
-``K`` or patch size specialises the graph).
+``torch.compile(model, fullgraph=True)`` reads it without a graph break (on torch < 2.14,
+whose Dynamo cannot trace a ContextVar, through the mirror of ``nn/_state.py``; tested on torch
+2.11 and 2.14; each distinct ``K`` or patch size specialises the graph).
 """
 from __future__ import annotations
 
