@@ -122,11 +122,10 @@ bench() {  # bench [NAME,NAME,...]: those (default: the whole plan), one process
   for item in $BENCH_PLAN; do
     name=${item%%:*} limit=${item##*:}
     [ -z "$want" ] || [[ ",$want," == *",$name,"* ]] || continue
+    # python -m bench also rewrites report.md and the plots from every JSON there
     TAIL=12 stage "bench_$name" "$limit" python -m bench --device cuda --only "$name" || continue
     archive_results results_gpu.tgz
   done
-  [ -d bench/results/gpu ] && timeout 60 python -m bench.report bench/results/gpu >/dev/null 2>&1
-  archive_results results_gpu.tgz
 }
 
 for s in "$@"; do
