@@ -2,7 +2,8 @@
 
 The launcher picks a kernel by shape; EFFSSL_BLOCK_MATCH_CUDA_PATH forces one so every kernel is
 checked on every case (a forced kernel that cannot run a shape falls through to the next one).
-Runs only where a GPU is present.
+Runs only where a GPU is present; test_block_match_cuda_emu.py runs the same kernels on the CPU
+under cuda_emu and sanitizers.
 """
 import pytest
 import torch

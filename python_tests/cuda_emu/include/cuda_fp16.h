@@ -1,0 +1,3 @@
+// cuda_emu stand-in for <cuda_fp16.h>
+#pragma once
+#include "../cuda_emu.h"
