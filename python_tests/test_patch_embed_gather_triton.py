@@ -86,6 +86,43 @@ def test_matches_reference(dtype, shape):
     torch.testing.assert_close(out.cpu(), ref, **TOL[dtype])
 
 
+@pytest.mark.skipif(HAS_GPU, reason="the GPU runs these tiles in every test")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("shape", [(3, 3, 16, 16, 70, 4, 45), (1, 2, 8, 8, 20, 4, 3)], ids=["m135", "m3"])
+def test_gpu_tile_sizes_under_the_interpreter(monkeypatch, dtype, shape):
+    # The launchers pick small tiles under the interpreter; here they pick what they pick on a
+    # GPU (128 x 64 x 32, or 32 x 32 x 8 for float64; 64 x 64 for the patch gather), so the
+    # masking of those tiles is checked before a GPU runs them: M = 135 rows (a second, nearly
+    # empty row tile), D = 70 (a 6-column second tile), C*p*p = 48 (a half-full K step); and
+    # M = 3, D = 20, where the tiles shrink to 16 x 32.
+    import effssl_kernels.triton.patch_embed_gather as tpeg
+
+    def on_gpu(fn):
+        def call(*a):
+            with monkeypatch.context() as m:
+                m.setattr(tpeg, "_INTERPRET", False)
+                return fn(*a)
+        return call
+
+    seen = []
+    fwd, gat = tpeg._fwd_tiles, tpeg._gather_tiles
+    monkeypatch.setattr(tpeg, "_fwd_tiles", lambda *a: seen.append(on_gpu(fwd)(*a)) or seen[-1])
+    monkeypatch.setattr(tpeg, "_gather_tiles", lambda: seen.append(on_gpu(gat)()) or seen[-1])
+    args = _inputs(*shape, dtype=dtype)
+    leaves = [a.clone().requires_grad_(i != 3) if a is not None else None for i, a in enumerate(args)]
+    out = patch_embed_gather(*leaves)
+    torch.testing.assert_close(out, patch_embed_gather_reference(*args), **TOL[dtype])
+    go = torch.randn_like(out)
+    (gw,) = torch.autograd.grad(out, leaves[1], go)
+    ref_leaves = [a.clone().requires_grad_(i != 3) if a is not None else None for i, a in enumerate(args)]
+    (rw,) = torch.autograd.grad(patch_embed_gather_reference(*ref_leaves), ref_leaves[1], go)
+    tol = TOL[dtype] if dtype != torch.bfloat16 else dict(atol=8e-2, rtol=3e-2)
+    torch.testing.assert_close(gw, rw, **tol)
+    big = shape[0] * shape[6] >= 128
+    expect = (32, 32, 8, 4, 2) if dtype == torch.float64 else ((128, 64, 32, 8, 3) if big else (16, 32, 32, 4, 3))
+    assert seen == [expect, (64, 64)], seen
+
+
 @pytest.mark.parametrize("layout", ["channels_last", "sliced"])
 def test_layouts_and_no_pos(layout):
     images, weight, bias, keep, _ = _inputs(2, 3, 8, 16, 16, 4, 4, torch.float16)

@@ -225,6 +225,12 @@ def _fwd_tiles(M: int, D: int, KD: int, fp64: bool) -> tuple[int, int, int, int,
     return bm, bn, 32, 8 if bm == 128 else 4, 3
 
 
+def _gather_tiles() -> tuple[int, int]:
+    """(BLOCK_M, BLOCK_K) of ``_gather_patches_kernel``: 64 x 64 on a GPU, small under the
+    interpreter."""
+    return (16, 32) if _INTERPRET else (64, 64)
+
+
 # The kernels index rows, columns and patch columns in int32 (only image, pos_embed and output
 # offsets are int64); the headroom covers the padding of the last tile.
 _INT32_LIMIT = 2**31 - 2**16
@@ -289,7 +295,7 @@ def gather_patches_triton(images: Tensor, keep: Tensor, patch_size: int, dtype: 
         return out
     check_int32("patch_embed_gather (Triton)", {"N*K": M, "C*p*p": KD, "H": H, "W": W}, _INT32_LIMIT,
                 "2^31 - 2^16")
-    bm, bk = (16, 32) if _INTERPRET else (64, 64)
+    bm, bk = _gather_tiles()
     grid = check_grid((triton.cdiv(M, bm), triton.cdiv(KD, bk)), "patch_embed_gather (patches)")
     with device_of(images):  # launch on the tensors' GPU, not the current one
         wrap_triton(_gather_patches_kernel)[grid](
