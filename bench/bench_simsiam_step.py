@@ -18,7 +18,10 @@ blocks (the block search of SimWnW is benchmarked on its own). Providers:
 shrink), as the issue asks; ``of_ideal = speedup / ideal_speedup`` is how close removal comes to
 its own best case.
 
-GPU: ResNet-50 at 224 px, block 32, batch 256 per view, bf16 autocast, channels_last.
+GPU: ResNet-50 at 224 px, block 32, batch 256 per view, bf16 autocast, channels_last. The
+stride-1 3x3 convs on tiles run as ``EFFSSL_TILE_CONV`` says (default cuDNN on halo'd tiles;
+``EFFSSL_TILE_CONV=implicit python -m bench.bench_simsiam_step`` times the Triton implicit GEMM;
+the note column and the JSON's info say which).
 CPU: ResNet-18 at 112 px, block 16 (the same 7 x 7 block grid), batch 8, fp32; there layer4
 (stride 32 > block 16) is not tile-aligned and runs masked-dense. CPU numbers show overheads,
 not the GPU's savings.
@@ -118,8 +121,12 @@ def run(device: str, quick: bool = False):
     sparsify(sparse.backbone, torch.zeros(2, 3, img, img, device=device))
     plan = tile_plan(sparse.backbone, block, img)
     n_dense = sum(v == "masked-dense" for v in plan.values())
+    tile_conv = sparse_conv_mod.tile_conv_choice()
+    if tile_conv == "implicit" and not gpu:
+        tile_conv = "cudnn (implicit asked: a GPU path)"
     note = (("bf16 autocast, channels_last" if gpu else "fp32")
-            + f"; {n_dense}/{len(plan)} modules masked-dense")
+            + f"; {n_dense}/{len(plan)} modules masked-dense; tile convs: {tile_conv}")
+    info["tile_conv"] = tile_conv
     g = torch.Generator(device=device).manual_seed(1)
     v1 = torch.rand(batch, 3, img, img, device=device, generator=g).contiguous(memory_format=fmt)
     v2 = torch.rand(batch, 3, img, img, device=device, generator=g).contiguous(memory_format=fmt)

@@ -20,7 +20,11 @@ output gradient given). Providers, all timing the same layer on the same data:
   the pixel masks are cached on the mask, as a user would precompute them;
 - ours packed: ``sparse_conv2d_packed`` on kept tiles packed beforehand (what a converted
   network chains from layer to layer): halo gather + VALID conv. Packing is NOT timed;
-- ours dense in/out: ``sparse_conv2d`` on the dense map: pack + halo + conv + unpack.
+- ours dense in/out: ``sparse_conv2d`` on the dense map: pack + halo + conv + unpack;
+- ours packed, implicit GEMM (GPU, stride-1 k > 1 layers): ``sparse_conv2d_packed`` with
+  ``EFFSSL_TILE_CONV=implicit``: the Triton ``tile_conv`` reads the halo through the table
+  instead of materialising halo'd tiles for cuDNN (issue 3: "cuDNN on tiles or an implicit GEMM
+  over kept tiles, whichever measures faster"; the faster one should become the default).
 
 GPU: batch 256, bfloat16, channels_last (input, weight and packed tiles), cudnn.benchmark on
 for every provider; keeps 1.0/0.8/0.75/0.65/0.5/0.25 (the issue's list). CPU: batch 4, float32,
@@ -38,6 +42,8 @@ output, checked once per case.
 """
 from __future__ import annotations
 
+import contextlib
+import os
 from functools import partial
 
 import torch
@@ -89,6 +95,28 @@ def forward_flop(N: int, kept_blocks: int, cin: int, cout: int, k: int, stride: 
     """2 * kept output pixels * C_out * C_in * k * k (groups = 1)."""
     side = BLOCK // (in_stride * stride)  # output tile side
     return 2 * kept_blocks * side * side * cout * cin * k * k
+
+
+IMPLICIT = "ours packed, implicit GEMM"
+
+
+@contextlib.contextmanager
+def _tile_conv(choice: str):
+    """EFFSSL_TILE_CONV=choice inside (read by sparse.conv on every call)."""
+    old = os.environ.get("EFFSSL_TILE_CONV")
+    os.environ["EFFSSL_TILE_CONV"] = choice
+    try:
+        yield
+    finally:
+        if old is None:
+            del os.environ["EFFSSL_TILE_CONV"]
+        else:
+            os.environ["EFFSSL_TILE_CONV"] = old
+
+
+def _implicit_packed(*args, **kw):
+    with _tile_conv("implicit"):
+        return sparse_conv2d_packed(*args, **kw)
 
 
 def _timed(fn, args, gy, backward: bool):
@@ -143,13 +171,16 @@ def run(device: str, quick: bool = False):
                     tiles = pack(x, idx_in).contiguous(memory_format=cl)
                     gy_tiles = pack(gy_dense, idx_out).contiguous(memory_format=cl)
                     flop = mult * forward_flop(N, idx_in.num_tiles, cin, cout, k, s, s_in)
-                    err = _check(x, w, tiles, mask, s, p, s_in, idx_out) if not bwd else {}
+                    implicit = device == "cuda" and s == 1 and k > 1
+                    err = _check(x, w, tiles, mask, s, p, s_in, idx_out, implicit) if not bwd else {}
                     ti = tiles.detach().requires_grad_(bwd)
                     sp = {**conv, "mask": mask, "in_stride": s_in}
-                    for prov, f, a, gy in (
-                            ("masked dense", masked_conv2d_reference, (xd, wd), gy_dense),
-                            ("ours packed", sparse_conv2d_packed, (ti, wd), gy_tiles),
-                            ("ours dense in/out", sparse_conv2d, (xd, wd), gy_dense)):
+                    provs = [("masked dense", masked_conv2d_reference, (xd, wd), gy_dense),
+                             ("ours packed", sparse_conv2d_packed, (ti, wd), gy_tiles),
+                             ("ours dense in/out", sparse_conv2d, (xd, wd), gy_dense)]
+                    if implicit:
+                        provs.append((IMPLICIT, _implicit_packed, (ti, wd), gy_tiles))
+                    for prov, f, a, gy in provs:
                         jobs.append((keep, prov, _timed(partial(f, **sp), a, gy, bwd), flop,
                                      err.get(prov)))
                 times = _measure_rounds([j[2] for j in jobs], device, rounds, min_run)
@@ -180,8 +211,8 @@ def _measure_rounds(fns, device: str, rounds: int, min_run: float) -> list:
     return best
 
 
-def _check(x, w, tiles, mask, s, p, s_in, idx_out) -> dict:
-    """Forward max error of both tile paths relative to masked dense (a wrong kernel must not
+def _check(x, w, tiles, mask, s, p, s_in, idx_out, implicit: bool = False) -> dict:
+    """Forward max error of the tile paths relative to masked dense (a wrong kernel must not
     produce a fast number silently)."""
     with torch.no_grad():
         ref = masked_conv2d_reference(x, w, None, s, p, mask=mask, in_stride=s_in).float()
@@ -189,8 +220,12 @@ def _check(x, w, tiles, mask, s, p, s_in, idx_out) -> dict:
         yp = sparse_conv2d_packed(tiles, w, None, s, p, mask=mask, in_stride=s_in)
         yp = unpack(yp, idx_out, ref.shape)
         yd = sparse_conv2d(x, w, None, s, p, mask=mask, in_stride=s_in)
-        return {"ours packed": ((yp.float() - ref).abs().max() / scale).item(),
-                "ours dense in/out": ((yd.float() - ref).abs().max() / scale).item()}
+        err = {"ours packed": ((yp.float() - ref).abs().max() / scale).item(),
+               "ours dense in/out": ((yd.float() - ref).abs().max() / scale).item()}
+        if implicit:
+            yi = unpack(_implicit_packed(tiles, w, None, s, p, mask=mask, in_stride=s_in), idx_out, ref.shape)
+            err[IMPLICIT] = ((yi.float() - ref).abs().max() / scale).item()
+        return err
 
 
 def _row(layer, keep, mode, prov, t, dense, flop, err=None, tol=None) -> dict:

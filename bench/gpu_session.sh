@@ -40,7 +40,8 @@ unset TRITON_INTERPRET
 GPU_TESTS="python_tests/test_block_match_cuda.py python_tests/test_sparse_cuda.py
   python_tests/test_block_match_triton.py python_tests/test_gather_tokens_triton.py
   python_tests/test_patch_embed_gather_triton.py python_tests/test_multi_crop_triton.py
-  python_tests/test_photometric_triton.py python_tests/test_halo_gather.py python_tests/test_simwnw.py
+  python_tests/test_photometric_triton.py python_tests/test_halo_gather.py python_tests/test_tile_conv.py
+  python_tests/test_simwnw.py
   python_tests/test_build.py"
 SANITIZE_TESTS="python_tests/test_block_match_cuda.py"
 # Benchmarks in the order of the issues' targets (#2, #4, #3, #5, #7), each with its time limit.

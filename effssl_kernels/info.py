@@ -28,6 +28,7 @@ def info() -> dict:
         "built for archs": _backend._C.cuda_archs() if _backend.HAS_EXT else None,
         "GPU": gpu,
         "EFFSSL_BACKEND": os.environ.get("EFFSSL_BACKEND", "auto"),
+        "EFFSSL_TILE_CONV": os.environ.get("EFFSSL_TILE_CONV", "cudnn"),
         "TRITON_INTERPRET": _backend.TRITON_INTERPRET,
     }
     if not _backend.HAS_EXT:

@@ -34,6 +34,7 @@ def _lower_all() -> dict:
     from effssl_kernels.triton import multi_crop as mc
     from effssl_kernels.triton import patch_embed_gather as pe
     from effssl_kernels.triton import photometric as ph
+    from effssl_kernels.triton import tile_conv as tc
 
     target = GPUTarget("cuda", 90, 32)
     backend = make_backend(target)
@@ -129,6 +130,21 @@ def _lower_all() -> dict:
             dict(OUT_U8=False, BLOCK=256),
             ("sw",),
         ),
+        "tile_conv_fwd_bf16": (
+            tc._tile_conv_fwd_kernel,
+            dict(x_ptr="*bf16", w_ptr="*bf16", b_ptr="*bf16", table_ptr="*i64", out_ptr="*bf16"),
+            {},
+            dict(KH=3, KW=3, HAS_BIAS=True, INPUT_PRECISION="tf32", UPCAST_DOT=False, BLOCK_M=128, BLOCK_N=64,
+                 BLOCK_K=32),
+            ("s_c", "DH", "DW"),
+        ),
+        "tile_conv_wgrad_fp32": (
+            tc._tile_conv_wgrad_kernel,
+            dict(g_ptr="*fp32", x_ptr="*fp32", table_ptr="*i64", part_ptr="*fp32"),
+            {},
+            dict(KH=3, KW=3, INPUT_PRECISION="ieee", UPCAST_DOT=False, BLOCK_M=64, BLOCK_N=64, BLOCK_C=64),
+            ("s_c", "DH", "DW"),
+        ),
         "photometric_stats_u8": (
             ph._stats_kernel,
             dict(x_ptr="*u8", prm_ptr="*fp32", part_ptr="*fp32"),
@@ -176,7 +192,7 @@ def _lower_all() -> dict:
     }
     out = {}
     covered = {c[0] for c in cases.values()}
-    for mod in (bm, gt, pe, hg, mc, ph):
+    for mod in (bm, gt, pe, hg, mc, ph, tc):
         for name in dir(mod):
             k = getattr(mod, name)
             if name.endswith("kernel") and hasattr(k, "arg_names") and k not in covered:
@@ -216,7 +232,7 @@ def test_every_triton_kernel_lowers_for_sm90():
     results = json.loads(proc.stdout.strip().splitlines()[-1])
     bad = {f"{case}/{mode}": msg for case, r in results.items() for mode, msg in r.items() if msg != "ok"}
     assert not bad, bad
-    assert len(results) == 18
+    assert len(results) == 20
 
 
 def _cubin_report(kernel, sig: dict, attrs: dict, constexprs: dict, warps: int, stages: int = 3) -> tuple:
@@ -286,6 +302,7 @@ def _other_cubins() -> dict:
     from effssl_kernels.triton import halo_gather as hg
     from effssl_kernels.triton import multi_crop as mc
     from effssl_kernels.triton import patch_embed_gather as pe
+    from effssl_kernels.triton import tile_conv as tc
 
     def pe_fwd(dt, precision):
         out = "*fp32" if dt == "fp32" else f"*{dt}"
@@ -317,12 +334,41 @@ def _other_cubins() -> dict:
         "halo_gather_bwd": (hg._halo_gather_bwd_kernel,
                             dict(g_ptr="*bf16", order_ptr="*i64", offsets_ptr="*i64", out_ptr="*bf16"), {},
                             dict(ACC_F64=False, BLOCK_S=16, BLOCK_C=128), 4, 3),
+        # tile_conv at the launchers' GPU tiles (_fwd_tiles, _wgrad_tiles): bf16 and fp32 IEEE
+        "tile_conv_fwd_bf16": (tc._tile_conv_fwd_kernel,
+                               dict(x_ptr="*bf16", w_ptr="*bf16", b_ptr="*bf16", table_ptr="*i64", out_ptr="*bf16"),
+                               {}, dict(KH=3, KW=3, HAS_BIAS=True, INPUT_PRECISION="tf32", UPCAST_DOT=False,
+                                        BLOCK_M=128, BLOCK_N=64, BLOCK_K=32), 4, 3),
+        "tile_conv_fwd_fp32_tf32": (tc._tile_conv_fwd_kernel,
+                                    dict(x_ptr="*fp32", w_ptr="*fp32", b_ptr="*fp32", table_ptr="*i64",
+                                         out_ptr="*fp32"),
+                                    {}, dict(KH=3, KW=3, HAS_BIAS=True, INPUT_PRECISION="tf32", UPCAST_DOT=False,
+                                             BLOCK_M=128, BLOCK_N=64, BLOCK_K=32), 4, 3),
+        "tile_conv_fwd_fp32_ieee": (tc._tile_conv_fwd_kernel,
+                                    dict(x_ptr="*fp32", w_ptr="*fp32", b_ptr="*fp32", table_ptr="*i64",
+                                         out_ptr="*fp32"),
+                                    {}, dict(KH=3, KW=3, HAS_BIAS=True, INPUT_PRECISION="ieee", UPCAST_DOT=False,
+                                             BLOCK_M=128, BLOCK_N=64, BLOCK_K=32), 4, 2),
+        "tile_conv_wgrad_bf16": (tc._tile_conv_wgrad_kernel,
+                                 dict(g_ptr="*bf16", x_ptr="*bf16", table_ptr="*i64", part_ptr="*fp32"),
+                                 {}, dict(KH=3, KW=3, INPUT_PRECISION="tf32", UPCAST_DOT=False, BLOCK_M=64,
+                                          BLOCK_N=64, BLOCK_C=64), 4, 3),
+        "tile_conv_wgrad_fp32_ieee": (tc._tile_conv_wgrad_kernel,
+                                      dict(g_ptr="*fp32", x_ptr="*fp32", table_ptr="*i64", part_ptr="*fp32"),
+                                      {}, dict(KH=3, KW=3, INPUT_PRECISION="ieee", UPCAST_DOT=False, BLOCK_M=64,
+                                               BLOCK_N=64, BLOCK_C=64), 4, 3),
         "multi_crop": (mc._multi_crop_kernel, dict(img_ptr="*u8", box_ptr="*fp32", flip_ptr="*i1", out_ptr="*fp32"),
                        {}, dict(OUT_U8=False, BLOCK=256), 4, 3),
     }
+    # tile_conv specialises its integers (Triton's default): as on a GPU for channels-last tiles
+    # of C % 16 == 0, a unit channel stride and dilation, and 16-divisible sizes and strides
+    tile_conv_ones = ("s_c", "DH", "DW")
+    tile_conv_div16 = ("C", "CO", "s_t", "s_y", "s_x", "rows_per_split")
     out = {}
     for name, (kernel, ptrs, floats, consts, warps, stages) in cases.items():
         sig, attrs = {}, {}
+        if name.startswith("tile_conv"):
+            consts = {**consts, **{n: 1 for n in tile_conv_ones}}
         for i, n in enumerate(kernel.arg_names):
             if n in consts:
                 sig[n] = "constexpr"
@@ -330,6 +376,8 @@ def _other_cubins() -> dict:
                 sig[n], attrs[(i,)] = ptrs[n], [["tt.divisibility", 16]]
             else:
                 sig[n] = floats.get(n, "i32")
+                if name.startswith("tile_conv") and n in tile_conv_div16:
+                    attrs[(i,)] = [["tt.divisibility", 16]]
         out[name] = _cubin_report(kernel, sig, attrs, consts, warps, stages)
     return out
 
@@ -361,8 +409,9 @@ def test_other_triton_kernels_compile_to_sm90_without_spills():
     """Every other Triton kernel at its GPU launch configuration: no register spills. Several sit
     high (patch_embed_gather 181-255 registers, gather_tokens backward 208-230, halo_gather's
     backward 110 with Triton 3.6 and 168 with 3.8) but none spills with either version. With 64-bit
-    index divisions and 32 x 128 tiles halo_gather spilled with 3.8 (104 and 632 bytes)."""
+    index divisions and 32 x 128 tiles halo_gather spilled with 3.8 (104 and 632 bytes); tile_conv
+    float32 IEEE spilled 24 bytes at 3 stages (its launcher takes 2)."""
     results = _cubins_in_child("_other_cubins")
-    assert len(results) == 10
+    assert len(results) == 15
     for name, (regs, spills) in results.items():
         assert spills == 0 and regs <= 255, (name, regs, spills)

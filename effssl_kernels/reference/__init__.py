@@ -15,6 +15,7 @@ from .masked_net import (
 from .multi_crop import multi_crop_reference
 from .photometric import photometric_reference
 from .tcr import tcr_loss_reference
+from .tile_conv import tile_conv_reference
 
 __all__ = [
     "block_match_reference",
@@ -30,4 +31,5 @@ __all__ = [
     "photometric_reference",
     "patch_embed_reference",
     "tcr_loss_reference",
+    "tile_conv_reference",
 ]

@@ -16,13 +16,16 @@ Otherwise it runs masked-dense (``masked_conv2d_reference``: exact, every pixel 
 """
 from __future__ import annotations
 
+import os
 from typing import Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .. import _backend
 from ..masks import BlockMask, _pair, _positive_pair
+from ..ops.tile_conv import tile_conv
 from ..reference.masked_net import masked_conv2d_reference
 from .tiles import TileIndex, _check_tiles, halo_gather, is_tile_aligned, pack, unpack
 
@@ -173,9 +176,48 @@ def sparse_conv2d_packed(tiles: Tensor, weight: Tensor, bias: Optional[Tensor] =
                        groups, idx_in)
 
 
+TILE_CONVS = ("cudnn", "implicit")
+
+
+def tile_conv_choice() -> str:
+    """``EFFSSL_TILE_CONV``: how stride-1 k > 1 convs run on tiles. ``cudnn`` (default): halo'd
+    tiles materialised by ``halo_gather``, then ``F.conv2d`` (cuDNN / oneDNN); ``implicit``: the
+    Triton implicit GEMM ``ops.tile_conv`` reading the halo through the table (CUDA tensors, or
+    CPU under TRITON_INTERPRET=1 with EFFSSL_BACKEND=triton; elsewhere it falls back to cudnn).
+    The default stays until a GPU has timed both (bench/bench_sparse_conv.py)."""
+    name = os.environ.get("EFFSSL_TILE_CONV", "cudnn").lower()
+    if name not in TILE_CONVS:
+        raise ValueError(f"EFFSSL_TILE_CONV={name!r} is not one of {TILE_CONVS}")
+    return name
+
+
+def _implicit_inputs(tiles: Tensor, weight: Tensor, bias: Optional[Tensor], stride, groups):
+    """(tiles, weight, bias) as F.conv2d would see them (autocast casts float inputs but float64),
+    or None when the implicit GEMM does not apply to this conv."""
+    if stride != (1, 1) or groups != 1 or tuple(weight.shape[-2:]) == (1, 1) or tile_conv_choice() != "implicit":
+        return None
+    if tiles.device.type == "cpu" and not (_backend.TRITON_INTERPRET and _backend.backend() == "triton"):
+        return None
+    dev = tiles.device.type
+    if torch.is_autocast_enabled(dev) and tiles.dtype != torch.float64:
+        ac = torch.get_autocast_dtype(dev)
+        tiles, weight = tiles.to(ac), weight.to(ac)
+        bias = None if bias is None else bias.to(ac)
+    if tiles.dtype not in (torch.float32, torch.float16, torch.bfloat16) or weight.dtype != tiles.dtype or (
+            bias is not None and bias.dtype != tiles.dtype):
+        return None
+    return tiles, weight, bias
+
+
 def _conv_tiles(tiles: Tensor, weight: Tensor, bias: Optional[Tensor], stride: Tuple[int, int],
                 halo: Halo, dilation: IntOrPair, groups: int, index: TileIndex) -> Tensor:
-    """``[T, C, bh, bw]`` -> ``[T, C_out, bh / sh, bw / sw]``: halo, then a VALID conv."""
+    """``[T, C, bh, bw]`` -> ``[T, C_out, bh / sh, bw / sw]``: halo, then a VALID conv (or the
+    implicit GEMM that reads the halo in place, see :func:`tile_conv_choice`)."""
+    implicit = _implicit_inputs(tiles, weight, bias, stride, groups)
+    if implicit is not None:
+        left, right, top, bottom = halo
+        return tile_conv(*implicit, index.halo_table(halo), index.halo_table((right, left, bottom, top)),
+                         _positive_pair(dilation, "dilation"))
     if tuple(weight.shape[-2:]) == (1, 1) and stride != (1, 1):
         # A strided 1x1 conv reads every s-th pixel: convolve those at stride 1. Besides
         # skipping the strided kernel, this avoids a CPU bug of torch 2.14 (oneDNN): the

@@ -1,0 +1,296 @@
+"""tile_conv (Triton implicit GEMM over packed tiles, halo read through the table) against the
+reference ``F.conv2d(halo_gather_reference(tiles, table))``, forward and every gradient, and the
+sparse path with EFFSSL_TILE_CONV=implicit against the masked dense oracle.
+
+On a GPU machine the kernels run on CUDA tensors; elsewhere on CPU tensors under
+TRITON_INTERPRET=1 (conftest.py, EFFSSL_BACKEND=triton), so shapes stay small. Under the
+interpreter the dot is exact float32 (bfloat16 widened first): float32 is compared at 1e-5, the
+half types at their rounding of the output (one ulp of values ~30). On a GPU float32 runs TF32.
+"""
+import copy
+
+import pytest
+import torch
+import torch.nn as nn
+
+pytest.importorskip("triton")
+
+from effssl_kernels.masks import BlockMask  # noqa: E402
+from effssl_kernels.ops.tile_conv import tile_conv  # noqa: E402
+from effssl_kernels.reference import masked_conv2d_reference, tile_conv_reference  # noqa: E402
+from effssl_kernels.sparse import TileIndex, pack, sparse_conv2d, sparse_conv2d_packed  # noqa: E402
+from utils import HAS_GPU, INTERPRET, make_layout, random_mask  # noqa: E402
+
+pytestmark = [
+    pytest.mark.triton,
+    pytest.mark.skipif(not (HAS_GPU or INTERPRET), reason="needs a CUDA device or TRITON_INTERPRET=1"),
+]
+
+DEVICE = "cuda" if HAS_GPU else "cpu"
+TOL = {
+    torch.float32: dict(atol=1e-5, rtol=1e-5) if not HAS_GPU else dict(atol=2e-2, rtol=5e-3),
+    torch.float16: dict(atol=3e-2, rtol=3e-3),
+    torch.bfloat16: dict(atol=2.5e-1, rtol=1.6e-2),
+}
+
+
+@pytest.fixture(autouse=True)
+def _triton_backend(monkeypatch):
+    monkeypatch.setenv("EFFSSL_BACKEND", "triton")
+
+
+def _case(N=2, Hb=3, Wb=3, B=8, in_stride=2, C=5, CO=7, k=3, halo=(1, 1, 1, 1), dtype=torch.float32,
+          seed=0, layout="channels_last", bias=True):
+    """Packed tiles of a random mask, weight, bias, table and the backward's mirrored table."""
+    mask = random_mask(N, Hb * B, Wb * B, B, p=0.6, seed=seed)
+    idx = TileIndex.from_mask(mask, (in_stride, in_stride))
+    g = torch.Generator().manual_seed(seed)
+    T, (bh, bw) = idx.num_tiles, idx.tile
+    x = make_layout(torch.randn(T, C, bh, bw, generator=g).to(dtype), layout).to(DEVICE)
+    kh, kw = (k, k) if isinstance(k, int) else k
+    w = (torch.randn(CO, C, kh, kw, generator=g) / (C * kh * kw) ** 0.5).to(dtype).to(DEVICE)
+    b = torch.randn(CO, generator=g).to(dtype).to(DEVICE) if bias else None
+    left, right, top, bottom = halo
+    idx = TileIndex.from_mask(BlockMask(mask.keep.to(DEVICE), B, mask.image_size), (in_stride, in_stride))
+    return x, w, b, idx.halo_table(halo), idx.halo_table((right, left, bottom, top))
+
+
+@pytest.fixture
+def calls(monkeypatch):
+    """Counts the calls of tile_conv made by effssl_kernels.sparse (the implicit-GEMM path)."""
+    import effssl_kernels.sparse.conv as sc
+
+    seen = []
+    real = sc.tile_conv
+    monkeypatch.setattr(sc, "tile_conv", lambda *a: seen.append(1) or real(*a))
+    return seen
+
+
+def _grads(fn, x, w, b, table, table_t, go, dilation=(1, 1)):
+    leaves = [t.detach().clone().requires_grad_() if t is not None else None for t in (x, w, b)]
+    if fn is tile_conv:
+        out = fn(*leaves, table, table_t, dilation)
+    else:
+        out = fn(*leaves, table, dilation)
+    wrt = [t for t in leaves if t is not None]
+    return (out, *torch.autograd.grad(out, wrt, go))
+
+
+# kernel, halo (l, r, t, b), dilation: 3x3 p1 ('same'), 2x2 'same' (asymmetric: the backward's
+# table is really mirrored), 3x3 dilated 2, 5x5 p2 reaching two tiles of 2x2, 1x3
+GEOMETRY = [
+    (3, (1, 1, 1, 1), (1, 1)),
+    (2, (0, 1, 0, 1), (1, 1)),
+    (3, (2, 2, 2, 2), (2, 2)),
+    (5, (2, 2, 2, 2), (1, 1)),
+    ((1, 3), (1, 1, 0, 0), (1, 1)),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("geom", GEOMETRY, ids=str)
+def test_matches_reference_forward_and_gradients(geom, dtype):
+    k, halo, dil = geom
+    in_stride = 4 if k == 5 else 2  # 5x5 on 2x2 tiles: the halo spans two blocks
+    x, w, b, table, table_t = _case(k=k, halo=halo, dtype=dtype, in_stride=in_stride)
+    go = torch.randn(table.shape[0], w.shape[0], x.shape[2], x.shape[3]).to(dtype).to(DEVICE)
+    got = _grads(tile_conv, x, w, b, table, table_t, go, dil)
+    ref = _grads(tile_conv_reference, x.cpu().float(), w.cpu().float(), b.cpu().float(), table.cpu(),
+                 table_t.cpu(), go.cpu().float(), dil)
+    assert got[0].shape == ref[0].shape and got[0].dtype == dtype
+    assert got[0].is_contiguous(memory_format=torch.channels_last)
+    for name, g, r in zip(["out", "tiles", "weight", "bias"], got, ref):
+        assert g.dtype == dtype, name
+        torch.testing.assert_close(g.cpu().float(), r, **TOL[dtype], msg=lambda m, n=name: f"{n}: {m}")
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "sliced"])
+def test_layouts_no_bias_one_pixel_tiles(layout):
+    # NCHW and strided tiles; 1x1 tiles (ResNet's layer 4 at block 32): every tap but the centre
+    # is a neighbour tile or zeros
+    for in_stride, B in ((2, 8), (8, 8)):
+        x, w, b, table, table_t = _case(B=B, in_stride=in_stride, layout=layout, bias=False)
+        go = torch.randn(table.shape[0], w.shape[0], x.shape[2], x.shape[3]).to(DEVICE)
+        got = _grads(tile_conv, x, w, None, table, table_t, go)
+        ref = _grads(tile_conv_reference, x.cpu(), w.cpu(), None, table.cpu(), table_t.cpu(), go.cpu())
+        for g, r in zip(got, ref):
+            torch.testing.assert_close(g.cpu(), r, **TOL[torch.float32])
+
+
+@pytest.mark.skipif(HAS_GPU, reason="the GPU runs these tiles in every test")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_gpu_tile_sizes_under_the_interpreter(monkeypatch, dtype):
+    # What the launchers pick on a GPU (128 x 64 x 32 forward, 64 x 64 x 64 weight gradient in
+    # several row splits), on a case that fills them partly: 1,472 output rows (12 row tiles, the
+    # last one partial), C = 40 (a partial K step) and C_out = 66 (a second, nearly empty
+    # channel tile).
+    import effssl_kernels.triton.tile_conv as ttc
+
+    def on_gpu(fn):
+        def call(*a):
+            with monkeypatch.context() as m:
+                m.setattr(ttc, "_INTERPRET", False)
+                return fn(*a)
+        return call
+
+    seen = []
+    for name in ("_fwd_tiles", "_wgrad_tiles"):
+        real = getattr(ttc, name)
+        monkeypatch.setattr(ttc, name, lambda *a, _r=real: seen.append(on_gpu(_r)(*a)) or seen[-1])
+    splits = []
+    real_splits = ttc._num_splits
+    monkeypatch.setattr(ttc, "_num_splits", lambda *a: splits.append(real_splits(*a)) or splits[-1])
+    x, w, b, table, table_t = _case(N=4, Hb=4, Wb=4, B=8, in_stride=1, C=40, CO=66, dtype=dtype, seed=1)
+    assert x.shape[0] * 64 > 1024
+    go = torch.randn(table.shape[0], 66, 8, 8).to(dtype).to(DEVICE)
+    got = _grads(tile_conv, x, w, b, table, table_t, go)
+    ref = _grads(tile_conv_reference, x.float(), w.float(), b.float(), table, table_t, go.float())
+    for name, g, r in zip(["out", "tiles", "weight", "bias"], got, ref):
+        # the weight gradient sums 1,472 rows per entry (values ~40): float32 summation order
+        tol = dict(atol=1e-5 * r.abs().max().item(), rtol=1e-5) if dtype == torch.float32 else TOL[dtype]
+        torch.testing.assert_close(g.float(), r, **tol, msg=lambda m, n=name: f"{n}: {m}")
+    assert seen[0] == (128, 64, 32, 4, 3) and (64, 64, 64, 4, 3) in seen, seen
+    assert max(splits) > 1
+
+
+def test_empty_and_all_removed():
+    mask = BlockMask(torch.zeros(2, 2, 2, dtype=torch.bool, device=DEVICE), 8, (16, 16))
+    idx = TileIndex.from_mask(mask, (1, 1))
+    x = torch.randn(0, 4, 8, 8, device=DEVICE, requires_grad=True)
+    w = torch.randn(3, 4, 3, 3, device=DEVICE, requires_grad=True)
+    y = tile_conv(x, w, None, idx.halo_table((1, 1, 1, 1)), idx.halo_table((1, 1, 1, 1)))
+    assert y.shape == (0, 3, 8, 8)
+    y.sum().backward()
+    assert torch.equal(w.grad, torch.zeros_like(w))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_sparse_path_with_implicit_gemm_matches_masked_dense(monkeypatch, calls, dtype):
+    # EFFSSL_TILE_CONV=implicit: sparse_conv2d (dense in/out) and sparse_conv2d_packed route
+    # stride-1 k > 1 convs through tile_conv; strided and 1x1 convs keep the cuDNN path.
+    monkeypatch.setenv("EFFSSL_TILE_CONV", "implicit")
+    mask = random_mask(2, 32, 24, 8, seed=2, device=DEVICE)
+    for k, stride, pad, used in ((3, 1, 1, True), (3, 2, 1, False), (1, 1, 0, False)):
+        x = torch.randn(2, 6, 16, 12).to(dtype).to(DEVICE).requires_grad_()
+        w = (torch.randn(5, 6, k, k) / 6).to(dtype).to(DEVICE).requires_grad_()
+        calls.clear()
+        y = sparse_conv2d(x, w, None, stride, pad, mask=mask, in_stride=2)
+        assert bool(calls) == used
+        xr, wr = x.detach().float().requires_grad_(), w.detach().float().requires_grad_()
+        ref = masked_conv2d_reference(xr, wr, None, stride, pad, mask=mask, in_stride=2)
+        torch.testing.assert_close(y.float(), ref, **TOL[dtype])
+        go = torch.randn_like(ref)
+        gx, gw = torch.autograd.grad(y, (x, w), go.to(dtype))
+        rx, rw = torch.autograd.grad(ref, (xr, wr), go)
+        torch.testing.assert_close(gx.float(), rx, **TOL[dtype])
+        torch.testing.assert_close(gw.float(), rw, **TOL[dtype])
+        pm = mask.pixel_mask(2, x.shape[-2:]).expand_as(x)
+        assert torch.all(gx[~pm] == 0)  # removed inputs get no gradient
+    idx = TileIndex.from_mask(mask, (2, 2))
+    tiles = pack(torch.randn(2, 6, 16, 12, device=DEVICE).to(dtype), idx)
+    calls.clear()
+    sparse_conv2d_packed(tiles, torch.randn(5, 6, 3, 3).to(dtype).to(DEVICE), None, 1, 1, mask=mask, in_stride=2)
+    assert calls == [1]
+
+
+def test_autocast_casts_like_conv2d(monkeypatch, calls):
+    # float32 tiles and weight under autocast: cast to the autocast dtype first, as F.conv2d's
+    # inputs are, so the output is bfloat16 like the cuDNN path's
+    monkeypatch.setenv("EFFSSL_TILE_CONV", "implicit")
+    mask = random_mask(1, 16, 16, 8, seed=4, device=DEVICE)
+    idx = TileIndex.from_mask(mask, (1, 1))
+    tiles = pack(torch.randn(1, 4, 16, 16, device=DEVICE), idx)
+    w = torch.randn(3, 4, 3, 3, device=DEVICE)
+    with torch.autocast(DEVICE, dtype=torch.bfloat16):
+        got = sparse_conv2d_packed(tiles, w, None, 1, 1, mask=mask)
+        assert calls == [1]
+        monkeypatch.setenv("EFFSSL_TILE_CONV", "cudnn")
+        want = sparse_conv2d_packed(tiles, w, None, 1, 1, mask=mask)
+    assert got.dtype == want.dtype == torch.bfloat16
+    torch.testing.assert_close(got.float(), want.float(), **TOL[torch.bfloat16])
+
+
+def test_sparsified_resnet_same_with_implicit_gemm(monkeypatch, calls):
+    # A converted CIFAR ResNet (BasicBlocks, 3x3 stride-1 stem) trains the same step with
+    # EFFSSL_TILE_CONV=implicit as with cudnn: outputs, input and weight gradients.
+    torchvision = pytest.importorskip("torchvision")
+    from effssl_kernels.nn import resnet as R
+    from torchvision.models.resnet import BasicBlock, ResNet
+
+    m = ResNet(BasicBlock, [1, 1, 1, 1], num_classes=4, width_per_group=64)
+    m.conv1 = nn.Conv2d(3, 64, 3, 1, 1, bias=False)
+    m.maxpool = nn.Identity()
+    for mod in m.modules():  # narrow the model so the interpreter is quick
+        if isinstance(mod, nn.Conv2d):
+            mod.weight.data = mod.weight.data[:8, : min(8, mod.in_channels)].clone()
+            mod.in_channels, mod.out_channels = min(8, mod.in_channels), 8
+        elif isinstance(mod, nn.BatchNorm2d):
+            mod.__init__(8)
+    m.fc = nn.Linear(8, 4)
+    del torchvision
+    x = torch.randn(1, 3, 16, 16)
+    keep = torch.tensor([[[True, False], [True, True]]])
+    outs = {}
+    for choice in ("cudnn", "implicit"):
+        calls.clear()
+        monkeypatch.setenv("EFFSSL_TILE_CONV", choice)
+        model = R.sparsify(copy.deepcopy(m)).train().to(DEVICE)
+        xi = x.clone().to(DEVICE).requires_grad_()
+        with R.block_mask(keep.to(DEVICE), 8):
+            y = model(xi)
+        y.square().sum().backward()
+        outs[choice] = (y, xi.grad, model.layer1[0].conv2.weight.grad, model.conv1.weight.grad)
+        # the stem and the stride-1 3x3 convs of each stage (the first of layer 2-4 is strided)
+        assert len(calls) == (6 if choice == "implicit" else 0)
+    for a, b in zip(outs["cudnn"], outs["implicit"]):
+        # float32 sums in another order, through BatchNorms over a few kept pixels: ~2e-5 of
+        # the largest value (a wrong halo or tap would be of the order of the values)
+        torch.testing.assert_close(a, b, atol=1e-4 * a.abs().max().item(), rtol=1e-4)
+
+
+def test_opcheck():
+    x, w, b, table, table_t = _case(N=1, Hb=2, Wb=2, C=3, CO=4)
+    x.requires_grad_()
+    w.requires_grad_()
+    torch.library.opcheck(torch.ops.effssl_kernels._tile_conv_triton, (x, w, b, table, table_t, [1, 1]))
+    go = torch.randn(table.shape[0], 4, 4, 4, device=DEVICE)
+    torch.library.opcheck(torch.ops.effssl_kernels._tile_conv_wgrad_triton, (go, x.detach(), table, 3, 3, [1, 1]))
+
+
+def test_compile_fullgraph(monkeypatch, calls):
+    monkeypatch.setenv("EFFSSL_TILE_CONV", "implicit")
+    mask = random_mask(2, 16, 16, 8, seed=3, device=DEVICE)
+    idx = TileIndex.from_mask(mask, (1, 1))
+    tiles = pack(torch.randn(2, 4, 16, 16, device=DEVICE), idx).requires_grad_()
+    w = torch.randn(3, 4, 3, 3, device=DEVICE, requires_grad=True)
+
+    def f(t, w):
+        return sparse_conv2d_packed(t, w, None, 1, 1, mask=mask)
+
+    y = torch.compile(f, fullgraph=True, backend="aot_eager")(tiles, w)
+    assert calls  # traced through the implicit path
+    torch.testing.assert_close(y, f(tiles, w))
+    y.sum().backward()
+    assert tiles.grad is not None and w.grad is not None
+
+
+def test_bad_inputs(monkeypatch):
+    x, w, b, table, table_t = _case(N=1, Hb=2, Wb=2, C=3, CO=4)
+    with pytest.raises(TypeError, match="float32/float16/bfloat16"):
+        tile_conv(x.double(), w.double(), None, table, table_t)
+    with pytest.raises(TypeError, match="share"):
+        tile_conv(x, w.half(), None, table, table_t)
+    with pytest.raises(ValueError, match="input channels"):
+        tile_conv(x[:, :2], w, None, table, table_t)
+    with pytest.raises(ValueError, match="bias"):
+        tile_conv(x, w, b[:2], table, table_t)
+    with pytest.raises(ValueError, match="table must be int64"):
+        tile_conv(x, w, b, table[:, 1:], table_t)
+    with pytest.raises(ValueError, match="table_t must be int64"):
+        tile_conv(x, w, b, table, table_t.int())
+    with pytest.raises(ValueError, match="dilation"):
+        tile_conv(x, w, b, table, table_t, (0, 1))
+    monkeypatch.setenv("EFFSSL_TILE_CONV", "winograd")
+    mask = random_mask(1, 16, 16, 8)
+    with pytest.raises(ValueError, match="EFFSSL_TILE_CONV"):
+        sparse_conv2d(torch.randn(1, 3, 16, 16), torch.randn(4, 3, 3, 3), padding=1, mask=mask)
