@@ -201,7 +201,8 @@ _INT32_LIMIT = 2**31 - 2**16
 
 def _fwd_tiles(M: int, CO: int, C: int, ieee: bool) -> tuple[int, int, int, int, int]:
     """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages): small under the interpreter; on a GPU
-    128 x 64 x 32 with 4 warps and 3 stages (2 for float32 IEEE, which spilled 24 bytes at 3).
+    128 x 64 x 32 with 4 warps and 3 stages (1 for float32 IEEE, which spilled 16-36 bytes at 2
+    or 3 with unspecialised strides).
     sm_90 ptxas, channels-last tiles with C % 16 == 0: 112 registers bf16, 168 float32 TF32, 192
     float32 IEEE, no spills (test_triton_gpu_ir.py). Not tuned on a GPU yet."""
     if _INTERPRET:
@@ -209,17 +210,18 @@ def _fwd_tiles(M: int, CO: int, C: int, ieee: bool) -> tuple[int, int, int, int,
     bm = 128 if M >= 128 else max(16, triton.next_power_of_2(M))
     bn = 64 if CO >= 64 else max(16, triton.next_power_of_2(CO))
     bk = 32 if C >= 32 else 16
-    return bm, bn, bk, 4, 2 if ieee else 3
+    return bm, bn, bk, 4, 1 if ieee else 3
 
 
-def _wgrad_tiles(C: int, CO: int) -> tuple[int, int, int, int, int]:
+def _wgrad_tiles(C: int, CO: int, ieee: bool) -> tuple[int, int, int, int, int]:
     """(BLOCK_M, BLOCK_N, BLOCK_C, num_warps, num_stages) of the weight gradient: 64 x 64 x 64,
-    4 warps, 3 stages on a GPU (80-106 registers on sm_90, no spills)."""
+    4 warps, 3 stages on a GPU (80-106 registers on sm_90, no spills); 8 warps for float32 IEEE,
+    which spilled 920 bytes at 4 with unspecialised strides."""
     if _INTERPRET:
         return 16, 16, 16, 1, 1
     bn = 64 if CO >= 64 else max(16, triton.next_power_of_2(CO))
     bc = 64 if C >= 64 else max(16, triton.next_power_of_2(C))
-    return 64, bn, bc, 4, 3
+    return 64, bn, bc, 8 if ieee else 4, 3
 
 
 def _precision(dtype: torch.dtype) -> str:
@@ -287,7 +289,8 @@ def tile_conv_wgrad(grad: Tensor, tiles: Tensor, table: Tensor, kernel: tuple[in
     if g["M"] == 0 or C == 0 or CO == 0:
         return torch.zeros((CO, C, kh, kw), dtype=torch.float32, device=tiles.device)
     go = grad.to(tiles.dtype).contiguous(memory_format=torch.channels_last)  # rows [M, CO]
-    bm, bn, bc, warps, stages = _wgrad_tiles(C, CO)
+    precision = _precision(tiles.dtype)
+    bm, bn, bc, warps, stages = _wgrad_tiles(C, CO, precision == "ieee")
     programs = triton.cdiv(CO, bn) * kh * kw * triton.cdiv(C, bc)
     row_blocks = triton.cdiv(g["M"], bm)
     splits = _num_splits(programs, row_blocks)
@@ -301,7 +304,7 @@ def tile_conv_wgrad(grad: Tensor, tiles: Tensor, table: Tensor, kernel: tuple[in
             g["M"], C, CO, g["PH"], g["PW"], g["BH"], g["BW"], g["P"], g["NSRC"],
             *tiles.stride(), dilation[0], dilation[1], rows_per_split,
             KH=kh, KW=kw,
-            INPUT_PRECISION=_precision(tiles.dtype),
+            INPUT_PRECISION=precision,
             UPCAST_DOT=_INTERPRET and tiles.dtype == torch.bfloat16,
             BLOCK_M=bm, BLOCK_N=bn, BLOCK_C=bc, num_warps=warps, num_stages=stages,
         )
