@@ -14,7 +14,7 @@ pytest.importorskip("triton")
 
 from effssl_kernels.ops.patch_embed_gather import patch_embed_gather  # noqa: E402
 from effssl_kernels.reference import patch_embed_gather_reference  # noqa: E402
-from utils import HAS_GPU, INTERPRET, make_layout  # noqa: E402
+from utils import HAS_GPU, INTERPRET, gpu_tile_choices, make_layout  # noqa: E402
 
 pytestmark = [
     pytest.mark.triton,
@@ -97,17 +97,7 @@ def test_gpu_tile_sizes_under_the_interpreter(monkeypatch, dtype, shape):
     # M = 3, D = 20, where the tiles shrink to 16 x 32.
     import effssl_kernels.triton.patch_embed_gather as tpeg
 
-    def on_gpu(fn):
-        def call(*a):
-            with monkeypatch.context() as m:
-                m.setattr(tpeg, "_INTERPRET", False)
-                return fn(*a)
-        return call
-
-    seen = []
-    fwd, gat = tpeg._fwd_tiles, tpeg._gather_tiles
-    monkeypatch.setattr(tpeg, "_fwd_tiles", lambda *a: seen.append(on_gpu(fwd)(*a)) or seen[-1])
-    monkeypatch.setattr(tpeg, "_gather_tiles", lambda: seen.append(on_gpu(gat)()) or seen[-1])
+    seen = gpu_tile_choices(monkeypatch, tpeg, ("_fwd_tiles", "_gather_tiles"))
     args = _inputs(*shape, dtype=dtype)
     leaves = [a.clone().requires_grad_(i != 3) if a is not None else None for i, a in enumerate(args)]
     out = patch_embed_gather(*leaves)

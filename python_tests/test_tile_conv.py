@@ -19,7 +19,7 @@ from effssl_kernels.masks import BlockMask  # noqa: E402
 from effssl_kernels.ops.tile_conv import tile_conv  # noqa: E402
 from effssl_kernels.reference import masked_conv2d_reference, tile_conv_reference  # noqa: E402
 from effssl_kernels.sparse import TileIndex, pack, sparse_conv2d, sparse_conv2d_packed  # noqa: E402
-from utils import HAS_GPU, INTERPRET, make_layout, random_mask  # noqa: E402
+from utils import HAS_GPU, INTERPRET, gpu_tile_choices, make_layout, random_mask  # noqa: E402
 
 pytestmark = [
     pytest.mark.triton,
@@ -126,17 +126,7 @@ def test_gpu_tile_sizes_under_the_interpreter(monkeypatch, dtype):
     # channel tile).
     import effssl_kernels.triton.tile_conv as ttc
 
-    def on_gpu(fn):
-        def call(*a):
-            with monkeypatch.context() as m:
-                m.setattr(ttc, "_INTERPRET", False)
-                return fn(*a)
-        return call
-
-    seen = []
-    for name in ("_fwd_tiles", "_wgrad_tiles"):
-        real = getattr(ttc, name)
-        monkeypatch.setattr(ttc, name, lambda *a, _r=real: seen.append(on_gpu(_r)(*a)) or seen[-1])
+    seen = gpu_tile_choices(monkeypatch, ttc, ("_fwd_tiles", "_wgrad_tiles"))
     splits = []
     real_splits = ttc._num_splits
     monkeypatch.setattr(ttc, "_num_splits", lambda *a: splits.append(real_splits(*a)) or splits[-1])

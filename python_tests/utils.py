@@ -166,3 +166,23 @@ def assert_photometric_close(got, want, views_dtype, level_frac=0.005):
         return
     rtol = {torch.float32: 0.0, torch.float16: 2**-10, torch.bfloat16: 2**-7}[views_dtype]
     torch.testing.assert_close(g, w, rtol=rtol, atol=2e-5)
+
+
+# ------------------------------------------------------------------------------- Triton tiles
+def gpu_tile_choices(monkeypatch, module, names):
+    """Make the launchers of Triton ``module`` pick their GPU tile sizes under the interpreter:
+    each function in ``names`` runs with ``module._INTERPRET`` False. Returns the list of what
+    they returned, call by call (so a test can check which tiles ran)."""
+    seen = []
+
+    def on_gpu(fn):
+        def call(*a):
+            with monkeypatch.context() as m:
+                m.setattr(module, "_INTERPRET", False)
+                seen.append(fn(*a))
+            return seen[-1]
+        return call
+
+    for name in names:
+        monkeypatch.setattr(module, name, on_gpu(getattr(module, name)))
+    return seen

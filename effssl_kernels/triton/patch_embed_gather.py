@@ -33,6 +33,7 @@ import triton.language as tl
 from torch import Tensor
 
 from . import check_grid, check_int32, device_of, wrap_triton
+from ._gemm import dot_acc, input_precision
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
@@ -142,10 +143,8 @@ def _patch_embed_gather_fwd_kernel(
         b = tl.load(w_ptr + (cols[None, :] * KD + j[:, None]), mask=j_ok[:, None] & col_ok[None, :], other=0.0)
         if FP64:
             acc += tl.sum(a[:, :, None] * b[None, :, :], axis=1)
-        elif UPCAST_DOT:  # interpreter: its bf16 dot multiplies raw bits; fp32 products are exact
-            acc = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
         else:
-            acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
+            acc = dot_acc(a, b, acc, INPUT_PRECISION, UPCAST_DOT)
 
     if HAS_BIAS:
         acc += tl.load(b_ptr + cols, mask=col_ok, other=0.0).to(acc.dtype)[None, :]
@@ -263,7 +262,7 @@ def patch_embed_gather_triton(
                                                  "H": H, "W": W}, _INT32_LIMIT, "2^31 - 2^16")
     fp64 = weight.dtype == torch.float64
     bm, bn, bk, warps, stages = _fwd_tiles(M, D, KD, fp64)
-    precision = "tf32" if (weight.dtype != torch.float32 or torch.backends.cudnn.allow_tf32) else "ieee"
+    precision = input_precision(weight.dtype)
     grid = check_grid((triton.cdiv(M, bm), triton.cdiv(D, bn)), "patch_embed_gather")
     with device_of(images):  # launch on the tensors' GPU, not the current one
         wrap_triton(_patch_embed_gather_fwd_kernel)[grid](

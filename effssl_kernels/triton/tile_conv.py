@@ -36,8 +36,17 @@ import triton.language as tl
 from torch import Tensor
 
 from . import check_grid, check_int32, device_of, wrap_triton
+from ._gemm import dot_acc, input_precision
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+@triton.jit
+def _widen(s_t, s_c, s_y, s_x, C):
+    """Strides as int64 (offsets pass 2^31 on large maps), C as int32. tl.cast, not .to: a
+    specialised argument equal to 1 is a constexpr, which has no .to."""
+    return tl.cast(s_t, tl.int64), tl.cast(s_c, tl.int64), tl.cast(s_y, tl.int64), tl.cast(s_x, tl.int64), \
+        tl.cast(C, tl.int32)
 
 
 @triton.jit
@@ -100,12 +109,7 @@ def _tile_conv_fwd_kernel(
 ):
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
-    # tl.cast, not .to: Inductor turns integer arguments equal to 1 into constexprs (no .to)
-    s_t = tl.cast(s_t, tl.int64)
-    s_c = tl.cast(s_c, tl.int64)
-    s_y = tl.cast(s_y, tl.int64)
-    s_x = tl.cast(s_x, tl.int64)
-    C = tl.cast(C, tl.int32)
+    s_t, s_c, s_y, s_x, C = _widen(s_t, s_c, s_y, s_x, C)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < M
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -121,10 +125,7 @@ def _tile_conv_fwd_kernel(
                         other=0.0)
             b = tl.load(w_ptr + (tap * C + ck)[:, None].to(tl.int64) * CO + cols[None, :],
                         mask=c_ok[:, None] & col_ok[None, :], other=0.0)
-            if UPCAST_DOT:  # interpreter: its bf16 dot multiplies raw bits; fp32 products are exact
-                acc = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
-            else:
-                acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
+            acc = dot_acc(a, b, acc, INPUT_PRECISION, UPCAST_DOT)
     if HAS_BIAS:
         acc += tl.load(b_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
     out_rows = out_ptr + rows.to(tl.int64) * CO
@@ -165,11 +166,7 @@ def _tile_conv_wgrad_kernel(
     pid_n = tl.program_id(0)
     pid_kc = tl.program_id(1)
     pid_s = tl.program_id(2)
-    s_t = tl.cast(s_t, tl.int64)
-    s_c = tl.cast(s_c, tl.int64)
-    s_y = tl.cast(s_y, tl.int64)
-    s_x = tl.cast(s_x, tl.int64)
-    C = tl.cast(C, tl.int32)
+    s_t, s_c, s_y, s_x, C = _widen(s_t, s_c, s_y, s_x, C)
     n_cb = tl.cdiv(C, BLOCK_C)
     tap = pid_kc // n_cb
     ck = (pid_kc - tap * n_cb) * BLOCK_C + tl.arange(0, BLOCK_C)
@@ -187,10 +184,7 @@ def _tile_conv_wgrad_kernel(
                     other=0.0)
         a = tl.load(x_ptr + off[:, None] + ck[None, :].to(tl.int64) * s_c, mask=ok[:, None] & c_ok[None, :],
                     other=0.0)
-        if UPCAST_DOT:
-            acc = tl.dot(tl.trans(g.to(tl.float32)), a.to(tl.float32), acc, input_precision="ieee")
-        else:
-            acc = tl.dot(tl.trans(g), a, acc, input_precision=INPUT_PRECISION)
+        acc = dot_acc(tl.trans(g), a, acc, INPUT_PRECISION, UPCAST_DOT)
     p_ptrs = part_ptr + ((pid_s * (KH * KW) + tap) * CO + cols[:, None]).to(tl.int64) * C + ck[None, :]
     tl.store(p_ptrs, acc, mask=col_ok[:, None] & c_ok[None, :])
 
@@ -224,10 +218,6 @@ def _wgrad_tiles(C: int, CO: int, ieee: bool) -> tuple[int, int, int, int, int]:
     return 64, bn, bc, 8 if ieee else 4, 3
 
 
-def _precision(dtype: torch.dtype) -> str:
-    return "tf32" if (dtype != torch.float32 or torch.backends.cudnn.allow_tf32) else "ieee"
-
-
 def _geometry(tiles: Tensor, table: Tensor, kernel: tuple[int, int], dilation: tuple[int, int]) -> dict:
     """Sizes the kernels take: R output tiles of ``oh x ow`` (one per table row), T source tiles."""
     T, C, bh, bw = tiles.shape
@@ -255,7 +245,7 @@ def tile_conv_fwd(tiles: Tensor, weight: Tensor, bias: Optional[Tensor], table: 
     if g["C"] == 0:
         return out.copy_(torch.zeros_like(out) if bias is None else bias.view(1, CO, 1, 1).expand_as(out))
     w = weight.permute(2, 3, 1, 0).contiguous()  # [kh, kw, C, CO]
-    precision = _precision(tiles.dtype)
+    precision = input_precision(tiles.dtype)
     bm, bn, bk, warps, stages = _fwd_tiles(g["M"], CO, g["C"], precision == "ieee")
     grid = check_grid((triton.cdiv(g["M"], bm), triton.cdiv(CO, bn)), "tile_conv")
     with device_of(tiles):  # launch on the tensors' GPU, not the current one
@@ -289,7 +279,7 @@ def tile_conv_wgrad(grad: Tensor, tiles: Tensor, table: Tensor, kernel: tuple[in
     if g["M"] == 0 or C == 0 or CO == 0:
         return torch.zeros((CO, C, kh, kw), dtype=torch.float32, device=tiles.device)
     go = grad.to(tiles.dtype).contiguous(memory_format=torch.channels_last)  # rows [M, CO]
-    precision = _precision(tiles.dtype)
+    precision = input_precision(tiles.dtype)
     bm, bn, bc, warps, stages = _wgrad_tiles(C, CO, precision == "ieee")
     programs = triton.cdiv(CO, bn) * kh * kw * triton.cdiv(C, bc)
     row_blocks = triton.cdiv(g["M"], bm)
