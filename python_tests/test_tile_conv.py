@@ -43,7 +43,8 @@ def _case(N=2, Hb=3, Wb=3, B=8, in_stride=2, C=5, CO=7, k=3, halo=(1, 1, 1, 1), 
           seed=0, layout="channels_last", bias=True):
     """Packed tiles of a random mask, weight, bias, table and the backward's mirrored table."""
     mask = random_mask(N, Hb * B, Wb * B, B, p=0.6, seed=seed)
-    idx = TileIndex.from_mask(mask, (in_stride, in_stride))
+    in_stride = (in_stride, in_stride) if isinstance(in_stride, int) else in_stride
+    idx = TileIndex.from_mask(mask, in_stride)
     g = torch.Generator().manual_seed(seed)
     T, (bh, bw) = idx.num_tiles, idx.tile
     x = make_layout(torch.randn(T, C, bh, bw, generator=g).to(dtype), layout).to(DEVICE)
@@ -51,7 +52,7 @@ def _case(N=2, Hb=3, Wb=3, B=8, in_stride=2, C=5, CO=7, k=3, halo=(1, 1, 1, 1), 
     w = (torch.randn(CO, C, kh, kw, generator=g) / (C * kh * kw) ** 0.5).to(dtype).to(DEVICE)
     b = torch.randn(CO, generator=g).to(dtype).to(DEVICE) if bias else None
     left, right, top, bottom = halo
-    idx = TileIndex.from_mask(BlockMask(mask.keep.to(DEVICE), B, mask.image_size), (in_stride, in_stride))
+    idx = TileIndex.from_mask(BlockMask(mask.keep.to(DEVICE), B, mask.image_size), in_stride)
     return x, w, b, idx.halo_table(halo), idx.halo_table((right, left, bottom, top))
 
 
@@ -76,22 +77,23 @@ def _grads(fn, x, w, b, table, table_t, go, dilation=(1, 1)):
     return (out, *torch.autograd.grad(out, wrt, go))
 
 
-# kernel, halo (l, r, t, b), dilation: 3x3 p1 ('same'), 2x2 'same' (asymmetric: the backward's
-# table is really mirrored), 3x3 dilated 2, 5x5 p2 reaching two tiles of 2x2, 1x3
+# kernel, halo (l, r, t, b), dilation, in_stride: 3x3 p1 ('same'), 2x2 'same' (asymmetric: the
+# backward's table is really mirrored), 3x3 dilated 2, 5x5 p2 reaching two tiles of 2x2, 1x3,
+# and 2x3 dilated (3, 1) 'same' on 4 x 8 tiles (every axis differs: a swapped h/w shows)
 GEOMETRY = [
-    (3, (1, 1, 1, 1), (1, 1)),
-    (2, (0, 1, 0, 1), (1, 1)),
-    (3, (2, 2, 2, 2), (2, 2)),
-    (5, (2, 2, 2, 2), (1, 1)),
-    ((1, 3), (1, 1, 0, 0), (1, 1)),
+    (3, (1, 1, 1, 1), (1, 1), 2),
+    (2, (0, 1, 0, 1), (1, 1), 2),
+    (3, (2, 2, 2, 2), (2, 2), 2),
+    (5, (2, 2, 2, 2), (1, 1), 4),
+    ((1, 3), (1, 1, 0, 0), (1, 1), 2),
+    ((2, 3), (1, 1, 1, 2), (3, 1), (2, 1)),
 ]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("geom", GEOMETRY, ids=str)
 def test_matches_reference_forward_and_gradients(geom, dtype):
-    k, halo, dil = geom
-    in_stride = 4 if k == 5 else 2  # 5x5 on 2x2 tiles: the halo spans two blocks
+    k, halo, dil, in_stride = geom  # 5x5 on 2x2 tiles: the halo spans two blocks
     x, w, b, table, table_t = _case(k=k, halo=halo, dtype=dtype, in_stride=in_stride)
     go = torch.randn(table.shape[0], w.shape[0], x.shape[2], x.shape[3]).to(dtype).to(DEVICE)
     got = _grads(tile_conv, x, w, b, table, table_t, go, dil)
@@ -141,6 +143,36 @@ def test_gpu_tile_sizes_under_the_interpreter(monkeypatch, dtype):
         torch.testing.assert_close(g.float(), r, **tol, msg=lambda m, n=name: f"{n}: {m}")
     assert seen[0] == (128, 64, 32, 4, 3) and (64, 64, 64, 4, 3) in seen, seen
     assert max(splits) > 1
+
+
+def test_double_backward_gradient_penalty():
+    # Second order through both ops (the weight-gradient op is bilinear and has autograd):
+    # a gradient penalty on the input and weight gradients, against the reference's.
+    x, w, b, table, table_t = _case(k=(2, 3), halo=(1, 1, 1, 2), in_stride=(2, 1))
+    dil = (3, 1)
+
+    def penalty(fn):
+        xs, ws = x.detach().clone().requires_grad_(), w.detach().clone().requires_grad_()
+        y = fn(xs, ws, b, table, table_t, dil) if fn is tile_conv else fn(xs, ws, b, table, dil)
+        gx, gw = torch.autograd.grad(y.square().sum(), (xs, ws), create_graph=True)
+        return torch.autograd.grad(gx.square().sum() + gw.square().sum(), (xs, ws))
+
+    for g, r in zip(penalty(tile_conv), penalty(tile_conv_reference)):
+        torch.testing.assert_close(g, r, atol=1e-4 * r.abs().max().item(), rtol=1e-4)
+
+
+def test_ops_check_the_table_shape():
+    # The registered ops (what backward, opcheck and compile call) check the tables themselves:
+    # an unpadded table or one row per output tile that is not a source tile would give wrong
+    # values silently, as the kernels split source pixels by the output tile's width.
+    x, w, b, table, table_t = _case(N=1, Hb=2, Wb=2, C=3, CO=4)
+    with pytest.raises(ValueError, match="table must be int64"):
+        torch.ops.effssl_kernels._tile_conv_triton(x, w, b, table[:, 1:-1, 1:-1].contiguous(), table_t, [1, 1])
+    with pytest.raises(ValueError, match="table_t must be int64"):
+        torch.ops.effssl_kernels._tile_conv_triton(x, w, b, table, table_t[:1], [1, 1])
+    go = torch.randn(table.shape[0], 4, 4, 4, device=DEVICE)
+    with pytest.raises(ValueError, match="table must be int64"):
+        torch.ops.effssl_kernels._tile_conv_wgrad_triton(go, x, table[:1], table_t, 3, 3, [1, 1])
 
 
 def test_empty_and_all_removed():
@@ -198,6 +230,17 @@ def test_autocast_casts_like_conv2d(monkeypatch, calls):
         want = sparse_conv2d_packed(tiles, w, None, 1, 1, mask=mask)
     assert got.dtype == want.dtype == torch.bfloat16
     torch.testing.assert_close(got.float(), want.float(), **TOL[torch.bfloat16])
+    # backward outside autocast: gradients in the leaves' dtype, like the cudnn path's
+    grads = {}
+    for choice in ("implicit", "cudnn"):
+        monkeypatch.setenv("EFFSSL_TILE_CONV", choice)
+        t, wl = tiles.clone().requires_grad_(), w.clone().requires_grad_()
+        with torch.autocast(DEVICE, dtype=torch.bfloat16):
+            y = sparse_conv2d_packed(t, wl, None, 1, 1, mask=mask)
+        grads[choice] = torch.autograd.grad(y.float().square().sum(), (t, wl))
+    for g, r in zip(grads["implicit"], grads["cudnn"]):
+        assert g.dtype == r.dtype == torch.float32
+        torch.testing.assert_close(g, r, atol=0.05 * r.abs().max().item(), rtol=0.05)
 
 
 def test_sparsified_resnet_same_with_implicit_gemm(monkeypatch, calls):
@@ -244,7 +287,8 @@ def test_opcheck():
     w.requires_grad_()
     torch.library.opcheck(torch.ops.effssl_kernels._tile_conv_triton, (x, w, b, table, table_t, [1, 1]))
     go = torch.randn(table.shape[0], 4, 4, 4, device=DEVICE)
-    torch.library.opcheck(torch.ops.effssl_kernels._tile_conv_wgrad_triton, (go, x.detach(), table, 3, 3, [1, 1]))
+    torch.library.opcheck(torch.ops.effssl_kernels._tile_conv_wgrad_triton,
+                          (go.requires_grad_(), x, table, table_t, 3, 3, [1, 1]))
 
 
 def test_compile_fullgraph(monkeypatch, calls):

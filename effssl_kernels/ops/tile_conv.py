@@ -11,8 +11,10 @@ TRITON_INTERPRET=1) with autograd: the input gradient is the same op on the outp
 the kernel flipped and transposed and the mirrored table ``table_t`` (halo before <-> after), the
 weight gradient ``effssl_kernels::_tile_conv_wgrad_triton`` (deterministic split-row partials),
 the bias gradient a sum. Both skip removed blocks exactly as the forward does: only kept tiles
-exist. Other devices run :func:`~effssl_kernels.reference.tile_conv_reference`. No double
-backward (the weight-gradient op has no autograd: a second backward through it raises).
+exist. The weight-gradient op is bilinear in (grad, tiles) and has autograd too (double backward:
+gradient penalties), through the same two ops. The output tiles are the source tiles (stride 1:
+``table`` is ``[T, bh + reach_h, bw + reach_w]``); the ops check it. Other devices run
+:func:`~effssl_kernels.reference.tile_conv_reference`.
 """
 from __future__ import annotations
 
@@ -25,6 +27,21 @@ from .. import _backend
 from ..reference.tile_conv import tile_conv_reference
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _check_tables(fn: str, tiles: Tensor, kernel: Sequence[int], table: Tensor, table_t: Tensor,
+                  dilation: Sequence[int]) -> None:
+    """Both tables ``[T, bh + dh*(kh-1), bw + dw*(kw-1)]`` int64: one padded tile per source tile
+    (the kernels split source pixels by the output tile's width, which stride 1 makes the
+    source's)."""
+    if len(dilation) != 2 or min(dilation) < 1:
+        raise ValueError(f"{fn}: dilation must be two positive ints, got {tuple(dilation)}")
+    T, _, bh, bw = tiles.shape
+    want = (T, bh + dilation[0] * (kernel[0] - 1), bw + dilation[1] * (kernel[1] - 1))
+    for name, t in (("table", table), ("table_t", table_t)):
+        if t.dtype != torch.int64 or tuple(t.shape) != want:
+            raise ValueError(f"{fn}: {name} must be int64 {list(want)} (each tile with its halo), got "
+                             f"{t.dtype} {tuple(t.shape)}")
 
 
 def _check(tiles: Tensor, weight: Tensor, bias: Optional[Tensor], table: Tensor, table_t: Tensor,
@@ -45,13 +62,7 @@ def _check(tiles: Tensor, weight: Tensor, bias: Optional[Tensor], table: Tensor,
         raise ValueError(f"{fn}: weight has {Cw} input channels, tiles {C} (groups=1 only)")
     if bias is not None and (not isinstance(bias, Tensor) or tuple(bias.shape) != (CO,) or bias.dtype != weight.dtype):
         raise ValueError(f"{fn}: bias must be None or a [{CO}] {weight.dtype} tensor")
-    if len(dilation) != 2 or min(dilation) < 1:
-        raise ValueError(f"{fn}: dilation must be two positive ints, got {tuple(dilation)}")
-    want = (T, bh + dilation[0] * (kh - 1), bw + dilation[1] * (kw - 1))
-    for name, t in (("table", table), ("table_t", table_t)):
-        if t.dtype != torch.int64 or tuple(t.shape) != want:
-            raise ValueError(f"{fn}: {name} must be int64 {list(want)} (each tile with its halo), got "
-                             f"{t.dtype} {tuple(t.shape)}")
+    _check_tables(fn, tiles, (kh, kw), table, table_t, dilation)
     devs = {t.device for t in (tiles, weight, table, table_t) + ((bias,) if bias is not None else ())}
     if len(devs) != 1:
         raise ValueError(f"{fn}: all tensors must be on one device, got {sorted(map(str, devs))}")
@@ -64,8 +75,9 @@ def tile_conv(tiles: Tensor, weight: Tensor, bias: Optional[Tensor], table: Tens
     ``TileIndex.halo_table((l, r, t, b))`` and ``table_t`` = ``halo_table((r, l, b, t))``
     (the backward's). float32 (TF32 as cuDNN when allowed)/float16/bfloat16, groups = 1."""
     _check(tiles, weight, bias, table, table_t, dilation)
-    which = _backend.choose(tiles.device.type, cuda_kernel=False)
-    if which != "triton":
+    dev = tiles.device.type
+    triton = dev == "cuda" or (dev == "cpu" and _backend.TRITON_INTERPRET and _backend.backend() == "triton")
+    if not triton or _backend.backend() == "reference":
         return tile_conv_reference(tiles, weight, bias, table, tuple(dilation))
     return torch.ops.effssl_kernels._tile_conv_triton(tiles, weight, bias, table, table_t, list(dilation))
 
@@ -75,14 +87,17 @@ def _tile_conv_triton(tiles: Tensor, weight: Tensor, bias: Optional[Tensor], tab
                       dilation: List[int]) -> Tensor:
     from ..triton.tile_conv import tile_conv_fwd  # lazy: importing triton costs ~2.5 s
 
+    _check_tables("effssl_kernels::_tile_conv_triton", tiles, weight.shape[-2:], table, table_t, dilation)
     return tile_conv_fwd(tiles, weight, bias, table, (dilation[0], dilation[1]))
 
 
 @torch.library.triton_op("effssl_kernels::_tile_conv_wgrad_triton", mutates_args=())
-def _tile_conv_wgrad_triton(grad: Tensor, tiles: Tensor, table: Tensor, kh: int, kw: int,
+def _tile_conv_wgrad_triton(grad: Tensor, tiles: Tensor, table: Tensor, table_t: Tensor, kh: int, kw: int,
                             dilation: List[int]) -> Tensor:
+    # table_t is not read here: the double backward needs it (the input gradient of a conv)
     from ..triton.tile_conv import tile_conv_wgrad
 
+    _check_tables("effssl_kernels::_tile_conv_wgrad_triton", tiles, (kh, kw), table, table_t, dilation)
     return tile_conv_wgrad(grad, tiles, table, (kh, kw), (dilation[0], dilation[1]))
 
 
@@ -93,7 +108,7 @@ def _fake(tiles, weight, bias, table, table_t, dilation):
     return tiles.new_empty(out).contiguous(memory_format=torch.channels_last)
 
 
-def _fake_wgrad(grad, tiles, table, kh, kw, dilation):
+def _fake_wgrad(grad, tiles, table, table_t, kh, kw, dilation):
     return tiles.new_empty((grad.shape[1], tiles.shape[1], kh, kw), dtype=torch.float32)
 
 
@@ -115,12 +130,34 @@ def _backward(ctx, grad):
                                                              ctx.dilation)
     if ctx.needs_input_grad[1]:
         kh, kw = weight.shape[-2:]
-        g_weight = torch.ops.effssl_kernels._tile_conv_wgrad_triton(grad, tiles, table, kh, kw,
+        g_weight = torch.ops.effssl_kernels._tile_conv_wgrad_triton(grad, tiles, table, table_t, kh, kw,
                                                                     ctx.dilation).to(weight.dtype)
     if ctx.bias_dtype is not None and ctx.needs_input_grad[2]:
         g_bias = grad.sum((0, 2, 3), dtype=torch.float32).to(ctx.bias_dtype)
     return g_tiles, g_weight, g_bias, None, None, None
 
 
+def _setup_context_wgrad(ctx, inputs, output):
+    grad, tiles, table, table_t, kh, kw, dilation = inputs
+    ctx.save_for_backward(grad, tiles, table, table_t)
+    ctx.dilation = list(dilation)
+
+
+def _wgrad_backward(ctx, g_w):
+    """dW = sum_m grad[m] (x) X_tap[m] is bilinear: its cotangent g_w [CO, C, kh, kw] gives
+    d grad = conv(tiles, g_w) and d tiles = the input gradient of that conv at grad."""
+    grad, tiles, table, table_t = ctx.saved_tensors
+    g_w = g_w.to(tiles.dtype)
+    d_grad = d_tiles = None
+    if ctx.needs_input_grad[0]:
+        d_grad = torch.ops.effssl_kernels._tile_conv_triton(tiles, g_w, None, table, table_t,
+                                                            ctx.dilation).to(grad.dtype)
+    if ctx.needs_input_grad[1]:
+        d_tiles = torch.ops.effssl_kernels._tile_conv_triton(grad.to(tiles.dtype), g_w.flip(2, 3).transpose(0, 1),
+                                                             None, table_t, table, ctx.dilation)
+    return d_grad, d_tiles, None, None, None, None, None
+
+
+_tile_conv_wgrad_triton.register_autograd(_wgrad_backward, setup_context=_setup_context_wgrad)
 _tile_conv_triton.register_autograd(_backward, setup_context=_setup_context)
 _backend.register_interpreter_fakes((_tile_conv_triton, _fake), (_tile_conv_wgrad_triton, _fake_wgrad))

@@ -11,8 +11,8 @@ from .halo_gather import halo_gather_reference
 
 def tile_conv_reference(tiles: Tensor, weight: Tensor, bias: Optional[Tensor], table: Tensor,
                         dilation: Tuple[int, int] = (1, 1)) -> Tensor:
-    """Source tiles ``[T, C, bh, bw]``, weight ``[CO, C, kh, kw]``, table int64 ``[R, ph, pw]``
-    (:meth:`~effssl_kernels.sparse.TileIndex.halo_table`: zeros at its sentinels) ->
-    ``[R, CO, ph - dh*(kh-1), pw - dw*(kw-1)]``: ``F.conv2d`` (stride 1, no padding) of
+    """Source tiles ``[T, C, bh, bw]``, weight ``[CO, C, kh, kw]``, table int64
+    ``[T, bh + dh*(kh-1), bw + dw*(kw-1)]`` (:meth:`~effssl_kernels.sparse.TileIndex.halo_table`:
+    zeros at its sentinels) -> ``[T, CO, bh, bw]``: ``F.conv2d`` (stride 1, no padding) of
     ``halo_gather_reference(tiles, table)``."""
     return F.conv2d(halo_gather_reference(tiles, table, 0.0), weight, bias, 1, 0, tuple(dilation))

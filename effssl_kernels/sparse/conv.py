@@ -180,30 +180,41 @@ TILE_CONVS = ("cudnn", "implicit")
 
 
 def tile_conv_choice() -> str:
-    """``EFFSSL_TILE_CONV``: how stride-1 k > 1 convs run on tiles. ``cudnn`` (default): halo'd
-    tiles materialised by ``halo_gather``, then ``F.conv2d`` (cuDNN / oneDNN); ``implicit``: the
-    Triton implicit GEMM ``ops.tile_conv`` reading the halo through the table (CUDA tensors, or
-    CPU under TRITON_INTERPRET=1 with EFFSSL_BACKEND=triton; elsewhere it falls back to cudnn).
-    The default stays until a GPU has timed both (bench/bench_sparse_conv.py)."""
+    """``EFFSSL_TILE_CONV``: how stride-1 k > 1 convs with groups = 1 in float32/float16/bfloat16
+    run on tiles. ``cudnn`` (default): halo'd tiles materialised by ``halo_gather``, then
+    ``F.conv2d`` (cuDNN / oneDNN); ``implicit``: the Triton implicit GEMM ``ops.tile_conv``
+    reading the halo through the table, on CUDA tensors (and on the CPU under TRITON_INTERPRET=1
+    with EFFSSL_BACKEND=triton, for tests). Every other conv (strided, 1x1, grouped, float64,
+    any other device) runs the cudnn path whatever this says. The default stays until a GPU has
+    timed both (bench/bench_sparse_conv.py). Read on every tiled conv, so a bad value fails the
+    first one."""
     name = os.environ.get("EFFSSL_TILE_CONV", "cudnn").lower()
     if name not in TILE_CONVS:
         raise ValueError(f"EFFSSL_TILE_CONV={name!r} is not one of {TILE_CONVS}")
     return name
 
 
+_HALF_OR_FLOAT = (torch.float32, torch.float16, torch.bfloat16)
+
+
 def _implicit_inputs(tiles: Tensor, weight: Tensor, bias: Optional[Tensor], stride, groups):
-    """(tiles, weight, bias) as F.conv2d would see them (autocast casts float inputs but float64),
-    or None when the implicit GEMM does not apply to this conv."""
-    if stride != (1, 1) or groups != 1 or tuple(weight.shape[-2:]) == (1, 1) or tile_conv_choice() != "implicit":
+    """(tiles, weight, bias) as F.conv2d would see them (under autocast cast to its dtype), or None
+    when the implicit GEMM does not apply to this conv (see :func:`tile_conv_choice`)."""
+    if tile_conv_choice() != "implicit":
         return None
-    if tiles.device.type == "cpu" and not (_backend.TRITON_INTERPRET and _backend.backend() == "triton"):
+    if stride != (1, 1) or groups != 1 or tuple(weight.shape[-2:]) == (1, 1):
         return None
     dev = tiles.device.type
-    if torch.is_autocast_enabled(dev) and tiles.dtype != torch.float64:
+    if not (dev == "cuda" or (dev == "cpu" and _backend.TRITON_INTERPRET and _backend.backend() == "triton")):
+        return None
+    tensors = [t for t in (tiles, weight, bias) if t is not None]
+    if any(t.dtype == torch.float64 for t in tensors):
+        return None  # F.conv2d's rules for float64 (autocast leaves it, mixing raises): the cudnn path
+    if torch.is_autocast_enabled(dev):
         ac = torch.get_autocast_dtype(dev)
         tiles, weight = tiles.to(ac), weight.to(ac)
         bias = None if bias is None else bias.to(ac)
-    if tiles.dtype not in (torch.float32, torch.float16, torch.bfloat16) or weight.dtype != tiles.dtype or (
+    if tiles.dtype not in _HALF_OR_FLOAT or weight.dtype != tiles.dtype or (
             bias is not None and bias.dtype != tiles.dtype):
         return None
     return tiles, weight, bias

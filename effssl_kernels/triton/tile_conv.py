@@ -75,7 +75,7 @@ def _source_rows(table_ptr, rows, row_ok, tap, BH, BW, PH, PW, P, NSRC, s_t, s_y
 # Integer arguments are specialised as Triton does by default (== 1 becomes a constant, % 16 == 0
 # a divisibility hint): channels-last tiles with C % 16 == 0 then load 16-byte vectors along the
 # channels. With the strides unspecialised (do_not_specialize) sm_90 ptxas reported 255
-# registers for every tile size (scalar 2-byte gathers); specialised, 116 (bf16, 128 x 64 x 32).
+# registers for every tile size (scalar 2-byte gathers); specialised, 112 (bf16, 128 x 64 x 32).
 @triton.jit
 def _tile_conv_fwd_kernel(
     x_ptr,  # packed tiles [T, C, BH', BW'] any strides (the source map)
@@ -219,7 +219,9 @@ def _wgrad_tiles(C: int, CO: int, ieee: bool) -> tuple[int, int, int, int, int]:
 
 
 def _geometry(tiles: Tensor, table: Tensor, kernel: tuple[int, int], dilation: tuple[int, int]) -> dict:
-    """Sizes the kernels take: R output tiles of ``oh x ow`` (one per table row), T source tiles."""
+    """Sizes the kernels take. The output tiles are the source tiles (``ops.tile_conv`` checks
+    ``table`` is ``[T, bh + reach, bw + reach]``): the kernels split a source pixel index by the
+    output tile's width."""
     T, C, bh, bw = tiles.shape
     R, PH, PW = table.shape
     oh, ow = PH - dilation[0] * (kernel[0] - 1), PW - dilation[1] * (kernel[1] - 1)
@@ -234,7 +236,7 @@ def tile_conv_fwd(tiles: Tensor, weight: Tensor, bias: Optional[Tensor], table: 
     """Launch ``_tile_conv_fwd_kernel``; arguments arrive validated by ``ops.tile_conv``.
 
     tiles ``[T, C, bh, bw]`` (any strides), weight ``[CO, C, kh, kw]`` and bias ``[CO]`` in its
-    dtype, table int64 ``[R, ph, pw]``. Returns ``[R, CO, ph - dh*(kh-1), pw - dw*(kw-1)]``
+    dtype, table int64 ``[T, bh + dh*(kh-1), bw + dw*(kw-1)]``. Returns ``[T, CO, bh, bw]``
     channels last."""
     CO, _, kh, kw = weight.shape
     g = _geometry(tiles, table, (kh, kw), dilation)
@@ -271,7 +273,7 @@ def _num_splits(programs: int, row_blocks: int) -> int:
 def tile_conv_wgrad(grad: Tensor, tiles: Tensor, table: Tensor, kernel: tuple[int, int],
                     dilation: tuple[int, int]) -> Tensor:
     """Launch ``_tile_conv_wgrad_kernel``: ``[CO, C, kh, kw]`` float32 weight gradient of
-    :func:`tile_conv_fwd` for output gradient ``grad [R, CO, oh, ow]``."""
+    :func:`tile_conv_fwd` for output gradient ``grad [T, CO, bh, bw]``."""
     kh, kw = kernel
     CO = grad.shape[1]
     g = _geometry(tiles, table, kernel, dilation)
