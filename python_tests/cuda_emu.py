@@ -1,9 +1,9 @@
 """Build and run a CUDA launcher of csrc/ on the CPU under cuda_emu (python_tests/cuda_emu/).
 
 The ``.cu`` file is compiled by g++ after three textual rewrites that C++ cannot express with
-macros (``extern __shared__`` arrays, ``static``-like ``__shared__`` variables and the
-``<<<...>>>`` launch syntax); everything else comes from ``cuda_emu/cuda_emu.h`` and the
-stand-in CUDA headers in ``cuda_emu/include``. Sanitizers: ``"address"`` (AddressSanitizer +
+macros (``extern __shared__`` arrays, ``__shared__`` variables, each a per-block allocation, and
+the ``<<<...>>>`` launch syntax, which also passes the kernel's name); everything else comes from
+``cuda_emu/cuda_emu.h`` and the stand-in CUDA headers in ``cuda_emu/include``. Sanitizers: ``"address"`` (AddressSanitizer +
 UndefinedBehaviorSanitizer: out-of-bounds global and shared memory, misaligned vector loads,
 integer overflow) or ``"thread"`` (ThreadSanitizer: shared-memory races between barriers).
 """
@@ -27,20 +27,27 @@ SANITIZE = {
 }
 
 _EXTERN_SHARED = re.compile(r"extern\s+__shared__\s+(\w+)\s+(\w+)\[\];")
+_SHARED_VAR = re.compile(r"__shared__\s+([\w:]+)\s+(\w+)\s*(\[[^\]]+\])?\s*;")
 _LAUNCH = re.compile(r"([\w:]+(?:<[\w:, ]*>)?)<<<(.+?)>>>\((.*?)\);")
 
 
-def emulated_source(cu_text: str, launches: int, extern_arrays: int) -> str:
-    """``cu_text`` rewritten for g++ and cuda_emu; the counts guard the rewrites against edits of
-    the kernel file that they would silently miss."""
-    text, n_ext = _EXTERN_SHARED.subn(
-        r"\1* \2 = reinterpret_cast<\1*>(::cuemu::dynamic_smem());", cu_text)
-    # one variable per kernel instantiation, shared by the block's threads (blocks run in turn)
-    text = re.sub(r"\b__shared__\s+", "static ", text)
-    text, n_launch = _LAUNCH.subn(r"::cuemu::launch(\1, \2, \3);", text)
-    if (n_ext, n_launch) != (extern_arrays, launches):
-        raise AssertionError(f"rewrote {n_ext} extern __shared__ arrays and {n_launch} launches, "
-                             f"expected {extern_arrays} and {launches}: update cuda_emu.py")
+def emulated_source(cu_text: str, expect: dict) -> str:
+    """``cu_text`` rewritten for g++ and cuda_emu; ``expect`` = {"extern": n, "shared": n,
+    "launches": n}, the numbers of each construct, guards the rewrites against kernel edits that
+    they would silently miss."""
+    text, n_ext = _EXTERN_SHARED.subn(r"\1* \2 = reinterpret_cast<\1*>(::cuemu::dynamic_smem());", cu_text)
+    sites = iter(range(1 << 30))
+
+    def shared(m):  # one allocation per block and declaration, NaN until written (cuda_emu.h)
+        ty, name, dims = m.group(1), m.group(2), m.group(3) or ""
+        ref = f"(&{name}){dims}" if dims else f"&{name}"
+        return f"{ty} {ref} = ::cuemu::static_shared<{ty}{dims}>({next(sites)});"
+
+    text, n_shared = _SHARED_VAR.subn(shared, text)
+    text, n_launch = _LAUNCH.subn(r'::cuemu::launch(\1, "\1", \2, \3);', text)
+    got = {"extern": n_ext, "shared": n_shared, "launches": n_launch}
+    if got != expect:
+        raise AssertionError(f"rewrote {got}, expected {expect}: update cuda_emu.py")
     return text
 
 
@@ -56,7 +63,20 @@ def sanitizer_available(sanitizer: str) -> bool:
         return subprocess.run(cmd, capture_output=True).returncode == 0
 
 
-def build(op: str, sanitizer: str, out_dir: str, launches: int, extern_arrays: int,
+def build_selftest(sanitizer: str | None, out_dir: str) -> str:
+    """Compile ``cuda_emu/selftest_main.cpp`` (the emulator's own tests) with ``sanitizer``
+    ("thread" for the OS-thread model) or none; returns the binary."""
+    binary = os.path.join(out_dir, f"selftest_{sanitizer or 'plain'}")
+    cmd = ["g++", "-std=c++17", "-O1", "-g", "-pthread", "-Wno-unknown-pragmas",
+           *(SANITIZE[sanitizer] if sanitizer else []), "-I", os.path.join(EMU, "include"),
+           os.path.join(EMU, "selftest_main.cpp"), "-o", binary]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)}\n{proc.stderr[-4000:]}")
+    return binary
+
+
+def build(op: str, sanitizer: str, out_dir: str, expect: dict,
           mutation: tuple[str, str] | None = None, name: str = "") -> str:
     """Compile ``csrc/<op>/<op>_kernel.cu`` with ``cuda_emu/<op>_main.cpp``; returns the binary.
 
@@ -71,7 +91,7 @@ def build(op: str, sanitizer: str, out_dir: str, launches: int, extern_arrays: i
         if text.count(mutation[0]) != 1:
             raise AssertionError(f"mutation target found {text.count(mutation[0])} times: {mutation[0]!r}")
         text = text.replace(*mutation)
-    src = emulated_source(text, launches, extern_arrays)
+    src = emulated_source(text, expect)
     kernel_cpp = os.path.join(out_dir, f"{op}_kernel_emu{name}.cpp")
     with open(kernel_cpp, "w") as f:
         f.write(f'#line 1 "csrc/{op}/{op}_kernel.cu"\n' + src)
@@ -103,12 +123,13 @@ KINDS = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 
 def block_match(binary: str, a, b, block_size, search_radius, data_range=1.0, centers=None, flip=None,
                 path: str = "auto", max_grid: int | None = None, smem_optin: int | None = None,
-                order: str = "forward", timeout: float = 600) -> tuple:
+                order: str = "forward", launches: list | None = None, timeout: float = 600) -> tuple:
     """Run the emulated CUDA launcher of block_match: kernel forced by ``path`` (as
     EFFSSL_BLOCK_MATCH_CUDA_PATH does), at most ``max_grid`` CTAs, a device with ``smem_optin``
     bytes of opt-in shared memory (default an H100's), fibers run in ``order`` (forward, reverse
     or random:SEED). Returns ``(psnr, offset)`` like ``ek.block_match``; raises AssertionError on
-    a non-zero launcher status, a sanitizer report or a crash."""
+    a non-zero launcher status, a sanitizer report or a crash. ``launches``, when given, receives
+    the names of the kernels launched (``bm_tiled_kernel<T>``, ...)."""
     N, C, H, W = a.shape
     Hb, Wb = H // block_size, W // block_size
     sa, sb = _span(a), _span(b)
@@ -140,6 +161,8 @@ def block_match(binary: str, a, b, block_size, search_radius, data_range=1.0, ce
             raise AssertionError(f"emulated kernel failed (exit {proc.returncode}):\n{proc.stderr[-6000:]}")
         with open(dst, "rb") as f:
             out = f.read()
+    if launches is not None:
+        launches.extend(re.findall(r"^cuemu: launch (\S+)", proc.stderr, re.M))
     status = int.from_bytes(out[:8], "little", signed=True)
     if status != 0:
         raise AssertionError(f"launcher returned cudaError {status}:\n{proc.stderr[-2000:]}")

@@ -11,6 +11,7 @@ Emulation is slow (thousands of fiber switches per block), so shapes are small, 
 cases keep a few blocks alive by sending the others' search centres far outside the image (a
 block without a candidate exits before its first barrier).
 """
+import re
 import shutil
 
 import pytest
@@ -22,7 +23,7 @@ from utils import assert_block_match, make_layout
 
 pytestmark = pytest.mark.skipif(shutil.which("g++") is None, reason="needs g++")
 
-LAUNCHES, EXTERN_ARRAYS = 3, 2  # in block_match_kernel.cu: guards cuda_emu's rewrites
+EXPECT = {"extern": 2, "shared": 3, "launches": 3}  # in block_match_kernel.cu: guards cuda_emu's rewrites
 PATHS = ["image", "tiled", "direct"]
 A100_OPTIN = 166912  # 163 KB opt-in shared memory: fewer channels per chunk
 
@@ -40,13 +41,13 @@ def _need(sanitizer):
 @pytest.fixture(scope="module")
 def asan(emu_dir):
     _need("address")
-    return cuda_emu.build("block_match", "address", emu_dir, LAUNCHES, EXTERN_ARRAYS)
+    return cuda_emu.build("block_match", "address", emu_dir, EXPECT)
 
 
 @pytest.fixture(scope="module")
 def tsan(emu_dir):
     _need("thread")
-    return cuda_emu.build("block_match", "thread", emu_dir, LAUNCHES, EXTERN_ARRAYS)
+    return cuda_emu.build("block_match", "thread", emu_dir, EXPECT)
 
 
 def few_live_blocks(N, H, W, B, live):
@@ -85,7 +86,9 @@ def test_random(asan, path, case):
     (N, C, H, W, B, r), dtype, layout = case
     a = make_layout(torch.rand(N, C, H, W).to(dtype), layout)
     b = make_layout(torch.rand(N, C, H, W).to(dtype), layout)
-    run(asan, a, b, B, r, path=path)
+    launched = []
+    run(asan, a, b, B, r, path=path, launches=launched)
+    assert launched == [f"bm_{path}_kernel<T>"]  # the forced kernel, not a fall-through
 
 
 # The tiled kernel's rarer paths (see TILED_SHAPES in test_block_match_cuda.py): two dx tiles
@@ -185,8 +188,21 @@ def test_launcher_falls_back_when_shared_memory_is_short(asan):
     # The image kernel above 48 KB needs the opt-in attribute raised (the launch fails without
     # it); with a 40 KB device neither the image nor the tiled kernel fits and direct runs.
     a, b = torch.rand(1, 3, 64, 64), torch.rand(1, 3, 64, 64)
-    run(asan, a, b, 16, 8, path="image", centers=few_live_blocks(1, 64, 64, 16, [(0, 1, 2), (0, 3, 3)]))
-    run(asan, a, b, 32, 16, path="tiled", smem_optin=40 * 1024)
+    launched = []
+    run(asan, a, b, 16, 8, path="image", centers=few_live_blocks(1, 64, 64, 16, [(0, 1, 2), (0, 3, 3)]),
+        launches=launched)
+    run(asan, a, b, 32, 16, path="tiled", smem_optin=40 * 1024, launches=launched)
+    assert launched == ["bm_image_kernel<T>", "bm_direct_kernel<T>"]
+
+
+def test_static_shared_memory_counts_in_the_48kb_rule(asan):
+    # 1 x 37 x 37, block 3, radius 17: the tiled kernel's dynamic shared memory is 48,432 bytes,
+    # under 48 KB alone but not with its ~0.8 KB of static __shared__, so the launcher must raise
+    # the opt-in attribute (kStaticSmemReserve); test_emulator_reports_planted_bugs removes that.
+    a, b = torch.rand(1, 1, 37, 37), torch.rand(1, 1, 37, 37)
+    launched = []
+    run(asan, a, b, 3, 17, path="tiled", centers=few_live_blocks(1, 37, 37, 3, [(0, 5, 5)]), launches=launched)
+    assert launched == ["bm_tiled_kernel<T>"]
 
 
 @pytest.mark.parametrize("path", PATHS)
@@ -203,26 +219,38 @@ def test_no_shared_memory_races(tsan, path):
             centers=few_live_blocks(1, 60, 60, 8, [(0, 2, 4)]))
 
 
-# Planted bugs, one per kind of check: each build must fail the same small case.
-MUTATIONS = {
-    "race": ("address",  # the K-split overwrites the staged window while other groups read it
-             "      __syncthreads();  // every group is done reading the template and window (region R)\n", "\n"),
-    "race-tsan": ("thread",
-                  "      __syncthreads();  // every group is done reading the template and window (region R)\n", "\n"),
-    "overflow": ("address", "  bytes = floats_for(cc) * 4;", "  bytes = floats_for(cc) * 4 - 64;"),
-    "misaligned": ("address", "const long long TP = round4(B);", "const long long TP = round4(B) + 1;"),
+# Planted bugs, one per kind of check: each build must fail its case.
+BARRIER = "      __syncthreads();  // every group is done reading the template and window (region R)\n"
+MUTATIONS = {  # name: (sanitizer, old, new, what the run reports; None: a wrong answer)
+    # the K-split overwrites the staged window while other groups still read it
+    "race": ("address", BARRIER, "\n", None),
+    "race-tsan": ("thread", BARRIER, "\n", "ThreadSanitizer: data race"),
+    "overflow": ("address", "  bytes = floats_for(cc) * 4;", "  bytes = floats_for(cc) * 4 - 64;",
+                 "AddressSanitizer"),
+    "misaligned": ("address", "const long long TP = round4(B);", "const long long TP = round4(B) + 1;",
+                   "misaligned address"),
+    "static-reserve": ("address", "constexpr long long kStaticSmemReserve = 1024;",
+                       "constexpr long long kStaticSmemReserve = 0;",
+                       "static + dynamic shared memory above 48 KB"),
 }
-REPORTS = {"race": "", "race-tsan": "ThreadSanitizer: data race", "overflow": "AddressSanitizer",
-           "misaligned": "misaligned address"}
 
 
 @pytest.mark.parametrize("bug", list(MUTATIONS))
 def test_emulator_reports_planted_bugs(emu_dir, bug):
-    sanitizer, old, new = MUTATIONS[bug]
+    sanitizer, old, new, report = MUTATIONS[bug]
     _need(sanitizer)
-    binary = cuda_emu.build("block_match", sanitizer, emu_dir, LAUNCHES, EXTERN_ARRAYS, mutation=(old, new),
-                            name=f"_{bug}")
-    a, b = torch.rand(1, 2, 24, 24), torch.rand(1, 2, 24, 24)
-    with pytest.raises(AssertionError) as err:
-        run(binary, a, b, 8, 3, path="tiled", max_grid=2)
-    assert REPORTS[bug] in str(err.value)
+    binary = cuda_emu.build("block_match", sanitizer, emu_dir, EXPECT, mutation=(old, new), name=f"_{bug}")
+    if bug == "static-reserve":
+        a, b = torch.rand(1, 1, 37, 37), torch.rand(1, 1, 37, 37)
+        args = (3, 17)
+        kw = dict(centers=few_live_blocks(1, 37, 37, 3, [(0, 5, 5)]))
+    else:
+        a, b = torch.rand(1, 2, 24, 24), torch.rand(1, 2, 24, 24)
+        args, kw = (8, 3), {}
+    if report is None:  # runs cleanly, answers wrong
+        psnr, off = cuda_emu.block_match(binary, a, b, *args, path="tiled", max_grid=2, **kw)
+        with pytest.raises(AssertionError):
+            assert_block_match(psnr, off, a, b, *args, **kw)
+    else:
+        with pytest.raises(AssertionError, match=re.escape(report)):
+            cuda_emu.block_match(binary, a, b, *args, path="tiled", max_grid=2, **kw)

@@ -19,7 +19,10 @@
 //   raised, never above the device's opt-in limit: 227 KB as on an H100, or CUEMU_SMEM_OPTIN)
 //   fail with cudaErrorInvalidValue from cudaGetLastError().
 // - Races: see the two execution models below (fiber order permutations; ThreadSanitizer).
-// Not modelled: timing, warp-synchronous code without __syncwarp, atomics, textures, streams.
+// - `__shared__` variables are per block (cuda_emu.py rewrites each declaration), NaN bytes until
+//   written, exact-size allocations (ASan), and their size counts in the launch limits.
+// Not modelled: timing, warp-synchronous code without __syncwarp, atomics, textures, streams,
+// __launch_bounds__ (dropped), 2-D/3-D launches.
 #pragma once
 
 #include <algorithm>
@@ -135,27 +138,52 @@ struct Warp {
   int lanes = 32;
 };
 
-// What a block's threads share: shared memory and the warps' shuffle slots.
+// What a block's threads share: shared memory (dynamic and static) and the warps' shuffle slots.
 struct BlockMem {
   BlockMem(int threads, size_t smem) {
     for (int w = 0; w < (threads + 31) / 32; ++w) {
       warps.emplace_back();
       warps.back().lanes = std::min(32, threads - 32 * w);
     }
-    if (smem) {  // 128-byte aligned as a GPU's shared window; NaN bytes; poisoned past `smem`
-      padded = (smem + 127) / 128 * 128;
-      smem_ptr = static_cast<unsigned char*>(std::aligned_alloc(128, padded));
-      std::memset(smem_ptr, 0xff, padded);
-      CUEMU_POISON(smem_ptr + smem, padded - smem);
+    if (smem) {  // 16 bytes past a 128-byte line (CUDA promises 16); NaN bytes; poisoned around
+      padded = (16 + smem + 127) / 128 * 128;
+      raw = static_cast<unsigned char*>(std::aligned_alloc(128, padded));
+      std::memset(raw, 0xff, padded);
+      smem_ptr = raw + 16;
+      CUEMU_POISON(raw, 16);
+      CUEMU_POISON(smem_ptr + smem, padded - 16 - smem);
     }
   }
   ~BlockMem() {
-    CUEMU_UNPOISON(smem_ptr, padded);
-    std::free(smem_ptr);
+    CUEMU_UNPOISON(raw, padded);
+    std::free(raw);
+    for (auto& kv : statics) {
+      CUEMU_UNPOISON(kv.second, 16);  // at least the first granule; ASan's free takes the rest
+      std::free(kv.second);
+    }
+  }
+  // A `__shared__` variable of this block (cuda_emu.py rewrites each declaration into a call):
+  // its own exact-size allocation, NaN bytes until written, counted for the launch limits.
+  template <typename T>
+  T& static_var(int site) {
+    std::lock_guard<std::mutex> lk(static_mutex);
+    auto it = statics.find(site);
+    if (it == statics.end()) {
+      void* p = std::aligned_alloc(16, (sizeof(T) + 15) / 16 * 16);
+      std::memset(p, 0xff, (sizeof(T) + 15) / 16 * 16);
+      CUEMU_POISON(static_cast<unsigned char*>(p) + sizeof(T), (sizeof(T) + 15) / 16 * 16 - sizeof(T));
+      it = statics.emplace(site, p).first;
+      static_bytes += (sizeof(T) + 15) / 16 * 16;
+    }
+    return *static_cast<T*>(it->second);
   }
   std::vector<Warp> warps;
+  unsigned char* raw = nullptr;
   unsigned char* smem_ptr = nullptr;
   size_t padded = 0;
+  std::mutex static_mutex;
+  std::map<int, void*> statics;
+  size_t static_bytes = 0;
 };
 
 struct Ctx {
@@ -165,8 +193,9 @@ struct Ctx {
 // ---- Two ways to run a block's threads ------------------------------------------------------
 // Fibers (default): one OS thread switches between the block's threads (ucontext) whenever one
 //   waits at a barrier, in the order CUEMU_ORDER gives (forward, reverse, or random:SEED, redrawn
-//   every round). Fast and reproducible; a kernel whose result changes with the order has a race.
-//   AddressSanitizer is told about every stack switch.
+//   every round); a warp whose lanes all reached a shuffle goes on at once, ahead of the other
+//   warps. Fast and reproducible; a kernel whose result changes with the order has a race
+//   (test_cuda_emu.py shows one across a shuffle). AddressSanitizer is told about every switch.
 // Threads (-DCUEMU_THREADS): one OS thread per CUDA thread, barriers of mutex + condition
 //   variable, which ThreadSanitizer understands: two threads touching the same word with no
 //   barrier between them are reported as a data race (racecheck's hazards). Slow: hundreds of
@@ -214,20 +243,21 @@ inline void wait_block() { tblock->bar.wait("__syncthreads"); }
 inline void wait_warp() { tblock->warp_bars[tctx.tid.x / 32]->wait("__shfl_xor_sync"); }
 
 template <typename F>
-void run_block(unsigned threads, size_t smem, const Ctx& base, F&& body) {
+size_t run_block(unsigned threads, size_t smem, const Ctx& base, F&& body) {
   Block blk(static_cast<int>(threads), smem);
   std::vector<std::thread> pool;
   pool.reserve(threads);
   for (unsigned t = 0; t < threads; ++t) {
     pool.emplace_back([&, t] {
       tctx = base;
-      tctx.tid = dim3(t);
+      tctx.tid = dim3(t, 0, 0);
       tblock = &blk;
       body();
       tblock = nullptr;
     });
   }
   for (auto& th : pool) th.join();
+  return blk.static_bytes;
 }
 
 #else  // fibers
@@ -292,7 +322,7 @@ inline void order_round(std::vector<unsigned>& order, uint64_t& rng) {
 }
 
 template <typename F>
-void run_block(unsigned threads, size_t smem, const Ctx& base, F&& body) {
+size_t run_block(unsigned threads, size_t smem, const Ctx& base, F&& body) {
   static std::vector<std::unique_ptr<unsigned char[]>> stacks;  // reused by every block
   while (stacks.size() < threads) stacks.emplace_back(new unsigned char[kFiberStack]);
   Block blk(static_cast<int>(threads), smem);
@@ -301,7 +331,7 @@ void run_block(unsigned threads, size_t smem, const Ctx& base, F&& body) {
   for (unsigned t = 0; t < threads; ++t) {
     Fiber& f = blk.fibers[t];
     f.ctx = base;
-    f.ctx.tid = dim3(t);
+    f.ctx.tid = dim3(t, 0, 0);
     f.stack = stacks[t].get();
     CUEMU_UNPOISON(f.stack, kFiberStack);
     getcontext(&f.uc);
@@ -312,33 +342,48 @@ void run_block(unsigned threads, size_t smem, const Ctx& base, F&& body) {
   }
   std::vector<unsigned> order(threads);
   static uint64_t rng = 0;
+  auto run = [&](Fiber& f) {  // up to its next barrier or its end
+    g_fiber = &f;
+    void* fake = nullptr;
+    CUEMU_START_SWITCH(&fake, f.stack, kFiberStack);
+    swapcontext(&blk.sched, &f.uc);
+    CUEMU_FINISH_SWITCH(fake, nullptr, nullptr);
+    g_fiber = nullptr;
+  };
+  // A warp whose lanes all wait at a shuffle goes on at once, ahead of the other warps (depth
+  // first), as a GPU warp may: whatever it reads after the shuffle that another warp writes
+  // later without a __syncthreads between them reads NaN in this order (a race).
+  auto drain = [&](size_t w) {
+    const unsigned first = static_cast<unsigned>(32 * w), lanes = static_cast<unsigned>(blk.warps[w].lanes);
+    for (;;) {
+      for (unsigned l = 0; l < lanes; ++l)
+        if (blk.fibers[first + l].state != State::AtWarp) return;
+      for (unsigned l = 0; l < lanes; ++l) blk.fibers[first + l].state = State::Ready;
+      for (unsigned t : order)
+        if (t >= first && t < first + lanes && blk.fibers[t].state == State::Ready) run(blk.fibers[t]);
+    }
+  };
   for (;;) {
     order_round(order, rng);
-    for (unsigned t : order) {  // every ready thread runs up to its next barrier or its end
+    bool ran = false;
+    for (unsigned t : order) {
       Fiber& f = blk.fibers[t];
       if (f.state != State::Ready) continue;
-      g_fiber = &f;
-      void* fake = nullptr;
-      CUEMU_START_SWITCH(&fake, f.stack, kFiberStack);
-      swapcontext(&blk.sched, &f.uc);
-      CUEMU_FINISH_SWITCH(fake, nullptr, nullptr);
+      run(f);
+      ran = true;
+      if (f.state == State::AtWarp) drain(t / 32);
     }
-    g_fiber = nullptr;
-    // Everyone waits or is done: release whole warps at a shuffle, else the whole block at
-    // __syncthreads; anything else is a barrier some threads never reach.
-    bool released = false;
+    if (ran) continue;
+    // Nobody can run: a warp partly at a shuffle never completes it; else the whole block must
+    // be at __syncthreads (released together) or done.
     for (size_t w = 0; w < blk.warps.size(); ++w) {
       int at = 0;
       for (int l = 0; l < blk.warps[w].lanes; ++l) at += blk.fibers[32 * w + l].state == State::AtWarp;
-      if (at == blk.warps[w].lanes) {
-        for (int l = 0; l < at; ++l) blk.fibers[32 * w + l].state = State::Ready;
-        released = true;
-      } else if (at > 0) {
+      if (at > 0) {
         std::fprintf(stderr, "cuemu: warp %zu: %d of %d lanes at a shuffle\n", w, at, blk.warps[w].lanes);
         die("divergent shuffle (lanes of a full-mask shuffle wait elsewhere or have exited)");
       }
     }
-    if (released) continue;
     unsigned done = 0, at_block = 0;
     for (const Fiber& f : blk.fibers) done += f.state == State::Done, at_block += f.state == State::AtBlock;
     if (done == threads) break;
@@ -349,11 +394,17 @@ void run_block(unsigned threads, size_t smem, const Ctx& base, F&& body) {
     for (Fiber& f : blk.fibers) f.state = State::Ready;
   }
   g_block = nullptr;
+  return blk.static_bytes;
 }
 
 #endif  // CUEMU_THREADS
 
 inline void* dynamic_smem() { return block().smem_ptr; }
+
+template <typename T>
+T& static_shared(int site) {
+  return block().static_var<T>(site);
+}
 
 template <typename T>
 T shfl_xor(unsigned mask, T v, int lane_mask) {
@@ -381,27 +432,42 @@ inline void fail_launch(const char* why) {
 }
 
 // kernel<<<grid, block, smem, stream>>>(args...): blocks in turn, each with all its threads.
+// `name` is the kernel's source text, printed for the tests ("cuemu: launch NAME ...").
 template <typename... Params, typename... Args>
-void launch(void (*kernel)(Params...), dim3 grid, dim3 block, size_t smem, cudaStream_t, Args&&... args) {
+void launch(void (*kernel)(Params...), const char* name, dim3 grid, dim3 block, size_t smem, cudaStream_t,
+            Args&&... args) {
+  std::fprintf(stderr, "cuemu: launch %s grid %u block %u smem %zu\n", name, grid.x, block.x, smem);
   const long long threads = static_cast<long long>(block.x) * block.y * block.z;
   if (block.y != 1 || block.z != 1 || grid.y != 1 || grid.z != 1) return fail_launch("only 1-D launches modelled");
   if (threads < 1 || threads > 1024) return fail_launch("threads per block outside [1, 1024]");
   if (grid.x < 1) return fail_launch("empty grid");
-  int limit = kDefaultDynamicSmem;
+  int attr = -1;  // cudaFuncAttributeMaxDynamicSharedMemorySize as set, or unset
   {
     std::lock_guard<std::mutex> lk(runtime().m);
     auto it = runtime().max_dynamic_smem.find(reinterpret_cast<const void*>(kernel));
-    if (it != runtime().max_dynamic_smem.end()) limit = it->second;
+    if (it != runtime().max_dynamic_smem.end()) attr = it->second;
   }
-  if (static_cast<long long>(smem) > limit) return fail_launch("dynamic shared memory above the function's limit");
+  if (static_cast<long long>(smem) > (attr < 0 ? kDefaultDynamicSmem : attr))
+    return fail_launch("dynamic shared memory above the function's limit");
   unsigned blocks = grid.x;
   if (const char* cap = std::getenv("CUEMU_MAX_GRID")) blocks = std::min<unsigned>(blocks, std::atoi(cap));
   for (unsigned bx = 0; bx < blocks; ++bx) {
     Ctx base;
-    base.bid = dim3(bx);
+    base.bid = dim3(bx, 0, 0);
     base.bdim = block;
     base.gdim = dim3(blocks);
-    run_block(block.x, smem, base, [&] { kernel(args...); });
+    const size_t static_bytes = run_block(block.x, smem, base, [&] { kernel(args...); });
+    // The static __shared__ size is known once a block has run: the runtime's rules with it
+    // (the default dynamic limit is 48 KB minus the static part; a raised attribute may not pass
+    // the opt-in limit minus the static part). A failed launch reports an error; the outputs
+    // written by the emulated block are not to be used.
+    if (bx == 0) {
+      const long long st = static_cast<long long>(static_bytes);
+      if (attr < 0 && static_cast<long long>(smem) + st > kDefaultDynamicSmem)
+        return fail_launch("static + dynamic shared memory above 48 KB without the opt-in attribute");
+      if (attr >= 0 && attr > smem_optin() - st)
+        return fail_launch("cudaFuncAttributeMaxDynamicSharedMemorySize above the opt-in limit minus static");
+    }
   }
 }
 
