@@ -3,9 +3,10 @@
 The ``.cu`` file is compiled by g++ after three textual rewrites that C++ cannot express with
 macros (``extern __shared__`` arrays, ``__shared__`` variables, each a per-block allocation, and
 the ``<<<...>>>`` launch syntax, which also passes the kernel's name); everything else comes from
-``cuda_emu/cuda_emu.h`` and the stand-in CUDA headers in ``cuda_emu/include``. Sanitizers: ``"address"`` (AddressSanitizer +
-UndefinedBehaviorSanitizer: out-of-bounds global and shared memory, misaligned vector loads,
-integer overflow) or ``"thread"`` (ThreadSanitizer: shared-memory races between barriers).
+``cuda_emu/cuda_emu.h`` and the stand-in CUDA headers in ``cuda_emu/include``. Sanitizers:
+``"address"`` (AddressSanitizer + UndefinedBehaviorSanitizer: out-of-bounds global and shared
+memory, misaligned vector loads, integer overflow) or ``"thread"`` (ThreadSanitizer, with one OS
+thread per CUDA thread: shared-memory races between barriers).
 """
 from __future__ import annotations
 
