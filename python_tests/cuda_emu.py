@@ -30,6 +30,7 @@ SANITIZE = {
 _EXTERN_SHARED = re.compile(r"extern\s+__shared__\s+(\w+)\s+(\w+)\[\];")
 _SHARED_VAR = re.compile(r"__shared__\s+([\w:]+)\s+(\w+)\s*(\[[^\]]+\])?\s*;")
 _LAUNCH = re.compile(r"([\w:]+(?:<[\w:, ]*>)?)<<<(.+?)>>>\((.*?)\);")
+_BOUNDS = re.compile(r"__launch_bounds__\(\s*([^,)]+)[^)]*\)\s*(\w+)\s*\(")
 
 
 def emulated_source(cu_text: str, expect: dict) -> str:
@@ -45,7 +46,16 @@ def emulated_source(cu_text: str, expect: dict) -> str:
         return f"{ty} {ref} = ::cuemu::static_shared<{ty}{dims}>({next(sites)});"
 
     text, n_shared = _SHARED_VAR.subn(shared, text)
-    text, n_launch = _LAUNCH.subn(r'::cuemu::launch(\1, "\1", \2, \3);', text)
+    # __launch_bounds__(max threads, ...) of each kernel: checked at its launches (a block larger
+    # than the bound fails to launch on a GPU)
+    bounds = {name: bound for bound, name in _BOUNDS.findall(text)}
+
+    def launch(m):
+        kernel, config, args = m.groups()
+        bound = bounds.get(kernel.split("<")[0], "1024")
+        return f'::cuemu::launch({kernel}, "{kernel}", {bound}, {config}, {args});'
+
+    text, n_launch = _LAUNCH.subn(launch, text)
     got = {"extern": n_ext, "shared": n_shared, "launches": n_launch}
     if got != expect:
         raise AssertionError(f"rewrote {got}, expected {expect}: update cuda_emu.py")

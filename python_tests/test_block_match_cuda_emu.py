@@ -232,6 +232,8 @@ MUTATIONS = {  # name: (sanitizer, old, new, what the run reports; None: a wrong
     "static-reserve": ("address", "constexpr long long kStaticSmemReserve = 1024;",
                        "constexpr long long kStaticSmemReserve = 0;",
                        "static + dynamic shared memory above 48 KB"),
+    "launch-bounds": ("address", "__launch_bounds__(kTileThreads, 2)", "__launch_bounds__(256, 2)",
+                      "more threads than the kernel's __launch_bounds__"),
 }
 
 

@@ -54,6 +54,7 @@ def test_launch_limits(selftest):
     assert "49 KB without the attribute: 1" in out
     assert "attribute above the opt-in: 1" in out
     assert "49 KB with the attribute: 0, base % 128 = 16" in out  # 16-byte, not 128-byte, aligned
+    assert "256 threads, bound 128: 1" in out  # __launch_bounds__
 
 
 def test_thread_model_reports_the_race_to_tsan(tmp_path):

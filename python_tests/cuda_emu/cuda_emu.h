@@ -21,8 +21,10 @@
 // - Races: see the two execution models below (fiber order permutations; ThreadSanitizer).
 // - `__shared__` variables are per block (cuda_emu.py rewrites each declaration), NaN bytes until
 //   written, exact-size allocations (ASan), and their size counts in the launch limits.
+// - __launch_bounds__: cuda_emu.py passes each kernel's maximum to its launches; a larger block
+//   fails to launch, as on a GPU.
 // Not modelled: timing, warp-synchronous code without __syncwarp, atomics, textures, streams,
-// __launch_bounds__ (dropped), 2-D/3-D launches.
+// 2-D/3-D launches.
 #pragma once
 
 #include <algorithm>
@@ -433,13 +435,15 @@ inline void fail_launch(const char* why) {
 
 // kernel<<<grid, block, smem, stream>>>(args...): blocks in turn, each with all its threads.
 // `name` is the kernel's source text, printed for the tests ("cuemu: launch NAME ...").
+// `max_threads` is the kernel's __launch_bounds__ (1024 without one).
 template <typename... Params, typename... Args>
-void launch(void (*kernel)(Params...), const char* name, dim3 grid, dim3 block, size_t smem, cudaStream_t,
-            Args&&... args) {
+void launch(void (*kernel)(Params...), const char* name, long long max_threads, dim3 grid, dim3 block, size_t smem,
+            cudaStream_t, Args&&... args) {
   std::fprintf(stderr, "cuemu: launch %s grid %u block %u smem %zu\n", name, grid.x, block.x, smem);
   const long long threads = static_cast<long long>(block.x) * block.y * block.z;
   if (block.y != 1 || block.z != 1 || grid.y != 1 || grid.z != 1) return fail_launch("only 1-D launches modelled");
   if (threads < 1 || threads > 1024) return fail_launch("threads per block outside [1, 1024]");
+  if (threads > max_threads) return fail_launch("more threads than the kernel's __launch_bounds__");
   if (grid.x < 1) return fail_launch("empty grid");
   int attr = -1;  // cudaFuncAttributeMaxDynamicSharedMemorySize as set, or unset
   {

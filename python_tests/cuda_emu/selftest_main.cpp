@@ -52,34 +52,36 @@ int main(int argc, char** argv) {
   const char* mode = argc > 1 ? argv[1] : "";
   if (!std::strcmp(mode, "race") || !std::strcmp(mode, "synced")) {
     float out[32];
-    ::cuemu::launch(!std::strcmp(mode, "race") ? shuffle_race : shuffle_synced, mode, dim3(1), dim3(64), 0,
+    ::cuemu::launch(!std::strcmp(mode, "race") ? shuffle_race : shuffle_synced, mode, 1024, dim3(1), dim3(64), 0,
                     nullptr, out);
     for (float v : out) std::printf("%g ", v);
     std::printf("\n");
   } else if (!std::strcmp(mode, "indices")) {
     int out[8] = {-1, -1, -1, -1, -1, -1, -1, -1};
-    ::cuemu::launch(indices, "indices", dim3(2), dim3(64), 0, nullptr, out);
+    ::cuemu::launch(indices, "indices", 1024, dim3(2), dim3(64), 0, nullptr, out);
     for (int v : out) std::printf("%d ", v);
     std::printf("\n");
   } else if (!std::strcmp(mode, "divergent")) {
     int out[64];
-    ::cuemu::launch(divergent_barrier, "divergent", dim3(1), dim3(64), 0, nullptr, out);
+    ::cuemu::launch(divergent_barrier, "divergent", 1024, dim3(1), dim3(64), 0, nullptr, out);
   } else if (!std::strcmp(mode, "uninitialised")) {
     float out[1] = {0.f};
-    ::cuemu::launch(read_before_write, "uninitialised", dim3(1), dim3(32), 0, nullptr, out);
+    ::cuemu::launch(read_before_write, "uninitialised", 1024, dim3(1), dim3(32), 0, nullptr, out);
     std::printf("%g\n", out[0]);
   } else if (!std::strcmp(mode, "limits")) {
     float out[1] = {0.f};
-    ::cuemu::launch(uses_dynamic, "too_many_threads", dim3(1), dim3(1056), 0, nullptr, out);
+    ::cuemu::launch(uses_dynamic, "too_many_threads", 1024, dim3(1), dim3(1056), 0, nullptr, out);
     std::printf("1056 threads: %d\n", static_cast<int>(cudaGetLastError()));
-    ::cuemu::launch(uses_dynamic, "no_attribute", dim3(1), dim3(32), 49 * 1024, nullptr, out);
+    ::cuemu::launch(uses_dynamic, "no_attribute", 1024, dim3(1), dim3(32), 49 * 1024, nullptr, out);
     std::printf("49 KB without the attribute: %d\n", static_cast<int>(cudaGetLastError()));
     std::printf("attribute above the opt-in: %d\n",
                 static_cast<int>(cudaFuncSetAttribute(uses_dynamic, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                                       300 * 1024)));
     cudaFuncSetAttribute(uses_dynamic, cudaFuncAttributeMaxDynamicSharedMemorySize, 100 * 1024);
-    ::cuemu::launch(uses_dynamic, "with_attribute", dim3(1), dim3(32), 49 * 1024, nullptr, out);
+    ::cuemu::launch(uses_dynamic, "with_attribute", 1024, dim3(1), dim3(32), 49 * 1024, nullptr, out);
     std::printf("49 KB with the attribute: %d, base %% 128 = %g\n", static_cast<int>(cudaGetLastError()), out[0]);
+    ::cuemu::launch(uses_dynamic, "bounded", 128, dim3(1), dim3(256), 0, nullptr, out);
+    std::printf("256 threads, bound 128: %d\n", static_cast<int>(cudaGetLastError()));
   }
   return 0;
 }
