@@ -42,9 +42,9 @@ output, checked once per case.
 """
 from __future__ import annotations
 
-import contextlib
 import os
 from functools import partial
+from unittest import mock
 
 import torch
 import torch.nn.functional as F
@@ -100,22 +100,9 @@ def forward_flop(N: int, kept_blocks: int, cin: int, cout: int, k: int, stride: 
 IMPLICIT = "ours packed, implicit GEMM"
 
 
-@contextlib.contextmanager
-def _tile_conv(choice: str):
-    """EFFSSL_TILE_CONV=choice inside (read by sparse.conv on every call)."""
-    old = os.environ.get("EFFSSL_TILE_CONV")
-    os.environ["EFFSSL_TILE_CONV"] = choice
-    try:
-        yield
-    finally:
-        if old is None:
-            del os.environ["EFFSSL_TILE_CONV"]
-        else:
-            os.environ["EFFSSL_TILE_CONV"] = old
-
-
 def _implicit_packed(*args, **kw):
-    with _tile_conv("implicit"):
+    """sparse_conv2d_packed with EFFSSL_TILE_CONV=implicit (read by sparse.conv on every call)."""
+    with mock.patch.dict(os.environ, {"EFFSSL_TILE_CONV": "implicit"}):
         return sparse_conv2d_packed(*args, **kw)
 
 

@@ -74,17 +74,25 @@ def sanitizer_available(sanitizer: str) -> bool:
         return subprocess.run(cmd, capture_output=True).returncode == 0
 
 
-def build_selftest(sanitizer: str | None, out_dir: str) -> str:
-    """Compile ``cuda_emu/selftest_main.cpp`` (the emulator's own tests) with ``sanitizer``
-    ("thread" for the OS-thread model) or none; returns the binary."""
-    binary = os.path.join(out_dir, f"selftest_{sanitizer or 'plain'}")
+def _compile(sources: list, binary: str, sanitizer: str | None, extra: tuple = ()) -> str:
+    """g++ ``sources`` against the emulator's headers into ``binary`` (with ``sanitizer``'s
+    flags, or none); returns ``binary``."""
+    if shutil.which("g++") is None:
+        raise RuntimeError("g++ not found")
     cmd = ["g++", "-std=c++17", "-O1", "-g", "-pthread", "-Wno-unknown-pragmas",
-           *(SANITIZE[sanitizer] if sanitizer else []), "-I", os.path.join(EMU, "include"),
-           os.path.join(EMU, "selftest_main.cpp"), "-o", binary]
+           *(SANITIZE[sanitizer] if sanitizer else []), "-I", os.path.join(EMU, "include"), *extra,
+           *sources, "-o", binary]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)}\n{proc.stderr[-4000:]}")
     return binary
+
+
+def build_selftest(sanitizer: str | None, out_dir: str) -> str:
+    """Compile ``cuda_emu/selftest_main.cpp`` (the emulator's own tests) with ``sanitizer``
+    ("thread" for the OS-thread model) or none; returns the binary."""
+    return _compile([os.path.join(EMU, "selftest_main.cpp")],
+                    os.path.join(out_dir, f"selftest_{sanitizer or 'plain'}"), sanitizer)
 
 
 def build(op: str, sanitizer: str, out_dir: str, expect: dict,
@@ -94,8 +102,6 @@ def build(op: str, sanitizer: str, out_dir: str, expect: dict,
     ``mutation = (old, new)`` replaces the one occurrence of ``old`` in the kernel first: the
     tests plant known bugs this way to show that the emulator catches them.
     """
-    if shutil.which("g++") is None:
-        raise RuntimeError("g++ not found")
     with open(os.path.join(ROOT, "csrc", op, f"{op}_kernel.cu")) as f:
         text = f.read()
     if mutation is not None:
@@ -106,14 +112,9 @@ def build(op: str, sanitizer: str, out_dir: str, expect: dict,
     kernel_cpp = os.path.join(out_dir, f"{op}_kernel_emu{name}.cpp")
     with open(kernel_cpp, "w") as f:
         f.write(f'#line 1 "csrc/{op}/{op}_kernel.cu"\n' + src)
-    binary = os.path.join(out_dir, f"{op}_{sanitizer}{name}")
-    cmd = ["g++", "-std=c++17", "-O1", "-g", "-pthread", "-DWITH_CUDA", "-Wno-unknown-pragmas",
-           *SANITIZE[sanitizer], "-I", os.path.join(EMU, "include"), "-I", os.path.join(ROOT, "csrc", op),
-           os.path.join(EMU, f"{op}_main.cpp"), kernel_cpp, "-o", binary]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise AssertionError(f"{' '.join(cmd)}\n{proc.stderr[-4000:]}")
-    return binary
+    return _compile([os.path.join(EMU, f"{op}_main.cpp"), kernel_cpp],
+                    os.path.join(out_dir, f"{op}_{sanitizer}{name}"), sanitizer,
+                    ("-DWITH_CUDA", "-I", os.path.join(ROOT, "csrc", op)))
 
 
 def _span(t: torch.Tensor) -> torch.Tensor:

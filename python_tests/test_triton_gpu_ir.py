@@ -373,7 +373,7 @@ def _other_cubins() -> dict:
         "gather_patches": dict(vit, s_n=3 * 224 * 224, s_c=224 * 224, s_h=224, s_w=1),
         "halo_gather_fwd": dict(R=6272 * 16, C=256, S=6272 * 4, P=4, bw=2, s0=1024, s1=1, s2=512, s3=256),
         "halo_gather_bwd": dict(S=6272 * 4, C=256, PP=16, pw=4, g0=4096, g1=1, g2=1024, g3=256),
-        "tile_conv": dict(M=6272 * 64, C=64, CO=64, PH=10, PW=10, BH=8, BW=8, P=64, NSRC=6272 * 64, s_t=4096,
+        "tile_conv": dict(M=6272 * 64, C=64, CO=64, PH=10, PW=10, BH=8, BW=8, s_t=4096,
                           s_c=1, s_y=512, s_x=64, DH=1, DW=1, rows_per_split=64 * 98),
         "multi_crop": dict(P=2, C=3, H=224, W=224, OH=96, OW=96, sn=3 * 224 * 224, sc=224 * 224, sh=224, sw=1),
     }

@@ -26,7 +26,14 @@ from torch import Tensor
 from .. import _backend
 from ..reference.tile_conv import tile_conv_reference
 
-_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def runs_triton(device_type: str) -> bool:
+    """Whether the Triton kernels run tensors of ``device_type``: CUDA, or the CPU under
+    TRITON_INTERPRET=1 with EFFSSL_BACKEND=triton (tests)."""
+    return device_type == "cuda" or (
+        device_type == "cpu" and _backend.TRITON_INTERPRET and _backend.backend() == "triton")
 
 
 def _check_tables(fn: str, tiles: Tensor, kernel: Sequence[int], table: Tensor, table_t: Tensor,
@@ -53,7 +60,7 @@ def _check(tiles: Tensor, weight: Tensor, bias: Optional[Tensor], table: Tensor,
     if tiles.dim() != 4 or weight.dim() != 4:
         raise ValueError(f"{fn}: tiles [T, C, bh, bw] and weight [C_out, C, kh, kw] must be 4-D, got "
                          f"{tuple(tiles.shape)} and {tuple(weight.shape)}")
-    if tiles.dtype not in _DTYPES or weight.dtype != tiles.dtype:
+    if tiles.dtype not in DTYPES or weight.dtype != tiles.dtype:
         raise TypeError(f"{fn}: tiles and weight must share one of float32/float16/bfloat16, got "
                         f"{tiles.dtype} and {weight.dtype}")
     T, C, bh, bw = tiles.shape
@@ -75,9 +82,7 @@ def tile_conv(tiles: Tensor, weight: Tensor, bias: Optional[Tensor], table: Tens
     ``TileIndex.halo_table((l, r, t, b))`` and ``table_t`` = ``halo_table((r, l, b, t))``
     (the backward's). float32 (TF32 as cuDNN when allowed)/float16/bfloat16, groups = 1."""
     _check(tiles, weight, bias, table, table_t, dilation)
-    dev = tiles.device.type
-    triton = dev == "cuda" or (dev == "cpu" and _backend.TRITON_INTERPRET and _backend.backend() == "triton")
-    if not triton or _backend.backend() == "reference":
+    if not runs_triton(tiles.device.type) or _backend.backend() == "reference":
         return tile_conv_reference(tiles, weight, bias, table, tuple(dilation))
     return torch.ops.effssl_kernels._tile_conv_triton(tiles, weight, bias, table, table_t, list(dilation))
 

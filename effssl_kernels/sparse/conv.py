@@ -23,9 +23,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .. import _backend
 from ..masks import BlockMask, _pair, _positive_pair
-from ..ops.tile_conv import tile_conv
+from ..ops.tile_conv import DTYPES as TILE_CONV_DTYPES
+from ..ops.tile_conv import runs_triton, tile_conv
 from ..reference.masked_net import masked_conv2d_reference
 from .tiles import TileIndex, _check_tiles, halo_gather, is_tile_aligned, pack, unpack
 
@@ -194,9 +194,6 @@ def tile_conv_choice() -> str:
     return name
 
 
-_HALF_OR_FLOAT = (torch.float32, torch.float16, torch.bfloat16)
-
-
 def _implicit_inputs(tiles: Tensor, weight: Tensor, bias: Optional[Tensor], stride, groups):
     """(tiles, weight, bias) as F.conv2d would see them (under autocast cast to its dtype), or None
     when the implicit GEMM does not apply to this conv (see :func:`tile_conv_choice`)."""
@@ -205,7 +202,7 @@ def _implicit_inputs(tiles: Tensor, weight: Tensor, bias: Optional[Tensor], stri
     if stride != (1, 1) or groups != 1 or tuple(weight.shape[-2:]) == (1, 1):
         return None
     dev = tiles.device.type
-    if not (dev == "cuda" or (dev == "cpu" and _backend.TRITON_INTERPRET and _backend.backend() == "triton")):
+    if not runs_triton(dev):
         return None
     tensors = [t for t in (tiles, weight, bias) if t is not None]
     if any(t.dtype == torch.float64 for t in tensors):
@@ -214,7 +211,7 @@ def _implicit_inputs(tiles: Tensor, weight: Tensor, bias: Optional[Tensor], stri
         ac = torch.get_autocast_dtype(dev)
         tiles, weight = tiles.to(ac), weight.to(ac)
         bias = None if bias is None else bias.to(ac)
-    if tiles.dtype not in _HALF_OR_FLOAT or weight.dtype != tiles.dtype or (
+    if tiles.dtype not in TILE_CONV_DTYPES or weight.dtype != tiles.dtype or (
             bias is not None and bias.dtype != tiles.dtype):
         return None
     return tiles, weight, bias

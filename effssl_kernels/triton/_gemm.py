@@ -1,6 +1,8 @@
 """What the Triton GEMM kernels share (patch_embed_gather, tile_conv): the dot and its precision."""
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
@@ -11,6 +13,11 @@ def input_precision(dtype: torch.dtype) -> str:
     ``torch.backends.cudnn.allow_tf32`` is set (default True), as the ``F.conv2d`` it replaces
     would; half types ignore it."""
     return "tf32" if (dtype != torch.float32 or torch.backends.cudnn.allow_tf32) else "ieee"
+
+
+def upcast_dot(dtype: torch.dtype) -> bool:
+    """The ``UPCAST_DOT`` of :func:`dot_acc` for a GEMM in ``dtype``: bfloat16 under the interpreter."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1" and dtype == torch.bfloat16
 
 
 @triton.jit

@@ -33,7 +33,7 @@ import triton.language as tl
 from torch import Tensor
 
 from . import check_grid, check_int32, device_of, wrap_triton
-from ._gemm import dot_acc, input_precision
+from ._gemm import dot_acc, input_precision, upcast_dot
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
@@ -275,7 +275,7 @@ def patch_embed_gather_triton(
             FP64=fp64,
             ADD_FP64=out_dtype == torch.float64,
             INPUT_PRECISION=precision,
-            UPCAST_DOT=_INTERPRET and weight.dtype == torch.bfloat16,
+            UPCAST_DOT=upcast_dot(weight.dtype),
             BLOCK_M=bm,
             BLOCK_N=bn,
             BLOCK_K=bk,

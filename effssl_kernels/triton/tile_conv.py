@@ -36,7 +36,7 @@ import triton.language as tl
 from torch import Tensor
 
 from . import check_grid, check_int32, device_of, wrap_triton
-from ._gemm import dot_acc, input_precision
+from ._gemm import dot_acc, input_precision, upcast_dot
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
@@ -50,11 +50,13 @@ def _widen(s_t, s_c, s_y, s_x, C):
 
 
 @triton.jit
-def _source_rows(table_ptr, rows, row_ok, tap, BH, BW, PH, PW, P, NSRC, s_t, s_y, s_x,
+def _source_rows(table_ptr, rows, row_ok, tap, BH, BW, PH, PW, M, s_t, s_y, s_x,
                  KW: tl.constexpr, DH, DW):
     """(ok, int64 offset) of the pixel that output rows ``rows`` read at ``tap``: the table entry
-    of padded pixel ``(y + ky*dh, x + kx*dw)`` of their tile, split into (tile, y, x). int32
-    index math (the launcher bounds every quantity); ``ok`` is False for zeros (sentinels)."""
+    of padded pixel ``(y + ky*dh, x + kx*dw)`` of their tile, split into (tile, y, x). Stride 1:
+    source and output tiles are the same ``BH x BW`` pixels, ``M`` of them in all, so a source
+    pixel splits like a row and ``M`` is the table's first sentinel. int32 index math (the
+    launcher bounds every quantity); ``ok`` is False for zeros (sentinels)."""
     bp = BH * BW
     t = rows // bp
     r = rows - t * bp
@@ -62,11 +64,11 @@ def _source_rows(table_ptr, rows, row_ok, tap, BH, BW, PH, PW, P, NSRC, s_t, s_y
     x = r - y * BW
     ky = tap // KW
     kx = tap - ky * KW
-    src = tl.load(table_ptr + t * (PH * PW) + (y + ky * DH) * PW + (x + kx * DW), mask=row_ok, other=NSRC)
-    ok = row_ok & (src >= 0) & (src < NSRC)
+    src = tl.load(table_ptr + t * (PH * PW) + (y + ky * DH) * PW + (x + kx * DW), mask=row_ok, other=M)
+    ok = row_ok & (src >= 0) & (src < M)
     src = tl.where(ok, src, 0).to(tl.int32)
-    st = src // P
-    sr = src - st * P
+    st = src // bp
+    sr = src - st * bp
     sy = sr // BW
     sx = sr - sy * BW
     return ok, st.to(tl.int64) * s_t + sy.to(tl.int64) * s_y + sx.to(tl.int64) * s_x
@@ -81,17 +83,15 @@ def _tile_conv_fwd_kernel(
     x_ptr,  # packed tiles [T, C, BH', BW'] any strides (the source map)
     w_ptr,  # [KH * KW * C, CO] contiguous, x's dtype
     b_ptr,  # [CO] or None
-    table_ptr,  # int64 [T, PH, PW] contiguous: source pixel or a sentinel >= NSRC
+    table_ptr,  # int64 [T, PH, PW] contiguous: source pixel or a sentinel >= M
     out_ptr,  # [M, CO] contiguous = channels-last [T, CO, BH, BW]
-    M,  # T * BH * BW output pixels
+    M,  # T * BH * BW output pixels (= source pixels)
     C,
     CO,
     PH,
     PW,
     BH,  # output tile (= source tile: stride 1)
     BW,
-    P,  # source pixels per tile
-    NSRC,  # T * P
     s_t,
     s_c,
     s_y,
@@ -116,7 +116,7 @@ def _tile_conv_fwd_kernel(
     col_ok = cols < CO
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     for tap in range(0, KH * KW):
-        ok, off = _source_rows(table_ptr, rows, row_ok, tap, BH, BW, PH, PW, P, NSRC, s_t, s_y, s_x, KW, DH, DW)
+        ok, off = _source_rows(table_ptr, rows, row_ok, tap, BH, BW, PH, PW, M, s_t, s_y, s_x, KW, DH, DW)
         a_rows = x_ptr + off
         for c0 in range(0, C, BLOCK_K):
             ck = c0 + tl.arange(0, BLOCK_K)
@@ -146,8 +146,6 @@ def _tile_conv_wgrad_kernel(
     PW,
     BH,
     BW,
-    P,
-    NSRC,
     s_t,
     s_c,
     s_y,
@@ -179,7 +177,7 @@ def _tile_conv_wgrad_kernel(
     for m0 in range(m_start, m_end, BLOCK_M):
         rows = m0 + tl.arange(0, BLOCK_M)
         row_ok = rows < m_end
-        ok, off = _source_rows(table_ptr, rows, row_ok, tap, BH, BW, PH, PW, P, NSRC, s_t, s_y, s_x, KW, DH, DW)
+        ok, off = _source_rows(table_ptr, rows, row_ok, tap, BH, BW, PH, PW, M, s_t, s_y, s_x, KW, DH, DW)
         g = tl.load(g_ptr + rows[:, None].to(tl.int64) * CO + cols[None, :], mask=row_ok[:, None] & col_ok[None, :],
                     other=0.0)
         a = tl.load(x_ptr + off[:, None] + ck[None, :].to(tl.int64) * s_c, mask=ok[:, None] & c_ok[None, :],
@@ -218,17 +216,14 @@ def _wgrad_tiles(C: int, CO: int, ieee: bool) -> tuple[int, int, int, int, int]:
     return 64, bn, bc, 8 if ieee else 4, 3
 
 
-def _geometry(tiles: Tensor, table: Tensor, kernel: tuple[int, int], dilation: tuple[int, int]) -> dict:
+def _geometry(tiles: Tensor, table: Tensor) -> dict:
     """Sizes the kernels take. The output tiles are the source tiles (``ops.tile_conv`` checks
-    ``table`` is ``[T, bh + reach, bw + reach]``): the kernels split a source pixel index by the
-    output tile's width."""
+    ``table`` is ``[T, bh + reach, bw + reach]``), so the ``M`` output rows are the source pixels."""
     T, C, bh, bw = tiles.shape
-    R, PH, PW = table.shape
-    oh, ow = PH - dilation[0] * (kernel[0] - 1), PW - dilation[1] * (kernel[1] - 1)
-    M = R * oh * ow
-    check_int32("tile_conv (Triton)", {"R*ph*pw": R * PH * PW, "T*bh*bw": T * bh * bw, "M": M}, _INT32_LIMIT,
-                "2^31 - 2^16")
-    return dict(M=M, R=R, C=C, PH=PH, PW=PW, BH=oh, BW=ow, P=bh * bw, NSRC=T * bh * bw)
+    _, PH, PW = table.shape
+    M = T * bh * bw
+    check_int32("tile_conv (Triton)", {"T*ph*pw": T * PH * PW, "T*bh*bw": M}, _INT32_LIMIT, "2^31 - 2^16")
+    return dict(M=M, C=C, PH=PH, PW=PW, BH=bh, BW=bw)
 
 
 def tile_conv_fwd(tiles: Tensor, weight: Tensor, bias: Optional[Tensor], table: Tensor,
@@ -239,13 +234,13 @@ def tile_conv_fwd(tiles: Tensor, weight: Tensor, bias: Optional[Tensor], table: 
     dtype, table int64 ``[T, bh + dh*(kh-1), bw + dw*(kw-1)]``. Returns ``[T, CO, bh, bw]``
     channels last."""
     CO, _, kh, kw = weight.shape
-    g = _geometry(tiles, table, (kh, kw), dilation)
-    out = torch.empty((g["R"], CO, g["BH"], g["BW"]), dtype=tiles.dtype, device=tiles.device,
+    g = _geometry(tiles, table)
+    out = torch.empty((tiles.shape[0], CO, g["BH"], g["BW"]), dtype=tiles.dtype, device=tiles.device,
                       memory_format=torch.channels_last)
     if g["M"] == 0 or CO == 0:
         return out
     if g["C"] == 0:
-        return out.copy_(torch.zeros_like(out) if bias is None else bias.view(1, CO, 1, 1).expand_as(out))
+        return out.zero_() if bias is None else out.copy_(bias.view(1, CO, 1, 1).expand_as(out))
     w = weight.permute(2, 3, 1, 0).contiguous()  # [kh, kw, C, CO]
     precision = input_precision(tiles.dtype)
     bm, bn, bk, warps, stages = _fwd_tiles(g["M"], CO, g["C"], precision == "ieee")
@@ -253,11 +248,11 @@ def tile_conv_fwd(tiles: Tensor, weight: Tensor, bias: Optional[Tensor], table: 
     with device_of(tiles):  # launch on the tensors' GPU, not the current one
         wrap_triton(_tile_conv_fwd_kernel)[grid](
             tiles, w, None if bias is None else bias.contiguous(), table.contiguous(), out,
-            g["M"], g["C"], CO, g["PH"], g["PW"], g["BH"], g["BW"], g["P"], g["NSRC"],
+            g["M"], g["C"], CO, g["PH"], g["PW"], g["BH"], g["BW"],
             *tiles.stride(), dilation[0], dilation[1],
             KH=kh, KW=kw, HAS_BIAS=bias is not None,
             INPUT_PRECISION=precision,
-            UPCAST_DOT=_INTERPRET and tiles.dtype == torch.bfloat16,
+            UPCAST_DOT=upcast_dot(tiles.dtype),
             BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, num_stages=stages,
         )
     return out
@@ -276,7 +271,7 @@ def tile_conv_wgrad(grad: Tensor, tiles: Tensor, table: Tensor, kernel: tuple[in
     :func:`tile_conv_fwd` for output gradient ``grad [T, CO, bh, bw]``."""
     kh, kw = kernel
     CO = grad.shape[1]
-    g = _geometry(tiles, table, kernel, dilation)
+    g = _geometry(tiles, table)
     C = g["C"]
     if g["M"] == 0 or C == 0 or CO == 0:
         return torch.zeros((CO, C, kh, kw), dtype=torch.float32, device=tiles.device)
@@ -293,11 +288,11 @@ def tile_conv_wgrad(grad: Tensor, tiles: Tensor, table: Tensor, kernel: tuple[in
     with device_of(tiles):
         wrap_triton(_tile_conv_wgrad_kernel)[grid](
             go, tiles, table.contiguous(), part,
-            g["M"], C, CO, g["PH"], g["PW"], g["BH"], g["BW"], g["P"], g["NSRC"],
+            g["M"], C, CO, g["PH"], g["PW"], g["BH"], g["BW"],
             *tiles.stride(), dilation[0], dilation[1], rows_per_split,
             KH=kh, KW=kw,
             INPUT_PRECISION=precision,
-            UPCAST_DOT=_INTERPRET and tiles.dtype == torch.bfloat16,
+            UPCAST_DOT=upcast_dot(tiles.dtype),
             BLOCK_M=bm, BLOCK_N=bn, BLOCK_C=bc, num_warps=warps, num_stages=stages,
         )
     # fixed-order float32 reduction over the splits

@@ -160,8 +160,8 @@ struct BlockMem {
     CUEMU_UNPOISON(raw, padded);
     std::free(raw);
     for (auto& kv : statics) {
-      CUEMU_UNPOISON(kv.second, 16);  // at least the first granule; ASan's free takes the rest
-      std::free(kv.second);
+      CUEMU_UNPOISON(kv.second.first, kv.second.second);
+      std::free(kv.second.first);
     }
   }
   // A `__shared__` variable of this block (cuda_emu.py rewrites each declaration into a call):
@@ -171,20 +171,21 @@ struct BlockMem {
     std::lock_guard<std::mutex> lk(static_mutex);
     auto it = statics.find(site);
     if (it == statics.end()) {
-      void* p = std::aligned_alloc(16, (sizeof(T) + 15) / 16 * 16);
-      std::memset(p, 0xff, (sizeof(T) + 15) / 16 * 16);
-      CUEMU_POISON(static_cast<unsigned char*>(p) + sizeof(T), (sizeof(T) + 15) / 16 * 16 - sizeof(T));
-      it = statics.emplace(site, p).first;
-      static_bytes += (sizeof(T) + 15) / 16 * 16;
+      const size_t bytes = (sizeof(T) + 15) / 16 * 16;
+      void* p = std::aligned_alloc(16, bytes);
+      std::memset(p, 0xff, bytes);
+      CUEMU_POISON(static_cast<unsigned char*>(p) + sizeof(T), bytes - sizeof(T));
+      it = statics.emplace(site, std::make_pair(p, bytes)).first;
+      static_bytes += bytes;
     }
-    return *static_cast<T*>(it->second);
+    return *static_cast<T*>(it->second.first);
   }
   std::vector<Warp> warps;
   unsigned char* raw = nullptr;
   unsigned char* smem_ptr = nullptr;
   size_t padded = 0;
   std::mutex static_mutex;
-  std::map<int, void*> statics;
+  std::map<int, std::pair<void*, size_t>> statics;  // site: (allocation, its rounded size)
   size_t static_bytes = 0;
 };
 
