@@ -10,6 +10,7 @@ over the candidates that lie inside b; the limit is the device's FP32 (non-tenso
 from __future__ import annotations
 
 import os
+from unittest import mock
 
 import torch
 import torch.nn.functional as F
@@ -81,6 +82,16 @@ def providers(device: str, quick: bool, r: int):
     return p
 
 
+def kernel_path(how: str) -> str:
+    """Which kernel the provider ran (SEMANTICS.md section 5): the CUDA launcher's choice by shape
+    (image, tiled or direct, read back after the timed calls), else the provider's only form."""
+    if how == "cuda":
+        from effssl_kernels import _backend
+
+        return f"{_backend._C.block_match_cuda_last_path()} kernel"
+    return {"auto": "C++ direct, 16/8/4-wide tiles", "triton": "Triton direct"}.get(how, "")
+
+
 def run(device: str, quick: bool = False) -> list[dict]:
     info = device_info(device)
     rows = []
@@ -94,8 +105,8 @@ def run(device: str, quick: bool = False) -> list[dict]:
         case_rows = []
         base = None
         for prov, how in providers(device, quick, r).items():
-            if how in ("auto", "cuda", "triton"):
-                os.environ["EFFSSL_BACKEND"] = how
+            env = {"EFFSSL_BACKEND": how} if how in ("auto", "cuda", "triton") else {}
+            if env:
                 fn = lambda: ek.block_match(a, b, B, r)  # noqa: E731
             elif how == "reference":
                 fn = lambda: block_match_reference(a, b, B, r)  # noqa: E731
@@ -104,16 +115,15 @@ def run(device: str, quick: bool = False) -> list[dict]:
             else:
                 fn = lambda: compiled(a, b, B, r)  # noqa: E731
             try:
-                fn()  # warm-up, compile
-                t = time_ms(fn, device, min_run_time=0.5 if quick else 2.0)
+                with mock.patch.dict(os.environ, env):  # the user's own value comes back after
+                    fn()  # warm-up, compile
+                    t = time_ms(fn, device, min_run_time=0.5 if quick else 2.0)
             except Exception as e:  # report, never hide, a provider that fails
                 case_rows.append({"case": name, "pairs": N, "provider": prov, "note": f"failed: {e}"[:120]})
                 continue
-            finally:
-                os.environ.pop("EFFSSL_BACKEND", None)
             tflops = flop / (t["median_ms"] * 1e-3) / 1e12
             row = {"case": name, "pairs": N, "provider": prov, **t, "tflops": tflops,
-                   "pct_fp32_limit": 100 * tflops / info["fp32_tflops_limit"]}
+                   "pct_fp32_limit": 100 * tflops / info["fp32_tflops_limit"], "path": kernel_path(how)}
             if base is None:
                 base = t["median_ms"]
             case_rows.append(row)
@@ -131,7 +141,8 @@ def main(argv=None) -> str:
         args, "block_match",
         f"block_match on {info['device']} (FP32 limit {info['fp32_tflops_limit']} TFLOP/s, {info['limit_source']})",
         info, rows,
-        ["case", "pairs", "provider", "median_ms", "p20_ms", "p80_ms", "ours_speedup", "tflops", "pct_fp32_limit", "note"],
+        ["case", "pairs", "provider", "path", "median_ms", "p20_ms", "p80_ms", "ours_speedup", "tflops", "pct_fp32_limit",
+         "note"],
     )
 
 

@@ -5,6 +5,8 @@
 
 #include <string>
 
+#include "block_match/block_match.h"
+
 TORCH_LIBRARY(effssl_kernels, m) {
   // SEMANTICS.md section 1. centers: int [N, Hb, Wb, 2] or None; flip: bool [N] or None.
   m.def(
@@ -90,9 +92,19 @@ static PyObject* cuda_archs(PyObject*, PyObject*) {
 #endif
 }
 
+static PyObject* block_match_cuda_last_path(PyObject*, PyObject*) {
+#ifdef WITH_CUDA
+  return PyUnicode_FromString(effssl::block_match_cuda_last_path());
+#else
+  return PyUnicode_FromString("");
+#endif
+}
+
 static PyMethodDef methods[] = {
     {"with_cuda", with_cuda, METH_NOARGS, "True when the CUDA kernels were compiled in."},
     {"cuda_archs", cuda_archs, METH_NOARGS, "TORCH_CUDA_ARCH_LIST the CUDA kernels were built for."},
+    {"block_match_cuda_last_path", block_match_cuda_last_path, METH_NOARGS,
+     "Which block_match CUDA kernel this thread launched last: image, tiled, direct, or ''."},
     {nullptr, nullptr, 0, nullptr}};
 
 static PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, methods};

@@ -72,6 +72,11 @@ def choose(device_type: str, cuda_kernel: bool = True) -> str:
                 raise RuntimeError("EFFSSL_BACKEND=triton but triton is not installed")
             return "triton"
         if not HAS_CUDA_KERNELS:
+            if HAS_TRITON:  # asked for 'cuda' (or 'cpp', which has no CUDA meaning) by name
+                raise RuntimeError(
+                    f"EFFSSL_BACKEND={name}: effssl_kernels was built without CUDA kernels; use "
+                    "EFFSSL_BACKEND=auto or triton for the Triton kernels. " + REBUILD_HINT
+                )
             raise RuntimeError(
                 "effssl_kernels was built without CUDA kernels and Triton is not installed. "
                 + REBUILD_HINT

@@ -79,7 +79,10 @@ def resize_matrix_pinv(
         # eagerly (e.g. by entering effssl_kernels.patch_size outside the compiled region) to warm it.
         return _pinv(_resize_matrix(old, new, interpolation, antialias)).to(device, dtype)
     base_key = (old, new, interpolation, bool(antialias), torch.device("cpu"), torch.float64)
-    with _CACHE_LOCK:
+    # Outside inference mode: a cached inference tensor could never be saved for backward, so a
+    # first call under torch.inference_mode() (evaluating at another patch size) would break
+    # every later training step at that size.
+    with _CACHE_LOCK, torch.inference_mode(False):
         base = _CACHE.get(base_key)
         if base is None:
             base = _pinv(_resize_matrix(old, new, interpolation, antialias))

@@ -3,7 +3,7 @@
 For each crop group (SimSiam/BYOL's two views, DINO's 2 global + N local crops)::
 
     random_resized_boxes (CPU draw, pinned copy)  -> multi_crop (one launch, geometry recorded)
-    -> raw uint8 crops (what SimWnW's block_match compares, before any colour change)
+    -> raw uint8 crops (what simwnw_masks compares, before any colour change)
     -> PhotometricSampler draw (CPU) -> photometric (one fused kernel, CPU params packed and
        copied through pinned memory) -> normalised float32 views
 
@@ -25,7 +25,7 @@ from torch import Tensor
 from .ops.multi_crop import multi_crop
 from .photometric import PhotometricParams, PhotometricSampler, photometric
 from .reference.photometric import blur_fits
-from .transforms import random_resized_boxes
+from .transforms import check_crop_params, random_resized_boxes
 
 __all__ = ["CropGroup", "MultiViews", "MultiViewAugment"]
 
@@ -82,6 +82,7 @@ class MultiViewAugment:
                 raise ValueError(f"MultiViewAugment: num and size must be positive ints, got {g.num!r}, {g.size!r}")
             if not isinstance(g.sampler, PhotometricSampler):
                 raise TypeError(f"MultiViewAugment: sampler must be a PhotometricSampler, got {type(g.sampler).__name__}")
+            check_crop_params(g.scale, ratio, hflip_p, "MultiViewAugment")  # now, not at the first call
             if g.sampler.blur_p > 0 and not blur_fits(g.sampler.blur_kernel, g.size, g.size):
                 raise ValueError(
                     f"MultiViewAugment: blur_kernel {g.sampler.blur_kernel} is too large for {g.size} px crops"

@@ -26,21 +26,22 @@ Example (SimSiam; SimCLR/BYOL/DINO change only the loss and the second encoder):
 """
 from __future__ import annotations
 
-import math
 from typing import Callable, NamedTuple, Optional, Sequence, Union
 
 import torch
 from torch import Tensor, nn
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
+from ._utils import as_pair
 from .masks import BlockMask
 from .nn.resnet import block_mask, is_sparse
 from .nn.vit import is_sparse_vit, token_keep
-from .ops.block_match import block_match, similar_blocks
+from .ops.block_match import block_match, check_threshold, similar_blocks
 from .photometric import PhotometricSampler
 from .photometric import photometric as ek_photometric
 from .sparse.tiles import kept_tiles, prepare_tiles
 from .tokens import keep_buckets, keep_topped_up
+from .reference.photometric import blur_fits
 from .transforms import crop_centers, random_crops
 
 __all__ = ["SimWnW", "SimWnWMasks", "SimWnWViews", "simwnw_masks"]
@@ -85,7 +86,7 @@ def simwnw_masks(
     *,
     search_radius: Optional[int] = None,
     threshold_db: float = 20.0,
-    data_range: float = 1.0,
+    data_range: Optional[float] = None,
     boxes_a: Optional[Tensor] = None,
     boxes_b: Optional[Tensor] = None,
     flips_a: Optional[Tensor] = None,
@@ -95,13 +96,15 @@ def simwnw_masks(
     """SimWnW's two masks: A drops its blocks with a similar block in B, B those with one in A.
 
     Args:
-        view_a, view_b: ``[N, C, H, W]``, same shape/device/dtype (float32/16/bf16), values in
-            ``[0, data_range]``: the views after the geometric augmentations, before the
-            photometric ones.
+        view_a, view_b: ``[N, C, H, W]``, same shape/device/dtype, float32/16/bf16 in
+            ``[0, data_range]`` or uint8 (``MultiViewAugment``'s ``raw`` crops, compared in
+            float32 with ``data_range`` 255): the views after the geometric augmentations,
+            before the photometric ones.
         block_size: ``B``; blocks on the ``H // B`` x ``W // B`` grid.
         search_radius: displacements searched around each counterpart, default ``B // 2``
             (SimWnW's search region of twice the block side).
         threshold_db: PSNR above which a pair is similar (SimWnW: 20 dB).
+        data_range: peak value for the PSNR; default 1.0 for float views, 255 for uint8.
         boxes_a, boxes_b, flips_a, flips_b: the crops that made the views (``[N, 4]`` source
             pixels ``(top, left, height, width)``, bool ``[N]``), all four or none. With them each
             search starts where the block's scene point landed in the other view
@@ -118,6 +121,11 @@ def simwnw_masks(
         raise ValueError(f"simwnw_masks: views must be [N, C, H, W], got {tuple(view_a.shape)}")
     if isinstance(min_keep, bool) or not isinstance(min_keep, int) or min_keep < 0:
         raise ValueError(f"simwnw_masks: min_keep must be an int >= 0, got {min_keep!r}")
+    check_threshold(threshold_db, "simwnw_masks")
+    if view_a.dtype == torch.uint8 and view_b.dtype == torch.uint8:
+        view_a, view_b = view_a.float(), view_b.float()  # exact: levels 0..255
+        data_range = 255.0 if data_range is None else data_range
+    data_range = 1.0 if data_range is None else data_range
     r = block_size // 2 if search_radius is None else search_radius
     geometry = (boxes_a, boxes_b, flips_a, flips_b)
     if any(g is not None for g in geometry):
@@ -185,8 +193,7 @@ class SimWnW:
             raise ValueError(f"SimWnW: block_size must be a positive int, got {block_size!r}")
         if match_on not in ("raw", "augmented"):
             raise ValueError(f"SimWnW: match_on must be 'raw' or 'augmented', got {match_on!r}")
-        if not isinstance(threshold_db, (int, float)) or isinstance(threshold_db, bool) or math.isnan(threshold_db):
-            raise TypeError(f"SimWnW: threshold_db must be a number, got {threshold_db!r}")
+        check_threshold(threshold_db, "SimWnW")
         self.block_size = block_size
         self.search_radius = block_size // 2 if search_radius is None else search_radius
         self.threshold_db = float(threshold_db)
@@ -207,7 +214,7 @@ class SimWnW:
                 f"token_buckets={self.token_buckets})")
 
     def masks(self, view_a: Tensor, view_b: Tensor, boxes_a=None, boxes_b=None, flips_a=None, flips_b=None,
-              *, data_range: float = 1.0) -> SimWnWMasks:
+              *, data_range: Optional[float] = None) -> SimWnWMasks:
         """:func:`simwnw_masks` with this configuration (geometry ignored if ``use_geometry`` is
         False); records the removal fractions."""
         geo = dict(boxes_a=boxes_a, boxes_b=boxes_b, flips_a=flips_a, flips_b=flips_b) if self.use_geometry else {}
@@ -268,7 +275,7 @@ class SimWnW:
         """
         if not isinstance(images, Tensor) or images.dim() != 4:
             raise ValueError("SimWnW.views: images must be a [N, C, H, W] tensor")
-        fa, fb = self._photometric_fns(photometric, images.shape[0], generator)
+        fa, fb = self._photometric_fns(photometric, images.shape[0], view_size, generator)
         v, boxes, flips = random_crops(images, 2, view_size, scale, ratio, hflip_p, generator=generator)
         va, vb = v[:, 0].float(), v[:, 1].float()
         if fa is not None and self.match_on == "augmented":
@@ -278,13 +285,21 @@ class SimWnW:
             va, vb = fa(va), fb(vb)
         return SimWnWViews(va, vb, m, boxes[:, 0], boxes[:, 1], flips[:, 0], flips[:, 1])
 
-    def _photometric_fns(self, photometric, N: int, generator):
+    def _photometric_fns(self, photometric, N: int, view_size, generator):
         """``views``' photometric argument -> one callable per view (or ``(None, None)``)."""
         if photometric is None or (callable(photometric) and not isinstance(photometric, PhotometricSampler)):
             return photometric, photometric
-        samplers = (photometric, photometric) if isinstance(photometric, PhotometricSampler) else tuple(photometric)
+        if isinstance(photometric, PhotometricSampler):
+            samplers = (photometric, photometric)
+        else:
+            samplers = tuple(photometric) if isinstance(photometric, (tuple, list)) else ()
         if len(samplers) != 2 or not all(isinstance(x, PhotometricSampler) for x in samplers):
-            raise TypeError("SimWnW.views: photometric must be a callable, a PhotometricSampler or a pair of them")
+            raise TypeError("SimWnW.views: photometric must be a callable, a PhotometricSampler or a pair of them, "
+                            f"got {photometric!r}")
+        H, W = as_pair(view_size, "SimWnW.views: view_size")
+        for x in samplers:  # every call, not only on the draws that blur
+            if x.blur_p > 0 and not blur_fits(x.blur_kernel, H, W):
+                raise ValueError(f"SimWnW.views: blur_kernel {x.blur_kernel} is too large for {H}x{W} px views")
         if self.match_on == "augmented" and any(x.mean is not None for x in samplers):
             raise ValueError(
                 "SimWnW.views: match_on='augmented' compares views in [0, 1]: give samplers with mean=None, std=None"

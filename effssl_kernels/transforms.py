@@ -24,6 +24,16 @@ __all__ = ["crop_centers", "random_crops", "random_resized_boxes", "TwoViewCrop"
 _INT_DTYPES = (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)
 
 
+def check_crop_params(scale, ratio, hflip_p, fn: str) -> None:
+    """RandomResizedCrop's ``scale`` and ``ratio`` ranges and the flip probability, or ValueError
+    (NaN fails every comparison, so it is refused too)."""
+    for name, rng in (("scale", scale), ("ratio", ratio)):
+        if len(rng) != 2 or not (0 < rng[0] <= rng[1]):
+            raise ValueError(f"{fn}: {name} must be (min, max) with 0 < min <= max, got {rng!r}")
+    if not (0.0 <= float(hflip_p) <= 1.0):
+        raise ValueError(f"{fn}: hflip_p must be in [0, 1], got {hflip_p!r}")
+
+
 def random_resized_boxes(
     n: int,
     p: int,
@@ -55,12 +65,7 @@ def random_resized_boxes(
         bool ``[n, p]``.
     """
     H, W = as_pair(image_size, "random_resized_boxes: image_size")
-    if len(scale) != 2 or not (0 < scale[0] <= scale[1]):
-        raise ValueError(f"random_resized_boxes: scale must be (min, max) with 0 < min <= max, got {scale!r}")
-    if len(ratio) != 2 or not (0 < ratio[0] <= ratio[1]):
-        raise ValueError(f"random_resized_boxes: ratio must be (min, max) with 0 < min <= max, got {ratio!r}")
-    if not (0.0 <= float(hflip_p) <= 1.0):
-        raise ValueError(f"random_resized_boxes: hflip_p must be in [0, 1], got {hflip_p!r}")
+    check_crop_params(scale, ratio, hflip_p, "random_resized_boxes")
     if n < 0 or p < 0:
         raise ValueError(f"random_resized_boxes: n and p must be >= 0, got {n}, {p}")
     tries = 10

@@ -173,11 +173,16 @@ def block_match(binary: str, a, b, block_size, search_radius, data_range=1.0, ce
             raise AssertionError(f"emulated kernel failed (exit {proc.returncode}):\n{proc.stderr[-6000:]}")
         with open(dst, "rb") as f:
             out = f.read()
+    launched = re.findall(r"^cuemu: launch (\S+)", proc.stderr, re.M)
     if launches is not None:
-        launches.extend(re.findall(r"^cuemu: launch (\S+)", proc.stderr, re.M))
+        launches.extend(launched)
     status = int.from_bytes(out[:8], "little", signed=True)
     if status != 0:
         raise AssertionError(f"launcher returned cudaError {status}:\n{proc.stderr[-2000:]}")
+    # block_match_cuda_last_path() (what the benchmark reports) names the kernel that ran
+    last = re.findall(r"^cuemu: last path (\S*)", proc.stderr, re.M)
+    want = re.match(r"bm_(\w+)_kernel", launched[-1]).group(1) if launched else ""
+    assert last == [want], f"block_match_cuda_last_path() said {last}, the launcher ran {launched}"
     blocks = N * Hb * Wb
     psnr = torch.frombuffer(bytearray(out[8 : 8 + 4 * blocks]), dtype=torch.float32).reshape(N, Hb, Wb)
     off = torch.frombuffer(bytearray(out[8 + 4 * blocks :]), dtype=torch.int32).reshape(N, Hb, Wb, 2)

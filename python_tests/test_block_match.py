@@ -109,20 +109,22 @@ def test_planted_shift_recovered_exactly(device, dtype, shift):
     assert_block_match(psnr, off, a, b, B, r)
 
 
-@pytest.mark.parametrize("r", [9, 16])
-def test_cpu_full_candidate_tiles(r):
-    # The CPU kernel scores 16 horizontally consecutive candidates at once (tile_ssd16) and the
-    # rest of a row one at a time (tile_ssd); only r >= 8 reaches the former (2r + 1 = 19: one
-    # tile and a tail of 3; 33: two tiles and a tail of 1; clipped rows near the border: other
-    # splits). Offsets must equal the reference's, planted shifts must be found in every tile.
+@pytest.mark.parametrize("r", [1, 2, 4, 5, 6, 9, 16])
+def test_cpu_candidate_tiles(r):
+    # The CPU kernel scores a row of candidates in tiles of 16, 8 and 4 (tile_ssd_vec), a tail of
+    # 1-3 with a 4-wide tile backed up over scored candidates, and rows of fewer than 4 one at a
+    # time (tile_ssd): 2r + 1 = 3 (scalar), 5 (4 + a tail of 1), 9 (8 + 1), 11 (8 + 3), 13
+    # (8 + 4 + 1), 19 (16 + 3), 33 (16 + 16 + 1), and clipped rows near the border other splits.
+    # Offsets must equal the reference's, planted shifts must be found in every tile.
     N, C, B = 3, 2, 4
     H, W = 2 * r + 8, 2 * r + 20
-    for dy, dx in [(1, 3 - r), (-2, r - 4), (0, r)]:  # dx in the first tile, the last one, the tail
+    # dx in the first tile, a later one, the tail
+    for dy, dx in [(min(1, r), -r), (-min(2, r), max(-r, r - 4)), (0, r)]:
         a, b = _shifted_pair(N, C, H, W, dy, dx, pad=r)
         psnr, off = ek.block_match(a, b, B, r)
         ys, xs = torch.arange(H // B) * B + dy, torch.arange(W // B) * B + dx
         inside = ((ys >= 0) & (ys <= H - B))[:, None] & ((xs >= 0) & (xs <= W - B))[None, :]
-        assert inside.sum() >= 20
+        assert inside.sum() >= 4
         assert torch.isposinf(psnr[:, inside]).all()
         assert (off[:, inside] == torch.tensor([dy, dx], dtype=torch.int32)).all()
         assert_block_match(psnr, off, a, b, B, r, exact_offsets=True)
@@ -313,6 +315,18 @@ def test_similar_blocks():
     assert ek.similar_blocks(psnr, threshold_db=18.5).tolist() == [False, False, True, True, True, True]
     with pytest.raises(TypeError):
         ek.similar_blocks(torch.tensor([1, 2]))
+    with pytest.raises(ValueError, match="NaN"):  # would mark nothing similar, silently
+        ek.similar_blocks(psnr, float("nan"))
+    with pytest.raises(TypeError, match="threshold_db must be a number"):
+        ek.similar_blocks(psnr, None)
+
+
+def test_integer_like_arguments():
+    # NumPy integers and 0-d integer tensors are ints (operator.index), as in torch's own APIs
+    a, b = torch.rand(2, 3, 16, 16), torch.rand(2, 3, 16, 16)
+    want = ek.block_match(a, b, 4, 2)
+    for got in (ek.block_match(a, b, np.int64(4), np.int32(2)), ek.block_match(a, b, torch.tensor(4), 2)):
+        assert all(torch.equal(g, w) for g, w in zip(got, want))
 
 
 # ----------------------------------------------------------------------------- bad input
@@ -324,7 +338,19 @@ BAD = [
     (lambda a, b: ek.block_match(a, b, 0, 2), ValueError, "positive"),
     (lambda a, b: ek.block_match(a, b, 17, 2), ValueError, "larger than the image"),
     (lambda a, b: ek.block_match(a, b, 4, -1), ValueError, "search_radius"),
-    (lambda a, b: ek.block_match(a, b, 4.0, 2), ValueError, "block_size"),
+    (lambda a, b: ek.block_match(a, b, 4.0, 2), TypeError, "block_size must be an int"),
+    (lambda a, b: ek.block_match(a, b, True, 2), TypeError, "block_size must be an int"),
+    (lambda a, b: ek.block_match(a, b, 4, 2.5), TypeError, "search_radius must be an int"),
+    (lambda a, b: ek.block_match(a.byte(), b.byte(), 4, 2), TypeError, "uint8 views"),
+    (lambda a, b: ek.block_match(a, b, 4, 2, data_range="2"), TypeError, "data_range must be a number"),
+    (lambda a, b: ek.block_match(a, b, 4, 2, data_range=1e40), ValueError, "data_range must be in"),
+    (lambda a, b: ek.block_match(a, b, 4, 2, data_range=1e-30), ValueError, "data_range must be in"),
+    # device checks without a GPU: the meta device
+    (lambda a, b: ek.block_match(a, b.to("meta"), 4, 2), ValueError, "same device"),
+    (lambda a, b: ek.block_match(a, b, 4, 2, centers=torch.zeros(2, 4, 4, 2, dtype=torch.int32, device="meta")),
+     ValueError, "centers must be on cpu"),
+    (lambda a, b: ek.block_match(a, b, 4, 2, flip=torch.zeros(2, dtype=torch.bool, device="meta")),
+     ValueError, "flip must be on cpu"),
     (lambda a, b: ek.block_match(a, b, 4, 2, data_range=0), ValueError, "data_range"),
     (lambda a, b: ek.block_match(a, b, 4, 2, data_range=float("nan")), ValueError, "data_range"),
     (lambda a, b: ek.block_match(a, b, 4, 2, centers=torch.zeros(2, 4, 4, 2)), TypeError, "integer"),
@@ -408,6 +434,18 @@ def test_compile_fullgraph(device):
     compiled = torch.compile(masks, fullgraph=True, backend="aot_eager")
     for got, expect in zip(compiled(a, b, centers, flip), masks(a, b, centers, flip)):
         assert torch.equal(got, expect)
+
+
+def test_compile_fullgraph_reference_backend(monkeypatch):
+    # the fallback backend compiles too (no data-dependent branch in the reference)
+    monkeypatch.setenv("EFFSSL_BACKEND", "reference")
+    a, b = torch.rand(2, 3, 16, 16), torch.rand(2, 3, 16, 16)
+    centers = torch.randint(-6, 14, (2, 4, 4, 2))
+    for kw in ({}, dict(centers=centers, flip=torch.tensor([False, True]))):
+        torch._dynamo.reset()
+        got = torch.compile(lambda x, y: ek.block_match(x, y, 4, 2, **kw), fullgraph=True, backend="aot_eager")(a, b)
+        want = block_match_reference(a, b, 4, 2, 1.0, kw.get("centers"), kw.get("flip"))
+        assert all(torch.equal(g, w) for g, w in zip(got, want))
 
 
 # ----------------------------------------------------------------------------- shape fuzzing

@@ -60,3 +60,18 @@ def test_backend_choice(monkeypatch):
     monkeypatch.setenv("EFFSSL_BACKEND", "bogus")
     with pytest.raises(ValueError, match="EFFSSL_BACKEND"):
         _backend.choose("cpu")
+
+
+@pytest.mark.parametrize("triton", [True, False])
+def test_backend_without_cuda_kernels_names_the_way_out(monkeypatch, triton):
+    # a build without CUDA kernels: EFFSSL_BACKEND=cuda on CUDA tensors says what to use instead,
+    # and blames Triton only when Triton is really missing
+    monkeypatch.setattr(_backend, "HAS_CUDA_KERNELS", False)
+    monkeypatch.setattr(_backend, "HAS_TRITON", triton)
+    monkeypatch.setenv("EFFSSL_BACKEND", "cuda")
+    msg = "EFFSSL_BACKEND=auto or triton" if triton else "Triton is not installed"
+    with pytest.raises(RuntimeError, match=msg):
+        _backend.choose("cuda")
+    monkeypatch.setenv("EFFSSL_BACKEND", "auto")
+    if triton:
+        assert _backend.choose("cuda") == "triton"

@@ -119,6 +119,14 @@ def test_float64(xd, pd):
     _check(x, torch.randint(0, 6, (3, 10)), pos)
 
 
+def test_double_backward():
+    # the backward kernel's own backward is the forward kernel (gradient penalties)
+    x = torch.randn(2, 5, 3, dtype=torch.float64, device=DEVICE, requires_grad=True)
+    pos = torch.randn(5, 3, dtype=torch.float64, device=DEVICE, requires_grad=True)
+    keep = torch.tensor([[4, 0, 4], [1, 2, 3]], device=DEVICE)
+    assert torch.autograd.gradgradcheck(lambda a, b: gather_tokens(a, keep, b), (x, pos))
+
+
 def test_mixed_dtypes_and_int32():
     x = torch.randn(2, 8, 6).half().requires_grad_()
     pos = torch.randn(8, 6).bfloat16().requires_grad_()

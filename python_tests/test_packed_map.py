@@ -185,6 +185,37 @@ def test_to_dense_is_cached_until_the_tiles_change():
     assert b is not a and torch.equal(b, q.to_dense())
 
 
+def test_to_dense_cache_keeps_the_graph_after_a_no_grad_read():
+    # a dense copy made under no_grad (a logging hook, say) must not serve a differentiable read:
+    # the gradient of everything before the map would silently be lost
+    x, mask, p = _packed(seed=6)
+    with torch.no_grad():
+        assert not torch.sigmoid(p).requires_grad  # a zero-breaking op: it reads the dense map
+    y = torch.sigmoid(p)
+    assert y.requires_grad
+    g, = torch.autograd.grad(y.sum(), x)
+    pm = mask.pixel_mask(2, x.shape[-2:])  # removed positions are not read from x
+    torch.testing.assert_close(g, torch.autograd.grad(torch.sigmoid(x).sum(), x)[0] * pm)
+    assert g.abs().sum() > 0
+
+
+def test_to_dense_cache_never_serves_a_changed_copy(monkeypatch):
+    # an in-place change through a view of the dense copy does not reach the map (documented,
+    # warned) and must not reach later readers of the map either
+    monkeypatch.setattr(P, "_WARNED", set())  # warned once per op name and process
+    _, _, p = _packed(seed=7)
+    want = p.to_dense().detach().clone()
+    with pytest.warns(UserWarning, match="view of a dense copy"):
+        v = p[:, :2]
+    with torch.no_grad():
+        v.mul_(0)
+    torch.testing.assert_close(p.to_dense(), want, rtol=0, atol=0)
+    d = p.to_dense()
+    with torch.no_grad():
+        d.add_(1)
+    torch.testing.assert_close(p.to_dense(), want, rtol=0, atol=0)
+
+
 # ----------------------------------------------------------------------------- packed layers
 @pytest.mark.parametrize("k,s,pad", [(3, 2, 1), (2, 2, 0), (3, 1, 1)])
 def test_max_pool_packed_matches_reference_negative_values(k, s, pad):

@@ -403,6 +403,14 @@ def test_bad_input_direct_op(i, v, msg):
         torch.ops.effssl_kernels.patch_embed_gather(*_with(i, v))
 
 
+def test_zero_width_direct_op():
+    # D = 0 through the op itself (the public function refuses it): an empty result, no division
+    # by zero in the positional add's grain size
+    out = torch.ops.effssl_kernels.patch_embed_gather(
+        torch.rand(1, 3, 8, 8), torch.randn(0, 3, 4, 4), torch.randn(0), torch.tensor([[0, 1]]), torch.randn(4, 0))
+    assert out.shape == (1, 2, 0)
+
+
 def test_bad_input_helper_ops():
     ops = torch.ops.effssl_kernels
     x, keep = torch.rand(2, 3, 16, 16), torch.zeros(2, 3, dtype=torch.long)

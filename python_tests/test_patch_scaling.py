@@ -110,6 +110,18 @@ def test_pinv_cache():
     assert resize_matrix_pinv(16, 24) is not a
 
 
+def test_pinv_cache_filled_under_inference_mode():
+    # evaluating at another patch size first must not leave inference tensors in the cache,
+    # which training at that size would then fail to save for backward
+    clear_resize_cache()
+    w = torch.randn(2, 3, 16, 16, requires_grad=True)
+    with torch.inference_mode():
+        ek.resize_patch_embed(w.detach(), 24)
+    assert not resize_matrix_pinv(16, 24).is_inference()
+    ek.resize_patch_embed(w, 24).sum().backward()
+    assert w.grad is not None and w.grad.abs().sum() > 0
+
+
 @pytest.mark.parametrize(
     "call,exc",
     [

@@ -217,3 +217,26 @@ def test_multi_view_augment_errors():
         ek.MultiViewAugment.two_view(size=64)(torch.rand(2, 3, 64, 64))
     with pytest.raises(ValueError, match="at least one"):
         ek.MultiViewAugment([])
+    # crop parameters fail at construction, not at the first call
+    for kw, msg in [(dict(hflip_p=1.5), "hflip_p"), (dict(hflip_p=float("nan")), "hflip_p"),
+                    (dict(ratio=(2.0, 0.5)), "ratio"), (dict(scale=(0.5, 0.1)), "scale")]:
+        with pytest.raises(ValueError, match=msg):
+            ek.MultiViewAugment.two_view(size=64, **kw)
+
+
+def test_raw_crops_go_to_simwnw_masks():
+    # the pipeline's raw uint8 crops and recorded geometry feed the block search directly
+    # (compared in float32 with data_range 255: the same psnr as the crops scaled to [0, 1])
+    imgs = torch.nn.functional.interpolate(torch.rand(3, 3, 10, 12), size=(40, 48), mode="bilinear")
+    imgs = (imgs * 255).round().to(torch.uint8)
+    sampler = PhotometricSampler.byol(1, blur_kernel=5)
+    out = ek.MultiViewAugment.two_view(32, scale=(0.3, 1.0), samplers=(sampler, sampler),
+                                       generator=torch.Generator().manual_seed(0))(imgs)
+    geo = dict(boxes_a=out.boxes[0][:, 0], boxes_b=out.boxes[1][:, 0], flips_a=out.flips[0][:, 0],
+               flips_b=out.flips[1][:, 0])
+    m = ek.simwnw_masks(out.raw[0], out.raw[1], 8, threshold_db=25.0, **geo)
+    want = ek.simwnw_masks(out.raw[0].float() / 255, out.raw[1].float() / 255, 8, threshold_db=25.0, **geo)
+    torch.testing.assert_close(m.psnr_a, want.psnr_a, rtol=0, atol=1e-3)
+    torch.testing.assert_close(m.psnr_b, want.psnr_b, rtol=0, atol=1e-3)
+    assert torch.equal(m.keep_a, want.keep_a) and torch.equal(m.keep_b, want.keep_b)
+    assert m.psnr_a.isfinite().any()

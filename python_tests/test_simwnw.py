@@ -104,6 +104,12 @@ def test_mask_errors():
         ek.simwnw_masks(x, x, 4, min_keep=-1)
     with pytest.raises(ValueError, match="match_on"):
         ek.SimWnW(8, match_on="late")
+    with pytest.raises(ValueError, match="NaN"):  # would silently keep every block
+        ek.simwnw_masks(x, x, 4, threshold_db=float("nan"), min_keep=0)
+    with pytest.raises(ValueError, match="NaN"):
+        ek.SimWnW(8, threshold_db=float("nan"))
+    with pytest.raises(TypeError, match="threshold_db must be a number"):
+        ek.simwnw_masks(x, x, 4, threshold_db="20")
 
 
 # ----------------------------------------------------------------------------- views
@@ -147,6 +153,12 @@ def test_views_with_photometric_samplers():
         ek.SimWnW(8, match_on="augmented").views(images, 32, photometric=pair[0])
     with pytest.raises(TypeError, match="pair"):
         sw.views(images, 32, photometric=(pair[0],))
+    with pytest.raises(TypeError, match="pair"):
+        sw.views(images, 32, photometric=3)
+    # a blur kernel too large for the views fails on every call, not only on draws that blur
+    for seed in range(4):
+        with pytest.raises(ValueError, match="too large"):
+            sw.views(images, 8, photometric=ek.PhotometricSampler(), generator=torch.Generator().manual_seed(seed))
 
 
 # ----------------------------------------------------------------------------- encoders

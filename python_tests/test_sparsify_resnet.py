@@ -146,9 +146,14 @@ def test_all_kept_equals_dense(train):
 
 
 # ----------------------------------------------------------------------------- against the oracle
-def _check_against_reference(orig, x, keep, block, stem_stride, pool, train):
+def _check_against_reference(orig, x, keep, block, stem_stride, pool, train, ref=None):
+    """``ref``: a torchvision model the weights of ``orig`` load into, for ``_ref_forward``
+    (default a copy of ``orig``, itself torchvision)."""
     orig = _randomize_bn(orig).double()
-    ref = copy.deepcopy(orig)
+    if ref is None:
+        ref = copy.deepcopy(orig)
+    else:
+        ref.double().load_state_dict(orig.state_dict())
     conv = R.sparsify(copy.deepcopy(orig))
     ref.train(train)
     conv.train(train)
@@ -201,11 +206,22 @@ def test_cifar_resnet_matches_reference(train):
     _check_against_reference(_cifar_resnet(), x, _keep(2, 4, 4), 8, 1, False, train)
 
 
-def test_resnet18_matches_reference_block_not_dividing_strides():
+@pytest.mark.parametrize("train", [True, False])
+def test_resnet18_matches_reference_block_not_dividing_strides(train):
     # block 16 on 64 px: layer4 (stride 32) is not tile-aligned and runs masked-dense.
     x = torch.randn(2, 3, 64, 64, dtype=torch.float64)
     _check_against_reference(torchvision.models.resnet18(num_classes=5), x, _keep(2, 4, 4, seed=3),
-                             16, 2, True, True)
+                             16, 2, True, train)
+
+
+@pytest.mark.parametrize("train", [True, False])
+def test_timm_resnet50_matches_reference(train):
+    # timm's own ResNet-50 modules (its Bottleneck, act layers, SelectAdaptivePool2d) converted,
+    # against the reference forward of a torchvision ResNet-50 holding the same weights
+    timm = pytest.importorskip("timm")
+    x = torch.randn(2, 3, 64, 64, dtype=torch.float64)
+    _check_against_reference(timm.create_model("resnet50", num_classes=5), x, _keep(2, 4, 4, seed=3), 16, 2,
+                             True, train, ref=torchvision.models.resnet50(num_classes=5))
 
 
 def test_bottleneck_resnet_matches_reference():

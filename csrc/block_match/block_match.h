@@ -56,6 +56,8 @@ EFFSSL_HD DRange block_match_drange(int64_t c, int size, int block, int radius) 
 #ifdef WITH_CUDA
 // Launches on `stream` (a cudaStream_t). Returns 0 on success, else a cudaError_t code.
 int block_match_cuda_launch(const BlockMatchParams& p, ScalarKind kind, void* stream);
+// "image", "tiled" or "direct": the kernel this host thread's last launch ran ("" before any).
+const char* block_match_cuda_last_path();
 #endif
 
 }  // namespace effssl

@@ -44,11 +44,13 @@ inline void tile_ssd(const float* pa, const float* pb, int64_t plane, int W, int
   for (int j = 0; j < n; ++j) out[j] = total[j];
 }
 
-// The full tile (16 candidates) with its accumulators in four explicit 4-float vectors (GCC/Clang
+// Tiles of 4 * NV candidates with their accumulators in NV explicit 4-float vectors (GCC/Clang
 // vector extensions, SSE on any x86-64): written as the loop above, GCC keeps the 16 partial sums
 // in memory and spills every iteration (measured 6-9 GFLOP/s per core vs 17 for this form).
+// Every candidate's sum runs in the same order of operations in every tile width (and in
+// tile_ssd), so a candidate scored by two tiles gets the same value twice.
 typedef float v4f __attribute__((vector_size(16)));
-static_assert(kTileDx == 16, "tile_ssd16 scores four 4-float vectors of candidates");
+static_assert(kTileDx == 16, "the widest tile is four 4-float vectors of candidates");
 
 inline v4f loadu4(const float* p) {
   v4f v;
@@ -56,35 +58,50 @@ inline v4f loadu4(const float* p) {
   return v;
 }
 
-inline void tile_ssd16(const float* pa, const float* pb, int64_t plane, int W, int C, int B,
-                       float* out) {
-  v4f t0 = {}, t1 = {}, t2 = {}, t3 = {};
+template <int NV>
+inline void tile_ssd_vec(const float* pa, const float* pb, int64_t plane, int W, int C, int B,
+                         float* out) {
+  v4f total[NV] = {};
   for (int c = 0; c < C; ++c) {
     const float* ra = pa + c * plane;
     const float* rb = pb + c * plane;
     for (int ky = 0; ky < B; ++ky, ra += W, rb += W) {
-      v4f r0 = {}, r1 = {}, r2 = {}, r3 = {};  // per-row partial sums, as in tile_ssd
+      v4f row[NV] = {};  // per-row partial sums, as in tile_ssd
       for (int kx = 0; kx < B; ++kx) {
         const float s = ra[kx];
         const v4f t = {s, s, s, s};
         const float* q = rb + kx;
-        const v4f d0 = t - loadu4(q), d1 = t - loadu4(q + 4), d2 = t - loadu4(q + 8),
-                  d3 = t - loadu4(q + 12);
-        r0 += d0 * d0;
-        r1 += d1 * d1;
-        r2 += d2 * d2;
-        r3 += d3 * d3;
+#pragma GCC unroll 4
+        for (int v = 0; v < NV; ++v) {
+          const v4f d = t - loadu4(q + 4 * v);
+          row[v] += d * d;
+        }
       }
-      t0 += r0;
-      t1 += r1;
-      t2 += r2;
-      t3 += r3;
+#pragma GCC unroll 4
+      for (int v = 0; v < NV; ++v) total[v] += row[v];
     }
   }
-  std::memcpy(out, &t0, sizeof t0);
-  std::memcpy(out + 4, &t1, sizeof t1);
-  std::memcpy(out + 8, &t2, sizeof t2);
-  std::memcpy(out + 12, &t3, sizeof t3);
+  std::memcpy(out, total, sizeof total);
+}
+
+// Scores the candidates dx0 .. dx0 + count - 1 of one row into ssd[0 .. count): the widest tile
+// that fits, and for a tail of 1-3 candidates a 4-wide tile ending at the row's last candidate
+// (it re-scores up to 3 candidates already scored, never reads past the last one: the row may
+// end at the tensor's end); `first` is where the tail's scores start in ssd. Returns the
+// number of candidates consumed.
+inline int score_tile(const float* pa, const float* pb, int64_t plane, int W, int C, int B, int count,
+                      int row_count, float* ssd, int& first) {
+  first = 0;
+  if (count >= 16) return tile_ssd_vec<4>(pa, pb, plane, W, C, B, ssd), 16;
+  if (count >= 8) return tile_ssd_vec<2>(pa, pb, plane, W, C, B, ssd), 8;
+  if (count >= 4) return tile_ssd_vec<1>(pa, pb, plane, W, C, B, ssd), 4;
+  if (row_count >= 4) {  // back up over scored candidates: one vector instead of a scalar tail
+    first = 4 - count;
+    tile_ssd_vec<1>(pa, pb - first, plane, W, C, B, ssd);
+    return count;
+  }
+  tile_ssd(pa, pb, plane, W, C, B, count, ssd);
+  return count;
 }
 
 // a, b: contiguous float32 [N, C, H, W], b already mirrored where flip is set.
@@ -110,16 +127,14 @@ void block_match_cpu_kernel(const float* a, const float* b, const BlockMatchPara
       int64_t best_rank = INT64_MAX;
       int best_dy = 0, best_dx = 0;
       for (int dy = ry.lo; dy <= ry.hi; ++dy) {
-        for (int dx0 = rx.lo; dx0 <= rx.hi; dx0 += kTileDx) {
-          const int count = std::min(kTileDx, rx.hi - dx0 + 1);
+        const int row_count = rx.hi - rx.lo + 1;
+        for (int dx0 = rx.lo, count; dx0 <= rx.hi; dx0 += count) {
           const float* pb = b + n * C * plane + (cy + dy) * W + (cx + dx0);
-          if (count == kTileDx)
-            tile_ssd16(pa, pb, plane, W, C, B, ssd);
-          else  // never reads past the last candidate: the tail may end at the tensor's end
-            tile_ssd(pa, pb, plane, W, C, B, count, ssd);
+          int first;
+          count = score_tile(pa, pb, plane, W, C, B, rx.hi - dx0 + 1, row_count, ssd, first);
           for (int t = 0; t < count; ++t) {
             const int dx = dx0 + t;
-            const float mse = ssd[t] * inv_count;
+            const float mse = ssd[first + t] * inv_count;
             const float key = std::isnan(mse) ? -1.f : mse;
             const int64_t rank = block_match_rank(dy, dx, r);
             if (key < best_key || (key == best_key && rank < best_rank))

@@ -777,6 +777,10 @@ bool make_tiled_layout(const BlockMatchParams& p, long long limit, TiledLayout& 
 
 enum class Path { Auto, Image, Tiled, Direct };
 
+// The kernel this host thread launched last (Path as int; 0 before any launch), for
+// block_match_cuda_last_path(): benchmarks report which path ran (SEMANTICS.md section 5).
+thread_local int g_last_path = 0;
+
 Path forced_path() {
   const char* e = std::getenv("EFFSSL_BLOCK_MATCH_CUDA_PATH");
   if (e == nullptr) return Path::Auto;
@@ -819,6 +823,7 @@ int launch_typed(const BlockMatchParams& p, cudaStream_t stream) {
       err = allow_smem(bm_image_kernel<T>, img, limit);
       if (err != cudaSuccess) return static_cast<int>(err);
       const unsigned grid = static_cast<unsigned>(std::min<long long>(p.N, INT_MAX));
+      g_last_path = static_cast<int>(Path::Image);
       bm_image_kernel<T><<<grid, kImageThreads, static_cast<size_t>(img), stream>>>(p);
       return static_cast<int>(cudaGetLastError());
     }
@@ -829,15 +834,22 @@ int launch_typed(const BlockMatchParams& p, cudaStream_t stream) {
     if (make_tiled_layout(p, limit, L, bytes)) {
       err = allow_smem(bm_tiled_kernel<T>, bytes, limit);
       if (err != cudaSuccess) return static_cast<int>(err);
+      g_last_path = static_cast<int>(Path::Tiled);
       bm_tiled_kernel<T><<<grid_blocks, kTileThreads, static_cast<size_t>(bytes), stream>>>(p, L);
       return static_cast<int>(cudaGetLastError());
     }
   }
+  g_last_path = static_cast<int>(Path::Direct);
   bm_direct_kernel<T><<<grid_blocks, kDirectThreads, 0, stream>>>(p);
   return static_cast<int>(cudaGetLastError());
 }
 
 }  // namespace
+
+const char* block_match_cuda_last_path() {
+  static const char* const names[] = {"", "image", "tiled", "direct"};
+  return names[g_last_path];
+}
 
 int block_match_cuda_launch(const BlockMatchParams& p, ScalarKind kind, void* stream) {
   if (p.N <= 0 || p.Hb <= 0 || p.Wb <= 0) return 0;

@@ -112,7 +112,7 @@ void scatter_kernel(const in_t* cols, const idx_t* keep, int64_t N, int64_t K, i
 template <typename t, typename idx_t>
 void add_pos_kernel(t* y, const t* pos, const idx_t* keep, int64_t rows, int64_t D, int64_t L) {
   using acc_t = at::opmath_type<t>;
-  at::parallel_for(0, rows, std::max<int64_t>(1, 16384 / D), [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, rows, std::max<int64_t>(1, 16384 / std::max<int64_t>(D, 1)), [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
       const t* pr = pos + patch_index(keep, r, L, "patch_embed_gather") * D;
       t* yr = y + r * D;

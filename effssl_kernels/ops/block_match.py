@@ -6,6 +6,9 @@ the Triton op ``effssl_kernels::_block_match_triton`` both get a fake impl here,
 """
 from __future__ import annotations
 
+import math
+import numbers
+import operator
 from typing import Optional
 
 import torch
@@ -17,6 +20,17 @@ from ..reference.block_match import block_match_reference
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 MAX_RADIUS = 1 << 16  # (2r+1)^2 candidates per block; far beyond any useful search
 MAX_SIZE = 1 << 24  # keeps every pixel index of a kernel inside int32 arithmetic
+MIN_RANGE, MAX_RANGE = 1e-18, 1e18  # data_range^2 stays a normal float32
+
+
+def as_int(v, what: str) -> int:
+    """``v`` as a Python int (ints, NumPy integers, 0-d integer tensors), else TypeError."""
+    if not isinstance(v, bool):
+        try:
+            return operator.index(v)
+        except TypeError:
+            pass
+    raise TypeError(f"{what} must be an int, got {v!r}")
 
 
 def _check(a, b, block_size, search_radius, data_range, centers, flip) -> None:
@@ -31,22 +45,28 @@ def _check(a, b, block_size, search_radius, data_range, centers, flip) -> None:
     if a.dtype != b.dtype:
         raise TypeError(f"block_match: a and b must have the same dtype, got {a.dtype} and {b.dtype}")
     if a.dtype not in _DTYPES:
-        raise TypeError(f"block_match: dtype must be float32, float16 or bfloat16, got {a.dtype}")
+        hint = (" (uint8 views: pass a.float() / 255, or use simwnw_masks, which takes uint8)"
+                if a.dtype == torch.uint8 else "")
+        raise TypeError(f"block_match: dtype must be float32, float16 or bfloat16, got {a.dtype}{hint}")
     N, C, H, W = a.shape
     if C < 1:
         raise ValueError("block_match: C must be at least 1")
     if max(H, W) > MAX_SIZE:
         raise ValueError(f"block_match: H and W must be at most {MAX_SIZE}")
-    if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
+    if block_size < 1:
         raise ValueError(f"block_match: block_size must be a positive int, got {block_size!r}")
     if block_size > H or block_size > W:
         raise ValueError(f"block_match: block_size {block_size} is larger than the image {H}x{W}")
-    if isinstance(search_radius, bool) or not isinstance(search_radius, int) or search_radius < 0:
+    if search_radius < 0:
         raise ValueError(f"block_match: search_radius must be an int >= 0, got {search_radius!r}")
     if search_radius > MAX_RADIUS:
         raise ValueError(f"block_match: search_radius must be at most {MAX_RADIUS}, got {search_radius}")
-    if not (float(data_range) > 0 and float(data_range) < float("inf")):
-        raise ValueError(f"block_match: data_range must be positive and finite, got {data_range!r}")
+    if isinstance(data_range, bool) or not isinstance(data_range, numbers.Real):
+        raise TypeError(f"block_match: data_range must be a number, got {data_range!r}")
+    # Every kernel squares it in float32: keep data_range^2 a normal float32, or the psnr would
+    # silently saturate (every block "similar" at +inf, or -inf that reads as "no candidate").
+    if not (MIN_RANGE <= float(data_range) <= MAX_RANGE):
+        raise ValueError(f"block_match: data_range must be in [{MIN_RANGE:g}, {MAX_RANGE:g}], got {data_range!r}")
     Hb, Wb = H // block_size, W // block_size
     if centers is not None:
         if not isinstance(centers, Tensor):
@@ -121,13 +141,15 @@ def block_match(
     memory (B = 32: r up to 55 on an H100, 46 on an A100; more channels are staged in chunks);
     else the direct kernel (one thread per candidate, from global memory).
     ``EFFSSL_BACKEND=triton`` (or the default ``auto`` when the CUDA kernels were not built)
-    takes the Triton kernel (direct mse) instead; CPU tensors the C++ kernel (direct mse, 16
-    horizontally adjacent candidates per vector tile). All meet the tolerance above; only
+    takes the Triton kernel (direct mse) instead; CPU tensors the C++ kernel (direct mse, 16, 8
+    or 4 horizontally adjacent candidates per vector tile). All meet the tolerance above; only
     speed differs.
 
     Raises ValueError/TypeError on bad shapes, dtypes, devices, sizes or arguments.
     Matches ``effssl_kernels.reference.block_match_reference``. Not differentiable.
     """
+    block_size = as_int(block_size, "block_match: block_size")
+    search_radius = as_int(search_radius, "block_match: search_radius")
     _check(a, b, block_size, search_radius, data_range, centers, flip)
     which = _backend.choose(a.device.type)
     if which == "reference":
@@ -145,10 +167,19 @@ def block_match(
     )
 
 
+def check_threshold(threshold_db, fn: str) -> None:
+    """A PSNR threshold is a real number, not NaN (which would silently mark nothing similar)."""
+    if isinstance(threshold_db, bool) or not isinstance(threshold_db, numbers.Real):
+        raise TypeError(f"{fn}: threshold_db must be a number, got {threshold_db!r}")
+    if math.isnan(threshold_db):
+        raise ValueError(f"{fn}: threshold_db must not be NaN")
+
+
 def similar_blocks(psnr: Tensor, threshold_db: float = 20.0) -> Tensor:
     """bool mask, same shape as ``psnr``: True where ``psnr > threshold_db`` (NaN/-inf never)."""
     if not isinstance(psnr, Tensor) or not psnr.is_floating_point():
         raise TypeError("similar_blocks: psnr must be a floating-point tensor")
+    check_threshold(threshold_db, "similar_blocks")
     return psnr > threshold_db
 
 

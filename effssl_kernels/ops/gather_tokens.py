@@ -76,7 +76,7 @@ def gather_tokens(x: Tensor, keep: Tensor, pos_embed: Optional[Tensor] = None) -
         as timm's ``gather + add``. Backward gives ``grad_x`` (zeros at dropped tokens,
         duplicates summed) and ``grad_pos`` (summed over the batch, in pos_embed's shape and
         dtype), each only when needed, accumulated in float32 (float64 for float64) and
-        deterministic on every backend. No double backward.
+        deterministic on every backend; differentiable again (double backward).
 
     AMP: the op casts nothing; it follows its inputs' dtypes (bfloat16 tokens + float32
     pos_embed give float32, as timm under autocast).
@@ -145,8 +145,40 @@ def _make_backward(backward_op):
     return _backward
 
 
+def _setup_context_backward(ctx, inputs, output):
+    grad, keep, num_tokens, x_dtype, pos_dtype, need_x, need_pos = inputs
+    ctx.save_for_backward(keep)
+    ctx.grad_dtype, ctx.need = grad.dtype, (need_x, need_pos)
+
+
+def _make_double_backward(forward_op):
+    """Autograd of a backward op: it is linear in ``grad`` (the transpose of the gather), so its
+    backward gathers the incoming gradients again, ``ggx[n, keep[n, k]] + ggpos[keep[n, k]]``."""
+    def _backward(ctx, ggx, ggpos):
+        nones = (None,) * 6
+        if not ctx.needs_input_grad[0]:
+            return (None,) + nones
+        (keep,) = ctx.saved_tensors
+        ggx = ggx if ctx.need[0] else None  # an unneeded output is an empty placeholder
+        ggpos = ggpos if ctx.need[1] else None
+        if ggx is not None:
+            gg = forward_op(ggx, keep, ggpos)
+        elif ggpos is not None:
+            gg = ggpos.index_select(0, keep.reshape(-1)).view(*keep.shape, ggpos.shape[-1])
+        else:
+            return (None,) + nones
+        return (gg.to(ctx.grad_dtype),) + nones
+
+    return _backward
+
+
 _backend.register_ext_op_pair("gather_tokens", _fake, "gather_tokens_backward", _fake_backward, _make_backward,
                              _setup_context)
+if _backend.HAS_EXT:
+    torch.library.register_autograd(
+        "effssl_kernels::gather_tokens_backward",
+        _make_double_backward(torch.ops.effssl_kernels.gather_tokens.default),
+        setup_context=_setup_context_backward)
 
 
 @torch.library.triton_op("effssl_kernels::_gather_tokens_triton", mutates_args=())
@@ -174,6 +206,10 @@ def _gather_tokens_backward_triton(
 _gather_tokens_triton.register_autograd(
     _make_backward(torch.ops.effssl_kernels._gather_tokens_backward_triton.default),
     setup_context=_setup_context,
+)
+_gather_tokens_backward_triton.register_autograd(
+    _make_double_backward(torch.ops.effssl_kernels._gather_tokens_triton.default),
+    setup_context=_setup_context_backward,
 )
 
 _backend.register_interpreter_fakes((_gather_tokens_triton, _fake), (_gather_tokens_backward_triton, _fake_backward))

@@ -59,9 +59,9 @@ def block_match_reference(
     for dy, dx in candidate_order(r):
         y0 = cy + dy
         x0 = cx + dx
+        if centers is None and not (_any_inside(dy, B, Hb, H) and _any_inside(dx, B, Wb, W)):
+            continue  # decided in Python: no host sync, and torch.compile(fullgraph=True) traces it
         valid = (y0 >= 0) & (y0 <= H - B) & (x0 >= 0) & (x0 <= W - B)
-        if not bool(valid.any()):
-            continue
         rows = (y0.clamp(0, H - B)[..., None] + ar)  # [N, Hb, Wb, B]
         cols = (x0.clamp(0, W - B)[..., None] + ar)
         idx = rows[..., :, None] * W + cols[..., None, :]  # [N, Hb, Wb, B, B]
@@ -72,7 +72,12 @@ def block_match_reference(
         best_key = torch.where(torch.isnan(best), torch.full_like(best, -1.0), best)
         better = valid & (key < best_key)
         best = torch.where(better, mse, best)
-        best_d[better] = torch.tensor([dy, dx], dtype=torch.int32, device=dev)
+        best_d = torch.where(better[..., None], torch.tensor([dy, dx], dtype=torch.int32, device=dev), best_d)
     # mse 0 -> +inf dB; no candidate (mse stays +inf) -> -inf dB.
     psnr = 10.0 * torch.log10((data_range * data_range) / best)
     return psnr, best_d
+
+
+def _any_inside(d: int, B: int, nb: int, size: int) -> bool:
+    """Whether some block ``i`` in ``[0, nb)`` displaced by ``d`` lies inside: ``0 <= i*B + d <= size - B``."""
+    return any(0 <= i * B + d <= size - B for i in range(nb))

@@ -19,7 +19,8 @@ tensor: a ``torch.Tensor`` subclass whose storage *is* the packed ``[T, C, bh, b
   that are not layers (sums, heads) can see the difference, and they see the same values on
   every path.
 * A plain tensor of the map's full dense shape (a masked-dense layer's output, say) is packed for
-  products (exact whatever it holds under removed blocks) and for in-place sums such as
+  products (exact whenever it is finite under removed blocks: there the dense map's
+  ``0 * inf`` would be NaN, the packed product has no such position) and for in-place sums such as
   ``out += identity`` (exact when it is zero there, as every converted layer's output is; a
   packed map cannot hold anything else). Out-of-place sums with it run on the dense map.
 * ``shape``, ``size()``, ``dim()``, ``numel()`` report the dense ``[N, C, H, W]``; ``dtype``,
@@ -29,7 +30,8 @@ tensor: a ``torch.Tensor`` subclass whose storage *is* the packed ``[T, C, bh, b
   after it) would run unmasked.
 * Any other op sees the dense map (:meth:`PackedMap.to_dense`, zeros under removed blocks) and
   returns a dense result, with one warning per op name; an in-place one raises, since it
-  would modify a temporary.
+  would modify a temporary. Views (``x[:, :k]``, ``x.view(...)``) are views of that temporary:
+  an in-place change through one does not reach the map (and is never served back to it).
 
 Autograd runs on the tiles (the subclass is a plain alias of them), so gradients are packed too.
 """
@@ -147,18 +149,23 @@ class PackedMap(Tensor):
     def to_dense(self, memory_format: torch.memory_format = torch.contiguous_format) -> Tensor:
         """The dense ``[N, C, H, W]`` map, zeros under removed blocks (differentiable). Cached
         until the tiles change, so the two branches of a residual block that both leave the
-        packed layout unpack once."""
+        packed layout unpack once. Changing the result in place does not change the map (the
+        next call unpacks afresh)."""
         tiles = self.tiles
         if tiles.is_inference():
             # Inference tensors have no version counter to key a cache on (and may change in
             # place inside inference mode): unpack every time.
             return unpack(tiles, self._effssl_index, self.dense_shape, memory_format)
-        key = (tiles._version, memory_format)
+        # Whether the copy carries the tiles' graph belongs in the key: one unpacked under
+        # no_grad (a logging hook, say) must not serve a later differentiable read.
+        key = (tiles._version, memory_format, torch.is_grad_enabled() and tiles.requires_grad)
         cached = self.__dict__.get("_effssl_dense")
-        if cached is not None and cached[0] == key:
+        # The copy's own version too: an in-place change to it, or to a view of it (views share
+        # the counter), makes it stale.
+        if cached is not None and cached[0] == key and cached[1]._version == cached[2]:
             return cached[1]
         dense = unpack(tiles, self._effssl_index, self.dense_shape, memory_format)
-        self._effssl_dense = (key, dense)
+        self._effssl_dense = (key, dense, dense._version)
         return dense
 
     def __repr__(self, *, tensor_contents=None) -> str:
@@ -196,14 +203,18 @@ class PackedMap(Tensor):
             raise NotImplementedError(
                 f"PackedMap: in-place {name} on a packed map is not supported here (it would "
                 f"change a dense copy); call .to_dense() first")
-        if name not in _WARNED:
-            _WARNED.add(name)
-            warnings.warn(f"PackedMap: {name} does not run on the tiles; running it on the dense "
-                          f"map (zeros under removed blocks; slower)", stacklevel=2)
         a2, k2 = tree_unflatten([a.to_dense() if isinstance(a, PackedMap) else a for a in flat],
                                 spec)
         with _DisableSubclass():
-            return func(*a2, **k2)
+            out = func(*a2, **k2)
+        if name not in _WARNED:
+            _WARNED.add(name)
+            view = isinstance(out, Tensor) and out._is_view()
+            warnings.warn(f"PackedMap: {name} does not run on the tiles; running it on the dense "
+                          f"map (zeros under removed blocks; slower)"
+                          + ("; its result is a view of a dense copy, so an in-place change through "
+                             "it does not reach the packed map" if view else ""), stacklevel=2)
+        return out
 
 
 def _same_index(packed) -> bool:

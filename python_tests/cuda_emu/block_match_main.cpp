@@ -65,6 +65,7 @@ int main(int argc, char** argv) {
   p.psnr = psnr.data();
   p.offset = offset.data();
   const int64_t status = effssl::block_match_cuda_launch(p, kind, nullptr);
+  std::fprintf(stderr, "cuemu: last path %s\n", effssl::block_match_cuda_last_path());
   std::FILE* out = std::fopen(argv[2], "wb");
   if (!out) return 2;
   std::fwrite(&status, sizeof(status), 1, out);
