@@ -54,3 +54,32 @@ def test_compiled_code_reads_the_mirror_only_when_mirrored(mirrored, monkeypatch
         out = f(x)
     assert torch.equal(out, torch.full((2,), 5.0 if mirrored else 1.0))
     assert s.get() is None and s.mirror is None
+
+
+def test_a_with_in_another_thread_warns():
+    # nn.DataParallel's replicas run in threads, which start with an empty context: they would run
+    # unmasked. A thread that sees no value while another thread's `with` is in force is warned.
+    import threading
+    import warnings
+
+    s = _state.ContextState("t_thread", "block_mask")
+    seen = []
+
+    def replica():
+        with warnings.catch_warnings(record=True) as w:
+            warnings.simplefilter("always")
+            seen.append((s.get(), [str(x.message) for x in w]))
+
+    with s.bound("mask"):
+        assert s.get() == "mask"
+        t = threading.Thread(target=replica)
+        t.start()
+        t.join()
+    value, msgs = seen[0]
+    assert value is None and len(msgs) == 1 and "DataParallel" in msgs[0] and "block_mask" in msgs[0]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # nothing in force anywhere: no warning
+        t = threading.Thread(target=lambda: seen.append(s.get()))
+        t.start()
+        t.join()
+    assert seen[1] is None

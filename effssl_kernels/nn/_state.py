@@ -14,11 +14,13 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import warnings
 from typing import Any, Iterator
 
 import torch
 
 _ALL: list["ContextState"] = []
+_UNSET = object()
 
 
 # Dynamo traces ContextVar.get from torch 2.14 on (seen failing on 2.11; 2.12-2.13 untested)
@@ -32,13 +34,31 @@ def _compiling() -> bool:
 class ContextState:
     """A ContextVar (default None) with a mirror for traced code."""
 
-    def __init__(self, name: str):
-        self.var: contextvars.ContextVar = contextvars.ContextVar(name, default=None)
+    def __init__(self, name: str, what: str = "it"):
+        # _UNSET (never set in this context) differs from None (a `with` of None: "no mask here")
+        self.var: contextvars.ContextVar = contextvars.ContextVar(name, default=_UNSET)
         self.mirror: Any = None
+        self.what = what  # for the warning below: "block_mask", "token_keep"
+        self.warned = False
         _ALL.append(self)
 
     def get(self) -> Any:
-        return self.mirror if _compiling() else self.var.get()
+        if _compiling():
+            return self.mirror
+        value = self.var.get()
+        if value is not _UNSET:
+            return value
+        if not torch.compiler.is_compiling() and self.mirror is not None and not self.warned:
+            # Another thread is inside a `with` this one never entered: nn.DataParallel's replicas
+            # run in threads, which start with an empty context, so they would run unmasked.
+            self.warned = True
+            warnings.warn(f"effssl_kernels: a {self.what} is in force in another thread but not in "
+                          f"this one, so this call runs without it. nn.DataParallel replicas run in "
+                          f"threads and never see it: use DistributedDataParallel (one process per "
+                          f"GPU), or enter the `with` in the thread that calls the model (`with "
+                          f"{self.what}(None)` there says that no {self.what} is meant)",
+                          RuntimeWarning, stacklevel=3)
+        return None
 
     @contextlib.contextmanager
     def bound(self, value: Any) -> Iterator[None]:
@@ -58,7 +78,7 @@ def run_in(snapshot: contextvars.Context, fn, *args, **kwargs):
     def body():
         prev = [s.mirror for s in _ALL]
         for s in _ALL:
-            s.mirror = s.var.get()
+            s.mirror = s.var.get(None)
         try:
             return fn(*args, **kwargs)
         finally:

@@ -122,7 +122,7 @@ class _MaskState:
         return m
 
 
-_MASK = ContextState("effssl_block_mask")
+_MASK = ContextState("effssl_block_mask", "block_mask")
 
 
 @contextlib.contextmanager

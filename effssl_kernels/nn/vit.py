@@ -43,7 +43,7 @@ from ._swap import sparse_class as _sparse_class
 __all__ = ["sparsify_vit", "unsparsify_vit", "token_keep", "patch_size", "is_sparse_vit"]
 
 # (keep [N, K] int64, check values) or None: the keep of the current thread / task.
-_KEEP = ContextState("effssl_token_keep")
+_KEEP = ContextState("effssl_token_keep", "token_keep")
 
 
 def _tokenwise_norms() -> tuple[tuple, tuple]:
