@@ -157,7 +157,8 @@ def run(device: str, quick: bool = False):
         if "median_ms" in row:
             if prov == "dense":
                 base = row["median_ms"]
-            row["rel_time"] = row["median_ms"] / base
+            if base is not None:  # dense failed: its note says so, and no ratio is made up
+                row["rel_time"] = row["median_ms"] / base
         rows.append(row)
     f = next((r["rel_time"] for r in rows if r["provider"] == "packed" and r["keep"] == 0.0
               and "rel_time" in r), None)
@@ -181,8 +182,9 @@ def plot(rows, path: str, title: str) -> str | None:
     except ImportError:
         return None
     fig, ax = plt.subplots(figsize=(6, 4))
-    dense = next(r["median_ms"] for r in rows if r["provider"] == "dense")
-    ax.axhline(dense, color="k", ls="--", label="dense")
+    dense = next((r["median_ms"] for r in rows if r["provider"] == "dense" and "median_ms" in r), None)
+    if dense is not None:
+        ax.axhline(dense, color="k", ls="--", label="dense")
     for prov in PROVIDERS[1:]:
         pts = sorted((r["keep"], r["median_ms"]) for r in rows
                      if r["provider"] == prov and "median_ms" in r)
@@ -190,7 +192,7 @@ def plot(rows, path: str, title: str) -> str | None:
             ax.plot(*zip(*pts), marker="o", label=prov)
     ideal = sorted((r["keep"], dense / r["ideal_speedup"]) for r in rows
                    if r["provider"] == "packed" and "ideal_speedup" in r)
-    if ideal:
+    if ideal and dense is not None:
         ax.plot(*zip(*ideal), ls=":", color="gray", label="ideal: dense x (keep(1-f)+f)")
     ax.set_xlabel("keep ratio")
     ax.set_ylabel("step time (ms, median)")

@@ -14,6 +14,7 @@ import sys
 from .common import _fmt
 
 _HIDE = {"p20_ms", "p80_ms"}  # in the JSON; the report keeps the median
+_RUN_KEYS = ("device", "torch", "cuda", "triton", "effssl_kernels", "git_sha", "date")
 
 
 def _load(folder: str) -> dict[str, dict]:
@@ -48,7 +49,7 @@ _OURS = {"ours", "cpp", "cuda", "triton"}
 
 
 def _is_ours(provider: str) -> bool:
-    """Our kernels, under any variant name ("ours (check=True)", "multi_crop (patches only)")."""
+    """Our kernels, under any variant name ("ours", "ours (check=True)", "ours packed, ...")."""
     return provider in _OURS or provider.startswith("ours")
 
 
@@ -61,7 +62,8 @@ def best_alternative_speedups(results: dict[str, dict]) -> list[tuple[str, float
     for name, d in results.items():
         groups: dict[str, list[float]] = {}
         for r in d["rows"]:
-            label = " ".join(str(r[k]) for k in ("case", "layer", "mode") if r.get(k) is not None)
+            label = " ".join(f"keep {r[k]}" if k == "keep" else str(r[k])
+                             for k in ("case", "layer", "keep", "mode") if r.get(k) is not None)
             prov = str(r.get("provider", ""))
             vals = groups.setdefault(f"{name}: {label}"[:70], [])
             if not _is_ours(prov) and "yardstick" not in prov and isinstance(r.get("ours_speedup"), (int, float)):
@@ -134,16 +136,16 @@ def write_report(folder: str) -> str:
     results = _load(folder)
     plots = _plots(results, folder)
     lines = ["# effssl_kernels benchmark report", ""]
-    if results:
-        info = next(iter(results.values()))["info"]
-        lines += [f"Device: {info.get('device')}; torch {info.get('torch')}, CUDA {info.get('cuda')}, "
-                  f"Triton {info.get('triton')}; effssl_kernels {info.get('effssl_kernels')} "
-                  f"({info.get('git_sha')}); {info.get('date')}.", ""]
     lines += [f"![{os.path.basename(p)}]({os.path.basename(p)})" for p in plots] + [""]
     for name, d in results.items():
-        extra = {k: v for k, v in d["info"].items() if k not in ("device", "torch", "cuda", "triton", "effssl_kernels",
-                                                                 "git_sha", "date")}
-        lines += [f"## {name}", "", ", ".join(f"{k}: {v}" for k, v in extra.items()), "", _table(d["rows"]), ""]
+        # each result names its own run: a folder may hold runs of several commits, days or devices
+        info = d["info"]
+        run = (f"Device: {info.get('device')}; torch {info.get('torch')}, CUDA {info.get('cuda')}, "
+               f"Triton {info.get('triton')}; effssl_kernels {info.get('effssl_kernels')} "
+               f"({info.get('git_sha')}); {info.get('date')}.")
+        extra = {k: v for k, v in info.items() if k not in _RUN_KEYS}
+        lines += [f"## {name}", "", run, "", ", ".join(f"{k}: {v}" for k, v in extra.items()), "",
+                  _table(d["rows"]), ""]
     path = os.path.join(folder, "report.md")
     with open(path, "w") as f:
         f.write("\n".join(lines))

@@ -14,9 +14,10 @@ A step (shared/seeds/001_c2fdba03c4bcd6a8.txt, and EMP-SSL's public code):
        loss = -lam * mean_i mean_n cos(Z_i[n], Zbar[n])  -  mean_i R(Z_i),
        R(Z) = 0.5 * logdet(I + d / (N eps^2) Z^T Z)       (``tcr_loss``, all P groups batched)
 
-   EMP-SSL's defaults: ``lam = 200`` (its ``patch_sim``), ``eps = 0.2`` (its code's ``d / (N
-   eps)`` with ``eps = 0.2`` is this formula with ``eps = sqrt(0.2)``: pass ``eps=0.2 ** 0.5``
-   to reproduce it exactly).
+   EMP-SSL's settings are the defaults: ``lam = 200`` (its ``patch_sim``) and ``eps^2 = 0.2``
+   (the paper's; its code writes ``d / (N * eps)`` with ``eps = 0.2``), i.e. ``eps = sqrt(0.2)``
+   here, where ``eps`` is squared as in ``tcr_loss`` (whose own default, ``eps = 0.2``, is
+   ``eps^2 = 0.04``).
 4. Evaluation: :func:`bag_of_features`, the mean over patches of each image's embedding.
 """
 from __future__ import annotations
@@ -70,7 +71,10 @@ def emp_ssl_patches(
     return p.transpose(0, 1).reshape(num_patches * images.shape[0], *p.shape[2:])
 
 
-def emp_ssl_loss(z: Tensor, num_patches: int, *, lam: float = 200.0, eps: float = 0.2,
+EMP_SSL_EPS = 0.2 ** 0.5  # eps^2 = 0.2: EMP-SSL's paper, and its code's d / (N * 0.2)
+
+
+def emp_ssl_loss(z: Tensor, num_patches: int, *, lam: float = 200.0, eps: float = EMP_SSL_EPS,
                  normalize: bool = True, check: bool = True) -> tuple[Tensor, dict]:
     """EMP-SSL's loss of patch-major embeddings.
 
@@ -78,7 +82,8 @@ def emp_ssl_loss(z: Tensor, num_patches: int, *, lam: float = 200.0, eps: float 
         z: ``[P * N, d]`` (patch-major, as :func:`emp_ssl_patches` orders the patches) or
             ``[P, N, d]``, any float dtype.
         num_patches: ``P``. lam: weight of the invariance term. eps: the coding rate's
-            distortion (see the module docstring for EMP-SSL's convention).
+            distortion, squared in the formula: the default ``sqrt(0.2)`` is EMP-SSL's
+            ``eps^2 = 0.2`` (module docstring).
         normalize: L2-normalise each embedding first (EMP-SSL normalises its projector output;
             pass False if yours already is). check: ``tcr_loss``'s positive-definiteness check
             (one host sync; False for asynchronous loops and ``torch.compile``).

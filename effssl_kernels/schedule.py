@@ -41,6 +41,20 @@ class Candidate(NamedTuple):
     patch: Optional[int]
 
 
+_CANDIDATE_KEYS = ("choice", "momentum")  # the history entries' Candidate fields
+
+
+def _plain(obj):
+    """``obj`` with every Candidate (a NamedTuple: not loadable with weights_only) a plain tuple."""
+    if isinstance(obj, Candidate):
+        return tuple(obj)
+    if isinstance(obj, dict):
+        return {k: _plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_plain(v) for v in obj)
+    return obj
+
+
 def _candidate(value, what: str) -> Candidate:
     if isinstance(value, (tuple, list)) and len(value) == 2:  # Candidate is a tuple
         keep, patch = value
@@ -294,12 +308,16 @@ class AccelerationSchedule:
         return self._due_index(int(step)) > self._stage
 
     def state_dict(self) -> dict:
-        return {"stage": self._stage, "choice": tuple(self._choice), "history": list(self.history)}
+        """Plain Python values only (Candidates as tuples), so ``torch.load``'s default
+        ``weights_only=True`` reads a checkpoint holding it."""
+        return {"stage": self._stage, "choice": tuple(self._choice), "history": _plain(self.history)}
 
     def load_state_dict(self, state: dict) -> None:
         self._stage = int(state["stage"])
         self._choice = _candidate(state["choice"], "load_state_dict: choice")
-        self.history = list(state["history"])
+        self.history = [{k: (_candidate(v, f"load_state_dict: history {k}") if k in _CANDIDATE_KEYS
+                             and v is not None else v) for k, v in entry.items()}
+                        for entry in state["history"]]
 
     # ------------------------------------------------------------------------- estimation
     def estimate(
@@ -360,6 +378,9 @@ class AccelerationSchedule:
         g_ref = ref.mean
         ref_var, ref_n = (ref.var if ref.n > 1 else 0.0), ref.n
         ref_norm2 = float(torch.dot(g_ref, g_ref))
+        if not (math.isfinite(ref_norm2) and math.isfinite(ref_var)):
+            raise ValueError(f"AccelerationSchedule: the reference {self.ref} gave a non-finite gradient "
+                             f"(|g|^2 = {ref_norm2}, variance {ref_var}); no candidate can be judged against it")
         probes = [fetch() for _ in range(self.probe_batches)]
 
         rows = []
@@ -374,6 +395,10 @@ class AccelerationSchedule:
             raw = float(torch.dot(diff, diff))
             var, k = mom.var, mom.n
             del diff, mom  # free the mean before the next candidate's gradients
+            if not (math.isfinite(raw) and math.isfinite(var)):
+                # max(0, nan) is 0 and min() keeps the first NaN: never choose on a NaN score
+                raise ValueError(f"AccelerationSchedule: candidate {cand} gave a non-finite gradient "
+                                 f"(squared bias {raw}, variance {var})")
             bias2 = raw
             if self.bias_correction:
                 bias2 = max(0.0, raw - var / k - ref_var / ref_n)

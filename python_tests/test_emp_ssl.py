@@ -11,7 +11,8 @@ from effssl_kernels.emp_ssl import bag_of_features, emp_ssl_loss, emp_ssl_patche
 
 
 def _plain_loss(z_flat, P, lam, eps):
-    """EMP-SSL's code, loop for loop: chunk, mean, cosine to the mean, logdet of the d x d matrix."""
+    """EMP-SSL's code, loop for loop: chunk, mean, cosine to the mean, logdet of the d x d matrix
+    with its ``scalar = d / (b * eps)`` (eps = 0.2 there: not squared)."""
     z = F.normalize(z_flat, dim=-1)
     z_list = z.chunk(P, dim=0)
     z_avg = torch.stack(list(z_list)).mean(0)
@@ -20,7 +21,7 @@ def _plain_loss(z_flat, P, lam, eps):
     for zi in z_list:
         b, d = zi.shape
         eye = torch.eye(d, dtype=zi.dtype)
-        tcr = tcr + 0.5 * torch.logdet(eye + d / (b * eps**2) * zi.T @ zi)
+        tcr = tcr + 0.5 * torch.logdet(eye + d / (b * eps) * zi.T @ zi)
     return -lam * sim - tcr / P
 
 
@@ -28,7 +29,7 @@ def _plain_loss(z_flat, P, lam, eps):
 def test_loss_matches_emp_ssl_code(P, N, d):
     torch.manual_seed(0)
     z = torch.randn(P * N, d, dtype=torch.float64, requires_grad=True)
-    loss, parts = emp_ssl_loss(z, P, lam=200.0, eps=0.2)
+    loss, parts = emp_ssl_loss(z, P)  # the defaults are EMP-SSL's (lam 200, its code's eps 0.2)
     want = _plain_loss(z, P, 200.0, 0.2)
     torch.testing.assert_close(loss, want, rtol=1e-10, atol=1e-10)
     g, = torch.autograd.grad(loss, z)

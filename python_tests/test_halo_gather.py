@@ -184,6 +184,21 @@ def test_triton_matches_reference(monkeypatch, dtype, stride, halo, outside):
 
 @triton_only
 @pytest.mark.triton
+@pytest.mark.parametrize("backend", ["cpp", "triton"])
+def test_float64_fill_is_exact(monkeypatch, backend):
+    # a float64 fill that float32 cannot hold (Triton passes Python floats as float32)
+    if backend == "cpp" and HAS_GPU:
+        pytest.skip("the C++ kernel runs CPU tensors")
+    monkeypatch.setenv("EFFSSL_BACKEND", backend)
+    dev = "cuda" if HAS_GPU else "cpu"
+    tiles, table, order, offsets, _ = _case(stride=2, halo=1, C=3, dtype=torch.float64, layout="strided", N=1,
+                                            hw=(16, 24))
+    got, _ = _check(*[a.to(dev) for a in (tiles, table, order, offsets)], outside=0.1)
+    assert (got == 0.1).any()  # the fill is there, exactly
+
+
+@triton_only
+@pytest.mark.triton
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("layout", ["contiguous", "strided"])
 def test_triton_second_channel_block(monkeypatch, dtype, layout):

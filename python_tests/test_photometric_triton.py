@@ -99,6 +99,19 @@ def test_nan_in_one_channel_with_hue_and_saturation(channel):
     assert_photometric_close(got, want, torch.float32)
 
 
+@pytest.mark.parametrize("value", [float("inf"), float("-inf")])
+@pytest.mark.parametrize("channel", [0, 1, 2])
+def test_infinite_channel_with_hue(channel, value):
+    # an infinite channel makes hue's s or h NaN (inf / inf): torch carries it into all three
+    # channels, GPU min/max in the clamps would drop it
+    x, params = photometric_case(2, 6, 7, torch.float32, ops=("hue",), seed=21, norm=False)
+    params = params._replace(hue=torch.tensor([0.3, -0.2]), order=torch.tensor([[3, 0, 1, 2]] * 2))
+    x[0, channel, 2, 3] = value
+    got, want = _run(x, params)
+    assert bool(want[0, :, 2, 3].isnan().all())
+    assert_photometric_close(got, want, torch.float32)
+
+
 def test_int32_offset_guard():
     # meta tensors: the guard reads only shapes and strides
     from effssl_kernels.triton.photometric import fit_int32_offsets

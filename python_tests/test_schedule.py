@@ -1,6 +1,7 @@
 """AccelerationSchedule: AAIP's CA-MSE choice on toys with a known answer, its estimators against
 closed forms, and the callback on a tiny sparsified timm ViT (online and momentum separately)."""
 import copy
+import io
 import math
 import time
 
@@ -173,6 +174,21 @@ def test_combination_rule_and_variance_scale():
     assert sched.combine(2.0, 8.0, 0.5) == 2.0 + 0.5 * 0.25 * 8.0
 
 
+@pytest.mark.parametrize("bad", [0.5, 1.0])
+def test_non_finite_gradients_are_refused(bad):
+    # a candidate (or the reference, keep 1.0) whose gradient is NaN must never be chosen:
+    # max(0, nan) is 0 and min() keeps the first NaN, so a score would pick it silently
+    theta = torch.zeros(3, requires_grad=True)
+
+    def loss_fn(c, z):
+        return theta @ (z * (float("nan") if c.keep == bad else c.keep))
+
+    sched = AccelerationSchedule(keeps=[0.5, 1.0, 0.25], total_steps=10, ref_batches=2, probe_batches=2,
+                                 cost_fn=lambda c: c.keep)
+    with pytest.raises(ValueError, match="non-finite gradient"):
+        sched.estimate(loss_fn, [theta], lambda: torch.randn(3))
+
+
 def test_callback_stages_and_checkpoint_steps():
     theta = torch.zeros(3, requires_grad=True)
     def loss_fn(c, z):
@@ -206,6 +222,15 @@ def test_callback_stages_and_checkpoint_steps():
     again = AccelerationSchedule(keeps=[1.0, 0.5], total_steps=100, checkpoints=[0.0, 0.5, 0.9])
     again.load_state_dict(state)
     assert again.stage == 1 and again.current == fresh.current
+    # through a checkpoint file, read with torch.load's default weights_only=True
+    buf = io.BytesIO()
+    torch.save({"schedule": fresh.state_dict()}, buf)
+    buf.seek(0)
+    loaded = AccelerationSchedule(keeps=[1.0, 0.5], total_steps=100, checkpoints=[0.0, 0.5, 0.9])
+    loaded.load_state_dict(torch.load(buf)["schedule"])
+    assert loaded.stage == 1 and loaded.current == fresh.current
+    assert loaded.history[-1]["choice"] == fresh.history[-1]["choice"]
+    assert type(loaded.history[-1]["choice"]) is type(fresh.history[-1]["choice"])
 
 
 # ----------------------------------------------------------------------------- the ViT callback

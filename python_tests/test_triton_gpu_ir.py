@@ -104,9 +104,9 @@ def _lower_all() -> dict:
         ),
         "halo_gather_fwd": (
             hg._halo_gather_fwd_kernel,
-            dict(x_ptr="*bf16", table_ptr="*i64", out_ptr="*bf16"),
+            dict(x_ptr="*bf16", table_ptr="*i64", out_ptr="*bf16", outside_ptr="*bf16"),
             {"outside": "fp32"},
-            dict(BLOCK_R=32, BLOCK_C=64),
+            dict(OUTSIDE_PTR=False, BLOCK_R=32, BLOCK_C=64),
             ("s1", "s3"),
         ),
         "halo_gather_bwd": (
@@ -329,8 +329,9 @@ def _other_cubins() -> dict:
         "gather_patches": (pe._gather_patches_kernel, dict(img_ptr="*bf16", keep_ptr="*i64", out_ptr="*bf16"), {},
                            dict(BLOCK_M=64, BLOCK_K=64), 4, 3),
         # C >= 128 (most ResNet layers): the largest tiles the launchers pick
-        "halo_gather_fwd": (hg._halo_gather_fwd_kernel, dict(x_ptr="*bf16", table_ptr="*i64", out_ptr="*bf16"),
-                            {"outside": "fp32"}, dict(BLOCK_R=32, BLOCK_C=128), 4, 3),
+        "halo_gather_fwd": (hg._halo_gather_fwd_kernel,
+                            dict(x_ptr="*bf16", table_ptr="*i64", out_ptr="*bf16", outside_ptr="*bf16"),
+                            {"outside": "fp32"}, dict(OUTSIDE_PTR=False, BLOCK_R=32, BLOCK_C=128), 4, 3),
         "halo_gather_bwd": (hg._halo_gather_bwd_kernel,
                             dict(g_ptr="*bf16", order_ptr="*i64", offsets_ptr="*i64", out_ptr="*bf16"), {},
                             dict(ACC_F64=False, BLOCK_S=16, BLOCK_C=128), 4, 3),

@@ -56,7 +56,9 @@ def block_match_reference(
 
     best = torch.full((N, Hb, Wb), float("inf"), device=dev)
     best_d = torch.zeros((N, Hb, Wb, 2), dtype=torch.int32, device=dev)
-    for dy, dx in candidate_order(r):
+    order = list(candidate_order(r))
+    dyx = torch.tensor(order, dtype=torch.int32).to(dev)  # one copy (a CUDA sync), not one per candidate
+    for k, (dy, dx) in enumerate(order):
         y0 = cy + dy
         x0 = cx + dx
         if centers is None and not (_any_inside(dy, B, Hb, H) and _any_inside(dx, B, Wb, W)):
@@ -72,7 +74,7 @@ def block_match_reference(
         best_key = torch.where(torch.isnan(best), torch.full_like(best, -1.0), best)
         better = valid & (key < best_key)
         best = torch.where(better, mse, best)
-        best_d = torch.where(better[..., None], torch.tensor([dy, dx], dtype=torch.int32, device=dev), best_d)
+        best_d = torch.where(better[..., None], dyx[k], best_d)
     # mse 0 -> +inf dB; no candidate (mse stays +inf) -> -inf dB.
     psnr = 10.0 * torch.log10((data_range * data_range) / best)
     return psnr, best_d

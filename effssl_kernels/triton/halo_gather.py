@@ -35,7 +35,9 @@ def _halo_gather_fwd_kernel(
     s1,
     s2,
     s3,
-    outside,  # float fill beyond the image
+    outside,  # float fill beyond the image (a float32 argument)
+    outside_ptr,  # [1] in the tiles' dtype: the fill exactly, read when OUTSIDE_PTR
+    OUTSIDE_PTR: tl.constexpr,
     BLOCK_R: tl.constexpr,
     BLOCK_C: tl.constexpr,
 ):
@@ -57,7 +59,10 @@ def _halo_gather_fwd_kernel(
     row = t.to(tl.int64) * s0 + y.to(tl.int64) * s2 + x.to(tl.int64) * s3
     ptrs = x_ptr + row[:, None] + offs_c[None, :] * s1
     v = tl.load(ptrs, mask=real[:, None] & c_in[None, :], other=0.0)
-    fill = tl.where(s == S + 1, outside, 0.0)
+    if OUTSIDE_PTR:
+        fill = tl.where(s == S + 1, tl.load(outside_ptr), 0.0)
+    else:
+        fill = tl.where(s == S + 1, outside, 0.0)
     fill = tl.where((s < 0) | (s > S + 1), float("nan"), fill)
     v = tl.where(real[:, None], v, fill[:, None].to(v.dtype))
     out_ptrs = out_ptr + offs_r[:, None] * C + offs_c[None, :]
@@ -123,10 +128,15 @@ def halo_gather_fwd(tiles: Tensor, table: Tensor, outside: float) -> Tensor:
     check_int32("halo_gather", {"tile pixels": T * bh * bw})  # split in int32 by the kernel
     BLOCK_R, BLOCK_C = 32, _block_c(C)
     grid = check_grid((triton.cdiv(R, BLOCK_R), triton.cdiv(C, BLOCK_C)), "halo_gather")
+    # Triton passes a Python float as float32: a float64 fill that float32 cannot hold exactly
+    # goes through memory instead (0 and -inf, the fills the layers use, never do)
+    outside = float(outside)
+    exact = tiles.dtype != torch.float64 or outside != outside or float(torch.tensor(outside).float()) == outside
+    fill = tiles if exact else torch.full((1,), outside, dtype=tiles.dtype, device=tiles.device)
     with device_of(tiles):  # launch on the tensors' GPU, not the current one
         wrap_triton(_halo_gather_fwd_kernel)[grid](
             tiles, table.contiguous(), out, R, C, T * bh * bw, bh * bw, bw, *tiles.stride(),
-            float(outside), BLOCK_R=BLOCK_R, BLOCK_C=BLOCK_C)
+            outside, fill, OUTSIDE_PTR=not exact, BLOCK_R=BLOCK_R, BLOCK_C=BLOCK_C)
     return out
 
 

@@ -86,7 +86,7 @@ def _hue(r, g, b, shift, IS_U8: tl.constexpr):
         b = b * (1.0 / 255)
     else:
         # torch's max over channels makes a pixel with one NaN channel NaN in all three; PTX
-        # min/max drop NaN operands, so keep the NaN (r + g + b) and put it back at the end
+        # min/max drop NaN operands, so mark it (r + g + b) and write NaN back at the end
         poison = r + g + b
         nan_px = poison != poison
     maxc = tl.maximum(tl.maximum(r, g), b)
@@ -103,6 +103,10 @@ def _hue(r, g, b, shift, IS_U8: tl.constexpr):
     h = h - tl.floor(h)  # fmod(h, 1) for h >= 0
     h = h + shift
     h = h - tl.floor(h)  # remainder(h, 1)
+    if not IS_U8:
+        # an infinite channel makes s or h NaN (inf / inf), which torch carries into all three
+        # channels; the clamps below (min/max) would drop it
+        nan_px = nan_px | (s != s) | (h != h)
     h6 = h * 6.0
     fi = tl.floor(h6)
     f = h6 - fi
@@ -117,9 +121,9 @@ def _hue(r, g, b, shift, IS_U8: tl.constexpr):
     g = tl.where(i == 0, t, tl.where((i == 1) | (i == 2), v, tl.where(i == 3, q, p)))
     b = tl.where(i <= 1, p, tl.where(i == 2, t, tl.where(i == 5, q, v)))
     if not IS_U8:
-        r = tl.where(nan_px, poison, r)
-        g = tl.where(nan_px, poison, g)
-        b = tl.where(nan_px, poison, b)
+        r = tl.where(nan_px, float("nan"), r)
+        g = tl.where(nan_px, float("nan"), g)
+        b = tl.where(nan_px, float("nan"), b)
     if IS_U8:
         r = tl.floor(r * 255.999)
         g = tl.floor(g * 255.999)
