@@ -25,6 +25,7 @@ CPU: ResNet-18 at 112/block 16, batch 8; ViT-S/16 (4 blocks) at 112, batch 4; fp
 from __future__ import annotations
 
 import copy
+import functools
 import os
 
 import torch
@@ -41,8 +42,14 @@ MEAN = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
 STD = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
 
 
+@functools.lru_cache(maxsize=None)
+def _stats(device: torch.device):
+    return MEAN.to(device), STD.to(device)  # once per device: a copy per call would sync the step
+
+
 def _normalize(x):
-    return (x - MEAN.to(x.device)) / STD.to(x.device)
+    mean, std = _stats(x.device)
+    return (x - mean) / std
 
 
 def _dense_views(images, size, gen):

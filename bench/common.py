@@ -13,11 +13,13 @@ RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
 # FP32 non-tensor peak in TFLOP/s (2 FLOP per FMA) and HBM bandwidth in TB/s, from NVIDIA's
 # spec sheets; matched on the device name. Other devices fall back to a measured SGEMM rate.
-_SPECS = {
+_SPECS = {  # matched by substring, in this order: the specific names first
+    "GH200": (66.9, 4.0),  # Grace Hopper, 96 GB HBM3 (the 144 GB HBM3e part has 4.9 TB/s)
     "H100 PCIe": (51.2, 2.0),
     "H100 NVL": (60.0, 3.9),
     "H100": (66.9, 3.35),  # SXM5 ("H100 80GB HBM3")
-    "H200": (66.9, 4.8),
+    "H200 NVL": (60.0, 4.8),
+    "H200": (66.9, 4.8),  # SXM
     "A100": (19.5, 2.0),
 }
 

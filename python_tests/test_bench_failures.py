@@ -1,0 +1,71 @@
+"""The benchmarks when a provider fails: the failure is reported, and no speedup or relative time
+is made up against a row that did not run (nor against the wrong baseline)."""
+import time
+
+import pytest
+
+import effssl_kernels as ek
+from bench import bench_block_match as bm
+from bench import bench_simsiam_step as ss
+from bench import bench_vit_step as vs
+from bench.report import best_alternative_speedups
+
+
+def test_block_match_without_our_kernel_has_no_speedups(monkeypatch):
+    monkeypatch.setattr(bm, "GPU_CASES", [("32px B4 r4", 512, 32, 4, 4)])
+    monkeypatch.setattr(bm, "CPU_PAIRS", {32: 2})
+    monkeypatch.setattr(bm, "COMPILE_MAX_CANDIDATES", 0)  # no torch.compile: fast
+
+    def broken(*a, **k):
+        raise RuntimeError("kernel launch failed")
+
+    monkeypatch.setattr(ek, "block_match", broken)
+    rows, info = bm.run("cpu", quick=True)
+    ours = next(r for r in rows if r["provider"] == "cpp")
+    assert ours["note"].startswith("failed: kernel launch failed")
+    timed = [r for r in rows if "median_ms" in r]
+    assert timed and not any("ours_speedup" in r for r in rows)  # the shift loop is no "ours"
+    assert best_alternative_speedups({"block_match": {"rows": rows, "info": info}}) == []
+
+
+def test_block_match_speedups_are_over_our_row(monkeypatch):
+    monkeypatch.setattr(bm, "GPU_CASES", [("32px B4 r4", 512, 32, 4, 4)])
+    monkeypatch.setattr(bm, "CPU_PAIRS", {32: 2})
+    monkeypatch.setattr(bm, "COMPILE_MAX_CANDIDATES", 0)
+    rows, _ = bm.run("cpu", quick=True)
+    ours = next(r for r in rows if r["provider"] == "cpp")
+    assert ours["ours_speedup"] == 1.0 and ours["path"].startswith("C++")
+    loop = next(r for r in rows if r["provider"] == "shift loop (torch)")
+    assert loop["ours_speedup"] == pytest.approx(loop["median_ms"] / ours["median_ms"])
+
+
+def test_vit_step_without_its_baseline_has_no_relative_times(monkeypatch):
+    monkeypatch.setattr(vs, "MODELS", vs.MODELS[:1])
+    monkeypatch.setattr(vs, "_model", lambda *a, **k: object())
+
+    def step_fn(step, v1, v2, keep, patch, device, amp):
+        def fn():
+            if keep == 1.0 and patch == 16:
+                raise RuntimeError("out of memory")
+            time.sleep(0.001)
+        return fn, (v1.shape[-1] // patch) ** 2
+
+    monkeypatch.setattr(vs, "_step_fn", step_fn)
+    rows, _ = vs.run("cpu", quick=True)
+    base = [r for r in rows if r["keep"] == 1.0 and r["patch"] == 16]
+    assert base and all(r["note"].startswith("failed: out of memory") for r in base)
+    assert any("median_ms" in r for r in rows)
+    assert not any("rel_time" in r for r in rows)  # keep 0.75 is no stand-in for keep 1.0
+
+
+def test_simsiam_step_without_dense_reports_instead_of_crashing(monkeypatch, tmp_path):
+    def fake_timed_row(row, fn, device, mrt, warm_up=None):
+        if row["provider"] == "dense":
+            return {**row, "note": "failed: CUDA out of memory"}
+        return {**row, "median_ms": 10.0 * (row["keep"] + 0.1)}
+
+    monkeypatch.setattr(ss, "timed_row", fake_timed_row)
+    rows, _ = ss.run("cpu", quick=True)
+    assert rows[0]["provider"] == "dense" and rows[0]["note"].startswith("failed")
+    assert any("median_ms" in r for r in rows) and not any("rel_time" in r for r in rows)
+    ss.plot(rows, str(tmp_path / "step.png"), "test")  # the plot copes too
