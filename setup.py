@@ -6,6 +6,9 @@ Environment switches:
   TORCH_CUDA_ARCH_LIST    GPU archs (default "8.0;9.0+PTX"; CI uses "9.0")
   MAX_JOBS                parallel compile jobs (torch's ninja builder)
   CUDA_HOME               toolkit root; found from nvcc on PATH when unset (see _find_cuda_home)
+  EFFSSL_SANITIZE=address,undefined
+                          build the C++ files with those sanitizers (run Python with the ASan
+                          runtime preloaded: README.md, "Sanitizers")
 """
 import glob
 import sys
@@ -91,6 +94,10 @@ def _extension():
         # own files every CPU kernel silently runs on one thread, whatever set_num_threads says.
         cxx.append("-fopenmp")
         link.append("-fopenmp")
+    sanitize = os.environ.get("EFFSSL_SANITIZE", "")  # e.g. address,undefined: the CPU kernels only
+    if sanitize:
+        cxx += [f"-fsanitize={sanitize}", "-fno-omit-frame-pointer", "-fno-sanitize-recover=all", "-g"]
+        link.append(f"-fsanitize={sanitize}")
     macros = []
     if with_cuda:
         sources += sorted(glob.glob("csrc/*/*_cuda.cpp")) + sorted(glob.glob("csrc/*/*.cu"))
