@@ -492,6 +492,11 @@ def test_bad_input():
         pass
     with pytest.raises(TypeError), R.block_mask([[True]], 8):
         pass
+    meta = _keep(2, 4, 4).to("meta")  # no values to build the tile lists from
+    with pytest.raises(ValueError, match="meta device"), R.block_mask(meta, 8):
+        pass
+    with pytest.raises(ValueError, match="meta device"), R.block_mask(BlockMask(meta, 8, 32)):
+        pass
 
 
 def test_unsupported_layers_raise_at_sparsify():

@@ -140,6 +140,11 @@ def block_mask(mask: BlockMask | Tensor | None, block_size: int | None = None) -
     Raises TypeError / ValueError here for a wrong type, dtype, rank or block size; the model
     raises ValueError for a batch, grid, size or device mismatch.
     """
+    keep = mask.keep if isinstance(mask, BlockMask) else mask
+    if isinstance(keep, Tensor) and keep.device.type == "meta":
+        # the tile lists are built from its values now, which a meta tensor does not have
+        raise ValueError("block_mask: the keep grid is on the meta device (no values); give it on the "
+                         "model's device")
     if mask is None:
         state = None
     elif isinstance(mask, BlockMask):
