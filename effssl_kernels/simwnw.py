@@ -39,9 +39,9 @@ from .nn.vit import is_sparse_vit, token_keep
 from .ops.block_match import block_match, check_threshold, similar_blocks
 from .photometric import PhotometricSampler
 from .photometric import photometric as ek_photometric
+from .reference.photometric import blur_fits
 from .sparse.tiles import kept_tiles, prepare_tiles
 from .tokens import keep_buckets, keep_topped_up
-from .reference.photometric import blur_fits
 from .transforms import crop_centers, random_crops
 
 __all__ = ["SimWnW", "SimWnWMasks", "SimWnWViews", "simwnw_masks"]

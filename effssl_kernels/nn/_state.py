@@ -32,7 +32,8 @@ def _compiling() -> bool:
 
 
 class ContextState:
-    """A ContextVar (default None) with a mirror for traced code."""
+    """A ContextVar (unset: None, with a warning when another thread has one) with a mirror for
+    traced code."""
 
     def __init__(self, name: str, what: str = "it"):
         # _UNSET (never set in this context) differs from None (a `with` of None: "no mask here")
