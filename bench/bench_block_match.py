@@ -17,6 +17,7 @@ import torch.nn.functional as F
 
 import effssl_kernels as ek
 from effssl_kernels.reference import block_match_reference, candidate_order
+from effssl_kernels.reference.block_match import any_block_inside
 
 from .common import device_info, parse_args, report, time_ms
 
@@ -45,7 +46,7 @@ def shift_loop(a, b, B: int, r: int, data_range: float = 1.0):
     for k, (dy, dx) in enumerate(order):
         # Whether any block has this candidate inside depends only on the grid: plain Python, so
         # no sync and no graph break; the per-block mask is built on the device.
-        if not (any(0 <= i * B + dy <= H - B for i in range(Hb)) and any(0 <= j * B + dx <= W - B for j in range(Wb))):
+        if not (any_block_inside(dy, B, Hb, H) and any_block_inside(dx, B, Wb, W)):
             continue
         valid = ((iy + dy >= 0) & (iy + dy <= H - B))[:, None] & ((ix + dx >= 0) & (ix + dx <= W - B))[None, :]
         sh = bp[:, :, r + dy : r + dy + Hb * B, r + dx : r + dx + Wb * B]

@@ -358,6 +358,12 @@ class PhotometricSampler:
 
     __call__ = sample
 
+    def check_view_size(self, height: int, width: int, fn: str) -> None:
+        """ValueError naming ``fn`` when this sampler may blur and its kernel does not fit
+        ``height x width`` views: checked once up front, not only on the draws that blur."""
+        if self.blur_p > 0 and not blur_fits(self.blur_kernel, height, width):
+            raise ValueError(f"{fn}: blur_kernel {self.blur_kernel} is too large for {height}x{width} px views")
+
     def __repr__(self) -> str:
         return (
             f"PhotometricSampler(jitter={self.jitter}, jitter_p={self.jitter_p}, gray_p={self.gray_p}, "

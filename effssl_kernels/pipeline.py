@@ -24,7 +24,6 @@ from torch import Tensor
 
 from .ops.multi_crop import multi_crop
 from .photometric import PhotometricParams, PhotometricSampler, photometric
-from .reference.photometric import blur_fits
 from .transforms import check_crop_params, random_resized_boxes
 
 __all__ = ["CropGroup", "MultiViews", "MultiViewAugment"]
@@ -83,10 +82,7 @@ class MultiViewAugment:
             if not isinstance(g.sampler, PhotometricSampler):
                 raise TypeError(f"MultiViewAugment: sampler must be a PhotometricSampler, got {type(g.sampler).__name__}")
             check_crop_params(g.scale, ratio, hflip_p, "MultiViewAugment")  # now, not at the first call
-            if g.sampler.blur_p > 0 and not blur_fits(g.sampler.blur_kernel, g.size, g.size):
-                raise ValueError(
-                    f"MultiViewAugment: blur_kernel {g.sampler.blur_kernel} is too large for {g.size} px crops"
-                )
+            g.sampler.check_view_size(g.size, g.size, "MultiViewAugment")
         if generator is not None and not isinstance(generator, torch.Generator):
             raise TypeError(f"MultiViewAugment: generator must be a torch.Generator, got {type(generator).__name__}")
         self.groups, self.ratio, self.hflip_p, self.generator = groups, tuple(ratio), float(hflip_p), generator

@@ -39,7 +39,6 @@ from .nn.vit import is_sparse_vit, token_keep
 from .ops.block_match import block_match, check_threshold, similar_blocks
 from .photometric import PhotometricSampler
 from .photometric import photometric as ek_photometric
-from .reference.photometric import blur_fits
 from .sparse.tiles import kept_tiles, prepare_tiles
 from .tokens import keep_buckets, keep_topped_up
 from .transforms import crop_centers, random_crops
@@ -297,9 +296,8 @@ class SimWnW:
             raise TypeError("SimWnW.views: photometric must be a callable, a PhotometricSampler or a pair of them, "
                             f"got {photometric!r}")
         H, W = as_pair(view_size, "SimWnW.views: view_size")
-        for x in samplers:  # every call, not only on the draws that blur
-            if x.blur_p > 0 and not blur_fits(x.blur_kernel, H, W):
-                raise ValueError(f"SimWnW.views: blur_kernel {x.blur_kernel} is too large for {H}x{W} px views")
+        for x in samplers:
+            x.check_view_size(H, W, "SimWnW.views")
         if self.match_on == "augmented" and any(x.mean is not None for x in samplers):
             raise ValueError(
                 "SimWnW.views: match_on='augmented' compares views in [0, 1]: give samplers with mean=None, std=None"

@@ -61,7 +61,7 @@ def block_match_reference(
     for k, (dy, dx) in enumerate(order):
         y0 = cy + dy
         x0 = cx + dx
-        if centers is None and not (_any_inside(dy, B, Hb, H) and _any_inside(dx, B, Wb, W)):
+        if centers is None and not (any_block_inside(dy, B, Hb, H) and any_block_inside(dx, B, Wb, W)):
             continue  # decided in Python: no host sync, and torch.compile(fullgraph=True) traces it
         valid = (y0 >= 0) & (y0 <= H - B) & (x0 >= 0) & (x0 <= W - B)
         rows = (y0.clamp(0, H - B)[..., None] + ar)  # [N, Hb, Wb, B]
@@ -80,6 +80,6 @@ def block_match_reference(
     return psnr, best_d
 
 
-def _any_inside(d: int, B: int, nb: int, size: int) -> bool:
+def any_block_inside(d: int, B: int, nb: int, size: int) -> bool:
     """Whether some block ``i`` in ``[0, nb)`` displaced by ``d`` lies inside: ``0 <= i*B + d <= size - B``."""
     return any(0 <= i * B + d <= size - B for i in range(nb))
