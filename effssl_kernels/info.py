@@ -36,7 +36,7 @@ def info() -> dict:
     for dev in ("cpu", "cuda"):
         try:
             d[f"block_match on {dev}"] = _backend.choose(dev)
-        except RuntimeError as e:
+        except (RuntimeError, ValueError) as e:  # ValueError: a bad EFFSSL_BACKEND, shown, not raised
             d[f"block_match on {dev}"] = f"unavailable ({e})"
     return d
 

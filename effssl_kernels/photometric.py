@@ -135,6 +135,9 @@ class PhotometricParams(NamedTuple):
         if device is not None:
             device = torch.device(device)
         devices = set()
+        if isinstance(self.brightness, Tensor) and self.brightness.dim() == 1 and self.num_samples != N:
+            raise ValueError(f"{where}: these parameters are for {self.num_samples} views, the views have "
+                             f"N={N} (draw them with sampler.sample({N}))")
 
         def _tensor(name, value, shape, kind):
             if not isinstance(value, Tensor):

@@ -36,7 +36,7 @@ from ._utils import as_pair
 from .masks import BlockMask
 from .nn.resnet import block_mask, is_sparse
 from .nn.vit import is_sparse_vit, token_keep
-from .ops.block_match import block_match, check_threshold, similar_blocks
+from .ops.block_match import MAX_RADIUS, as_int, block_match, check_threshold, similar_blocks
 from .photometric import PhotometricSampler
 from .photometric import photometric as ek_photometric
 from .sparse.tiles import kept_tiles, prepare_tiles
@@ -143,9 +143,10 @@ def simwnw_masks(
 
 
 class SimWnWViews(NamedTuple):
-    """What :meth:`SimWnW.views` returns: ``view_a``, ``view_b`` ``[N, C, S, S]`` float32 in
-    ``[0, 1]`` (photometric already applied if asked), ``masks``, and the geometry (boxes
-    float32 ``[N, 4]``, flips bool ``[N]``) for logging or other losses."""
+    """What :meth:`SimWnW.views` returns: ``view_a``, ``view_b`` ``[N, C, S, S]`` float32 (in
+    ``[0, 1]`` without ``photometric``; whatever it returns with it, e.g. normalised values from
+    a :class:`PhotometricSampler`), ``masks``, and the geometry (boxes float32 ``[N, 4]``, flips
+    bool ``[N]``) for logging or other losses."""
 
     view_a: Tensor
     view_b: Tensor
@@ -193,6 +194,12 @@ class SimWnW:
         if match_on not in ("raw", "augmented"):
             raise ValueError(f"SimWnW: match_on must be 'raw' or 'augmented', got {match_on!r}")
         check_threshold(threshold_db, "SimWnW")
+        if search_radius is not None:  # checked here, not at the first step
+            search_radius = as_int(search_radius, "SimWnW: search_radius")
+            if not 0 <= search_radius <= MAX_RADIUS:
+                raise ValueError(f"SimWnW: search_radius must be in [0, {MAX_RADIUS}], got {search_radius}")
+        if isinstance(min_keep, bool) or not isinstance(min_keep, int) or min_keep < 0:
+            raise ValueError(f"SimWnW: min_keep must be an int >= 0, got {min_keep!r}")
         self.block_size = block_size
         self.search_radius = block_size // 2 if search_radius is None else search_radius
         self.threshold_db = float(threshold_db)
@@ -348,11 +355,13 @@ class SimWnW:
         # the ViT itself, or inside a wrapper (DDP, torch.compile) or a larger model (ViT + head)
         vit = next((m for m in model.modules() if is_sparse_vit(m)), None)
         if vit is not None:
-            p = getattr(getattr(vit, "patch_embed", None), "patch_size", None)
-            p = p[0] if isinstance(p, (tuple, list)) else p
-            if p is not None and p != masks.block_size:
-                raise ValueError(f"SimWnW.encode: a ViT's masks need block_size = its patch size {p}, "
-                                 f"got {masks.block_size}")
+            pe = getattr(vit, "patch_embed", None)
+            ps = getattr(pe, "_effssl_patch", None)  # inside ek.patch_size(vit, ...): that size
+            p = ps[:2] if ps is not None else getattr(pe, "patch_size", None)
+            p = tuple(p) if isinstance(p, (tuple, list)) else p
+            if p is not None and p != (masks.block_size, masks.block_size):
+                raise ValueError(f"SimWnW.encode: a ViT's masks need block_size = its patch size in force "
+                                 f"{p}, got {masks.block_size}")
             L = masks.keep_a.shape[1] * masks.keep_a.shape[2]
             if self.token_buckets > 1:
                 return self._encode_vit_buckets(model, view_a, view_b, masks, L)

@@ -10,6 +10,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import effssl_kernels as ek
+from effssl_kernels.ops.block_match import MAX_RADIUS
 from effssl_kernels.reference import block_match_reference, candidate_order
 from utils import DTYPES, HAS_GPU, INTERPRET, assert_block_match, make_layout, requires_gpu
 
@@ -53,6 +54,21 @@ def test_candidate_order():
     assert order[0] == (0, 0)
     assert order[1:5] == [(-1, 0), (0, -1), (0, 1), (1, 0)]
     assert len(set(order)) == 9
+    # a box keeps the same relative order
+    assert candidate_order(3, (-1, 5), (0, 1)) == [d for d in candidate_order(3) if -1 <= d[0] and 0 <= d[1] <= 1]
+
+
+@pytest.mark.parametrize("with_centers", [False, True])
+def test_reference_radius_far_beyond_the_image(with_centers):
+    # the accepted maximum radius: the reference lists only candidates that can land inside b
+    # (the full (2r+1)^2 list would take tens of GB), and agrees with the C++ kernel
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.rand(2, 1, 8, 8, generator=g), torch.rand(2, 1, 8, 8, generator=g)
+    centers = torch.randint(-3, 7, (2, 2, 2, 2), generator=g) if with_centers else None
+    psnr, off = block_match_reference(a, b, 4, MAX_RADIUS, centers=centers)
+    small = block_match_reference(a, b, 4, 7, centers=centers)  # 7 already reaches every candidate
+    assert torch.equal(psnr, small[0]) and torch.equal(off, small[1])
+    assert_block_match(*ek.block_match(a, b, 4, MAX_RADIUS, centers=centers), a, b, 4, MAX_RADIUS, centers=centers)
 
 
 # ----------------------------------------------------------------------------- against the reference

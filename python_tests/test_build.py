@@ -24,6 +24,15 @@ def test_info_module_runs():
     assert "compiled extension (_C)" in out and "block_match on cpu" in out
 
 
+def test_info_shows_a_bad_backend_setting():
+    # the diagnostic tool reports a wrong EFFSSL_BACKEND instead of dying on it
+    env = {**os.environ, "EFFSSL_BACKEND": "bogus"}
+    out = subprocess.run([sys.executable, "-m", "effssl_kernels.info"], capture_output=True, text=True, env=env)
+    assert out.returncode == 0, out.stderr
+    assert "EFFSSL_BACKEND               bogus" in out.stdout
+    assert "block_match on cpu           unavailable (EFFSSL_BACKEND='bogus'" in out.stdout
+
+
 def test_import_without_extension_gives_rebuild_hint():
     code = (
         "import sys; sys.modules['effssl_kernels._C'] = None\n"

@@ -111,7 +111,8 @@ def test_matches_reference(dtype, pos_kind, shape):
 
 
 @pytest.mark.parametrize("xd,pd", [(torch.float64, None), (torch.float64, torch.float64),
-                                    (torch.float32, torch.float64), (torch.float64, torch.bfloat16)], ids=str)
+                                    (torch.float32, torch.float64), (torch.float64, torch.bfloat16),
+                                    (torch.bfloat16, torch.float64), (torch.float16, torch.float64)], ids=str)
 def test_float64(xd, pd):
     # float64 adds and accumulates in float64 (a float32 accumulator would miss GRAD_TOL by far)
     x = torch.randn(3, 6, 20).to(xd).requires_grad_()

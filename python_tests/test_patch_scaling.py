@@ -1,4 +1,7 @@
 """Patch scaling (FlexiViT PI-resize, pos-embed interpolation, ek.patch_size on a timm ViT)."""
+import copy
+import io
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -242,6 +245,23 @@ def test_vit_patch_size_native_and_restore():
     assert not torch.allclose(y40, y30)
     torch.testing.assert_close(y30, _manual(model, x, 30), rtol=1e-5, atol=1e-5)
     assert torch.equal(model(x), ref)  # restored: the untouched model
+
+
+def test_vit_copy_made_inside_patch_size_is_the_plain_model():
+    # a teacher copied (or a checkpoint saved) inside the with does not keep the with's setting
+    model = ek.sparsify_vit(_vit())
+    x = torch.rand(1, 3, 240, 240)
+    ref = model(x)
+    with ek.patch_size(model, 30):
+        teacher = copy.deepcopy(model)
+        buf = io.BytesIO()
+        torch.save(model, buf)
+        assert torch.equal(teacher(x), ref)  # the copy is at the model's own patch size
+        with ek.patch_size(teacher, 30):
+            torch.testing.assert_close(teacher(x), model(x))
+    assert torch.equal(teacher(x), ref)
+    buf.seek(0)
+    assert torch.equal(torch.load(buf, weights_only=False)(x), ref)
 
 
 def test_vit_patchwise_upsampled_image_same_output():

@@ -292,7 +292,8 @@ def test_sample_errors():
 @pytest.mark.parametrize(
     "change,exc,match",
     [
-        (dict(brightness=torch.ones(N + 1)), ValueError, "brightness.*shape"),
+        (dict(brightness=torch.ones(N + 1)), ValueError, rf"for {N + 1} views, the views have N={N}"),
+        (dict(contrast=torch.ones(N + 1)), ValueError, "contrast.*shape"),
         (dict(order=torch.arange(4).repeat(N, 1)[:, :3]), ValueError, "order.*shape"),
         (dict(order=torch.zeros(N, 4, dtype=torch.int64)), ValueError, "permutation"),
         (dict(order=torch.arange(4).repeat(N, 1).int()), TypeError, "int64"),
@@ -352,7 +353,7 @@ def test_view_errors():
         photometric_reference(torch.rand(3, H, W), p)
     with pytest.raises(TypeError, match="float32"):
         photometric_reference(torch.rand(N, 3, H, W, dtype=torch.float64), p)
-    with pytest.raises(ValueError, match="shape"):
+    with pytest.raises(ValueError, match=rf"for {N} views, the views have N={N + 1}"):
         photometric_reference(torch.rand(N + 1, 3, H, W), p)  # N mismatch
     with pytest.raises(ValueError, match="reflect"):
         photometric_reference(torch.rand(N, 3, 4, 4), p._replace(blur_sigma=torch.ones(N)))

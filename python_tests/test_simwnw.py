@@ -3,6 +3,7 @@ with recorded geometry, and the masked encoders, each against the composition of
 is built from (block_match, crop_centers, multi_crop, block_mask, token_keep)."""
 import math
 
+import numpy as np
 import pytest
 import torch
 from torchvision.models.resnet import BasicBlock, ResNet
@@ -104,6 +105,13 @@ def test_mask_errors():
         ek.simwnw_masks(x, x, 4, min_keep=-1)
     with pytest.raises(ValueError, match="match_on"):
         ek.SimWnW(8, match_on="late")
+    with pytest.raises(ValueError, match="SimWnW: min_keep"):  # at construction, not the first step
+        ek.SimWnW(8, min_keep=-1)
+    with pytest.raises(ValueError, match="SimWnW: search_radius"):
+        ek.SimWnW(8, search_radius=-1)
+    with pytest.raises(TypeError, match="SimWnW: search_radius must be an int"):
+        ek.SimWnW(8, search_radius=2.5)
+    assert ek.SimWnW(8, search_radius=np.int64(3)).search_radius == 3
     with pytest.raises(ValueError, match="NaN"):  # would silently keep every block
         ek.simwnw_masks(x, x, 4, threshold_db=float("nan"), min_keep=0)
     with pytest.raises(ValueError, match="NaN"):
@@ -214,6 +222,16 @@ def test_encode_vit_equals_token_keep(buckets):
     with pytest.raises(ValueError, match="patch size"):
         sw16 = ek.SimWnW(16, use_geometry=False)
         sw16.encode(vit, a, b, sw16.masks(a, b))
+    # inside ek.patch_size the patch size in force is the one masks must match
+    sw16 = ek.SimWnW(16, search_radius=0, use_geometry=False, token_buckets=buckets)
+    m16 = sw16.masks(a, b)
+    with ek.patch_size(vit, 16):
+        za, zb = sw16.encode(vit, a, b, m16)
+        ka, kb = ek.tokens_from_psnr(m16.psnr_a, m16.psnr_b, 20.0)
+        with ek.token_keep(ka):
+            torch.testing.assert_close(za, vit(a))
+        with pytest.raises(ValueError, match=r"patch size in force \(16, 16\), got 8"):
+            sw.encode(vit, a, b, m)
 
 
 def test_encode_vit_honours_min_keep_and_the_masks_threshold():

@@ -353,6 +353,23 @@ def test_timm_resnets():
         torch.testing.assert_close(conv(x), tv(x), rtol=1e-5, atol=1e-5)
 
 
+def test_timm_grad_checkpointing():
+    # timm's own set_grad_checkpointing (non-reentrant checkpoint per stage) on a model whose
+    # layer4 runs masked-dense at 64 px / block 16: same outputs and gradients as without
+    timm = pytest.importorskip("timm")
+    orig = _randomize_bn(timm.create_model("resnet18", pretrained=False, num_classes=10)).double().eval()
+    a, b = R.sparsify(copy.deepcopy(orig)), R.sparsify(copy.deepcopy(orig))
+    b.set_grad_checkpointing(True)
+    x = torch.randn(2, 3, 64, 64, dtype=torch.float64)
+    with R.block_mask(_keep(2, 4, 4, seed=6), 16):
+        ya, yb = a(x), b(x)
+        ya.sum().backward()
+        yb.sum().backward()
+    torch.testing.assert_close(yb, ya)
+    for (k, pa), pb in zip(a.named_parameters(), b.parameters()):
+        torch.testing.assert_close(pb.grad, pa.grad, msg=lambda m, k=k: f"{k}: {m}")
+
+
 def test_timm_fast_avg_pool():
     timm = pytest.importorskip("timm")
     m = timm.create_model("resnet18", pretrained=False, num_classes=4, global_pool="fast")
@@ -399,12 +416,22 @@ def test_every_conv_goes_through_conv2d_map(monkeypatch):
     assert len(calls) == 12
 
 
-def test_checkpoint_recomputes_under_the_forward_mask():
+# block 8 tiles every stage; block 4 runs the late stages masked-dense, where a stage's
+# packed input is unpacked inside the checkpoint (its cached dense copy must not serve the
+# recomputation: a different count of saved tensors is a CheckpointError)
+@pytest.mark.parametrize("block", [8, 4])
+@pytest.mark.parametrize("ckpt", ["ours", "torch"])
+def test_checkpoint_recomputes_under_the_forward_mask(block, ckpt):
     orig = _randomize_bn(_cifar_resnet()).double().eval()
     a = R.sparsify(copy.deepcopy(orig))
     b = R.sparsify(copy.deepcopy(orig))
     x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
-    keep = _keep(2, 4, 4, seed=6)
+    keep = _keep(2, 32 // block, 32 // block, seed=6)
+    if ckpt == "torch":  # plain checkpoint: recomputes under the mask only with backward inside the with
+        def cp(f, z):
+            return torch.utils.checkpoint.checkpoint(f, z, use_reentrant=False)
+    else:
+        cp = R.checkpoint
 
     def stages(m, x, ckpt):
         x = m.relu(m.bn1(m.conv1(x)))
@@ -412,14 +439,27 @@ def test_checkpoint_recomputes_under_the_forward_mask():
             x = ckpt(layer, x) if ckpt else layer(x)
         return m.fc(torch.flatten(m.avgpool(x), 1))
 
-    with R.block_mask(keep, 8):
+    with R.block_mask(keep, block):
         ya = stages(a, x, None)
-        yb = stages(b, x, R.checkpoint)
-    torch.testing.assert_close(yb, ya)
-    ya.sum().backward()  # outside the with: the checkpoint recomputes under the same mask
-    yb.sum().backward()
+        yb = stages(b, x, cp)
+        torch.testing.assert_close(yb, ya)
+        if ckpt == "torch":
+            ya.sum().backward()
+            yb.sum().backward()
+    if ckpt == "ours":
+        ya.sum().backward()  # outside the with: the checkpoint recomputes under the same mask
+        yb.sum().backward()
     for (k, pa), pb in zip(a.named_parameters(), b.parameters()):
         torch.testing.assert_close(pb.grad, pa.grad, msg=lambda m, k=k: f"{k}: {m}")
+
+
+def test_checkpoint_refuses_reentrant_on_a_packed_map():
+    # use_reentrant=True hands autograd the tiles' shape for the dense one: refused, clearly
+    m = R.sparsify(_cifar_resnet())
+    with R.block_mask(_keep(2, 4, 4), 8):
+        x = m.relu(m.bn1(m.conv1(torch.randn(2, 3, 32, 32, requires_grad=True))))
+        with pytest.raises(ValueError, match="use_reentrant=True"):
+            R.checkpoint(m.layer1, x, use_reentrant=True)
 
 
 def test_autocast_bfloat16_cpu():

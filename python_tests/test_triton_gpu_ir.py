@@ -66,7 +66,7 @@ def _lower_all() -> dict:
             gt._gather_tokens_bwd_kernel,
             dict(grad_ptr="*bf16", perm_ptr="*i64", bounds_ptr="*i64", gx_ptr="*bf16", part_ptr="*fp32"),
             {},
-            dict(NEED_X=True, NEED_POS=True, F64=False, BLOCK_L=16, BLOCK_D=128),
+            dict(NEED_X=True, NEED_POS=True, F64=False, GX_F64=False, BLOCK_L=16, BLOCK_D=128),
             ("sg_d",),
         ),
         "gather_tokens_bwd_f64": (
@@ -74,7 +74,15 @@ def _lower_all() -> dict:
             dict(grad_ptr="*fp64", perm_ptr="*i64", bounds_ptr="*i64", gx_ptr="*fp64",
                  part_ptr="*fp64"),
             {},
-            dict(NEED_X=True, NEED_POS=True, F64=True, BLOCK_L=16, BLOCK_D=128),
+            dict(NEED_X=True, NEED_POS=True, F64=True, GX_F64=True, BLOCK_L=16, BLOCK_D=128),
+            ("sg_d",),
+        ),
+        "gather_tokens_bwd_f64_sum_bf16_grad": (  # bfloat16 x, float64 pos
+            gt._gather_tokens_bwd_kernel,
+            dict(grad_ptr="*fp64", perm_ptr="*i64", bounds_ptr="*i64", gx_ptr="*bf16",
+                 part_ptr="*fp64"),
+            {},
+            dict(NEED_X=True, NEED_POS=True, F64=True, GX_F64=False, BLOCK_L=16, BLOCK_D=128),
             ("sg_d",),
         ),
         "patch_embed_gather_bf16": (
@@ -232,7 +240,7 @@ def test_every_triton_kernel_lowers_for_sm90():
     results = json.loads(proc.stdout.strip().splitlines()[-1])
     bad = {f"{case}/{mode}": msg for case, r in results.items() for mode, msg in r.items() if msg != "ok"}
     assert not bad, bad
-    assert len(results) == 20
+    assert len(results) == 21
 
 
 def _cubin_report(kernel, sig: dict, attrs: dict, constexprs: dict, warps: int, stages: int = 3) -> tuple:
@@ -322,7 +330,7 @@ def _other_cubins() -> dict:
         "gather_tokens_bwd": (gt._gather_tokens_bwd_kernel,
                               dict(grad_ptr="*bf16", perm_ptr="*i64", bounds_ptr="*i64", gx_ptr="*bf16",
                                    part_ptr="*fp32"), {},
-                              dict(NEED_X=True, NEED_POS=True, F64=False, BLOCK_L=16, BLOCK_D=128), 4, 3),
+                              dict(NEED_X=True, NEED_POS=True, F64=False, GX_F64=False, BLOCK_L=16, BLOCK_D=128), 4, 3),
         "patch_embed_gather_bf16": pe_fwd("bf16", "tf32"),
         "patch_embed_gather_fp32_tf32": pe_fwd("fp32", "tf32"),
         "patch_embed_gather_fp32_ieee": pe_fwd("fp32", "ieee"),

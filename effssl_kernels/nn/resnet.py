@@ -177,15 +177,31 @@ def checkpoint(function, *args, **kwargs):
     recomputes under the :func:`block_mask` and :func:`~effssl_kernels.token_keep` in force now
     (plain checkpointing would recompute unmasked, or with every token, when ``backward`` runs
     outside the ``with``). As with any checkpoint, a BatchNorm in training inside ``function``
-    updates its running statistics again when recomputed."""
+    updates its running statistics again when recomputed.
+
+    ``use_reentrant=True`` works for ViTs; a packed map of a sparsified ResNet going in or out
+    raises ValueError (reentrant autograd would take the tiles' shape for the dense one)."""
     # Both are context variables: a snapshot of the context carries them (and any later one).
     snapshot = contextvars.copy_context()
+    kwargs.setdefault("use_reentrant", False)
+    reentrant = bool(kwargs["use_reentrant"])
 
     def run(*a, **k):
-        return run_in(snapshot, function, *a, **k)
+        if reentrant:
+            _refuse_packed(a, k)
+        out = run_in(snapshot, function, *a, **k)
+        if reentrant:
+            _refuse_packed(out)
+        return out
 
-    kwargs.setdefault("use_reentrant", False)
     return torch.utils.checkpoint.checkpoint(run, *args, **kwargs)
+
+
+def _refuse_packed(*trees) -> None:
+    if any(isinstance(t, PackedMap) for t in tree_flatten(trees)[0]):
+        raise ValueError("masked_checkpoint: use_reentrant=True cannot carry the packed maps of a "
+                         "sparsified ResNet in or out of the checkpointed function; use the default "
+                         "use_reentrant=False")
 
 
 def _in_stride(module: nn.Module) -> Pair:

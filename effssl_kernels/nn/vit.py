@@ -163,6 +163,14 @@ class _SparsePatchEmbedMixin:
 
     _effssl_patch = None  # (ph, pw, interpolation, antialias) while inside patch_size()
 
+    def __getstate__(self):
+        # patch_size() is a with-block setting, not state: a copy (an EMA teacher made inside
+        # the with, torch.save) starts at the model's own patch size
+        state = super().__getstate__()
+        if "_effssl_patch" in state:
+            state = {k: v for k, v in state.items() if k != "_effssl_patch"}
+        return state
+
     def forward(self, x):
         ps = self._effssl_patch
         if _KEEP.get() is None and ps is None:

@@ -7,14 +7,33 @@ import torch
 from torch import Tensor
 
 
-def candidate_order(radius: int) -> list[tuple[int, int]]:
+def candidate_order(radius: int, dy_range: Optional[tuple[int, int]] = None,
+                    dx_range: Optional[tuple[int, int]] = None) -> list[tuple[int, int]]:
     """All (dy, dx) in [-r, r]^2 in search order: smallest |dy|+|dx|, then dy, then dx.
 
     Among exact ties of the mse, the first candidate in this order wins (every backend agrees).
+    ``dy_range`` / ``dx_range`` (inclusive) keep only that box, in the same order: the caller
+    drops candidates that can never land inside ``b`` before building the list.
     """
     r = radius
-    ds = [(dy, dx) for dy in range(-r, r + 1) for dx in range(-r, r + 1)]
+    ylo, yhi = (-r, r) if dy_range is None else (max(-r, dy_range[0]), min(r, dy_range[1]))
+    xlo, xhi = (-r, r) if dx_range is None else (max(-r, dx_range[0]), min(r, dx_range[1]))
+    ds = [(dy, dx) for dy in range(ylo, yhi + 1) for dx in range(xlo, xhi + 1)]
     return sorted(ds, key=lambda d: (abs(d[0]) + abs(d[1]), d[0], d[1]))
+
+
+def _reachable(r: int, B: int, H: int, W: int, Hb: int, Wb: int, cy: Tensor, cx: Tensor, default: bool):
+    """(dy_range, dx_range) outside which no block's candidate lies inside ``b`` (so the list of
+    a radius far beyond the image stays image-sized). Default centres: from the grid, in Python.
+    Given centres: from their extremes, one host sync, and only for a radius beyond the image
+    (so small radii keep the loop free of syncs and torch.compile(fullgraph=True) traces it)."""
+    if default:
+        return (-(Hb - 1) * B, H - B), (-(Wb - 1) * B, W - B)
+    if r <= max(H, W):
+        return None, None
+    if cy.numel() == 0:
+        return (1, 0), (1, 0)  # no blocks: no candidates
+    return (-int(cy.max()), H - B - int(cy.min())), (-int(cx.max()), W - B - int(cx.min()))
 
 
 def block_match_reference(
@@ -56,7 +75,7 @@ def block_match_reference(
 
     best = torch.full((N, Hb, Wb), float("inf"), device=dev)
     best_d = torch.zeros((N, Hb, Wb, 2), dtype=torch.int32, device=dev)
-    order = list(candidate_order(r))
+    order = candidate_order(r, *_reachable(r, B, H, W, Hb, Wb, cy, cx, centers is None))
     dyx = torch.tensor(order, dtype=torch.int32).to(dev)  # one copy (a CUDA sync), not one per candidate
     for k, (dy, dx) in enumerate(order):
         y0 = cy + dy

@@ -38,6 +38,7 @@ Autograd runs on the tiles (the subclass is a plain alias of them), so gradients
 from __future__ import annotations
 
 import warnings
+import weakref
 from typing import Callable, Optional, Tuple
 
 import torch
@@ -106,6 +107,36 @@ def _name(func) -> str:
     return getattr(func, "__name__", repr(func))
 
 
+def _saved_tensors_hooks():
+    """The pack hook of the innermost ``saved_tensors_hooks`` in force, None where there is
+    none, ``_UNKNOWN`` where this torch cannot say. A non-reentrant checkpoint installs hooks for
+    its forward and others for each recomputation."""
+    if torch.compiler.is_compiling():
+        return None  # a compiled checkpoint is one traced region: no eager recomputation
+    top = getattr(torch._C._autograd, "_top_saved_tensors_default_hooks", None)
+    if top is None:
+        return _UNKNOWN
+    hooks = top(False)
+    return None if hooks is None else hooks[0]
+
+
+_UNKNOWN = object()
+
+
+def _hooks_ref(hooks):
+    """What a cache entry keeps of ``hooks``: None for none, else a weak reference."""
+    return None if hooks is None or hooks is _UNKNOWN else weakref.ref(hooks)
+
+
+def _same_hooks(ref, hooks) -> bool:
+    if hooks is _UNKNOWN:
+        return False  # never reuse a copy
+    if ref is None:
+        return hooks is None
+    live = ref()  # None once the hooks are gone: never equal to "no hooks"
+    return live is not None and live is hooks
+
+
 class PackedMap(Tensor):
     """The dense ``[N, C, H, W]`` masked map of ``index`` held as its tiles ``[T, C, bh, bw]``.
     Build with :meth:`from_tiles` (or :func:`pack_map`), read with :attr:`tiles` /
@@ -159,13 +190,17 @@ class PackedMap(Tensor):
         # Whether the copy carries the tiles' graph belongs in the key: one unpacked under
         # no_grad (a logging hook, say) must not serve a later differentiable read.
         key = (tiles._version, memory_format, torch.is_grad_enabled() and tiles.requires_grad)
+        hooks = _saved_tensors_hooks()
         cached = self.__dict__.get("_effssl_dense")
         # The copy's own version too: an in-place change to it, or to a view of it (views share
-        # the counter), makes it stale.
-        if cached is not None and cached[0] == key and cached[1]._version == cached[2]:
+        # the counter), makes it stale. And the saved-tensors hooks it was made under: a
+        # checkpoint's recomputation must unpack again, as its forward did, not reuse the
+        # forward's copy (a different count of saved tensors is a CheckpointError).
+        if (cached is not None and cached[0] == key and cached[1]._version == cached[2]
+                and _same_hooks(cached[3], hooks)):
             return cached[1]
         dense = unpack(tiles, self._effssl_index, self.dense_shape, memory_format)
-        self._effssl_dense = (key, dense, dense._version)
+        self._effssl_dense = (key, dense, dense._version, _hooks_ref(hooks))
         return dense
 
     def __repr__(self, *, tensor_contents=None) -> str:

@@ -99,6 +99,7 @@ def _gather_tokens_bwd_kernel(
     NEED_X: tl.constexpr,
     NEED_POS: tl.constexpr,
     F64: tl.constexpr,  # sum in float64 (grad, x or pos is float64), else float32
+    GX_F64: tl.constexpr,  # grad_x is float64
     BLOCK_L: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
@@ -123,7 +124,12 @@ def _gather_tokens_bwd_kernel(
             acc += tl.load(g_ptrs, mask=has[:, None] & d_in[None, :], other=0.0).to(ACC)
         if NEED_X:
             gx_ptrs = gx_ptr + (n * L + offs_l)[:, None] * D + offs_d[None, :]
-            tl.store(gx_ptrs, acc.to(gx_ptr.dtype.element_ty), mask=rows[:, None] & d_in[None, :])
+            if GX_F64:
+                gx = acc.to(tl.float64)
+            else:  # a float64 sum reaches 16-bit through float32, as torch's casts do (and the
+                # interpreter's direct float64 -> bfloat16 cast is wrong)
+                gx = acc.to(tl.float32).to(gx_ptr.dtype.element_ty)
+            tl.store(gx_ptrs, gx, mask=rows[:, None] & d_in[None, :])
         if NEED_POS:
             pos_acc += acc
     if NEED_POS:
@@ -215,6 +221,7 @@ def gather_tokens_bwd(
             NEED_X=need_x,
             NEED_POS=need_pos,
             F64=acc == torch.float64,
+            GX_F64=need_x and gx.dtype == torch.float64,
             BLOCK_L=block_l,
             BLOCK_D=block_d,
             num_warps=4,
