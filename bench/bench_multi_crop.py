@@ -34,18 +34,18 @@ import torch.nn.functional as F
 
 from effssl_kernels.ops.multi_crop import multi_crop
 
-from .common import device_info, mark_speedups, parse_args, report, time_ms, timed_row
+from .common import device_info, mark_speedups, parse_args, report, time_ms, timed_row, tiny
 
 LOOP_PATCHES = 256
 
 
 def _cases(device: str, quick: bool):
     gpu = device == "cuda"
-    q = 4 if quick else 1
+    q = 16 if tiny() else 4 if quick else 1
     return [
-        ("SimWnW 2 views 224 from 256x320", (256 if gpu else 16) // q, 256, 320, 2, 224, (0.08, 1.0)),
-        ("EMP-SSL 20 patches 32 from 32x32", (256 if gpu else 32) // q, 32, 32, 20, 32, (0.25, 0.25)),
-        ("EMP-SSL 200 patches 32 from 32x32", (256 if gpu else 8) // q, 32, 32, 200, 32, (0.25, 0.25)),
+        ("SimWnW 2 views 224 from 256x320", max(1, (256 if gpu else 16) // q), 256, 320, 2, 224, (0.08, 1.0)),
+        ("EMP-SSL 20 patches 32 from 32x32", max(1, (256 if gpu else 32) // q), 32, 32, 20, 32, (0.25, 0.25)),
+        ("EMP-SSL 200 patches 32 from 32x32", max(1, (256 if gpu else 8) // q), 32, 32, 200, 32, (0.25, 0.25)),
     ]
 
 

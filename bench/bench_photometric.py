@@ -44,12 +44,10 @@ from effssl_kernels.ops.photometric import pack_params
 from effssl_kernels.photometric import PhotometricSampler, photometric
 from effssl_kernels.reference.photometric import photometric_reference
 
-from .common import device_info, mark_speedups, parse_args, print_table, results_dir, timed_row, write_json
+from .common import device_info, mark_speedups, out_dir, parse_args, print_table, timed_row, tiny, write_json
 
 LOOP_CPU = 32  # on a CPU, the torchvision loop is timed on this many samples and scaled
 COPY = "copy (yardstick)"
-# hidden: EFFSSL_BENCH_TINY=1 shrinks everything further (N=2, 48 / 32 px) for the smoke test
-TINY = os.environ.get("EFFSSL_BENCH_TINY", "0") == "1"
 
 
 def _warm(fn, device):  # two calls: the first of a case allocates and fills caches
@@ -58,8 +56,8 @@ def _warm(fn, device):  # two calls: the first of a case allocates and fills cac
 
 
 def _cases(device: str, quick: bool):
-    n = 2 if TINY else (256 if device == "cuda" else 16) // (4 if quick else 1)
-    g, l = (48, 32) if TINY else (224, 96)
+    n = 2 if tiny() else (256 if device == "cuda" else 16) // (4 if quick else 1)
+    g, l = (48, 32) if tiny() else (224, 96)
     return [  # (case, N, side, input dtype, sampler)
         (f"SimCLR uint8 {g}", n, g, torch.uint8, PhotometricSampler.simclr()),
         (f"BYOL view 1 uint8 {g}", n, g, torch.uint8, PhotometricSampler.byol(1)),
@@ -164,7 +162,7 @@ def _loop_row(row, views, host, device, mrt):
 
 def run(device: str, quick: bool = False):
     info = device_info(device)
-    mrt = 0.05 if TINY else (0.2 if quick else 0.5)
+    mrt = 0.05 if tiny() else (0.2 if quick else 0.5)
     has_kornia = importlib.util.find_spec("kornia") is not None
     ops = torch.ops.effssl_kernels
     kernel = ops._photometric_triton if device == "cuda" else ops.photometric
@@ -232,8 +230,8 @@ def step_share(device: str, quick: bool = False):
     gpu = device == "cuda"
     arch, feat, img, n = ("resnet50", 2048, 224, 256) if gpu else ("resnet18", 512, 64, 8)
     n = max(2, n // 4) if quick else n
-    img, n = (32, 2) if TINY else (img, n)
-    mrt = 0.05 if TINY else (0.2 if quick else (2.0 if gpu else 1.0))
+    img, n = (32, 2) if tiny() else (img, n)
+    mrt = 0.05 if tiny() else (0.2 if quick else (2.0 if gpu else 1.0))
     fmt = torch.channels_last if gpu else torch.contiguous_format
     torch.manual_seed(0)
     model = SimSiam(getattr(torchvision.models, arch)(), feat).to(device, memory_format=fmt).train()
@@ -279,10 +277,8 @@ def main(argv=None) -> str:
     os.environ.pop("EFFSSL_BACKEND", None)  # ours = the default backend of the device
     rows, info = run(args.device, args.quick)
     share = step_share(args.device, args.quick)
-    out = args.out or results_dir("gpu" if args.device == "cuda" else "cpu")
-    os.makedirs(out, exist_ok=True)
-    path = os.path.join(out, "photometric.json")
-    write_json(path, info, rows + share)
+    path = os.path.join(out_dir(args), "photometric.json")
+    write_json(path, {**info, "quick": bool(args.quick)}, rows + share)
     print_table(f"photometric on {info['device']}, views -> normalised float32 "
                 "(ours_speedup: provider time / ours, >1 means ours is faster)", rows,
                 ["case", "provider", "median_ms", "p20_ms", "p80_ms", "images_per_s", "ours_speedup", "gbps",

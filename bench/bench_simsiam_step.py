@@ -44,7 +44,7 @@ import effssl_kernels.sparse.packed as packed_mod
 from effssl_kernels.masks import BlockMask
 from effssl_kernels.nn import block_mask, sparsify, tile_plan
 
-from .common import device_info, parse_args, report, timed_row
+from .common import device_info, parse_args, report, timed_row, tiny
 
 KEEPS = [1.0, 0.8, 0.75, 0.65, 0.5, 0.25, 0.0]
 PROVIDERS = ["dense", "packed", "per_layer", "masked_dense"]
@@ -113,6 +113,8 @@ def run(device: str, quick: bool = False):
     gpu = device == "cuda"
     arch, feat, img, block, batch = (("resnet50", 2048, 224, 32, 256) if gpu
                                      else ("resnet18", 512, 112, 16, 8))
+    if tiny():
+        img, batch = 64, 2
     amp = gpu
     fmt = torch.channels_last if gpu else torch.contiguous_format
     torch.manual_seed(0)
@@ -145,7 +147,7 @@ def run(device: str, quick: bool = False):
         return fn
 
     keeps = [1.0, 0.5, 0.0] if quick else KEEPS
-    providers = PROVIDERS[:2] if quick else PROVIDERS
+    providers = PROVIDERS[:2] if quick and not tiny() else PROVIDERS  # the smoke run: every path
     rows, base, f = [], None, None
     cases = [("dense", None)] + [(p, k) for k in keeps for p in providers if p != "dense"]
     for prov, keep in cases:

@@ -35,7 +35,7 @@ from torch import nn
 import effssl_kernels as ek
 
 from .bench_simsiam_step import SimSiam
-from .common import device_info, parse_args, report, timed_row
+from .common import device_info, parse_args, report, timed_row, tiny
 from .real_images import photo_batch
 
 MEAN = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
@@ -89,6 +89,7 @@ def simsiam_case(device, quick):
     gpu = device == "cuda"
     arch, feat, img, block, batch = ("resnet50", 2048, 224, 32, 256) if gpu else ("resnet18", 512, 112, 16, 8)
     batch //= 4 if quick else 1
+    img, batch = (64, 2) if tiny() else (img, batch)
     fmt = torch.channels_last if gpu else torch.contiguous_format
     torch.manual_seed(0)
     dense = SimSiam(getattr(torchvision.models, arch)(), feat).to(device, memory_format=fmt).train()
@@ -125,6 +126,7 @@ def dino_case(device, quick):
     gpu = device == "cuda"
     img, batch, depth, out = (224, 128, 12, 65536) if gpu else (112, 4, 4, 4096)
     batch //= 4 if quick else 1
+    img, batch, depth, out = (64, 2, 1, 256) if tiny() else (img, batch, depth, out)
     torch.manual_seed(0)
     enc = ek.sparsify_vit(timm.create_model("vit_small_patch16_224", img_size=img, num_classes=0, depth=depth))
     model = DINO(enc, enc.embed_dim, out).to(device).train()

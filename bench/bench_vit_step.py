@@ -28,7 +28,7 @@ from effssl_kernels.nn import patch_size as vit_patch_size
 from effssl_kernels.nn import sparsify_vit, token_keep
 from effssl_kernels.tokens import random_token_keep
 
-from .common import device_info, parse_args, report, time_ms
+from .common import device_info, parse_args, report, time_ms, tiny
 
 MODELS = [("ViT-S/16", "vit_small_patch16_224"), ("ViT-B/16", "vit_base_patch16_224")]
 KEEPS = [1.0, 0.75, 0.5, 0.25]
@@ -88,13 +88,14 @@ def run(device: str, quick: bool = False):
     info = device_info(device)
     gpu = device == "cuda"
     batch = 64 if gpu else 2
-    depth = None if gpu else 2
+    depth = None if gpu else (1 if tiny() else 2)
     amp = gpu
     models = MODELS[:1] if (quick and not gpu) else MODELS
+    keeps, patches = (KEEPS[::2], PATCHES[::2]) if tiny() else (KEEPS, PATCHES)
     rows = []
     for name, arch in models:
         note = "bf16 autocast" if amp else f"fp32, depth {depth} (CPU size)"
-        for sweep, img, cases in (("keep", 224, [(k, 16) for k in KEEPS]), ("patch", 240, [(1.0, p) for p in PATCHES])):
+        for sweep, img, cases in (("keep", 224, [(k, 16) for k in keeps]), ("patch", 240, [(1.0, p) for p in patches])):
             torch.manual_seed(0)
             step = _model(arch, img, depth, device)
             g = torch.Generator().manual_seed(1)

@@ -17,7 +17,7 @@ PROVIDERS = {"ours", "ours, kernel only", "reference", "torchvision v2 loop", "t
 
 
 def test_bench_photometric_json(tmp_path, monkeypatch):
-    monkeypatch.setattr(bp, "TINY", True)  # N=2, 48 / 32 px, short timing (EFFSSL_BENCH_TINY=1)
+    monkeypatch.setenv("EFFSSL_BENCH_TINY", "1")  # N=2, 48 / 32 px, short timing
     path = bp.main(["--device", "cpu", "--quick", "--out", str(tmp_path)])
     assert path == str(tmp_path / "photometric.json")
     d = json.loads((tmp_path / "photometric.json").read_text())

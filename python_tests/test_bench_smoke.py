@@ -1,0 +1,45 @@
+"""Smoke run of every benchmark (README's main job) at toy sizes on the CPU: each one runs all its
+providers, prints its table and writes its JSON, and no provider fails or mismatches, so a change
+that breaks a benchmark shows here rather than on a lent GPU. ``EFFSSL_BENCH_TINY=1`` (see
+bench/common.py) shrinks the sizes; the numbers mean nothing and are not checked.
+bench_photometric has its own, closer test (test_bench_photometric.py)."""
+import importlib
+import json
+
+import pytest
+import torch
+
+pytest.importorskip("rich")
+pytest.importorskip("torchvision")
+
+from bench.__main__ import BENCHMARKS
+
+NAMES = [m.split(".bench_", 1)[1] for m in BENCHMARKS if not m.endswith("photometric")]
+NEEDS = {"vit_step": "timm", "simwnw_step": "timm"}
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_bench_runs_every_provider(name, tmp_path, monkeypatch):
+    if name in NEEDS:
+        pytest.importorskip(NEEDS[name])
+    monkeypatch.setenv("EFFSSL_BENCH_TINY", "1")
+    monkeypatch.delenv("EFFSSL_BACKEND", raising=False)
+    mod = importlib.import_module(f"bench.bench_{name}")
+    path = mod.main(["--device", "cpu", "--out", str(tmp_path)])
+    assert path == str(tmp_path / f"{name}.json")
+    d = json.loads((tmp_path / f"{name}.json").read_text())
+    assert d["info"]["tiny"] is True and d["info"]["quick"] is True and d["info"]["torch"] == torch.__version__
+    rows = d["rows"]
+    assert rows
+    bad = [r for r in rows if "failed" in str(r.get("note", "")) or "MISMATCH" in str(r.get("note", ""))]
+    assert not bad, bad
+    timed = [r for r in rows if "median_ms" in r]
+    assert timed and all(r["median_ms"] > 0 for r in timed)
+
+
+def test_tiny_run_needs_out(monkeypatch):
+    monkeypatch.setenv("EFFSSL_BENCH_TINY", "1")
+    from bench import bench_tcr_loss
+
+    with pytest.raises(SystemExit):  # never over the committed results
+        bench_tcr_loss.main(["--device", "cpu"])
