@@ -453,6 +453,22 @@ def test_checkpoint_recomputes_under_the_forward_mask(block, ckpt):
         torch.testing.assert_close(pb.grad, pa.grad, msg=lambda m, k=k: f"{k}: {m}")
 
 
+@pytest.mark.parametrize("reentrant", [True, False])
+def test_plain_checkpoint_recomputed_outside_the_with_is_refused(reentrant):
+    # backward after the with: a plain checkpoint recomputes unmasked; with use_reentrant=True
+    # that was silently the dense layers' gradients. Now a clear error names masked_checkpoint.
+    m = R.sparsify(_randomize_bn(_cifar_resnet()).eval())
+    x = torch.randn(2, 3, 32, 32, requires_grad=True)
+    with R.block_mask(_keep(2, 4, 4, seed=3), 8):
+        y = torch.utils.checkpoint.checkpoint(m, x, use_reentrant=reentrant)
+    with pytest.raises(RuntimeError, match="masked_checkpoint"):
+        y.sum().backward()
+    # a model checkpointed unmasked recomputes unmasked: fine
+    y = torch.utils.checkpoint.checkpoint(m, x, use_reentrant=reentrant)
+    y.sum().backward()
+    assert x.grad is not None
+
+
 def test_checkpoint_refuses_reentrant_on_a_packed_map():
     # use_reentrant=True hands autograd the tiles' shape for the dense one: refused, clearly
     m = R.sparsify(_cifar_resnet())

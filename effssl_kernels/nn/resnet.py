@@ -215,6 +215,7 @@ def _in_stride(module: nn.Module) -> Pair:
 
 def _mask_for(module: nn.Module, x: Tensor) -> tuple[BlockMask | None, Pair]:
     state = _MASK.get()
+    _check_recompute(module, state is not None)
     if state is None:
         return None, (1, 1)
     s = _in_stride(module)
@@ -222,6 +223,27 @@ def _mask_for(module: nn.Module, x: Tensor) -> tuple[BlockMask | None, Pair]:
     m = state.get(x, s, fn, first=module.__dict__.get("_effssl_first", False))
     m.check_input(x, fn)
     return m, s
+
+
+_graph_task_id = getattr(torch._C, "_current_graph_task_id", lambda: -1)
+
+
+def _check_recompute(module: nn.Module, masked: bool) -> None:
+    """Refuse a recomputation inside backward (a plain checkpoint whose backward runs outside the
+    ``with``) that runs unmasked a layer whose forward ran masked: its gradients would be those
+    of the dense layer, silently with ``use_reentrant=True``. Each forward outside backward notes
+    whether it was masked; compiled code skips the check (a compiled region recomputes itself)."""
+    if torch.compiler.is_compiling():
+        return
+    if _graph_task_id() == -1:  # an ordinary forward
+        module.__dict__["_effssl_masked"] = masked
+    elif not masked and module.__dict__.get("_effssl_masked", False):
+        raise RuntimeError(
+            f"sparse {type(module)._effssl_base.__name__}: recomputed during backward without the "
+            f"block_mask its forward ran under (torch.utils.checkpoint, or timm's grad "
+            f"checkpointing, with backward outside the `with`), which would give the dense "
+            f"layer's gradients: checkpoint with effssl_kernels.masked_checkpoint, or call "
+            f"backward inside the `with`")
 
 
 # ----------------------------------------------------------------------------- swapped classes
