@@ -116,9 +116,11 @@ class PhotometricParams(NamedTuple):
         if isinstance(thr, Tensor):
             rules.append((((thr >= 0) & (thr <= 1)).all(), lambda: "solarize_threshold must be in [0, 1]"))
         if self.std is not None:
-            rules.append((torch.isfinite(self.mean).all(), lambda: "mean must be finite"))
-            rules.append((torch.isfinite(self.std).all(), lambda: "std must be finite"))
-            rules.append(((self.std != 0).all(), lambda: f"std must be non-zero, got {self.std.tolist()}"))
+            # in float32, where the kernels normalise: a float64 1e-50 is 0 there, 1e39 is inf
+            mean, std = self.mean.float(), self.std.float()
+            rules.append((torch.isfinite(mean).all(), lambda: "mean must be finite (in float32)"))
+            rules.append((torch.isfinite(std).all(), lambda: "std must be finite (in float32)"))
+            rules.append(((std != 0).all(), lambda: f"std must be non-zero in float32, got {self.std.tolist()}"))
         return rules
 
     def values_ok(self) -> Tensor:

@@ -42,7 +42,8 @@ class CropGroup(NamedTuple):
 class MultiViews(NamedTuple):
     """One entry per crop group, rows image-major (row ``n * num + p`` is crop ``p`` of image ``n``):
 
-    views: float32 ``[N * num, 3, size, size]``, photometric applied and normalised.
+    views: ``[N * num, 3, size, size]``, photometric applied: float32 normalised when the
+        sampler normalises (its ``mean``/``std``), else the raw dtype (uint8 for uint8 images).
     raw: uint8 ``[N * num, 3, size, size]``, the crops before any photometric change.
     boxes: float32 ``[N, num, 4]`` ``(top, left, height, width)``; flips: bool ``[N, num]``.
     params: the :class:`PhotometricParams` drawn (on the CPU).

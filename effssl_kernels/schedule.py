@@ -500,6 +500,7 @@ class AccelerationSchedule:
         Raises TypeError when no sparsified ViT is found, ValueError for several, a bad role, a
         ViT already inside ``apply`` or a patch that does not divide the image size.
         """
+        from .nn._state import graph_task_id
         from .nn.vit import is_sparse_vit, patch_size, token_keep
         from .tokens import random_token_keep
 
@@ -519,6 +520,13 @@ class AccelerationSchedule:
 
         def forward_features(x, *args, **kwargs):
             keep = None
+            if cfg.keep < 1.0 and generator is not None and graph_task_id() != -1:
+                # a checkpoint's recomputation: the global RNG is restored for it, a generator
+                # is not, so the tokens drawn here would differ from the forward's
+                raise RuntimeError("AccelerationSchedule.apply: forward_features recomputed during "
+                                   "backward (activation checkpointing) draws its kept tokens from "
+                                   "`generator` again, which would not give the forward's tokens: "
+                                   "pass generator=None (checkpointing restores the global RNG)")
             if cfg.keep < 1.0:
                 H, W = x.shape[-2:]
                 L = (-(-H // p[0]) * -(-W // p[1])) if ceil else (H // p[0]) * (W // p[1])

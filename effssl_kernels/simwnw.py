@@ -362,7 +362,16 @@ class SimWnW:
             if p is not None and p != (masks.block_size, masks.block_size):
                 raise ValueError(f"SimWnW.encode: a ViT's masks need block_size = its patch size in force "
                                  f"{p}, got {masks.block_size}")
-            L = masks.keep_a.shape[1] * masks.keep_a.shape[2]
+            Hb, Wb = masks.keep_a.shape[1:]
+            if p is not None and getattr(pe, "dynamic_img_pad", False):
+                # the ViT pads to whole patches (a ceil grid); the masks' grid is the floor one
+                H, W = view_a.shape[-2:]
+                grid = (-(-H // p[0]), -(-W // p[1]))
+                if grid != (Hb, Wb):
+                    raise ValueError(f"SimWnW.encode: this ViT pads {H}x{W} views to a {grid[0]}x{grid[1]} "
+                                     f"patch grid but the masks have {Hb}x{Wb} blocks: use views whose "
+                                     f"size the patch size {p} divides")
+            L = Hb * Wb
             if self.token_buckets > 1:
                 return self._encode_vit_buckets(model, view_a, view_b, masks, L)
             # the tokens of the kept blocks (the masks' threshold and min_keep hold), topped up

@@ -11,12 +11,14 @@ package (and ``crop_centers``) imports without it.
 from __future__ import annotations
 
 import math
+import numbers
 from typing import NamedTuple, Sequence, Union
 
 import torch
 from torch import Tensor
 
 from ._utils import as_pair, to_device_async
+from .ops.block_match import as_int
 from .ops.multi_crop import multi_crop
 
 __all__ = ["crop_centers", "random_crops", "random_resized_boxes", "TwoViewCrop", "TwoViews"]
@@ -28,8 +30,12 @@ def check_crop_params(scale, ratio, hflip_p, fn: str) -> None:
     """RandomResizedCrop's ``scale`` and ``ratio`` ranges and the flip probability, or ValueError
     (NaN fails every comparison, so it is refused too)."""
     for name, rng in (("scale", scale), ("ratio", ratio)):
-        if len(rng) != 2 or not (0 < rng[0] <= rng[1]):
-            raise ValueError(f"{fn}: {name} must be (min, max) with 0 < min <= max, got {rng!r}")
+        try:  # any sequence of two real numbers (tuple, list, NumPy array)
+            ok = len(rng) == 2 and all(isinstance(v, numbers.Real) and not isinstance(v, bool) for v in rng)
+        except TypeError:
+            ok = False
+        if not (ok and 0 < rng[0] <= rng[1] and math.isfinite(rng[1])):
+            raise ValueError(f"{fn}: {name} must be (min, max) with 0 < min <= max < inf, got {rng!r}")
     if not (0.0 <= float(hflip_p) <= 1.0):
         raise ValueError(f"{fn}: hflip_p must be in [0, 1], got {hflip_p!r}")
 
@@ -66,6 +72,7 @@ def random_resized_boxes(
     """
     H, W = as_pair(image_size, "random_resized_boxes: image_size")
     check_crop_params(scale, ratio, hflip_p, "random_resized_boxes")
+    n, p = as_int(n, "random_resized_boxes: n"), as_int(p, "random_resized_boxes: p")
     if n < 0 or p < 0:
         raise ValueError(f"random_resized_boxes: n and p must be >= 0, got {n}, {p}")
     tries = 10
@@ -124,6 +131,7 @@ def random_crops(
         ``(crops, boxes, flips)``: ``[N, P, C, s, s]`` (image-major), float32 ``[N, P, 4]`` and
         bool ``[N, P]`` on the images' device.
     """
+    num_crops = as_int(num_crops, "random_crops: num_crops")
     if out_dtype is not None and not (isinstance(out_dtype, torch.dtype) and out_dtype.is_floating_point):
         raise TypeError(f"random_crops: out_dtype must be a floating-point dtype or None (crops of uint8 "
                         f"images are scaled to [0, 1]), got {out_dtype!r}")
@@ -332,9 +340,10 @@ class TwoViewCrop:
 
     Each view is ``torchvision.transforms.v2.functional.resized_crop`` of a box drawn by
     torchvision's own ``RandomResizedCrop.get_params`` (bilinear, ``antialias=True``, torchvision's
-    default), then ``horizontal_flip`` with probability ``hflip_p``. The same as applying
-    ``v2.RandomResizedCrop(size, scale, ratio, antialias=True)`` and ``v2.RandomHorizontalFlip(hflip_p)``
-    twice, except that the boxes and flips come back with the views for :func:`crop_centers`.
+    default), then ``horizontal_flip`` with probability ``hflip_p``. The same distribution as
+    applying ``v2.RandomResizedCrop(size, scale, ratio, antialias=True)`` and
+    ``v2.RandomHorizontalFlip(hflip_p)`` twice (not the same random stream: the draws come in
+    another order), except that the boxes and flips come back with the views for :func:`crop_centers`.
 
     Args:
         size: output ``(H, W)`` of both views, or an int for square views.
@@ -370,12 +379,7 @@ class TwoViewCrop:
         generator: torch.Generator | None = None,
     ) -> None:
         self.size = as_pair(size, "TwoViewCrop: size")
-        if len(scale) != 2 or not (0 < scale[0] <= scale[1]):
-            raise ValueError(f"TwoViewCrop: scale must be (min, max) with 0 < min <= max, got {scale!r}")
-        if len(ratio) != 2 or not (0 < ratio[0] <= ratio[1]):
-            raise ValueError(f"TwoViewCrop: ratio must be (min, max) with 0 < min <= max, got {ratio!r}")
-        if not (0.0 <= float(hflip_p) <= 1.0):
-            raise ValueError(f"TwoViewCrop: hflip_p must be in [0, 1], got {hflip_p!r}")
+        check_crop_params(scale, ratio, hflip_p, "TwoViewCrop")
         if generator is not None and not isinstance(generator, torch.Generator):
             raise TypeError(f"TwoViewCrop: generator must be a torch.Generator or None, got {type(generator).__name__}")
         self.scale = [float(scale[0]), float(scale[1])]
@@ -395,7 +399,8 @@ class TwoViewCrop:
             return _torchvision()[0].get_params(img, self.scale, self.ratio)
         seed = int(torch.randint(0, 2**62, (1,), generator=self.generator).item())
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
+            # the CPU generator only: torch.manual_seed would reseed every CUDA generator too
+            torch.default_generator.manual_seed(seed)
             return _torchvision()[0].get_params(img, self.scale, self.ratio)
 
     def _flip(self) -> bool:

@@ -319,9 +319,12 @@ def test_deterministic_and_no_grad(device):
     assert not p1.requires_grad and not o1.requires_grad
 
 
-def test_empty_batch():
-    psnr, off = ek.block_match(torch.rand(0, 3, 8, 8), torch.rand(0, 3, 8, 8), 4, 2)
-    assert psnr.shape == (0, 2, 2) and off.shape == (0, 2, 2, 2)
+@pytest.mark.parametrize("backend", ["auto", "reference"])
+def test_empty_batch(backend, monkeypatch):
+    monkeypatch.setenv("EFFSSL_BACKEND", backend)
+    psnr, off = ek.block_match(torch.rand(0, 3, 20, 23), torch.rand(0, 3, 20, 23), 4, 2)
+    assert psnr.shape == (0, 5, 5) and off.shape == (0, 5, 5, 2)
+    assert psnr.dtype == torch.float32 and off.dtype == torch.int32
 
 
 # ----------------------------------------------------------------------------- similar_blocks

@@ -158,6 +158,20 @@ def test_empty_batch():
     assert out.shape == (0, 3, 8)
 
 
+@pytest.mark.parametrize("empty", ["batch", "channels"])
+def test_empty_backward(empty):
+    # backward of an empty batch (N = 0) or of no channels (C = 0): zero gradients, no crash
+    N, C = (0, 3) if empty == "batch" else (2, 0)
+    images = torch.randn(N, C, 8, 8, requires_grad=True)
+    weight = torch.randn(4, C, 4, 4, requires_grad=True)
+    bias = torch.randn(4, requires_grad=True)
+    keep = torch.zeros(N, 2, dtype=torch.long)
+    patch_embed_gather(images, weight, bias, keep).sum().backward()
+    assert images.grad.shape == images.shape and weight.grad.shape == weight.shape
+    assert not weight.grad.any() and not images.grad.any()
+    torch.testing.assert_close(bias.grad, torch.full((4,), float(N * 2)))
+
+
 # ----------------------------------------------------------------------------- the helper ops
 def test_gather_patches_is_unfold():
     images, _, _, keep, _ = _inputs(2, 3, 24, 16, 4, 8, 5, dup=True)

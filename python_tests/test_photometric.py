@@ -307,6 +307,11 @@ def test_sample_errors():
         (dict(mean=torch.zeros(3)), ValueError, "together"),
         (dict(mean=torch.zeros(3), std=torch.zeros(3)), ValueError, "std"),
         (dict(mean=torch.zeros(4), std=torch.ones(4)), ValueError, "mean.*shape"),
+        # float64 values that float32 (where the kernels normalise) turns into 0 or inf
+        (dict(mean=torch.zeros(3, dtype=torch.float64), std=torch.full((3,), 1e-50, dtype=torch.float64)),
+         ValueError, "std must be non-zero in float32"),
+        (dict(mean=torch.full((3,), 1e39, dtype=torch.float64), std=torch.ones(3, dtype=torch.float64)),
+         ValueError, "mean must be finite"),
         (dict(brightness=[1.0] * N), TypeError, "brightness"),
         (dict(brightness=torch.full((N,), float("nan"))), ValueError, "finite"),
     ],

@@ -282,6 +282,48 @@ def test_apply_sets_tokens_and_patch_per_role():
     assert on_seen[-1] == 1 + 2 and mom_seen[-1] == 1 + 4
 
 
+def test_apply_with_checkpointing():
+    # a checkpoint recomputes forward_features during backward: with the global RNG (restored by
+    # checkpoint) it redraws the forward's tokens; a generator would draw others, so it is refused
+    torch.manual_seed(0)
+    a = _tiny_vit().double()
+    b = copy.deepcopy(a)
+    x = torch.randn(2, 3, 48, 48, dtype=torch.float64)
+    sched = AccelerationSchedule(keeps=[1.0, 0.5], patches=[16], total_steps=10, multiple_of=1)
+    torch.manual_seed(1)
+    with sched.apply(a, config=(0.5, 16)):
+        a(x).square().sum().backward()
+    torch.manual_seed(1)
+    with sched.apply(b, config=(0.5, 16)):
+        ek.masked_checkpoint(b, x).square().sum().backward()
+    for (k, pa), pb in zip(a.named_parameters(), b.parameters()):
+        torch.testing.assert_close(pb.grad, pa.grad, msg=lambda m, k=k: f"{k}: {m}")
+    with sched.apply(b, config=(0.5, 16), generator=torch.Generator().manual_seed(5)):
+        y = ek.masked_checkpoint(b, x)
+        with pytest.raises(RuntimeError, match="generator=None"):
+            y.sum().backward()
+
+
+def test_copy_made_inside_apply_is_the_plain_model():
+    online = _tiny_vit()
+    x = torch.randn(2, 3, 48, 48)
+    ref = online(x)
+    sched = AccelerationSchedule(keeps=[1.0, 0.5], patches=[16, 24], total_steps=10, multiple_of=1)
+    plain = copy.deepcopy(online)
+    with sched.apply(online, config=(0.5, 24)):
+        teacher = copy.deepcopy(online)
+        buf = io.BytesIO()
+        torch.save(online, buf)  # the wrapper (a local closure) is not part of the model
+    with torch.no_grad():
+        for t, u in zip(teacher.parameters(), plain.parameters()):
+            t.mul_(2)
+            u.mul_(2)
+    assert "forward_features" not in teacher.__dict__
+    assert torch.equal(teacher(x), plain(x))  # its own weights, every token, patch 16
+    buf.seek(0)
+    torch.testing.assert_close(torch.load(buf, weights_only=False)(x), ref)
+
+
 @pytest.mark.parametrize("policy, expected", [
     ("same_patch", (1.0, 24)), ("same", (0.5, 24)), ("full", (1.0, None)),
     ((0.75, 16), (0.75, 16)), (lambda c: Candidate(c.keep, 16), (0.5, 16)),

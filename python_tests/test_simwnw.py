@@ -234,6 +234,21 @@ def test_encode_vit_equals_token_keep(buckets):
             sw.encode(vit, a, b, m)
 
 
+def test_encode_vit_refuses_a_padded_grid_unlike_the_masks():
+    # a dynamic_img_pad ViT pads 36 px views to a 5x5 grid at patch 8; the masks have 4x4 blocks,
+    # whose flat indices would land on other tokens of the 5x5 grid
+    timm = pytest.importorskip("timm")
+    vit = ek.sparsify_vit(timm.create_model("vit_small_patch16_224", img_size=36, patch_size=8, depth=1,
+                                            embed_dim=16, num_heads=2, num_classes=0, dynamic_img_size=True,
+                                            dynamic_img_pad=True).eval())
+    a, b = torch.rand(2, 3, 36, 36), torch.rand(2, 3, 36, 36)
+    sw = ek.SimWnW(8, search_radius=0, use_geometry=False)
+    with pytest.raises(ValueError, match="5x5 patch grid but the masks have 4x4 blocks"):
+        sw.encode(vit, a, b, sw.masks(a, b))
+    za, _ = sw.encode(vit, a[..., :32, :32], b[..., :32, :32], sw.masks(a[..., :32, :32], b[..., :32, :32]))
+    assert za.shape == (2, 16)  # views the patch divides: fine
+
+
 def test_encode_vit_honours_min_keep_and_the_masks_threshold():
     vit = _tiny_vit()
     a, b = torch.rand(2, 3, 32, 32), torch.rand(2, 3, 32, 32)

@@ -371,10 +371,13 @@ def test_two_view_crop_records_reproduce_its_views():
     assert len(seen_boxes) == 16
 
 
-def test_two_view_crop_rng():
+def test_two_view_crop_rng(monkeypatch):
     img = photo("chelsea")
     state = torch.random.get_rng_state()
+    cuda_seeds = []  # torch.manual_seed would reseed every CUDA generator too (a GPU's dropout)
+    monkeypatch.setattr(torch.cuda, "manual_seed_all", cuda_seeds.append)
     o1 = TwoViewCrop(S, generator=torch.Generator().manual_seed(5))(img)
+    assert cuda_seeds == []
     o2 = TwoViewCrop(S, generator=torch.Generator().manual_seed(5))(img)
     o3 = TwoViewCrop(S, generator=torch.Generator().manual_seed(6))(img)
     assert torch.equal(torch.random.get_rng_state(), state)  # a generator leaves the global RNG alone
@@ -559,6 +562,9 @@ def test_crop_centers_bad_input(change, exc, match):
         (dict(size=64, scale=(0.9, 0.1)), ValueError, "scale"),
         (dict(size=64, ratio=(0.0, 1.0)), ValueError, "ratio"),
         (dict(size=64, hflip_p=1.5), ValueError, "hflip_p"),
+        (dict(size=64, scale=(0.5, float("inf"))), ValueError, "scale"),
+        (dict(size=64, ratio=(1.0, float("inf"))), ValueError, "ratio"),
+        (dict(size=64, scale=0.5), ValueError, "scale"),
         (dict(size=64, generator=0), TypeError, "generator"),
     ],
 )

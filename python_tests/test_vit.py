@@ -532,6 +532,42 @@ def test_masked_checkpoint_recomputes_under_the_forward_keep():
         yc.sum().backward()  # the plain checkpoint recomputes with all 16 tokens
 
 
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_masked_checkpoint_recomputes_at_the_forward_patch_size(reentrant):
+    # ek.patch_size lives on the model, not in the context: masked_checkpoint carries it too (a
+    # reentrant recomputation at the native patch gave wrong gradients silently)
+    torch.manual_seed(0)
+    a = ek.sparsify_vit(_vit(torch.float64))
+    b = copy.deepcopy(a)
+    x = torch.randn(2, 3, 64, 64, dtype=torch.float64, requires_grad=True)
+    keep = torch.tensor([[0, 3, 5, 9], [1, 2, 6, 8]])  # of the 4x4 = 16 tokens at patch 16
+    with ek.patch_size(a, 32), ek.patch_size(b, 32):
+        ya = a(x)
+        yb = ek.masked_checkpoint(b, x, use_reentrant=reentrant)
+    torch.testing.assert_close(yb, ya)
+    ya.square().sum().backward()
+    yb.square().sum().backward()  # outside the with: recomputed at patch 32
+    for (k, pa), pb in zip(a.named_parameters(), b.parameters()):
+        torch.testing.assert_close(pb.grad, pa.grad, msg=lambda m, k=k: f"{k}: {m}")
+    assert b.patch_embed._effssl_patch is None  # the recomputation put the setting back
+    with ek.token_keep(keep):  # with keep too, and a patch size in force at backward is undone
+        ya, yb = a(x), ek.masked_checkpoint(b, x)
+    with ek.patch_size(b, 32):
+        yb.square().sum().backward()
+    assert b.patch_embed._effssl_patch is None
+
+
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_plain_checkpoint_recomputed_without_the_keep_is_refused(reentrant):
+    # use_reentrant=True recomputed with every token: silently all-token gradients before
+    b = ek.sparsify_vit(_vit(torch.float64))
+    x = torch.randn(2, 3, 64, 64, dtype=torch.float64, requires_grad=True)
+    with ek.token_keep(torch.tensor([[0, 3, 5, 9], [1, 2, 6, 8]])):
+        y = torch.utils.checkpoint.checkpoint(b, x, use_reentrant=reentrant)
+    with pytest.raises(RuntimeError, match="masked_checkpoint"):
+        y.sum().backward()
+
+
 def test_timm_block_checkpointing_with_keep():
     """timm's own (per-block) gradient checkpointing recomputes blocks on the kept tokens."""
     torch.manual_seed(0)

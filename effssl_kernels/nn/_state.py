@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import warnings
+import weakref
 from typing import Any, Iterator
 
 import torch
@@ -87,3 +88,59 @@ def run_in(snapshot: contextvars.Context, fn, *args, **kwargs):
                 s.mirror = p
 
     return snapshot.copy().run(body)  # a Context cannot be entered twice: a fresh copy per call
+
+
+# ----------------------------------------------------------------------------- recomputation
+graph_task_id = getattr(torch._C, "_current_graph_task_id", lambda: -1)  # -1: not inside backward
+
+
+def check_recompute(module, masked: bool, who: str, setting: str) -> None:
+    """Refuse a recomputation inside backward (a plain checkpoint whose backward runs outside the
+    ``with``) that runs unmasked a layer whose forward ran under ``setting``: it would give the
+    dense layer's gradients, silently with ``use_reentrant=True``. Each forward outside backward
+    notes whether it ran under the setting; compiled code skips the check (a compiled region
+    recomputes itself)."""
+    if torch.compiler.is_compiling():
+        return
+    if graph_task_id() == -1:  # an ordinary forward
+        module.__dict__["_effssl_masked"] = masked
+    elif not masked and module.__dict__.get("_effssl_masked", False):
+        raise RuntimeError(
+            f"{who}: recomputed during backward without the {setting} its forward ran under "
+            f"(torch.utils.checkpoint, or timm's grad checkpointing, with backward outside the "
+            f"`with`), which would give the dense layer's gradients: checkpoint with "
+            f"effssl_kernels.masked_checkpoint, or call backward inside the `with`")
+
+
+# ----------------------------------------------------------------------------- module settings
+# A ViT's ek.patch_size lives on its patch embedding (a setting of the model, not of a thread);
+# masked_checkpoint snapshots the ones in force so the recomputation runs at the same patch size.
+_PATCHED: "weakref.WeakSet" = weakref.WeakSet()
+
+
+def set_patch(pe, value) -> None:
+    """``pe``'s patch setting (``None``: its own patch size)."""
+    if value is None:
+        pe.__dict__.pop("_effssl_patch", None)
+        _PATCHED.discard(pe)
+    else:
+        pe._effssl_patch = value
+        _PATCHED.add(pe)
+
+
+def patch_snapshot() -> dict:
+    return {pe: pe.__dict__["_effssl_patch"] for pe in list(_PATCHED) if "_effssl_patch" in pe.__dict__}
+
+
+@contextlib.contextmanager
+def patch_restored(snapshot: dict) -> Iterator[None]:
+    """Every patch setting as in ``snapshot`` inside the ``with`` (those of now restored after)."""
+    now = patch_snapshot()
+    touched = set(now) | set(snapshot)
+    for pe in touched:
+        set_patch(pe, snapshot.get(pe))
+    try:
+        yield
+    finally:
+        for pe in touched:
+            set_patch(pe, now.get(pe))

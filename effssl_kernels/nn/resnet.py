@@ -71,7 +71,7 @@ from ..sparse.packed import (
     max_pool2d_map,
     packed_avg_pool,
 )
-from ._state import ContextState, run_in
+from ._state import ContextState, check_recompute, patch_restored, patch_snapshot, run_in
 from ._swap import sparse_class as _sparse_class
 
 __all__ = ["block_mask", "checkpoint", "input_strides", "is_sparse", "sparsify", "tile_plan",
@@ -174,7 +174,8 @@ def block_mask(mask: BlockMask | Tensor | None, block_size: int | None = None) -
 
 def checkpoint(function, *args, **kwargs):
     """``torch.utils.checkpoint.checkpoint(function, *args, use_reentrant=False, **kwargs)`` that
-    recomputes under the :func:`block_mask` and :func:`~effssl_kernels.token_keep` in force now
+    recomputes under the :func:`block_mask`, :func:`~effssl_kernels.token_keep` and
+    :func:`~effssl_kernels.patch_size` in force now
     (plain checkpointing would recompute unmasked, or with every token, when ``backward`` runs
     outside the ``with``). As with any checkpoint, a BatchNorm in training inside ``function``
     updates its running statistics again when recomputed.
@@ -183,13 +184,15 @@ def checkpoint(function, *args, **kwargs):
     raises ValueError (reentrant autograd would take the tiles' shape for the dense one)."""
     # Both are context variables: a snapshot of the context carries them (and any later one).
     snapshot = contextvars.copy_context()
+    patches = patch_snapshot()  # ek.patch_size settings: on the models, not in the context
     kwargs.setdefault("use_reentrant", False)
     reentrant = bool(kwargs["use_reentrant"])
 
     def run(*a, **k):
         if reentrant:
             _refuse_packed(a, k)
-        out = run_in(snapshot, function, *a, **k)
+        with patch_restored(patches):
+            out = run_in(snapshot, function, *a, **k)
         if reentrant:
             _refuse_packed(out)
         return out
@@ -215,7 +218,7 @@ def _in_stride(module: nn.Module) -> Pair:
 
 def _mask_for(module: nn.Module, x: Tensor) -> tuple[BlockMask | None, Pair]:
     state = _MASK.get()
-    _check_recompute(module, state is not None)
+    check_recompute(module, state is not None, f"sparse {type(module)._effssl_base.__name__}", "block_mask")
     if state is None:
         return None, (1, 1)
     s = _in_stride(module)
@@ -223,27 +226,6 @@ def _mask_for(module: nn.Module, x: Tensor) -> tuple[BlockMask | None, Pair]:
     m = state.get(x, s, fn, first=module.__dict__.get("_effssl_first", False))
     m.check_input(x, fn)
     return m, s
-
-
-_graph_task_id = getattr(torch._C, "_current_graph_task_id", lambda: -1)
-
-
-def _check_recompute(module: nn.Module, masked: bool) -> None:
-    """Refuse a recomputation inside backward (a plain checkpoint whose backward runs outside the
-    ``with``) that runs unmasked a layer whose forward ran masked: its gradients would be those
-    of the dense layer, silently with ``use_reentrant=True``. Each forward outside backward notes
-    whether it was masked; compiled code skips the check (a compiled region recomputes itself)."""
-    if torch.compiler.is_compiling():
-        return
-    if _graph_task_id() == -1:  # an ordinary forward
-        module.__dict__["_effssl_masked"] = masked
-    elif not masked and module.__dict__.get("_effssl_masked", False):
-        raise RuntimeError(
-            f"sparse {type(module)._effssl_base.__name__}: recomputed during backward without the "
-            f"block_mask its forward ran under (torch.utils.checkpoint, or timm's grad "
-            f"checkpointing, with backward outside the `with`), which would give the dense "
-            f"layer's gradients: checkpoint with effssl_kernels.masked_checkpoint, or call "
-            f"backward inside the `with`")
 
 
 # ----------------------------------------------------------------------------- swapped classes

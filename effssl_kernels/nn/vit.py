@@ -37,7 +37,7 @@ from ..ops._indices import check_keep_range
 from ..ops.gather_tokens import _gather_tokens
 from ..ops.patch_embed_gather import _patch_embed_gather
 from ..patch_scaling import resize_matrix_pinv, resize_patch_embed, resize_pos_embed
-from ._state import ContextState
+from ._state import ContextState, check_recompute, set_patch
 from ._swap import sparse_class as _sparse_class
 
 __all__ = ["sparsify_vit", "unsparsify_vit", "token_keep", "patch_size", "is_sparse_vit"]
@@ -145,17 +145,21 @@ def patch_size(
         resize_matrix_pinv(tuple(w.shape[-2:]), size, interpolation=interpolation, antialias=antialias,
                            device=w.device, dtype=ct)  # warm the cache eagerly
     prev = pe.__dict__.get("_effssl_patch")
-    pe._effssl_patch = (size[0], size[1], interpolation, bool(antialias))
+    set_patch(pe, (size[0], size[1], interpolation, bool(antialias)))
     try:
         yield
     finally:
-        if prev is None:
-            pe.__dict__.pop("_effssl_patch", None)
-        else:
-            pe._effssl_patch = prev
+        set_patch(pe, prev)
 
 
 # ----------------------------------------------------------------------------- the swapped classes
+def _state_of(obj, mixin) -> dict:
+    """What pickling ``obj`` would save without ``mixin``'s ``__getstate__`` (Python < 3.11 has no
+    ``object.__getstate__``)."""
+    getter = getattr(super(mixin, obj), "__getstate__", None)
+    return getter() if getter is not None else obj.__dict__
+
+
 class _SparsePatchEmbedMixin:
     """PatchEmbed that, while a keep or a patch size is set, defers the embedding to ``_pos_embed``
     (which fuses it with the gather and the positional embedding) and returns the images checked
@@ -166,7 +170,7 @@ class _SparsePatchEmbedMixin:
     def __getstate__(self):
         # patch_size() is a with-block setting, not state: a copy (an EMA teacher made inside
         # the with, torch.save) starts at the model's own patch size
-        state = super().__getstate__()
+        state = _state_of(self, _SparsePatchEmbedMixin)
         if "_effssl_patch" in state:
             state = {k: v for k, v in state.items() if k != "_effssl_patch"}
         return state
@@ -191,9 +195,20 @@ class _SparsePatchEmbedMixin:
 class _SparseViTMixin:
     """VisionTransformer whose ``_pos_embed`` builds ``[prefix, kept patch tokens]`` directly."""
 
+    def __getstate__(self):
+        # AccelerationSchedule.apply's forward_features wrapper is a with-block setting (a
+        # closure over this model's bound method): a copy (a teacher made inside the with,
+        # torch.save) must not run this model's weights through it
+        state = _state_of(self, _SparseViTMixin)
+        ff = state.get("forward_features")
+        if getattr(ff, "_effssl_schedule", False):
+            state = {k: v for k, v in state.items() if k != "forward_features"}
+        return state
+
     def _pos_embed(self, x):
         state = _KEEP.get()
         ps = self.patch_embed._effssl_patch
+        check_recompute(self, state is not None or ps is not None, "sparse ViT", "token_keep or patch_size")
         if state is None and ps is None:
             return super()._pos_embed(x)
         keep, check = (None, False) if state is None else state
@@ -354,7 +369,7 @@ def unsparsify_vit(model: nn.Module) -> nn.Module:
         raise TypeError(f"unsparsify_vit: model was not converted by sparsify_vit ({type(model).__name__})")
     pe = model.patch_embed
     if isinstance(pe, _SparsePatchEmbedMixin):
-        pe.__dict__.pop("_effssl_patch", None)
+        set_patch(pe, None)
         pe.__class__ = type(pe)._effssl_base
     model.__class__ = type(model)._effssl_base
     return model

@@ -16,6 +16,7 @@ from .. import _backend
 from .._utils import as_pair
 from ..reference.multi_crop import multi_crop_reference
 
+MAX_SIDE = 1 << 30  # the kernels clamp source rows/columns to int32-safe values at this bound
 _IMAGE_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16, torch.uint8)
 _LOW_FLOATS = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -31,6 +32,8 @@ def _check(images, boxes, flips, out_dtype) -> torch.dtype:
     N, C, H, W = images.shape
     if H == 0 or W == 0:
         raise ValueError(f"multi_crop: images must not be empty, got shape {tuple(images.shape)}")
+    if max(H, W) > MAX_SIDE:
+        raise ValueError(f"multi_crop: H and W must be at most {MAX_SIDE}, got {H}x{W}")
     if boxes.dim() != 3 or boxes.shape[0] != N or boxes.shape[2] != 4:
         raise ValueError(f"multi_crop: boxes must be [N, P, 4] with N = {N}, got shape {tuple(boxes.shape)}")
     if boxes.dtype == torch.bool or boxes.is_complex():

@@ -215,15 +215,18 @@ def _backward(ctx, grad):
             cols = torch.ops.effssl_kernels._gather_patches_triton(images, keep, p, dt)
         else:
             cols = torch.ops.effssl_kernels._gather_patches(images, keep, p, dt)
-        gw = torch.mm(g_dt.t(), cols.reshape(N * K, -1)).reshape(ctx.weight_shape)
+        # explicit sizes: -1 cannot be inferred from an empty batch (N = 0) or C = 0
+        gw = torch.mm(g_dt.t(), cols.reshape(N * K, C * p * p)).reshape(ctx.weight_shape)
     if need_bias:
         gb = g_dt.sum(0, dtype=_acc_dtype(dt)).to(dt)
     if need_pos:
         shape, pos_dtype = ctx.pos_meta
         L = shape[-2]
         gp = _scatter_rows(grad, keep, L, pos_dtype).reshape(shape)
-    if need_images:
-        gcols = torch.mm(g_dt, weight.reshape(D, -1)).reshape(N, K, -1)
+    if need_images and N * C == 0:
+        gi = torch.zeros((N, C, H, W), dtype=img_dtype, device=grad.device)  # nothing to scatter
+    elif need_images:
+        gcols = torch.mm(g_dt, weight.reshape(D, C * p * p)).reshape(N, K, C * p * p)
         if ctx.triton:
             gi = _scatter_patches_torch(gcols, keep, p, H, W, img_dtype)
         else:

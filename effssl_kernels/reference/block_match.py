@@ -68,6 +68,9 @@ def block_match_reference(
         cy = centers[..., 0].to(device=dev, dtype=torch.int64)
         cx = centers[..., 1].to(device=dev, dtype=torch.int64)
 
+    if N * Hb * Wb == 0:  # nothing to search (the reshapes below cannot infer -1 from 0 elements)
+        return (torch.full((N, Hb, Wb), float("-inf"), device=dev),
+                torch.zeros((N, Hb, Wb, 2), dtype=torch.int32, device=dev))
     # The blocks of a, [N, C, Hb, Wb, B, B].
     a_blk = a32[:, :, : Hb * B, : Wb * B].reshape(N, C, Hb, B, Wb, B).permute(0, 1, 2, 4, 3, 5)
     b_flat = b32.reshape(N, C, H * W)
