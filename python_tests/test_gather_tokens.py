@@ -220,10 +220,14 @@ def test_low_precision_duplicates_accumulate_in_float32(device):
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_deterministic(device):
-    x = torch.randn(6, 20, 48, device=device, requires_grad=True)
-    pos = torch.randn(1, 20, 48, device=device, requires_grad=True)
-    keep = torch.randint(0, 20, (6, 30), device=device)
-    grad = torch.randn(6, 30, 48, device=device)
+    # sizes past the C++ kernels' at::parallel_for grains, so 2 threads really split the work:
+    # forward N*K = 3200 rows (grain 32768/D = 682), grad_x N = 16 (grain 65536/(L*D) = 5),
+    # grad_pos L = 256 (grain 65536/((N*K/L)*D) = 113)
+    N, L, K, D = 16, 256, 200, 48
+    x = torch.randn(N, L, D, device=device, requires_grad=True)
+    pos = torch.randn(1, L, D, device=device, requires_grad=True)
+    keep = torch.randint(0, L, (N, K), device=device)
+    grad = torch.randn(N, K, D, device=device)
     runs = []
     threads = torch.get_num_threads()
     try:

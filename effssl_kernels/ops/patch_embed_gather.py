@@ -221,8 +221,11 @@ def _backward(ctx, grad):
         gb = g_dt.sum(0, dtype=_acc_dtype(dt)).to(dt)
     if need_pos:
         shape, pos_dtype = ctx.pos_meta
-        L = shape[-2]
-        gp = _scatter_rows(grad, keep, L, pos_dtype).reshape(shape)
+        # gather_tokens' pos gradient: each row written once from a fixed-order float32 (float64)
+        # sum, so deterministic (index_put's accumulate races on the CPU too); differentiable
+        op = (torch.ops.effssl_kernels._gather_tokens_backward_triton if ctx.triton
+              else torch.ops.effssl_kernels.gather_tokens_backward)
+        gp = op(grad, keep, shape[-2], pos_dtype, pos_dtype, False, True)[1].reshape(shape)
     if need_images and N * C == 0:
         gi = torch.zeros((N, C, H, W), dtype=img_dtype, device=grad.device)  # nothing to scatter
     elif need_images:
