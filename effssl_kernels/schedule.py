@@ -313,8 +313,18 @@ class AccelerationSchedule:
         return {"stage": self._stage, "choice": tuple(self._choice), "history": _plain(self.history)}
 
     def load_state_dict(self, state: dict) -> None:
-        self._stage = int(state["stage"])
-        self._choice = _candidate(state["choice"], "load_state_dict: choice")
+        """Resume from :meth:`state_dict`; ValueError when it belongs to another schedule (a choice
+        outside this grid, a stage past these checkpoints)."""
+        stage = int(state["stage"])
+        if not -1 <= stage < len(self.checkpoints):
+            raise ValueError(f"AccelerationSchedule.load_state_dict: stage {stage} is outside this "
+                             f"schedule's {len(self.checkpoints)} checkpoints")
+        choice = _candidate(state["choice"], "load_state_dict: choice")
+        if choice not in self.candidates:
+            raise ValueError(f"AccelerationSchedule.load_state_dict: choice {tuple(choice)} is not in this "
+                             f"schedule's grid {[tuple(c) for c in self.candidates]}")
+        self._stage = stage
+        self._choice = choice
         self.history = [{k: (_candidate(v, f"load_state_dict: history {k}") if k in _CANDIDATE_KEYS
                              and v is not None else v) for k, v in entry.items()}
                         for entry in state["history"]]

@@ -428,6 +428,8 @@ class TwoViewCrop:
             img = TF.to_dtype(TF.to_image(img), torch.float32, scale=True).as_subclass(Tensor)
         if img.dim() not in (3, 4):
             raise ValueError(f"TwoViewCrop: expected [C, H, W] or [N, C, H, W], got {list(img.shape)}")
+        if img.shape[-1] == 0 or img.shape[-2] == 0:
+            raise ValueError(f"TwoViewCrop: the image is empty ({img.shape[-2]}x{img.shape[-1]} pixels)")
         dev = img.device
         if img.dim() == 3:
             va, vb, ba, bb, fa, fb = self._one(img)

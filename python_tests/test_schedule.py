@@ -231,6 +231,14 @@ def test_callback_stages_and_checkpoint_steps():
     assert loaded.stage == 1 and loaded.current == fresh.current
     assert loaded.history[-1]["choice"] == fresh.history[-1]["choice"]
     assert type(loaded.history[-1]["choice"]) is type(fresh.history[-1]["choice"])
+    # a state of another schedule is refused, not half taken
+    other = AccelerationSchedule(keeps=[1.0, 0.25], total_steps=100, checkpoints=[0.0, 0.5, 0.9])
+    with pytest.raises(ValueError, match="not in this schedule's grid"):
+        other.load_state_dict({**state, "choice": (0.5, None)})
+    short = AccelerationSchedule(keeps=[1.0, 0.5], total_steps=100, checkpoints=[0.0])
+    with pytest.raises(ValueError, match="outside this schedule's 1 checkpoints"):
+        short.load_state_dict(state)
+    assert short.stage == -1
 
 
 # ----------------------------------------------------------------------------- the ViT callback

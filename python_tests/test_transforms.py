@@ -581,3 +581,5 @@ def test_two_view_crop_bad_input():
         crop(np.zeros((32, 32, 3), dtype=np.uint8))
     with pytest.raises(ValueError, match="empty"):
         crop(torch.zeros(0, 3, 32, 32))
+    with pytest.raises(ValueError, match=r"image is empty \(0x8 pixels\)"):
+        crop(torch.rand(3, 0, 8))
