@@ -166,7 +166,9 @@ def test_empty_backward(empty):
     weight = torch.randn(4, C, 4, 4, requires_grad=True)
     bias = torch.randn(4, requires_grad=True)
     keep = torch.zeros(N, 2, dtype=torch.long)
-    patch_embed_gather(images, weight, bias, keep).sum().backward()
+    out = patch_embed_gather(images, weight, bias, keep)
+    torch.testing.assert_close(out, patch_embed_gather_reference(images, weight, bias, keep))  # [N, 2, 4]
+    out.sum().backward()
     assert images.grad.shape == images.shape and weight.grad.shape == weight.shape
     assert not weight.grad.any() and not images.grad.any()
     torch.testing.assert_close(bias.grad, torch.full((4,), float(N * 2)))

@@ -29,7 +29,13 @@ def patch_embed_reference(images: Tensor, weight: Tensor, bias: Optional[Tensor]
     if bias is not None:
         dt = torch.promote_types(dt, bias.dtype)
     p = weight.shape[-1]
-    y = F.conv2d(images.to(dt), weight.to(dt), None if bias is None else bias.to(dt), stride=p)
+    if images.shape[1] == 0:  # F.conv2d gives 0 output channels here; a sum over no channels is 0
+        N, _, H, W = images.shape
+        y = images.new_zeros((N, weight.shape[0], H // p, W // p), dtype=dt)
+        if bias is not None:
+            y = y + bias.to(dt).view(1, -1, 1, 1)
+    else:
+        y = F.conv2d(images.to(dt), weight.to(dt), None if bias is None else bias.to(dt), stride=p)
     return y.flatten(2).transpose(1, 2)
 
 
