@@ -36,14 +36,15 @@ def _setup(seed=0, block=8, sync=False):
     return model, x, keep
 
 
-def _step(model, x, keep):
+def _step(model, x, keep, compiled=False):
+    run = torch.compile(model, backend="aot_eager", fullgraph=True) if compiled else model
     with R.block_mask(BlockMask(keep, 32 // keep.shape[-1], 32)):
-        y = model(x)
+        y = run(x)
     y.square().mean().backward()  # outside the with: the mask was captured at forward
     return y.detach()
 
 
-def _worker(rank, world, init_file, out_dir, block, sync):
+def _worker(rank, world, init_file, out_dir, block, sync, compiled=False):
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
                             world_size=world)
     try:
@@ -51,7 +52,7 @@ def _worker(rank, world, init_file, out_dir, block, sync):
         model, x, keep = _setup(block=block, sync=sync)
         half = slice(2 * rank, 2 * rank + 2)
         if sync:  # DDP refuses SyncBatchNorm on CPU modules: average the gradients as it would
-            y = _step(model, x[half], keep[half])
+            y = _step(model, x[half], keep[half], compiled)
             for p in model.parameters():
                 dist.all_reduce(p.grad)
                 p.grad /= world
@@ -64,15 +65,17 @@ def _worker(rank, world, init_file, out_dir, block, sync):
         dist.destroy_process_group()
 
 
-def _spawn(tmp_path, block, sync):
-    mp.spawn(_worker, args=(2, str(tmp_path / "init"), str(tmp_path), block, sync), nprocs=2,
+def _spawn(tmp_path, block, sync, compiled=False):
+    mp.spawn(_worker, args=(2, str(tmp_path / "init"), str(tmp_path), block, sync, compiled), nprocs=2,
              join=True)
     return [torch.load(tmp_path / f"{r}.pt") for r in range(2)]
 
 
-@pytest.mark.parametrize("block", [8, 4])
-def test_ddp_sync_batch_norm_equals_the_whole_batch(tmp_path, block):
-    ranks = _spawn(tmp_path, block, sync=True)
+# compiled: SyncBatchNorm's cross-rank sum through a traceable functional collective (the
+# autograd all_reduce of torch.distributed.nn does not trace)
+@pytest.mark.parametrize("block,compiled", [(8, False), (4, False), (8, True)])
+def test_ddp_sync_batch_norm_equals_the_whole_batch(tmp_path, block, compiled):
+    ranks = _spawn(tmp_path, block, sync=True, compiled=compiled)
     whole, x, keep = _setup(block=block, sync=False)  # one process, the whole batch, plain BN
     y = _step(whole, x, keep)
     for r, got in enumerate(ranks):

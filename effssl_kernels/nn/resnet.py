@@ -25,7 +25,8 @@ converted layers restore removed footprints to zero. A layer that is not
 tile-aligned (a stride that does not divide the block, an image that is not a whole number of
 blocks) takes the dense map and runs masked-dense. Under ``torch.compile`` maps are not packed
 between layers: each layer packs, computes its kept tiles and unpacks (the subclass does not
-trace); the graph is compiled once for every mask (the tile count is data-dependent).
+trace); the tile count is a dynamic size, so new masks do not recompile (except tile counts of
+0 and 1, which Dynamo specialises: one more compile each).
 
 Cumulative strides are fixed at ``sparsify`` time by one traced forward of a small dummy input
 (eval mode, no grad, so no running statistic moves): every tensor carries the stride of the map it
@@ -286,9 +287,29 @@ def _sync_group(bn: nn.Module):
 
 
 def _cross_rank_sum(group):
+    if torch.compiler.is_compiling():  # torch.distributed.nn's all_reduce does not trace
+        return lambda t: _AllReduceSum.apply(t, group)
     from torch.distributed.nn.functional import all_reduce  # differentiable: grads all-reduced
 
     return lambda t: all_reduce(t, group=group)
+
+
+class _AllReduceSum(torch.autograd.Function):
+    """Sum over the ranks of ``group`` through the functional collective (traceable by
+    torch.compile); the gradient is the same sum of the gradients."""
+
+    @staticmethod
+    def forward(ctx, t, group):
+        from torch.distributed._functional_collectives import all_reduce
+
+        ctx.group = group
+        return all_reduce(t, "sum", group)
+
+    @staticmethod
+    def backward(ctx, grad):
+        from torch.distributed._functional_collectives import all_reduce
+
+        return all_reduce(grad.contiguous(), "sum", ctx.group), None
 
 
 class _MaskedMaxPool2d:
