@@ -387,3 +387,24 @@ def test_timm_drop_path_stays_packed_and_matches_unpacked(monkeypatch):
     with R.block_mask(keep, 16):
         yb = model(x)
     torch.testing.assert_close(ya, yb, rtol=1e-10, atol=1e-12)
+
+
+def test_dropout2d_drops_whole_sample_channel_planes():
+    # nn.Dropout2d on a packed map: one draw per (sample, channel), shared by all its tiles, as
+    # on the dense map; identity in eval; in place keeps the map (it crashed before)
+    x, mask, p = _packed(seed=3, n=4, c=16)
+    assert F.dropout2d(p, 0.5, training=False) is p
+    assert F.dropout2d(p, 0.5, training=False, inplace=True) is p
+    dense = x.detach()
+    kept = mask.pixel_mask(2, x.shape[-2:]).expand_as(dense).bool()
+    for inplace in (False, True):
+        q = P.PackedMap.from_tiles(p.tiles.detach().clone(), p.index, p.mask)
+        y = F.dropout2d(q, 0.5, training=True, inplace=inplace)
+        assert isinstance(y, PackedMap) and (y is q) == inplace
+        ratio = torch.where(kept, y.to_dense() / dense, torch.nan)
+        for n in range(4):
+            for c in range(16):
+                r = ratio[n, c][kept[n, c]]
+                assert r.numel() and torch.allclose(r, r[0].expand_as(r)) and r[0].item() in (0.0, 2.0)
+        planes = ratio.nan_to_num(-1).amax((2, 3))  # the plane's factor, 0 or 2
+        assert (planes == 0).any() and (planes == 2).any()

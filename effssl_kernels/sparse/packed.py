@@ -84,7 +84,23 @@ _LAYERS = {
 }
 
 # Metadata queries answered without unpacking. Dense geometry:
+def _dropout2d(x: "PackedMap", p: float = 0.5, training: bool = True, inplace: bool = False):
+    """``F.dropout2d`` (``nn.Dropout2d``) of a map: whole (sample, channel) planes dropped, as on
+    the dense map, each tile scaled by its sample's draw; identity when not training."""
+    if not training or p == 0:
+        return x
+    N, C = x.dense_shape[:2]
+    tiles = x.tiles
+    keep = torch.empty((N, C), dtype=tiles.dtype, device=tiles.device).bernoulli_(1 - p)
+    scale = (keep / (1 - p) if p < 1 else keep).index_select(0, x.index.kept[:, 0])[:, :, None, None]
+    if inplace:
+        tiles.mul_(scale)
+        return x
+    return PackedMap.from_tiles(tiles * scale, x.index, x.mask)
+
+
 _DENSE_META = {
+    F.dropout2d: _dropout2d,
     Tensor.shape.__get__: lambda p: p.dense_shape,
     Tensor.size: lambda p, dim=None: p.dense_shape if dim is None else p.dense_shape[dim],
     Tensor.dim: lambda p: 4,
