@@ -21,7 +21,10 @@ ReLU and residual adds run on the tiles, BN is ``F.batch_norm`` over the tiles (
 then over kept pixels only), and no map is unpacked until the global pool. The model's own
 pointwise ops give what they give on the dense masked map on every path (eager, compiled,
 masked-dense): ops that turn zeros into non-zeros (``sigmoid``, ``x + 1``) unpack, and only
-converted layers restore removed footprints to zero. A layer that is not
+converted layers restore removed footprints to zero. One exception: an in-place add of a plain
+dense map onto a packed one (``out += t``, the residual of a block whose input ran masked-dense)
+takes ``t`` to be zero under removed blocks, as the converted layers' outputs are; add a map
+that is not (``out += torch.sigmoid(h)``) out of place (``out = out + t``). A layer that is not
 tile-aligned (a stride that does not divide the block, an image that is not a whole number of
 blocks) takes the dense map and runs masked-dense. Under ``torch.compile`` maps are not packed
 between layers: each layer packs, computes its kept tiles and unpacks (the subclass does not
