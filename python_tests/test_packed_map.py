@@ -60,6 +60,21 @@ def test_elementwise_ops_stay_packed_and_match_dense():
     torch.testing.assert_close(gp, gd)
 
 
+@pytest.mark.parametrize("module", [torch.nn.SELU(inplace=True), torch.nn.CELU(0.7, inplace=True),
+                                    torch.nn.Softsign(), torch.nn.Tanhshrink(), torch.nn.Softshrink(0.3),
+                                    torch.nn.Hardshrink(0.3), torch.nn.ELU(inplace=True)], ids=repr)
+def test_zero_preserving_activations_stay_packed(module):
+    # activations with f(0) = 0 run on the tiles (in place too: nn.SELU(inplace=True) raised)
+    x, mask, p = _packed(seed=2)
+    got = module(p * 1.0)  # a fresh map: in-place modules change their input
+    assert isinstance(got, PackedMap)
+    want = module(x * 1.0)
+    torch.testing.assert_close(got.to_dense(), want)
+    g = torch.randn_like(want)
+    kept = mask.pixel_mask(2, x.shape[-2:]).expand_as(x)  # removed positions get no gradient (f'(0) may be 1)
+    torch.testing.assert_close(torch.autograd.grad(got.to_dense(), x, g)[0], torch.autograd.grad(want, x, g)[0] * kept)
+
+
 def test_other_ops_see_the_dense_map():
     x, mask, p = _packed(seed=2)
     row = torch.randn(x.shape[-1], dtype=x.dtype)  # broadcasts along W, not per channel

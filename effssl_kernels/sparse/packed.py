@@ -58,6 +58,7 @@ _DisableSubclass = torch._C.DisableTorchFunctionSubclass
 # by kind, as that depends on the other operands.
 _UNARY = {  # zero to zero whatever their other (non-tensor) arguments
     F.relu, F.relu_, F.relu6, F.leaky_relu, F.gelu, F.silu, F.elu, F.hardswish, F.mish, F.dropout,
+    F.selu, F.celu, F.softsign, F.tanhshrink, F.softshrink, F.hardshrink,
     torch.relu, torch.relu_, torch.tanh, torch.neg,
     Tensor.relu, Tensor.relu_, Tensor.tanh, Tensor.tanh_, Tensor.neg, Tensor.__neg__,
     Tensor.clone, Tensor.contiguous, Tensor.detach, Tensor.float, Tensor.half, Tensor.bfloat16,
