@@ -28,7 +28,8 @@ output gradient given). Providers, all timing the same layer on the same data:
 
 GPU: batch 256, bfloat16, channels_last (input, weight and packed tiles), cudnn.benchmark on
 for every provider; keeps 1.0/0.8/0.75/0.65/0.5/0.25 (the issue's list), on a CPU too. CPU:
-batch 4, float32, four layers (stem, l1 3x3, l1 1x1, l3 3x3) so the run takes minutes; each provider is timed in 3 interleaved rounds and its fastest round (by median) kept, since a
+batch 4, float32, four layers (stem, l1 3x3, l1 1x1, l3 3x3) so the run takes minutes; each
+provider is timed in 3 interleaved rounds and its fastest round (by median) kept, since a
 shared CPU's load bursts otherwise decide the ranking.
 
 Columns: ``rel_dense`` = median / dense median of the same layer and mode; ``ideal`` = keep

@@ -36,7 +36,7 @@ from ._utils import as_pair
 from .masks import BlockMask
 from .nn.resnet import block_mask, is_sparse
 from .nn.vit import is_sparse_vit, token_keep
-from .ops.block_match import MAX_RADIUS, as_int, block_match, check_threshold, similar_blocks
+from .ops.block_match import block_match, check_radius, check_threshold, similar_blocks
 from .photometric import PhotometricSampler
 from .photometric import photometric as ek_photometric
 from .sparse.tiles import kept_tiles, prepare_tiles
@@ -62,6 +62,11 @@ class SimWnWMasks(NamedTuple):
         """float32 ``[2]`` on the masks' device: the fraction of A's and of B's blocks removed
         (batch means). No sync; ``.tolist()`` it when logging."""
         return torch.stack([1 - self.keep_a.float().mean(), 1 - self.keep_b.float().mean()])
+
+
+def _check_min_keep(min_keep, fn: str) -> None:
+    if isinstance(min_keep, bool) or not isinstance(min_keep, int) or min_keep < 0:
+        raise ValueError(f"{fn}: min_keep must be an int >= 0, got {min_keep!r}")
 
 
 def _min_keep(keep: Tensor, psnr: Tensor, k: int) -> Tensor:
@@ -118,8 +123,7 @@ def simwnw_masks(
         raise TypeError("simwnw_masks: view_a and view_b must be tensors")
     if view_a.dim() != 4:
         raise ValueError(f"simwnw_masks: views must be [N, C, H, W], got {tuple(view_a.shape)}")
-    if isinstance(min_keep, bool) or not isinstance(min_keep, int) or min_keep < 0:
-        raise ValueError(f"simwnw_masks: min_keep must be an int >= 0, got {min_keep!r}")
+    _check_min_keep(min_keep, "simwnw_masks")
     check_threshold(threshold_db, "simwnw_masks")
     if view_a.dtype == torch.uint8 and view_b.dtype == torch.uint8:
         view_a, view_b = view_a.float(), view_b.float()  # exact: levels 0..255
@@ -195,11 +199,8 @@ class SimWnW:
             raise ValueError(f"SimWnW: match_on must be 'raw' or 'augmented', got {match_on!r}")
         check_threshold(threshold_db, "SimWnW")
         if search_radius is not None:  # checked here, not at the first step
-            search_radius = as_int(search_radius, "SimWnW: search_radius")
-            if not 0 <= search_radius <= MAX_RADIUS:
-                raise ValueError(f"SimWnW: search_radius must be in [0, {MAX_RADIUS}], got {search_radius}")
-        if isinstance(min_keep, bool) or not isinstance(min_keep, int) or min_keep < 0:
-            raise ValueError(f"SimWnW: min_keep must be an int >= 0, got {min_keep!r}")
+            search_radius = check_radius(search_radius, "SimWnW")
+        _check_min_keep(min_keep, "SimWnW")
         self.block_size = block_size
         self.search_radius = block_size // 2 if search_radius is None else search_radius
         self.threshold_db = float(threshold_db)

@@ -94,19 +94,21 @@ def run_in(snapshot: contextvars.Context, fn, *args, **kwargs):
 graph_task_id = getattr(torch._C, "_current_graph_task_id", lambda: -1)  # -1: not inside backward
 
 
-def check_recompute(module, masked: bool, who: str, setting: str) -> None:
+def check_recompute(module, masked: bool, setting: str) -> None:
     """Refuse a recomputation inside backward (a plain checkpoint whose backward runs outside the
-    ``with``) that runs unmasked a layer whose forward ran under ``setting``: it would give the
-    dense layer's gradients, silently with ``use_reentrant=True``. Each forward outside backward
-    notes whether it ran under the setting; compiled code skips the check (a compiled region
-    recomputes itself)."""
+    ``with``) that runs unmasked a swapped layer whose forward ran under ``setting``: it would
+    give the dense layer's gradients, silently with ``use_reentrant=True``. Each forward outside
+    backward notes whether it ran under the setting; compiled code skips the check (a compiled
+    region recomputes itself). Runs on every forward of a swapped layer: the error text is
+    built only when raised."""
     if torch.compiler.is_compiling():
         return
     if graph_task_id() == -1:  # an ordinary forward
         module.__dict__["_effssl_masked"] = masked
     elif not masked and module.__dict__.get("_effssl_masked", False):
         raise RuntimeError(
-            f"{who}: recomputed during backward without the {setting} its forward ran under "
+            f"sparse {type(module)._effssl_base.__name__}: recomputed during backward without the "
+            f"{setting} its forward ran under "
             f"(torch.utils.checkpoint, or timm's grad checkpointing, with backward outside the "
             f"`with`), which would give the dense layer's gradients: checkpoint with "
             f"effssl_kernels.masked_checkpoint, or call backward inside the `with`")

@@ -222,7 +222,7 @@ def _in_stride(module: nn.Module) -> Pair:
 
 def _mask_for(module: nn.Module, x: Tensor) -> tuple[BlockMask | None, Pair]:
     state = _MASK.get()
-    check_recompute(module, state is not None, f"sparse {type(module)._effssl_base.__name__}", "block_mask")
+    check_recompute(module, state is not None, "block_mask")
     if state is None:
         return None, (1, 1)
     s = _in_stride(module)

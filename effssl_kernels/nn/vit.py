@@ -208,7 +208,7 @@ class _SparseViTMixin:
     def _pos_embed(self, x):
         state = _KEEP.get()
         ps = self.patch_embed._effssl_patch
-        check_recompute(self, state is not None or ps is not None, "sparse ViT", "token_keep or patch_size")
+        check_recompute(self, state is not None or ps is not None, "token_keep or patch_size")
         if state is None and ps is None:
             return super()._pos_embed(x)
         keep, check = (None, False) if state is None else state

@@ -33,6 +33,17 @@ def as_int(v, what: str) -> int:
     raise TypeError(f"{what} must be an int, got {v!r}")
 
 
+def check_radius(search_radius, fn: str) -> int:
+    """``search_radius`` as an int in ``[0, MAX_RADIUS]``, else TypeError/ValueError naming ``fn``
+    (block_match, and SimWnW when it is built)."""
+    r = as_int(search_radius, f"{fn}: search_radius")
+    if r < 0:
+        raise ValueError(f"{fn}: search_radius must be an int >= 0, got {r!r}")
+    if r > MAX_RADIUS:
+        raise ValueError(f"{fn}: search_radius must be at most {MAX_RADIUS}, got {r}")
+    return r
+
+
 def _check(a, b, block_size, search_radius, data_range, centers, flip) -> None:
     if not isinstance(a, Tensor) or not isinstance(b, Tensor):
         raise TypeError("block_match: a and b must be tensors")
@@ -57,10 +68,7 @@ def _check(a, b, block_size, search_radius, data_range, centers, flip) -> None:
         raise ValueError(f"block_match: block_size must be a positive int, got {block_size!r}")
     if block_size > H or block_size > W:
         raise ValueError(f"block_match: block_size {block_size} is larger than the image {H}x{W}")
-    if search_radius < 0:
-        raise ValueError(f"block_match: search_radius must be an int >= 0, got {search_radius!r}")
-    if search_radius > MAX_RADIUS:
-        raise ValueError(f"block_match: search_radius must be at most {MAX_RADIUS}, got {search_radius}")
+    check_radius(search_radius, "block_match")
     if isinstance(data_range, bool) or not isinstance(data_range, numbers.Real):
         raise TypeError(f"block_match: data_range must be a number, got {data_range!r}")
     # Every kernel squares it in float32: keep data_range^2 a normal float32, or the psnr would

@@ -84,7 +84,7 @@ _LAYERS = {
     F.fractional_max_pool2d, F.interpolate, F.pixel_shuffle, F.pixel_unshuffle, F.unfold,
 }
 
-# Metadata queries answered without unpacking. Dense geometry:
+
 def _dropout2d(x: "PackedMap", p: float = 0.5, training: bool = True, inplace: bool = False):
     """``F.dropout2d`` (``nn.Dropout2d``) of a map: whole (sample, channel) planes dropped, as on
     the dense map, each tile scaled by its sample's draw; identity when not training."""
@@ -100,6 +100,8 @@ def _dropout2d(x: "PackedMap", p: float = 0.5, training: bool = True, inplace: b
     return PackedMap.from_tiles(tiles * scale, x.index, x.mask)
 
 
+# Answered on the map itself, without unpacking: nn.Dropout2d (above), and metadata queries.
+# Dense geometry:
 _DENSE_META = {
     F.dropout2d: _dropout2d,
     Tensor.shape.__get__: lambda p: p.dense_shape,
