@@ -22,13 +22,14 @@ A step (shared/seeds/001_c2fdba03c4bcd6a8.txt, and EMP-SSL's public code):
 """
 from __future__ import annotations
 
+import math
 from typing import Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .losses import tcr_loss
+from .losses import _IN_DTYPES, tcr_loss
 from .transforms import random_crops
 
 __all__ = ["emp_ssl_patches", "emp_ssl_loss", "bag_of_features"]
@@ -94,6 +95,10 @@ def emp_ssl_loss(z: Tensor, num_patches: int, *, lam: float = 200.0, eps: float 
     """
     if not isinstance(z, Tensor) or z.dim() not in (2, 3):
         raise ValueError("emp_ssl_loss: z must be [P * N, d] or [P, N, d]")
+    if z.dtype not in _IN_DTYPES:
+        raise TypeError(f"emp_ssl_loss: z must be float16, bfloat16, float32 or float64, got {z.dtype}")
+    if isinstance(lam, bool) or not isinstance(lam, (int, float)) or not math.isfinite(lam):
+        raise ValueError(f"emp_ssl_loss: lam must be a finite number, got {lam!r}")
     if isinstance(num_patches, bool) or not isinstance(num_patches, int) or num_patches < 1:
         raise ValueError(f"emp_ssl_loss: num_patches must be a positive int, got {num_patches!r}")
     if z.dim() == 2:
@@ -102,11 +107,14 @@ def emp_ssl_loss(z: Tensor, num_patches: int, *, lam: float = 200.0, eps: float 
         z = z.view(num_patches, z.shape[0] // num_patches, z.shape[1])
     elif z.shape[0] != num_patches:
         raise ValueError(f"emp_ssl_loss: z has {z.shape[0]} patch groups, num_patches is {num_patches}")
+    # In float32 at least: F.normalize's eps (1e-12) is 0 in float16, so a zero row (a ReLU
+    # projector's, under AMP) would become 0/0 = NaN; tcr_loss computes in float32 anyway.
+    acc = torch.float64 if z.dtype == torch.float64 else torch.float32
+    z = z.to(acc)
     if normalize:
         z = F.normalize(z, dim=-1)
-    acc = torch.float64 if z.dtype == torch.float64 else torch.float32
     zbar = z.mean(0, keepdim=True)
-    sim = F.cosine_similarity(z.to(acc), zbar.to(acc), dim=-1).mean()  # mean over patches and images
+    sim = F.cosine_similarity(z, zbar, dim=-1).mean()  # mean over patches and images
     rate = tcr_loss(z, eps, check=check).mean()  # [P] groups in one batched factorisation
     loss = -lam * sim - rate
     return loss, {"invariance": sim.detach(), "tcr": rate.detach()}

@@ -49,6 +49,38 @@ def test_loss_float32_and_gradcheck():
     torch.testing.assert_close(loss32.double(), emp_ssl_loss(z.detach(), 3, lam=2.0)[0], rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_embeddings_with_a_zero_row(dtype):
+    # A ReLU projector under AMP can give an all-zero row: normalised in float16 it was 0/0 = NaN.
+    torch.manual_seed(3)
+    z = torch.randn(6, 4)
+    z[0] = 0
+    want, parts_want = emp_ssl_loss(z.to(dtype).float(), 2)
+    zh = z.to(dtype).requires_grad_()
+    got, parts = emp_ssl_loss(zh, 2)
+    assert got.dtype == torch.float32 and torch.isfinite(got)
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    torch.testing.assert_close(parts["tcr"], parts_want["tcr"], rtol=0, atol=0)
+    (g,) = torch.autograd.grad(got, zh)
+    z32 = z.to(dtype).float().requires_grad_()
+    (g32,) = torch.autograd.grad(emp_ssl_loss(z32, 2)[0], z32)
+    # the zero row's gradient is F.normalize's 1/eps one (~1e21 in float32, inf in float16)
+    assert g.dtype == dtype
+    torch.testing.assert_close(g[1:], g32[1:].to(dtype), rtol=0, atol=0)
+
+
+def test_compiled_loss_matches_eager():
+    torch.manual_seed(4)
+    z = torch.randn(3 * 4, 6, requires_grad=True)
+    compiled = torch.compile(lambda t: emp_ssl_loss(t, 3, check=False)[0], fullgraph=True)
+    got = compiled(z)
+    want = emp_ssl_loss(z, 3)[0]
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    (g,) = torch.autograd.grad(got, z)
+    (gw,) = torch.autograd.grad(want, z)
+    torch.testing.assert_close(g, gw, rtol=1e-4, atol=1e-5)
+
+
 def test_invariance_term_rewards_agreeing_patches():
     torch.manual_seed(2)
     base = torch.randn(1, 8, 16)
@@ -132,3 +164,8 @@ def test_errors():
         emp_ssl_patches(torch.rand(1, 3, 8, 8), 0, 4)
     with pytest.raises(ValueError, match="positive definite"):
         emp_ssl_loss(torch.full((8, 3), float("nan")), 2, normalize=False)
+    with pytest.raises(TypeError, match="float16, bfloat16, float32 or float64, got torch.int64"):
+        emp_ssl_loss(torch.ones(6, 4, dtype=torch.int64), 2)
+    for lam in (float("nan"), float("inf"), "a", None, True):
+        with pytest.raises(ValueError, match="lam must be a finite number"):
+            emp_ssl_loss(torch.randn(6, 4), 2, lam=lam)
