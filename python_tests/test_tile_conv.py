@@ -190,6 +190,23 @@ def test_ops_check_the_table_shape():
         torch.ops.effssl_kernels._tile_conv_wgrad_triton(go, x, table[:1], table_t, 3, 3, [1, 1])
 
 
+def test_table_out_of_range_raises(monkeypatch):
+    # An entry outside [0, M + 2) (not a source pixel nor one of the two sentinels) is refused on
+    # the host: always for CPU tensors, with EFFSSL_CHECK_INDICES=1 for CUDA ones (the kernels
+    # would read it as a zero, a plausible wrong answer).
+    monkeypatch.setenv("EFFSSL_CHECK_INDICES", "1")
+    x, w, b, table, table_t = _case(N=1, Hb=2, Wb=2, C=3, CO=4)
+    M = x.shape[0] * x.shape[2] * x.shape[3]
+    assert int(table.max()) == M + 1  # the outside sentinel is legal
+    tile_conv(x, w, b, table, table_t)
+    for v in (-5, -1, M + 2, 1000):
+        for which in (0, 1):
+            tabs = [table.clone(), table_t.clone()]
+            tabs[which][0, 0, 0] = v
+            with pytest.raises(ValueError, match=rf"tile_conv: the table holds {v}, outside \[0, {M + 2}\)"):
+                tile_conv(x, w, b, *tabs)
+
+
 def test_empty_and_all_removed():
     mask = BlockMask(torch.zeros(2, 2, 2, dtype=torch.bool, device=DEVICE), 8, (16, 16))
     idx = TileIndex.from_mask(mask, (1, 1))
@@ -339,6 +356,8 @@ def test_bad_inputs(monkeypatch):
         tile_conv(x, w, b, table, table_t.int())
     with pytest.raises(ValueError, match="dilation"):
         tile_conv(x, w, b, table, table_t, (0, 1))
+    with pytest.raises(TypeError, match="tile_conv: dilation must be a pair of ints"):
+        tile_conv(x, w, b, table, table_t, 2)
     monkeypatch.setenv("EFFSSL_TILE_CONV", "winograd")
     mask = random_mask(1, 16, 16, 8)
     with pytest.raises(ValueError, match="EFFSSL_TILE_CONV"):

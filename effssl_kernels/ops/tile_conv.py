@@ -25,6 +25,7 @@ from torch import Tensor
 
 from .. import _backend
 from ..reference.tile_conv import tile_conv_reference
+from ._indices import check_table_range
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -41,7 +42,10 @@ def _check_tables(fn: str, tiles: Tensor, kernel: Sequence[int], table: Tensor, 
     """Both tables ``[T, bh + dh*(kh-1), bw + dw*(kw-1)]`` int64: one padded tile per source tile
     (the kernels split source pixels by the output tile's width, which stride 1 makes the
     source's)."""
-    if len(dilation) != 2 or min(dilation) < 1:
+    if not (isinstance(dilation, (tuple, list)) and len(dilation) == 2
+            and all(isinstance(d, int) and not isinstance(d, bool) for d in dilation)):
+        raise TypeError(f"{fn}: dilation must be a pair of ints, got {dilation!r}")
+    if min(dilation) < 1:
         raise ValueError(f"{fn}: dilation must be two positive ints, got {tuple(dilation)}")
     T, _, bh, bw = tiles.shape
     want = (T, bh + dilation[0] * (kernel[0] - 1), bw + dilation[1] * (kernel[1] - 1))
@@ -80,8 +84,13 @@ def tile_conv(tiles: Tensor, weight: Tensor, bias: Optional[Tensor], table: Tens
     """Packed tiles ``[T, C, bh, bw]`` (any strides) -> ``[T, C_out, bh, bw]`` channels last:
     the stride-1 conv of each tile with its halo, ``table`` =
     ``TileIndex.halo_table((l, r, t, b))`` and ``table_t`` = ``halo_table((r, l, b, t))``
-    (the backward's). float32 (TF32 as cuDNN when allowed)/float16/bfloat16, groups = 1."""
+    (the backward's). float32 (TF32 as cuDNN when allowed)/float16/bfloat16, groups = 1.
+    Table entries outside ``[0, T*bh*bw + 2)`` raise ValueError for CPU tensors (and CUDA ones
+    with ``EFFSSL_CHECK_INDICES=1``; otherwise the kernels read them as zeros)."""
     _check(tiles, weight, bias, table, table_t, dilation)
+    T, _, bh, bw = tiles.shape
+    for t in (table, table_t):
+        check_table_range(t, T * bh * bw + 2, "tile_conv")
     if not runs_triton(tiles.device.type) or _backend.backend() == "reference":
         return tile_conv_reference(tiles, weight, bias, table, tuple(dilation))
     return torch.ops.effssl_kernels._tile_conv_triton(tiles, weight, bias, table, table_t, list(dilation))
