@@ -14,6 +14,7 @@ import os
 import torch
 from rich.progress import Progress
 
+from .common import write_partial_on_sigterm
 from .report import write_report
 
 BENCHMARKS = [
@@ -39,6 +40,7 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="smaller sizes, skip the slowest baselines")
     ap.add_argument("--only", nargs="+", default=None, help="benchmark names without the bench_ prefix")
     args = ap.parse_args()
+    write_partial_on_sigterm()  # a benchmark stopped at a time limit leaves its finished cases
     names = BENCHMARKS
     if args.only:
         names = [f"bench.bench_{n}" for n in args.only]

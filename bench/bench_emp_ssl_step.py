@@ -28,7 +28,7 @@ from torchvision.models.resnet import BasicBlock, ResNet
 
 from effssl_kernels.emp_ssl import emp_ssl_loss, emp_ssl_patches
 
-from .common import device_info, mark_speedups, parse_args, report, timed_row, tiny
+from .common import device_info, live_rows, mark_speedups, parse_args, report, timed_row, tiny
 
 
 class EMPModel(nn.Module):
@@ -59,7 +59,7 @@ def run(device: str, quick: bool = False):
     cases = [(4, 1)] if tiny() else [(20, 64 if gpu else 4), (200, 64 if gpu else 1)]
     torch.manual_seed(0)
     model = EMPModel().to(device).train()
-    rows = []
+    rows = live_rows()
     for P, N in cases:
         N = max(1, N // (4 if quick else 1))
         images = torch.randint(0, 256, (N, 3, 32, 32), dtype=torch.uint8)
@@ -101,7 +101,7 @@ def run(device: str, quick: bool = False):
 
 
 def main(argv=None) -> str:
-    args = parse_args(__doc__, "a quarter of the images, shorter timing", argv)
+    args = parse_args(__doc__, "a quarter of the images, shorter timing", argv, name="emp_ssl_step")
     os.environ.pop("EFFSSL_BACKEND", None)
     rows, info = run(args.device, args.quick)
     return report(args, "emp_ssl_step", f"EMP-SSL step (CIFAR ResNet-18, d=1024) on {info['device']} "

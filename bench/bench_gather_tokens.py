@@ -26,7 +26,7 @@ import torch
 from effssl_kernels.ops.gather_tokens import gather_tokens
 from effssl_kernels.reference.gather_tokens import gather_tokens_reference
 
-from .common import device_info, mark_speedups, parse_args, report, time_ms, timed_row, tiny
+from .common import device_info, live_rows, mark_speedups, parse_args, report, time_ms, timed_row, tiny
 
 WIDTHS = [("ViT-S", 384), ("ViT-B", 768)]
 RATIOS = [0.25, 0.5, 0.75]
@@ -67,7 +67,7 @@ def run(device: str, quick: bool = False):
     dtype = DTYPE[device]
     es = torch.finfo(dtype).bits // 8
     N = 2 if tiny() else BATCH[device] // (4 if quick else 1)
-    rows = []
+    rows = live_rows()
     for model, D in WIDTHS[:1] if tiny() else WIDTHS:
         for ratio in RATIOS[1:2] if tiny() else RATIOS:
             # a fresh dynamo cache per case: every shape, mode and thread count is a recompile
@@ -118,7 +118,7 @@ def run(device: str, quick: bool = False):
 
 
 def main(argv=None) -> str:
-    args = parse_args(__doc__, "a quarter of the batch, shorter timing", argv)
+    args = parse_args(__doc__, "a quarter of the batch, shorter timing", argv, name="gather_tokens")
     os.environ.pop("EFFSSL_BACKEND", None)  # ours = the default backend of the device
     rows, info, N, dtype = run(args.device, args.quick)
     info = {**info, "batch": N, "tokens": L, "dtype": str(dtype).replace("torch.", "")}

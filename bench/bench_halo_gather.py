@@ -28,7 +28,7 @@ from effssl_kernels.ops.halo_gather import halo_gather_op
 from effssl_kernels.reference.halo_gather import halo_gather_reference
 from effssl_kernels.sparse import TileIndex
 
-from .common import device_info, mark_speedups, parse_args, report, time_ms, timed_row, tiny
+from .common import device_info, live_rows, mark_speedups, parse_args, report, time_ms, timed_row, tiny
 
 LAYERS = [("layer1 8x8 tiles", 4, 64), ("layer2 4x4 tiles", 8, 128), ("layer3 2x2 tiles", 16, 256)]
 BATCH = {"cuda": 256, "cpu": 8}
@@ -44,7 +44,7 @@ def run(device: str, quick: bool = False):
     order = torch.rand(N, 49, generator=g).argsort(1)
     keep = (order < 25).view(N, 7, 7)  # keep ~0.5, exactly 25 of 49 blocks per image
     mask = BlockMask(keep.to(device), 32, 224)
-    rows = []
+    rows = live_rows()
     for name, stride, C in LAYERS[1:2] if tiny() else LAYERS:
         torch._dynamo.reset()
         idx = TileIndex.from_mask(mask, stride)
@@ -92,7 +92,7 @@ def run(device: str, quick: bool = False):
 
 
 def main(argv=None) -> str:
-    args = parse_args(__doc__, "a quarter of the batch, shorter timing", argv)
+    args = parse_args(__doc__, "a quarter of the batch, shorter timing", argv, name="halo_gather")
     os.environ.pop("EFFSSL_BACKEND", None)  # ours = the default backend of the device
     rows, info, N, dtype = run(args.device, args.quick)
     info = {**info, "batch": N, "dtype": str(dtype).replace("torch.", "")}

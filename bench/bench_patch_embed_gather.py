@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 from effssl_kernels.ops.patch_embed_gather import patch_embed_gather
 
-from .common import device_info, parse_args, report, time_ms, tiny
+from .common import device_info, live_rows, parse_args, report, time_ms, tiny
 
 MODELS = [("ViT-S/16", 384), ("ViT-B/16", 768)]
 RATIOS = [0.25, 0.5, 0.75]
@@ -38,6 +38,8 @@ def timm_path(images, weight, bias, keep, pos):
 
 def _limit(info: dict, device: str, dtype: torch.dtype) -> tuple[float, str]:
     if device == "cuda" and dtype == torch.bfloat16:
+        if info.get("bf16_tflops_limit"):
+            return info["bf16_tflops_limit"], "bf16 GEMM measured on this GPU"
         peak = next((v for k, v in _BF16_PEAK.items() if k in info["device"]), None)
         if peak is not None:
             return peak, "bf16 dense tensor-core peak (spec sheet)"
@@ -52,7 +54,7 @@ def run(device: str, quick: bool = False):
     info.update({"dtype": str(dtype), "tflops_limit": limit, "tflops_limit_source": limit_src})
     N = 256 if device == "cuda" else (2 if tiny() else 4 if quick else 8)
     L = (IMG // PATCH) ** 2
-    rows = []
+    rows = live_rows()
     g = torch.Generator().manual_seed(0)
     images = torch.rand(N, CHANNELS, IMG, IMG, generator=g).to(device, dtype)
     for model, D in MODELS[:1] if tiny() else MODELS:
@@ -101,7 +103,7 @@ def run(device: str, quick: bool = False):
 
 
 def main(argv=None) -> str:
-    args = parse_args(__doc__, "keep ratio 0.5 only, smaller CPU batch", argv)
+    args = parse_args(__doc__, "keep ratio 0.5 only, smaller CPU batch", argv, name="patch_embed_gather")
     rows, info = run(args.device, args.quick)
     return report(
         args, "patch_embed_gather",

@@ -44,7 +44,7 @@ from effssl_kernels.ops.photometric import pack_params
 from effssl_kernels.photometric import PhotometricSampler, photometric
 from effssl_kernels.reference.photometric import photometric_reference
 
-from .common import device_info, mark_speedups, out_dir, parse_args, print_table, timed_row, tiny, write_json
+from .common import device_info, live_rows, mark_speedups, out_dir, parse_args, print_table, timed_row, tiny, write_json
 
 LOOP_CPU = 32  # on a CPU, the torchvision loop is timed on this many samples and scaled
 COPY = "copy (yardstick)"
@@ -166,7 +166,7 @@ def run(device: str, quick: bool = False):
     has_kornia = importlib.util.find_spec("kornia") is not None
     ops = torch.ops.effssl_kernels
     kernel = ops._photometric_triton if device == "cuda" else ops.photometric
-    rows = []
+    rows = live_rows()
     for case, N, S, dtype, sampler in _cases(device, quick):
         sampler.generator = torch.Generator().manual_seed(0)
         views = random_views(N, S, dtype, device)
@@ -273,7 +273,7 @@ def step_share(device: str, quick: bool = False):
 
 
 def main(argv=None) -> str:
-    args = parse_args(__doc__, "a quarter of the views, shorter timing", argv)
+    args = parse_args(__doc__, "a quarter of the views, shorter timing", argv, name="photometric")
     os.environ.pop("EFFSSL_BACKEND", None)  # ours = the default backend of the device
     rows, info = run(args.device, args.quick)
     share = step_share(args.device, args.quick)

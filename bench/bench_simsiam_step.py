@@ -44,7 +44,7 @@ import effssl_kernels.sparse.packed as packed_mod
 from effssl_kernels.masks import BlockMask
 from effssl_kernels.nn import block_mask, sparsify, tile_plan
 
-from .common import device_info, parse_args, report, timed_row, tiny
+from .common import device_info, live_rows, parse_args, report, timed_row, tiny
 
 KEEPS = [1.0, 0.8, 0.75, 0.65, 0.5, 0.25, 0.0]
 PROVIDERS = ["dense", "packed", "per_layer", "masked_dense"]
@@ -148,7 +148,7 @@ def run(device: str, quick: bool = False):
 
     keeps = [1.0, 0.5, 0.0] if quick else KEEPS
     providers = PROVIDERS[:2] if quick and not tiny() else PROVIDERS  # the smoke run: every path
-    rows, base, f = [], None, None
+    rows, base, f = live_rows(), None, None
     cases = [("dense", None)] + [(p, k) for k in keeps for p in providers if p != "dense"]
     for prov, keep in cases:
         row = {"provider": prov, "arch": arch, "img": img, "block": block, "batch": batch,
@@ -207,7 +207,7 @@ def plot(rows, path: str, title: str) -> str | None:
 
 
 def main(argv=None) -> str:
-    args = parse_args(__doc__, "keeps 1.0/0.5/0 and packed only, shorter timing", argv)
+    args = parse_args(__doc__, "keeps 1.0/0.5/0 and packed only, shorter timing", argv, name="simsiam_step")
     rows, info = run(args.device, args.quick)
     title = f"SimSiam step (fwd+bwd, 2 views) on {info['device']}"
     path = report(args, "simsiam_step", title, info, rows,

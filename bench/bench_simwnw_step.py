@@ -35,7 +35,7 @@ from torch import nn
 import effssl_kernels as ek
 
 from .bench_simsiam_step import SimSiam
-from .common import device_info, parse_args, report, timed_row, tiny
+from .common import device_info, live_rows, parse_args, report, timed_row, tiny
 from .real_images import photo_batch
 
 MEAN = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
@@ -164,7 +164,7 @@ def dino_case(device, quick):
 
 def run(device: str, quick: bool = False):
     info = device_info(device)
-    rows = []
+    rows = live_rows()
     for make in (simsiam_case, dino_case):
         case, providers = make(device, quick)
         base = None
@@ -186,7 +186,7 @@ def run(device: str, quick: bool = False):
 
 
 def main(argv=None) -> str:
-    args = parse_args(__doc__, "a quarter of the batch, shorter timing", argv)
+    args = parse_args(__doc__, "a quarter of the batch, shorter timing", argv, name="simwnw_step")
     os.environ.pop("EFFSSL_BACKEND", None)
     rows, info = run(args.device, args.quick)
     return report(args, "simwnw_step", f"SimWnW training step vs dense on {info['device']} "

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from effssl_kernels import tcr_loss
 from effssl_kernels.reference import tcr_loss_reference
 
-from .common import device_info, mark_speedups, parse_args, report, time_ms, tiny
+from .common import device_info, live_rows, mark_speedups, parse_args, report, time_ms, tiny
 
 D = 1024
 EPS = 0.2
@@ -70,7 +70,7 @@ def run(device: str, quick: bool = False):
         cases.append((f"EMP-SSL P={P} b={b} d={D}", P, b))
     cases = cases[:1] + cases[-1:] if tiny() else cases
     min_run_time = (0.2 if quick else 0.5) if device == "cpu" else 1.0
-    rows = []
+    rows = live_rows()
     for case, P, b in cases:
         g = torch.Generator().manual_seed(0)
         shape = (b, D) if P is None else (P, b, D)
@@ -89,12 +89,13 @@ def run(device: str, quick: bool = False):
                 try:
                     fn()  # warm-up
                     peak = None
-                    if device == "cuda":
+                    if device == "cuda":  # what one call allocates at its peak, beyond z's
                         torch.cuda.synchronize()
                         torch.cuda.reset_peak_memory_stats()
+                        before = torch.cuda.memory_allocated()
                         fn()
                         torch.cuda.synchronize()
-                        peak = torch.cuda.max_memory_allocated() / 2**20
+                        peak = (torch.cuda.max_memory_allocated() - before) / 2**20
                     t = time_ms(fn, device, min_run_time=min_run_time)
                 except Exception as e:  # noqa: BLE001  (report, never hide, a provider that fails)
                     case_rows.append({**row, "note": f"failed: {e}"[:120]})
@@ -112,7 +113,7 @@ def run(device: str, quick: bool = False):
 
 
 def main(argv=None) -> str:
-    args = parse_args(__doc__, "no EMP-SSL batched case, shorter timing", argv)
+    args = parse_args(__doc__, "no EMP-SSL batched case, shorter timing", argv, name="tcr_loss")
     rows, info = run(args.device, args.quick)
     info = {**info, "d": D, "eps": EPS, "dtype": "float32"}
     return report(

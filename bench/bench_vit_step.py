@@ -28,7 +28,7 @@ from effssl_kernels.nn import patch_size as vit_patch_size
 from effssl_kernels.nn import sparsify_vit, token_keep
 from effssl_kernels.tokens import random_token_keep
 
-from .common import device_info, parse_args, report, time_ms, tiny
+from .common import device_info, live_rows, parse_args, report, time_ms, tiny
 
 MODELS = [("ViT-S/16", "vit_small_patch16_224"), ("ViT-B/16", "vit_base_patch16_224")]
 KEEPS = [1.0, 0.75, 0.5, 0.25]
@@ -92,7 +92,7 @@ def run(device: str, quick: bool = False):
     amp = gpu
     models = MODELS[:1] if (quick and not gpu) else MODELS
     keeps, patches = (KEEPS[::2], PATCHES[::2]) if tiny() else (KEEPS, PATCHES)
-    rows = []
+    rows = live_rows()
     for name, arch in models:
         note = "bf16 autocast" if amp else f"fp32, depth {depth} (CPU size)"
         for sweep, img, cases in (("keep", 224, [(k, 16) for k in keeps]), ("patch", 240, [(1.0, p) for p in patches])):
@@ -130,7 +130,7 @@ def run(device: str, quick: bool = False):
 
 
 def main(argv=None) -> str:
-    args = parse_args(__doc__, "shorter timing; on CPU ViT-S only", argv)
+    args = parse_args(__doc__, "shorter timing; on CPU ViT-S only", argv, name="vit_step")
     rows, info = run(args.device, args.quick)
     return report(
         args, "vit_step", f"ViT SSL step (fwd+bwd, 2 views) on {info['device']}", info, rows,

@@ -5,11 +5,15 @@ import datetime
 import json
 import os
 import platform
+import signal
 import subprocess
+import tempfile
 
 import torch
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+# The running benchmark's info and rows, for the partial JSON written on SIGTERM (live_rows).
+_LIVE: dict = {}
 
 
 def tiny() -> bool:
@@ -32,6 +36,10 @@ _SPECS = {  # matched by substring, in this order: the specific names first
 
 
 def _git_sha() -> str:
+    """HEAD's short sha, or ``EFFSSL_GIT_SHA`` (a lent GPU machine gets the working tree without
+    .git: gpu_session.sh's header says how to pass it)."""
+    if os.environ.get("EFFSSL_GIT_SHA"):
+        return os.environ["EFFSSL_GIT_SHA"]
     try:
         return subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], text=True,
                                        stderr=subprocess.DEVNULL).strip()
@@ -39,16 +47,16 @@ def _git_sha() -> str:
         return "unknown"
 
 
-def _measured_fp32_tflops(device: str) -> float:
-    """Plain fp32 GEMM rate (TF32 off), the practical FP32 ceiling where no spec is known: the
-    best of two sizes at their fastest (20th percentile) time, so one noisy median on a shared
-    machine does not set a ceiling that a kernel's own GEMM then "exceeds"."""
+def _gemm_tflops(device: str, dtype: torch.dtype, sizes) -> float:
+    """Square GEMM rate (TF32 off), a practical ceiling: the best of ``sizes`` at their fastest
+    (20th percentile) time, so one noisy median on a shared machine does not set a ceiling that
+    a kernel's own GEMM then "exceeds"."""
     best = 0.0
     prev = torch.backends.cuda.matmul.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = False
     try:
-        for n in (2048, 4096) if device == "cuda" else (1024, 2048):
-            x = torch.randn(n, n, device=device)
+        for n in sizes:
+            x = torch.randn(n, n, device=device).to(dtype)  # never zeros (METHOD.md)
             ms = time_ms(lambda: x @ x, device)["p20_ms"]
             best = max(best, 2 * n**3 / (ms * 1e-3) / 1e12)
     finally:
@@ -56,7 +64,43 @@ def _measured_fp32_tflops(device: str) -> float:
     return best
 
 
+def _measure_ceilings(device: str, copy_numel: int = 2**28, gemm_sizes=(4096, 8192)) -> dict:
+    """A device-to-device copy of ``copy_numel`` floats (1 GiB; bytes read + written) and square
+    GEMMs in fp32 (TF32 off) and bf16, each at its fastest (p20) time."""
+    src = torch.empty(copy_numel, device=device).uniform_()  # never zeros (METHOD.md)
+    dst = torch.empty_like(src)
+    ms = time_ms(lambda: dst.copy_(src), device)["p20_ms"]
+    return {"copy_tbps": 2 * src.numel() * src.element_size() / (ms * 1e-3) / 1e12,
+            "fp32_tflops": _gemm_tflops(device, torch.float32, gemm_sizes),
+            "bf16_tflops": _gemm_tflops(device, torch.bfloat16, gemm_sizes)}
+
+
+def _gpu_ceilings(name: str) -> dict:
+    """The GPU's measured ceilings (the device method: datasheet rates are leads, measured
+    ceilings the limits), :func:`_measure_ceilings`. About 2 s, so cached per GPU and torch in
+    the temp folder: every benchmark process of one session reuses them."""
+    key = f"{name} | torch {torch.__version__}"
+    path = os.path.join(tempfile.gettempdir(), "effssl_bench_gpu_ceilings.json")
+    try:
+        with open(path) as f:
+            cached = json.load(f)
+        if cached.get("key") == key:
+            return cached["ceilings"]
+    except (OSError, ValueError):
+        pass
+    ceilings = _measure_ceilings("cuda")
+    try:
+        with open(path, "w") as f:
+            json.dump({"key": key, "ceilings": ceilings}, f)
+    except OSError:
+        pass
+    return ceilings
+
+
 def device_info(device: str) -> dict:
+    """Device, versions, date and the limits the tables' "% of limit" columns divide by: on a GPU
+    the measured ceilings (``fp32_tflops_limit``, ``bf16_tflops_limit``, ``hbm_tbps_limit`` =
+    copy rate), the spec sheet's beside them; on a CPU a measured fp32 GEMM rate."""
     import effssl_kernels
 
     try:
@@ -67,25 +111,30 @@ def device_info(device: str) -> dict:
         triton_version = None
     if device == "cuda":
         name = torch.cuda.get_device_name(0)
-        spec = next((v for k, v in _SPECS.items() if k in name), None)
+        spec = next((v for k, v in _SPECS.items() if k in name), (None, None))
+        limits = {"fp32_tflops_spec": spec[0], "hbm_tbps_spec": spec[1]}
+        try:
+            m = _gpu_ceilings(name)
+            limits.update(fp32_tflops_limit=round(m["fp32_tflops"], 2), bf16_tflops_limit=round(m["bf16_tflops"], 1),
+                          hbm_tbps_limit=round(m["copy_tbps"], 3),
+                          limit_source="measured on this GPU (1 GiB copy, fp32 and bf16 GEMMs)")
+        except Exception as e:  # noqa: BLE001  (the benchmarks still run; the JSON says why)
+            limits.update(fp32_tflops_limit=spec[0] or float("nan"), hbm_tbps_limit=spec[1],
+                          limit_source=f"spec sheet (measuring failed: {type(e).__name__}: {e})"[:160])
     else:
         name = platform.processor() or platform.machine()
-        spec = None
         try:
             with open("/proc/cpuinfo") as f:
                 name = next(l.split(":", 1)[1].strip() for l in f if l.startswith("model name"))
         except (OSError, StopIteration):
             pass
         name = f"{name} ({torch.get_num_threads()} threads)"
-    if spec:
-        fp32, bw, src = spec[0], spec[1], "spec sheet"
-    else:
-        fp32, bw, src = _measured_fp32_tflops(device), None, "measured fp32 GEMM"
-    return {
+        limits = {"fp32_tflops_limit": round(_gemm_tflops(device, torch.float32, (1024, 2048)), 2),
+                  "hbm_tbps_limit": None,
+                  "limit_source": "measured fp32 GEMM"}
+    info = {
         "device": name,
-        "fp32_tflops_limit": round(fp32, 2),
-        "hbm_tbps_limit": bw,
-        "limit_source": src,
+        **limits,
         "torch": torch.__version__,
         "cuda": torch.version.cuda,
         "triton": triton_version,
@@ -94,30 +143,43 @@ def device_info(device: str) -> dict:
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         **({"tiny": True} if tiny() else {}),
     }
+    _LIVE["info"] = info
+    return info
+
+
+MIN_GPU_SAMPLES = 20
 
 
 def time_ms(fn, device: str, *, min_run_time: float = 1.0) -> dict:
-    """Median (and 20th/80th percentile) milliseconds of ``fn()``.
+    """Median (and 20th/80th percentile) milliseconds of ``fn()``, and how many timed ``samples``.
 
-    GPU: triton.testing.do_bench (CUDA events, cache flush between runs). CPU:
+    GPU: triton.testing.do_bench (CUDA events, L2 flushed between runs) for 200 ms, or for as
+    long as ``MIN_GPU_SAMPLES`` calls take up to ``min_run_time`` (do_bench repeats for a time,
+    not a count: a 150 ms training step got one sample in 200 ms). CPU:
     torch.utils.benchmark.Timer.blocked_autorange.
     """
     if device == "cuda":
         import triton.testing
 
-        med, p20, p80 = triton.testing.do_bench(fn, warmup=25, rep=200, quantiles=[0.5, 0.2, 0.8])
-        return {"median_ms": med, "p20_ms": p20, "p80_ms": p80}
-    import torch.utils.benchmark as tb
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        rep = min(1e3 * min_run_time, max(200.0, MIN_GPU_SAMPLES * start.elapsed_time(end)))
+        times = sorted(triton.testing.do_bench(fn, warmup=25, rep=rep, return_mode="all"))
+    else:
+        import torch.utils.benchmark as tb
 
-    if tiny():
-        min_run_time = 0.01
-
-    # all cores, as a user runs it (Timer defaults to one thread)
-    timer = tb.Timer(stmt="fn()", globals={"fn": fn}, num_threads=torch.get_num_threads())
-    m = timer.blocked_autorange(min_run_time=min_run_time)
-    times = sorted(m.times)
-    q = lambda f: times[min(len(times) - 1, int(f * len(times)))] * 1e3  # noqa: E731
-    return {"median_ms": m.median * 1e3, "p20_ms": q(0.2), "p80_ms": q(0.8)}
+        if tiny():
+            min_run_time = 0.01
+        # all cores, as a user runs it (Timer defaults to one thread)
+        timer = tb.Timer(stmt="fn()", globals={"fn": fn}, num_threads=torch.get_num_threads())
+        times = sorted(t * 1e3 for t in timer.blocked_autorange(min_run_time=min_run_time).times)
+    q = lambda f: times[min(len(times) - 1, int(f * len(times)))]  # noqa: E731
+    mid = len(times) // 2
+    median = times[mid] if len(times) % 2 else (times[mid - 1] + times[mid]) / 2
+    return {"median_ms": median, "p20_ms": q(0.2), "p80_ms": q(0.8), "samples": len(times)}
 
 
 def timed_row(row: dict, fn, device: str, min_run_time: float, warm_up=None) -> dict:
@@ -176,8 +238,38 @@ def mark_speedups(rows: list[dict], ours: str = "ours") -> None:
             mine[f"speedup_vs_{r['provider']}"] = r["ours_speedup"]
 
 
-def parse_args(doc: str, quick_help: str, argv=None):
-    """The CLI every benchmark shares: --device, --out, --quick."""
+def live_rows() -> list:
+    """A new, empty list for a benchmark's ``run()`` to collect its rows in, case by case: if the
+    process is stopped (SIGTERM: gpu_session.sh's time limit) the rows so far are written as the
+    benchmark's JSON, marked ``partial``, so a run cut short still leaves its finished cases
+    (see :func:`write_partial_on_sigterm`)."""
+    _LIVE["rows"] = []
+    return _LIVE["rows"]
+
+
+def write_partial_on_sigterm() -> None:
+    """Make SIGTERM write the running benchmark's rows so far (its :func:`live_rows`, to the JSON
+    :func:`parse_args` named) and exit 143. The command-line entry points install it (``python -m
+    bench``, ``python -m bench.bench_NAME``); a benchmark's ``main`` called from Python does not."""
+    def write(signum, frame):
+        target = _LIVE.get("target")
+        if target is not None:
+            args, name = target
+            rows = _LIVE.get("rows") or []
+            path = os.path.join(out_dir(args), f"{name}.json")
+            info = {**_LIVE.get("info", {}), "quick": bool(args.quick),
+                    "partial": f"stopped by signal {signum} after {len(rows)} rows"}
+            write_json(path, info, rows)
+            print(f"stopped by signal {signum}: wrote the {len(rows)} rows timed so far to {path}", flush=True)
+        os._exit(128 + signum)
+
+    signal.signal(signal.SIGTERM, write)
+
+
+def parse_args(doc: str, quick_help: str, argv=None, *, name: str | None = None):
+    """The CLI every benchmark shares: --device, --out, --quick. ``name`` (the JSON's) is where a
+    SIGTERM writes the partial rows; run from the command line (``argv`` None) it installs
+    :func:`write_partial_on_sigterm`."""
     import argparse
 
     ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -189,6 +281,10 @@ def parse_args(doc: str, quick_help: str, argv=None):
         if args.out is None:  # never over the committed results
             ap.error("EFFSSL_BENCH_TINY=1 (a smoke run) needs --out")
         args.quick = True
+    if name is not None:
+        _LIVE["target"] = (args, name)
+        if argv is None:
+            write_partial_on_sigterm()
     return args
 
 

@@ -18,12 +18,17 @@
 #              -> bench/results/gpu, archived as $OUT/results_gpu.tgz after each one
 #   train      bench.train_digits + bench.demo_schedule  -> $OUT/train_gpu.tgz
 #
+# The machine gets the working tree without .git: pass the commit for the results' JSON,
+# `EFFSSL_GIT_SHA=<git rev-parse --short HEAD, typed in> bash bench/gpu_session.sh all`.
+# A benchmark stopped at its time limit writes the cases it finished (its JSON says "partial").
+#
 # DEADLINE (seconds from the start, default 560) bounds every stage, so the call returns its logs
 # before a 600 s timeout_s. Plan for a session: call 1 `all` (timeout_s 600: ~10 of the 15 minutes
 # with the start); then, at once so the machine is still warm, `DEADLINE=150 bash
 # bench/gpu_session.sh sanitize` or `bench:NAMES` for what `all` did not reach; give_back.
-# Unpack the archives at the repository root (they hold bench/results/gpu/), commit them, then
-# fill in the README's GPU tables. The last lines of each stage's log are printed: a call returns
+# Unpack the archives at the repository root (they hold bench/results/gpu/; a later call's holds
+# only its own benchmarks), run `python -m bench.report bench/results/gpu` for one report.md over
+# all, commit them, then fill in the README's GPU tables. The last lines of each stage's log are printed: a call returns
 # its tail.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -43,6 +48,8 @@ GPU_TESTS="python_tests/test_block_match_cuda.py python_tests/test_sparse_cuda.p
   python_tests/test_photometric_triton.py python_tests/test_halo_gather.py python_tests/test_tile_conv.py
   python_tests/test_simwnw.py
   python_tests/test_build.py"
+# Files of mostly CPU tests with CUDA cases too: only their cases whose id names cuda run here.
+GPU_CASES="python_tests/test_block_match.py python_tests/test_gather_tokens.py python_tests/test_transforms.py"
 SANITIZE_TESTS="python_tests/test_block_match_cuda.py"
 # Benchmarks in the order of the issues' targets (#2, #4, #3, #5, #7), each with its time limit.
 BENCH_PLAN="block_match:90 vit_step:80 patch_embed_gather:60 gather_tokens:50 simsiam_step:70
@@ -96,7 +103,10 @@ stage() {  # stage NAME LIMIT_S COMMAND...: run until LIMIT_S or the deadline, l
 gpu_tests() {
   local par=""
   python -c "import xdist" 2>/dev/null && par="-n 8"
-  stage gpu_tests "${1:-400}" python -m pytest -q -rs $par --durations=15 $GPU_TESTS
+  # one stage (one log, one limit), two pytest runs; the lists go in as arguments ($1, $2: word
+  # split there), never into the script text, where their newlines would end the command
+  stage gpu_tests "${1:-400}" bash -c 'python -m pytest -q -rs $0 --durations=15 $1; a=$?
+    python -m pytest -q -rs $0 -k cuda $2; b=$?; exit $((a ? a : b))' "$par" "$GPU_TESTS" "$GPU_CASES"
 }
 
 sanitize() {
@@ -125,6 +135,8 @@ bench() {  # bench [NAME,NAME,...]: those (default: the whole plan), one process
     [ -z "$want" ] || [[ ",$want," == *",$name,"* ]] || continue
     # python -m bench also rewrites report.md and the plots from every JSON there
     TAIL=12 stage "bench_$name" "$limit" python -m bench --device cuda --only "$name" || continue
+    # stopped at its limit, the benchmark wrote its finished cases (partial JSON) but no report.md
+    grep -q "stopped by signal" "$LOGS/bench_$name.log" && python -m bench.report bench/results/gpu >/dev/null 2>&1
     archive_results results_gpu.tgz
   done
 }

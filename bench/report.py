@@ -143,8 +143,10 @@ def write_report(folder: str) -> str:
         run = (f"Device: {info.get('device')}; torch {info.get('torch')}, CUDA {info.get('cuda')}, "
                f"Triton {info.get('triton')}; effssl_kernels {info.get('effssl_kernels')} "
                f"({info.get('git_sha')}); {info.get('date')}.")
-        extra = {k: v for k, v in info.items() if k not in _RUN_KEYS}
-        lines += [f"## {name}", "", run, "", ", ".join(f"{k}: {v}" for k, v in extra.items()), "",
+        extra = {k: v for k, v in info.items() if k not in _RUN_KEYS and k != "partial"}
+        partial = [f"**Partial run** ({info['partial']}): the cases after these did not run.", ""] \
+            if info.get("partial") else []
+        lines += [f"## {name}", "", run, "", *partial, ", ".join(f"{k}: {v}" for k, v in extra.items()), "",
                   _table(d["rows"]), ""]
     path = os.path.join(folder, "report.md")
     with open(path, "w") as f:

@@ -69,3 +69,35 @@ def test_simsiam_step_without_dense_reports_instead_of_crashing(monkeypatch, tmp
     assert rows[0]["provider"] == "dense" and rows[0]["note"].startswith("failed")
     assert any("median_ms" in r for r in rows) and not any("rel_time" in r for r in rows)
     ss.plot(rows, str(tmp_path / "step.png"), "test")  # the plot copes too
+
+
+def test_sigterm_writes_the_rows_so_far(tmp_path):
+    # gpu_session.sh stops a benchmark at its time limit with SIGTERM: its finished cases must
+    # land in its JSON (marked partial) and in report.md, not be lost with the process.
+    import json
+    import pathlib
+    import subprocess
+    import sys
+
+    from bench.report import write_report
+
+    code = """if True:
+        import os, signal, time
+        from bench import common
+        args = common.parse_args("doc", "quick", name="demo")  # argv from the command line
+        common._LIVE["info"] = {"device": "test"}
+        rows = common.live_rows()
+        rows.append({"case": "first", "provider": "ours", "median_ms": 1.5})
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(30)
+        rows.append({"case": "never"})
+    """
+    root = pathlib.Path(__file__).resolve().parents[1]
+    r = subprocess.run([sys.executable, "-c", code, "--device", "cpu", "--out", str(tmp_path)],
+                       capture_output=True, text=True, timeout=60, cwd=root)
+    assert r.returncode == 128 + 15, r.stdout + r.stderr
+    d = json.loads((tmp_path / "demo.json").read_text())
+    assert d["rows"] == [{"case": "first", "provider": "ours", "median_ms": 1.5}]
+    assert d["info"]["device"] == "test" and "after 1 rows" in d["info"]["partial"]
+    write_report(str(tmp_path))
+    assert "**Partial run** (stopped by signal 15 after 1 rows)" in (tmp_path / "report.md").read_text()

@@ -12,6 +12,7 @@ import torch
 pytest.importorskip("rich")
 pytest.importorskip("torchvision")
 
+from bench import common
 from bench.__main__ import BENCHMARKS
 
 NAMES = [m.split(".bench_", 1)[1] for m in BENCHMARKS if not m.endswith("photometric")]
@@ -35,6 +36,12 @@ def test_bench_runs_every_provider(name, tmp_path, monkeypatch):
     assert not bad, bad
     timed = [r for r in rows if "median_ms" in r]
     assert timed and all(r["median_ms"] > 0 for r in timed)
+    # the rows were collected in live_rows(), which a SIGTERM (a time limit) writes out partially
+    live = common._LIVE.get("rows")
+    assert live is not None and len(live) == len(rows) and common._LIVE["target"][1] == name
+    if name == "sparse_conv":  # masked dense is an alternative too: the speedup plot sees it
+        packed = [r for r in rows if r["provider"] == "ours packed"]
+        assert packed and all("speedup_vs_masked dense" in r and "speedup_vs_dense" in r for r in packed)
 
 
 def test_tiny_run_needs_out(monkeypatch):

@@ -1,0 +1,88 @@
+"""bench/common.py's GPU-only logic, run on the CPU with fakes where it needs a GPU: the timer's
+repeat time (a slow step must get many samples, not one) and the measured ceilings."""
+import json
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+from bench import common
+
+
+class _FakeEvent:
+    """A CUDA event whose elapsed time is set by the test."""
+    elapsed = 0.0
+
+    def __init__(self, enable_timing=False):
+        pass
+
+    def record(self):
+        pass
+
+    def elapsed_time(self, other):
+        return _FakeEvent.elapsed
+
+
+@pytest.mark.parametrize("one_call_ms,min_run_time,want_rep", [
+    (0.05, 1.0, 200.0),    # a fast kernel: do_bench's 200 ms already gives thousands of samples
+    (150.0, 2.0, 2000.0),  # a training step: up to min_run_time (13 samples, not 1)
+    (30.0, 1.0, 600.0),    # MIN_GPU_SAMPLES calls
+])
+def test_gpu_timer_repeats_long_enough(monkeypatch, one_call_ms, min_run_time, want_rep):
+    import triton.testing
+
+    seen = {}
+
+    def do_bench(fn, warmup, rep, return_mode):
+        seen.update(rep=rep, return_mode=return_mode)
+        return [3.0, 1.0, 2.0, 5.0, 4.0]
+
+    monkeypatch.setattr(torch.cuda, "Event", _FakeEvent)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda: None)
+    monkeypatch.setattr(triton.testing, "do_bench", do_bench)
+    _FakeEvent.elapsed = one_call_ms
+    calls = []
+    t = common.time_ms(lambda: calls.append(1), "cuda", min_run_time=min_run_time)
+    assert seen == {"rep": pytest.approx(want_rep), "return_mode": "all"}
+    assert calls == [1]  # the one call that sized the repeat time
+    assert t == {"median_ms": 3.0, "p20_ms": 2.0, "p80_ms": 5.0, "samples": 5}
+
+
+def test_cpu_timer_reports_samples():
+    t = common.time_ms(lambda: None, "cpu", min_run_time=0.01)
+    assert t["samples"] >= 1 and t["p20_ms"] <= t["median_ms"] <= t["p80_ms"]
+
+
+def test_measured_ceilings_at_toy_size():
+    m = common._measure_ceilings("cpu", copy_numel=2**16, gemm_sizes=(32, 64))
+    assert set(m) == {"copy_tbps", "fp32_tflops", "bf16_tflops"} and all(v > 0 for v in m.values())
+
+
+def test_gpu_ceilings_are_measured_once_per_gpu(monkeypatch, tmp_path):
+    monkeypatch.setattr(common.tempfile, "gettempdir", lambda: str(tmp_path))
+    runs = []
+    monkeypatch.setattr(common, "_measure_ceilings",
+                        lambda device: runs.append(device) or {"copy_tbps": 3.0, "fp32_tflops": 50.0, "bf16_tflops": 700.0})
+    a = common._gpu_ceilings("NVIDIA H100 80GB HBM3")
+    b = common._gpu_ceilings("NVIDIA H100 80GB HBM3")
+    assert a == b and runs == ["cuda"]
+    common._gpu_ceilings("NVIDIA H200")  # another GPU: measured again
+    assert runs == ["cuda", "cuda"]
+    assert json.loads((tmp_path / "effssl_bench_gpu_ceilings.json").read_text())["key"].startswith("NVIDIA H200")
+
+
+def test_device_info_on_a_gpu_uses_measured_ceilings(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda i=0: "NVIDIA H100 80GB HBM3")
+    monkeypatch.setattr(common, "_gpu_ceilings", lambda name: {"copy_tbps": 3.0, "fp32_tflops": 50.0,
+                                                               "bf16_tflops": 700.0})
+    info = common.device_info("cuda")
+    assert (info["fp32_tflops_limit"], info["bf16_tflops_limit"], info["hbm_tbps_limit"]) == (50.0, 700.0, 3.0)
+    assert (info["fp32_tflops_spec"], info["hbm_tbps_spec"]) == (66.9, 3.35)
+
+    def broken(name):
+        raise RuntimeError("CUDA out of memory")
+
+    monkeypatch.setattr(common, "_gpu_ceilings", broken)
+    info = common.device_info("cuda")  # the benchmarks still run, on the spec sheet's numbers
+    assert info["fp32_tflops_limit"] == 66.9 and "measuring failed: RuntimeError" in info["limit_source"]
