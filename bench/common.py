@@ -153,9 +153,9 @@ MIN_GPU_SAMPLES = 20
 def time_ms(fn, device: str, *, min_run_time: float = 1.0) -> dict:
     """Median (and 20th/80th percentile) milliseconds of ``fn()``, and how many timed ``samples``.
 
-    GPU: triton.testing.do_bench (CUDA events, L2 flushed between runs) for 200 ms, or for as
-    long as ``MIN_GPU_SAMPLES`` calls take up to ``min_run_time`` (do_bench repeats for a time,
-    not a count: a 150 ms training step got one sample in 200 ms). CPU:
+    GPU: triton.testing.do_bench (CUDA events, L2 flushed between runs), repeating for 200 ms or
+    ``MIN_GPU_SAMPLES`` calls, whichever is longer, but at most ``min_run_time`` (do_bench
+    repeats for a time, not a count: a 150 ms training step got one sample in 200 ms). CPU:
     torch.utils.benchmark.Timer.blocked_autorange.
     """
     if device == "cuda":
