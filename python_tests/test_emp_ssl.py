@@ -41,6 +41,22 @@ def test_loss_matches_emp_ssl_code(P, N, d):
     assert set(parts) == {"invariance", "tcr"} and not parts["tcr"].requires_grad
 
 
+def test_normalize_false_takes_the_rows_as_they_are():
+    torch.manual_seed(5)
+    z = torch.randn(3 * 4, 6, dtype=torch.float64) * 3  # rows far from unit norm
+    loss, _ = emp_ssl_loss(z, 3, normalize=False)
+    # EMP-SSL's code without its F.normalize
+    zs = list(z.chunk(3))
+    z_avg = torch.stack(zs).mean(0)
+    sim = sum(F.cosine_similarity(zi, z_avg, dim=1).mean() for zi in zs) / 3
+    tcr = sum(0.5 * torch.logdet(torch.eye(6, dtype=z.dtype) + 6 / (4 * 0.2) * zi.T @ zi) for zi in zs) / 3
+    torch.testing.assert_close(loss, -200.0 * sim - tcr, rtol=1e-10, atol=1e-10)
+    assert not torch.allclose(loss, emp_ssl_loss(z, 3)[0])
+    # unit rows: the same either way
+    zn = F.normalize(z, dim=-1)
+    torch.testing.assert_close(emp_ssl_loss(zn, 3, normalize=False)[0], emp_ssl_loss(zn, 3)[0])
+
+
 def test_loss_float32_and_gradcheck():
     torch.manual_seed(1)
     z = torch.randn(3 * 5, 7, dtype=torch.float64, requires_grad=True)

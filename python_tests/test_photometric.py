@@ -10,6 +10,7 @@ from effssl_kernels.reference.photometric import gaussian_kernel1d, photometric_
 tvF = pytest.importorskip("torchvision.transforms.v2.functional")
 
 from bench import bench_photometric as bp  # noqa: E402  (its torchvision loop is the oracle here too)
+from utils import solarize_tie_case  # noqa: E402
 
 N, H, W = 6, 24, 28
 K = 9
@@ -133,6 +134,17 @@ def test_sampled_chain_matches_torchvision(dtype):
     out, ref = photometric_reference(x, p), _tv(x, p)
     tol = 1e-5 if dtype == torch.float32 else 1 / 255 / 0.224 + 1e-5
     assert _maxdiff(out, ref) <= tol
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.uint8], ids=str)
+def test_solarize_inverts_pixels_at_the_threshold(dtype):
+    views, params, tie = solarize_tie_case(dtype)
+    want = _tv(views, params)
+    got = photometric_reference(views, params)
+    assert torch.equal(got, want)
+    inv = 255 - views if dtype == torch.uint8 else 1 - views
+    assert torch.equal(got[tie], inv[tie]) and not torch.equal(got, views)
+    assert torch.equal(ek.photometric(views, params), want)  # the default (C++) kernel too
 
 
 def test_order_matters():

@@ -12,7 +12,8 @@ pytest.importorskip("triton")
 import effssl_kernels as ek  # noqa: E402
 from effssl_kernels.photometric import PhotometricSampler  # noqa: E402
 from effssl_kernels.reference.photometric import photometric_reference  # noqa: E402
-from utils import HAS_GPU, INTERPRET, assert_photometric_close, make_layout, photometric_case  # noqa: E402
+from utils import (HAS_GPU, INTERPRET, assert_photometric_close, make_layout, photometric_case,  # noqa: E402
+                   solarize_tie_case)
 
 pytestmark = [
     pytest.mark.triton,
@@ -41,6 +42,15 @@ def test_each_pointwise_op(dtype, op):
     assert_photometric_close(got, want, dtype)
     if op != "hue":  # a random hue shift may leave some pixels unchanged, the others must change
         assert not torch.equal(got.cpu(), x)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_solarize_inverts_pixels_at_the_threshold(dtype):
+    x, params, tie = solarize_tie_case(dtype)
+    got, want = _run(x, params)
+    assert_photometric_close(got, want, dtype)
+    inv = 255 - x if dtype == torch.uint8 else 1 - x  # exact at the ties (0.75, 127)
+    assert torch.equal(got.cpu()[tie], inv[tie])
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

@@ -151,6 +151,23 @@ def test_bias_variance_estimators_match_closed_form():
     assert all(r["bias2"] == r["bias2_raw"] for r in e["candidates"])
 
 
+@pytest.mark.parametrize("n", [1, 2, 3, 7])
+def test_moments_are_welford_unbiased(n):
+    # The estimators above divide by n - 1; at n = 3 dividing by n would be 33% off.
+    from effssl_kernels.schedule import _Moments
+
+    g = torch.Generator().manual_seed(n)
+    gs = [torch.randn(5, generator=g, dtype=torch.float64) * 3 + 1 for _ in range(n)]
+    m = _Moments()
+    for x in gs:
+        m.add(x)
+    torch.testing.assert_close(m.mean, torch.stack(gs).mean(0))
+    if n == 1:
+        assert math.isnan(m.var)
+    else:
+        assert m.var == pytest.approx(float(torch.stack(gs).var(0, unbiased=True).sum()), rel=1e-12)
+
+
 def test_costs_are_measured_not_assumed():
     """A loss whose step takes longer for larger keeps: the measured costs rank them so."""
     theta = torch.zeros(4, requires_grad=True)

@@ -6,7 +6,7 @@ import torch
 
 import effssl_kernels as ek
 from effssl_kernels.reference import block_match_reference
-from effssl_kernels.tokens import round_keep_count
+from effssl_kernels.tokens import keep_topped_up, round_keep_count
 
 
 def _check_rows(keep: torch.Tensor, L: int) -> None:
@@ -355,6 +355,22 @@ def test_keep_buckets_groups_by_count(buckets):
             key = psnr[row, extra].nan_to_num(nan=float("inf"))
             want = extra[key.argsort(stable=True)[: keep.shape[1] - int(kept[row].sum())]]
             assert torch.equal(mine.nonzero()[:, 0], torch.cat([kept[row].nonzero()[:, 0], want]).sort().values)
+
+
+def test_fill_up_takes_nan_psnr_last():
+    # One kept token of 10, K = 8: seven of the nine removed ones fill up, by PSNR, NaN last
+    # (a NaN PSNR is a block without a trustworthy match: the least evidence of redundancy).
+    kept = torch.zeros(1, 10, dtype=torch.bool)
+    kept[0, 9] = True
+    psnr = torch.tensor([[float("nan"), 5.0, float("nan"), 1.0, 2.0, 3.0, 4.0, 6.0, 7.0, 0.0]])
+    want = torch.tensor([[1, 3, 4, 5, 6, 7, 8, 9]])  # 8 finite removed tokens + the kept one: NaNs out
+    (rows, keep), = ek.keep_buckets(kept, psnr, 1)
+    assert torch.equal(keep, want)
+    ka, kb, K = keep_topped_up(kept.view(1, 2, 5), kept.view(1, 2, 5), psnr.view(1, 2, 5), psnr.view(1, 2, 5))
+    assert K == 8 and torch.equal(ka, want) and torch.equal(kb, want)
+    psnr[0, 8] = float("nan")  # only 7 finite removed tokens: one NaN fills, the lower index first
+    (rows, keep), = ek.keep_buckets(kept, psnr, 1)
+    assert torch.equal(keep, torch.tensor([[0, 1, 3, 4, 5, 6, 7, 9]]))
 
 
 def test_keep_buckets_saves_tokens_over_one_k():

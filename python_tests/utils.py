@@ -186,3 +186,27 @@ def gpu_tile_choices(monkeypatch, module, names):
     for name in names:
         monkeypatch.setattr(module, name, on_gpu(getattr(module, name)))
     return seen
+
+
+def solarize_tie_case(dtype, n=2, h=3, w=4):
+    """(views, params, tie): every sample solarized at a threshold that some pixels equal exactly
+    (0.25 for float views, 128/255 for uint8 ones; not 0.5, which inverts to itself), beside
+    pixels one step below and above it.
+    torchvision inverts ``x >= threshold``, so ``tie`` (bool, the views' shape) marks pixels that
+    must be inverted although random thresholds would never hit them."""
+    from effssl_kernels.photometric import PhotometricParams
+
+    if dtype == torch.uint8:
+        thr, levels = 128 / 255, torch.tensor([127, 128, 129], dtype=torch.uint8)
+    else:
+        at = torch.tensor(0.25, dtype=dtype)
+        below = torch.nextafter(at, torch.tensor(0.0, dtype=dtype))
+        above = torch.nextafter(at, torch.tensor(1.0, dtype=dtype))
+        thr, levels = 0.25, torch.stack([below, at, above])
+    views = levels[torch.arange(n * 3 * h * w) % 3].view(n, 3, h, w)
+    z = torch.zeros(n, dtype=torch.bool)
+    params = PhotometricParams(
+        brightness=torch.ones(n), contrast=torch.ones(n), saturation=torch.ones(n), hue=torch.zeros(n),
+        jitter_apply=z.clone(), order=torch.arange(4).repeat(n, 1), gray=z.clone(),
+        blur_sigma=torch.zeros(n), blur_kernel=3, solarize=~z, solarize_threshold=torch.full((n,), thr))
+    return views, params, views == levels[1]
