@@ -1,6 +1,8 @@
 """Small argument helpers shared by the Python modules."""
 from __future__ import annotations
 
+import operator
+
 import torch
 
 
@@ -18,6 +20,33 @@ def as_pair(size, what: str) -> tuple[int, int]:
     if size[0] < 1 or size[1] < 1:
         raise ValueError(f"{what} must be positive, got {tuple(size)}")
     return int(size[0]), int(size[1])
+
+
+def int_arg(name: str, fn: str, value, minimum: int) -> int:
+    """``value`` as a Python int >= ``minimum`` (NumPy and 0-d integer tensors too): TypeError
+    for a non-int (bool included), ValueError below the minimum; ``fn`` and ``name`` name it."""
+    try:
+        if isinstance(value, bool):
+            raise TypeError
+        value = operator.index(value)
+    except TypeError:
+        raise TypeError(f"{fn}: {name} must be an int, got {type(value).__name__}") from None
+    if value < minimum:
+        raise ValueError(f"{fn}: {name} must be at least {minimum}, got {value}")
+    return value
+
+
+def finite_number(name: str, fn: str, value) -> float:
+    """``value`` as a finite float: TypeError for a non-number (bool included), ValueError for
+    NaN or infinity."""
+    import math
+    import numbers
+
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{fn}: {name} must be a number, got {value!r}")
+    if not math.isfinite(value):
+        raise ValueError(f"{fn}: {name} must be finite, got {value}")
+    return float(value)
 
 
 def to_device_async(t, device):

@@ -22,13 +22,13 @@ A step (shared/seeds/001_c2fdba03c4bcd6a8.txt, and EMP-SSL's public code):
 """
 from __future__ import annotations
 
-import math
 from typing import Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ._utils import finite_number, int_arg
 from .losses import _IN_DTYPES, tcr_loss
 from .transforms import random_crops
 
@@ -56,7 +56,8 @@ def emp_ssl_patches(
         scale, ratio, hflip_p: the RandomResizedCrop/flip parameters (defaults: EMP-SSL's CIFAR
             recipe, ``RandomResizedCrop(32, scale=(0.25, 0.25), ratio=(1, 1))``: square quarters).
             generator: CPU ``torch.Generator`` for the boxes.
-        out_dtype: a float dtype for the output (uint8 images give float32 by default).
+        out_dtype: None, float32, float16, bfloat16 or the float images' dtype (uint8 images
+            give float32 by default), as :func:`~effssl_kernels.transforms.random_crops`.
 
     Returns:
         ``[P * N, C, s, s]`` patch-major: row ``i * N + n`` is patch ``i`` of image ``n``.
@@ -64,8 +65,7 @@ def emp_ssl_patches(
     """
     if not isinstance(images, Tensor) or images.dim() != 4:
         raise ValueError("emp_ssl_patches: images must be a [N, C, H, W] tensor")
-    if isinstance(num_patches, bool) or not isinstance(num_patches, int) or num_patches < 1:
-        raise ValueError(f"emp_ssl_patches: num_patches must be a positive int, got {num_patches!r}")
+    int_arg("num_patches", "emp_ssl_patches", num_patches, 1)
     p, _, _ = random_crops(images, num_patches, size, scale, ratio, hflip_p, generator=generator,
                            out_dtype=out_dtype)
     # the crops are image-major ([N, P, ...]); EMP-SSL chunks patch-major
@@ -97,10 +97,10 @@ def emp_ssl_loss(z: Tensor, num_patches: int, *, lam: float = 200.0, eps: float 
         raise ValueError("emp_ssl_loss: z must be [P * N, d] or [P, N, d]")
     if z.dtype not in _IN_DTYPES:
         raise TypeError(f"emp_ssl_loss: z must be float16, bfloat16, float32 or float64, got {z.dtype}")
-    if isinstance(lam, bool) or not isinstance(lam, (int, float)) or not math.isfinite(lam):
-        raise ValueError(f"emp_ssl_loss: lam must be a finite number, got {lam!r}")
-    if isinstance(num_patches, bool) or not isinstance(num_patches, int) or num_patches < 1:
-        raise ValueError(f"emp_ssl_loss: num_patches must be a positive int, got {num_patches!r}")
+    finite_number("lam", "emp_ssl_loss", lam)
+    if finite_number("eps", "emp_ssl_loss", eps) <= 0:
+        raise ValueError(f"emp_ssl_loss: eps must be > 0, got {eps}")
+    int_arg("num_patches", "emp_ssl_loss", num_patches, 1)
     if z.dim() == 2:
         if z.shape[0] % num_patches:
             raise ValueError(f"emp_ssl_loss: {z.shape[0]} rows are not {num_patches} patches of N images")
@@ -125,11 +125,12 @@ def bag_of_features(model: nn.Module, images: Tensor, num_patches: int, size: Un
                     *, chunk: int = 0, **patch_kw) -> Tensor:
     """EMP-SSL's evaluation embedding: the mean of ``model`` over ``num_patches`` patches of each
     image (``[N, d]``). ``chunk`` (> 0) runs the model on that many patches at a time to bound
-    memory; ``patch_kw`` go to :func:`emp_ssl_patches` (e.g. ``scale``, ``generator``).
-    ``model`` is called as given: put it in eval mode first."""
+    memory (0: all at once); ``patch_kw`` go to :func:`emp_ssl_patches` (e.g. ``scale``,
+    ``generator``). ``model`` is called as given: put it in eval mode first."""
+    int_arg("chunk", "bag_of_features", chunk, 0)
     N = images.shape[0]
     patches = emp_ssl_patches(images, num_patches, size, **patch_kw)
-    if chunk and chunk > 0:
+    if chunk > 0:
         z = torch.cat([model(p) for p in patches.split(chunk)])
     else:
         z = model(patches)

@@ -71,19 +71,19 @@ class BlockMask:
 
     def __init__(self, keep: Tensor, block_size: int, image_size: IntOrPair):
         if not isinstance(keep, Tensor):
-            raise TypeError(f"keep must be a torch.Tensor, got {type(keep).__name__}")
+            raise TypeError(f"BlockMask: keep must be a torch.Tensor, got {type(keep).__name__}")
         if keep.dtype != torch.bool:
-            raise TypeError(f"keep must be a bool tensor (True = kept), got dtype {keep.dtype}")
+            raise TypeError(f"BlockMask: keep must be a bool tensor (True = kept), got dtype {keep.dtype}")
         if keep.dim() != 3:
-            raise ValueError(f"keep must be [N, Hb, Wb], got shape {tuple(keep.shape)}")
-        B = _as_int(block_size, "block_size")
+            raise ValueError(f"BlockMask: keep must be [N, Hb, Wb], got shape {tuple(keep.shape)}")
+        B = _as_int(block_size, "BlockMask: block_size")
         if B <= 0:
-            raise ValueError(f"block_size must be positive, got {B}")
-        H, W = _positive_pair(image_size, "image_size")
+            raise ValueError(f"BlockMask: block_size must be positive, got {B}")
+        H, W = _positive_pair(image_size, "BlockMask: image_size")
         grid = (H // B, W // B)
         if tuple(keep.shape[1:]) != grid:
             raise ValueError(
-                f"keep grid {tuple(keep.shape[1:])} does not match image {H}x{W} with block {B}: "
+                f"BlockMask: keep grid {tuple(keep.shape[1:])} does not match image {H}x{W} with block {B}: "
                 f"expected [N, {grid[0]}, {grid[1]}] (H // B, W // B; partial edge blocks are no "
                 f"grid cells)")
         self._keep = keep.clone()
@@ -161,8 +161,8 @@ class BlockMask:
         Exact for any stride (dividing ``B`` or not); vectorised (an integral image of ``keep``
         read at each feature pixel's block range), device-side, no host sync; cached.
         """
-        sh, sw = _positive_pair(stride, "stride")
-        h, w = _pair(size, "size")
+        sh, sw = _positive_pair(stride, "BlockMask.pixel_mask: stride")
+        h, w = _pair(size, "BlockMask.pixel_mask: size")
         if h < 0 or w < 0:
             raise ValueError(f"size must be non-negative, got {(h, w)}")
         key = (sh, sw, h, w, self.device)

@@ -41,6 +41,7 @@ from typing import NamedTuple, Optional, Sequence, Union
 import torch
 from torch import Tensor
 
+from ._utils import int_arg
 from .reference.photometric import blur_fits, blur_size_message
 
 __all__ = ["PhotometricParams", "PhotometricSampler", "photometric", "IMAGENET_MEAN", "IMAGENET_STD"]
@@ -330,8 +331,7 @@ class PhotometricSampler:
         """Draw parameters for ``N`` views on the CPU (from ``generator``, default the sampler's)
         and move them to ``device`` (default: keep them on the CPU, which :func:`photometric`
         takes for views on any device)."""
-        if not isinstance(N, int) or isinstance(N, bool) or N < 0:
-            raise ValueError(f"PhotometricSampler.sample: N must be a non-negative int, got {N!r}")
+        int_arg("N", "PhotometricSampler.sample", N, 0)
         g = self.generator if generator is None else generator
         f32 = torch.float32
 

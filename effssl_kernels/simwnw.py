@@ -32,7 +32,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
-from ._utils import as_pair
+from ._utils import as_pair, int_arg
 from .masks import BlockMask
 from .nn.resnet import block_mask, is_sparse
 from .nn.vit import is_sparse_vit, token_keep
@@ -125,6 +125,9 @@ def simwnw_masks(
         raise ValueError(f"simwnw_masks: views must be [N, C, H, W], got {tuple(view_a.shape)}")
     _check_min_keep(min_keep, "simwnw_masks")
     check_threshold(threshold_db, "simwnw_masks")
+    block_size = int_arg("block_size", "simwnw_masks", block_size, 1)
+    if search_radius is not None:
+        check_radius(search_radius, "simwnw_masks")
     if view_a.dtype == torch.uint8 and view_b.dtype == torch.uint8:
         view_a, view_b = view_a.float(), view_b.float()  # exact: levels 0..255
         data_range = 255.0 if data_range is None else data_range
@@ -193,8 +196,7 @@ class SimWnW:
     def __init__(self, block_size: int = 32, *, search_radius: Optional[int] = None, threshold_db: float = 20.0,
                  min_keep: int = 1, use_geometry: bool = True, match_on: str = "raw", record: bool = True,
                  token_buckets: int = 4):
-        if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
-            raise ValueError(f"SimWnW: block_size must be a positive int, got {block_size!r}")
+        block_size = int_arg("block_size", "SimWnW", block_size, 1)
         if match_on not in ("raw", "augmented"):
             raise ValueError(f"SimWnW: match_on must be 'raw' or 'augmented', got {match_on!r}")
         check_threshold(threshold_db, "SimWnW")

@@ -9,31 +9,24 @@ of the blocks is tensor-core friendly and ``torch.compile`` sees few distinct sh
 from __future__ import annotations
 
 import itertools
-import math
 from typing import Optional, Sequence, Union
 
 import torch
 from torch import Tensor
 
+from ._utils import int_arg
 from .ops import block_match
+from .ops.block_match import check_threshold
 
 __all__ = ["random_token_keep", "similar_token_keep", "round_keep_count", "tokens_from_psnr", "keep_buckets"]
-
-
-def _int_arg(name: str, fn: str, value, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{fn}: {name} must be an int, got {type(value).__name__}")
-    if value < minimum:
-        raise ValueError(f"{fn}: {name} must be at least {minimum}, got {value}")
-    return value
 
 
 def round_keep_count(count: int, num_patches: int, multiple_of: int = 8) -> int:
     """``min(L, roundup(max(1, count), multiple_of))``: the batch's ``K`` (never 0, never above L).
 
     Raises TypeError / ValueError unless ``num_patches`` and ``multiple_of`` are ints >= 1."""
-    _int_arg("num_patches", "round_keep_count", num_patches, 1)
-    _int_arg("multiple_of", "round_keep_count", multiple_of, 1)
+    int_arg("num_patches", "round_keep_count", num_patches, 1)
+    int_arg("multiple_of", "round_keep_count", multiple_of, 1)
     count = max(1, int(count))
     return min(num_patches, -(-count // multiple_of) * multiple_of)
 
@@ -70,9 +63,9 @@ def random_token_keep(
         ``multiple_of < 1``, or a generator on another device than ``device``.
     """
     fn = "random_token_keep"
-    _int_arg("batch", fn, batch, 0)
-    _int_arg("num_patches", fn, num_patches, 1)
-    _int_arg("multiple_of", fn, multiple_of, 1)
+    int_arg("batch", fn, batch, 0)
+    int_arg("num_patches", fn, num_patches, 1)
+    int_arg("multiple_of", fn, multiple_of, 1)
     if isinstance(keep_ratio, bool) or not isinstance(keep_ratio, (int, float)):
         raise TypeError(f"{fn}: keep_ratio must be a float, got {type(keep_ratio).__name__}")
     if not (0.0 < keep_ratio <= 1.0):  # also rejects NaN
@@ -146,13 +139,12 @@ def similar_token_keep(
         raise TypeError(f"{fn}: view_a and view_b must be tensors")
     if view_a.dim() != 4:
         raise ValueError(f"{fn}: views must be 4-D [N, C, H, W], got {tuple(view_a.shape)}")
-    _int_arg("patch_size", fn, patch_size, 1)
-    _int_arg("multiple_of", fn, multiple_of, 1)
+    int_arg("patch_size", fn, patch_size, 1)
+    int_arg("multiple_of", fn, multiple_of, 1)
     H, W = view_a.shape[-2:]
     if H % patch_size or W % patch_size:
         raise ValueError(f"{fn}: patch_size {patch_size} must divide the image size {H}x{W}")
-    if isinstance(threshold_db, bool) or not isinstance(threshold_db, (int, float)) or math.isnan(threshold_db):
-        raise TypeError(f"{fn}: threshold_db must be a number, got {threshold_db!r}")
+    check_threshold(threshold_db, fn)
     if centers is None:
         centers_a = centers_b = None
     else:
@@ -192,9 +184,8 @@ def tokens_from_psnr(psnr_a: Tensor, psnr_b: Tensor, threshold_db: float = 20.0,
         raise ValueError(f"{fn}: PSNR maps are on {psnr_a.device} and {psnr_b.device}")
     if psnr_a.shape[1] * psnr_a.shape[2] == 0:
         raise ValueError(f"{fn}: PSNR maps hold no block, got {tuple(psnr_a.shape)}")
-    if isinstance(threshold_db, bool) or not isinstance(threshold_db, (int, float)) or math.isnan(threshold_db):
-        raise TypeError(f"{fn}: threshold_db must be a number, got {threshold_db!r}")
-    _int_arg("multiple_of", fn, multiple_of, 1)
+    check_threshold(threshold_db, fn)
+    int_arg("multiple_of", fn, multiple_of, 1)
     keep_a, keep_b, _ = keep_topped_up(~(psnr_a > threshold_db), ~(psnr_b > threshold_db),  # NaN, -inf: kept
                                        psnr_a, psnr_b, multiple_of)
     return keep_a, keep_b
@@ -238,8 +229,13 @@ def keep_buckets(kept: Tensor, psnr: Tensor, buckets: int,
     with the same ``K`` are merged, so at most ``min(buckets, M)`` groups come back, never empty.
     Run the model once per group. ``kept`` bool ``[M, L]``, ``psnr`` ``[M, L]`` (or
     ``[M, Hb, Wb]`` grids). One host sync."""
-    buckets = _int_arg("buckets", "keep_buckets", buckets, 1)
-    if kept.shape != psnr.shape or kept.dim() < 2 or kept.dtype != torch.bool:
+    buckets = int_arg("buckets", "keep_buckets", buckets, 1)
+    int_arg("multiple_of", "keep_buckets", multiple_of, 1)
+    if not isinstance(kept, Tensor) or not isinstance(psnr, Tensor):
+        raise TypeError("keep_buckets: kept and psnr must be tensors")
+    if kept.dtype != torch.bool or not psnr.is_floating_point():
+        raise TypeError(f"keep_buckets: kept must be bool and psnr floating point, got {kept.dtype} and {psnr.dtype}")
+    if kept.shape != psnr.shape or kept.dim() < 2:
         raise ValueError(f"keep_buckets: kept must be bool [M, L] (or [M, Hb, Wb]) and psnr the same shape, got "
                          f"{kept.dtype} {tuple(kept.shape)} and {tuple(psnr.shape)}")
     M = kept.shape[0]

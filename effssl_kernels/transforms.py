@@ -123,18 +123,23 @@ def random_crops(
 
     Args:
         images: ``[N, C, H, W]``; uint8 (0..255) crops come out in ``[0, 1]`` (float32 unless
-            ``out_dtype`` names another float dtype), float crops keep dtype and values.
+            ``out_dtype`` is float16 or bfloat16), float crops keep dtype and values.
         num_crops: ``P``. size: crop side(s). scale, ratio, hflip_p, generator: as
-            :func:`random_resized_boxes`. out_dtype: as ``multi_crop``'s.
+            :func:`random_resized_boxes`. out_dtype: None, float32, float16, bfloat16 or the
+            float images' own dtype (as ``multi_crop``'s; TypeError otherwise).
 
     Returns:
         ``(crops, boxes, flips)``: ``[N, P, C, s, s]`` (image-major), float32 ``[N, P, 4]`` and
         bool ``[N, P]`` on the images' device.
     """
     num_crops = as_int(num_crops, "random_crops: num_crops")
-    if out_dtype is not None and not (isinstance(out_dtype, torch.dtype) and out_dtype.is_floating_point):
-        raise TypeError(f"random_crops: out_dtype must be a floating-point dtype or None (crops of uint8 "
-                        f"images are scaled to [0, 1]), got {out_dtype!r}")
+    as_pair(size, "random_crops: size")
+    if not isinstance(images, Tensor) or images.dim() != 4:
+        raise ValueError("random_crops: images must be a [N, C, H, W] tensor")
+    if out_dtype is not None and not (isinstance(out_dtype, torch.dtype) and out_dtype.is_floating_point and (
+            out_dtype in (torch.float32, torch.float16, torch.bfloat16) or out_dtype == images.dtype)):
+        raise TypeError(f"random_crops: out_dtype must be None, float32, float16, bfloat16 or the float "
+                        f"images' dtype (crops of uint8 images are scaled to [0, 1]), got {out_dtype!r}")
     N = images.shape[0]
     boxes, flips = random_resized_boxes(N, num_crops, tuple(images.shape[-2:]), scale, ratio, hflip_p,
                                         generator=generator, device=images.device)

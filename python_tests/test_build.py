@@ -4,6 +4,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from effssl_kernels import _backend
 
@@ -22,15 +23,24 @@ def test_cuda_kernels_compiled_in():
 def test_info_module_runs():
     out = subprocess.run([sys.executable, "-m", "effssl_kernels.info"], capture_output=True, text=True, check=True).stdout
     assert "compiled extension (_C)" in out and "block_match on cpu" in out
+    fields = {line[:24].strip(): line[25:] for line in out.strip().splitlines()}  # "{key:24s} {value}"
+    assert fields["other kernels on cpu"] in ("cpp", "reference", "triton")
+    assert fields["stride-1 tile convs"].startswith(("halo_gather + cuDNN", "Triton implicit GEMM"))
+    if not _backend.HAS_CUDA_KERNELS:
+        assert fields["built for archs"] == "none (CPU-only build)"
+    if not torch.cuda.is_available():
+        assert fields["GPU"].startswith("none")
 
 
-def test_info_shows_a_bad_backend_setting():
-    # the diagnostic tool reports a wrong EFFSSL_BACKEND instead of dying on it
-    env = {**os.environ, "EFFSSL_BACKEND": "bogus"}
+def test_info_shows_bad_settings():
+    # the diagnostic tool reports a wrong EFFSSL_BACKEND or EFFSSL_TILE_CONV instead of dying on it
+    env = {**os.environ, "EFFSSL_BACKEND": "bogus", "EFFSSL_TILE_CONV": "winograd"}
     out = subprocess.run([sys.executable, "-m", "effssl_kernels.info"], capture_output=True, text=True, env=env)
     assert out.returncode == 0, out.stderr
-    assert "EFFSSL_BACKEND               bogus" in out.stdout
-    assert "block_match on cpu           unavailable (EFFSSL_BACKEND='bogus'" in out.stdout
+    assert "EFFSSL_BACKEND           bogus" in out.stdout
+    assert "block_match on cpu       unavailable (EFFSSL_BACKEND='bogus'" in out.stdout
+    assert "other kernels on cuda    unavailable (EFFSSL_BACKEND='bogus'" in out.stdout
+    assert "stride-1 tile convs      invalid (EFFSSL_TILE_CONV='winograd'" in out.stdout
 
 
 def test_import_without_extension_gives_rebuild_hint():

@@ -127,9 +127,17 @@ def test_default_patches_are_emp_ssl_square_quarters():
     assert bool(((steps.abs() == 1) & (steps == steps[..., :1])).all())
 
 
-def test_uint8_out_dtype_is_refused():
-    with pytest.raises(TypeError, match="floating-point"):
-        emp_ssl_patches(torch.zeros(1, 3, 8, 8, dtype=torch.uint8), 2, 4, out_dtype=torch.uint8)
+def test_out_dtypes():
+    u8 = torch.zeros(1, 3, 8, 8, dtype=torch.uint8)
+    for bad in (torch.uint8, torch.float64, "float32"):  # named as random_crops, not multi_crop
+        with pytest.raises(TypeError, match="random_crops: out_dtype must be None, float32"):
+            emp_ssl_patches(u8, 2, 4, out_dtype=bad)
+    assert emp_ssl_patches(u8, 2, 4, out_dtype=torch.bfloat16).dtype == torch.bfloat16
+    assert emp_ssl_patches(u8.double(), 2, 4, out_dtype=torch.float64).dtype == torch.float64
+    with pytest.raises(ValueError, match=r"emp_ssl_patches: images must be a \[N, C, H, W\] tensor"):
+        emp_ssl_patches(u8[0].tolist(), 2, 4)
+    with pytest.raises(ValueError, match=r"random_crops: images must be a \[N, C, H, W\] tensor"):
+        ek.random_crops(u8[0], 2, 4)
 
 
 def _tiny_resnet():
@@ -171,6 +179,15 @@ def test_bag_of_features_is_the_patch_mean():
     torch.testing.assert_close(got, want)
 
 
+def test_bag_of_features_chunk_errors():
+    model = torch.nn.Flatten()
+    images = torch.rand(2, 3, 8, 8)
+    with pytest.raises(ValueError, match="bag_of_features: chunk must be at least 0"):
+        bag_of_features(model, images, 2, 4, chunk=-1)
+    with pytest.raises(TypeError, match="bag_of_features: chunk must be an int"):
+        bag_of_features(model, images, 2, 4, chunk=1.5)
+
+
 def test_errors():
     with pytest.raises(ValueError, match="not 4 patches"):
         emp_ssl_loss(torch.randn(10, 3), 4)
@@ -182,6 +199,19 @@ def test_errors():
         emp_ssl_loss(torch.full((8, 3), float("nan")), 2, normalize=False)
     with pytest.raises(TypeError, match="float16, bfloat16, float32 or float64, got torch.int64"):
         emp_ssl_loss(torch.ones(6, 4, dtype=torch.int64), 2)
-    for lam in (float("nan"), float("inf"), "a", None, True):
-        with pytest.raises(ValueError, match="lam must be a finite number"):
+    for lam in (float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="emp_ssl_loss: lam must be finite"):
             emp_ssl_loss(torch.randn(6, 4), 2, lam=lam)
+    for lam in ("a", None, True):
+        with pytest.raises(TypeError, match="emp_ssl_loss: lam must be a number"):
+            emp_ssl_loss(torch.randn(6, 4), 2, lam=lam)
+    with pytest.raises(TypeError, match="emp_ssl_loss: eps must be a number"):
+        emp_ssl_loss(torch.randn(6, 4), 2, eps="a")
+    with pytest.raises(ValueError, match="emp_ssl_loss: eps must be > 0"):
+        emp_ssl_loss(torch.randn(6, 4), 2, eps=0.0)
+    with pytest.raises(ValueError, match="random_crops: size must be positive"):
+        ek.random_crops(torch.rand(1, 3, 8, 8), 2, 0)
+    with pytest.raises(TypeError, match="emp_ssl_loss: num_patches must be an int"):
+        emp_ssl_loss(torch.randn(6, 4), 2.0)
+    with pytest.raises(TypeError, match="emp_ssl_patches: num_patches must be an int"):
+        emp_ssl_patches(torch.rand(1, 3, 8, 8), 2.0, 4)

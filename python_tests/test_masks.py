@@ -245,13 +245,14 @@ def test_meta_device():
     (torch.ones(2, 5, 5, dtype=torch.bool), 4, 19, ValueError, "does not match"),  # edge cells
 ])
 def test_bad_construction(keep, B, size, exc, msg):
-    with pytest.raises(exc, match=msg):
+    with pytest.raises(exc, match=msg) as e:
         BlockMask(keep, B, size)
+    assert str(e.value).startswith("BlockMask: ")  # the message names the class
 
 
 def test_bad_pixel_mask_args():
     m = BlockMask(torch.ones(1, 2, 2, dtype=torch.bool), 4, 8)
-    with pytest.raises(ValueError, match="stride must be positive"):
+    with pytest.raises(ValueError, match="BlockMask.pixel_mask: stride must be positive"):
         m.pixel_mask(0, (8, 8))
     with pytest.raises(TypeError, match="stride"):
         m.pixel_mask(1.5, (8, 8))

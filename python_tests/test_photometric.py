@@ -295,8 +295,10 @@ def test_sampler_errors(kwargs, exc, match):
 
 
 def test_sample_errors():
-    with pytest.raises(ValueError, match="N"):
+    with pytest.raises(ValueError, match="sample: N must be at least 0"):
         PhotometricSampler().sample(-1)
+    with pytest.raises(TypeError, match="sample: N must be an int"):
+        PhotometricSampler().sample(2.0)
     with pytest.raises(ValueError, match="view"):
         PhotometricSampler.byol(3)
 

@@ -118,6 +118,14 @@ def test_mask_errors():
         ek.SimWnW(8, threshold_db=float("nan"))
     with pytest.raises(TypeError, match="threshold_db must be a number"):
         ek.simwnw_masks(x, x, 4, threshold_db="20")
+    with pytest.raises(TypeError, match="SimWnW: block_size must be an int"):
+        ek.SimWnW(4.0)
+    with pytest.raises(ValueError, match="simwnw_masks: block_size must be at least 1"):
+        ek.simwnw_masks(x, x, 0)
+    with pytest.raises(ValueError, match="simwnw_masks: search_radius"):
+        ek.simwnw_masks(x, x, 4, search_radius=-1)
+    with pytest.raises(ValueError, match="SimWnW: block_size must be at least 1"):
+        ek.SimWnW(0)
 
 
 # ----------------------------------------------------------------------------- views

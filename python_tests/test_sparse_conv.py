@@ -590,6 +590,10 @@ def test_bad_inputs():
         halo_gather(tiles, idx, -1)
     with pytest.raises(ValueError, match="x shape"):
         pack(x[..., :8], idx)
+    with pytest.raises(TypeError, match="pack: x must be a tensor, got list"):
+        pack(x.tolist(), idx)
+    with pytest.raises(TypeError, match="halo_gather: outside must be a number"):
+        halo_gather(tiles, idx, 1, outside="a")
     with pytest.raises(ValueError, match="out_shape"):
         unpack(tiles, idx, (2, 3, 8, 16))
 

@@ -15,6 +15,8 @@ per mask (one host sync, to learn ``T``) and shared by the :class:`TileIndex` of
 """
 from __future__ import annotations
 
+import numbers
+
 from typing import Dict, Optional, Sequence, Tuple, Union
 
 import torch
@@ -243,8 +245,10 @@ def pack(x: Tensor, index: TileIndex) -> Tensor:
     matter). The ``halo_gather`` op with :meth:`TileIndex.pack_tables`; its backward is a
     gather too (each dense pixel is read at most once: zeros elsewhere)."""
     _check_index(index, "pack")
-    if not isinstance(x, Tensor) or x.dim() != 4:
-        raise ValueError("pack: x must be a 4-D [N, C, H, W] tensor")
+    if not isinstance(x, Tensor):
+        raise TypeError(f"pack: x must be a tensor, got {type(x).__name__}")
+    if x.dim() != 4:
+        raise ValueError(f"pack: x must be a 4-D [N, C, H, W] tensor, got {tuple(x.shape)}")
     if x.shape[0] != index.batch or tuple(x.shape[2:]) != index.size:
         raise ValueError(f"pack: x shape {tuple(x.shape)} does not match the index: expected "
                          f"[{index.batch}, C, {index.size[0]}, {index.size[1]}]")
@@ -278,6 +282,8 @@ def halo_gather(tiles: Tensor, index: TileIndex, halo, outside: float = 0.0) -> 
     :meth:`TileIndex.halo_inverse`. The result is channels-last strided. ``halo == 0`` returns
     ``tiles`` itself."""
     _check_tiles(tiles, index, "halo_gather")
+    if isinstance(outside, bool) or not isinstance(outside, numbers.Real):  # -inf and NaN are fills too
+        raise TypeError(f"halo_gather: outside must be a number, got {outside!r}")
     key = _halo4(halo)
     if key == (0, 0, 0, 0):
         return tiles
