@@ -1,7 +1,8 @@
 """halo_gather op (C++ CPU kernel; Triton under TRITON_INTERPRET=1 or on a GPU) against the
-plain-PyTorch reference and against tiles cut from the dense masked map: every dtype, strided
-and channels-last tiles, outside fills, gradients (deterministic gather backward), gradcheck,
-opcheck, bad tables."""
+plain-PyTorch reference (which reads the same tables): every dtype, strided and channels-last
+tiles, outside fills, gradients (deterministic gather backward), gradcheck, opcheck, bad tables.
+The tables themselves are checked against tiles cut from the dense masked map in
+test_sparse_conv.py (test_halo_gather_matches_dense, test_pack_unpack_roundtrip)."""
 import pytest
 import torch
 
