@@ -75,7 +75,8 @@ def test_zero_preserving_activations_stay_packed(module):
     torch.testing.assert_close(torch.autograd.grad(got.to_dense(), x, g)[0], torch.autograd.grad(want, x, g)[0] * kept)
 
 
-def test_other_ops_see_the_dense_map():
+def test_other_ops_see_the_dense_map(monkeypatch):
+    monkeypatch.setattr(P, "_WARNED", set())  # warned once per op name and process
     x, mask, p = _packed(seed=2)
     row = torch.randn(x.shape[-1], dtype=x.dtype)  # broadcasts along W, not per channel
     with pytest.warns(UserWarning, match="dense map") as rec:

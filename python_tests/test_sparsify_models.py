@@ -268,6 +268,35 @@ def test_default_trace_input_when_a_head_conv_is_registered_first():
 
 
 # ----------------------------------------------------------------------------- tile_plan
+class _MixedAdd(nn.Module):
+    """An out-of-place residual add of a packed map (a tiled conv) and a dense one (a ceil-mode
+    pool, masked-dense): the sum is dense, so the global pool after it runs masked-dense."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Conv2d(3, 4, 3, 1, 1)
+        self.b = nn.Conv2d(4, 4, 3, 2, 1)
+        self.mp = nn.MaxPool2d(2, 2, ceil_mode=True)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+
+    def forward(self, x):
+        h = self.a(x)
+        return self.pool(self.b(h) + self.mp(h))
+
+
+def test_tile_plan_of_an_out_of_place_mixed_add():
+    m = R.sparsify(_MixedAdd(), example_input=torch.zeros(1, 3, 16, 16))
+    got = []
+    h = m.pool.register_forward_pre_hook(lambda mod, a: got.append(type(a[0])))
+    plan = R.tile_plan(m, 8, 16)
+    assert plan == {"a": "tiles", "b": "tiles", "mp": "masked-dense", "pool": "masked-dense"}, plan
+    with R.block_mask(torch.tensor([[[True, False], [False, True]]]), 8):
+        m(torch.randn(1, 3, 16, 16))
+    h.remove()
+    assert got[-1] is not P.PackedMap  # the run agrees
+    assert all(mod.training for mod in m.modules())  # tile_plan restored train mode
+
+
 @pytest.mark.parametrize("layers", [
     lambda: [nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Conv2d(4, 4, 3, padding=1),
              nn.BatchNorm2d(4)],  # after a padding-0 conv: BN and conv get dense 14x14 maps

@@ -65,8 +65,7 @@ from torch.utils._pytree import tree_flatten
 
 from ..masks import BlockMask
 from ..reference.masked_net import masked_avg_pool_reference, masked_batch_norm_reference
-from ..sparse.conv import conv_tile_halo
-from ..sparse.tiles import is_tile_aligned, kept_tiles, prepare_tiles
+from ..sparse.tiles import kept_tiles, prepare_tiles
 from ..sparse.packed import (
     PackedMap,
     as_dense,
@@ -467,15 +466,12 @@ class _StrideTracer(TorchFunctionMode):
                               f"(mean over kept positions) for global average pooling")
                 return out
             o._effssl_s = s
-            # The swapped modules whose outputs it is made of (for tile_plan).
-            o._effssl_from = frozenset().union(*(getattr(t, "_effssl_from", ()) for t in ins))
         return out
 
 
 def _trace_strides(model: nn.Module, modules: list[nn.Module], example_input: Tensor | None
-                   ) -> tuple[dict[nn.Module, Pair], nn.Module | None, dict]:
-    """({module: input stride} of the swapped ``modules`` that ran, the first of them to run,
-    {module: the swapped modules its input is made of})."""
+                   ) -> tuple[dict[nn.Module, Pair], nn.Module | None]:
+    """({module: input stride} of the swapped ``modules`` that ran, the first of them to run)."""
     if example_input is not None:
         return _trace_once(model, modules, example_input)
     convs = [m for m in modules if isinstance(m, nn.Conv2d)]
@@ -496,10 +492,8 @@ def _trace_strides(model: nn.Module, modules: list[nn.Module], example_input: Te
 
 
 def _trace_once(model: nn.Module, modules: list[nn.Module], example_input: Tensor
-                ) -> tuple[dict[nn.Module, Pair], nn.Module | None, dict]:
+                ) -> tuple[dict[nn.Module, Pair], nn.Module | None]:
     table: dict[nn.Module, Pair] = {}
-    sources: dict[nn.Module, frozenset] = {}
-    whole: dict[nn.Module, bool] = {}
     order: list[nn.Module] = []
     tracer = _StrideTracer()
     handles = []
@@ -514,11 +508,6 @@ def _trace_once(model: nn.Module, modules: list[nn.Module], example_input: Tenso
         elif m not in table:
             order.append(m)
             table[m] = s
-            sources[m] = getattr(x, "_effssl_from", frozenset())
-            # Whether the map is image / stride, as tiles need (not after a padding-0 conv).
-            H0, W0 = example_input.shape[-2:]
-            whole[m] = all(n // st <= side <= -(-n // st) for n, st, side in
-                           ((H0, s[0], x.shape[-2]), (W0, s[1], x.shape[-1])))
         elif table[m] != s:
             tracer.error = tracer.error or (f"{type(m).__name__} runs at strides {table[m]} and {s} "
                                             f"(a shared module must see one stride)")
@@ -533,7 +522,6 @@ def _trace_once(model: nn.Module, modules: list[nn.Module], example_input: Tenso
                 return
             ms = _module_stride(m)
             out._effssl_s = (s[0] * ms[0], s[1] * ms[1])
-            out._effssl_from = frozenset((m,))
 
     for m in modules:
         handles.append(m.register_forward_pre_hook(pre))
@@ -552,7 +540,7 @@ def _trace_once(model: nn.Module, modules: list[nn.Module], example_input: Tenso
             m.training = t
     if tracer.error is not None:
         raise TypeError(f"sparsify: cannot track the cumulative stride: {tracer.error}")
-    return table, (order[0] if order else None), (sources, whole)
+    return table, (order[0] if order else None)
 
 
 def sparsify(model: nn.Module, example_input: Tensor | None = None) -> nn.Module:
@@ -576,15 +564,13 @@ def sparsify(model: nn.Module, example_input: Tensor | None = None) -> nn.Module
     done = [m for m in model.modules() if _is_swapped(m)]
     if not plan and done:
         return model
-    table, first, (sources, whole) = _trace_strides(model, list(plan) + done, example_input)
+    table, first = _trace_strides(model, list(plan) + done, example_input)
     for m, mixin in plan.items():
         m.__class__ = _sparse_class(type(m), mixin)
     for m in list(plan) + done:
         m.__dict__.pop("_effssl_first", None)
         if m in table:
             m._effssl_in_stride = table[m]
-            m._effssl_sources = tuple(sources[m])
-            m._effssl_whole = whole[m]
     if first is not None:
         first._effssl_first = True  # its input fixes the image size of block_mask(keep, B)
     return model
@@ -598,8 +584,6 @@ def unsparsify(model: nn.Module) -> nn.Module:
         if _is_swapped(m):
             m.__dict__.pop("_effssl_in_stride", None)
             m.__dict__.pop("_effssl_first", None)
-            m.__dict__.pop("_effssl_sources", None)
-            m.__dict__.pop("_effssl_whole", None)
             m.__class__ = type(m)._effssl_base
     return model
 
@@ -609,39 +593,47 @@ def tile_plan(model: nn.Module, block_size: int, image_size) -> dict[str, str]:
     model on images of ``image_size`` with blocks of ``block_size``: which layers compute kept
     tiles only and which fall back to masked-dense (a stride that does not divide the block, an
     image that is not a whole number of blocks, a ceil-mode pool, an input that is not
-    image / stride in the trace, as after a padding-0 conv). BatchNorm and the global pool
-    follow their input: tiles where the map at their stride is tile-aligned and some layer
-    producing their input (in the trace) returns packed tiles, as an in-place residual add onto
-    a packed map keeps it packed."""
+    image / stride, as after a padding-0 conv; BatchNorm and the global pool after a layer or an
+    op that gave a dense map, such as an out-of-place add of a packed and a dense map).
+
+    Observed, not predicted: one forward of a zero image ``[1, C, H, W]`` in eval mode without
+    gradients, under a checkerboard mask, records which modules returned (the global pool: got)
+    a packed map. Running statistics do not change; ops that leave the tiles warn as in
+    training. Raises TypeError for a model :func:`sparsify` did not convert."""
     if not is_sparse(model):
         raise TypeError("tile_plan: model was not converted by sparsify")
     H, W = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
     B = operator.index(block_size)
-    mask = BlockMask(torch.ones(1, H // B, W // B, dtype=torch.bool), B, (H, W))
-    packs: dict[nn.Module, bool] = {}
+    grid = torch.arange(H // B).view(-1, 1) + torch.arange(W // B)
+    swapped = {m: name for name, m in model.named_modules()
+               if _is_swapped(m) and "_effssl_in_stride" in m.__dict__}
+    first = next((m for m in swapped if m.__dict__.get("_effssl_first")), next(iter(swapped)))
+    p = next(first.parameters(), None)
+    p = next(model.parameters()) if p is None else p
+    C = first.in_channels if isinstance(first, nn.Conv2d) else getattr(first, "num_features", None)
+    if C is None:
+        raise TypeError(f"tile_plan: cannot tell the input channels from {type(first).__name__}")
+    mask = BlockMask((grid % 2 == 0).unsqueeze(0).to(p.device), B, (H, W))
+    fast = _fast_avg_pool_cls()
+    pools = (nn.AdaptiveAvgPool2d,) + ((fast,) if fast is not None else ())
+    packed: dict[nn.Module, bool] = {}
 
-    def packed(m: nn.Module) -> bool:  # whether m returns a PackedMap
-        if m not in packs:
-            packs[m] = False  # a cycle (a shared module) reads as not packed
-            s = m.__dict__["_effssl_in_stride"]
-            if not m.__dict__.get("_effssl_whole", True):
-                ok = False  # its input is not image / stride (e.g. after a padding-0 conv)
-            elif isinstance(m, nn.Conv2d):
-                ok = conv_tile_halo(m.kernel_size, m.stride, m.padding, m.dilation, mask=mask,
-                                    in_stride=s) is not None
-            elif isinstance(m, nn.MaxPool2d):
-                ok = not m.ceil_mode and conv_tile_halo(
-                    m.kernel_size, _module_stride(m), m.padding, m.dilation, mask=mask,
-                    in_stride=s) is not None
-            else:
-                ok = is_tile_aligned(mask, s) and any(
-                    packed(p) for p in m.__dict__.get("_effssl_sources", ())
-                    if "_effssl_in_stride" in p.__dict__)
-            packs[m] = ok
-        return packs[m]
+    def hook(m, args, out):
+        x = args[0] if isinstance(m, pools) else out
+        packed[m] = packed.get(m, True) and isinstance(x, PackedMap)
 
-    return {name: "tiles" if packed(m) else "masked-dense" for name, m in model.named_modules()
-            if _is_swapped(m) and "_effssl_in_stride" in m.__dict__}
+    handles = [m.register_forward_hook(hook) for m in swapped]
+    modes = {m: m.training for m in model.modules()}
+    try:
+        model.eval()
+        with torch.no_grad(), block_mask(mask):
+            model(torch.zeros(1, C, H, W, device=p.device, dtype=p.dtype))
+    finally:
+        for h in handles:
+            h.remove()
+        for m, t in modes.items():
+            m.training = t
+    return {name: "tiles" if packed.get(m) else "masked-dense" for m, name in swapped.items()}
 
 
 def input_strides(model: nn.Module) -> dict[str, Pair]:
