@@ -506,7 +506,10 @@ class AccelerationSchedule:
         Yields the ``Candidate`` applied.
 
         ``vit.forward_features`` is wrapped by an instance attribute for the duration (so direct
-        ``forward_features`` calls are covered too); do not deep-copy the model inside.
+        ``forward_features`` calls are covered too); do not deep-copy the model inside. The
+        wrapper draws the tokens and enters ``token_keep`` at each call, which Dynamo cannot
+        trace: under ``torch.compile`` leave ``fullgraph`` False (the draw is a graph break; new
+        draws do not recompile) or compile the blocks only.
         Raises TypeError when no sparsified ViT is found, ValueError for several, a bad role, a
         ViT already inside ``apply`` or a patch that does not divide the image size.
         """

@@ -22,10 +22,12 @@ Example (SimSiam; SimCLR/BYOL/DINO change only the loss and the second encoder):
         xa, xb = photometric(v.view_a), photometric(v.view_b)
         za, zb = sw.encode(model, xa, xb, v.masks)         # backbone features, masked
         loss = simsiam_loss(head(za), head(zb))
-        log(sw.removal_history)                            # device tensors, read when logging
+        if step % 100 == 0:
+            log(sw.removal_log(clear=True))                # one sync; drains the history
 """
 from __future__ import annotations
 
+import collections
 from typing import Callable, NamedTuple, Optional, Sequence, Union
 
 import torch
@@ -177,10 +179,12 @@ class SimWnW:
         match_on: ``"raw"`` (default, SimWnW's choice): match the views after the geometric
             augmentations and before the photometric ones; ``"augmented"``: after both.
         record: keep each step's removal fractions (device tensors, no sync) in
-            ``removal_history``; :meth:`removal_log` reads them (one sync). :meth:`masks`
-            records the masks' block removal; :meth:`encode` of a ViT then replaces that entry
-            by the token removal it applied, ``1 - K / L`` per view (mean over its samples of
-            their group's ``K``, which rounds up).
+            ``removal_history``, the last ``max_history`` steps (older ones are dropped, so a
+            long run holds a bounded number); :meth:`removal_log` reads them (one sync) and
+            with ``clear=True`` empties it. :meth:`masks` records the masks' block removal;
+            :meth:`encode` of a ViT then replaces that entry by the token removal it applied,
+            ``1 - K / L`` per view (mean over its samples of their group's ``K``, which rounds
+            up).
         token_buckets: ViTs only. A dense token batch has one ``K``, the largest kept count of
             any sample, so one sample that keeps every token makes the whole batch keep every
             token (at batch 128 on photographs, one ``K`` removed 0% of the tokens where the
@@ -195,7 +199,7 @@ class SimWnW:
 
     def __init__(self, block_size: int = 32, *, search_radius: Optional[int] = None, threshold_db: float = 20.0,
                  min_keep: int = 1, use_geometry: bool = True, match_on: str = "raw", record: bool = True,
-                 token_buckets: int = 4):
+                 token_buckets: int = 4, max_history: int = 10_000):
         block_size = int_arg("block_size", "SimWnW", block_size, 1)
         if match_on not in ("raw", "augmented"):
             raise ValueError(f"SimWnW: match_on must be 'raw' or 'augmented', got {match_on!r}")
@@ -210,10 +214,9 @@ class SimWnW:
         self.use_geometry = bool(use_geometry)
         self.match_on = match_on
         self.record = bool(record)
-        if isinstance(token_buckets, bool) or not isinstance(token_buckets, int) or token_buckets < 1:
-            raise ValueError(f"SimWnW: token_buckets must be an int >= 1, got {token_buckets!r}")
-        self.token_buckets = token_buckets
-        self.removal_history: list[Tensor] = []
+        self.token_buckets = int_arg("token_buckets", "SimWnW", token_buckets, 1)
+        self.removal_history: collections.deque[Tensor] = collections.deque(
+            maxlen=int_arg("max_history", "SimWnW", max_history, 1))
         self._recorded: Optional[tuple[SimWnWMasks, Tensor]] = None  # last masks and their entry
 
     def __repr__(self) -> str:
@@ -248,12 +251,16 @@ class SimWnW:
                 break
         self._recorded = None
 
-    def removal_log(self) -> list[tuple[float, float]]:
-        """Per recorded step, the removed fractions ``(A, B)`` as floats (one sync): of the blocks
-        for ResNets, of the patch tokens for ViTs once :meth:`encode` ran on the step's masks."""
-        if not self.removal_history:
-            return []
-        return [tuple(r) for r in torch.stack(self.removal_history).tolist()]
+    def removal_log(self, clear: bool = False) -> list[tuple[float, float]]:
+        """Per recorded step (the last ``max_history``), the removed fractions ``(A, B)`` as
+        floats (one sync): of the blocks for ResNets, of the patch tokens for ViTs once
+        :meth:`encode` ran on the step's masks. ``clear``: empty the history after reading (log
+        every few hundred steps with it: each call costs its length)."""
+        log = [tuple(r) for r in torch.stack(list(self.removal_history)).tolist()] if self.removal_history else []
+        if clear:
+            self.removal_history.clear()
+            self._recorded = None
+        return log
 
     @torch.no_grad()
     def views(

@@ -151,6 +151,24 @@ def test_views_record_geometry_and_match_where_asked(match_on):
     assert math.isclose(ra, 1 - want.keep_a.float().mean().item(), abs_tol=1e-6)
 
 
+def test_removal_history_is_bounded_and_drained():
+    # a long run must not keep one device tensor per step forever
+    x = torch.rand(2, 3, 16, 16)
+    sw = ek.SimWnW(8, max_history=3)
+    masks = [sw.masks(x, x.flip(-1) if i % 2 else x) for i in range(5)]
+    assert len(sw.removal_history) == 3
+    want = [tuple(m.removal().tolist()) for m in masks[2:]]
+    assert sw.removal_log() == want and len(sw.removal_history) == 3  # reading keeps it
+    assert sw.removal_log(clear=True) == want and len(sw.removal_history) == 0
+    assert sw.removal_log() == []
+    sw.masks(x, x)
+    assert len(sw.removal_log(clear=True)) == 1
+    with pytest.raises(ValueError, match="SimWnW: max_history must be at least 1"):
+        ek.SimWnW(8, max_history=0)
+    with pytest.raises(ValueError, match="SimWnW: token_buckets must be at least 1"):
+        ek.SimWnW(8, token_buckets=0)
+
+
 def test_views_with_photometric_samplers():
     """A pair of samplers: each view gets its own per-sample parameters and the fused kernel."""
     images = torch.randint(0, 256, (4, 3, 40, 52), dtype=torch.uint8)
@@ -363,8 +381,8 @@ def test_encode_vit_buckets_refuse_batchnorm_in_training():
     za, _ = ek.SimWnW(8, search_radius=0, use_geometry=False, token_buckets=1).encode(vit.train(), a, b,
                                                                                       sw.masks(a, b))
     assert za.shape == (4, 16)
-    for bad in (0, 1.5, True):
-        with pytest.raises(ValueError, match="token_buckets"):
+    for bad, exc in ((0, ValueError), (1.5, TypeError), (True, TypeError)):
+        with pytest.raises(exc, match="SimWnW: token_buckets"):
             ek.SimWnW(8, token_buckets=bad)
 
 
