@@ -62,6 +62,10 @@ def emp_ssl_patches(
     Returns:
         ``[P * N, C, s, s]`` patch-major: row ``i * N + n`` is patch ``i`` of image ``n``.
         Photometric augmentations are the caller's (per patch, after this).
+
+    Raises:
+        ValueError for images that are not ``[N, C, H, W]``, ``num_patches < 1`` or bad crop
+        parameters; TypeError for a non-int ``num_patches`` or an ``out_dtype`` it cannot make.
     """
     if not isinstance(images, Tensor) or images.dim() != 4:
         raise ValueError("emp_ssl_patches: images must be a [N, C, H, W] tensor")
@@ -92,6 +96,11 @@ def emp_ssl_loss(z: Tensor, num_patches: int, *, lam: float = 200.0, eps: float 
     Returns:
         ``(loss, parts)``: the scalar loss (float32, or float64 for float64 ``z``) and
         ``{"invariance": mean cosine to the patch mean, "tcr": mean coding rate}``, detached.
+
+    Raises:
+        TypeError for a non-float ``z`` or non-number ``num_patches``/``lam``/``eps``;
+        ValueError for shapes that are not ``P`` groups, non-finite ``lam``/``eps``, ``eps <= 0``,
+        and (``check``) a coding-rate matrix that is not positive definite (NaN/inf in ``z``).
     """
     if not isinstance(z, Tensor) or z.dim() not in (2, 3):
         raise ValueError("emp_ssl_loss: z must be [P * N, d] or [P, N, d]")
@@ -126,7 +135,8 @@ def bag_of_features(model: nn.Module, images: Tensor, num_patches: int, size: Un
     """EMP-SSL's evaluation embedding: the mean of ``model`` over ``num_patches`` patches of each
     image (``[N, d]``). ``chunk`` (> 0) runs the model on that many patches at a time to bound
     memory (0: all at once); ``patch_kw`` go to :func:`emp_ssl_patches` (e.g. ``scale``,
-    ``generator``). ``model`` is called as given: put it in eval mode first."""
+    ``generator``). ``model`` is called as given: put it in eval mode first. Errors as
+    :func:`emp_ssl_patches`; TypeError/ValueError for a non-int or negative ``chunk``."""
     int_arg("chunk", "bag_of_features", chunk, 0)
     N = images.shape[0]
     patches = emp_ssl_patches(images, num_patches, size, **patch_kw)

@@ -69,12 +69,20 @@ def random_resized_boxes(
     Returns:
         ``(boxes, flips)``: float32 ``[n, p, 4]`` integer-valued ``(top, left, height, width)`` and
         bool ``[n, p]``.
+
+    Raises:
+        TypeError for non-int ``n``/``p``/sizes or a generator that is not a CPU
+        ``torch.Generator``; ValueError for negative counts, non-positive sizes and ``scale``,
+        ``ratio`` or ``hflip_p`` outside their ranges (NaN included).
     """
     H, W = as_pair(image_size, "random_resized_boxes: image_size")
     check_crop_params(scale, ratio, hflip_p, "random_resized_boxes")
     n, p = as_int(n, "random_resized_boxes: n"), as_int(p, "random_resized_boxes: p")
     if n < 0 or p < 0:
         raise ValueError(f"random_resized_boxes: n and p must be >= 0, got {n}, {p}")
+    if generator is not None and not (isinstance(generator, torch.Generator) and generator.device.type == "cpu"):
+        raise TypeError(f"random_resized_boxes: generator must be a CPU torch.Generator or None (the boxes "
+                        f"are drawn on the CPU), got {generator!r}")
     tries = 10
     g = generator
     area = H * W * torch.empty(n, p, tries, dtype=torch.float64).uniform_(scale[0], scale[1], generator=g)
@@ -131,6 +139,10 @@ def random_crops(
     Returns:
         ``(crops, boxes, flips)``: ``[N, P, C, s, s]`` (image-major), float32 ``[N, P, 4]`` and
         bool ``[N, P]`` on the images' device.
+
+    Raises:
+        ValueError for images that are not ``[N, C, H, W]`` and what
+        :func:`random_resized_boxes` refuses; TypeError for a bad ``size`` or ``out_dtype``.
     """
     num_crops = as_int(num_crops, "random_crops: num_crops")
     as_pair(size, "random_crops: size")

@@ -48,6 +48,11 @@ def test_random_resized_boxes_fallback_and_errors():
         ek.random_resized_boxes(1, 1, 10, scale=(0.5, 0.1))
     with pytest.raises(ValueError, match="hflip_p"):
         ek.random_resized_boxes(1, 1, 10, hflip_p=2.0)
+    with pytest.raises(TypeError, match="random_resized_boxes: generator must be a CPU torch.Generator"):
+        ek.random_resized_boxes(1, 1, 10, generator="seed 0")
+    if torch.cuda.is_available():
+        with pytest.raises(TypeError, match="generator must be a CPU"):
+            ek.random_resized_boxes(1, 1, 10, generator=torch.Generator("cuda"))
 
 
 # ----------------------------------------------------------------------------- masks

@@ -184,7 +184,9 @@ def check_threshold(threshold_db, fn: str) -> None:
 
 
 def similar_blocks(psnr: Tensor, threshold_db: float = 20.0) -> Tensor:
-    """bool mask, same shape as ``psnr``: True where ``psnr > threshold_db`` (NaN/-inf never)."""
+    """bool mask, same shape as ``psnr`` (a float tensor): True where ``psnr > threshold_db``
+    (NaN/-inf never). TypeError for a non-float ``psnr`` or a non-number threshold, ValueError
+    for a NaN one."""
     if not isinstance(psnr, Tensor) or not psnr.is_floating_point():
         raise TypeError("similar_blocks: psnr must be a floating-point tensor")
     check_threshold(threshold_db, "similar_blocks")
