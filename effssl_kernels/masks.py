@@ -67,6 +67,9 @@ class BlockMask:
 
     ``pixel_mask(stride, size)`` gives the bool ``[N, 1, h, w]`` mask of a feature map; results are
     cached per ``(stride, size, device)`` and shared, so treat them as read-only.
+
+    Raises TypeError for a ``keep`` that is not a bool tensor or non-int sizes, ValueError for a
+    ``keep`` that is not ``[N, H // B, W // B]`` or non-positive sizes.
     """
 
     def __init__(self, keep: Tensor, block_size: int, image_size: IntOrPair):

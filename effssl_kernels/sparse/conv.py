@@ -131,7 +131,10 @@ def sparse_conv2d(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None,
     memory format. Arguments as ``F.conv2d``. Tiled only when x is exactly the
     ``mask.image_size / in_stride`` map and the layer is tile-aligned (module docstring,
     :func:`conv_tile_halo`); any other size or layer runs masked-dense, with the same result
-    as :func:`~effssl_kernels.reference.masked_net.masked_conv2d_reference`."""
+    as :func:`~effssl_kernels.reference.masked_net.masked_conv2d_reference`. float32, float16,
+    bfloat16 (float64 on the CPU). TypeError for a ``mask`` that is no BlockMask or non-int
+    sizes; ValueError for shapes, devices, paddings or strides ``F.conv2d`` or the mask refuse
+    (a batch other than the mask's, a weight that is not 4-D, negative padding)."""
     fn = "sparse_conv2d"
     s_in = _positive_pair(in_stride, "in_stride")
     _check_mask_x(x, mask, fn)
