@@ -41,8 +41,10 @@ def _pinv(R: Tensor) -> Tensor:
 
     Resizes up (or down) have full column (or row) rank, where the normal equations give the
     pinv with one small solve, many times faster than an SVD on a busy CPU; the result is
-    verified (Penrose conditions) and an SVD-based ``torch.linalg.pinv`` is the fallback
-    (mixed up/down sizes, rank loss).
+    verified (all four Penrose conditions: with R rank-deficient, as for some mixed up/down
+    sizes such as 4x4 -> 5x2, the solve can succeed with a generalised inverse that is not the
+    minimum-norm one, which only the symmetry of RP and PR tells apart) and an SVD-based
+    ``torch.linalg.pinv`` is the fallback.
     """
     m, n = R.shape
     try:
@@ -50,7 +52,9 @@ def _pinv(R: Tensor) -> Tensor:
             P = torch.linalg.solve(R.T @ R, R.T)
         else:
             P = torch.linalg.solve(R @ R.T, R).T
-        ok = torch.allclose(R @ P @ R, R, rtol=0, atol=1e-10) and torch.allclose(P @ R @ P, P, rtol=0, atol=1e-8)
+        RP, PR = R @ P, P @ R
+        ok = (torch.allclose(RP @ R, R, rtol=0, atol=1e-10) and torch.allclose(PR @ P, P, rtol=0, atol=1e-8)
+              and torch.allclose(RP, RP.T, rtol=0, atol=1e-10) and torch.allclose(PR, PR.T, rtol=0, atol=1e-10))
     except RuntimeError:  # singular
         ok = False
     return P if ok else torch.linalg.pinv(R)
