@@ -310,8 +310,8 @@ def test_vit_patch_size_errors():
         with ek.patch_size(model, 24):
             pass
     ek.sparsify_vit(model)
-    for bad in (36, 0, (24,), 2.0):
-        with pytest.raises(ValueError):
+    for bad, exc in ((36, ValueError), (0, ValueError), ((24,), TypeError), (2.0, TypeError), (True, TypeError)):
+        with pytest.raises(exc, match="patch_size"):
             with ek.patch_size(model, bad):
                 pass
     with ek.patch_size(model, 24):

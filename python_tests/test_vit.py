@@ -503,7 +503,7 @@ def test_keep_range_checked_once_or_not_at_all(monkeypatch):
 def test_patch_size_rejects_bools():
     model = ek.sparsify_vit(_vit(depth=1))
     for bad in ((True, True), True, (16, False)):
-        with pytest.raises(ValueError, match="positive int"):
+        with pytest.raises(TypeError, match="patch_size: size must be an int or a pair of ints"):
             with ek.patch_size(model, bad):
                 pass
 

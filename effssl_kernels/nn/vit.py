@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .._utils import as_pair
 from ..ops._indices import check_keep_range
 from ..ops.gather_tokens import _gather_tokens
 from ..ops.patch_embed_gather import _patch_embed_gather
@@ -125,17 +126,13 @@ def patch_size(
     patches). The setting belongs to the model (not per thread); nesting restores the outer
     size. The resize matrix is computed and cached here, outside any compiled region.
 
-    Raises TypeError when ``model`` is not sparsified, ValueError for a bad size.
+    Raises TypeError when ``model`` is not sparsified or ``size`` is not an int or a pair of
+    ints, ValueError for a non-positive size or one that does not divide the image size.
     """
     if not is_sparse_vit(model):
         raise TypeError("patch_size: call effssl_kernels.sparsify_vit(model) first")
     pe = model.patch_embed
-    if isinstance(size, int) and not isinstance(size, bool):
-        size = (size, size)
-    if not (isinstance(size, (tuple, list)) and len(size) == 2
-            and all(isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in size)):
-        raise ValueError(f"patch_size: size must be a positive int or a pair of them, got {size!r}")
-    size = (int(size[0]), int(size[1]))
+    size = as_pair(size, "patch_size: size")
     fixed = pe.img_size is not None and pe.strict_img_size and not pe.dynamic_img_pad
     if fixed and (pe.img_size[0] % size[0] or pe.img_size[1] % size[1]):
         raise ValueError(f"patch_size: patch {size} does not divide the model's image size {tuple(pe.img_size)}")
