@@ -215,6 +215,9 @@ class PhotometricSampler:
         solarize_p, solarize_threshold: probability and threshold (in [0, 1]) of solarizing.
         mean, std: per-channel normalisation, or both ``None`` for none.
         generator: optional CPU ``torch.Generator``; ``None`` draws from the global CPU RNG.
+            Each DataLoader worker gets a copy of ``generator`` and would repeat the others'
+            draws: there, leave it None (workers seed the global RNG) or reseed it in
+            ``worker_init_fn``.
 
     The jitter order of each sample is a uniform random permutation of the 4 ops, as
     ColorJitter's ``torch.randperm(4)``. The draws are batched, so they follow torchvision's

@@ -3,6 +3,7 @@ the masked network of SEMANTICS.md section 2 with one, checked against a hand-wr
 the same weights built from the reference functions (strides there are hard-coded by the
 architecture, not taken from the converter's trace)."""
 import copy
+import warnings
 
 import pytest
 import torch
@@ -467,6 +468,64 @@ def test_plain_checkpoint_recomputed_outside_the_with_is_refused(reentrant):
     y = torch.utils.checkpoint.checkpoint(m, x, use_reentrant=reentrant)
     y.sum().backward()
     assert x.grad is not None
+
+
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_masked_checkpoint_of_a_dense_call_then_a_masked_call(reentrant):
+    # The module's last forward (masked, outside the checkpoint) is not what the checkpointed
+    # dense call did: its recomputation under masked_checkpoint must not be refused.
+    m = R.sparsify(_randomize_bn(_cifar_resnet()).double().eval())
+    x1, x2 = torch.randn(2, 3, 32, 32, dtype=torch.float64), torch.randn(2, 3, 32, 32, dtype=torch.float64)
+    x1.requires_grad_()  # a reentrant checkpoint computes no parameter gradient otherwise
+    keep = _keep(2, 4, 4, seed=5)
+
+    def step(ckpt):
+        m.zero_grad()
+        a = R.checkpoint(m, x1, use_reentrant=reentrant) if ckpt else m(x1)
+        with R.block_mask(keep, 8):
+            b = m(x2)
+        (a.square().sum() + b.square().sum()).backward()
+        return [p.grad.clone() for p in m.parameters()]
+
+    for g, want in zip(step(True), step(False)):
+        torch.testing.assert_close(g, want)
+
+
+def test_mirror_is_cleared_when_threads_exit_out_of_order():
+    # Thread A enters block_mask, B enters, A exits, B exits: no mask may stay in the mirror
+    # (compiled code on torch < 2.14 reads it; eager code warned "in force in another thread").
+    import threading
+
+    from effssl_kernels.nn._state import ContextState
+
+    state = ContextState("test_state", "test")
+    steps = [threading.Event() for _ in range(4)]
+    seen = []
+
+    def a():
+        with state.bound("mask A"):
+            steps[0].set()
+            steps[1].wait()
+        steps[2].set()
+
+    def b():
+        steps[0].wait()
+        with state.bound("mask B"):
+            steps[1].set()
+            steps[2].wait()
+            seen.append(state.mirror)  # A has left: B's mask is the one in force
+        steps[3].set()
+
+    threads = [threading.Thread(target=f) for f in (a, b)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(10)
+    assert steps[3].is_set() and seen == ["mask B"]
+    assert state.mirror is None and state._active == []
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # nothing in force anywhere: no "another thread" warning
+        assert state.get() is None
 
 
 def test_checkpoint_refuses_reentrant_on_a_packed_map():

@@ -532,6 +532,24 @@ def test_masked_checkpoint_recomputes_under_the_forward_keep():
         yc.sum().backward()  # the plain checkpoint recomputes with all 16 tokens
 
 
+def test_masked_checkpoint_of_a_full_call_then_a_kept_call():
+    # a dense masked_checkpoint then a token_keep call of the same ViT: not refused, same grads
+    vit = ek.sparsify_vit(_vit(torch.float64, depth=1))
+    x1, x2 = torch.rand(2, 3, 64, 64, dtype=torch.float64), torch.rand(2, 3, 64, 64, dtype=torch.float64)
+    keep = ek.random_token_keep(2, 16, 0.5, multiple_of=1, generator=torch.Generator().manual_seed(0))
+
+    def step(ckpt):
+        vit.zero_grad()
+        a = ek.masked_checkpoint(vit, x1) if ckpt else vit(x1)
+        with ek.token_keep(keep):
+            b = vit(x2)
+        (a.square().sum() + b.square().sum()).backward()
+        return [p.grad.clone() for p in vit.parameters() if p.grad is not None]
+
+    for g, want in zip(step(True), step(False)):
+        torch.testing.assert_close(g, want)
+
+
 @pytest.mark.parametrize("reentrant", [False, True])
 def test_masked_checkpoint_recomputes_at_the_forward_patch_size(reentrant):
     # ek.patch_size lives on the model, not in the context: masked_checkpoint carries it too (a

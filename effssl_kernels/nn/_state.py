@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import threading
 import warnings
 import weakref
 from typing import Any, Iterator
@@ -39,10 +40,18 @@ class ContextState:
     def __init__(self, name: str, what: str = "it"):
         # _UNSET (never set in this context) differs from None (a `with` of None: "no mask here")
         self.var: contextvars.ContextVar = contextvars.ContextVar(name, default=_UNSET)
-        self.mirror: Any = None
+        self.mirror: Any = None  # the newest value of the `with`s in force in any thread, or None
+        # The `with`s in force, oldest first: threads exit theirs in any order, so the mirror is
+        # the newest still in force (a saved-and-restored previous value went stale when two
+        # threads' `with`s interleaved).
+        self._active: list[tuple[object, Any]] = []
+        self._lock = threading.Lock()
         self.what = what  # for the warning below: "block_mask", "token_keep"
         self.warned = False
         _ALL.append(self)
+
+    def _sync_mirror(self) -> None:
+        self.mirror = self._active[-1][1] if self._active else None
 
     def get(self) -> Any:
         if _compiling():
@@ -65,12 +74,17 @@ class ContextState:
     @contextlib.contextmanager
     def bound(self, value: Any) -> Iterator[None]:
         """``value`` in force inside the ``with`` (the previous one restored after)."""
-        tok, prev = self.var.set(value), self.mirror
-        self.mirror = value
+        key = object()
+        tok = self.var.set(value)
+        with self._lock:
+            self._active.append((key, value))
+            self.mirror = value
         try:
             yield
         finally:
-            self.mirror = prev  # first: reset raises for a token of another Context
+            with self._lock:  # first: reset raises for a token of another Context
+                self._active = [e for e in self._active if e[0] is not key]
+                self._sync_mirror()
             self.var.reset(tok)
 
 
@@ -78,34 +92,41 @@ def run_in(snapshot: contextvars.Context, fn, *args, **kwargs):
     """``fn(*args, **kwargs)`` in a copy of ``snapshot`` with every mirror set from it, so that
     compiled code called there sees the snapshot's state too."""
     def body():
-        prev = [s.mirror for s in _ALL]
         for s in _ALL:
             s.mirror = s.var.get(None)
+        tok = _RESTORED.set(graph_task_id() != -1)
         try:
             return fn(*args, **kwargs)
         finally:
-            for s, p in zip(_ALL, prev):
-                s.mirror = p
+            _RESTORED.reset(tok)
+            for s in _ALL:
+                with s._lock:
+                    s._sync_mirror()
 
     return snapshot.copy().run(body)  # a Context cannot be entered twice: a fresh copy per call
 
 
 # ----------------------------------------------------------------------------- recomputation
 graph_task_id = getattr(torch._C, "_current_graph_task_id", lambda: -1)  # -1: not inside backward
+# True inside a recomputation run by run_in (masked_checkpoint): it restores the forward's own
+# settings, so there is nothing to check.
+_RESTORED: contextvars.ContextVar = contextvars.ContextVar("effssl_restored_recompute", default=False)
 
 
 def check_recompute(module, masked: bool, setting: str) -> None:
     """Refuse a recomputation inside backward (a plain checkpoint whose backward runs outside the
     ``with``) that runs unmasked a swapped layer whose forward ran under ``setting``: it would
     give the dense layer's gradients, silently with ``use_reentrant=True``. Each forward outside
-    backward notes whether it ran under the setting; compiled code skips the check (a compiled
-    region recomputes itself). Runs on every forward of a swapped layer: the error text is
-    built only when raised."""
+    backward notes whether it ran under the setting (the module's last forward: a plain
+    checkpoint of a dense call followed by a masked call of the same module before backward
+    raises too; masked_checkpoint, whose recomputation restores the forward's own settings, is
+    never checked); compiled code skips the check (a compiled region recomputes itself). Runs on
+    every forward of a swapped layer: the error text is built only when raised."""
     if torch.compiler.is_compiling():
         return
     if graph_task_id() == -1:  # an ordinary forward
         module.__dict__["_effssl_masked"] = masked
-    elif not masked and module.__dict__.get("_effssl_masked", False):
+    elif not masked and not _RESTORED.get() and module.__dict__.get("_effssl_masked", False):
         raise RuntimeError(
             f"sparse {type(module)._effssl_base.__name__}: recomputed during backward without the "
             f"{setting} its forward ran under "
