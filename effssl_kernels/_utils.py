@@ -1,6 +1,8 @@
 """Small argument helpers shared by the Python modules."""
 from __future__ import annotations
 
+import math
+import numbers
 import operator
 
 import torch
@@ -22,15 +24,20 @@ def as_pair(size, what: str) -> tuple[int, int]:
     return int(size[0]), int(size[1])
 
 
+def as_int(v, what: str) -> int:
+    """``v`` as a Python int (ints, NumPy integers, 0-d integer tensors), else TypeError (bools
+    and floats too); ``what`` names it in the message."""
+    if not isinstance(v, bool):
+        try:
+            return operator.index(v)
+        except TypeError:
+            pass
+    raise TypeError(f"{what} must be an int, got {type(v).__name__} {v!r}")
+
+
 def int_arg(name: str, fn: str, value, minimum: int) -> int:
-    """``value`` as a Python int >= ``minimum`` (NumPy and 0-d integer tensors too): TypeError
-    for a non-int (bool included), ValueError below the minimum; ``fn`` and ``name`` name it."""
-    try:
-        if isinstance(value, bool):
-            raise TypeError
-        value = operator.index(value)
-    except TypeError:
-        raise TypeError(f"{fn}: {name} must be an int, got {type(value).__name__}") from None
+    """:func:`as_int` of ``value``, also ValueError below ``minimum``; ``fn`` and ``name`` name it."""
+    value = as_int(value, f"{fn}: {name}")
     if value < minimum:
         raise ValueError(f"{fn}: {name} must be at least {minimum}, got {value}")
     return value
@@ -39,9 +46,6 @@ def int_arg(name: str, fn: str, value, minimum: int) -> int:
 def finite_number(name: str, fn: str, value) -> float:
     """``value`` as a finite float: TypeError for a non-number (bool included), ValueError for
     NaN or infinity."""
-    import math
-    import numbers
-
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{fn}: {name} must be a number, got {value!r}")
     if not math.isfinite(value):

@@ -20,22 +20,14 @@ Geometry (the contract every masked kernel is tested against):
 """
 from __future__ import annotations
 
-import operator
 from typing import Dict, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor
 
+from ._utils import as_int as _as_int
+
 IntOrPair = Union[int, Sequence[int]]
-
-
-def _as_int(v, what: str) -> int:
-    if isinstance(v, (bool, float)):
-        raise TypeError(f"{what} must be an int, got {type(v).__name__} {v!r}")
-    try:
-        return operator.index(v)
-    except TypeError:
-        raise TypeError(f"{what} must be an int, got {type(v).__name__} {v!r}") from None
 
 
 def _pair(v: IntOrPair, what: str) -> Tuple[int, int]:

@@ -66,11 +66,6 @@ class SimWnWMasks(NamedTuple):
         return torch.stack([1 - self.keep_a.float().mean(), 1 - self.keep_b.float().mean()])
 
 
-def _check_min_keep(min_keep, fn: str) -> None:
-    if isinstance(min_keep, bool) or not isinstance(min_keep, int) or min_keep < 0:
-        raise ValueError(f"{fn}: min_keep must be an int >= 0, got {min_keep!r}")
-
-
 def _min_keep(keep: Tensor, psnr: Tensor, k: int) -> Tensor:
     """``keep`` with at least ``k`` blocks per sample: the ``k`` least similar (lowest PSNR;
     kept blocks count first) are forced on. No sync."""
@@ -125,7 +120,7 @@ def simwnw_masks(
         raise TypeError("simwnw_masks: view_a and view_b must be tensors")
     if view_a.dim() != 4:
         raise ValueError(f"simwnw_masks: views must be [N, C, H, W], got {tuple(view_a.shape)}")
-    _check_min_keep(min_keep, "simwnw_masks")
+    min_keep = int_arg("min_keep", "simwnw_masks", min_keep, 0)
     check_threshold(threshold_db, "simwnw_masks")
     block_size = int_arg("block_size", "simwnw_masks", block_size, 1)
     if search_radius is not None:
@@ -206,7 +201,7 @@ class SimWnW:
         check_threshold(threshold_db, "SimWnW")
         if search_radius is not None:  # checked here, not at the first step
             search_radius = check_radius(search_radius, "SimWnW")
-        _check_min_keep(min_keep, "SimWnW")
+        min_keep = int_arg("min_keep", "SimWnW", min_keep, 0)
         self.block_size = block_size
         self.search_radius = block_size // 2 if search_radius is None else search_radius
         self.threshold_db = float(threshold_db)

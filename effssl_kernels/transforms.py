@@ -17,8 +17,7 @@ from typing import NamedTuple, Sequence, Union
 import torch
 from torch import Tensor
 
-from ._utils import as_pair, to_device_async
-from .ops.block_match import as_int
+from ._utils import as_int, as_pair, to_device_async
 from .ops.multi_crop import multi_crop
 
 __all__ = ["crop_centers", "random_crops", "random_resized_boxes", "TwoViewCrop", "TwoViews"]

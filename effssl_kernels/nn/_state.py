@@ -78,7 +78,7 @@ class ContextState:
         tok = self.var.set(value)
         with self._lock:
             self._active.append((key, value))
-            self.mirror = value
+            self._sync_mirror()
         try:
             yield
         finally:

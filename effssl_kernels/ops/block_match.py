@@ -8,29 +8,19 @@ from __future__ import annotations
 
 import math
 import numbers
-import operator
 from typing import Optional
 
 import torch
 from torch import Tensor
 
 from .. import _backend
+from .._utils import as_int
 from ..reference.block_match import block_match_reference
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 MAX_RADIUS = 1 << 16  # (2r+1)^2 candidates per block; far beyond any useful search
 MAX_SIZE = 1 << 24  # keeps every pixel index of a kernel inside int32 arithmetic
 MIN_RANGE, MAX_RANGE = 1e-18, 1e18  # data_range^2 stays a normal float32
-
-
-def as_int(v, what: str) -> int:
-    """``v`` as a Python int (ints, NumPy integers, 0-d integer tensors), else TypeError."""
-    if not isinstance(v, bool):
-        try:
-            return operator.index(v)
-        except TypeError:
-            pass
-    raise TypeError(f"{what} must be an int, got {v!r}")
 
 
 def check_radius(search_radius, fn: str) -> int:

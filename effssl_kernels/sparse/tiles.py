@@ -16,13 +16,13 @@ per mask (one host sync, to learn ``T``) and shared by the :class:`TileIndex` of
 from __future__ import annotations
 
 import numbers
-
 from typing import Dict, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor
 
-from ..masks import BlockMask, _as_int, _positive_pair
+from .._utils import as_int as _as_int
+from ..masks import BlockMask, _positive_pair
 from ..ops.halo_gather import halo_gather_op
 
 IntOrPair = Union[int, Sequence[int]]
