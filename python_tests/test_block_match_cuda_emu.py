@@ -158,6 +158,22 @@ def test_nan_ties_identical_and_data_range(asan, path):
     assert torch.isposinf(psnr).all() and (off == 0).all()
 
 
+@pytest.mark.parametrize("path", PATHS)
+def test_inf_pixels(asan, path):
+    # An inf in b makes the tiled kernel's sum-of-squares form inf - inf = NaN for the windows
+    # holding it, while their true mse is +inf: they must lose to the finite candidates (and
+    # the block whose exact match avoids the inf keeps its +inf dB), not win as a NaN would.
+    a = torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    b = a.clone()
+    b[0, 1, 20, 20] = float("inf")
+    psnr, off = run(asan, a, b, 16, 8, path=path)
+    assert torch.isposinf(psnr[0, 1, 0]) and (off[0, 1, 0] == 0).all()
+    assert torch.isfinite(psnr[0, 1, 1])
+    # an inf in a: its block's every candidate is +inf, so no candidate (-inf dB, offset 0)
+    psnr, off = run(asan, b, a, 16, 8, path=path)
+    assert torch.isneginf(psnr[0, 1, 1]) and (off[0, 1, 1] == 0).all()
+
+
 @pytest.mark.parametrize("path", ["image", "direct"])
 def test_direct_kernels_pick_the_cpu_kernels_winners(asan, path):
     # Pixels in {0, 1/2, 1}: every partial sum is exact, so the direct kernels must pick exactly

@@ -610,6 +610,9 @@ __global__ void __launch_bounds__(kTileThreads, 2) bm_tiled_kernel(const BlockMa
 
     // Vertical box sums give sumB2[dy][dx]; with X and sumA2 they give the approximate mse and
     // the key of each candidate; each thread keeps its best.
+    // (Left NaN, so possibly a false NaN: an inf in a and in the window, where every candidate
+    // is +inf or NaN anyway.)
+    const bool a_finite = isfinite(sumA2);
     Cand best = cand_none();
     {
       const int nsy = (k.Dy + kSeg - 1) / kSeg;
@@ -624,7 +627,11 @@ __global__ void __launch_bounds__(kTileThreads, 2) bm_tiled_kernel(const BlockMa
             if (!isfinite(s)) s = box_sum(col + y * k.Dx, B, k.Dx);
           }
           const float ssd = fmaf(-2.f, Xs[y * k.Dx + x], sumA2 + s);
-          const float mse = ssd * inv_cbb;
+          float mse = ssd * inv_cbb;
+          // A NaN here is a NaN in the window or in a, or an inf in the window (inf - inf);
+          // with a and the window NaN-free and a finite, the true mse is +inf (never taken, as
+          // in the reference), not NaN (which beats every number).
+          if (isnan(mse) && a_finite && !isnan(s)) mse = INFINITY;
           const float key = isnan(mse) ? -1.f : fmaxf(mse, 0.f);
           const long long rank = block_match_rank(l.ry.lo + y, l.rx.lo + x, p.radius);
           if (cand_less(key, rank, best.key, best.rank)) best = Cand{key, rank, y, x, mse};
