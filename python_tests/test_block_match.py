@@ -71,6 +71,39 @@ def test_reference_radius_far_beyond_the_image(with_centers):
     assert_block_match(*ek.block_match(a, b, 4, MAX_RADIUS, centers=centers), a, b, 4, MAX_RADIUS, centers=centers)
 
 
+def test_reference_far_apart_centres_and_radius():
+    # crop_centers' far value (-2^30, a degenerate box) next to normal centres at a radius beyond
+    # the image: the displacements between them are ~2^60 candidates (the reference once listed
+    # them and died for memory); its loop over the positions of b gives the C++ kernel's answer
+    a = torch.rand(2, 1, 8, 8)
+    centers = torch.zeros(2, 2, 2, 2, dtype=torch.int64)
+    centers[0] = torch.tensor([[[0, 0], [0, 4]], [[4, 0], [4, 4]]])
+    centers[1] = -(2**30)
+    psnr, off = block_match_reference(a, a.clone(), 4, 65536, centers=centers)
+    assert torch.isposinf(psnr[0]).all() and torch.isneginf(psnr[1]).all() and (off == 0).all()
+    assert_block_match(*ek.block_match(a, a.clone(), 4, 65536, centers=centers), a, a.clone(), 4, 65536,
+                       centers=centers)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_reference_position_loop_breaks_ties_like_candidate_order(seed):
+    # 0/1 pixels make exact mse ties everywhere, NaN pixels NaN ties: the loop over positions
+    # (radius beyond the image) must pick candidate_order's first, as the displacement loop does
+    from effssl_kernels.reference.block_match import _by_position
+
+    g = torch.Generator().manual_seed(seed)
+    N, C, H, W, B, r = 2, 2, 11, 9, 3, 6
+    a = torch.randint(0, 2, (N, C, H, W), generator=g).float()
+    b = torch.randint(0, 2, (N, C, H, W), generator=g).float()
+    a[0, 0, 1, 1] = b[1, 1, 5, 5] = float("nan")
+    centers = torch.randint(-6, 14, (N, H // B, W // B, 2), generator=g)
+    psnr, off = block_match_reference(a, b, B, r, centers=centers)  # r < max(H, W): displacements
+    a_blk = a[:, :, :9, :9].reshape(N, C, 3, B, 3, B).permute(0, 1, 2, 4, 3, 5)
+    best, off2 = _by_position(a_blk, b, centers[..., 0], centers[..., 1], B, r)
+    assert torch.equal(off2, off)
+    torch.testing.assert_close(10 * torch.log10(1 / best), psnr, equal_nan=True)
+
+
 # ----------------------------------------------------------------------------- against the reference
 SHAPES = [  # N, C, H, W, B, r
     (2, 3, 32, 32, 4, 4),

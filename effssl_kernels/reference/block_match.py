@@ -22,18 +22,48 @@ def candidate_order(radius: int, dy_range: Optional[tuple[int, int]] = None,
     return sorted(ds, key=lambda d: (abs(d[0]) + abs(d[1]), d[0], d[1]))
 
 
-def _reachable(r: int, B: int, H: int, W: int, Hb: int, Wb: int, cy: Tensor, cx: Tensor, default: bool):
-    """(dy_range, dx_range) outside which no block's candidate lies inside ``b`` (so the list of
-    a radius far beyond the image stays image-sized). Default centres: from the grid, in Python.
-    Given centres: from their extremes, one host sync, and only for a radius beyond the image
-    (so small radii keep the loop free of syncs and torch.compile(fullgraph=True) traces it)."""
-    if default:
-        return (-(Hb - 1) * B, H - B), (-(Wb - 1) * B, W - B)
-    if r <= max(H, W):
-        return None, None
-    if cy.numel() == 0:
-        return (1, 0), (1, 0)  # no blocks: no candidates
-    return (-int(cy.max()), H - B - int(cy.min())), (-int(cx.max()), W - B - int(cx.min()))
+def _default_reachable(B: int, H: int, W: int, Hb: int, Wb: int):
+    """(dy_range, dx_range) outside which no grid block's candidate lies inside ``b``, so the list
+    of a radius far beyond the image stays image-sized (decided in Python: no host sync)."""
+    return (-(Hb - 1) * B, H - B), (-(Wb - 1) * B, W - B)
+
+
+def _lex_less(s: Tensor, dy: Tensor, dx: Tensor, s2: Tensor, dy2: Tensor, dx2: Tensor) -> Tensor:
+    """(s, dy, dx) < (s2, dy2, dx2) lexicographically: candidate_order's key, elementwise."""
+    return (s < s2) | ((s == s2) & ((dy < dy2) | ((dy == dy2) & (dx < dx2))))
+
+
+def _by_position(a_blk: Tensor, b32: Tensor, cy: Tensor, cx: Tensor, B: int, r: int):
+    """best mse and (dy, dx) per block by a pass per position of ``b`` (not per displacement).
+
+    For a radius beyond the image with given centres: the candidates inside ``b`` are at most
+    (H-B+1)(W-B+1) positions, while the displacements spanned by far-apart centres (e.g.
+    crop_centers' -2^30 for a degenerate box next to normal centres) can be billions. Ties go
+    to the smallest candidate_order key, as the per-displacement loop's first-found does.
+    """
+    N, C, H, W = b32.shape
+    Hb, Wb = cy.shape[1:]
+    dev = b32.device
+    best = torch.full((N, Hb, Wb), float("inf"), device=dev)
+    found = torch.zeros((N, Hb, Wb), dtype=torch.bool, device=dev)
+    bdy = torch.zeros((N, Hb, Wb), dtype=torch.int64, device=dev)
+    bdx = torch.zeros_like(bdy)
+    for y0 in range(H - B + 1):
+        dy = y0 - cy
+        for x0 in range(W - B + 1):
+            dx = x0 - cx
+            cand = b32[:, :, y0 : y0 + B, x0 : x0 + B][:, :, None, None]  # [N, C, 1, 1, B, B]
+            mse = (a_blk - cand).square().mean(dim=(1, 4, 5))
+            key = torch.where(torch.isnan(mse), torch.full_like(mse, -1.0), mse)
+            best_key = torch.where(torch.isnan(best), torch.full_like(best, -1.0), best)
+            s, bs = dy.abs() + dx.abs(), bdy.abs() + bdx.abs()
+            tie = found & (key == best_key) & _lex_less(s, dy, dx, bs, bdy, bdx)
+            better = (dy.abs() <= r) & (dx.abs() <= r) & ((key < best_key) | tie)
+            best = torch.where(better, mse, best)
+            found = found | better
+            bdy = torch.where(better, dy, bdy)
+            bdx = torch.where(better, dx, bdx)
+    return best, torch.stack([bdy, bdx], -1).int()
 
 
 def block_match_reference(
@@ -76,9 +106,12 @@ def block_match_reference(
     b_flat = b32.reshape(N, C, H * W)
     ar = torch.arange(B, device=dev)
 
+    if centers is not None and r > max(H, W):
+        best, best_d = _by_position(a_blk, b32, cy, cx, B, r)
+        return 10.0 * torch.log10((data_range * data_range) / best), best_d
     best = torch.full((N, Hb, Wb), float("inf"), device=dev)
     best_d = torch.zeros((N, Hb, Wb, 2), dtype=torch.int32, device=dev)
-    order = candidate_order(r, *_reachable(r, B, H, W, Hb, Wb, cy, cx, centers is None))
+    order = candidate_order(r, *(_default_reachable(B, H, W, Hb, Wb) if centers is None else (None, None)))
     dyx = torch.tensor(order, dtype=torch.int32).to(dev)  # one copy (a CUDA sync), not one per candidate
     for k, (dy, dx) in enumerate(order):
         y0 = cy + dy
