@@ -161,6 +161,10 @@ def test_bad_table_raises():
         halo_gather_op(tiles, table[0], order, offsets)
     with pytest.raises(RuntimeError, match="int64"):
         halo_gather_op(tiles, table.int(), order, offsets)
+    with pytest.raises(RuntimeError, match="table entry"):  # no channel to copy: still checked
+        halo_gather_op(tiles[:, :0], bad, order, offsets)
+    with pytest.raises(TypeError, match="tiles must be float32, float64, float16 or bfloat16, got Long"):
+        halo_gather_op(tiles.long(), table, order, offsets)
 
 
 # ----------------------------------------------------------------------------- Triton
