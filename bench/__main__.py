@@ -11,10 +11,9 @@ import argparse
 import importlib
 import os
 
-import torch
 from rich.progress import Progress
 
-from .common import write_partial_on_sigterm
+from .common import OUT_HELP, add_device_arg, check_device, write_partial_on_sigterm
 from .report import write_report
 
 BENCHMARKS = [
@@ -35,11 +34,12 @@ BENCHMARKS = [
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--out", default=None, help="results folder (default bench/results/<gpu|cpu>)")
+    add_device_arg(ap)
+    ap.add_argument("--out", default=None, help=OUT_HELP)
     ap.add_argument("--quick", action="store_true", help="smaller sizes, skip the slowest baselines")
     ap.add_argument("--only", nargs="+", default=None, help="benchmark names without the bench_ prefix")
     args = ap.parse_args()
+    check_device(ap, args)
     write_partial_on_sigterm()  # a benchmark stopped at a time limit leaves its finished cases
     names = BENCHMARKS
     if args.only:

@@ -266,6 +266,33 @@ def write_partial_on_sigterm() -> None:
     signal.signal(signal.SIGTERM, write)
 
 
+def add_device_arg(ap) -> None:
+    """--device cpu|cuda (default cuda when torch sees one). Only these two: a "cuda:0" would be
+    filed and timed as a CPU run. Check the choice with :func:`check_device` after parsing."""
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"])
+
+
+def check_device(ap, args) -> None:
+    if args.device == "cuda" and not torch.cuda.is_available():
+        ap.error("--device cuda: torch sees no CUDA device on this machine")
+
+
+def int_at_least(minimum: int):
+    """argparse type: an int >= ``minimum`` (a clear usage error otherwise, before any work)."""
+    import argparse
+
+    def parse(text: str) -> int:
+        try:
+            v = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if v < minimum:
+            raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {v}")
+        return v
+
+    return parse
+
+
 def parse_args(doc: str, quick_help: str, argv=None, *, name: str | None = None):
     """The CLI every benchmark shares: --device, --out, --quick. ``name`` (the JSON's) is where a
     SIGTERM writes the partial rows; run from the command line (``argv`` None) it installs
@@ -273,10 +300,11 @@ def parse_args(doc: str, quick_help: str, argv=None, *, name: str | None = None)
     import argparse
 
     ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--out", default=None, help="results folder (default bench/results/<gpu|cpu>)")
+    add_device_arg(ap)
+    ap.add_argument("--out", default=None, help=OUT_HELP)
     ap.add_argument("--quick", action="store_true", help=quick_help)
     args = ap.parse_args(argv)
+    check_device(ap, args)
     if tiny():
         if args.out is None:  # never over the committed results
             ap.error("EFFSSL_BENCH_TINY=1 (a smoke run) needs --out")
@@ -286,6 +314,9 @@ def parse_args(doc: str, quick_help: str, argv=None, *, name: str | None = None)
         if argv is None:
             write_partial_on_sigterm()
     return args
+
+
+OUT_HELP = "results folder (default bench/results/<gpu|cpu>, or <gpu|cpu>-quick with --quick)"
 
 
 def out_dir(args) -> str:

@@ -12,7 +12,7 @@ statistics behind) on two RandomResizedCrop + flip views (``ek.random_resized_bo
   momentum encoder the default ``same_patch`` policy (all tokens, same patch size).
 
 Both runs start from the same weights and see the same training batches. Per stage: the setting,
-mean step time (forward + backward + AdamW + EMA; host timer with CUDA syncs), mean training
+median step time (forward + backward + AdamW + EMA; host timer with CUDA syncs), mean training
 loss (of the compressed step under the schedule), and the uncompressed loss on a fixed held-out
 batch at the end of the stage (``eval_loss``: comparable across runs). ``estimate_s`` is the
 time the schedule spent estimating at the stage's checkpoint (not in ``step_ms``); ``elapsed_s``
@@ -42,7 +42,7 @@ from torch import nn
 
 import effssl_kernels as ek
 
-from .common import device_info, print_table, results_dir
+from .common import add_device_arg, check_device, device_info, int_at_least, print_table, results_dir
 from .real_images import photo_batch
 
 MEAN = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
@@ -189,17 +189,19 @@ def train(cfg, device, steps, use_schedule: bool, init_state):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"])
-    ap.add_argument("--steps", type=int, default=None)
-    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    add_device_arg(ap)
+    ap.add_argument("--steps", type=int_at_least(4), default=None,
+                    help="training steps per run, at least 4: one per checkpoint (default: device's)")
+    ap.add_argument("--threads", type=int_at_least(1), default=None, help="torch CPU threads (default: torch's)")
     ap.add_argument("--out", default=None, help="results folder (default bench/results/<gpu|cpu>)")
     args = ap.parse_args(argv)
+    check_device(ap, args)
     import timm
 
-    if args.threads:
+    if args.threads is not None:
         torch.set_num_threads(args.threads)
-    cfg = CONFIGS[args.device]
-    steps = args.steps or cfg["steps"]
+    cfg = {k: v for k, v in CONFIGS[args.device].items() if k != "steps"}  # info's "steps" is the run's
+    steps = CONFIGS[args.device]["steps"] if args.steps is None else args.steps
     torch.manual_seed(0)
     enc = ek.sparsify_vit(timm.create_model(cfg["arch"], img_size=cfg["img"], num_classes=0, **cfg["vit_kw"]))
     init_state = copy.deepcopy(MoCoV3(enc, enc.embed_dim, cfg["hidden"]).state_dict())

@@ -19,8 +19,8 @@ gets ``--pairs`` (224 px) or ``--cifar-pairs`` (32 px) seeded random view pairs;
 are matched (A's blocks in B with ``crop_centers(A, B)``, B's in A with the swapped call). A view's
 removal ratio is the fraction of its blocks that are similar; a pair's is the mean over its two
 views. Two counterparts are compared: ``geometry`` (search centred where the block's scene point
-landed in the other view, from the recorded crops and flips: ``crop_centers``) and ``grid`` (the
-default: the same grid position, no flip). At the headline block, the views are also matched after
+landed in the other view, from the recorded crops and flips: ``crop_centers``) and ``grid`` (the same
+grid position, no flip: ``block_match``'s default without ``centers``; SimWnW's is ``geometry``). At the headline block, the views are also matched after
 SimCLR's colour jitter (0.4, 0.4, 0.4, 0.1; p = 0.8) and grayscale (p = 0.2), drawn per view,
 against SimWnW's default of matching the geometric views before the photometric ones.
 

@@ -68,7 +68,7 @@ from torch import Tensor, nn
 
 import effssl_kernels as ek
 
-from .common import RESULTS, device_info
+from .common import RESULTS, add_device_arg, check_device, device_info, int_at_least
 
 # CPU: picked by timing a few steps on the 2-core box (~0.7 s per step per run at width 16, batch
 # 128) so both runs and the evaluations fit 15 minutes; base_lr 0.5 because SimSiam's 0.05 barely
@@ -332,11 +332,12 @@ def print_summary(res: dict) -> None:
 # ----------------------------------------------------------------------------- main
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"])
-    ap.add_argument("--steps", type=int, default=None, help="training steps per run (default: device's)")
-    ap.add_argument("--batch", type=int, default=None, help="images per step (default: device's)")
-    ap.add_argument("--width", type=int, default=None, help="ResNet-18 base channels (64 = real ResNet-18)")
-    ap.add_argument("--eval-every", type=int, default=None, help="steps between kNN evaluations")
+    add_device_arg(ap)
+    ap.add_argument("--steps", type=int_at_least(1), default=None, help="training steps per run (default: device's)")
+    ap.add_argument("--batch", type=int_at_least(2), default=None,
+                    help="images per step, at least 2 for BatchNorm (default: device's)")
+    ap.add_argument("--width", type=int_at_least(1), default=None, help="ResNet-18 base channels (64 = real ResNet-18)")
+    ap.add_argument("--eval-every", type=int_at_least(1), default=None, help="steps between kNN evaluations")
     ap.add_argument("--base-lr", type=float, default=None, help="lr = base_lr * batch / 256 (default: device's)")
     ap.add_argument("--threshold-db", type=float, default=20.0)
     ap.add_argument("--seed", type=int, default=0)
@@ -345,6 +346,10 @@ def main(argv=None) -> dict:
                          "(default: 14 on the CPU, none on a GPU; 0 = none)")
     ap.add_argument("--out", default=None, help="default bench/results/<cpu|gpu>/digits_simsiam/")
     args = ap.parse_args(argv)
+    check_device(ap, args)
+    for flag, v in (("--base-lr", args.base_lr), ("--minutes", args.minutes)):
+        if v is not None and not (math.isfinite(v) and v >= 0 and (v > 0 or flag == "--minutes")):
+            ap.error(f"{flag} must be a finite number {'>= 0' if flag == '--minutes' else '> 0'}, got {v}")
     device = args.device
     defaults = GPU_DEFAULTS if device == "cuda" else CPU_DEFAULTS
     cfg = {k: (getattr(args, k) if getattr(args, k, None) is not None else v) for k, v in defaults.items()}

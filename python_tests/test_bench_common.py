@@ -86,3 +86,19 @@ def test_device_info_on_a_gpu_uses_measured_ceilings(monkeypatch):
     monkeypatch.setattr(common, "_gpu_ceilings", broken)
     info = common.device_info("cuda")  # the benchmarks still run, on the spec sheet's numbers
     assert info["fp32_tflops_limit"] == 66.9 and "measuring failed: RuntimeError" in info["limit_source"]
+
+
+@pytest.mark.parametrize("argv,msg", [(["--device", "cuda:0"], "invalid choice: 'cuda:0'"),
+                                      (["--device", "gpu"], "invalid choice: 'gpu'")])
+def test_device_flag_is_cpu_or_cuda(argv, msg, capsys):
+    # anything else (e.g. "cuda:0") was filed and timed as a CPU run
+    with pytest.raises(SystemExit):
+        common.parse_args("doc", "quick", argv)
+    assert msg in capsys.readouterr().err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA device is visible")
+def test_cuda_flag_without_a_gpu_is_a_usage_error(capsys):
+    with pytest.raises(SystemExit):
+        common.parse_args("doc", "quick", ["--device", "cuda"])
+    assert "torch sees no CUDA device" in capsys.readouterr().err
