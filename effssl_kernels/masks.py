@@ -12,7 +12,8 @@ Geometry (the contract every masked kernel is tested against):
   columns ``[q*s, (q+1)*s)``; it is kept when any point it covers is kept. Every point outside the
   block grid is kept: leftover input pixels, and also points beyond the image, so a feature pixel
   that covers no input pixel at all (a map larger than ``ceil(H / s)``, from extra padding or
-  ``ceil_mode``) is kept. That keeps an all-kept mask exactly the dense network for every layer.
+  ``ceil_mode``) is kept. That keeps an all-kept mask the dense network for every layer (bitwise
+  on masked-dense layers; up to float rounding on tiles, which convolve in another order).
 * Consequences: when ``B % s == 0`` a removed block removes exactly feature rows
   ``[iB/s, (i+1)B/s)`` x columns ``[jB/s, (j+1)B/s)`` at every such stride (waxing: the footprint
   never shrinks); when one feature pixel spans several blocks it is kept if any of them is kept;

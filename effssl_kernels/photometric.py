@@ -138,8 +138,10 @@ class PhotometricParams(NamedTuple):
         if device is not None:
             device = torch.device(device)
         devices = set()
-        if isinstance(self.brightness, Tensor) and self.brightness.dim() == 1 and self.num_samples != N:
-            raise ValueError(f"{where}: these parameters are for {self.num_samples} views, the views have "
+        # the shape, not the num_samples property: torch 2.6's Dynamo cannot read a
+        # property of a NamedTuple under torch.compile(fullgraph=True)
+        if isinstance(self.brightness, Tensor) and self.brightness.dim() == 1 and self.brightness.shape[0] != N:
+            raise ValueError(f"{where}: these parameters are for {self.brightness.shape[0]} views, the views have "
                              f"N={N} (draw them with sampler.sample({N}))")
 
         def _tensor(name, value, shape, kind):

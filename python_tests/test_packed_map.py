@@ -20,6 +20,10 @@ from effssl_kernels.sparse.packed import PackedMap, pack_map
 
 from utils import random_mask
 
+# torch 2.6 cannot say which saved-tensors hooks are in force, so to_dense's cache is off there
+# (every read unpacks: never a stale copy under a checkpoint, one more unpack per shared read)
+CACHES = P._saved_tensors_hooks() is not P._UNKNOWN
+
 
 def _packed(seed=0, n=2, c=3, hw=32, block=8, stride=2, dtype=torch.float64):
     mask = random_mask(n, hw, hw, block, p=0.5, seed=seed)
@@ -195,7 +199,7 @@ def test_layer_functionals_refuse_packed_maps(f):
 def test_to_dense_is_cached_until_the_tiles_change():
     _, _, p = _packed(seed=5)
     a = p.to_dense()
-    assert p.to_dense() is a
+    assert (p.to_dense() is a) == CACHES and torch.equal(p.to_dense(), a)
     q = F.relu(p, inplace=True)  # same storage, new version
     b = p.to_dense()
     assert b is not a and torch.equal(b, q.to_dense())
@@ -328,7 +332,7 @@ def test_resnet_packs_once_and_unpacks_only_where_unaligned(monkeypatch, block, 
     with R.block_mask(keep, block):
         y = model(torch.randn(2, 3, 32, 32))
     y.sum().backward()
-    assert calls == {"pack": packs, "unpack": unpacks}
+    assert calls == {"pack": packs, "unpack": unpacks * (1 if CACHES else 2)}  # 2 branches
 
 
 def test_resnet_packed_equals_unpacked_path(monkeypatch):

@@ -16,9 +16,17 @@ import subprocess
 import sys
 
 if __name__ != "__main__":
+    import inspect
+
     import pytest
 
     pytest.importorskip("triton")
+    from triton.compiler import ASTSource
+
+    # Triton 3.2 (torch 2.6's) takes `constants`, not `constexprs`, and lowers differently
+    pytestmark = pytest.mark.skipif(
+        "constexprs" not in inspect.signature(ASTSource.__init__).parameters,
+        reason="Triton's internal compiler API differs here (ASTSource has no constexprs, as in Triton 3.2)")
 
 
 def _lower_all() -> dict:
