@@ -428,3 +428,123 @@ def test_dropout2d_drops_whole_sample_channel_planes():
                 assert r.numel() and torch.allclose(r, r[0].expand_as(r)) and r[0].item() in (0.0, 2.0)
         planes = ratio.nan_to_num(-1).amax((2, 3))  # the plane's factor, 0 or 2
         assert (planes == 0).any() and (planes == 2).any()
+
+
+# ----------------------------------------------------------------------------- tensor protocol edges
+def test_gradient_hooks_retain_grad_and_grad_are_packed():
+    # they used to reach a throw-away dense copy: .grad None, hooks never called (Grad-CAM, logging)
+    x, mask, p = _packed(seed=11)
+    leaf = p.detach().requires_grad_()
+    pm = mask.pixel_mask(2, x.shape[-2:]).to(x.dtype)
+    torch.tanh(leaf).sum().backward()
+    assert isinstance(leaf.grad, PackedMap)
+    torch.testing.assert_close(leaf.grad.to_dense(), (1 - torch.tanh(x.detach()) ** 2) * pm)
+    leaf.grad = None
+    assert leaf.grad is None
+    q = leaf * 2.0
+    q.retain_grad()
+    seen = []
+    q.register_hook(lambda g: seen.append(g))
+    (q * 3.0).sum().backward()
+    assert len(seen) == 1 and isinstance(seen[0], PackedMap) and seen[0].shape == x.shape
+    torch.testing.assert_close(q.grad.to_dense(), 3 * pm.expand_as(x))
+    torch.testing.assert_close(leaf.grad.to_dense(), 6 * pm.expand_as(x))
+    # a hook's return value replaces the gradient: a PackedMap, or a dense map (packed)
+    for hook, want in [(lambda g: g * 0, 0 * pm), (lambda g: torch.ones(x.shape, dtype=x.dtype), pm)]:
+        leaf.grad = None
+        r = leaf * 1.0
+        r.register_hook(hook)
+        r.sum().backward()
+        torch.testing.assert_close(leaf.grad.to_dense(), want.expand_as(x))
+    leaf.grad = torch.zeros(x.shape, dtype=x.dtype)  # a dense gradient set by hand is packed
+    assert isinstance(leaf.grad, PackedMap) and leaf.grad.to_dense().abs().sum() == 0
+
+
+def test_tensor_hook_in_a_forward_hook_of_a_sparsified_resnet():
+    # Grad-CAM's pattern: a forward hook registers a hook on the layer's output
+    model = R.sparsify(_cifar18())
+    grads = []
+
+    def forward_hook(module, inputs, output):
+        output.register_hook(grads.append)  # (returning the handle would replace the output)
+
+    model.layer2.register_forward_hook(forward_hook)
+    keep = random_mask(2, 32, 32, 8, p=0.5, seed=3).keep
+    with R.block_mask(keep, 8):
+        y = model(torch.randn(2, 3, 32, 32))
+    y.sum().backward()
+    assert len(grads) == 1 and isinstance(grads[0], PackedMap) and grads[0].shape == (2, 128, 16, 16)
+    removed = ~BlockMask(keep, 8, 32).pixel_mask(2, (16, 16)).expand(2, 128, 16, 16)
+    g = grads[0].to_dense()
+    assert g.abs().sum() > 0 and (g[removed] == 0).all()
+
+
+@pytest.mark.parametrize("handle", ["data", "numpy"])
+def test_shared_memory_handles_do_not_poison_the_cache(handle):
+    # writes through .data / .numpy() went into to_dense()'s cached copy, unseen by its version
+    # check: ops off the tiles then saw another map than ops on them
+    x, mask, p = _packed(seed=12)
+    p = p.detach()
+    dense = p.to_dense()
+    h = p.data if handle == "data" else p.numpy()
+    h[...] = 7
+    assert torch.equal(p.to_dense(), dense) and torch.equal(p.tiles, P.pack(dense, p.index))
+
+
+def test_products_with_bool_and_integer_maps(monkeypatch):
+    monkeypatch.setattr(P, "_WARNED", set())
+    x, mask, p = _packed(seed=13)
+    d = x.detach()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the comparisons run on the dense map
+        got = [p * (p > 0), p * (d > 0), p * (d > 0).long(), (d > 0) * p]
+    for g in got:
+        assert isinstance(g, PackedMap)
+        torch.testing.assert_close(g.to_dense(), d * (d > 0))
+    q = p.detach().clone()
+    q.mul_(d > 0)
+    torch.testing.assert_close(q.to_dense(), d * (d > 0))
+
+
+def test_layout_queries_do_not_unpack(monkeypatch):
+    _, _, p = _packed(seed=14)
+    calls = []
+    monkeypatch.setattr(P, "unpack", lambda *a, **k: calls.append(1))
+    assert p.stride() == (3 * 16 * 16, 16 * 16, 16, 1) and p.stride(1) == 256
+    assert p.is_contiguous() and not p.is_contiguous(memory_format=torch.channels_last)
+    assert calls == []
+
+
+def test_small_protocol_errors_and_property_warnings(monkeypatch):
+    x, mask, p = _packed(seed=15)
+    with pytest.raises(IndexError, match=r"Dimension out of range \(expected to be in range of \[-4, 3\]"):
+        p.size(4)
+    with pytest.raises(ValueError, match="dropout probability has to be between 0 and 1, but got 1.5"):
+        F.dropout2d(p, 1.5)
+    with pytest.raises(TypeError, match="expected a TileIndex and a BlockMask, got BlockMask and BlockMask"):
+        PackedMap.from_tiles(p.tiles, mask, mask)
+    with pytest.raises(TypeError, match="tiles must be a floating-point tensor, got torch.int64"):
+        PackedMap.from_tiles(p.tiles.long(), p.index, mask)
+    q = p.detach().clone()
+    monkeypatch.setattr(P, "_WARNED", set())
+    with pytest.warns(UserWarning, match="PackedMap: Tensor.mT does not run on the tiles"):
+        q.mT
+    with pytest.warns(UserWarning, match="PackedMap: Tensor.T does not run on the tiles"):
+        q.T  # each property warns under its own name, not one '__get__' for all
+
+
+def test_hook_on_a_map_changed_in_place():
+    # an in-place op runs on an alias of the tiles; registering a hook on the map afterwards
+    # segfaulted in torch 2.14 (its history is regenerated inside register_hook)
+    x, mask, p = _packed(seed=16)
+    q = p * 1.0
+    q.mul_(2.0)
+    q.relu_()
+    seen = []
+    q.register_hook(seen.append)
+    q.retain_grad()
+    (q * 3.0).sum().backward()
+    assert len(seen) == 1 and isinstance(q.grad, PackedMap)
+    torch.testing.assert_close(seen[0].to_dense(), q.grad.to_dense())
+    pm = mask.pixel_mask(2, x.shape[-2:])
+    torch.testing.assert_close(x.grad, (6.0 * (x.detach() > 0) * pm).to(x.dtype))

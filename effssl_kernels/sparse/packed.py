@@ -23,8 +23,13 @@ tensor: a ``torch.Tensor`` subclass whose storage *is* the packed ``[T, C, bh, b
   ``0 * inf`` would be NaN, the packed product has no such position) and for in-place sums such as
   ``out += identity`` (exact when it is zero there, as every converted layer's output is; a
   packed map cannot hold anything else). Out-of-place sums with it run on the dense map.
-* ``shape``, ``size()``, ``dim()``, ``numel()`` report the dense ``[N, C, H, W]``; ``dtype``,
-  ``device``, ``requires_grad``, ``grad_fn`` are the tiles'.
+* Scalars are not checked for finiteness: ``x * inf``, ``x / 0`` keep removed positions zero
+  where the dense op gives NaN (section 2: elementwise ops keep zeros at zero).
+* ``shape``, ``size()``, ``dim()``, ``numel()`` report the dense ``[N, C, H, W]``, ``stride()``
+  and ``is_contiguous()`` the layout of the dense map that ops off the tiles see (contiguous,
+  whatever the tiles' layout); ``dtype``, ``device``, ``requires_grad``, ``grad_fn`` are the
+  tiles'. Gradient hooks (``register_hook``), ``retain_grad`` and ``.grad`` work on the tiles and
+  hand out PackedMaps. ``.data`` and ``.numpy()`` are dense copies of their own.
 * The layer functionals (``F.conv2d``, ``F.batch_norm``, pools, norms, resampling) raise: a
   PackedMap reaching one means a module that ``sparsify`` did not convert (added or replaced
   after it) would run unmasked.
@@ -88,6 +93,8 @@ _LAYERS = {
 def _dropout2d(x: "PackedMap", p: float = 0.5, training: bool = True, inplace: bool = False):
     """``F.dropout2d`` (``nn.Dropout2d``) of a map: whole (sample, channel) planes dropped, as on
     the dense map, each tile scaled by its sample's draw; identity when not training."""
+    if not 0.0 <= p <= 1.0:  # F.dropout2d's own check and message
+        raise ValueError(f"dropout probability has to be between 0 and 1, but got {p}")
     if not training or p == 0:
         return x
     N, C = x.dense_shape[:2]
@@ -100,21 +107,89 @@ def _dropout2d(x: "PackedMap", p: float = 0.5, training: bool = True, inplace: b
     return PackedMap.from_tiles(tiles * scale, x.index, x.mask)
 
 
-# Answered on the map itself, without unpacking: nn.Dropout2d (above), and metadata queries.
-# Dense geometry:
+def _size(p: "PackedMap", dim=None):
+    if dim is None:
+        return p.dense_shape
+    if not -4 <= dim < 4:  # torch's message, not a tuple's IndexError
+        raise IndexError(f"Dimension out of range (expected to be in range of [-4, 3], but got {dim})")
+    return p.dense_shape[dim]
+
+
+def _dense_layout(p: "PackedMap") -> Tensor:
+    """A meta tensor laid out as the dense map that ops off the tiles see (to_dense()'s,
+    contiguous): layout queries answer from it without unpacking."""
+    return torch.empty(p.dense_shape, device="meta")
+
+
+def _register_hook(p: "PackedMap", hook):
+    """``Tensor.register_hook`` of a map: the hook gets the gradient as a PackedMap (and may
+    return one, a dense map of the same shape, or None), as it would get the dense map's."""
+    index, mask = p._effssl_index, p._effssl_mask
+
+    def on_tiles(g):
+        out = hook(PackedMap.from_tiles(g, index, mask))
+        if out is None or isinstance(out, PackedMap):
+            return None if out is None else out.tiles
+        return pack(out, index)  # the dense gradient's removed positions are never read
+
+    with _DisableSubclass():
+        # Read grad_fn first and hold it: after an in-place op on an alias of the tiles (every
+        # in-place op on the map runs on one) its history is regenerated on first read, and
+        # torch 2.14 segfaults when register_hook itself does that read for a subclass.
+        fn = p.grad_fn  # noqa: F841
+        return Tensor.register_hook(p, on_tiles)
+
+
+def _grad(p: "PackedMap"):
+    """``.grad`` of a map (a leaf, or after ``retain_grad``): the packed gradient as a PackedMap."""
+    with _DisableSubclass():
+        g = Tensor.grad.__get__(p)
+    return None if g is None else PackedMap.from_tiles(g, p._effssl_index, p._effssl_mask)
+
+
+def _set_grad(p: "PackedMap", g) -> None:
+    """``p.grad = g``: None, a PackedMap of the same tiles or a dense map (packed)."""
+    if g is not None:
+        g = g.tiles if isinstance(g, PackedMap) else pack(g, p._effssl_index)
+    with _DisableSubclass():
+        Tensor.grad.__set__(p, g)
+
+
+def _fresh_dense(p: "PackedMap", *args, func=None, **kwargs):
+    """``func`` on a dense copy made for it alone: handles that share its memory (``.data``,
+    ``.numpy()``) must not alias to_dense()'s cached copy, which a write through them would
+    change behind the cache's version check."""
+    dense = unpack(p.tiles.detach(), p._effssl_index, p.dense_shape)
+    with _DisableSubclass():
+        return func(dense, *args, **kwargs)
+
+
+# Answered on the map itself, without unpacking the cached dense copy: nn.Dropout2d (above),
+# gradient hooks, handles that share memory, and metadata queries. Dense geometry and layout
+# (the dense map's, contiguous: what ops off the tiles see):
 _DENSE_META = {
     F.dropout2d: _dropout2d,
     Tensor.shape.__get__: lambda p: p.dense_shape,
-    Tensor.size: lambda p, dim=None: p.dense_shape if dim is None else p.dense_shape[dim],
+    Tensor.size: _size,
     Tensor.dim: lambda p: 4,
     Tensor.ndim.__get__: lambda p: 4,
     Tensor.numel: lambda p: p.dense_shape.numel(),
+    Tensor.stride: lambda p, dim=None: _dense_layout(p).stride() if dim is None else _dense_layout(p).stride(dim),
+    Tensor.is_contiguous: lambda p, memory_format=torch.contiguous_format:
+        _dense_layout(p).is_contiguous(memory_format=memory_format),
+    Tensor.register_hook: _register_hook,
+    Tensor.grad.__get__: _grad,
+    Tensor.grad.__set__: _set_grad,
+    Tensor.data.__get__: lambda p: _fresh_dense(p, func=Tensor.data.__get__),
+    Tensor.numpy: lambda p, *a, **k: _fresh_dense(p, *a, func=Tensor.numpy, **k),
+    Tensor.__array__: lambda p, *a, **k: _fresh_dense(p, *a, func=Tensor.__array__, **k),
 }
 # ... and the tiles' (the same for the dense map):
 _TILE_META = {Tensor.dtype.__get__, Tensor.device.__get__, Tensor.requires_grad.__get__,
               Tensor.grad_fn.__get__, Tensor.is_cuda.__get__, Tensor.layout.__get__,
               Tensor.is_floating_point, Tensor.element_size, Tensor.requires_grad_,
-              Tensor.is_leaf.__get__, Tensor.data_ptr, Tensor.get_device,
+              Tensor.is_leaf.__get__, Tensor.data_ptr, Tensor.get_device, Tensor.retain_grad,
+              Tensor.retains_grad.__get__,
               # new tensors of a given shape take only dtype and device from the map
               Tensor.new_empty, Tensor.new_zeros, Tensor.new_ones, Tensor.new_full,
               Tensor.new_tensor}
@@ -123,7 +198,10 @@ _WARNED: set = set()
 
 
 def _name(func) -> str:
-    return getattr(func, "__name__", repr(func))
+    name = getattr(func, "__name__", repr(func))
+    if name in ("__get__", "__set__", "__delete__") and hasattr(getattr(func, "__self__", None), "__name__"):
+        return f"Tensor.{func.__self__.__name__}"  # a property: its own name (and warning)
+    return name
 
 
 def _saved_tensors_hooks():
@@ -167,6 +245,12 @@ class PackedMap(Tensor):
     @staticmethod
     def from_tiles(tiles: Tensor, index: TileIndex, mask: BlockMask) -> "PackedMap":
         """Wrap packed ``tiles`` ``[T, C, bh, bw]`` of ``index`` (an alias: autograd flows)."""
+        if not isinstance(index, TileIndex) or not isinstance(mask, BlockMask):
+            raise TypeError(f"PackedMap.from_tiles(tiles, index, mask): expected a TileIndex and a "
+                            f"BlockMask, got {type(index).__name__} and {type(mask).__name__}")
+        if not (isinstance(tiles, Tensor) and tiles.is_floating_point()):
+            raise TypeError(f"PackedMap: tiles must be a floating-point tensor, got "
+                            f"{getattr(tiles, 'dtype', type(tiles).__name__)}")
         with _DisableSubclass():
             if tiles.dim() != 4 or tiles.shape[0] != index.num_tiles or \
                     tuple(tiles.shape[2:]) != index.tile:
@@ -324,7 +408,10 @@ def _tile_args(func, args, kwargs, packed) -> Optional[list]:
         elif not isinstance(a, Tensor):
             out.append(a)
         elif (func in _PRODUCTS or func in _SUMS) and _full_map(a, packed[0]):
-            out.append(pack(a, index))  # zero under removed blocks, as maps of this mask are
+            dt = torch.result_type(packed[0].tiles, a)  # e.g. a bool mask (x > 0): float
+            if dt not in (torch.float32, torch.float64, torch.float16, torch.bfloat16):
+                return None  # complex: the dense op
+            out.append(pack(a.to(dt), index))  # zero under removed blocks, as maps of this mask are
         else:
             kind = _broadcast_kind(a, index.batch)
             if kind is None:
