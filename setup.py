@@ -50,6 +50,9 @@ def _find_cuda_home():
     return None
 
 
+for _var in ("CUDA_HOME", "CUDA_PATH"):
+    if os.environ.get(_var) == "":  # set but empty is unset (torch would take /usr/local)
+        del os.environ[_var]
 if "CUDA_HOME" not in os.environ and "CUDA_PATH" not in os.environ:
     found = _find_cuda_home()
     if found:

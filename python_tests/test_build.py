@@ -94,3 +94,28 @@ def test_backend_without_cuda_kernels_names_the_way_out(monkeypatch, triton):
     monkeypatch.setenv("EFFSSL_BACKEND", "auto")
     if triton:
         assert _backend.choose("cuda") == "triton"
+
+
+def test_sdist_holds_every_source_and_header(tmp_path):
+    # setuptools puts only the extension's sources in an sdist (and which ones depends on
+    # EFFSSL_SKIP_CUDA): without MANIFEST.in the headers were missing and it could not build
+    import shutil
+    import tarfile
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    src = tmp_path / "src"
+    shutil.copytree(os.path.join(root, "csrc"), src / "csrc")
+    shutil.copytree(os.path.join(root, "effssl_kernels"), src / "effssl_kernels",
+                    ignore=shutil.ignore_patterns("*.so", "__pycache__"))
+    for f in ("setup.py", "pyproject.toml", "README.md", "MANIFEST.in"):
+        shutil.copy(os.path.join(root, f), src / f)
+    env = {**os.environ, "EFFSSL_SKIP_CUDA": "1"}
+    subprocess.run([sys.executable, "setup.py", "-q", "sdist", "-d", str(tmp_path / "dist")], cwd=src, env=env,
+                   check=True, capture_output=True)
+    (sdist,) = (tmp_path / "dist").iterdir()
+    with tarfile.open(sdist) as tar:
+        names = {n.split("/", 1)[1] for n in tar.getnames() if "/" in n}
+    want = {os.path.relpath(os.path.join(d, f), root) for d, _, fs in os.walk(os.path.join(root, "csrc"))
+            for f in fs if f.endswith((".h", ".cpp", ".cu"))}
+    assert want and not want - names, sorted(want - names)
+    assert {"setup.py", "pyproject.toml", "README.md", "effssl_kernels/__init__.py"} <= names
