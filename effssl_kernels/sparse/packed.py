@@ -213,7 +213,10 @@ def _saved_tensors_hooks():
     top = getattr(torch._C._autograd, "_top_saved_tensors_default_hooks", None)
     if top is None:
         return _UNKNOWN
-    hooks = top(False)
+    try:
+        hooks = top(False)
+    except TypeError:  # another signature in a torch we have not run: cache off, never stale
+        return _UNKNOWN
     return None if hooks is None else hooks[0]
 
 
