@@ -8,6 +8,7 @@ import torch
 pytest.importorskip("triton")
 
 from bench import common
+from utils import without_gpu
 
 
 class _FakeEvent:
@@ -97,7 +98,7 @@ def test_device_flag_is_cpu_or_cuda(argv, msg, capsys):
     assert msg in capsys.readouterr().err
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA device is visible")
+@without_gpu
 def test_cuda_flag_without_a_gpu_is_a_usage_error(capsys):
     with pytest.raises(SystemExit):
         common.parse_args("doc", "quick", ["--device", "cuda"])

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from bench import demo_schedule, train_digits  # the repository root is on pythonpath (pyproject.toml)
+from utils import without_gpu
 
 
 def test_train_digits_tiny_run(tmp_path, capsys):
@@ -62,7 +63,7 @@ def test_bad_flags_are_usage_errors(script, argv, msg, capsys, tmp_path):
     assert not os.listdir(tmp_path)  # nothing ran
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA device is visible")
+@without_gpu
 @pytest.mark.parametrize("script", [train_digits, demo_schedule])
 def test_cuda_without_a_gpu_is_a_usage_error(script, capsys, tmp_path):
     with pytest.raises(SystemExit):

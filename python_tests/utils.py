@@ -14,6 +14,8 @@ DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 PSNR_ATOL_DB = {torch.float32: 1e-3, torch.float16: 1e-3, torch.bfloat16: 1e-3}
 
 requires_gpu = pytest.mark.skipif(not HAS_GPU, reason="needs a CUDA device")
+# tests of what happens on a machine without one (e.g. --device cuda there): no GPU run needed
+without_gpu = pytest.mark.skipif(HAS_GPU, reason="checks the behaviour without a CUDA device")
 
 
 def make_layout(x: torch.Tensor, layout: str) -> torch.Tensor:
