@@ -155,4 +155,7 @@ def write_report(folder: str) -> str:
 
 
 if __name__ == "__main__":
-    print(write_report(sys.argv[1] if len(sys.argv) > 1 else "bench/results/cpu"))
+    folder = sys.argv[1] if len(sys.argv) > 1 else "bench/results/cpu"
+    if not os.path.isdir(folder):
+        sys.exit(f"bench.report: {folder} is not a folder (usage: python -m bench.report [RESULTS_DIR])")
+    print(write_report(folder))

@@ -1,5 +1,6 @@
 """The suite's report (bench/report.py) on a folder of small synthetic results."""
 import json
+import os
 
 import pytest
 
@@ -38,3 +39,12 @@ def test_report_tables_speedups_and_curves(tmp_path):
     pytest.importorskip("matplotlib")
     assert (tmp_path / "speedup_per_kernel.png").stat().st_size > 0
     assert (tmp_path / "time_vs_keep.png").stat().st_size > 0
+
+
+def test_missing_folder_is_a_usage_error(tmp_path):
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-m", "bench.report", str(tmp_path / "nope")], capture_output=True,
+                          text=True, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert proc.returncode == 1 and "is not a folder" in proc.stderr and "Traceback" not in proc.stderr
