@@ -529,8 +529,8 @@ def test_small_protocol_errors_and_property_warnings(monkeypatch):
     monkeypatch.setattr(P, "_WARNED", set())
     with pytest.warns(UserWarning, match="PackedMap: Tensor.mT does not run on the tiles"):
         q.mT
-    with pytest.warns(UserWarning, match="PackedMap: Tensor.T does not run on the tiles"):
-        q.T  # each property warns under its own name, not one '__get__' for all
+    with pytest.warns(UserWarning, match="PackedMap: Tensor.real does not run on the tiles"):
+        q.real  # each property warns under its own name, not one '__get__' for all
 
 
 def test_hook_on_a_map_changed_in_place():
