@@ -347,9 +347,10 @@ def main(argv=None) -> dict:
     ap.add_argument("--out", default=None, help="default bench/results/<cpu|gpu>/digits_simsiam/")
     args = ap.parse_args(argv)
     check_device(ap, args)
-    for flag, v in (("--base-lr", args.base_lr), ("--minutes", args.minutes)):
-        if v is not None and not (math.isfinite(v) and v >= 0 and (v > 0 or flag == "--minutes")):
-            ap.error(f"{flag} must be a finite number {'>= 0' if flag == '--minutes' else '> 0'}, got {v}")
+    if args.base_lr is not None and not (math.isfinite(args.base_lr) and args.base_lr > 0):
+        ap.error(f"--base-lr must be a finite number > 0, got {args.base_lr}")
+    if args.minutes is not None and not (math.isfinite(args.minutes) and args.minutes >= 0):
+        ap.error(f"--minutes must be a finite number >= 0, got {args.minutes}")
     device = args.device
     defaults = GPU_DEFAULTS if device == "cuda" else CPU_DEFAULTS
     cfg = {k: (getattr(args, k) if getattr(args, k, None) is not None else v) for k, v in defaults.items()}

@@ -11,11 +11,10 @@ The lowering runs in a subprocess: under TRITON_INTERPRET=1 (set by conftest on 
 """
 
 import json
+import inspect
 import os
 import subprocess
 import sys
-
-import inspect
 
 if __name__ != "__main__":
     import pytest
@@ -215,6 +214,7 @@ def _lower_all() -> dict:
             k = getattr(mod, name)
             if name.endswith("kernel") and hasattr(k, "arg_names") and k not in covered:
                 out[f"uncovered:{name}"] = {"runtime_ints": "add it to the cases"}
+    new_api = _new_api()
     for case, (kernel, ptrs, floats, consts, unit) in cases.items():
         res = out.setdefault(case, {})
         for mode, ones in (("runtime_ints", ()), ("unit_strides_constexpr", unit)):
@@ -228,7 +228,7 @@ def _lower_all() -> dict:
                 ctx = ir.context()
                 ir.load_dialects(ctx)
                 backend.load_dialects(ctx)
-                if _new_api():
+                if new_api:
                     src = ASTSource(fn=kernel, signature=sig,
                                     constexprs={(names.index(n),): v for n, v in values.items()})
                     mod_ir = src.make_ir(target, options, backend.get_codegen_implementation(options),

@@ -33,6 +33,11 @@ def _lex_less(s: Tensor, dy: Tensor, dx: Tensor, s2: Tensor, dy2: Tensor, dx2: T
     return (s < s2) | ((s == s2) & ((dy < dy2) | ((dy == dy2) & (dx < dx2))))
 
 
+def _key(mse: Tensor) -> Tensor:
+    """The argmin key of an mse: NaN as -1, so a NaN beats every number."""
+    return torch.where(torch.isnan(mse), torch.full_like(mse, -1.0), mse)
+
+
 def _by_position(a_blk: Tensor, b32: Tensor, cy: Tensor, cx: Tensor, B: int, r: int):
     """best mse and (dy, dx) per block by a pass per position of ``b`` (not per displacement).
 
@@ -54,8 +59,7 @@ def _by_position(a_blk: Tensor, b32: Tensor, cy: Tensor, cx: Tensor, B: int, r: 
             dx = x0 - cx
             cand = b32[:, :, y0 : y0 + B, x0 : x0 + B][:, :, None, None]  # [N, C, 1, 1, B, B]
             mse = (a_blk - cand).square().mean(dim=(1, 4, 5))
-            key = torch.where(torch.isnan(mse), torch.full_like(mse, -1.0), mse)
-            best_key = torch.where(torch.isnan(best), torch.full_like(best, -1.0), best)
+            key, best_key = _key(mse), _key(best)
             s, bs = dy.abs() + dx.abs(), bdy.abs() + bdx.abs()
             tie = found & (key == best_key) & _lex_less(s, dy, dx, bs, bdy, bdx)
             better = (dy.abs() <= r) & (dx.abs() <= r) & ((key < best_key) | tie)
@@ -103,20 +107,31 @@ def block_match_reference(
                 torch.zeros((N, Hb, Wb, 2), dtype=torch.int32, device=dev))
     # The blocks of a, [N, C, Hb, Wb, B, B].
     a_blk = a32[:, :, : Hb * B, : Wb * B].reshape(N, C, Hb, B, Wb, B).permute(0, 1, 2, 4, 3, 5)
-    b_flat = b32.reshape(N, C, H * W)
-    ar = torch.arange(B, device=dev)
-
     if centers is not None and r > max(H, W):
         best, best_d = _by_position(a_blk, b32, cy, cx, B, r)
-        return 10.0 * torch.log10((data_range * data_range) / best), best_d
+    else:
+        best, best_d = _by_displacement(a_blk, b32, cy, cx, B, r, grid=centers is None)
+    # mse 0 -> +inf dB; no candidate (mse stays +inf) -> -inf dB.
+    return 10.0 * torch.log10((data_range * data_range) / best), best_d
+
+
+def _by_displacement(a_blk: Tensor, b32: Tensor, cy: Tensor, cx: Tensor, B: int, r: int, grid: bool):
+    """best mse and (dy, dx) per block by one vectorised pass per displacement, in
+    candidate_order (the first found wins a tie). ``grid``: the default centres, whose
+    displacements that land no block inside ``b`` are skipped in Python."""
+    N, C, H, W = b32.shape
+    Hb, Wb = cy.shape[1:]
+    dev = b32.device
+    b_flat = b32.reshape(N, C, H * W)
+    ar = torch.arange(B, device=dev)
     best = torch.full((N, Hb, Wb), float("inf"), device=dev)
     best_d = torch.zeros((N, Hb, Wb, 2), dtype=torch.int32, device=dev)
-    order = candidate_order(r, *(_default_reachable(B, H, W, Hb, Wb) if centers is None else (None, None)))
+    order = candidate_order(r, *(_default_reachable(B, H, W, Hb, Wb) if grid else (None, None)))
     dyx = torch.tensor(order, dtype=torch.int32).to(dev)  # one copy (a CUDA sync), not one per candidate
     for k, (dy, dx) in enumerate(order):
         y0 = cy + dy
         x0 = cx + dx
-        if centers is None and not (any_block_inside(dy, B, Hb, H) and any_block_inside(dx, B, Wb, W)):
+        if grid and not (any_block_inside(dy, B, Hb, H) and any_block_inside(dx, B, Wb, W)):
             continue  # decided in Python: no host sync, and torch.compile(fullgraph=True) traces it
         valid = (y0 >= 0) & (y0 <= H - B) & (x0 >= 0) & (x0 <= W - B)
         rows = (y0.clamp(0, H - B)[..., None] + ar)  # [N, Hb, Wb, B]
@@ -125,14 +140,10 @@ def block_match_reference(
         idx = idx.reshape(N, 1, -1).expand(N, C, -1)
         cand = b_flat.gather(2, idx).reshape(N, C, Hb, Wb, B, B)
         mse = (a_blk - cand).square().mean(dim=(1, 4, 5))  # float32 [N, Hb, Wb]
-        key = torch.where(torch.isnan(mse), torch.full_like(mse, -1.0), mse)
-        best_key = torch.where(torch.isnan(best), torch.full_like(best, -1.0), best)
-        better = valid & (key < best_key)
+        better = valid & (_key(mse) < _key(best))
         best = torch.where(better, mse, best)
         best_d = torch.where(better[..., None], dyx[k], best_d)
-    # mse 0 -> +inf dB; no candidate (mse stays +inf) -> -inf dB.
-    psnr = 10.0 * torch.log10((data_range * data_range) / best)
-    return psnr, best_d
+    return best, best_d
 
 
 def any_block_inside(d: int, B: int, nb: int, size: int) -> bool:
