@@ -113,21 +113,29 @@ def test_gpu_tile_sizes_under_the_interpreter(monkeypatch, dtype, shape):
     assert seen == [expect, (64, 64)], seen
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("layout", ["channels_last", "sliced"])
-def test_layouts_and_no_pos(layout):
-    images, weight, bias, keep, _ = _inputs(2, 3, 8, 16, 16, 4, 4, torch.float16)
+def test_layouts_and_no_pos(layout, dtype):
+    # without pos_embed the output stays in the half dtype through the NaN select of the
+    # out-of-range rows (the bfloat16 case crashed the interpreter once)
+    images, weight, bias, keep, _ = _inputs(2, 3, 8, 16, 16, 4, 4, dtype)
     got = patch_embed_gather(*_dev([make_layout(images, layout), weight, bias, keep, None]))
-    torch.testing.assert_close(got.cpu(), patch_embed_gather_reference(images, weight, bias, keep), **TOL[torch.float16])
+    assert got.dtype == dtype
+    torch.testing.assert_close(got.cpu(), patch_embed_gather_reference(images, weight, bias, keep), **TOL[dtype])
 
 
-def test_mixed_dtypes_amp_like():
-    # fp32 images converted to the bf16 GEMM dtype in the kernel; fp32 pos -> fp32 output
+@pytest.mark.parametrize("pos_dtype", [torch.float32, None])
+def test_mixed_dtypes_amp_like(pos_dtype):
+    # bf16 images and weight (what autocast hands the conv) with an fp32 pos -> fp32 output,
+    # without pos -> bf16; and fp32 images with a bf16 weight (GEMM in fp32, as torch promotes)
     images, weight, bias, keep, pos = _inputs(2, 3, 8, 8, 16, 4, 5)
-    args = [images, weight.bfloat16(), bias.bfloat16(), keep.int(), pos]
-    out = patch_embed_gather(*_dev(args))
-    ref = patch_embed_gather_reference(*args)
-    assert out.dtype == torch.float32
-    torch.testing.assert_close(out.cpu(), ref, **TOL[torch.bfloat16])
+    pos = pos.to(pos_dtype) if pos_dtype is not None else None
+    for imgs in (images.bfloat16(), images):
+        args = [imgs, weight.bfloat16(), bias.bfloat16(), keep.int(), pos]
+        out = patch_embed_gather(*_dev(args))
+        ref = patch_embed_gather_reference(*args)
+        assert out.dtype == ref.dtype
+        torch.testing.assert_close(out.cpu(), ref, **TOL[torch.bfloat16])
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -148,7 +148,9 @@ def _patch_embed_gather_fwd_kernel(
 
     if HAS_BIAS:
         acc += tl.load(b_ptr + cols, mask=col_ok, other=0.0).to(acc.dtype)[None, :]
-    y = acc.to(gemm_ty)  # rounded to the GEMM dtype, as timm's conv output
+    # rounded to the GEMM dtype, as timm's conv output, but held in the accumulator's type: the
+    # NaN select below needs a float32/64 operand (the interpreter has no bf16 constants)
+    y = acc.to(gemm_ty).to(acc.dtype)
     if HAS_POS:
         pos = tl.load(pos_ptr + (l[:, None] * s_pl + cols[None, :] * s_pd),
                       mask=valid[:, None] & col_ok[None, :], other=0.0)
