@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 from .. import _backend
-from ..reference.halo_gather import halo_gather_reference
+from ..reference.halo_gather import halo_gather_backward_reference, halo_gather_reference
 
 
 def halo_gather_op(tiles: Tensor, table: Tensor, order: Tensor, offsets: Tensor,
@@ -34,6 +34,21 @@ def halo_gather_op(tiles: Tensor, table: Tensor, order: Tensor, offsets: Tensor,
                                                             float(outside))
     return torch.ops.effssl_kernels.halo_gather.default(tiles, table, order, offsets,
                                                         float(outside))
+
+
+def halo_gather_backward_op(grad: Tensor, order: Tensor, offsets: Tensor, num_tiles: int, bh: int,
+                            bw: int) -> Tensor:
+    """The adjoint of :func:`halo_gather_op` (its backward, for callers that regather the halo in
+    their own backward): ``grad`` ``[R, C, ph, pw]`` -> ``[num_tiles, C, bh, bw]``, each source
+    pixel the sum of the grads of the padded pixels that read it (the runs of the inverse table
+    ``order, offsets``). The same backend as the forward; differentiable in ``grad``."""
+    which = _backend.choose(grad.device.type, cuda_kernel=False)
+    if which == "reference":
+        table = _table_from_inverse(order, offsets, (grad.shape[0], grad.shape[2], grad.shape[3]))
+        return halo_gather_backward_reference(grad, table, num_tiles, bh, bw)
+    if which == "triton":
+        return torch.ops.effssl_kernels._halo_gather_backward_triton(grad, order, offsets, num_tiles, bh, bw)
+    return torch.ops.effssl_kernels.halo_gather_backward.default(grad, order, offsets, num_tiles, bh, bw)
 
 
 # ----------------------------------------------------------------------------- fake impls, autograd

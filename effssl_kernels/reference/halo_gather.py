@@ -18,3 +18,14 @@ def halo_gather_reference(tiles: Tensor, table: Tensor, outside: float = 0.0) ->
     R, ph, pw = table.shape
     out = buf.index_select(0, table.reshape(-1))
     return out.view(R, ph, pw, C).permute(0, 3, 1, 2)
+
+
+def halo_gather_backward_reference(grad: Tensor, table: Tensor, num_tiles: int, bh: int, bw: int) -> Tensor:
+    """The adjoint of :func:`halo_gather_reference`: ``grad`` ``[R, C, ph, pw]`` -> ``[num_tiles, C,
+    bh, bw]``, ``grad`` summed into the source pixels ``table`` names (reads of the zero and
+    outside rows dropped). One ``index_add`` of pixel rows."""
+    R, C, ph, pw = grad.shape
+    S = num_tiles * bh * bw
+    rows = grad.permute(0, 2, 3, 1).reshape(R * ph * pw, C)
+    buf = grad.new_zeros((S + 2, C)).index_add(0, table.reshape(-1), rows)
+    return buf[:S].view(num_tiles, bh, bw, C).permute(0, 3, 1, 2)

@@ -27,7 +27,8 @@ from ..masks import BlockMask, _pair, _positive_pair
 from ..ops.tile_conv import DTYPES as TILE_CONV_DTYPES
 from ..ops.tile_conv import runs_triton, tile_conv
 from ..reference.masked_net import masked_conv2d_reference
-from .tiles import TileIndex, _check_tiles, halo_gather, is_tile_aligned, pack, unpack
+from .halo_ops import halo_conv2d
+from .tiles import TileIndex, _check_tiles, is_tile_aligned, pack, unpack
 
 IntOrPair = Union[int, Sequence[int]]
 Halo = Tuple[int, int, int, int]
@@ -235,4 +236,4 @@ def _conv_tiles(tiles: Tensor, weight: Tensor, bias: Optional[Tensor], stride: T
         # backward of a strided 1x1 conv of a channels-last input gives wrong gradients or
         # corrupts the heap and aborts the process (masked_conv2d_reference slices too).
         return F.conv2d(tiles[:, :, ::stride[0], ::stride[1]], weight, bias, 1, 0, 1, groups)
-    return F.conv2d(halo_gather(tiles, index, halo), weight, bias, stride, 0, dilation, groups)
+    return halo_conv2d(tiles, weight, bias, index, halo, stride, dilation, groups)

@@ -54,7 +54,8 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 from ..masks import BlockMask, _positive_pair
 from ..reference.masked_net import masked_batch_norm_reference, masked_max_pool2d_reference
 from .conv import _check_weight, _check_x, _conv_tiles, conv_tile_halo, sparse_conv2d
-from .tiles import TileIndex, halo_gather, pack, unpack
+from .halo_ops import halo_max_pool2d
+from .tiles import TileIndex, pack, unpack
 
 _DisableSubclass = torch._C.DisableTorchFunctionSubclass
 
@@ -494,8 +495,7 @@ def max_pool2d_map(x: Tensor, kernel_size, stride, padding, dilation, ceil_mode:
                                            ceil_mode, mask=mask, in_stride=in_stride)
     tiles, idx_in = _tiles_at(x, mask, in_stride, "sparse max_pool2d")
     s = _positive_pair(stride, "stride")
-    y = F.max_pool2d(halo_gather(tiles, idx_in, halo, outside=float("-inf")), kernel_size, s, 0,
-                     dilation)
+    y = halo_max_pool2d(tiles, idx_in, halo, kernel_size, s, dilation)
     idx_out = TileIndex.from_mask(mask, (in_stride[0] * s[0], in_stride[1] * s[1]))
     return PackedMap.from_tiles(y, idx_out, mask)
 
