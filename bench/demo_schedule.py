@@ -1,8 +1,8 @@
 """AAIP acceleration schedule in a small MoCo-v3 run: the same steps with and without it.
 
 MoCo v3 (online ViT + projector + predictor, momentum ViT + projector by EMA, symmetric InfoNCE at
-temperature 0.2; BN-free MLP heads so that the probes' extra forwards leave no running
-statistics behind) on two RandomResizedCrop + flip views (``ek.random_resized_boxes`` +
+temperature 0.2; BN-free MLP heads, as in the ViT variant of MoCo v3 here; with BatchNorm the
+schedule restores the running statistics after its probes, see ``estimate``'s ``modules``) on two RandomResizedCrop + flip views (``ek.random_resized_boxes`` +
 ``ek.multi_crop``) of random regions of the bundled photographs (bench/real_images.py).
 
 - ``baseline``: every step uncompressed (keep 1.0 at the model's patch).

@@ -22,11 +22,15 @@ from __future__ import annotations
 import bisect
 import contextlib
 import math
+import numbers
 import time
+from fractions import Fraction
 from typing import Callable, Iterable, Iterator, NamedTuple, Optional, Sequence, Union
 
 import torch
 from torch import Tensor, nn
+
+from ._utils import as_int, int_arg
 
 __all__ = ["AccelerationSchedule", "Candidate"]
 
@@ -60,24 +64,22 @@ def _candidate(value, what: str) -> Candidate:
         keep, patch = value
     else:
         raise TypeError(f"{what} must be a (keep, patch) pair, got {value!r}")
-    if isinstance(keep, bool) or not isinstance(keep, (int, float)):
+    if isinstance(keep, bool) or not isinstance(keep, numbers.Real):  # NumPy floats too
         raise TypeError(f"{what}: keep must be a float, got {type(keep).__name__}")
     if not (0.0 < keep <= 1.0):  # also rejects NaN
         raise ValueError(f"{what}: keep must be in (0, 1], got {keep}")
     if patch is not None:
-        if isinstance(patch, bool) or not isinstance(patch, int):
-            raise TypeError(f"{what}: patch must be a positive int or None, got {patch!r}")
+        try:
+            patch = as_int(patch, f"{what}: patch")  # NumPy ints too
+        except TypeError:
+            raise TypeError(f"{what}: patch must be a positive int or None, got {patch!r}") from None
         if patch <= 0:
             raise ValueError(f"{what}: patch must be positive, got {patch}")
     return Candidate(float(keep), None if patch is None else int(patch))
 
 
 def _positive_int(value, name: str, minimum: int = 1) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"AccelerationSchedule: {name} must be an int, got {type(value).__name__}")
-    if value < minimum:
-        raise ValueError(f"AccelerationSchedule: {name} must be at least {minimum}, got {value}")
-    return value
+    return int_arg(name, "AccelerationSchedule", value, minimum)
 
 
 class _Moments:
@@ -161,7 +163,8 @@ class AccelerationSchedule:
     Args:
         candidates: ``(keep, patch)`` pairs; or ``keeps`` x ``patches`` (the grid of both lists;
             ``patches`` defaults to ``[None]``, ``keeps`` to ``[1.0]``).
-        total_steps: training steps; checkpoint ``i`` is step ``floor(checkpoints[i] * total_steps)``.
+        total_steps: training steps; checkpoint ``i`` is step ``floor(checkpoints[i] * total_steps)``
+            (exactly, with the fraction read as the decimal it prints as: 0.29 of 100 is 29).
         checkpoints: strictly increasing fractions in ``[0, 1)``; stage ``i`` lasts from checkpoint
             ``i`` to checkpoint ``i + 1`` (or the end).
         ref: the uncompressed setting, see above.
@@ -235,18 +238,19 @@ class AccelerationSchedule:
         if not cps:
             raise ValueError(f"{fn}: checkpoints must not be empty")
         for c in cps:
-            if isinstance(c, bool) or not isinstance(c, (int, float)) or not (0.0 <= c < 1.0):
+            if isinstance(c, bool) or not isinstance(c, numbers.Real) or not (0.0 <= c < 1.0):
                 raise ValueError(f"{fn}: checkpoints must be fractions in [0, 1), got {cps}")
         if any(b <= a for a, b in zip(cps, cps[1:])):
             raise ValueError(f"{fn}: checkpoints must be strictly increasing, got {cps}")
         self.checkpoints = [float(c) for c in cps]
-        self.checkpoint_steps = [math.floor(c * self.total_steps) for c in self.checkpoints]
+        # the fraction as the decimal it prints as: 0.29 * 100 is step 29, not floor(28.999...)
+        self.checkpoint_steps = [math.floor(Fraction(repr(c)) * self.total_steps) for c in self.checkpoints]
         if any(b <= a for a, b in zip(self.checkpoint_steps, self.checkpoint_steps[1:])):
             raise ValueError(f"{fn}: checkpoints {cps} fall on the same step of {total_steps}")
 
         self.ref_batches = _positive_int(ref_batches, "ref_batches")
         self.probe_batches = _positive_int(probe_batches, "probe_batches", 2)
-        if isinstance(variance_scale, bool) or not isinstance(variance_scale, (int, float)) or not variance_scale > 0:
+        if isinstance(variance_scale, bool) or not isinstance(variance_scale, numbers.Real) or not variance_scale > 0:
             raise ValueError(f"{fn}: variance_scale must be a positive number, got {variance_scale!r}")
         self.variance_scale = float(variance_scale)
         self.bias_correction = bool(bias_correction)
@@ -310,11 +314,18 @@ class AccelerationSchedule:
     def state_dict(self) -> dict:
         """Plain Python values only (Candidates as tuples), so ``torch.load``'s default
         ``weights_only=True`` reads a checkpoint holding it."""
-        return {"stage": self._stage, "choice": tuple(self._choice), "history": _plain(self.history)}
+        return {"stage": self._stage, "choice": tuple(self._choice), "history": _plain(self.history),
+                "checkpoint_steps": list(self.checkpoint_steps)}
 
     def load_state_dict(self, state: dict) -> None:
         """Resume from :meth:`state_dict`; ValueError when it belongs to another schedule (a choice
-        outside this grid, a stage past these checkpoints)."""
+        outside this grid, a stage past these checkpoints, other checkpoint steps: a stage chosen
+        for steps 25-50 of 100 must not run from step 25 of 1000)."""
+        steps = state.get("checkpoint_steps")
+        if steps is not None and list(steps) != self.checkpoint_steps:
+            raise ValueError(f"AccelerationSchedule.load_state_dict: the state's checkpoints fall on steps "
+                             f"{list(steps)}, this schedule's on {self.checkpoint_steps} (another "
+                             f"total_steps or checkpoints)")
         stage = int(state["stage"])
         if not -1 <= stage < len(self.checkpoints):
             raise ValueError(f"AccelerationSchedule.load_state_dict: stage {stage} is outside this "
@@ -335,6 +346,8 @@ class AccelerationSchedule:
         loss_fn: Callable[[Candidate, object], Tensor],
         params: Iterable[Tensor],
         batches: Union[Callable[[], object], Iterable],
+        *,
+        modules: Optional[Iterable[nn.Module]] = None,
     ) -> dict:
         """Bias, variance, cost and CA-MSE of every candidate at the current parameters.
 
@@ -346,10 +359,29 @@ class AccelerationSchedule:
             params: the trained tensors (those without ``requires_grad`` are skipped).
             batches: a callable returning a fresh batch per call, or an iterable; ``R`` batches are
                 taken for the reference, then ``k`` probe batches shared by all candidates.
+            modules: the modules ``loss_fn`` runs in training mode; their buffers (BatchNorm
+                running statistics, ``num_batches_tracked``) are restored after the probes, so
+                the extra forwards leave no trace in the model. Default: ``loss_fn.modules``
+                when it has one (``vit_loss_fn``'s names its models), else none.
+
+        The probes draw from the global RNG (token draws, dropout, and ``batches`` if it does),
+        so the random stream of the training steps after a checkpoint differs from that of a run
+        without the schedule; runs with the same seed stay reproducible.
 
         Returns one ``history`` entry (without step/stage), choice included. Costs
         ``R + k * len(candidates)`` forward + backward passes.
         """
+        if modules is None:
+            modules = getattr(loss_fn, "modules", ())
+        snapshot = _buffer_snapshot(modules)
+        try:
+            return self._estimate(loss_fn, params, batches)
+        finally:
+            with torch.no_grad():
+                for buf, value in snapshot:
+                    buf.copy_(value)
+
+    def _estimate(self, loss_fn, params, batches) -> dict:
         t_start = time.perf_counter()
         params = [p for p in params if isinstance(p, Tensor) and p.requires_grad]
         if not params:
@@ -450,13 +482,15 @@ class AccelerationSchedule:
         loss_fn: Callable[[Candidate, object], Tensor],
         params: Iterable[Tensor],
         batches: Union[Callable[[], object], Iterable],
+        *,
+        modules: Optional[Iterable[nn.Module]] = None,
     ) -> Candidate:
         """Estimate now (``estimate``), record it in ``history`` for ``step``, put the argmin in force.
 
         The entry's ``stage`` is the latest checkpoint at or before ``step``; ``on_step`` calls this
         at checkpoints, a call in between re-estimates the stage in force.
         """
-        entry = self.estimate(loss_fn, params, batches)
+        entry = self.estimate(loss_fn, params, batches, modules=modules)
         # the latest checkpoint reached; an update between checkpoints re-estimates the stage in force
         idx = max(self._due_index(int(step)), self._stage)
         entry = {"step": int(step), "stage": idx, "progress": int(step) / self.total_steps, **entry}
@@ -471,6 +505,8 @@ class AccelerationSchedule:
         loss_fn: Optional[Callable[[Candidate, object], Tensor]] = None,
         params: Optional[Iterable[Tensor]] = None,
         batches: Union[Callable[[], object], Iterable, None] = None,
+        *,
+        modules: Optional[Iterable[nn.Module]] = None,
     ) -> Candidate:
         """The training-loop callback: at a checkpoint, ``update``; returns the online setting in force.
 
@@ -480,7 +516,7 @@ class AccelerationSchedule:
             if loss_fn is None or params is None or batches is None:
                 raise ValueError(f"AccelerationSchedule.on_step: step {step} is a checkpoint; "
                                  "pass loss_fn, params and batches")
-            self.update(step, loss_fn, params, batches)
+            self.update(step, loss_fn, params, batches, modules=modules)
         return self._choice
 
     # ------------------------------------------------------------------------- applying it to a ViT
@@ -569,12 +605,15 @@ class AccelerationSchedule:
         *,
         momentum: Optional[nn.Module] = None,
         generator: Optional[torch.Generator] = None,
+        modules: Iterable[nn.Module] = (),
     ) -> Callable[[Candidate, object], Tensor]:
         """A ``loss_fn(candidate, batch)`` for ``estimate`` / ``on_step`` from a plain ``loss(batch)``.
 
         The closure runs ``loss(batch)`` (which calls ``online`` and ``momentum`` as the training
         step does) inside ``apply(online, config=candidate)`` and, when given,
-        ``apply(momentum, config=momentum_config(candidate))``.
+        ``apply(momentum, config=momentum_config(candidate))``. Its ``modules`` attribute,
+        ``online``, ``momentum`` and ``modules`` (heads that ``loss`` calls outside them), tells
+        ``estimate`` whose buffers to restore after the probes.
         """
 
         def loss_fn(cand: Candidate, batch) -> Tensor:
@@ -585,6 +624,7 @@ class AccelerationSchedule:
                                                    generator=generator))
                 return loss(batch)
 
+        loss_fn.modules = tuple(m for m in (online, momentum) if m is not None) + tuple(modules)
         return loss_fn
 
     def table(self) -> list[dict]:
@@ -595,6 +635,19 @@ class AccelerationSchedule:
                 rows.append({"step": h["step"], "stage": h["stage"], **r,
                              "chosen": (r["keep"], r["patch"]) == tuple(h["choice"])})
         return rows
+
+
+def _buffer_snapshot(modules: Iterable[nn.Module]) -> list:
+    """(buffer, copy) of every buffer of ``modules`` (each once), for ``estimate`` to restore."""
+    seen, out = set(), []
+    for m in modules:
+        if not isinstance(m, nn.Module):
+            raise TypeError(f"AccelerationSchedule.estimate: modules must be nn.Modules, got {type(m).__name__}")
+        for buf in m.buffers():
+            if id(buf) not in seen:
+                seen.add(id(buf))
+                out.append((buf, buf.detach().clone()))
+    return out
 
 
 def _median(xs: Sequence[float]) -> float:

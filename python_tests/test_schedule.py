@@ -253,9 +253,58 @@ def test_callback_stages_and_checkpoint_steps():
     with pytest.raises(ValueError, match="not in this schedule's grid"):
         other.load_state_dict({**state, "choice": (0.5, None)})
     short = AccelerationSchedule(keeps=[1.0, 0.5], total_steps=100, checkpoints=[0.0])
-    with pytest.raises(ValueError, match="outside this schedule's 1 checkpoints"):
+    with pytest.raises(ValueError, match=r"fall on steps \[0, 50, 90\], this schedule's on \[0\]"):
         short.load_state_dict(state)
+    older = {k: v for k, v in state.items() if k != "checkpoint_steps"}  # a state without the steps
+    with pytest.raises(ValueError, match="outside this schedule's 1 checkpoints"):
+        short.load_state_dict(older)
     assert short.stage == -1
+    longer = AccelerationSchedule(keeps=[1.0, 0.5], total_steps=1000, checkpoints=[0.0, 0.5, 0.9])
+    with pytest.raises(ValueError, match="another total_steps or checkpoints"):
+        longer.load_state_dict(state)  # stage 1 would run from step 100 although it starts at 500
+    assert longer.stage == -1
+
+
+def test_checkpoint_steps_are_exact_and_numpy_numbers_are_accepted():
+    np = pytest.importorskip("numpy")
+    # 0.29 * 100 == 28.999999999999996 in floats: the step is 29, as the fraction reads
+    s = AccelerationSchedule(keeps=[1.0, 0.5], total_steps=100, checkpoints=[0.0, 0.29, 0.57])
+    assert s.checkpoint_steps == [0, 29, 57]
+    assert AccelerationSchedule(keeps=[1.0], total_steps=7, checkpoints=[0.0, 0.5]).checkpoint_steps == [0, 3]
+    n = AccelerationSchedule(keeps=[np.float32(0.5), 1.0], patches=[np.int64(16)], total_steps=np.int64(10),
+                             checkpoints=[np.float64(0.0)], ref_batches=np.int32(2))
+    assert n.total_steps == 10 and type(n.total_steps) is int and (0.5, 16) in n.candidates
+    assert all(type(c.patch) is int for c in n.candidates)
+    with pytest.raises(TypeError, match="total_steps must be an int"):
+        AccelerationSchedule(keeps=[1.0], total_steps=10.0)
+    with pytest.raises(TypeError, match="patch must be a positive int or None"):
+        AccelerationSchedule(keeps=[1.0], patches=[16.0], total_steps=10)
+
+
+def test_estimate_restores_the_models_buffers():
+    # The probes run the model in training mode: BatchNorm would fold their compressed batches
+    # into its running statistics and count them in num_batches_tracked.
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Linear(4, 1))
+    head = nn.BatchNorm1d(1)
+    before = {k: v.clone() for k, v in {**net.state_dict(), **head.state_dict()}.items()}
+    sched = AccelerationSchedule(keeps=[1.0, 0.5], total_steps=10, ref_batches=2, probe_batches=2,
+                                 cost_fn=lambda c: c.keep)
+
+    def loss_fn(cand, batch):
+        return head(net(batch * cand.keep)).square().mean()
+
+    params = list(net.parameters())
+    sched.estimate(loss_fn, params, lambda: torch.randn(8, 3), modules=[net, head])
+    after = {**net.state_dict(), **head.state_dict()}
+    for k, v in before.items():
+        assert torch.equal(after[k], v), k
+    loss_fn.modules = (net,)  # vit_loss_fn's attribute: the default when modules is not given
+    sched.estimate(loss_fn, params, lambda: torch.randn(8, 3))
+    assert torch.equal(net[1].running_mean, before["1.running_mean"])
+    assert net[1].num_batches_tracked == 0 and head.num_batches_tracked > 0  # head not named
+    with pytest.raises(TypeError, match="modules must be nn.Modules"):
+        sched.estimate(loss_fn, params, lambda: torch.randn(8, 3), modules=[net[0].weight])
 
 
 # ----------------------------------------------------------------------------- the ViT callback
@@ -374,7 +423,8 @@ def test_estimate_on_vit_probes_each_setting_for_both_roles():
 
     sched = AccelerationSchedule(keeps=[1.0, 0.5], patches=[16, 24], total_steps=10, ref_batches=2,
                                  probe_batches=2, multiple_of=1)
-    loss_fn = sched.vit_loss_fn(online, moco_loss, momentum=momentum)
+    loss_fn = sched.vit_loss_fn(online, moco_loss, momentum=momentum, modules=[head])
+    assert loss_fn.modules == (online, momentum, head)  # whose buffers estimate restores
     params = list(online.parameters()) + list(head.parameters())
     choice = sched.on_step(0, loss_fn, params, lambda: torch.randn(4, 3, 48, 48))
     h = sched.history[0]
