@@ -6,10 +6,10 @@ case) and ``time_vs_keep.png`` (relative step/layer time against the keep ratio)
 """
 from __future__ import annotations
 
+import argparse
 import glob
 import json
 import os
-import sys
 
 from .common import _fmt
 
@@ -154,8 +154,17 @@ def write_report(folder: str) -> str:
     return path
 
 
-if __name__ == "__main__":
-    folder = sys.argv[1] if len(sys.argv) > 1 else "bench/results/cpu"
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m bench.report",
+                                     description="Markdown report and plots of a folder of benchmark JSON results.")
+    parser.add_argument("folder", nargs="?", default="bench/results/cpu", metavar="RESULTS_DIR",
+                        help="folder of *.json results; report.md and the plots are written there "
+                             "(default: bench/results/cpu)")
+    folder = parser.parse_args(argv).folder
     if not os.path.isdir(folder):
-        sys.exit(f"bench.report: {folder} is not a folder (usage: python -m bench.report [RESULTS_DIR])")
+        parser.error(f"{folder} is not a folder")
     print(write_report(folder))
+
+
+if __name__ == "__main__":
+    main()

@@ -41,10 +41,20 @@ def test_report_tables_speedups_and_curves(tmp_path):
     assert (tmp_path / "time_vs_keep.png").stat().st_size > 0
 
 
-def test_missing_folder_is_a_usage_error(tmp_path):
+def _report_cli(*args):
     import subprocess
     import sys
 
-    proc = subprocess.run([sys.executable, "-m", "bench.report", str(tmp_path / "nope")], capture_output=True,
-                          text=True, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    assert proc.returncode == 1 and "is not a folder" in proc.stderr and "Traceback" not in proc.stderr
+    return subprocess.run([sys.executable, "-m", "bench.report", *args], capture_output=True, text=True,
+                          cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def test_missing_folder_is_a_usage_error(tmp_path):
+    proc = _report_cli(str(tmp_path / "nope"))
+    assert proc.returncode == 2 and "is not a folder" in proc.stderr and "Traceback" not in proc.stderr
+    assert "usage: python -m bench.report" in proc.stderr
+
+
+def test_help_is_help_not_a_folder():
+    proc = _report_cli("--help")
+    assert proc.returncode == 0 and "RESULTS_DIR" in proc.stdout and proc.stderr == ""
