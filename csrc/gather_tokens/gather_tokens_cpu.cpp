@@ -290,6 +290,10 @@ std::tuple<at::Tensor, at::Tensor> gather_tokens_backward_cpu(
   EFFSSL_CHECK(is_token_float(grad.scalar_type()), kOp,
                "grad must be float32, float64, float16 or bfloat16, got ", grad.scalar_type());
   EFFSSL_CHECK(num_tokens >= 1, kOp, "num_tokens must be at least 1, got ", num_tokens);
+  // checked here, not only where a kernel dispatches on them: with D == 0 none does
+  TORCH_CHECK_TYPE(is_token_float(x_dtype) && is_token_float(pos_dtype), kOp,
+                   ": x_dtype and pos_dtype must be float32, float64, float16 or bfloat16, got ", x_dtype,
+                   " and ", pos_dtype);
   const int64_t N = grad.size(0), K = grad.size(1), D = grad.size(2), L = num_tokens;
   check_keep(keep, N, grad.device());
   EFFSSL_CHECK(keep.size(1) == K, kOp, "grad has ", K, " tokens but keep has ", keep.size(1));

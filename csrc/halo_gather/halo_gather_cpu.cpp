@@ -16,6 +16,8 @@
 #include <type_traits>
 #include <vector>
 
+#include <cstdint>
+
 #include "effssl/checks.h"
 
 namespace effssl {
@@ -81,8 +83,12 @@ at::Tensor halo_gather_backward_cpu(const at::Tensor& grad, const at::Tensor& or
   EFFSSL_CHECK(order.scalar_type() == at::kLong && offsets.scalar_type() == at::kLong, kOp,
                "order and offsets must be int64");
   const int64_t R = grad.size(0), C = grad.size(1), ph = grad.size(2), pw = grad.size(3);
-  const int64_t T = num_tiles, S = T * bh * bw;
+  const int64_t T = num_tiles;
   EFFSSL_CHECK(T >= 0 && bh >= 1 && bw >= 1, kOp, "bad tile shape ", T, " x ", bh, " x ", bw);
+  // T * bh * bw + 1 must not overflow int64 (a garbage num_tiles would wrap to a small S)
+  EFFSSL_CHECK(bh <= INT64_MAX / bw && T <= (INT64_MAX - 1) / (bh * bw), kOp, "tile shape ", T, " x ",
+               bh, " x ", bw, " is too large");
+  const int64_t S = T * bh * bw;
   EFFSSL_CHECK(offsets.dim() == 1 && offsets.size(0) == S + 1, kOp, "offsets must be [",
                S + 1, "], got ", offsets.sizes());
   EFFSSL_CHECK(order.dim() == 1 && order.size(0) <= R * ph * pw, kOp,

@@ -21,6 +21,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cstdint>
 #include <optional>
 
 #include "effssl/checks.h"
@@ -54,6 +55,14 @@ inline int64_t patch_index(const idx_t* keep, int64_t r, int64_t L, const char* 
   const int64_t l = static_cast<int64_t>(keep[r]);
   EFFSSL_CHECK(l >= 0 && l < L, op, "keep values must be in [0, L) with L = ", L, ", got ", l);
   return l;
+}
+
+// Every index of keep [N, K] checked against L without reading a pixel: when C == 0 (or H, W == 0)
+// the kernels read nothing, and a bad index must still raise, as it does otherwise.
+void check_all_patches(const at::Tensor& keep, int64_t L, const char* op) {
+  const at::Tensor k64 = keep.to(at::kLong).contiguous();
+  const int64_t* kp = k64.const_data_ptr<int64_t>();
+  for (int64_t r = 0; r < k64.numel(); ++r) patch_index(kp, r, L, op);
 }
 
 template <typename in_t, typename out_t, typename idx_t>
@@ -130,8 +139,12 @@ at::Tensor gather_patches_cpu(const at::Tensor& images, const at::Tensor& keep, 
                    dtype == at::kBFloat16,
                op, "dtype must be a floating-point type, got ", dtype);
   const int64_t N = images.size(0), K = keep.size(1), C = images.size(1), p = patch_size;
+  EFFSSL_CHECK(p <= (INT64_MAX / std::max<int64_t>(C, 1)) / p, op, "patch size ", p, " is too large");
   at::Tensor out = at::empty({N, K, C * p * p}, images.options().dtype(dtype));
-  if (out.numel() == 0) return out;
+  if (out.numel() == 0) {
+    check_all_patches(keep, (images.size(2) / p) * (images.size(3) / p), op);
+    return out;
+  }
   const at::Tensor k64 = keep.to(at::kLong).contiguous();
   const int64_t* kp = k64.const_data_ptr<int64_t>();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, images.scalar_type(), "_gather_patches", [&] {
@@ -148,6 +161,7 @@ at::Tensor scatter_patches_cpu(const at::Tensor& cols, const at::Tensor& keep, i
   constexpr const char* op = "_scatter_patches";
   const int64_t p = patch_size;
   EFFSSL_CHECK(p >= 1, op, "patch size must be positive, got ", p);
+  EFFSSL_CHECK(p <= INT64_MAX / p, op, "patch size ", p, " is too large");  // p * p below
   EFFSSL_CHECK(cols.dim() == 3 && cols.size(2) % (p * p) == 0 && cols.size(2) > 0, op,
                "cols must be [N, K, C*p*p], got ", cols.sizes());
   EFFSSL_CHECK(is_float_or_double(cols), op, "cols must be floating point, got ", cols.scalar_type());
@@ -164,7 +178,10 @@ at::Tensor scatter_patches_cpu(const at::Tensor& cols, const at::Tensor& keep, i
   // Sum in float (double for double) whatever the output dtype: duplicates add up exactly once.
   const auto acc = (cols.scalar_type() == at::kDouble || dtype == at::kDouble) ? at::kDouble : at::kFloat;
   at::Tensor out = at::zeros({N, C, height, width}, cols.options().dtype(acc));
-  if (N * K == 0 || out.numel() == 0) return out.to(dtype);
+  if (N * K == 0 || out.numel() == 0) {
+    check_all_patches(keep, (height / p) * (width / p), op);
+    return out.to(dtype);
+  }
   const at::Tensor k64 = keep.to(at::kLong).contiguous();
   const at::Tensor c = cols.contiguous();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, c.scalar_type(), "_scatter_patches", [&] {

@@ -4,6 +4,7 @@ from .gather_tokens import gather_tokens
 from .halo_gather import halo_gather_op
 from .multi_crop import multi_crop
 from .patch_embed_gather import patch_embed_gather
+from . import photometric as _photometric  # noqa: F401  (registers its fake and Triton op at import)
 from .tile_conv import tile_conv
 
 __all__ = ["block_match", "gather_tokens", "halo_gather_op", "multi_crop", "patch_embed_gather", "similar_blocks",

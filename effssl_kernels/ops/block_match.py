@@ -184,6 +184,8 @@ def similar_blocks(psnr: Tensor, threshold_db: float = 20.0) -> Tensor:
 
 
 def _fake(a, b, block_size, search_radius, data_range, centers, flip):
+    # the wrapper's checks: a direct op call traced by compile or export must fail as the kernel would
+    _check(a, b, block_size, search_radius, data_range, centers, flip)
     N, _, H, W = a.shape
     Hb, Wb = H // block_size, W // block_size
     return (
@@ -219,6 +221,7 @@ def _block_match_triton(
 ) -> tuple[Tensor, Tensor]:
     from ..triton.block_match import block_match_triton  # lazy: importing triton costs ~2.5 s
 
+    _check(a, b, block_size, search_radius, data_range, centers, flip)  # direct op calls: no wrapper
     return block_match_triton(a, b, block_size, search_radius, data_range, centers, flip)
 
 

@@ -97,6 +97,7 @@ def _gather_tokens(x: Tensor, keep: Tensor, pos_embed: Optional[Tensor], check_r
     caller that has checked ``keep`` already (``token_keep``). The C++ kernel checks every index
     as it reads it whatever the flag; Triton writes NaN rows for a bad index."""
     _check(x, keep, pos_embed)
+    _backend.reject_forward_ad("gather_tokens", x, pos_embed)
     L = x.shape[1]
     which = _backend.choose(x.device.type, cuda_kernel=False)
     if check_range and which != "cpp":  # the C++ kernel checks every index as it reads it
@@ -109,13 +110,32 @@ def _gather_tokens(x: Tensor, keep: Tensor, pos_embed: Optional[Tensor], check_r
     return torch.ops.effssl_kernels.gather_tokens.default(x, keep, pos)
 
 
+def _check_backward(grad, keep, num_tokens, x_dtype, pos_dtype) -> None:
+    """The backward op's arguments (what its C++ kernel checks, but the index values)."""
+    op = "gather_tokens_backward"
+    if not isinstance(grad, Tensor) or grad.dim() != 3 or grad.dtype not in _DTYPES:
+        raise ValueError(f"{op}: grad must be a 3-D [N, K, D] float tensor")
+    if not isinstance(keep, Tensor) or keep.dtype not in _INDEX_DTYPES or tuple(keep.shape) != tuple(grad.shape[:2]):
+        raise ValueError(f"{op}: keep must be an int32/int64 [N, K] = {list(grad.shape[:2])} tensor")
+    if keep.device != grad.device:
+        raise ValueError(f"{op}: keep must be on {grad.device}, got {keep.device}")
+    if num_tokens < 1:
+        raise ValueError(f"{op}: num_tokens must be at least 1, got {num_tokens}")
+    if x_dtype not in _DTYPES or pos_dtype not in _DTYPES:
+        raise TypeError(f"{op}: x_dtype and pos_dtype must be float types, got {x_dtype} and {pos_dtype}")
+
+
 # ----------------------------------------------------------------------------- fake impls, autograd
+# The fakes and the Triton ops run the checks too: a direct op call (or one traced by compile or
+# export) must fail as the C++ kernel would, not trace or read out of bounds.
 def _fake(x, keep, pos_embed):
+    _check(x, keep, pos_embed)
     dtype = x.dtype if pos_embed is None else torch.promote_types(x.dtype, pos_embed.dtype)
     return x.new_empty((x.shape[0], keep.shape[1], x.shape[2]), dtype=dtype)
 
 
 def _fake_backward(grad, keep, num_tokens, x_dtype, pos_dtype, need_x, need_pos):
+    _check_backward(grad, keep, num_tokens, x_dtype, pos_dtype)
     N, _, D = grad.shape
     gx = grad.new_empty((N, num_tokens, D) if need_x else (0,), dtype=x_dtype)
     gpos = grad.new_empty((num_tokens, D) if need_pos else (0,), dtype=pos_dtype)
@@ -185,6 +205,7 @@ if _backend.HAS_EXT:
 def _gather_tokens_triton(x: Tensor, keep: Tensor, pos_embed: Optional[Tensor]) -> Tensor:
     from ..triton.gather_tokens import gather_tokens_fwd  # lazy: importing triton costs ~2.5 s
 
+    _check(x, keep, pos_embed)
     return gather_tokens_fwd(x, keep, pos_embed)
 
 
@@ -200,6 +221,7 @@ def _gather_tokens_backward_triton(
 ) -> tuple[Tensor, Tensor]:
     from ..triton.gather_tokens import gather_tokens_bwd
 
+    _check_backward(grad, keep, num_tokens, x_dtype, pos_dtype)
     return gather_tokens_bwd(grad, keep, num_tokens, x_dtype, pos_dtype, need_x, need_pos)
 
 

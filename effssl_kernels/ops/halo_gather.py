@@ -8,8 +8,9 @@ TRITON_INTERPRET=1) with ``_halo_gather_backward_triton``. Both backwards are de
 gathers over the inverse table (no atomics). The backwards are linear in ``grad`` and have
 autograd too (double backward: gradient penalties, meta-learning): the backward of the backward
 is the forward gather, with the table rebuilt from its inverse. The table and its inverse come
-from :meth:`effssl_kernels.sparse.TileIndex.halo_table` / ``halo_inverse``, which are trusted
-here (built by us): an entry out of range raises on the CPU and gives NaN in Triton.
+from :meth:`effssl_kernels.sparse.TileIndex.halo_table` / ``halo_inverse``; their shapes are
+checked by every registration (fakes and Triton ops too), their values as they are read: an
+entry out of range raises on the CPU and gives NaN in Triton, never a wild read.
 """
 from __future__ import annotations
 
@@ -25,7 +26,8 @@ def halo_gather_op(tiles: Tensor, table: Tensor, order: Tensor, offsets: Tensor,
     """Source ``[T, C, bh, bw]`` (float32/16/bf16/64, any strides), table ``[R, ph, pw]`` ->
     ``[R, C, ph, pw]`` channels last, as
     :func:`~effssl_kernels.reference.halo_gather.halo_gather_reference`; differentiable in
-    ``tiles``."""
+    ``tiles`` (reverse mode; a forward-mode tangent raises NotImplementedError)."""
+    _backend.reject_forward_ad("halo_gather", tiles)
     which = _backend.choose(tiles.device.type, cuda_kernel=False)
     if which == "reference":
         return halo_gather_reference(tiles, table, outside)
@@ -51,15 +53,59 @@ def halo_gather_backward_op(grad: Tensor, order: Tensor, offsets: Tensor, num_ti
     return torch.ops.effssl_kernels.halo_gather_backward.default(grad, order, offsets, num_tiles, bh, bw)
 
 
-# ----------------------------------------------------------------------------- fake impls, autograd
+# ----------------------------------------------------------------------------- checks, fake impls, autograd
+_FLOATS = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+
+
+def _check_inverse(fn: str, order, offsets, padded_pixels, num_tiles: int, bh: int, bw: int) -> None:
+    if not all(isinstance(t, Tensor) and t.dtype == torch.int64 and t.dim() == 1 for t in (order, offsets)):
+        raise ValueError(f"{fn}: order and offsets must be 1-D int64 tensors")
+    if num_tiles < 0 or bh < 1 or bw < 1 or num_tiles * bh * bw >= 2**63 - 1:
+        raise ValueError(f"{fn}: bad tile shape {num_tiles} x {bh} x {bw}")
+    if offsets.shape[0] != num_tiles * bh * bw + 1 or order.shape[0] > padded_pixels:
+        raise ValueError(f"{fn}: order [{order.shape[0]}] / offsets [{offsets.shape[0]}] do not match "
+                         f"{padded_pixels} padded pixels and {num_tiles} tiles of {bh} x {bw}")
+
+
+def _check(tiles, table, order, offsets) -> None:
+    """The op's arguments, but the table's values (what the C++ kernel checks as it reads them;
+    the Triton kernel writes NaN for a bad entry): run by the fakes and the Triton op, so a direct
+    op call fails as the C++ one would."""
+    fn = "halo_gather"
+    if not isinstance(tiles, Tensor) or tiles.dim() != 4 or tiles.dtype not in _FLOATS:
+        raise ValueError(f"{fn}: tiles must be a 4-D [T, C, bh, bw] float tensor")
+    if not isinstance(table, Tensor) or table.dtype != torch.int64 or table.dim() != 3:
+        raise ValueError(f"{fn}: table must be a 3-D [R, ph, pw] int64 tensor")
+    if not all(isinstance(t, Tensor) and t.dtype == torch.int64 and t.dim() == 1 for t in (order, offsets)):
+        raise ValueError(f"{fn}: order and offsets must be 1-D int64 tensors")  # their sizes: backward's
+    if not all(t.device == tiles.device for t in (table, order, offsets)):
+        raise ValueError(f"{fn}: table, order and offsets must be on the device of tiles")
+
+
+def _check_backward(grad, order, offsets, num_tiles, bh, bw) -> None:
+    fn = "halo_gather_backward"
+    if not isinstance(grad, Tensor) or grad.dim() != 4 or grad.dtype not in _FLOATS:
+        raise ValueError(f"{fn}: grad must be a 4-D [R, C, ph, pw] float tensor")
+    R, _, ph, pw = grad.shape
+    _check_inverse(fn, order, offsets, R * ph * pw, num_tiles, bh, bw)
+    if not all(t.device == grad.device for t in (order, offsets)):
+        raise ValueError(f"{fn}: order and offsets must be on the device of grad")
+
+
+def _channels_last_empty(like: Tensor, shape) -> Tensor:
+    # torch.empty(memory_format=...), not .contiguous(memory_format=...): the kernels' strides
+    # for C == 1 too (where .contiguous keeps the NCHW ones)
+    return torch.empty(shape, dtype=like.dtype, device=like.device, memory_format=torch.channels_last)
+
+
 def _fake(tiles, table, order, offsets, outside):
-    return tiles.new_empty((table.shape[0], tiles.shape[1], table.shape[1], table.shape[2])
-                           ).contiguous(memory_format=torch.channels_last)
+    _check(tiles, table, order, offsets)
+    return _channels_last_empty(tiles, (table.shape[0], tiles.shape[1], table.shape[1], table.shape[2]))
 
 
 def _fake_backward(grad, order, offsets, num_tiles, bh, bw):
-    return grad.new_empty((num_tiles, grad.shape[1], bh, bw)).contiguous(
-        memory_format=torch.channels_last)
+    _check_backward(grad, order, offsets, num_tiles, bh, bw)
+    return _channels_last_empty(grad, (num_tiles, grad.shape[1], bh, bw))
 
 
 def _setup_context(ctx, inputs, output):
@@ -122,6 +168,7 @@ def _halo_gather_triton(tiles: Tensor, table: Tensor, order: Tensor, offsets: Te
                         outside: float) -> Tensor:
     from ..triton.halo_gather import halo_gather_fwd  # lazy: importing triton costs ~2.5 s
 
+    _check(tiles, table, order, offsets)
     return halo_gather_fwd(tiles, table, outside)
 
 
@@ -130,6 +177,7 @@ def _halo_gather_backward_triton(grad: Tensor, order: Tensor, offsets: Tensor, n
                                  bh: int, bw: int) -> Tensor:
     from ..triton.halo_gather import halo_gather_bwd
 
+    _check_backward(grad, order, offsets, num_tiles, bh, bw)
     return halo_gather_bwd(grad, order, offsets, num_tiles, bh, bw)
 
 

@@ -134,7 +134,16 @@ def multi_crop(
 
 
 # ----------------------------------------------------------------------------- fake impls
+def _check_op(images, boxes, flips, out_h, out_w, out_dtype) -> None:
+    """The op's arguments but the box values (checked by the kernels as they read them): run by
+    the fake and the Triton op, so a direct op call fails as the C++ one would."""
+    _check(images, boxes, flips, out_dtype)
+    if out_h < 1 or out_w < 1:
+        raise ValueError(f"multi_crop: out_size must be positive, got {(out_h, out_w)}")
+
+
 def _fake(images, boxes, flips, out_h, out_w, out_dtype):
+    _check_op(images, boxes, flips, out_h, out_w, out_dtype)
     N, C = images.shape[:2]
     return images.new_empty((N * boxes.shape[1], C, out_h, out_w), dtype=out_dtype or images.dtype)
 
@@ -148,6 +157,7 @@ def _multi_crop_triton(images: Tensor, boxes: Tensor, flips: Tensor, out_h: int,
                        out_dtype: torch.dtype) -> Tensor:
     from ..triton.multi_crop import multi_crop_fwd  # lazy: importing triton costs ~2.5 s
 
+    _check_op(images, boxes, flips, out_h, out_w, out_dtype)
     return multi_crop_fwd(images, boxes, flips, out_h, out_w, out_dtype)
 
 

@@ -125,6 +125,7 @@ def _patch_embed_gather(
     for a caller that has checked ``keep`` already (``token_keep``). The C++ kernel still checks
     each index as it reads it; Triton writes NaN rows for a bad index."""
     _check(images, weight, bias, keep, pos_embed)
+    _backend.reject_forward_ad("patch_embed_gather", images, weight, bias, pos_embed)
     images, weight, bias = _gemm_inputs(images, weight, bias)
     if keep.dtype not in (torch.int32, torch.int64):
         keep = keep.long()
@@ -144,15 +145,36 @@ def _out_dtype(weight: Tensor, pos_embed: Optional[Tensor]) -> torch.dtype:
     return weight.dtype if pos_embed is None else torch.promote_types(weight.dtype, pos_embed.dtype)
 
 
+# The fakes and the Triton ops run the checks too: a direct op call (or one traced by compile or
+# export) must fail as the C++ kernel would, not trace or read out of bounds.
+def _check_patches(op: str, images, keep, patch_size) -> None:
+    if not isinstance(images, Tensor) or images.dim() != 4 or images.dtype not in _FLOATS:
+        raise ValueError(f"{op}: images must be a 4-D float tensor")
+    if patch_size < 1 or images.shape[2] % patch_size or images.shape[3] % patch_size:
+        raise ValueError(f"{op}: H and W ({images.shape[2]}x{images.shape[3]}) must be divisible by the "
+                         f"positive patch size {patch_size}")
+    if not isinstance(keep, Tensor) or keep.dtype not in (torch.int32, torch.int64) or keep.dim() != 2 \
+            or keep.shape[0] != images.shape[0]:
+        raise ValueError(f"{op}: keep must be an int32/int64 [N, K] tensor with N = {images.shape[0]}")
+
+
 def _fake(images, weight, bias, keep, pos_embed):
+    _check(images, weight, bias, keep, pos_embed)
     return images.new_empty((images.shape[0], keep.shape[1], weight.shape[0]), dtype=_out_dtype(weight, pos_embed))
 
 
 def _fake_gather(images, keep, patch_size, dtype):
+    _check_patches("_gather_patches", images, keep, patch_size)
     return images.new_empty((images.shape[0], keep.shape[1], images.shape[1] * patch_size**2), dtype=dtype)
 
 
 def _fake_scatter(cols, keep, patch_size, height, width, dtype):
+    if patch_size < 1 or cols.dim() != 3 or cols.shape[2] == 0 or cols.shape[2] % patch_size**2 \
+            or height < 0 or width < 0 or height % patch_size or width % patch_size:
+        raise ValueError("_scatter_patches: cols must be [N, K, C*p*p] and height, width non-negative "
+                         "multiples of a positive patch size")
+    if tuple(keep.shape) != tuple(cols.shape[:2]):
+        raise ValueError(f"_scatter_patches: keep must be [N, K] = {list(cols.shape[:2])}")
     return cols.new_empty((cols.shape[0], cols.shape[2] // patch_size**2, height, width), dtype=dtype)
 
 
@@ -285,6 +307,7 @@ def _patch_embed_gather_triton(
 ) -> Tensor:
     from ..triton.patch_embed_gather import patch_embed_gather_triton  # lazy: importing triton costs ~2.5 s
 
+    _check(images, weight, bias, keep, pos_embed)
     return patch_embed_gather_triton(images, weight, bias, keep, pos_embed)
 
 
@@ -292,6 +315,7 @@ def _patch_embed_gather_triton(
 def _gather_patches_triton(images: Tensor, keep: Tensor, patch_size: int, dtype: torch.dtype) -> Tensor:
     from ..triton.patch_embed_gather import gather_patches_triton
 
+    _check_patches("_gather_patches", images, keep, patch_size)
     return gather_patches_triton(images, keep, patch_size, dtype)
 
 

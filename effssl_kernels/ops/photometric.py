@@ -85,8 +85,32 @@ def run(views: Tensor, params, N: int) -> Tensor:
     return torch.ops.effssl_kernels.photometric.default(views, packed, weights, norm)
 
 
-# ----------------------------------------------------------------------------- fake impls
+# ----------------------------------------------------------------------------- checks, fake impls
+def _check_op(views, params, blur_weights, norm) -> None:
+    """The op's shapes and dtypes (what the C++ kernel checks, but the values): run by the fake and
+    the Triton op, so a direct op call fails as the C++ one would."""
+    op = "photometric"
+    if not isinstance(views, Tensor) or views.dim() != 4 or views.shape[1] != 3:
+        raise ValueError(f"{op}: views must be [N, 3, H, W]")
+    if views.dtype not in (torch.float32, torch.float16, torch.bfloat16, torch.uint8):
+        raise TypeError(f"{op}: views must be float32, float16, bfloat16 or uint8, got {views.dtype}")
+    N = views.shape[0]
+    for name, t, shape in (("params", params, (N, NUM_COLS)), ("blur_weights", blur_weights, None),
+                           ("norm", norm, (2, 3))):
+        if t is None and name == "norm":
+            continue
+        if not isinstance(t, Tensor) or t.dtype != torch.float32:
+            raise TypeError(f"{op}: {name} must be a float32 tensor")
+        if t.device != views.device:
+            raise ValueError(f"{op}: {name} must be on {views.device}, got {t.device}")
+        if shape is not None and tuple(t.shape) != shape:
+            raise ValueError(f"{op}: {name} must be {list(shape)}, got {list(t.shape)}")
+    if blur_weights.dim() != 2 or blur_weights.shape[0] != N or blur_weights.shape[1] % 2 != 1:
+        raise ValueError(f"{op}: blur_weights must be [N, K] with N = {N} and K odd, got {list(blur_weights.shape)}")
+
+
 def _fake(views, params, blur_weights, norm):
+    _check_op(views, params, blur_weights, norm)
     return empty_out(views, norm is not None)
 
 
@@ -98,6 +122,7 @@ if HAS_CPP_OP:
 def _photometric_triton(views: Tensor, params: Tensor, blur_weights: Tensor, norm: Optional[Tensor]) -> Tensor:
     from ..triton.photometric import photometric_fwd  # lazy: importing triton costs ~2.5 s
 
+    _check_op(views, params, blur_weights, norm)
     return photometric_fwd(views, params, blur_weights, norm)
 
 

@@ -88,6 +88,7 @@ def tile_conv(tiles: Tensor, weight: Tensor, bias: Optional[Tensor], table: Tens
     Table entries outside ``[0, T*bh*bw + 2)`` raise ValueError for CPU tensors (and CUDA ones
     with ``EFFSSL_CHECK_INDICES=1``; otherwise the kernels read them as zeros)."""
     _check(tiles, weight, bias, table, table_t, dilation)
+    _backend.reject_forward_ad("tile_conv", tiles, weight, bias)
     T, _, bh, bw = tiles.shape
     for t in (table, table_t):
         check_table_range(t, T * bh * bw + 2, "tile_conv")

@@ -77,6 +77,8 @@ def _halo_gather_bwd_kernel(
     out_ptr,  # [S, C] contiguous (channels last grad of the tiles)
     S,
     C,
+    M,  # entries of order
+    Q,  # padded pixels R * ph * pw
     PP,  # ph * pw
     pw,
     g0,
@@ -93,6 +95,9 @@ def _halo_gather_bwd_kernel(
     c_in = offs_c < C
     lo = tl.load(offsets_ptr + offs_s, mask=s_in, other=0)
     cnt = tl.load(offsets_ptr + offs_s + 1, mask=s_in, other=0) - lo
+    # order / offsets are ours (TileIndex.halo_inverse); made-up ones give NaN, never a wild read
+    bad = (lo < 0) | (cnt < 0) | (lo + cnt > M)
+    cnt = tl.where(bad, 0, cnt)
     if ACC_F64:
         acc = tl.zeros([BLOCK_S, BLOCK_C], dtype=tl.float64)
     else:
@@ -101,7 +106,11 @@ def _halo_gather_bwd_kernel(
     for j in range(0, tl.max(cnt, axis=0)):
         has = j < cnt
         # q < 2^31 (the launcher checks): int32 divisions, int64 pointer arithmetic
-        q = tl.load(order_ptr + lo + j, mask=has, other=0).to(tl.int32)
+        q64 = tl.load(order_ptr + lo + j, mask=has, other=0)
+        q_ok = (q64 >= 0) & (q64 < Q)
+        bad = bad | (has & ~q_ok)
+        has = has & q_ok
+        q = q64.to(tl.int32)
         t = q // PP
         rem = q - t * PP
         u = rem // pw
@@ -109,6 +118,7 @@ def _halo_gather_bwd_kernel(
         row = t.to(tl.int64) * g0 + u.to(tl.int64) * g2 + v.to(tl.int64) * g3
         ptrs = g_ptr + row[:, None] + offs_c[None, :] * g1
         acc += tl.load(ptrs, mask=has[:, None] & c_in[None, :], other=0.0).to(acc.dtype)
+    acc = tl.where(bad[:, None], float("nan"), acc)
     out_ptrs = out_ptr + offs_s[:, None] * C + offs_c[None, :]
     tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=s_in[:, None] & c_in[None, :])
 
@@ -155,6 +165,7 @@ def halo_gather_bwd(grad: Tensor, order: Tensor, offsets: Tensor, T: int, bh: in
     grid = check_grid((triton.cdiv(S, BLOCK_S), triton.cdiv(C, BLOCK_C)), "halo_gather backward")
     with device_of(grad):
         wrap_triton(_halo_gather_bwd_kernel)[grid](
-            grad, order.contiguous(), offsets.contiguous(), out, S, C, ph * pw, pw, *grad.stride(),
+            grad, order.contiguous(), offsets.contiguous(), out, S, C, order.numel(), grad.shape[0] * ph * pw,
+            ph * pw, pw, *grad.stride(),
             ACC_F64=grad.dtype == torch.float64, BLOCK_S=BLOCK_S, BLOCK_C=BLOCK_C)
     return out
