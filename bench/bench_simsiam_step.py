@@ -13,7 +13,10 @@ blocks (the block search of SimWnW is benchmarked on its own). Providers:
 - ``masked_dense``: every layer dense, then masked (``M_out * conv(M_in * x)`` etc.): the cost of
   the masked network without any skipping.
 
-``rel_time`` is the median over dense's and ``speedup`` its inverse. ``ideal_speedup`` is
+``rel_time`` is the median over dense's and ``speedup`` its inverse. Memory: ``saved_mib`` is
+what autograd keeps for backward in one step (unique tensor storages seen by
+``saved_tensors_hooks``, parameters excluded; any device), ``rel_saved`` its ratio to dense's;
+GPU rows add ``peak_mib``, the peak allocated during one step beyond what was allocated before. ``ideal_speedup`` is
 ``1 / (keep * (1 - f) + f)`` with ``f`` the packed step at keep 0 over dense (the share that cannot
 shrink), as the issue asks; ``of_ideal = speedup / ideal_speedup`` is how close removal comes to
 its own best case.
@@ -134,17 +137,38 @@ def run(device: str, quick: bool = False):
     v2 = torch.rand(batch, 3, img, img, device=device, generator=g).contiguous(memory_format=fmt)
     grid = img // block
 
-    def step_fn(model, keep):
+    def step_fn(model, keep, hooks=contextlib.nullcontext):
         def fn():
             model.zero_grad(set_to_none=True)
             m1 = m2 = None
             if keep is not None:  # fresh masks every step, as in training
                 m1 = BlockMask(random_keep(batch, grid, keep, g, device), block, img)
                 m2 = BlockMask(random_keep(batch, grid, keep, g, device), block, img)
-            with torch.autocast(device, dtype=torch.bfloat16, enabled=amp):
+            with torch.autocast(device, dtype=torch.bfloat16, enabled=amp), hooks():
                 loss = model.loss(v1, v2, m1, m2)
             loss.backward()
         return fn
+
+    def memory(model, keep) -> dict:
+        """saved_mib of one step (and peak_mib on a GPU)."""
+        saved, params = {}, {p.data_ptr() for p in model.parameters()}
+
+        def pack(t):
+            if t.numel() and t.data_ptr() not in params:
+                saved[(t.data_ptr(), t.dtype, tuple(t.shape))] = t.numel() * t.element_size()
+            return t
+
+        step_fn(model, keep, lambda: torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t))()
+        out = {"saved_mib": sum(saved.values()) / 2**20}
+        if gpu:
+            fn = step_fn(model, keep)
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            before = torch.cuda.memory_allocated()
+            fn()
+            torch.cuda.synchronize()
+            out["peak_mib"] = (torch.cuda.max_memory_allocated() - before) / 2**20
+        return out
 
     keeps = [1.0, 0.5, 0.0] if quick else KEEPS
     providers = PROVIDERS[:2] if quick and not tiny() else PROVIDERS  # the smoke run: every path
@@ -156,6 +180,8 @@ def run(device: str, quick: bool = False):
         fn = step_fn(dense if prov == "dense" else sparse, keep)
         with _provider(prov):
             row = timed_row(row, fn, device, 0.5 if quick else (2.0 if gpu else 5.0))
+            if "median_ms" in row:  # it ran: measure what it keeps for backward too
+                row.update(memory(dense if prov == "dense" else sparse, keep))
         if "median_ms" in row:
             if prov == "dense":
                 base = row["median_ms"]
@@ -164,7 +190,10 @@ def run(device: str, quick: bool = False):
         rows.append(row)
     f = next((r["rel_time"] for r in rows if r["provider"] == "packed" and r["keep"] == 0.0
               and "rel_time" in r), None)
+    base_saved = next((r["saved_mib"] for r in rows if r["provider"] == "dense" and "saved_mib" in r), None)
     for r in rows:
+        if base_saved and "saved_mib" in r:
+            r["rel_saved"] = r["saved_mib"] / base_saved
         r["f_fixed_share"] = f
         if "rel_time" in r:
             r["speedup"] = 1.0 / r["rel_time"]
@@ -212,7 +241,8 @@ def main(argv=None) -> str:
     title = f"SimSiam step (fwd+bwd, 2 views) on {info['device']}"
     path = report(args, "simsiam_step", title, info, rows,
                   ["provider", "arch", "img", "block", "batch", "keep", "median_ms", "p20_ms",
-                   "p80_ms", "rel_time", "speedup", "ideal_speedup", "of_ideal", "note"])
+                   "p80_ms", "rel_time", "speedup", "ideal_speedup", "of_ideal", "saved_mib", "rel_saved",
+                   "peak_mib", "note"])
     png = plot(rows, os.path.splitext(path)[0] + ".png", title)
     if png:
         print("plot:", png)

@@ -93,6 +93,21 @@ def choose(device_type: str, cuda_kernel: bool = True) -> str:
     return "cpp"
 
 
+def reject_forward_ad(fn: str, *tensors) -> None:
+    """NotImplementedError when a tensor carries a forward-mode AD tangent (``forward_ad``,
+    ``torch.func.jvp``): the ops' autograd is reverse mode only, and a custom op would drop the
+    tangent silently (a zero derivative). Free outside a ``dual_level``."""
+    from torch.autograd import forward_ad as fwAD
+
+    if getattr(fwAD, "_current_level", 0) < 0:  # no dual level open (private; check when unknown)
+        return
+    for t in tensors:
+        if isinstance(t, torch.Tensor) and fwAD.unpack_dual(t).tangent is not None:
+            raise NotImplementedError(
+                f"{fn}: forward-mode AD (torch.autograd.forward_ad, torch.func.jvp) is not supported: "
+                "use reverse mode (backward, torch.func.vjp / jacrev)")
+
+
 def register_ext_op_pair(name: str, fake, backward_name: str, fake_backward, make_backward,
                          setup_context) -> None:
     """For a C++ op ``effssl_kernels::<name>`` whose backward is the C++ op ``<backward_name>``:

@@ -188,3 +188,77 @@ def test_halo_gather_backward_op_is_the_adjoint(monkeypatch, backend):
     t = tiles.clone().requires_grad_()
     (auto,) = torch.autograd.grad(halo_gather_op(t, table, order, offsets, 0.0), t, g)
     torch.testing.assert_close(adj, auto, rtol=1e-12, atol=1e-12)
+
+
+def test_halo_functions_forward_mode_and_vmap():
+    # jvp (bilinear in tiles and weight; the pool's at its argmax) and vmap over a batch of weights
+    fwAD = torch.autograd.forward_ad
+    tiles, idx = _case(stride=2)
+    halo = (1, 0, 1, 0)
+    g = torch.Generator().manual_seed(2)
+    w, dw = (torch.randn(6, 4, 3, 3, generator=g, dtype=torch.float64) for _ in range(2))
+    b, db = (torch.randn(6, generator=g, dtype=torch.float64) for _ in range(2))
+    dt = torch.randn(tiles.shape, generator=g, dtype=torch.float64)
+
+    def old(t, w, b=None):
+        return F.conv2d(halo_gather(t, idx, halo), w, b, 2)
+
+    _, got = torch.func.jvp(lambda t, w, b: halo_conv2d(t, w, b, idx, halo, 2, 1, 1), (tiles, w, b), (dt, dw, db))
+    torch.testing.assert_close(got, old(dt, w) + old(tiles, dw) + db.view(1, -1, 1, 1), rtol=1e-12, atol=1e-12)
+    with fwAD.dual_level():  # a weight tangent only, through the public packed conv
+        mask = random_mask(2, 32, 24, 8, p=0.6, seed=0)  # _case's
+        out = ek.sparse_conv2d_packed(tiles, fwAD.make_dual(w, dw), None, 2, 1, mask=mask, in_stride=2)
+        torch.testing.assert_close(fwAD.unpack_dual(out).tangent, old(tiles, dw), rtol=1e-12, atol=1e-12)
+
+    def pool(t):
+        return F.max_pool2d(halo_gather(t, idx, halo, outside=float("-inf")), 3, 2)
+
+    _, gp = torch.func.jvp(lambda t: halo_max_pool2d(t, idx, halo, 3, 2, 1), (tiles,), (dt,))
+    fd = (pool(tiles + 1e-6 * dt) - pool(tiles - 1e-6 * dt)) / 2e-6  # linear a.e.: exact up to rounding
+    torch.testing.assert_close(gp, fd, rtol=1e-7, atol=1e-7)
+
+    ws = torch.randn(3, 6, 4, 3, 3, generator=g, dtype=torch.float64)
+    got = torch.func.vmap(lambda w: halo_conv2d(tiles, w, None, idx, halo, 2, 1, 1))(ws)
+    torch.testing.assert_close(got, torch.stack([old(tiles, v) for v in ws]), rtol=1e-12, atol=1e-12)
+    grads = torch.func.vmap(torch.func.grad(lambda w: halo_conv2d(tiles, w, None, idx, halo, 2, 1, 1).square().sum()))(ws)
+    want = torch.stack([torch.func.grad(lambda w: old(tiles, w).square().sum())(v) for v in ws])
+    torch.testing.assert_close(grads, want, rtol=1e-10, atol=1e-10)
+
+
+def test_forward_mode_tangents_are_refused_not_dropped():
+    # A custom op's autograd is reverse mode only: a tangent reaching one was silently dropped
+    # (pack gave no tangent, jvp of sparse_conv2d in x gave 0). Now each op refuses it.
+    fwAD = torch.autograd.forward_ad
+    mask = random_mask(2, 16, 16, 8, p=0.6, seed=0)
+    idx = TileIndex.from_mask(mask, 1)
+    x = torch.randn(2, 3, 16, 16, dtype=torch.float64)
+    w = torch.randn(4, 3, 3, 3, dtype=torch.float64)
+    with fwAD.dual_level():
+        dual = fwAD.make_dual(x, torch.ones_like(x))
+        with pytest.raises(NotImplementedError, match="halo_gather: forward-mode AD"):
+            pack(dual, idx)
+        with pytest.raises(NotImplementedError, match="forward-mode AD"):
+            ek.sparse_conv2d(dual, w, None, 1, 1, mask=mask)
+        tokens = fwAD.make_dual(torch.randn(2, 5, 3), torch.ones(2, 5, 3))
+        with pytest.raises(NotImplementedError, match="gather_tokens: forward-mode AD"):
+            ek.gather_tokens(tokens, torch.tensor([[0, 4], [1, 2]]))
+        with pytest.raises(NotImplementedError, match="patch_embed_gather: forward-mode AD"):
+            ek.patch_embed_gather(torch.randn(1, 3, 8, 8), fwAD.make_dual(torch.randn(4, 3, 4, 4), torch.ones(4, 3, 4, 4)),
+                                  None, torch.tensor([[0, 3]]))
+        pack(x, idx)  # a plain tensor inside a dual level is fine
+    with pytest.raises(NotImplementedError, match="forward-mode AD"):
+        torch.func.jvp(lambda x: ek.sparse_conv2d(x, w, None, 1, 1, mask=mask), (x,), (torch.ones_like(x),))
+
+
+def test_tiles_changed_in_place_after_forward_raise_in_backward():
+    # The Functions save the tiles themselves (as a dense conv saves its input): an in-place change
+    # before backward is autograd's version-counter error, never a gradient of the changed tiles.
+    tiles, idx = _case(stride=1, dtype=torch.float32)
+    t = tiles.clone().requires_grad_()
+    w = torch.randn(6, 4, 3, 3)
+    for f in (lambda u: halo_conv2d(u, w, None, idx, 1, 1, 1, 1), lambda u: halo_max_pool2d(u, idx, 1, 3, 1, 1)):
+        u = t * 1
+        out = f(u)
+        u.add_(1)
+        with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+            out.sum().backward()

@@ -35,7 +35,10 @@ def _autocast(device_type: str, *tensors):
 
 
 class _HaloConv2d(torch.autograd.Function):
-    # forward / setup_context split (not forward(ctx, ...)): the style torch.func's transforms need
+    # forward / setup_context split (not forward(ctx, ...)): the style torch.func's transforms
+    # need; vmap (e.g. over a batch of weights) runs forward, backward and jvp per sample
+    generate_vmap_rule = True
+
     @staticmethod
     def forward(tiles, weight, bias, table, order, offsets, stride, dilation, groups):
         x = halo_gather_op(tiles, table, order, offsets, 0.0)
@@ -63,6 +66,8 @@ class _HaloConv2d(torch.autograd.Function):
 
 
 class _HaloMaxPool2d(torch.autograd.Function):
+    generate_vmap_rule = True
+
     @staticmethod
     def forward(tiles, table, order, offsets, kernel_size, stride, dilation):
         x = halo_gather_op(tiles, table, order, offsets, float("-inf"))
@@ -88,6 +93,51 @@ class _HaloMaxPool2d(torch.autograd.Function):
         return gt, None, None, None, None, None, None
 
 
+# Dynamo cannot trace a Function that defines jvp (a graph break, an error under fullgraph), so
+# the jvp lives in subclasses used only while a forward-mode dual level is open.
+class _HaloConv2dJvp(_HaloConv2d):
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        _HaloConv2d.setup_context(ctx, inputs, output)
+        tiles, weight, _, table, order, offsets = inputs[:6]
+        ctx.save_for_forward(tiles, weight, table, order, offsets)
+
+    @staticmethod
+    def jvp(ctx, dt, dw, db, *_):
+        # forward mode: conv(halo(dt), w) + conv(halo(t), dw) + db (bilinear in tiles and weight)
+        tiles, weight, table, order, offsets = ctx.saved_tensors
+        stride, dilation, groups, _ = ctx.conv
+        out = None
+        if dt is not None:
+            out = F.conv2d(halo_gather_op(dt, table, order, offsets, 0.0), weight, None, stride, 0, dilation, groups)
+        if dw is not None:
+            y = F.conv2d(halo_gather_op(tiles, table, order, offsets, 0.0), dw, None, stride, 0, dilation, groups)
+            out = y if out is None else out + y
+        if db is not None:
+            out = db.view(1, -1, 1, 1) if out is None else out + db.view(1, -1, 1, 1)
+        return out
+
+
+class _HaloMaxPool2dJvp(_HaloMaxPool2d):
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        _HaloMaxPool2d.setup_context(ctx, inputs, output)
+        ctx.save_for_forward(*inputs[1:4], output[1])
+
+    @staticmethod
+    def jvp(ctx, dt, *_):
+        # forward mode: the halo'd tangent at each window's argmax (the index is flat in the plane)
+        table, order, offsets, idx = ctx.saved_tensors
+        dx = halo_gather_op(dt, table, order, offsets, 0.0)
+        return dx.flatten(2).gather(2, idx.flatten(2)).view(idx.shape), None
+
+
+def _forward_ad() -> bool:
+    from torch.autograd import forward_ad as fwAD
+
+    return getattr(fwAD, "_current_level", 0) >= 0  # private; a jvp Function when unknown
+
+
 def halo_conv2d(tiles: Tensor, weight: Tensor, bias: Optional[Tensor], index: TileIndex, halo,
                 stride, dilation, groups: int) -> Tensor:
     """``F.conv2d(halo_gather(tiles, index, halo), weight, bias, stride, 0, dilation, groups)``
@@ -99,8 +149,9 @@ def halo_conv2d(tiles: Tensor, weight: Tensor, bias: Optional[Tensor], index: Ti
         return F.conv2d(tiles, weight, bias, stride, 0, dilation, groups)
     tiles, weight, bias = _autocast(tiles.device.type, tiles, weight, bias)
     order, offsets = index.halo_inverse(key)
-    return _HaloConv2d.apply(tiles, weight, bias, index.halo_table(key), order, offsets,
-                             _pair(stride, "stride"), _pair(dilation, "dilation"), groups)
+    cls = _HaloConv2dJvp if _forward_ad() else _HaloConv2d
+    return cls.apply(tiles, weight, bias, index.halo_table(key), order, offsets,
+                     _pair(stride, "stride"), _pair(dilation, "dilation"), groups)
 
 
 def halo_max_pool2d(tiles: Tensor, index: TileIndex, halo, kernel_size, stride, dilation) -> Tensor:
@@ -111,5 +162,6 @@ def halo_max_pool2d(tiles: Tensor, index: TileIndex, halo, kernel_size, stride, 
     if key == (0, 0, 0, 0):
         return F.max_pool2d(tiles, kernel_size, stride, 0, dilation)
     order, offsets = index.halo_inverse(key)
-    return _HaloMaxPool2d.apply(tiles, index.halo_table(key), order, offsets, _pair(kernel_size, "kernel_size"),
-                                _pair(stride, "stride"), _pair(dilation, "dilation"))[0]
+    cls = _HaloMaxPool2dJvp if _forward_ad() else _HaloMaxPool2d
+    return cls.apply(tiles, index.halo_table(key), order, offsets, _pair(kernel_size, "kernel_size"),
+                     _pair(stride, "stride"), _pair(dilation, "dilation"))[0]
