@@ -57,9 +57,13 @@ def halo_gather_backward_op(grad: Tensor, order: Tensor, offsets: Tensor, num_ti
 _FLOATS = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 
 
-def _check_inverse(fn: str, order, offsets, padded_pixels, num_tiles: int, bh: int, bw: int) -> None:
+def _check_vectors(fn: str, order, offsets) -> None:
     if not all(isinstance(t, Tensor) and t.dtype == torch.int64 and t.dim() == 1 for t in (order, offsets)):
         raise ValueError(f"{fn}: order and offsets must be 1-D int64 tensors")
+
+
+def _check_inverse(fn: str, order, offsets, padded_pixels, num_tiles: int, bh: int, bw: int) -> None:
+    _check_vectors(fn, order, offsets)
     if num_tiles < 0 or bh < 1 or bw < 1 or num_tiles * bh * bw >= 2**63 - 1:
         raise ValueError(f"{fn}: bad tile shape {num_tiles} x {bh} x {bw}")
     if offsets.shape[0] != num_tiles * bh * bw + 1 or order.shape[0] > padded_pixels:
@@ -76,8 +80,7 @@ def _check(tiles, table, order, offsets) -> None:
         raise ValueError(f"{fn}: tiles must be a 4-D [T, C, bh, bw] float tensor")
     if not isinstance(table, Tensor) or table.dtype != torch.int64 or table.dim() != 3:
         raise ValueError(f"{fn}: table must be a 3-D [R, ph, pw] int64 tensor")
-    if not all(isinstance(t, Tensor) and t.dtype == torch.int64 and t.dim() == 1 for t in (order, offsets)):
-        raise ValueError(f"{fn}: order and offsets must be 1-D int64 tensors")  # their sizes: backward's
+    _check_vectors(fn, order, offsets)  # their sizes matter to the backward only
     if not all(t.device == tiles.device for t in (table, order, offsets)):
         raise ValueError(f"{fn}: table, order and offsets must be on the device of tiles")
 
