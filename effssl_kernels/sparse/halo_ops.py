@@ -7,7 +7,9 @@ the ReLU before it, as in the dense network, where a conv's saved input is that 
 at keep 1.0 and barely shrink with keep. These Functions save the tiles and the cached tables
 and gather the halo again in backward (a copy, cheap next to the conv); the gradient of the
 halo'd input goes back to the tiles through the halo gather's adjoint. Their backwards are
-built from differentiable ops, so double backward works.
+built from differentiable ops, so double backward works; vmap works through generated rules,
+forward-mode AD through subclasses with a jvp (used only inside a dual level, since Dynamo
+cannot trace a Function that defines one). Under autocast the inputs are cast as F.conv2d's.
 """
 from __future__ import annotations
 
@@ -17,8 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..ops.halo_gather import halo_gather_backward_op, halo_gather_op
 from ..masks import _pair
+from ..ops.halo_gather import halo_gather_backward_op, halo_gather_op
 from .tiles import TileIndex, _check_tiles, _halo4
 
 _aten = torch.ops.aten
