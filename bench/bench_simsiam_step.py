@@ -13,13 +13,13 @@ blocks (the block search of SimWnW is benchmarked on its own). Providers:
 - ``masked_dense``: every layer dense, then masked (``M_out * conv(M_in * x)`` etc.): the cost of
   the masked network without any skipping.
 
-``rel_time`` is the median over dense's and ``speedup`` its inverse. Memory: ``saved_mib`` is
-what autograd keeps for backward in one step (unique tensor storages seen by
-``saved_tensors_hooks``, parameters excluded; any device), ``rel_saved`` its ratio to dense's;
-GPU rows add ``peak_mib``, the peak allocated during one step beyond what was allocated before. ``ideal_speedup`` is
+``rel_time`` is the median over dense's and ``speedup`` its inverse. ``ideal_speedup`` is
 ``1 / (keep * (1 - f) + f)`` with ``f`` the packed step at keep 0 over dense (the share that cannot
 shrink), as the issue asks; ``of_ideal = speedup / ideal_speedup`` is how close removal comes to
-its own best case.
+its own best case. Memory: ``saved_mib`` is what autograd keeps for backward in one step (unique
+tensor storages seen by ``saved_tensors_hooks``, parameters excluded; any device), ``rel_saved``
+its ratio to dense's; GPU rows add ``peak_mib``, the peak allocated during one step beyond what
+was allocated before.
 
 GPU: ResNet-50 at 224 px, block 32, batch 256 per view, bf16 autocast, channels_last. The
 stride-1 3x3 convs on tiles run as ``EFFSSL_TILE_CONV`` says (default cuDNN on halo'd tiles;
@@ -177,11 +177,11 @@ def run(device: str, quick: bool = False):
     for prov, keep in cases:
         row = {"provider": prov, "arch": arch, "img": img, "block": block, "batch": batch,
                "keep": 1.0 if keep is None else keep, "note": note}
-        fn = step_fn(dense if prov == "dense" else sparse, keep)
+        model = dense if prov == "dense" else sparse
         with _provider(prov):
-            row = timed_row(row, fn, device, 0.5 if quick else (2.0 if gpu else 5.0))
+            row = timed_row(row, step_fn(model, keep), device, 0.5 if quick else (2.0 if gpu else 5.0))
             if "median_ms" in row:  # it ran: measure what it keeps for backward too
-                row.update(memory(dense if prov == "dense" else sparse, keep))
+                row.update(memory(model, keep))
         if "median_ms" in row:
             if prov == "dense":
                 base = row["median_ms"]

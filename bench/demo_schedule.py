@@ -2,8 +2,9 @@
 
 MoCo v3 (online ViT + projector + predictor, momentum ViT + projector by EMA, symmetric InfoNCE at
 temperature 0.2; BN-free MLP heads, as in the ViT variant of MoCo v3 here; with BatchNorm the
-schedule restores the running statistics after its probes, see ``estimate``'s ``modules``) on two RandomResizedCrop + flip views (``ek.random_resized_boxes`` +
-``ek.multi_crop``) of random regions of the bundled photographs (bench/real_images.py).
+schedule restores the running statistics after its probes, see ``estimate``'s ``modules``) on
+two RandomResizedCrop + flip views (``ek.random_resized_boxes`` + ``ek.multi_crop``) of random
+regions of the bundled photographs (bench/real_images.py).
 
 - ``baseline``: every step uncompressed (keep 1.0 at the model's patch).
 - ``schedule``: ``ek.AccelerationSchedule`` over keeps x patches, estimated at 0 / 25 / 50 / 75 %

@@ -93,14 +93,22 @@ def choose(device_type: str, cuda_kernel: bool = True) -> str:
     return "cpp"
 
 
+def forward_ad_active() -> bool:
+    """Whether a forward-mode AD dual level is open (``forward_ad.dual_level``, ``torch.func.jvp``).
+    Reads a private module global; True when it is gone, so callers then check every time."""
+    from torch.autograd import forward_ad as fwAD
+
+    return getattr(fwAD, "_current_level", 0) >= 0
+
+
 def reject_forward_ad(fn: str, *tensors) -> None:
     """NotImplementedError when a tensor carries a forward-mode AD tangent (``forward_ad``,
     ``torch.func.jvp``): the ops' autograd is reverse mode only, and a custom op would drop the
     tangent silently (a zero derivative). Free outside a ``dual_level``."""
+    if not forward_ad_active():
+        return
     from torch.autograd import forward_ad as fwAD
 
-    if getattr(fwAD, "_current_level", 0) < 0:  # no dual level open (private; check when unknown)
-        return
     for t in tensors:
         if isinstance(t, torch.Tensor) and fwAD.unpack_dual(t).tangent is not None:
             raise NotImplementedError(

@@ -95,15 +95,14 @@ def _check_op(views, params, blur_weights, norm) -> None:
     if views.dtype not in (torch.float32, torch.float16, torch.bfloat16, torch.uint8):
         raise TypeError(f"{op}: views must be float32, float16, bfloat16 or uint8, got {views.dtype}")
     N = views.shape[0]
-    for name, t, shape in (("params", params, (N, NUM_COLS)), ("blur_weights", blur_weights, None),
-                           ("norm", norm, (2, 3))):
-        if t is None and name == "norm":
-            continue
+    tables = {"params": params, "blur_weights": blur_weights, **({} if norm is None else {"norm": norm})}
+    for name, t in tables.items():
         if not isinstance(t, Tensor) or t.dtype != torch.float32:
             raise TypeError(f"{op}: {name} must be a float32 tensor")
         if t.device != views.device:
             raise ValueError(f"{op}: {name} must be on {views.device}, got {t.device}")
-        if shape is not None and tuple(t.shape) != shape:
+    for name, t, shape in (("params", params, (N, NUM_COLS)), ("norm", norm, (2, 3))):
+        if t is not None and tuple(t.shape) != shape:
             raise ValueError(f"{op}: {name} must be {list(shape)}, got {list(t.shape)}")
     if blur_weights.dim() != 2 or blur_weights.shape[0] != N or blur_weights.shape[1] % 2 != 1:
         raise ValueError(f"{op}: blur_weights must be [N, K] with N = {N} and K odd, got {list(blur_weights.shape)}")

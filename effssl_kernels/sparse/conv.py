@@ -27,7 +27,7 @@ from ..masks import BlockMask, _pair, _positive_pair
 from ..ops.tile_conv import DTYPES as TILE_CONV_DTYPES
 from ..ops.tile_conv import runs_triton, tile_conv
 from ..reference.masked_net import masked_conv2d_reference
-from .halo_ops import halo_conv2d
+from .halo_ops import autocast_conv_args, halo_conv2d
 from .tiles import TileIndex, _check_tiles, is_tile_aligned, pack, unpack
 
 IntOrPair = Union[int, Sequence[int]]
@@ -211,10 +211,7 @@ def _implicit_inputs(tiles: Tensor, weight: Tensor, bias: Optional[Tensor], stri
     tensors = [t for t in (tiles, weight, bias) if t is not None]
     if any(t.dtype == torch.float64 for t in tensors):
         return None  # F.conv2d's rules for float64 (autocast leaves it, mixing raises): the cudnn path
-    if torch.is_autocast_enabled(dev):
-        ac = torch.get_autocast_dtype(dev)
-        tiles, weight = tiles.to(ac), weight.to(ac)
-        bias = None if bias is None else bias.to(ac)
+    tiles, weight, bias = autocast_conv_args(dev, tiles, weight, bias)
     if tiles.dtype not in TILE_CONV_DTYPES or weight.dtype != tiles.dtype or (
             bias is not None and bias.dtype != tiles.dtype):
         return None

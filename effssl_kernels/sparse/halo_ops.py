@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .._backend import forward_ad_active
 from ..masks import _pair
 from ..ops.halo_gather import halo_gather_backward_op, halo_gather_op
 from .tiles import TileIndex, _check_tiles, _halo4
@@ -26,7 +27,7 @@ from .tiles import TileIndex, _check_tiles, _halo4
 _aten = torch.ops.aten
 
 
-def _autocast(device_type: str, *tensors):
+def autocast_conv_args(device_type: str, *tensors):
     """``tensors`` as ``F.conv2d`` sees them under autocast: float32/16/bf16 cast to the autocast
     dtype, float64 and None left alone (autocast's own rule for conv)."""
     if not torch.is_autocast_enabled(device_type):
@@ -134,12 +135,6 @@ class _HaloMaxPool2dJvp(_HaloMaxPool2d):
         return dx.flatten(2).gather(2, idx.flatten(2)).view(idx.shape), None
 
 
-def _forward_ad() -> bool:
-    from torch.autograd import forward_ad as fwAD
-
-    return getattr(fwAD, "_current_level", 0) >= 0  # private; a jvp Function when unknown
-
-
 def halo_conv2d(tiles: Tensor, weight: Tensor, bias: Optional[Tensor], index: TileIndex, halo,
                 stride, dilation, groups: int) -> Tensor:
     """``F.conv2d(halo_gather(tiles, index, halo), weight, bias, stride, 0, dilation, groups)``
@@ -149,9 +144,9 @@ def halo_conv2d(tiles: Tensor, weight: Tensor, bias: Optional[Tensor], index: Ti
     key = _halo4(halo)
     if key == (0, 0, 0, 0):
         return F.conv2d(tiles, weight, bias, stride, 0, dilation, groups)
-    tiles, weight, bias = _autocast(tiles.device.type, tiles, weight, bias)
+    tiles, weight, bias = autocast_conv_args(tiles.device.type, tiles, weight, bias)
     order, offsets = index.halo_inverse(key)
-    cls = _HaloConv2dJvp if _forward_ad() else _HaloConv2d
+    cls = _HaloConv2dJvp if forward_ad_active() else _HaloConv2d
     return cls.apply(tiles, weight, bias, index.halo_table(key), order, offsets,
                      _pair(stride, "stride"), _pair(dilation, "dilation"), groups)
 
@@ -164,6 +159,6 @@ def halo_max_pool2d(tiles: Tensor, index: TileIndex, halo, kernel_size, stride, 
     if key == (0, 0, 0, 0):
         return F.max_pool2d(tiles, kernel_size, stride, 0, dilation)
     order, offsets = index.halo_inverse(key)
-    cls = _HaloMaxPool2dJvp if _forward_ad() else _HaloMaxPool2d
+    cls = _HaloMaxPool2dJvp if forward_ad_active() else _HaloMaxPool2d
     return cls.apply(tiles, index.halo_table(key), order, offsets, _pair(kernel_size, "kernel_size"),
                      _pair(stride, "stride"), _pair(dilation, "dilation"))[0]
