@@ -64,7 +64,8 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten
 
 from ..masks import BlockMask
-from ..reference.masked_net import masked_avg_pool_reference, masked_batch_norm_reference
+from ..reference.masked_net import masked_avg_pool_reference
+from ..sparse.masked_dense import masked_batch_norm
 from ..sparse.tiles import kept_tiles, prepare_tiles
 from ..sparse.packed import (
     PackedMap,
@@ -271,9 +272,8 @@ class _MaskedBatchNorm:
         if isinstance(x, PackedMap):
             return batch_norm_map(x, rm, rv, self.weight, self.bias, bn_training, factor,
                                   self.eps, reduce=reduce)
-        return masked_batch_norm_reference(x, mask.pixel_mask(s, x.shape[-2:]), rm, rv,
-                                           self.weight, self.bias, bn_training, factor, self.eps,
-                                           reduce=reduce)
+        return masked_batch_norm(x, mask.pixel_mask(s, x.shape[-2:]), rm, rv, self.weight,
+                                 self.bias, bn_training, factor, self.eps, reduce=reduce)
 
 
 def _sync_group(bn: nn.Module):

@@ -123,19 +123,9 @@ def masked_batch_norm_reference(x: Tensor, mask_pixels: Tensor, running_mean: Op
     ``E[x^2] - mean^2`` cancellation).
     """
     fn = "masked_batch_norm_reference"
-    _check_pixels(x, mask_pixels, fn)
-    if momentum is None:
-        raise ValueError(f"{fn}: momentum=None is not supported: pass the update factor, as "
-                         f"nn.BatchNorm2d does for a cumulative average (1 / num_batches_tracked)")
-    if (running_mean is None) != (running_var is None):
-        raise ValueError(f"{fn}: give both running_mean and running_var or neither")
-    if not training and running_mean is None:
-        raise ValueError(f"{fn}: eval mode needs running_mean and running_var")
+    check_batch_norm_args(x, mask_pixels, running_mean, running_var, weight, bias, training,
+                          momentum, fn)
     C = x.shape[1]
-    for name, t in (("running_mean", running_mean), ("running_var", running_var),
-                    ("weight", weight), ("bias", bias)):
-        if t is not None and tuple(t.shape) != (C,):
-            raise ValueError(f"{fn}: {name} must have shape [{C}], got {tuple(t.shape)}")
     acc = _acc_dtype(x.dtype)
     xa = _apply(mask_pixels, x).to(acc)
     m = mask_pixels.to(acc)
@@ -150,13 +140,7 @@ def masked_batch_norm_reference(x: Tensor, mask_pixels: Tensor, running_mean: Op
         sq = (m * (xa - mean.view(1, C, 1, 1)) ** 2).sum(dim=(0, 2, 3))
         var = (sq if reduce is None else reduce(sq)) / n_safe
         if running_mean is not None:
-            with torch.no_grad():
-                upd = n > 1
-                unbiased = var * n.to(acc) / (n - 1).clamp(min=1).to(acc)
-                new_mean = (1 - momentum) * running_mean + momentum * mean.to(running_mean.dtype)
-                new_var = (1 - momentum) * running_var + momentum * unbiased.to(running_var.dtype)
-                running_mean.copy_(torch.where(upd, new_mean, running_mean))
-                running_var.copy_(torch.where(upd, new_var, running_var))
+            update_running_stats(running_mean, running_var, mean, var, n, momentum)
     else:
         mean, var = running_mean.to(acc), running_var.to(acc)
     y = (xa - mean.view(1, C, 1, 1)) * torch.rsqrt(var.view(1, C, 1, 1) + eps)
@@ -165,6 +149,38 @@ def masked_batch_norm_reference(x: Tensor, mask_pixels: Tensor, running_mean: Op
     if bias is not None:
         y = y + bias.to(acc).view(1, C, 1, 1)
     return _apply(mask_pixels, y.to(x.dtype))
+
+
+def check_batch_norm_args(x: Tensor, mask_pixels: Tensor, running_mean: Optional[Tensor],
+                          running_var: Optional[Tensor], weight: Optional[Tensor],
+                          bias: Optional[Tensor], training: bool, momentum: float, fn: str) -> None:
+    """The argument rules of :func:`masked_batch_norm_reference` (the sparse layers' too)."""
+    _check_pixels(x, mask_pixels, fn)
+    if momentum is None:
+        raise ValueError(f"{fn}: momentum=None is not supported: pass the update factor, as "
+                         f"nn.BatchNorm2d does for a cumulative average (1 / num_batches_tracked)")
+    if (running_mean is None) != (running_var is None):
+        raise ValueError(f"{fn}: give both running_mean and running_var or neither")
+    if not training and running_mean is None:
+        raise ValueError(f"{fn}: eval mode needs running_mean and running_var")
+    C = x.shape[1]
+    for name, t in (("running_mean", running_mean), ("running_var", running_var),
+                    ("weight", weight), ("bias", bias)):
+        if t is not None and tuple(t.shape) != (C,):
+            raise ValueError(f"{fn}: {name} must have shape [{C}], got {tuple(t.shape)}")
+
+
+def update_running_stats(running_mean: Tensor, running_var: Tensor, mean: Tensor, var: Tensor,
+                         n: Tensor, momentum: float) -> None:
+    """In place, as BatchNorm2d: ``running = (1 - momentum) * running + momentum * stat``, the
+    biased ``var`` made unbiased (``* n / (n - 1)``); no update where ``n <= 1`` (no host sync)."""
+    with torch.no_grad():
+        upd = n > 1
+        unbiased = var * n.to(var.dtype) / (n - 1).clamp(min=1).to(var.dtype)
+        new_mean = (1 - momentum) * running_mean + momentum * mean.to(running_mean.dtype)
+        new_var = (1 - momentum) * running_var + momentum * unbiased.to(running_var.dtype)
+        running_mean.copy_(torch.where(upd, new_mean, running_mean))
+        running_var.copy_(torch.where(upd, new_var, running_var))
 
 
 def masked_avg_pool_reference(x: Tensor, mask_pixels: Tensor) -> Tensor:

@@ -12,7 +12,8 @@ Tiled when the layer maps tiles to tiles ("tile-aligned"), per axis:
   ``H_in / stride``; covers 'same'-style odd kernels at any stride, k=1 at any stride, and
   e.g. k=2/stride=2/p=0); ``padding='valid'`` likewise with ``p = 0``; ``padding='same'``
   (stride 1) always.
-Otherwise it runs masked-dense (``masked_conv2d_reference``: exact, every pixel computed).
+Otherwise it runs masked-dense (``masked_dense.masked_conv2d``: the values of
+``masked_conv2d_reference``, every pixel computed).
 """
 from __future__ import annotations
 
@@ -26,8 +27,8 @@ from torch import Tensor
 from ..masks import BlockMask, _pair, _positive_pair
 from ..ops.tile_conv import DTYPES as TILE_CONV_DTYPES
 from ..ops.tile_conv import runs_triton, tile_conv
-from ..reference.masked_net import masked_conv2d_reference
 from .halo_ops import autocast_conv_args, halo_conv2d
+from .masked_dense import masked_conv2d
 from .tiles import TileIndex, _check_tiles, is_tile_aligned, pack, unpack
 
 IntOrPair = Union[int, Sequence[int]]
@@ -143,8 +144,8 @@ def sparse_conv2d(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None,
     halo = conv_tile_halo(weight.shape[-2:], stride, padding, dilation, mask=mask,
                           in_stride=s_in, size=x.shape[-2:])
     if halo is None:
-        return masked_conv2d_reference(x, weight, bias, stride, padding, dilation, groups,
-                                       mask=mask, in_stride=s_in)
+        return masked_conv2d(x, weight, bias, stride, padding, dilation, groups,
+                             mask=mask, in_stride=s_in)
     _check_x(x, mask, s_in, fn)  # implied by conv_tile_halo(size=...); kept as the tiles' guard
     s = _positive_pair(stride, "stride")
     idx_in = TileIndex.from_mask(mask, s_in)
