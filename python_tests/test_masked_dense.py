@@ -7,7 +7,6 @@ import re
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 import effssl_kernels as ek
 from effssl_kernels.reference.masked_net import masked_batch_norm_reference, masked_conv2d_reference
