@@ -141,6 +141,25 @@ def test_spatial_reduction_outside_the_pool_is_refused(how):
     assert not R.is_sparse(m)
 
 
+class _SqueezeExcite(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv, self.pool, self.fc = nn.Conv2d(3, 4, 3, padding=1), nn.AdaptiveAvgPool2d(1), nn.Conv2d(4, 4, 1)
+
+    def forward(self, x):
+        h = self.conv(x)
+        return h * self.fc(self.pool(h)).sigmoid()
+
+
+def test_conv_of_a_global_pool_is_refused_by_name():
+    """A squeeze-and-excitation conv reads a pooled [N, C, 1, 1] vector, no map a mask follows:
+    refused, naming the module (torchvision's regnet_y said only 'has no known stride')."""
+    m = _SqueezeExcite()
+    with pytest.raises(TypeError, match=r"input of fc \(Conv2d\) is not a feature map.*squeeze-and-excitation"):
+        R.sparsify(m, example_input=torch.zeros(1, 3, 16, 16))
+    assert not R.is_sparse(m)
+
+
 def test_global_pool_then_flatten_is_the_kept_mean():
     torch.manual_seed(0)
     m = _Reduce("pool")

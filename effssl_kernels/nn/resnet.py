@@ -497,6 +497,7 @@ def _trace_once(model: nn.Module, modules: list[nn.Module], example_input: Tenso
     order: list[nn.Module] = []
     tracer = _StrideTracer()
     handles = []
+    names = {m: n for n, m in model.named_modules()}
     fast = _fast_avg_pool_cls()
     pools = (nn.AdaptiveAvgPool2d,) + ((fast,) if fast is not None else ())
 
@@ -504,7 +505,10 @@ def _trace_once(model: nn.Module, modules: list[nn.Module], example_input: Tenso
         x = args[0] if args else None
         s = getattr(x, "_effssl_s", None) if isinstance(x, Tensor) else None
         if s is None:
-            tracer.error = tracer.error or f"the input of {type(m).__name__} has no known stride"
+            tracer.error = tracer.error or (
+                f"the input of {names.get(m, '?')} ({type(m).__name__}) is not a feature map of "
+                f"the image (a global pool's output, as in a squeeze-and-excitation block, or "
+                f"a tensor made inside forward), which a mask cannot follow")
         elif m not in table:
             order.append(m)
             table[m] = s
