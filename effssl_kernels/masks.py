@@ -155,12 +155,18 @@ class BlockMask:
         ``ceil(H / s)`` are cut, larger ones are kept beyond the image). See the module docstring.
 
         Exact for any stride (dividing ``B`` or not); vectorised (an integral image of ``keep``
-        read at each feature pixel's block range), device-side, no host sync; cached.
+        read at each feature pixel's block range), device-side, no host sync; cached (not
+        inside a torch.compile or export trace, where it is built in the graph).
         """
         sh, sw = _positive_pair(stride, "BlockMask.pixel_mask: stride")
         h, w = _pair(size, "BlockMask.pixel_mask: size")
         if h < 0 or w < 0:
             raise ValueError(f"size must be non-negative, got {(h, w)}")
+        if torch.compiler.is_compiling():
+            # In a trace: computed in the graph, the cache neither read nor written. Dynamo
+            # guards on what a cache holds, so a second compiled call under the same mask (an
+            # EMA teacher's, say) would find it filled and recompile, once per new mask.
+            return self._compute_pixel_mask(sh, sw, h, w)
         key = (sh, sw, h, w, self.device)
         m = self._cache.get(key)
         if m is None:

@@ -92,3 +92,128 @@ def test_zero_breaking_ops_agree_eager_and_compiled():
         torch.testing.assert_close(a, w, rtol=1e-12, atol=1e-12, msg=lambda m, i=i: f"eager {i}: {m}")
         torch.testing.assert_close(b, w, rtol=1e-12, atol=1e-12, msg=lambda m, i=i: f"compiled {i}: {m}")
     torch.testing.assert_close(ye[1].flatten(1).sum(1), yc[1].flatten(1).sum(1))
+
+
+@pytest.mark.parametrize("form", ["BlockMask", "keep"])
+def test_two_compiled_calls_per_mask_compile_nothing_after_the_first_masks(form):
+    """An EMA teacher, or a second view, calls a compiled model again under the same mask. The
+    traced code read and filled the mask's caches (pixel masks, tile indices, tables), so the
+    second call found them filled and Dynamo, which guards on what a cache holds, recompiled for
+    every new tile count until fullgraph=True hit the recompile limit. In a trace nothing past
+    the kept list (prepared on entering the `with`) is cached now."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    eager = R.sparsify(_randomize_bn(_cifar_resnet()).double())
+    model = copy.deepcopy(eager)
+    compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 3, 32, 32, generator=g, dtype=torch.float64)
+    graphs = []
+    for T in (5, 9, 12, 7, 10, 13, 6):  # under 16: the CPU conv's backend choice guards there
+        keep = torch.zeros(32, dtype=torch.bool)
+        keep[torch.randperm(32, generator=g)[:T]] = True
+        keep = keep.view(2, 4, 4)
+        mask = BlockMask(keep, 8, 32)
+        with R.block_mask(*((mask,) if form == "BlockMask" else (keep, 8))):
+            yc = [compiled(x), compiled(x.flip(-1))]
+            with torch.no_grad():
+                compiled(x)
+        with R.block_mask(BlockMask(keep, 8, 32)):  # eager fills its mask's caches
+            ye = [eager(x), eager(x.flip(-1))]
+        for a, e in zip(yc, ye):
+            torch.testing.assert_close(a, e, rtol=1e-9, atol=1e-10)
+        if form == "BlockMask":
+            assert set(mask._tile_indices) == {"base"} and not mask._cache  # nothing traced kept
+        graphs.append(counters["stats"]["unique_graphs"])
+    assert graphs[-1] == graphs[2] <= 4, graphs  # grad and no_grad, each static then dynamic
+
+
+def _tiny_net():
+    from torch import nn
+
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.MaxPool2d(3, 2, 1),
+                         nn.Conv2d(8, 8, 3, padding=1, bias=False), nn.Conv2d(8, 8, 1, stride=2),
+                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 4))
+
+
+def test_inductor_backward_of_a_batch_that_keeps_no_block():
+    # Inductor's backward of a conv over a batch of 0 fails an assertion (torch 2.14: "expected
+    # size 16==16, stride 1==9"), F.conv2d alone too: a step keeping no tile crashed. The tiled
+    # conv of no tiles is now zeros of the right shape, without a conv.
+    eager = R.sparsify(_tiny_net(), example_input=torch.zeros(1, 3, 32, 32))
+    model = copy.deepcopy(eager)
+    torch._dynamo.reset()
+    compiled = torch.compile(model, fullgraph=True)
+    x = torch.randn(2, 3, 32, 32)
+    keep = torch.zeros(2, 4, 4, dtype=torch.bool)
+    with R.block_mask(keep, 8):
+        yc = compiled(x)
+    with R.block_mask(keep, 8):
+        ye = eager(x)
+    torch.testing.assert_close(yc, ye)
+    yc.square().sum().backward()
+    ye.square().sum().backward()
+    for (k, pe), pc in zip(eager.named_parameters(), model.parameters()):
+        assert pc.grad is not None, k
+        torch.testing.assert_close(pc.grad, pe.grad, msg=lambda m, k=k: f"{k}: {m}")
+    assert model[0].weight.grad.abs().sum() == 0  # nothing kept: no weight sees a pixel
+
+
+@pytest.mark.parametrize("weight_shape,stride,halo,dilation", [
+    ((6, 4, 3, 3), (1, 1), (1, 1, 1, 1), (1, 1)), ((6, 4, 3, 3), (2, 2), (1, 0, 1, 0), (1, 1)),
+    ((6, 4, 1, 1), (2, 2), (0, 0, 0, 0), (1, 1)), ((6, 4, 3, 3), (1, 1), (2, 2, 2, 2), (2, 2)),
+    ((6, 4, 7, 7), (2, 2), (3, 2, 3, 2), (1, 1))])
+def test_the_conv_of_no_tiles_is_the_conv_of_an_empty_batch(weight_shape, stride, halo, dilation):
+    from effssl_kernels.sparse.conv import _no_tiles
+
+    left, right, top, bottom = halo
+    tiles = torch.zeros(0, 4, 8, 8).contiguous(memory_format=torch.channels_last).requires_grad_()
+    w = torch.randn(weight_shape, requires_grad=True)
+    b = torch.randn(6, requires_grad=True)
+    for autocast in (False, True):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            got = _no_tiles(tiles, w, b, stride, halo, dilation)
+            want = torch.nn.functional.conv2d(
+                torch.nn.functional.pad(tiles, (left, right, top, bottom)), w, b, stride, 0, dilation)
+        assert got.shape == want.shape and got.dtype == want.dtype, (got.shape, want.shape)
+        gt, gw, gb = torch.autograd.grad(got.sum(), (tiles, w, b))
+        assert gt.shape == tiles.shape and not gw.any() and not gb.any()
+    assert _no_tiles(tiles.double(), w, b, stride, halo, dilation) is None  # F.conv2d's dtype error
+
+
+class _Masked(torch.nn.Module):
+    """Export wrapper: the keep grid is an input and the `with` is inside forward."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x, keep):
+        with R.block_mask(keep, 8):
+            return self.model(x)
+
+
+def test_export_records_no_mask_entered_outside_it():
+    """torch.export of a model called in a `with` entered outside the export made the mask's
+    tensors constants of the program, which then applied that one mask to every later call,
+    silently. It raises now; a wrapper that takes the keep as an input exports and generalises."""
+    model = R.sparsify(_randomize_bn(_cifar_resnet())).eval()
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 3, 32, 32, generator=g)
+    k1, k2 = torch.rand(2, 4, 4, generator=g) < 0.5, torch.rand(2, 4, 4, generator=g) < 0.3
+    with R.block_mask(k1, 8):
+        with pytest.raises(RuntimeError, match="torch.export of a model called inside a block_mask"):
+            torch.export.export(model, (x,))
+    with R.block_mask(k2, 8):
+        want2 = model(x)
+    ep = torch.export.export(_Masked(model), (x, k1))
+    for keep in (k2, k1):
+        with R.block_mask(keep, 8):
+            want = model(x)
+        torch.testing.assert_close(ep.module()(x, keep), want, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(want, want2, atol=1e-3)  # the two masks differ in the output
+    with R.block_mask(k2, 8):  # and the exports left the eager model as it was
+        torch.testing.assert_close(model(x), want2)

@@ -128,7 +128,10 @@ def test_gradients_match_timm(variant):
     model.zero_grad()
     _expected(model, x, keep).square().sum().backward()
     for n, p in model.named_parameters():
-        torch.testing.assert_close(got[n], p.grad, rtol=1e-4, atol=1e-5, msg=n)
+        # float32 sums of ~100 terms of size ~50 (cls_token): the absolute error scales with
+        # the gradient's largest entry, not with each entry (a near-zero one failed at 1e-5)
+        scale = p.grad.abs().max().item()
+        torch.testing.assert_close(got[n], p.grad, rtol=1e-4, atol=1e-5 + 1e-5 * scale, msg=n)
     for n in ("patch_embed.proj.weight", "patch_embed.proj.bias", "pos_embed"):
         assert got[n].abs().sum() > 0, n
 
@@ -238,6 +241,37 @@ def test_compile_fullgraph(backend, mirrored, monkeypatch):
         with ek.token_keep(keeps[0]):
             compiled(x).sum().backward()
         assert model.patch_embed.proj.weight.grad is not None
+
+
+class _KeepWrapper(nn.Module):
+    """Export wrapper: the keep is an input and the `with` is inside forward."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x, keep):
+        with ek.token_keep(keep):
+            return self.model(x)
+
+
+def test_export_records_no_keep_entered_outside_it():
+    # Exported inside a token_keep entered outside, the keep became a constant of the program,
+    # applied to every later call whatever keep was in force: it raises now. A wrapper taking the
+    # keep as an input exports, and with a dynamic K serves any K.
+    from torch.export import Dim
+
+    model = ek.sparsify_vit(_vit(depth=1))
+    x = torch.randn(2, 3, 64, 64)
+    k1, k2 = ek.random_token_keep(2, 16, 0.5, multiple_of=1), ek.random_token_keep(2, 16, 0.25, multiple_of=1)
+    with ek.token_keep(k1):
+        with pytest.raises(RuntimeError, match="torch.export of a model called inside a token_keep"):
+            torch.export.export(model, (x,))
+    ep = torch.export.export(_KeepWrapper(model), (x, k1), dynamic_shapes=({}, {1: Dim("K", min=1, max=16)}))
+    for keep in (k2, k1):
+        with ek.token_keep(keep):
+            want = model(x)
+        torch.testing.assert_close(ep.module()(x, keep), want, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize(

@@ -33,6 +33,9 @@ def _compiling() -> bool:
     return _MIRRORED and torch.compiler.is_compiling()
 
 
+_is_exporting = getattr(torch.compiler, "is_exporting", lambda: False)
+
+
 class ContextState:
     """A ContextVar (unset: None, with a warning when another thread has one) with a mirror for
     traced code."""
@@ -48,12 +51,28 @@ class ContextState:
         self._lock = threading.Lock()
         self.what = what  # for the warning below: "block_mask", "token_keep"
         self.warned = False
+        self.exported = 0  # `with`s entered inside a torch.export trace and not yet left
         _ALL.append(self)
 
     def _sync_mirror(self) -> None:
         self.mirror = self._active[-1][1] if self._active else None
 
     def get(self) -> Any:
+        value = self._get()
+        if value is not None and self.exported == 0 and _is_exporting():
+            # torch.export would bake the tensors of a `with` entered outside it into the
+            # program as constants: the exported model would then apply this one mask forever,
+            # whatever is in force when it runs.
+            raise RuntimeError(
+                f"effssl_kernels: torch.export of a model called inside a {self.what} entered "
+                f"outside the export would record its tensors as constants of the exported "
+                f"program, which would apply them to every later input. Export a wrapper whose "
+                f"forward takes the keep tensor as an input and enters the {self.what} itself "
+                f"(README, 'torch.compile and export'), or export outside the `with` (the dense "
+                f"model)")
+        return value
+
+    def _get(self) -> Any:
         if _compiling():
             return self.mirror
         value = self.var.get()
@@ -68,13 +87,15 @@ class ContextState:
                           f"threads and never see it: use DistributedDataParallel (one process per "
                           f"GPU), or enter the `with` in the thread that calls the model (`with "
                           f"{self.what}(None)` there says that no {self.what} is meant)",
-                          RuntimeWarning, stacklevel=3)
+                          RuntimeWarning, stacklevel=4)
         return None
 
     @contextlib.contextmanager
     def bound(self, value: Any) -> Iterator[None]:
         """``value`` in force inside the ``with`` (the previous one restored after)."""
         key = object()
+        exported = _is_exporting()
+        self.exported += exported
         tok = self.var.set(value)
         with self._lock:
             self._active.append((key, value))
@@ -85,6 +106,7 @@ class ContextState:
             with self._lock:  # first: reset raises for a token of another Context
                 self._active = [e for e in self._active if e[0] is not key]
                 self._sync_mirror()
+            self.exported -= exported
             self.var.reset(tok)
 
 

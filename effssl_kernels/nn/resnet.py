@@ -111,11 +111,13 @@ class _MaskState:
         # layer ran, e.g. a submodule called on its own) fixes the block grid.
         if first or (self.last is None and in_stride == (1, 1)):
             size = (int(x.shape[-2]), int(x.shape[-1]))
-            m = self.by_size.get(size)
+            # not cached in a trace (Dynamo would guard on the dict: see BlockMask.pixel_mask)
+            m = None if torch.compiler.is_compiling() else self.by_size.get(size)
             if m is None:
                 m = BlockMask(self.keep, self.block_size, size)  # checks the grid
                 prepare_tiles(m, self.base)
-                self.by_size[size] = m
+                if not torch.compiler.is_compiling():
+                    self.by_size[size] = m
             self.last = m
             return m
         m = self.last

@@ -22,7 +22,11 @@ applies to every sparsified ViT called inside the ``with``, so an online encoder
 and a momentum encoder called outside (or inside ``token_keep(None)``) are driven separately.
 ``torch.compile(model, fullgraph=True)`` reads it without a graph break (on torch < 2.14,
 whose Dynamo cannot trace a ContextVar, through the mirror of ``nn/_state.py``; tested on torch
-2.11 and 2.14; each distinct ``K`` or patch size specialises the graph).
+2.11 and 2.14). The first ``K`` compiles a static graph and a second distinct ``K`` a graph
+dynamic in ``K`` that serves every later one (``K = 1`` is one more: Dynamo specialises sizes 0
+and 1; ``dynamic=True`` skips the static one); each patch size is a graph of its own. To
+``torch.export``, export a wrapper whose ``forward(x, keep)`` enters ``token_keep`` itself: a
+keep entered outside the export would become a constant of the program (it raises).
 """
 from __future__ import annotations
 

@@ -23,6 +23,7 @@ from typing import Optional, Sequence, Tuple, Union
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from ..masks import BlockMask, _pair, _positive_pair
 from ..ops.tile_conv import DTYPES as TILE_CONV_DTYPES
@@ -219,10 +220,34 @@ def _implicit_inputs(tiles: Tensor, weight: Tensor, bias: Optional[Tensor], stri
     return tiles, weight, bias
 
 
+def _no_tiles(tiles: Tensor, weight: Tensor, bias: Optional[Tensor], stride: Tuple[int, int],
+              halo: Halo, dilation: IntOrPair) -> Optional[Tensor]:
+    """The conv of no tiles, ``[0, C_out, oh, ow]``, without a conv: Inductor's backward of a
+    conv over a batch of 0 fails an assertion (torch 2.14; F.conv2d alone does too), and a step
+    whose batch keeps no block would crash. Still a function of every input (times 0), so their
+    gradients are zeros, as eager's, not None. Under compile T = 0 is a graph of its own anyway
+    (Dynamo specialises sizes 0 and 1). None where dtypes differ: F.conv2d's error then."""
+    t, w, b = autocast_conv_args(tiles.device.type, tiles, weight, bias)
+    if w.dtype != t.dtype or (b is not None and b.dtype != t.dtype):
+        return None
+    left, right, top, bottom = halo
+    dh, dw = _positive_pair(dilation, "dilation")
+    kh, kw = weight.shape[-2:]
+    oh = (tiles.shape[2] + top + bottom - dh * (kh - 1) - 1) // stride[0] + 1
+    ow = (tiles.shape[3] + left + right - dw * (kw - 1) - 1) // stride[1] + 1
+    zero = t.sum() + w.sum() + (b.sum() if b is not None else 0)
+    out = t.new_zeros((0, weight.shape[0], oh, ow)).contiguous(memory_format=torch.channels_last)
+    return out + zero * 0
+
+
 def _conv_tiles(tiles: Tensor, weight: Tensor, bias: Optional[Tensor], stride: Tuple[int, int],
                 halo: Halo, dilation: IntOrPair, groups: int, index: TileIndex) -> Tensor:
     """``[T, C, bh, bw]`` -> ``[T, C_out, bh / sh, bw / sw]``: halo, then a VALID conv (or the
     implicit GEMM that reads the halo in place, see :func:`tile_conv_choice`)."""
+    if statically_known_true(tiles.shape[0] == 0):  # not a guard on export's unbacked T
+        out = _no_tiles(tiles, weight, bias, stride, halo, dilation)
+        if out is not None:
+            return out
     implicit = _implicit_inputs(tiles, weight, bias, stride, groups)
     if implicit is not None:
         left, right, top, bottom = halo

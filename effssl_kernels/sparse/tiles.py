@@ -100,7 +100,8 @@ class TileIndex:
     def from_mask(cls, mask: BlockMask, stride: IntOrPair = 1) -> "TileIndex":
         """The index of ``mask`` at cumulative ``stride`` (int or ``(sh, sw)``); raises
         ValueError when that resolution is not tile-aligned (see :func:`is_tile_aligned`).
-        Cached: the first call per mask does the one host sync, later strides reuse it."""
+        Cached: the first call per mask does the one host sync, later strides reuse it (inside
+        a torch.compile or export trace a new index is built on the cached kept list)."""
         if not isinstance(mask, BlockMask):
             raise TypeError(f"mask must be a BlockMask, got {type(mask).__name__}")
         s = _positive_pair(stride, "stride")
@@ -112,6 +113,13 @@ class TileIndex:
         # as its mask (one step, typically) and needs no invalidation, a BlockMask's keep being
         # fixed. Not a global dict: torch.compile would guard on its keys, recompiling per mask.
         entry = mask._tile_indices
+        if torch.compiler.is_compiling():
+            # In a trace: a fresh index (its tables built in the graph), the mask's cache not
+            # read or written past the kept list, which block_mask prepares on entering the
+            # `with` (see BlockMask.pixel_mask: Dynamo guards on what a cache holds).
+            base = entry.get("base") or kept_tiles(mask.keep)
+            B = mask.block_size
+            return cls(base[0], base[1], (B // s[0], B // s[1]), s)
         idx = entry.get(s)
         if idx is None:
             base = prepare_tiles(mask)
