@@ -144,3 +144,15 @@ def register_interpreter_fakes(*op_fakes) -> None:
     for op, fake in op_fakes:
         op.register_fake(fake)
         op.register_torch_dispatch(FunctionalTensorMode, passthrough)
+
+
+def register_flops(ops, formula) -> None:
+    """Give each op (``torch.ops.effssl_kernels.<name>`` packets) a FLOP formula for
+    ``torch.utils.flop_counter.FlopCounterMode``, which counts an op it has no formula for as 0
+    (a sparse ViT's patch embedding looked free). ``formula(*shapes, out_shape)``: the
+    arguments with tensors replaced by their shapes. Once per op (a re-import is a no-op)."""
+    from torch.utils import flop_counter
+
+    for op in ops:
+        if op not in flop_counter.flop_registry:
+            flop_counter.register_flop_formula(op)(formula)

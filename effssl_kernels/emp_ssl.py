@@ -3,7 +3,7 @@
 A step (shared/seeds/001_c2fdba03c4bcd6a8.txt, and EMP-SSL's public code):
 
 1. :func:`emp_ssl_patches`: ``P`` (20 to 200) RandomResizedCrop + flip patches per image,
-   made on the device by one ``multi_crop`` launch, patch-major (``[P * N, C, s, s]``: patch
+   made on the device by ``multi_crop`` (at most eight launches), patch-major (``[P * N, C, s, s]``: patch
    ``i`` of every image, then patch ``i + 1``), so that ``z.view(P, N, d)`` are EMP-SSL's
    ``z_list`` chunks.
 2. The encoder (a plain model, or one converted by ``effssl_kernels.sparsify`` and run under
@@ -28,9 +28,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ._utils import finite_number, int_arg
+from ._utils import as_pair, finite_number, int_arg
 from .losses import _IN_DTYPES, tcr_loss
-from .transforms import random_crops
+from .ops.multi_crop import multi_crop
+from .transforms import check_out_dtype, random_resized_boxes
 
 __all__ = ["emp_ssl_patches", "emp_ssl_loss", "bag_of_features"]
 
@@ -47,7 +48,8 @@ def emp_ssl_patches(
     generator: Optional[torch.Generator] = None,
     out_dtype: Optional[torch.dtype] = None,
 ) -> Tensor:
-    """``num_patches`` crop-resize-flip patches of every image in one ``multi_crop`` launch.
+    """``num_patches`` crop-resize-flip patches of every image, in at most eight ``multi_crop`` launches
+    written straight into the patch-major output (peak memory: the output and an eighth).
 
     Args:
         images: ``[N, C, H, W]`` on any device (uint8 gives float32 in ``[0, 1]``; a float image
@@ -69,11 +71,31 @@ def emp_ssl_patches(
     """
     if not isinstance(images, Tensor) or images.dim() != 4:
         raise ValueError("emp_ssl_patches: images must be a [N, C, H, W] tensor")
-    int_arg("num_patches", "emp_ssl_patches", num_patches, 1)
-    p, _, _ = random_crops(images, num_patches, size, scale, ratio, hflip_p, generator=generator,
-                           out_dtype=out_dtype)
-    # the crops are image-major ([N, P, ...]); EMP-SSL chunks patch-major
-    return p.transpose(0, 1).reshape(num_patches * images.shape[0], *p.shape[2:])
+    P = int_arg("num_patches", "emp_ssl_patches", num_patches, 1)
+    check_out_dtype(images, out_dtype, "emp_ssl_patches")
+    N = images.shape[0]
+    boxes, flips = random_resized_boxes(N, P, tuple(images.shape[-2:]), scale, ratio, hflip_p,
+                                        generator=generator, device=images.device)
+    u8 = images.dtype == torch.uint8
+    dtype = (out_dtype or torch.float32) if u8 else (out_dtype or images.dtype)
+    s = as_pair(size, "emp_ssl_patches: size")
+    out = torch.empty((P, N, images.shape[1], *s), dtype=dtype, device=images.device)
+    # multi_crop is image-major ([N, k, ...]) and EMP-SSL patch-major: crop _CHUNKS groups of
+    # patches, each copied (and scaled) into its rows, so the peak is the output plus one group,
+    # not two whole copies of it (12,800 patches of 224 px are 7.7 GB in float32)
+    k = -(-P // _CHUNKS)
+    for i in range(0, P, k):
+        j = min(i + k, P)
+        c = multi_crop(images, boxes[:, i:j].contiguous(), flips[:, i:j].contiguous(), s, out_dtype=dtype)
+        c = c.view(N, j - i, *c.shape[1:]).transpose(0, 1)
+        if u8:
+            torch.mul(c, 1.0 / 255, out=out[i:j])
+        else:
+            out[i:j].copy_(c)
+    return out.view(P * N, *out.shape[2:])
+
+
+_CHUNKS = 8  # multi_crop launches per emp_ssl_patches call
 
 
 EMP_SSL_EPS = 0.2 ** 0.5  # eps^2 = 0.2: EMP-SSL's paper, and its code's d / (N * 0.2)
@@ -123,7 +145,10 @@ def emp_ssl_loss(z: Tensor, num_patches: int, *, lam: float = 200.0, eps: float 
     if normalize:
         z = F.normalize(z, dim=-1)
     zbar = z.mean(0, keepdim=True)
-    sim = F.cosine_similarity(z, zbar, dim=-1).mean()  # mean over patches and images
+    if normalize:  # unit rows: the cosine is a dot with the normalised mean (not z again)
+        sim = (z * F.normalize(zbar, dim=-1)).sum(-1).mean()
+    else:
+        sim = F.cosine_similarity(z, zbar, dim=-1).mean()  # mean over patches and images
     rate = tcr_loss(z, eps, check=check).mean()  # [P] groups in one batched factorisation
     loss = -lam * sim - rate
     return loss, {"invariance": sim.detach(), "tcr": rate.detach()}

@@ -114,6 +114,14 @@ def random_resized_boxes(
     return to_device_async(boxes, device), to_device_async(flips, device)  # drawing never stalls a step
 
 
+def check_out_dtype(images: Tensor, out_dtype, fn: str) -> None:
+    """TypeError unless ``out_dtype`` is None, float32, float16, bfloat16 or the images' own float dtype."""
+    if out_dtype is not None and not (isinstance(out_dtype, torch.dtype) and out_dtype.is_floating_point and (
+            out_dtype in (torch.float32, torch.float16, torch.bfloat16) or out_dtype == images.dtype)):
+        raise TypeError(f"{fn}: out_dtype must be None, float32, float16, bfloat16 or the float "
+                        f"images' dtype (crops of uint8 images are scaled to [0, 1]), got {out_dtype!r}")
+
+
 def random_crops(
     images: Tensor,
     num_crops: int,
@@ -147,10 +155,7 @@ def random_crops(
     as_pair(size, "random_crops: size")
     if not isinstance(images, Tensor) or images.dim() != 4:
         raise ValueError("random_crops: images must be a [N, C, H, W] tensor")
-    if out_dtype is not None and not (isinstance(out_dtype, torch.dtype) and out_dtype.is_floating_point and (
-            out_dtype in (torch.float32, torch.float16, torch.bfloat16) or out_dtype == images.dtype)):
-        raise TypeError(f"random_crops: out_dtype must be None, float32, float16, bfloat16 or the float "
-                        f"images' dtype (crops of uint8 images are scaled to [0, 1]), got {out_dtype!r}")
+    check_out_dtype(images, out_dtype, "random_crops")
     N = images.shape[0]
     boxes, flips = random_resized_boxes(N, num_crops, tuple(images.shape[-2:]), scale, ratio, hflip_p,
                                         generator=generator, device=images.device)

@@ -118,6 +118,23 @@ def test_patches_are_patch_major_multi_crops():
             torch.testing.assert_close(got[i * 3 + n], crops[n * 4 + i], rtol=0, atol=1e-7)
 
 
+def test_patches_are_written_in_chunks_not_copied_whole(monkeypatch):
+    # The image-major crops were transposed into a second, patch-major copy: twice the patches'
+    # memory at the peak. Now each multi_crop makes an eighth of them, copied into its rows.
+    import effssl_kernels.emp_ssl as E
+
+    sizes, real = [], E.multi_crop
+    monkeypatch.setattr(E, "multi_crop", lambda *a, **k: sizes.append(real(*a, **k).shape[0]) or real(*a, **k))
+    images = torch.randint(0, 256, (3, 3, 20, 24), dtype=torch.uint8)
+    got = emp_ssl_patches(images, 20, 8, generator=torch.Generator().manual_seed(5))
+    assert sizes == [3 * 3] * 6 + [3 * 2] and sum(sizes) == got.shape[0] == 60
+    boxes, flips = ek.random_resized_boxes(3, 20, (20, 24), (0.25, 0.25), (1.0, 1.0),
+                                           generator=torch.Generator().manual_seed(5))
+    want = real(images, boxes, flips, 8, out_dtype=torch.float32).mul_(1 / 255)
+    torch.testing.assert_close(got, want.view(3, 20, 3, 8, 8).transpose(0, 1).reshape(60, 3, 8, 8),
+                               rtol=0, atol=0)
+
+
 def test_default_patches_are_emp_ssl_square_quarters():
     # EMP-SSL: RandomResizedCrop(32, scale=(0.25, 0.25), ratio=(1, 1)): on 32 px images every box is
     # a 16 x 16 square, so 16 px patches copy pixels (x steps of exactly 1, mirrored when flipped)
@@ -129,8 +146,8 @@ def test_default_patches_are_emp_ssl_square_quarters():
 
 def test_out_dtypes():
     u8 = torch.zeros(1, 3, 8, 8, dtype=torch.uint8)
-    for bad in (torch.uint8, torch.float64, "float32"):  # named as random_crops, not multi_crop
-        with pytest.raises(TypeError, match="random_crops: out_dtype must be None, float32"):
+    for bad in (torch.uint8, torch.float64, "float32"):  # named as emp_ssl_patches, not multi_crop
+        with pytest.raises(TypeError, match="emp_ssl_patches: out_dtype must be None, float32"):
             emp_ssl_patches(u8, 2, 4, out_dtype=bad)
     assert emp_ssl_patches(u8, 2, 4, out_dtype=torch.bfloat16).dtype == torch.bfloat16
     assert emp_ssl_patches(u8.double(), 2, 4, out_dtype=torch.float64).dtype == torch.float64

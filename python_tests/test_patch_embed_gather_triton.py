@@ -69,6 +69,16 @@ def test_runs_the_triton_kernels(monkeypatch):
     torch.testing.assert_close(out.cpu(), patch_embed_gather_reference(*args), **TOL[torch.float32])
 
 
+def test_flop_counter_counts_the_patch_embedding():
+    # FlopCounterMode counts an op without a formula as 0: the fused embedding looked free
+    from torch.utils.flop_counter import FlopCounterMode
+
+    images, weight, b, keep, pe = _dev(_inputs(2, 3, 8, 8, 16, 4, 3))
+    with FlopCounterMode(display=False) as f:
+        patch_embed_gather(images, weight, b, keep, pe)
+    assert f.get_total_flops() == 2 * 2 * 3 * 16 * 3 * 4 * 4
+
+
 SHAPES = [  # N, C, H, W, D, p, K
     (2, 3, 8, 8, 16, 4, 5),
     (1, 1, 8, 12, 17, 4, 3),  # C = 1, odd D, K-loop of 16 only

@@ -262,3 +262,43 @@ def test_tiles_changed_in_place_after_forward_raise_in_backward():
         u.add_(1)
         with pytest.raises(RuntimeError, match="modified by an inplace operation"):
             out.sum().backward()
+
+
+def test_vit_token_path_flops_and_saved_activations_scale_with_keep():
+    # FlopCounterMode had no formula for patch_embed_gather, so it counted the sparse ViT's
+    # patch embedding as 0 (forward ratio 0.925 of dense with every token kept)
+    timm = pytest.importorskip("timm")
+    torch.manual_seed(0)
+    model = timm.create_model("vit_small_patch16_224", img_size=64, depth=2, embed_dim=96, num_heads=3,
+                              num_classes=0)
+    x = torch.randn(2, 3, 64, 64)
+
+    def measure(keep):
+        saved = {}
+        params = {p.data_ptr() for p in model.parameters()}
+
+        def pack_hook(t):
+            if t.numel() and t.data_ptr() not in params:
+                saved[(t.untyped_storage().data_ptr(), t.dtype)] = t.untyped_storage().nbytes()
+            return t
+
+        with ek.token_keep(keep):
+            with FlopCounterMode(display=False) as fwd:
+                with torch.autograd.graph.saved_tensors_hooks(pack_hook, lambda t: t):
+                    out = model(x)
+            with FlopCounterMode(display=False) as bwd:
+                out.square().sum().backward()
+        return sum(saved.values()), fwd.get_total_flops(), bwd.get_total_flops()
+
+    dense = measure(None)
+    ek.sparsify_vit(model)
+    L = 16
+    for K in (16, 8, 4):
+        keep = ek.random_token_keep(2, L, K / L, multiple_of=1)
+        got = measure(keep)
+        frac = (K + 1) / (L + 1)  # the kept tokens and the class token
+        assert K < L or got[1:] == dense[1:], (got, dense)
+        assert 0.95 * frac * dense[1] <= got[1] <= 1.01 * frac * dense[1], (K, got, dense)
+        assert got[2] <= 1.01 * frac * dense[2], (K, got, dense)
+        # the image is saved whole (for the weight gradient, as timm's conv saves it)
+        assert got[0] <= x.numel() * x.element_size() + 1.02 * frac * dense[0], (K, got[0] / dense[0])

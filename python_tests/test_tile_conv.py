@@ -109,6 +109,23 @@ def test_matches_reference_forward_and_gradients(geom, dtype):
         torch.testing.assert_close(g.cpu().float(), r, **TOL[dtype], msg=lambda m, n=name: f"{n}: {m}")
 
 
+def test_flop_counter_counts_what_the_conv_of_the_halo_counts():
+    # FlopCounterMode counts an op without a formula as 0: the implicit GEMM looked free
+    from torch.utils.flop_counter import FlopCounterMode
+
+    k, halo, dil, in_stride = GEOMETRY[2]
+    x, w, b, table, table_t = _case(k=k, halo=halo, in_stride=in_stride)
+    go = torch.randn(table.shape[0], w.shape[0], x.shape[2], x.shape[3], device=DEVICE)
+    counts = []
+    for fn in (tile_conv, tile_conv_reference):
+        leaves = [t.detach().clone().requires_grad_() for t in (x, w, b)]
+        with FlopCounterMode(display=False) as f:
+            out = fn(*leaves, table, table_t, dil) if fn is tile_conv else fn(*leaves, table, dil)
+            torch.autograd.grad(out, leaves, go)
+        counts.append(f.get_total_flops())
+    assert counts[0] == counts[1] > 0, counts
+
+
 @pytest.mark.parametrize("layout", ["contiguous", "sliced"])
 def test_layouts_no_bias_one_pixel_tiles(layout):
     # NCHW and strided tiles; 1x1 tiles (ResNet's layer 4 at block 32): every tap but the centre

@@ -323,3 +323,13 @@ _patch_embed_gather_triton.register_autograd(_backward, setup_context=_setup_con
 _gather_patches_triton.register_autograd(_backward_gather_triton, setup_context=_setup_gather)
 
 _backend.register_interpreter_fakes((_patch_embed_gather_triton, _fake), (_gather_patches_triton, _fake_gather))
+
+
+def _flops(images_shape, weight_shape, bias_shape, keep_shape, pos_shape, out_shape=None):
+    """The patch-embedding GEMM of the kept patches: [N * K, C * p * p] x [C * p * p, D]."""
+    D, C, ph, pw = weight_shape
+    return 2 * keep_shape[0] * keep_shape[1] * D * C * ph * pw
+
+
+_backend.register_flops([torch.ops.effssl_kernels._patch_embed_gather_triton]
+                        + ([torch.ops.effssl_kernels.patch_embed_gather] if _backend.HAS_EXT else []), _flops)

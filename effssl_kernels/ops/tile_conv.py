@@ -176,3 +176,20 @@ def _wgrad_backward(ctx, g_w):
 _tile_conv_wgrad_triton.register_autograd(_wgrad_backward, setup_context=_setup_context_wgrad)
 _tile_conv_triton.register_autograd(_backward, setup_context=_setup_context)
 _backend.register_interpreter_fakes((_tile_conv_triton, _fake), (_tile_conv_wgrad_triton, _fake_wgrad))
+
+
+def _flops(tiles_shape, weight_shape, bias_shape, table_shape, table_t_shape, dilation, out_shape=None):
+    """A conv's: each output value is a dot over C * kh * kw (the kept tiles only)."""
+    _, C, kh, kw = weight_shape
+    T, CO, oh, ow = out_shape
+    return 2 * T * CO * oh * ow * C * kh * kw
+
+
+def _flops_wgrad(grad_shape, tiles_shape, table_shape, table_t_shape, kh, kw, dilation, out_shape=None):
+    """The weight gradient's: each output pixel's gradient times its C * kh * kw inputs."""
+    T, CO, oh, ow = grad_shape
+    return 2 * T * CO * oh * ow * tiles_shape[1] * kh * kw
+
+
+_backend.register_flops([torch.ops.effssl_kernels._tile_conv_triton], _flops)
+_backend.register_flops([torch.ops.effssl_kernels._tile_conv_wgrad_triton], _flops_wgrad)
