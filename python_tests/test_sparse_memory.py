@@ -20,22 +20,23 @@ from utils import INTERPRET, random_mask
 torchvision = pytest.importorskip("torchvision")
 
 
-def _saved_bytes_and_flops(model, x, mask):
-    """Unique non-parameter bytes autograd saves in forward, and forward / backward FLOPs."""
+def _saved_bytes_and_flops(model, x, mask=None, ctx=None):
+    """Unique non-parameter bytes autograd saves in forward (by storage), and forward /
+    backward FLOPs, inside ``ctx`` (default ``block_mask(mask)``)."""
     saved = {}
     params = {p.data_ptr() for p in model.parameters()}
 
     def pack_hook(t):
         if t.numel() and t.data_ptr() not in params:
-            saved[(t.data_ptr(), tuple(t.shape), t.dtype)] = t.numel() * t.element_size()
+            saved[(t.untyped_storage().data_ptr(), t.dtype)] = t.untyped_storage().nbytes()
         return t
 
-    with ek.block_mask(mask):
+    with ek.block_mask(mask) if ctx is None else ctx:
         with FlopCounterMode(display=False) as fwd:
             with torch.autograd.graph.saved_tensors_hooks(pack_hook, lambda t: t):
                 out = model(x)
         with FlopCounterMode(display=False) as bwd:
-            out.float().sum().backward()
+            out.float().square().sum().backward()
     return sum(saved.values()), fwd.get_total_flops(), bwd.get_total_flops()
 
 
@@ -273,29 +274,12 @@ def test_vit_token_path_flops_and_saved_activations_scale_with_keep():
                               num_classes=0)
     x = torch.randn(2, 3, 64, 64)
 
-    def measure(keep):
-        saved = {}
-        params = {p.data_ptr() for p in model.parameters()}
-
-        def pack_hook(t):
-            if t.numel() and t.data_ptr() not in params:
-                saved[(t.untyped_storage().data_ptr(), t.dtype)] = t.untyped_storage().nbytes()
-            return t
-
-        with ek.token_keep(keep):
-            with FlopCounterMode(display=False) as fwd:
-                with torch.autograd.graph.saved_tensors_hooks(pack_hook, lambda t: t):
-                    out = model(x)
-            with FlopCounterMode(display=False) as bwd:
-                out.square().sum().backward()
-        return sum(saved.values()), fwd.get_total_flops(), bwd.get_total_flops()
-
-    dense = measure(None)
+    dense = _saved_bytes_and_flops(model, x)
     ek.sparsify_vit(model)
     L = 16
     for K in (16, 8, 4):
         keep = ek.random_token_keep(2, L, K / L, multiple_of=1)
-        got = measure(keep)
+        got = _saved_bytes_and_flops(model, x, ctx=ek.token_keep(keep))
         frac = (K + 1) / (L + 1)  # the kept tokens and the class token
         assert K < L or got[1:] == dense[1:], (got, dense)
         assert 0.95 * frac * dense[1] <= got[1] <= 1.01 * frac * dense[1], (K, got, dense)
