@@ -87,6 +87,16 @@ class BlockMask:
         self._image_size = (H, W)
         self._cache: Dict[tuple, Tensor] = {}
         self._tile_indices: Dict = {}  # sparse.tiles.TileIndex.from_mask's cache
+        # Made inside a torch.compile / export trace (by block_mask, per forward): its caches
+        # are the trace's own, so traced code uses them (see _caches).
+        self._traced = torch.compiler.is_compiling()
+
+    def _caches(self) -> bool:
+        """Whether code may read and fill this mask's caches now: always in eager code, and in a
+        trace only for a mask made in it. Dynamo guards on what an outside object's cache holds,
+        so a second compiled call under the same mask (an EMA teacher's, say) would find it
+        filled and recompile, once per new mask (and export would leave fake tensors in it)."""
+        return self._traced or not torch.compiler.is_compiling()
 
     # ---- properties -------------------------------------------------------------------------
     @property
@@ -155,17 +165,14 @@ class BlockMask:
         ``ceil(H / s)`` are cut, larger ones are kept beyond the image). See the module docstring.
 
         Exact for any stride (dividing ``B`` or not); vectorised (an integral image of ``keep``
-        read at each feature pixel's block range), device-side, no host sync; cached (not
-        inside a torch.compile or export trace, where it is built in the graph).
+        read at each feature pixel's block range), device-side, no host sync; cached (inside a
+        torch.compile or export trace only on a mask made in it: see ``_caches``).
         """
         sh, sw = _positive_pair(stride, "BlockMask.pixel_mask: stride")
         h, w = _pair(size, "BlockMask.pixel_mask: size")
         if h < 0 or w < 0:
             raise ValueError(f"size must be non-negative, got {(h, w)}")
-        if torch.compiler.is_compiling():
-            # In a trace: computed in the graph, the cache neither read nor written. Dynamo
-            # guards on what a cache holds, so a second compiled call under the same mask (an
-            # EMA teacher's, say) would find it filled and recompile, once per new mask.
+        if not self._caches():
             return self._compute_pixel_mask(sh, sw, h, w)
         key = (sh, sw, h, w, self.device)
         m = self._cache.get(key)

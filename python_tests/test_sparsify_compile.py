@@ -6,6 +6,7 @@ import copy
 import pytest
 import torch
 
+import effssl_kernels as ek
 from effssl_kernels.masks import BlockMask
 from effssl_kernels.nn import resnet as R
 
@@ -175,13 +176,22 @@ def test_the_conv_of_no_tiles_is_the_conv_of_an_empty_batch(weight_shape, stride
     b = torch.randn(6, requires_grad=True)
     for autocast in (False, True):
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
-            got = _no_tiles(tiles, w, b, stride, halo, dilation)
+            got = _no_tiles(tiles, w, b, stride, halo, dilation, 1)
             want = torch.nn.functional.conv2d(
                 torch.nn.functional.pad(tiles, (left, right, top, bottom)), w, b, stride, 0, dilation)
         assert got.shape == want.shape and got.dtype == want.dtype, (got.shape, want.shape)
         gt, gw, gb = torch.autograd.grad(got.sum(), (tiles, w, b))
         assert gt.shape == tiles.shape and not gw.any() and not gb.any()
-    assert _no_tiles(tiles.double(), w, b, stride, halo, dilation) is None  # F.conv2d's dtype error
+    # what F.conv2d refuses is left to it (its error), whatever the mask keeps
+    assert _no_tiles(tiles.double(), w, b, stride, halo, dilation, 1) is None
+    assert _no_tiles(tiles, w[:, :3], b, stride, halo, dilation, 1) is None
+    assert _no_tiles(tiles, w, b, stride, halo, dilation, 2) is None  # 4 input channels, not 2 * 4
+    assert _no_tiles(tiles, w, b[:5], stride, halo, dilation, 1) is None
+    mask = BlockMask(torch.zeros(2, 2, 2, dtype=torch.bool), 8, 16)
+    for wrong in (torch.randn(5, 3, 3, 3), torch.randn(5, 2, 3, 3)):
+        with pytest.raises(RuntimeError):
+            ek.sparse_conv2d(torch.randn(2, 4, 16, 16), wrong, None, 1, 1, groups=2 if wrong.shape[1] == 2 else 1,
+                             mask=mask)
 
 
 class _Masked(torch.nn.Module):
@@ -217,3 +227,78 @@ def test_export_records_no_mask_entered_outside_it():
     assert not torch.allclose(want, want2, atol=1e-3)  # the two masks differ in the output
     with R.block_mask(k2, 8):  # and the exports left the eager model as it was
         torch.testing.assert_close(model(x), want2)
+
+
+def test_export_guard_is_per_thread():
+    # torch.compiler.is_exporting() is one flag for the process: another thread's export made an
+    # eager call here raise (a), or a `with` entered meanwhile pass for one entered inside the
+    # export, so this thread's export baked its mask in (b).
+    import threading
+
+    from torch import nn
+
+    model = R.sparsify(nn.Sequential(nn.Conv2d(3, 4, 3, 1, 1), nn.BatchNorm2d(4), nn.ReLU()),
+                       example_input=torch.zeros(1, 3, 16, 16)).eval()
+    x, keep = torch.randn(2, 3, 16, 16), torch.rand(2, 2, 2) < 0.5
+
+    def export_in_another_thread():
+        inside, release = threading.Event(), threading.Event()
+
+        class Waits(nn.Module):
+            def forward(self, x):
+                inside.set()
+                release.wait(60)
+                return x + 1
+
+        t = threading.Thread(target=lambda: torch.export.export(Waits(), (torch.randn(2),)))
+        t.start()
+        assert inside.wait(60)
+        return lambda: (release.set(), t.join())
+
+    with R.block_mask(keep, 8):
+        done = export_in_another_thread()
+        try:
+            model(x)  # (a)
+        finally:
+            done()
+    done = export_in_another_thread()
+    with R.block_mask(keep, 8):
+        done()
+        with pytest.raises(RuntimeError, match="torch.export of a model called inside a block_mask"):
+            torch.export.export(model, (x,))  # (b)
+
+
+def test_a_trace_builds_each_tile_table_once(monkeypatch):
+    # Caching nothing in a trace rebuilt every table in every layer (graphs twice the size, and
+    # slower compiles); the trace's own copy of the mask caches them for the forward's layers.
+    # Tables are built from aranges: the traced forward has as many as an eager one on the
+    # path compiled code takes (each layer dense in, dense out).
+    from torch.overrides import TorchFunctionMode
+
+    import effssl_kernels.sparse.packed as P
+
+    class CountAranges(TorchFunctionMode):
+        n = 0
+
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            CountAranges.n += func is torch.arange
+            return func(*args, **(kwargs or {}))
+
+    model = R.sparsify(_cifar_resnet())
+    keep = torch.rand(2, 4, 4, generator=torch.Generator().manual_seed(0)) < 0.5
+    x = torch.randn(2, 3, 32, 32)
+    monkeypatch.setattr(P, "packing_enabled", lambda: False)
+    with R.block_mask(BlockMask(keep, 8, 32)), CountAranges():
+        model(x)
+    monkeypatch.undo()
+    traced = []
+
+    def backend(gm, example_inputs):
+        traced.append(sum(n.target is torch.arange for n in gm.graph.nodes))
+        return gm.forward
+
+    for form in ((BlockMask(keep, 8, 32),), (keep, 8)):
+        torch._dynamo.reset()
+        with R.block_mask(*form):
+            torch.compile(model, backend=backend, fullgraph=True)(x)
+    assert traced == [CountAranges.n] * 2, (traced, CountAranges.n)

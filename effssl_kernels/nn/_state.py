@@ -33,7 +33,17 @@ def _compiling() -> bool:
     return _MIRRORED and torch.compiler.is_compiling()
 
 
-_is_exporting = getattr(torch.compiler, "is_exporting", lambda: False)
+def _exporting_here() -> bool:
+    """Whether this thread is inside a torch.export trace. ``is_exporting()`` is one flag for the
+    process (another thread's export sets it), so it also takes this thread's fake-tensor mode,
+    which non-strict export runs the model under (strict export, traced by Dynamo, cannot run
+    the ContextVar code anyway)."""
+    if not getattr(torch.compiler, "is_exporting", lambda: False)():
+        return False
+    try:
+        return torch._C._get_dispatch_mode(torch._C._TorchDispatchModeKey.FAKE) is not None
+    except AttributeError:  # a torch without the query: the process-wide flag alone
+        return True
 
 
 class ContextState:
@@ -51,7 +61,8 @@ class ContextState:
         self._lock = threading.Lock()
         self.what = what  # for the warning below: "block_mask", "token_keep"
         self.warned = False
-        self.exported = 0  # `with`s entered inside a torch.export trace and not yet left
+        # whether the `with` in force in this context was entered inside a torch.export trace
+        self.exported: contextvars.ContextVar = contextvars.ContextVar(name + "_exported", default=False)
         _ALL.append(self)
 
     def _sync_mirror(self) -> None:
@@ -59,7 +70,7 @@ class ContextState:
 
     def get(self) -> Any:
         value = self._get()
-        if value is not None and self.exported == 0 and _is_exporting():
+        if value is not None and _exporting_here() and not self.exported.get():
             # torch.export would bake the tensors of a `with` entered outside it into the
             # program as constants: the exported model would then apply this one mask forever,
             # whatever is in force when it runs.
@@ -94,8 +105,7 @@ class ContextState:
     def bound(self, value: Any) -> Iterator[None]:
         """``value`` in force inside the ``with`` (the previous one restored after)."""
         key = object()
-        exported = _is_exporting()
-        self.exported += exported
+        tok_exported = self.exported.set(_exporting_here())
         tok = self.var.set(value)
         with self._lock:
             self._active.append((key, value))
@@ -106,8 +116,8 @@ class ContextState:
             with self._lock:  # first: reset raises for a token of another Context
                 self._active = [e for e in self._active if e[0] is not key]
                 self._sync_mirror()
-            self.exported -= exported
             self.var.reset(tok)
+            self.exported.reset(tok_exported)
 
 
 def run_in(snapshot: contextvars.Context, fn, *args, **kwargs):

@@ -106,12 +106,19 @@ class _MaskState:
             if first and (int(x.shape[-2]), int(x.shape[-1])) != size:
                 raise ValueError(f"{fn}: the input image is {x.shape[-2]}x{x.shape[-1]} but the "
                                  f"BlockMask's image is {size[0]}x{size[1]}")
-            return self.mask
+            if not torch.compiler.is_compiling():
+                return self.mask
+            # In a trace: a copy made in it, whose caches (tile tables, pixel masks) the
+            # forward's layers share without Dynamo guarding on them (BlockMask._caches)
+            if first or self.last is None:
+                self.last = BlockMask(self.mask.keep, self.mask.block_size, size)
+                prepare_tiles(self.last, self.base)
+            return self.last
         # The input image (the first layer's input; or any stride-1 input before any first
         # layer ran, e.g. a submodule called on its own) fixes the block grid.
         if first or (self.last is None and in_stride == (1, 1)):
             size = (int(x.shape[-2]), int(x.shape[-1]))
-            # not cached in a trace (Dynamo would guard on the dict: see BlockMask.pixel_mask)
+            # not cached in a trace (Dynamo would guard on the dict: see BlockMask._caches)
             m = None if torch.compiler.is_compiling() else self.by_size.get(size)
             if m is None:
                 m = BlockMask(self.keep, self.block_size, size)  # checks the grid

@@ -221,14 +221,18 @@ def _implicit_inputs(tiles: Tensor, weight: Tensor, bias: Optional[Tensor], stri
 
 
 def _no_tiles(tiles: Tensor, weight: Tensor, bias: Optional[Tensor], stride: Tuple[int, int],
-              halo: Halo, dilation: IntOrPair) -> Optional[Tensor]:
+              halo: Halo, dilation: IntOrPair, groups: int) -> Optional[Tensor]:
     """The conv of no tiles, ``[0, C_out, oh, ow]``, without a conv: Inductor's backward of a
     conv over a batch of 0 fails an assertion (torch 2.14; F.conv2d alone does too), and a step
     whose batch keeps no block would crash. Still a function of every input (times 0), so their
     gradients are zeros, as eager's, not None. Under compile T = 0 is a graph of its own anyway
-    (Dynamo specialises sizes 0 and 1). None where dtypes differ: F.conv2d's error then."""
+    (Dynamo specialises sizes 0 and 1). None for what F.conv2d refuses (dtypes, channels,
+    groups): the conv then raises its error, whatever the mask keeps."""
     t, w, b = autocast_conv_args(tiles.device.type, tiles, weight, bias)
     if w.dtype != t.dtype or (b is not None and b.dtype != t.dtype):
+        return None
+    if weight.shape[1] * groups != tiles.shape[1] or weight.shape[0] % groups or (
+            b is not None and tuple(b.shape) != (weight.shape[0],)):
         return None
     left, right, top, bottom = halo
     dh, dw = _positive_pair(dilation, "dilation")
@@ -245,7 +249,7 @@ def _conv_tiles(tiles: Tensor, weight: Tensor, bias: Optional[Tensor], stride: T
     """``[T, C, bh, bw]`` -> ``[T, C_out, bh / sh, bw / sw]``: halo, then a VALID conv (or the
     implicit GEMM that reads the halo in place, see :func:`tile_conv_choice`)."""
     if statically_known_true(tiles.shape[0] == 0):  # not a guard on export's unbacked T
-        out = _no_tiles(tiles, weight, bias, stride, halo, dilation)
+        out = _no_tiles(tiles, weight, bias, stride, halo, dilation, groups)
         if out is not None:
             return out
     implicit = _implicit_inputs(tiles, weight, bias, stride, groups)

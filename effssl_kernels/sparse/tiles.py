@@ -101,7 +101,8 @@ class TileIndex:
         """The index of ``mask`` at cumulative ``stride`` (int or ``(sh, sw)``); raises
         ValueError when that resolution is not tile-aligned (see :func:`is_tile_aligned`).
         Cached: the first call per mask does the one host sync, later strides reuse it (inside
-        a torch.compile or export trace a new index is built on the cached kept list)."""
+        a torch.compile or export trace, for a mask made outside it, a new index is built on
+        the cached kept list)."""
         if not isinstance(mask, BlockMask):
             raise TypeError(f"mask must be a BlockMask, got {type(mask).__name__}")
         s = _positive_pair(stride, "stride")
@@ -113,10 +114,10 @@ class TileIndex:
         # as its mask (one step, typically) and needs no invalidation, a BlockMask's keep being
         # fixed. Not a global dict: torch.compile would guard on its keys, recompiling per mask.
         entry = mask._tile_indices
-        if torch.compiler.is_compiling():
-            # In a trace: a fresh index (its tables built in the graph), the mask's cache not
-            # read or written past the kept list, which block_mask prepares on entering the
-            # `with` (see BlockMask.pixel_mask: Dynamo guards on what a cache holds).
+        if not mask._caches():
+            # In a trace, on a mask made outside it: a fresh index (its tables built in the
+            # graph), the cache not read or written past the kept list, which block_mask
+            # prepares on entering the `with` (BlockMask._caches says why).
             base = entry.get("base") or kept_tiles(mask.keep)
             B = mask.block_size
             return cls(base[0], base[1], (B // s[0], B // s[1]), s)
