@@ -35,6 +35,11 @@ def as_int(v, what: str) -> int:
     raise TypeError(f"{what} must be an int, got {type(v).__name__} {v!r}")
 
 
+def conv_out_len(n: int, pad_total: int, k: int, dilation: int, stride: int) -> int:
+    """A conv's output length along one axis: ``n`` inputs padded by ``pad_total`` in all."""
+    return (n + pad_total - dilation * (k - 1) - 1) // stride + 1
+
+
 def int_arg(name: str, fn: str, value, minimum: int) -> int:
     """:func:`as_int` of ``value``, also ValueError below ``minimum``; ``fn`` and ``name`` name it."""
     value = as_int(value, f"{fn}: {name}")

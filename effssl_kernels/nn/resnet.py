@@ -100,6 +100,16 @@ class _MaskState:
         # The kept list (the step's one host sync) now, not inside a compiled forward.
         self.base = prepare_tiles(mask) if mask is not None else kept_tiles(keep)
 
+    def _mask_of(self, size: Pair) -> BlockMask:
+        """A new BlockMask of this step's keep for images of ``size`` (the constructor checks
+        the grid), sharing the kept list prepared on entry."""
+        if self.mask is None:
+            m = BlockMask(self.keep, self.block_size, size)
+        else:
+            m = BlockMask(self.mask.keep, self.mask.block_size, size)
+        prepare_tiles(m, self.base)
+        return m
+
     def get(self, x: Tensor, in_stride: Pair, fn: str, first: bool = False) -> BlockMask:
         if self.mask is not None:
             size = tuple(self.mask.image_size)
@@ -111,8 +121,7 @@ class _MaskState:
             # In a trace: a copy made in it, whose caches (tile tables, pixel masks) the
             # forward's layers share without Dynamo guarding on them (BlockMask._caches)
             if first or self.last is None:
-                self.last = BlockMask(self.mask.keep, self.mask.block_size, size)
-                prepare_tiles(self.last, self.base)
+                self.last = self._mask_of(size)
             return self.last
         # The input image (the first layer's input; or any stride-1 input before any first
         # layer ran, e.g. a submodule called on its own) fixes the block grid.
@@ -121,8 +130,7 @@ class _MaskState:
             # not cached in a trace (Dynamo would guard on the dict: see BlockMask._caches)
             m = None if torch.compiler.is_compiling() else self.by_size.get(size)
             if m is None:
-                m = BlockMask(self.keep, self.block_size, size)  # checks the grid
-                prepare_tiles(m, self.base)
+                m = self._mask_of(size)
                 if not torch.compiler.is_compiling():
                     self.by_size[size] = m
             self.last = m

@@ -51,13 +51,18 @@ def masked_conv2d_reference(x: Tensor, weight: Tensor, bias: Optional[Tensor] = 
         # channels-last input corrupts the heap (abort) or gives wrong gradients. Slicing,
         # then a stride-1 conv, is the same conv (ceil(H / s) outputs either way). NCHW inputs
         # keep F.conv2d as is: bit-equal to the dense conv when everything is kept.
-        xs = xm[..., ::s[0], ::s[1]]
-        if xm.is_contiguous(memory_format=torch.channels_last):
-            xs = xs.contiguous(memory_format=torch.channels_last)  # F.conv2d's output layout
-        y = F.conv2d(xs, weight, bias, 1, 0, dilation, groups)
+        y = F.conv2d(slice_1x1(xm, s), weight, bias, 1, 0, dilation, groups)
     else:
         y = F.conv2d(xm, weight, bias, s, padding, dilation, groups)
     return _apply(mask.pixel_mask(_mul(s_in, s), y.shape[-2:]), y)
+
+
+def slice_1x1(x: Tensor, s: Tuple[int, int]) -> Tensor:
+    """Every s-th pixel of x, in x's memory format (what a strided 1x1 conv reads)."""
+    xs = x[..., ::s[0], ::s[1]]
+    if x.is_contiguous(memory_format=torch.channels_last):
+        xs = xs.contiguous(memory_format=torch.channels_last)  # F.conv2d's output layout
+    return xs
 
 
 def _no_padding(padding) -> bool:
@@ -143,12 +148,21 @@ def masked_batch_norm_reference(x: Tensor, mask_pixels: Tensor, running_mean: Op
             update_running_stats(running_mean, running_var, mean, var, n, momentum)
     else:
         mean, var = running_mean.to(acc), running_var.to(acc)
+    return normalize_kept(xa, mask_pixels, mean, var, weight, bias, eps, x.dtype)
+
+
+def normalize_kept(xa: Tensor, mask_pixels: Tensor, mean: Tensor, var: Tensor,
+                   weight: Optional[Tensor], bias: Optional[Tensor], eps: float,
+                   dtype: torch.dtype) -> Tensor:
+    """``M * (weight * (xa - mean) / sqrt(var + eps) + bias)`` in ``dtype``: BatchNorm's output
+    from its statistics, xa ``[N, C, H, W]`` in the accumulation dtype, the rest ``[C]``."""
+    C, acc = xa.shape[1], xa.dtype
     y = (xa - mean.view(1, C, 1, 1)) * torch.rsqrt(var.view(1, C, 1, 1) + eps)
     if weight is not None:
         y = y * weight.to(acc).view(1, C, 1, 1)
     if bias is not None:
         y = y + bias.to(acc).view(1, C, 1, 1)
-    return _apply(mask_pixels, y.to(x.dtype))
+    return _apply(mask_pixels, y.to(dtype))
 
 
 def check_batch_norm_args(x: Tensor, mask_pixels: Tensor, running_mean: Optional[Tensor],

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
+from .._utils import conv_out_len
 from ..masks import BlockMask, _pair, _positive_pair
 from ..ops.tile_conv import DTYPES as TILE_CONV_DTYPES
 from ..ops.tile_conv import runs_triton, tile_conv
@@ -237,8 +238,8 @@ def _no_tiles(tiles: Tensor, weight: Tensor, bias: Optional[Tensor], stride: Tup
     left, right, top, bottom = halo
     dh, dw = _positive_pair(dilation, "dilation")
     kh, kw = weight.shape[-2:]
-    oh = (tiles.shape[2] + top + bottom - dh * (kh - 1) - 1) // stride[0] + 1
-    ow = (tiles.shape[3] + left + right - dw * (kw - 1) - 1) // stride[1] + 1
+    oh = conv_out_len(tiles.shape[2], top + bottom, kh, dh, stride[0])
+    ow = conv_out_len(tiles.shape[3], left + right, kw, dw, stride[1])
     zero = t.sum() + w.sum() + (b.sum() if b is not None else 0)
     out = t.new_zeros((0, weight.shape[0], oh, ow)).contiguous(memory_format=torch.channels_last)
     return out + zero * 0

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .._backend import forward_ad_active
+from .._utils import conv_out_len
 from ..masks import BlockMask, _pair, _positive_pair
 from ..reference.masked_net import (
     _acc_dtype,
@@ -30,19 +31,13 @@ from ..reference.masked_net import (
     check_batch_norm_args,
     masked_batch_norm_reference,
     masked_conv2d_reference,
+    normalize_kept,
+    slice_1x1,
     update_running_stats,
 )
 from .halo_ops import autocast_conv_args
 
 _aten = torch.ops.aten
-
-
-def _slice_1x1(x: Tensor, s) -> Tensor:
-    """Every s-th pixel of x, in x's memory format (what a strided 1x1 conv reads)."""
-    xs = x[..., ::s[0], ::s[1]]
-    if x.is_contiguous(memory_format=torch.channels_last):
-        xs = xs.contiguous(memory_format=torch.channels_last)  # F.conv2d's output layout
-    return xs
 
 
 class _MaskedConv2d(torch.autograd.Function):
@@ -52,7 +47,7 @@ class _MaskedConv2d(torch.autograd.Function):
     def forward(x, weight, bias, m_in, m_out, stride, padding, dilation, groups, sliced):
         xm = _apply(m_in, x)
         if sliced:  # see masked_conv2d_reference: a CPU bug of strided 1x1 convs, channels-last
-            y = F.conv2d(_slice_1x1(xm, stride), weight, bias, 1, 0, dilation, groups)
+            y = F.conv2d(slice_1x1(xm, stride), weight, bias, 1, 0, dilation, groups)
         else:
             y = F.conv2d(xm, weight, bias, stride, padding, dilation, groups)
         return _apply(m_out, y)
@@ -71,7 +66,7 @@ class _MaskedConv2d(torch.autograd.Function):
         xm = _apply(m_in, x)  # the masked input again, not kept from forward
         g = _apply(m_out, gy)
         if sliced:
-            xin, conv_stride, conv_pad = _slice_1x1(xm, stride), [1, 1], [0, 0]
+            xin, conv_stride, conv_pad = slice_1x1(xm, stride), [1, 1], [0, 0]
         else:
             xin, conv_stride, conv_pad = xm, list(stride), list(padding)
         gx, gw, gb = _aten.convolution_backward(
@@ -121,8 +116,8 @@ def masked_conv2d(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, stri
     sliced = (s != (1, 1) and tuple(weight.shape[-2:]) == (1, 1) and _no_padding(padding)
               and not x.is_contiguous())
     m_in = mask.pixel_mask(s_in, x.shape[-2:])
-    ho = (x.shape[-2] + 2 * pad[0] - d[0] * (weight.shape[-2] - 1) - 1) // s[0] + 1
-    wo = (x.shape[-1] + 2 * pad[1] - d[1] * (weight.shape[-1] - 1) - 1) // s[1] + 1
+    ho = conv_out_len(x.shape[-2], 2 * pad[0], weight.shape[-2], d[0], s[0])
+    wo = conv_out_len(x.shape[-1], 2 * pad[1], weight.shape[-1], d[1], s[1])
     if ho <= 0 or wo <= 0:  # F.conv2d's error, from the reference
         return masked_conv2d_reference(x, weight, bias, stride, padding, dilation, groups,
                                        mask=mask, in_stride=in_stride)
@@ -146,19 +141,13 @@ class _MaskedBatchNorm(torch.autograd.Function):
     @staticmethod
     def forward(x, m, weight, bias, mean, var, eps):
         # mean / var None: batch statistics (training), returned for the running update
-        C = x.shape[1]
         acc = _acc_dtype(x.dtype)
         xa = _apply(m, x).to(acc)
         if mean is None:
             mean, var, _ = _batch_stats(xa, m)
         else:  # copies: a Function's outputs must not be its inputs (the running buffers)
             mean, var = mean.to(acc, copy=True), var.to(acc, copy=True)
-        y = (xa - mean.view(1, C, 1, 1)) * torch.rsqrt(var.view(1, C, 1, 1) + eps)
-        if weight is not None:
-            y = y * weight.to(acc).view(1, C, 1, 1)
-        if bias is not None:
-            y = y + bias.to(acc).view(1, C, 1, 1)
-        return _apply(m, y.to(x.dtype)), mean, var
+        return normalize_kept(xa, m, mean, var, weight, bias, eps, x.dtype), mean, var
 
     @staticmethod
     def setup_context(ctx, inputs, output):

@@ -114,18 +114,17 @@ class TileIndex:
         # as its mask (one step, typically) and needs no invalidation, a BlockMask's keep being
         # fixed. Not a global dict: torch.compile would guard on its keys, recompiling per mask.
         entry = mask._tile_indices
-        if not mask._caches():
-            # In a trace, on a mask made outside it: a fresh index (its tables built in the
-            # graph), the cache not read or written past the kept list, which block_mask
-            # prepares on entering the `with` (BlockMask._caches says why).
-            base = entry.get("base") or kept_tiles(mask.keep)
-            B = mask.block_size
-            return cls(base[0], base[1], (B // s[0], B // s[1]), s)
-        idx = entry.get(s)
+        # In a trace, on a mask made outside it: a fresh index (its tables built in the graph),
+        # the cache not read or written past the kept list, which block_mask prepares on
+        # entering the `with` (BlockMask._caches says why).
+        caches = mask._caches()
+        idx = entry.get(s) if caches else None
         if idx is None:
-            base = prepare_tiles(mask)
+            base = prepare_tiles(mask) if caches else (entry.get("base") or kept_tiles(mask.keep))
             B = mask.block_size
-            idx = entry[s] = cls(base[0], base[1], (B // s[0], B // s[1]), s)
+            idx = cls(base[0], base[1], (B // s[0], B // s[1]), s)
+            if caches:
+                entry[s] = idx
         return idx
 
     def halo_table(self, halo) -> Tensor:
