@@ -49,6 +49,32 @@ def test_compiled_sparse_resnet_one_graph_for_all_masks(backend, mirrored, monke
     assert graphs[-1] <= 2 and graphs[-1] == graphs[-2]  # the third mask compiles nothing
 
 
+@pytest.mark.parametrize("form", ["BlockMask", "keep"])
+def test_compiled_resnet_with_masked_dense_layers(form):
+    """Block 4 at 32 px: layer4 (stride 8) is not tile-aligned and runs masked-dense, where a
+    stride-1 conv's input and output pixel masks are one cached tensor (Dynamo refused that
+    tensor given twice to the masked conv's Function, under fullgraph)."""
+    torch._dynamo.reset()
+    eager = R.sparsify(_randomize_bn(_cifar_resnet()).double())
+    model = copy.deepcopy(eager)
+    assert R.tile_plan(eager, 4, 32)["layer4.0.conv2"] == "masked-dense"
+    compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 3, 32, 32, generator=g, dtype=torch.float64)
+    keep = torch.rand(2, 8, 8, generator=g) < 0.5
+    keep[:, 0, 0] = True
+    arg = BlockMask(keep, 4, 32) if form == "BlockMask" else keep
+    ys = []
+    for net in (eager, compiled):
+        with R.block_mask(arg, 4):
+            y = net(x)
+        y.square().sum().backward()
+        ys.append(y)
+    torch.testing.assert_close(ys[1], ys[0], rtol=1e-9, atol=1e-10)
+    for (k, pe), pc in zip(eager.named_parameters(), model.parameters()):
+        torch.testing.assert_close(pc.grad, pe.grad, rtol=1e-8, atol=1e-10, msg=lambda m, k=k: f"{k}: {m}")
+
+
 def test_zero_breaking_ops_agree_eager_and_compiled():
     """sigmoid, x + 1, 1 - x, clamp(min > 0) of a masked map turn removed zeros into non-zeros:
     eager (packed maps) and compiled (dense maps per layer) both give the dense op's result on

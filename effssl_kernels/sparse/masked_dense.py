@@ -45,6 +45,8 @@ class _MaskedConv2d(torch.autograd.Function):
 
     @staticmethod
     def forward(x, weight, bias, m_in, m_out, stride, padding, dilation, groups, sliced):
+        # m_out None: the same mask as m_in (Dynamo refuses one tensor given twice to a Function)
+        m_out = m_in if m_out is None else m_out
         xm = _apply(m_in, x)
         if sliced:  # see masked_conv2d_reference: a CPU bug of strided 1x1 convs, channels-last
             y = F.conv2d(slice_1x1(xm, stride), weight, bias, 1, 0, dilation, groups)
@@ -61,6 +63,7 @@ class _MaskedConv2d(torch.autograd.Function):
     @staticmethod
     def backward(ctx, gy):
         x, weight, m_in, m_out = ctx.saved_tensors
+        m_out = m_in if m_out is None else m_out
         stride, padding, dilation, groups, sliced, has_bias = ctx.conv
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
         xm = _apply(m_in, x)  # the masked input again, not kept from forward
@@ -122,6 +125,8 @@ def masked_conv2d(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, stri
         return masked_conv2d_reference(x, weight, bias, stride, padding, dilation, groups,
                                        mask=mask, in_stride=in_stride)
     m_out = mask.pixel_mask(_mul(s_in, s), (ho, wo))
+    if m_out is m_in:  # a cached mask (stride 1, same size): given once, see _MaskedConv2d
+        m_out = None
     return _MaskedConv2d.apply(x, weight, bias, m_in, m_out, s, pad, d, groups, sliced)
 
 
