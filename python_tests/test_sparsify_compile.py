@@ -328,3 +328,78 @@ def test_a_trace_builds_each_tile_table_once(monkeypatch):
         with R.block_mask(*form):
             torch.compile(model, backend=backend, fullgraph=True)(x)
     assert traced == [CountAranges.n] * 2, (traced, CountAranges.n)
+
+
+def _layer2_checkpointed(model, mode):
+    """The cifar ResNet's forward with layer2 checkpointed (``mode``), for compiling. Layer2 is
+    the first at stride 2: its tile tables are first built inside the checkpoint."""
+    import torch.utils.checkpoint as C
+
+    def f(x):
+        h = model.layer1(model.relu(model.bn1(model.conv1(x))))
+        if mode == "masked":
+            h = ek.masked_checkpoint(model.layer2, h)
+        else:
+            h = C.checkpoint(model.layer2, h, use_reentrant=False)
+        h = model.layer4(model.layer3(h))
+        return model.fc(torch.flatten(model.avgpool(h), 1))
+
+    return f
+
+
+@pytest.mark.parametrize("mode,fullgraph", [("masked", True), ("plain", False)])
+def test_checkpoint_inside_compiled_code(mode, fullgraph):
+    """masked_checkpoint inside compiled code is a plain call (fullgraph works); a plain
+    torch.utils.checkpoint there runs eagerly (Dynamo cannot trace a masked layer's checkpoint)
+    and hands a PackedMap back to compiled code, which crashed Dynamo before PackedMap was
+    registered as a subclass it must not trace."""
+    from torch._dynamo import config
+
+    if not fullgraph and not hasattr(config, "nontraceable_tensor_subclasses"):
+        pytest.skip("this torch's Dynamo has no nontraceable_tensor_subclasses (torch < 2.8)")
+    torch._dynamo.reset()
+    eager = R.sparsify(_randomize_bn(_cifar_resnet()).double())
+    model = copy.deepcopy(eager)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 3, 32, 32, generator=g, dtype=torch.float64)
+    keep = torch.rand(2, 4, 4, generator=g) < 0.5
+    keep[:, 0, 0] = True
+    compiled = torch.compile(_layer2_checkpointed(model, mode), backend="aot_eager", fullgraph=fullgraph)
+    ys = []
+    for f in (_layer2_checkpointed(eager, mode), compiled):
+        with R.block_mask(keep, 8):
+            y = f(x)
+            if mode == "plain":  # a plain checkpoint recomputes under the mask in force
+                y.square().sum().backward()
+        if mode == "masked":  # outside the with: masked_checkpoint's recomputation has the mask
+            y.square().sum().backward()
+        ys.append(y)
+    torch.testing.assert_close(ys[1], ys[0], rtol=1e-9, atol=1e-10)
+    for (k, pe), pc in zip(eager.named_parameters(), model.parameters()):
+        torch.testing.assert_close(pc.grad, pe.grad, rtol=1e-8, atol=1e-10, msg=lambda m, k=k: f"{k}: {m}")
+
+
+def test_packed_map_into_a_region_compiled_on_its_own():
+    """Regional compilation: an eager layer's PackedMap given to a compiled block (Dynamo's
+    AssertionError 'Guard failed on the same frame' before); the block runs eagerly, same values."""
+    from torch._dynamo import config
+
+    if not hasattr(config, "nontraceable_tensor_subclasses"):
+        pytest.skip("this torch's Dynamo has no nontraceable_tensor_subclasses (torch < 2.8)")
+    torch._dynamo.reset()
+    model = R.sparsify(_randomize_bn(_cifar_resnet()).double())
+    x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+    keep = torch.ones(2, 4, 4, dtype=torch.bool)
+    keep[0, 1, 2] = False
+    block = torch.compile(model.layer1, backend="aot_eager")
+    with R.block_mask(keep, 8):
+        h = model.relu(model.bn1(model.conv1(x)))
+        assert isinstance(h, ek.sparse.PackedMap)
+        want = model.layer1(h).to_dense()
+        got = block(h)
+    torch.testing.assert_close(as_dense_(got), want, rtol=1e-12, atol=1e-12)
+
+
+def as_dense_(t):
+    return t.to_dense() if isinstance(t, ek.sparse.PackedMap) else t
+

@@ -202,7 +202,16 @@ def checkpoint(function, *args, **kwargs):
     updates its running statistics again when recomputed.
 
     ``use_reentrant=True`` works for ViTs; a packed map of a sparsified ResNet going in or out
-    raises ValueError (reentrant autograd would take the tiles' shape for the dense one)."""
+    raises ValueError (reentrant autograd would take the tiles' shape for the dense one).
+
+    Inside ``torch.compile`` it is a plain call of ``function``: the compiled graph's backward
+    recomputes what the partitioner chooses (``torch._functorch.config.activation_memory_budget``
+    trades memory for recomputation there), always under the forward's mask."""
+    if torch.compiler.is_compiling():
+        # A plain call: Dynamo cannot trace the checkpoint of a masked layer (it fills the
+        # mask's caches), and compiled code recomputes what torch.compile's partitioner chooses
+        # (torch._functorch.config.activation_memory_budget), with the mask's tensors as inputs.
+        return function(*args, **{k: v for k, v in kwargs.items() if k not in _CHECKPOINT_ONLY})
     # Both are context variables: a snapshot of the context carries them (and any later one).
     snapshot = contextvars.copy_context()
     patches = patch_snapshot()  # ek.patch_size settings: on the models, not in the context
@@ -219,6 +228,11 @@ def checkpoint(function, *args, **kwargs):
         return out
 
     return torch.utils.checkpoint.checkpoint(run, *args, **kwargs)
+
+
+# torch.utils.checkpoint's own keyword arguments, not the function's
+_CHECKPOINT_ONLY = ("use_reentrant", "context_fn", "determinism_check", "debug", "preserve_rng_state",
+                    "early_stop", "respect_saved_tensors_hooks")
 
 
 def _refuse_packed(*trees) -> None:

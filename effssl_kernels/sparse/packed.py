@@ -359,6 +359,15 @@ class PackedMap(Tensor):
         return out
 
 
+# A PackedMap reaching compiled code from eager code (a region compiled on its own, the eager
+# fallback of a checkpoint) made Dynamo guard on the dense shape it reports while checking the
+# tiles' (an internal AssertionError). Registered here, Dynamo treats it opaquely: code that uses
+# it runs eagerly, or fullgraph raises (torch >= 2.8; inside one compiled model maps stay dense).
+_dynamo_config = getattr(getattr(torch, "_dynamo", None), "config", None)
+if hasattr(_dynamo_config, "nontraceable_tensor_subclasses"):
+    _dynamo_config.nontraceable_tensor_subclasses.add(PackedMap)
+
+
 def _same_index(packed) -> bool:
     return all(p._effssl_index is packed[0]._effssl_index for p in packed)
 
