@@ -172,10 +172,14 @@ def test_errors():
         ek.multi_crop(x.int(), boxes, flips, 4)
     with pytest.raises(ValueError, match=r"images must be \[N, C, H, W\]"):
         ek.multi_crop(x[0], boxes, flips, 4)
-    # past 2^30 rows the kernels' clamped source index would land inside the image
-    tall = torch.zeros(2, 1, 1, 1).expand(2, 1, 2**30 + 1, 1)  # no memory: stride 0
-    with pytest.raises(ValueError, match="H and W must be at most"):
-        ek.multi_crop(tall, boxes, flips, 4)
+    # past 2^24 pixels the kernels' float32 source index is no longer exact (a wide image read
+    # neighbouring columns), and past 2^30 their clamp would land inside the image
+    for side in (2**24 + 1, 2**30 + 1):
+        tall = torch.zeros(2, 1, 1, 1).expand(2, 1, side, 1)  # no memory: stride 0
+        with pytest.raises(ValueError, match="H and W must be at most"):
+            ek.multi_crop(tall, boxes, flips, 4)
+        with pytest.raises(ValueError, match="H and W must be at most"):
+            ek.multi_crop(tall.transpose(2, 3), boxes, flips, 4)
     with pytest.raises(ValueError, match=r"boxes must be \[N, P, 4\]"):
         ek.multi_crop(x, boxes[:, :, :3], flips, 4)
     with pytest.raises(ValueError, match=r"boxes must be \[N, P, 4\]"):

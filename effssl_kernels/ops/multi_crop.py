@@ -16,7 +16,9 @@ from .. import _backend
 from .._utils import as_pair
 from ..reference.multi_crop import multi_crop_reference
 
-MAX_SIDE = 1 << 30  # the kernels clamp source rows/columns to int32-safe values at this bound
+# The kernels compute source rows/columns in float32 (float64 images: double), exact for
+# integers up to 2^24 only: a wider image would read neighbouring columns silently.
+MAX_SIDE = 1 << 24
 _IMAGE_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16, torch.uint8)
 _LOW_FLOATS = (torch.float32, torch.float16, torch.bfloat16)
 
