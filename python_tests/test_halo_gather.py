@@ -30,20 +30,38 @@ def _case(stride=2, halo=1, seed=0, C=5, dtype=torch.float32, layout="contiguous
         wide = torch.randn(tiles.shape[0], 2 * C, *tiles.shape[2:], dtype=dtype)
         wide[:, ::2] = tiles
         tiles = wide[:, ::2]
+    elif layout == "transposed":  # rows and columns swapped in memory
+        tiles = torch.empty(tiles.shape[0], C, tiles.shape[3], tiles.shape[2],
+                            dtype=dtype).transpose(2, 3).copy_(tiles)
+    elif layout == "expanded":  # one channel read C times (stride 0)
+        tiles = tiles[:, :1].expand(-1, C, -1, -1)
     table = idx.halo_table(halo)
     order, offsets = idx.halo_inverse(halo)
     return tiles, table, order, offsets, idx
 
 
-def _check(tiles, table, order, offsets, outside=0.0):
-    t = tiles.detach().clone().requires_grad_(True)
+def _layout(g, layout):
+    """``g``'s values in memory laid out as ``layout`` (a view with those strides)."""
+    if layout == "channels_last":
+        return g.contiguous(memory_format=torch.channels_last)
+    if layout == "transposed":
+        return g.transpose(2, 3).contiguous().transpose(2, 3)
+    if layout == "strided":  # every other row of a taller tensor, offset by one
+        tall = torch.zeros(g.shape[0], g.shape[1], 2 * g.shape[2] + 1, g.shape[3], dtype=g.dtype)
+        tall[:, :, 1::2] = g
+        return tall[:, :, 1::2]
+    return g.contiguous()
+
+
+def _check(tiles, table, order, offsets, outside=0.0, grad_layout="contiguous"):
+    t = tiles.detach().requires_grad_(True)  # as given: the op's layout handling is under test
     r = tiles.detach().clone().requires_grad_(True)
     got = halo_gather_op(t, table, order, offsets, outside)
     want = halo_gather_reference(r, table, outside)
     assert got.shape == want.shape and got.dtype == want.dtype
     assert got.is_contiguous(memory_format=torch.channels_last)
     assert torch.equal(got, want)
-    g = torch.randn(want.shape, dtype=torch.float64).to(tiles.dtype)
+    g = _layout(torch.randn(want.shape, dtype=torch.float64).to(tiles.dtype), grad_layout)
     gt, = torch.autograd.grad(got, t, g)
     gr, = torch.autograd.grad(want.double(), r, g.double())  # float64 sums
     rtol, atol = GRAD_TOL[tiles.dtype]
@@ -52,9 +70,16 @@ def _check(tiles, table, order, offsets, outside=0.0):
 
 
 @pytest.mark.parametrize("dtype", ALL)
-@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "strided"])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "strided", "transposed", "expanded"])
 def test_cpu_matches_reference(dtype, layout):
     _check(*_case(dtype=dtype, layout=layout)[:4])
+
+
+@pytest.mark.parametrize("grad_layout", ["channels_last", "transposed", "strided"])
+@pytest.mark.parametrize("stride,halo", [(1, 1), (4, (1, 0, 2, 1))])
+def test_cpu_gradient_layouts(grad_layout, stride, halo):
+    """The backward reads the output gradient through its strides unless channels last."""
+    _check(*_case(stride=stride, halo=halo, C=3)[:4], grad_layout=grad_layout)
 
 
 @pytest.mark.parametrize("stride,halo", [(1, 1), (2, (2, 1)), (4, (1, 0, 2, 1)), (4, 3), (8, 2),

@@ -2,7 +2,8 @@
 // halo pixels read from its neighbour tiles. A table [T, ph, pw] (built once per mask, stride and
 // halo by sparse/tiles.py) names, for each padded pixel, the source pixel s = t*bh*bw + y*bw + x,
 // or S = T*bh*bw (a removed neighbour: zero) or S + 1 (outside the image: `outside`).
-// Forward: parallel over padded pixels, C channels copied per pixel, channels last in and out.
+// Forward: parallel over padded pixels, C channels copied per pixel; channels last out, any
+// layout in (read through the strides unless channels last).
 // Backward, deterministic and without atomics: the inverse table (padded pixels sorted by source,
 // `order`, in runs `offsets[s]:offsets[s+1]`) lets each source pixel sum the gradients of every
 // padded pixel that read it, in a fixed order, in float32 (float64 for float64).
@@ -35,6 +36,38 @@ void check_table(const at::Tensor& table, const at::Tensor& tiles) {
 template <typename T>
 using acc_t = std::conditional_t<std::is_same_v<T, double>, double, float>;
 
+// Where pixel p (flat over [T, bh, bw]) of a [T, C, bh, bw] tensor keeps its C channels.
+struct PixelLayout {
+  int64_t C, bh, bw, sT, sC, sH, sW;
+  bool cl;  // channels-last contiguous: pixel p's channels are the C values at p * C
+  explicit PixelLayout(const at::Tensor& t)
+      : C(t.size(1)), bh(t.size(2)), bw(t.size(3)), sT(t.stride(0)), sC(t.stride(1)),
+        sH(t.stride(2)), sW(t.stride(3)),
+        cl(t.is_contiguous(at::MemoryFormat::ChannelsLast) || t.numel() == 0) {}
+  int64_t base(int64_t p) const {  // two divisions per pixel, shared by its C channels
+    if (cl) return p * C;
+    const int64_t n = p / (bh * bw), yx = p - n * (bh * bw), y = yx / bw;
+    return n * sT + y * sH + (yx - y * bw) * sW;
+  }
+  template <typename T, typename F>
+  void for_channels(const T* x, int64_t p, F f) const {
+    const T* q = x + base(p);
+    if (cl) {
+      for (int64_t c = 0; c < C; ++c) f(c, q[c]);
+    } else {
+      for (int64_t c = 0; c < C; ++c) f(c, q[c * sC]);
+    }
+  }
+  template <typename T>
+  void copy_pixel(const T* x, int64_t p, T* o) const {
+    if (cl) {
+      std::copy(x + p * C, x + (p + 1) * C, o);
+    } else {
+      for_channels(x, p, [o](int64_t c, T v) { o[c] = v; });
+    }
+  }
+};
+
 at::Tensor halo_gather_cpu(const at::Tensor& tiles, const at::Tensor& table,
                            const at::Tensor& /*order*/, const at::Tensor& /*offsets*/,
                            double outside) {
@@ -51,12 +84,12 @@ at::Tensor halo_gather_cpu(const at::Tensor& tiles, const at::Tensor& table,
   // checks every table entry.
   const at::Tensor tab = table.contiguous();
   const int64_t* tp = tab.const_data_ptr<int64_t>();
-  // Channels last (a no-op for the usual channels-last tiles): source pixel s's C channels are
-  // then the C values at s * C, with no per-pixel index arithmetic (divisions cost more than
-  // the copy of a 64-channel pixel).
-  const at::Tensor x = tiles.contiguous(at::MemoryFormat::ChannelsLast);
+  // Channels-last tiles (the usual case): source pixel s's C channels are the C values at
+  // s * C, with no per-pixel index arithmetic. Any other layout (pack's dense NCHW map) is read
+  // through its strides rather than copied to channels last whole: pack keeps a fraction of it.
+  const PixelLayout src(tiles);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, tiles.scalar_type(), kOp, [&] {
-    const scalar_t* xp = x.const_data_ptr<scalar_t>();
+    const scalar_t* xp = tiles.const_data_ptr<scalar_t>();
     scalar_t* op = out.data_ptr<scalar_t>();  // channels last: padded pixel r at r * C
     const scalar_t fill = static_cast<scalar_t>(outside);
     at::parallel_for(0, R * ph * pw, std::max<int64_t>(1, 16384 / std::max<int64_t>(C, 1)),
@@ -65,7 +98,7 @@ at::Tensor halo_gather_cpu(const at::Tensor& tiles, const at::Tensor& table,
         const int64_t s = tp[r];
         scalar_t* o = op + r * C;
         if (s >= 0 && s < S) {
-          std::copy(xp + s * C, xp + (s + 1) * C, o);
+          src.copy_pixel(xp, s, o);
         } else {  // S: removed neighbour, S + 1: outside the image
           TORCH_CHECK(s == S || s == S + 1, kOp, ": table entry ", s, " is outside [0, ", S + 2, ")");
           std::fill(o, o + C, s == S ? static_cast<scalar_t>(0) : fill);
@@ -100,12 +133,13 @@ at::Tensor halo_gather_backward_cpu(const at::Tensor& grad, const at::Tensor& or
   const int64_t* orp = ord.const_data_ptr<int64_t>();
   const int64_t* ofp = off.const_data_ptr<int64_t>();
   const int64_t M = ord.size(0);
-  // As in the forward: in channels last, padded pixel q's C channels are at q * C.
-  const at::Tensor gr = grad.contiguous(at::MemoryFormat::ChannelsLast);
+  // As in the forward: read through the strides unless channels last (unpack's gradient is a
+  // dense NCHW map, most of whose pixels no tile reads).
+  const PixelLayout src(grad);
   const int64_t Q = R * ph * pw;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad.scalar_type(), kOp, [&] {
     using acc = acc_t<scalar_t>;
-    const scalar_t* gp = gr.const_data_ptr<scalar_t>();
+    const scalar_t* gp = grad.const_data_ptr<scalar_t>();
     scalar_t* op = gt.data_ptr<scalar_t>();  // channels last: source pixel s at s * C
     at::parallel_for(0, S, std::max<int64_t>(1, 4096 / std::max<int64_t>(C, 1)),
                      [&](int64_t begin, int64_t end) {
@@ -117,15 +151,14 @@ at::Tensor halo_gather_backward_cpu(const at::Tensor& grad, const at::Tensor& or
         if (hi - lo == 1 && std::is_same_v<scalar_t, acc>) {  // read once: a copy
           const int64_t q = orp[lo];
           TORCH_CHECK(0 <= q && q < Q, kOp, ": order entry ", q, " out of range");
-          std::copy(gp + q * C, gp + (q + 1) * C, o);
+          src.copy_pixel(gp, q, o);
           continue;
         }
         std::fill(a.begin(), a.end(), acc(0));
         for (int64_t j = lo; j < hi; ++j) {
           const int64_t q = orp[j];
           TORCH_CHECK(0 <= q && q < Q, kOp, ": order entry ", q, " out of range");
-          const scalar_t* g = gp + q * C;
-          for (int64_t c = 0; c < C; ++c) a[c] += static_cast<acc>(g[c]);
+          src.for_channels(gp, q, [&a](int64_t c, scalar_t v) { a[c] += static_cast<acc>(v); });
         }
         for (int64_t c = 0; c < C; ++c) o[c] = static_cast<scalar_t>(a[c]);
       }
