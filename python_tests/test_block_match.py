@@ -246,6 +246,15 @@ def test_flip_and_centres(device, dtype):
     # A view and its mirror image, searched with flip, match perfectly at offset 0.
     psnr, off = ek.block_match(a, a.flip(-1), B, r, flip=torch.ones(N, dtype=torch.bool, device=device))
     assert torch.isposinf(psnr).all() and (off == 0).all()
+    # The kernels mirror a copy, never the caller's b (the CPU one mirrors flipped samples of its
+    # float32 copy in place, and a float32 contiguous b is that copy unless cloned); no flips is
+    # the search without flip.
+    before = b.clone()
+    ek.block_match(a, b, B, r, flip=flip)
+    assert torch.equal(b, before)
+    none = torch.zeros(N, dtype=torch.bool, device=device)
+    for got, want in zip(ek.block_match(a, b, B, r, flip=none), ek.block_match(a, b, B, r)):
+        assert torch.equal(got, want)
 
 
 # Every backend on every device this machine has: (device, EFFSSL_BACKEND). Triton runs CPU

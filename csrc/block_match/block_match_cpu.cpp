@@ -4,7 +4,9 @@
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/flip.h>
-#include <ATen/ops/where.h>
+#include <ATen/ops/index_copy.h>
+#include <ATen/ops/index_select.h>
+#include <ATen/ops/nonzero.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -162,9 +164,16 @@ std::tuple<at::Tensor, at::Tensor> block_match_cpu(const at::Tensor& a, const at
   auto [psnr, offset] = empty_block_match_outputs(a, p);
   if (psnr.numel() == 0) return {psnr, offset};
   const at::Tensor a32 = a.to(at::kFloat).contiguous();
-  at::Tensor b32 = b.to(at::kFloat);
-  if (flip.has_value()) b32 = at::where(flip->view({p.N, 1, 1, 1}), at::flip(b32, {3}), b32);
-  b32 = b32.contiguous();
+  at::Tensor b32 = b.to(at::kFloat).contiguous();
+  if (flip.has_value()) {
+    // Mirror the flipped samples only, in b's float32 copy (made here when b is not float32
+    // contiguous already): a flip mask with few or no flips costs no full copies of b.
+    const at::Tensor rows = at::nonzero(*flip).view({-1});
+    if (rows.numel() > 0) {
+      if (b32.data_ptr() == b.data_ptr()) b32 = b32.clone();  // never the caller's tensor
+      b32.index_copy_(0, rows, at::flip(b32.index_select(0, rows), {3}));
+    }
+  }
   const auto c32 = prepare_centers(centers);
   p.centers = c32.has_value() ? c32->data_ptr<int32_t>() : nullptr;
   p.psnr = psnr.data_ptr<float>();
