@@ -21,7 +21,7 @@ import effssl_kernels as ek
 from effssl_kernels.reference import block_match_reference, candidate_order
 from effssl_kernels.reference.block_match import any_block_inside
 
-from .common import device_info, live_rows, parse_args, report, time_ms, tiny
+from .common import CaseRows, device_info, live_rows, parse_args, report, time_ms, tiny
 
 GPU_CASES = [  # name, pairs, H, block, radius
     ("224px B32 r16", 256, 224, 32, 16),
@@ -116,7 +116,7 @@ def run(device: str, quick: bool = False) -> list[dict]:
         a = torch.rand(N, 3, H, H, generator=g).to(device)
         b = (a + 0.1 * torch.rand(N, 3, H, H, generator=g).to(device)).clamp(0, 1)
         flop = 3 * 3 * B * B * candidates(H, B, r) * N
-        case_rows = []
+        case_rows = CaseRows(rows)
         base = None
         for prov, how in providers(device, quick, r).items():
             env = {"EFFSSL_BACKEND": how} if how in ("auto", "cuda", "triton") else {}
@@ -144,7 +144,6 @@ def run(device: str, quick: bool = False) -> list[dict]:
         for row in case_rows:
             if "median_ms" in row and base is not None:
                 row["ours_speedup"] = row["median_ms"] / base  # how much faster our first provider is
-        rows += case_rows
     return rows, info
 
 

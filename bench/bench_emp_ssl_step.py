@@ -28,7 +28,7 @@ from torchvision.models.resnet import BasicBlock, ResNet
 
 from effssl_kernels.emp_ssl import emp_ssl_loss, emp_ssl_patches
 
-from .common import device_info, live_rows, mark_speedups, parse_args, report, timed_row, tiny
+from .common import CaseRows, device_info, live_rows, mark_speedups, parse_args, report, timed_row, tiny
 
 
 class EMPModel(nn.Module):
@@ -85,18 +85,18 @@ def run(device: str, quick: bool = False):
 
         fns = {"multi_crop": step(ours), "cpu loader": step(loader),
                "multi_crop (patches only)": ours, "cpu loader (patches only)": loader}
-        case_rows = [timed_row({"case": case, "provider": prov}, fn, device, 0.3 if quick else 1.0)
-                     for prov, fn in fns.items()]
-        for r in case_rows:
+        case_rows = CaseRows(rows)
+        for prov, fn in fns.items():
+            r = timed_row({"case": case, "provider": prov}, fn, device, 0.3 if quick else 1.0)
             if "median_ms" in r:
                 r["patches_per_s"] = P * N / (r["median_ms"] * 1e-3)
+            case_rows.append(r)
         by = {r["provider"]: r for r in case_rows if "median_ms" in r}
         for name in ("multi_crop", "cpu loader"):
             if name in by and f"{name} (patches only)" in by:
                 by[name]["aug_share"] = by[f"{name} (patches only)"]["median_ms"] / by[name]["median_ms"]
         mark_speedups([r for r in case_rows if "patches only" not in r["provider"]], ours="multi_crop")
         mark_speedups([r for r in case_rows if "patches only" in r["provider"]], ours="multi_crop (patches only)")
-        rows += case_rows
     return rows, info
 
 

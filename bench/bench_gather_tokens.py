@@ -26,7 +26,7 @@ import torch
 from effssl_kernels.ops.gather_tokens import gather_tokens
 from effssl_kernels.reference.gather_tokens import gather_tokens_reference
 
-from .common import device_info, live_rows, mark_speedups, parse_args, report, time_ms, timed_row, tiny
+from .common import CaseRows, device_info, pct_hbm, live_rows, mark_speedups, parse_args, report, time_ms, timed_row, tiny
 
 WIDTHS = [("ViT-S", 384), ("ViT-B", 768)]
 RATIOS = [0.25, 0.5, 0.75]
@@ -92,7 +92,7 @@ def run(device: str, quick: bool = False):
                     "torch.compile(gather + pos[keep])": compiled[mode],
                 }
                 nbytes = traffic_bytes(N, K, D, es, bwd)
-                case_rows = []
+                case_rows = CaseRows(rows)
                 for prov, f in fns.items():
                     if bwd:
                         fn = lambda f=f: torch.autograd.grad(f(xg, keep, pg), (xg, pg), grad)  # noqa: E731
@@ -112,8 +112,8 @@ def run(device: str, quick: bool = False):
                 for r in case_rows:
                     if "gbps" in r:
                         r["pct_copy_bw"] = 100 * r["gbps"] / copy_gbps
+                        r["pct_hbm_limit"] = pct_hbm(info, r["gbps"])
                 mark_speedups([r for r in case_rows if r["mode"] == mode])
-                rows += case_rows
     return rows, info, N, dtype
 
 
@@ -127,7 +127,7 @@ def main(argv=None) -> str:
         f"gather_tokens on {info['device']}, N={N}, L={L}, {info['dtype']} "
         "(ours_speedup: provider time / ours, >1 means ours is faster)",
         info, rows,
-        ["case", "mode", "provider", "median_ms", "p20_ms", "p80_ms", "ours_speedup", "gbps", "pct_copy_bw", "note"],
+        ["case", "mode", "provider", "median_ms", "p20_ms", "p80_ms", "ours_speedup", "gbps", "pct_copy_bw", "pct_hbm_limit", "note"],
     )
 
 

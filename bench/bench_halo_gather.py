@@ -28,7 +28,7 @@ from effssl_kernels.ops.halo_gather import halo_gather_op
 from effssl_kernels.reference.halo_gather import halo_gather_reference
 from effssl_kernels.sparse import TileIndex
 
-from .common import device_info, live_rows, mark_speedups, parse_args, report, time_ms, timed_row, tiny
+from .common import CaseRows, device_info, pct_hbm, live_rows, mark_speedups, parse_args, report, time_ms, timed_row, tiny
 
 LAYERS = [("layer1 8x8 tiles", 4, 64), ("layer2 4x4 tiles", 8, 128), ("layer3 2x2 tiles", 16, 256)]
 BATCH = {"cuda": 256, "cpu": 8}
@@ -76,7 +76,7 @@ def run(device: str, quick: bool = False):
             nbytes = in_bytes + out_bytes + table.numel() * 8
             if bwd:
                 nbytes += out_bytes + in_bytes + (inv_order.numel() + offsets.numel()) * 8
-            case_rows = []
+            case_rows = CaseRows(rows)
             for prov, f in fns.items():
                 fn = ((lambda f=f: torch.autograd.grad(f(tg), tg, grad)) if bwd
                       else (lambda f=f: f(tiles)))
@@ -85,9 +85,9 @@ def run(device: str, quick: bool = False):
                 if "median_ms" in row:
                     row["gbps"] = nbytes / (row["median_ms"] * 1e-3) / 1e9
                     row["pct_copy_bw"] = 100 * row["gbps"] / copy_gbps
+                    row["pct_hbm_limit"] = pct_hbm(info, row["gbps"])
                 case_rows.append(row)
             mark_speedups(case_rows)
-            rows += case_rows
     return rows, info, N, dtype
 
 
@@ -102,7 +102,7 @@ def main(argv=None) -> str:
         "(ours_speedup: provider time / ours, >1 means ours is faster)",
         info, rows,
         ["case", "mode", "provider", "median_ms", "p20_ms", "p80_ms", "ours_speedup", "gbps",
-         "pct_copy_bw", "note"],
+         "pct_copy_bw", "pct_hbm_limit", "note"],
     )
 
 

@@ -34,7 +34,7 @@ import torch.nn.functional as F
 
 from effssl_kernels.ops.multi_crop import multi_crop
 
-from .common import device_info, live_rows, mark_speedups, parse_args, report, time_ms, timed_row, tiny
+from .common import CaseRows, device_info, pct_hbm, live_rows, mark_speedups, parse_args, report, time_ms, timed_row, tiny
 
 LOOP_PATCHES = 256
 
@@ -118,11 +118,12 @@ def run(device: str, quick: bool = False):
             "roi_align": lambda: roi_align_crop(images, boxes, flips, S),
             "grid_sample": lambda: grid_sample_crop(images, boxes, flips, S),
         }
-        case_rows = [timed_row({"case": label, "provider": prov}, fn, device, 0.3 if quick else 1.0)
-                     for prov, fn in fns.items()]
-        for r in case_rows:
+        case_rows = CaseRows(rows)
+        for prov, fn in fns.items():
+            r = timed_row({"case": label, "provider": prov}, fn, device, 0.3 if quick else 1.0)
             if "median_ms" in r:
                 r["gbps"] = nbytes / (r["median_ms"] * 1e-3) / 1e9
+            case_rows.append(r)
         n_loop = min(LOOP_PATCHES, N * P)
         try:
             torchvision_loop(images, boxes, flips, S, n_loop)
@@ -143,8 +144,8 @@ def run(device: str, quick: bool = False):
         for r in case_rows:
             if "gbps" in r:
                 r["pct_copy_bw"] = 100 * r["gbps"] / copy_gbps
+                r["pct_hbm_limit"] = pct_hbm(info, r["gbps"])
         mark_speedups([r for r in case_rows if r["provider"] != "copy (yardstick)"])
-        rows += case_rows
     return rows, info
 
 
@@ -158,7 +159,7 @@ def main(argv=None) -> str:
         f"multi_crop on {info['device']}, uint8 -> float32 "
         "(ours_speedup: provider time / ours, >1 means ours is faster)",
         info, rows,
-        ["case", "provider", "median_ms", "p20_ms", "p80_ms", "ours_speedup", "gbps", "pct_copy_bw", "note"],
+        ["case", "provider", "median_ms", "p20_ms", "p80_ms", "ours_speedup", "gbps", "pct_copy_bw", "pct_hbm_limit", "note"],
     )
 
 

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 from effssl_kernels.ops.patch_embed_gather import patch_embed_gather
 
-from .common import device_info, live_rows, parse_args, report, time_ms, tiny
+from .common import CaseRows, device_info, live_rows, parse_args, report, time_ms, tiny
 
 MODELS = [("ViT-S/16", 384), ("ViT-B/16", 768)]
 RATIOS = [0.25, 0.5, 0.75]
@@ -71,7 +71,7 @@ def run(device: str, quick: bool = False):
                 torch._dynamo.reset()
                 compiled = torch.compile(timm_path, dynamic=False)
                 params = [t.detach().requires_grad_(mode == "fwd+bwd") for t in (weight, bias, pos)]
-                case_rows, times = [], {}
+                case_rows, times = CaseRows(rows), {}
                 for prov, fn in (("ours", patch_embed_gather), ("timm path (torch)", timm_path),
                                  ("torch.compile(timm path)", compiled)):
                     def call(fn=fn):
@@ -98,7 +98,6 @@ def run(device: str, quick: bool = False):
                                           ("torch.compile(timm path)", "speedup_vs_compile")):
                             if base in times:
                                 row[key] = times[base] / row["median_ms"]
-                rows += case_rows
     return rows, info
 
 

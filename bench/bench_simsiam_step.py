@@ -172,8 +172,12 @@ def run(device: str, quick: bool = False):
 
     keeps = [1.0, 0.5, 0.0] if quick else KEEPS
     providers = PROVIDERS[:2] if quick and not tiny() else PROVIDERS  # the smoke run: every path
-    rows, base, f = live_rows(), None, None
-    cases = [("dense", None)] + [(p, k) for k in keeps for p in providers if p != "dense"]
+    rows, base = live_rows(), None
+    # Issue 3's targets first (a run cut at its time limit keeps them): dense, packed at keep 0
+    # (the fixed share f of the ideal), 0.5, 0.75 and 1.0; then the other keeps and paths.
+    first = [k for k in (0.0, 0.5, 0.75, 1.0) if k in keeps and "packed" in providers]
+    cases = [("dense", None)] + [("packed", k) for k in first] + [
+        (p, k) for k in keeps for p in providers if p != "dense" and not (p == "packed" and k in first)]
     for prov, keep in cases:
         row = {"provider": prov, "arch": arch, "img": img, "block": block, "batch": batch,
                "keep": 1.0 if keep is None else keep, "note": note}
@@ -188,6 +192,13 @@ def run(device: str, quick: bool = False):
             if base is not None:  # dense failed: its note says so, and no ratio is made up
                 row["rel_time"] = row["median_ms"] / base
         rows.append(row)
+        _derive(rows)  # after every case: a run cut short has its ratios too
+    return rows, info
+
+
+def _derive(rows) -> None:
+    """speedup, rel_saved, f_fixed_share (packed at keep 0 / dense), ideal_speedup and of_ideal
+    on every row, in place, from the rows timed so far."""
     f = next((r["rel_time"] for r in rows if r["provider"] == "packed" and r["keep"] == 0.0
               and "rel_time" in r), None)
     base_saved = next((r["saved_mib"] for r in rows if r["provider"] == "dense" and "saved_mib" in r), None)
@@ -201,7 +212,6 @@ def run(device: str, quick: bool = False):
             r["ideal_speedup"] = 1.0 / (r["keep"] * (1 - f) + f)
             if "speedup" in r:
                 r["of_ideal"] = r["speedup"] / r["ideal_speedup"]
-    return rows, info
 
 
 def plot(rows, path: str, title: str) -> str | None:

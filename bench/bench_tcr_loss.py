@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from effssl_kernels import tcr_loss
 from effssl_kernels.reference import tcr_loss_reference
 
-from .common import device_info, live_rows, mark_speedups, parse_args, report, time_ms, tiny
+from .common import CaseRows, device_info, live_rows, mark_speedups, parse_args, report, time_ms, tiny
 
 D = 1024
 EPS = 0.2
@@ -77,7 +77,7 @@ def run(device: str, quick: bool = False):
         z = F.normalize(torch.randn(*shape, generator=g), dim=-1).to(device)
         zg = z.clone().requires_grad_()
         for mode in ("fwd", "fwd+bwd"):
-            case_rows = []
+            case_rows = CaseRows(rows)
             for prov, f in PROVIDERS.items():
                 if mode == "fwd":
                     def fn(f=f, z=z):
@@ -108,7 +108,6 @@ def run(device: str, quick: bool = False):
                     row.update(gflops=gflops, pct_fp32_limit=100 * gflops / (1e3 * info["fp32_tflops_limit"]))
                 case_rows.append(row)
             mark_speedups(case_rows)
-            rows += case_rows
     return rows, info
 
 

@@ -247,6 +247,32 @@ def live_rows() -> list:
     return _LIVE["rows"]
 
 
+def pct_hbm(info: dict, gbps: float) -> float | None:
+    """GB/s as a percentage of the device's measured large-copy ceiling (``hbm_tbps_limit``:
+    a 1 GiB copy on a GPU); None where there is none (the CPU). The per-case ``pct_copy_bw``
+    divides by a copy of the case's own size instead, which a small case runs below the ceiling."""
+    lim = info.get("hbm_tbps_limit")
+    return 100 * gbps / (1e3 * lim) if lim else None
+
+
+class CaseRows(list):
+    """One case's rows (for its derived columns: speedups, % of copy) that are also added to the
+    benchmark's live list the moment each is appended, so a run stopped at its time limit keeps
+    every row timed so far; derived columns filled in later land in the same dicts."""
+
+    def __init__(self, live: list):
+        super().__init__()
+        self._live = live
+
+    def append(self, row: dict) -> None:
+        super().append(row)
+        self._live.append(row)
+
+    def extend(self, rows) -> None:
+        for r in rows:
+            self.append(r)
+
+
 def write_partial_on_sigterm() -> None:
     """Make SIGTERM write the running benchmark's rows so far (its :func:`live_rows`, to the JSON
     :func:`parse_args` named) and exit 143. The command-line entry points install it (``python -m

@@ -65,6 +65,8 @@ def best_alternative_speedups(results: dict[str, dict]) -> list[tuple[str, float
             label = " ".join(f"keep {r[k]}" if k == "keep" else str(r[k])
                              for k in ("case", "layer", "keep", "mode") if r.get(k) is not None)
             prov = str(r.get("provider", ""))
+            if "(patches only)" in prov:  # emp_ssl_step: the patches alone are a case of their own
+                label += " patches only"
             vals = groups.setdefault(f"{name}: {label}"[:70], [])
             if not _is_ours(prov) and "yardstick" not in prov and isinstance(r.get("ours_speedup"), (int, float)):
                 vals.append(r["ours_speedup"])

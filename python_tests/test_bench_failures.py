@@ -101,3 +101,52 @@ def test_sigterm_writes_the_rows_so_far(tmp_path):
     assert d["info"]["device"] == "test" and "after 1 rows" in d["info"]["partial"]
     write_report(str(tmp_path))
     assert "**Partial run** (stopped by signal 15 after 1 rows)" in (tmp_path / "report.md").read_text()
+
+
+class _Stop(BaseException):
+    """Stands for SIGTERM's exit in the middle of a case (not an Exception: providers' failures
+    are caught and reported, this must not be)."""
+
+
+def test_a_case_cut_short_keeps_the_rows_it_timed(monkeypatch):
+    # gpu_session.sh's time limit can land between two providers of one case: the rows timed
+    # before it must be in the live list that SIGTERM writes (they were kept per case before).
+    from bench import common
+
+    monkeypatch.setenv("EFFSSL_BENCH_TINY", "1")
+    timed = []
+
+    def fake_time_ms(fn, device, min_run_time=None):
+        if len(timed) == 1:  # the case's second provider (quick on the CPU: it has two)
+            raise _Stop
+        timed.append(fn)
+        return {"median_ms": float(len(timed))}
+
+    monkeypatch.setattr(bm, "time_ms", fake_time_ms)
+    with pytest.raises(_Stop):
+        bm.run("cpu", quick=True)
+    live = common._LIVE["rows"]
+    assert [(r["provider"], r["median_ms"]) for r in live] == [("cpp", 1.0)]
+
+
+def test_simsiam_step_times_the_issue_targets_first_with_their_ratios(monkeypatch):
+    from bench import common
+
+    n = []
+
+    def fake_timed_row(row, fn, device, mrt, warm_up=None):
+        if len(n) == 4:
+            raise _Stop
+        n.append(row)
+        return {**row, "median_ms": 10.0 * (0.2 + 0.8 * row["keep"]) if row["provider"] != "dense" else 10.0}
+
+    monkeypatch.setattr(ss, "timed_row", fake_timed_row)
+    monkeypatch.setattr(ss, "KEEPS", [1.0, 0.8, 0.75, 0.5, 0.25, 0.0])
+    with pytest.raises(_Stop):
+        ss.run("cpu", quick=False)
+    live = common._LIVE["rows"]
+    assert [(r["provider"], r["keep"]) for r in live] == [
+        ("dense", 1.0), ("packed", 0.0), ("packed", 0.5), ("packed", 0.75)]
+    # derived after every case: f = 0.2 from packed at keep 0, the ideal at 0.5 is 1 / 0.6
+    assert live[2]["f_fixed_share"] == pytest.approx(0.2)
+    assert live[2]["ideal_speedup"] == pytest.approx(1 / 0.6) and live[2]["of_ideal"] == pytest.approx(1.0)

@@ -58,3 +58,13 @@ def test_missing_folder_is_a_usage_error(tmp_path):
 def test_help_is_help_not_a_folder():
     proc = _report_cli("--help")
     assert proc.returncode == 0 and "RESULTS_DIR" in proc.stdout and proc.stderr == ""
+
+
+def test_emp_ssl_patches_only_is_a_bar_of_its_own():
+    rows = [{"case": "P=200 N=64", "provider": "multi_crop", "median_ms": 10.0, "speedup_vs_cpu loader": 1.5},
+            {"case": "P=200 N=64", "provider": "cpu loader", "median_ms": 15.0, "ours_speedup": 1.5},
+            {"case": "P=200 N=64", "provider": "multi_crop (patches only)", "median_ms": 3.0,
+             "speedup_vs_cpu loader (patches only)": 0.3},
+            {"case": "P=200 N=64", "provider": "cpu loader (patches only)", "median_ms": 0.9, "ours_speedup": 0.3}]
+    got = dict(best_alternative_speedups({"emp_ssl_step": {"rows": rows, "info": {}}}))
+    assert got == {"emp_ssl_step: P=200 N=64": 1.5, "emp_ssl_step: P=200 N=64 patches only": 0.3}
