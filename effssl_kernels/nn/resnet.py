@@ -208,9 +208,7 @@ def checkpoint(function, *args, **kwargs):
     recomputes what the partitioner chooses (``torch._functorch.config.activation_memory_budget``
     trades memory for recomputation there), always under the forward's mask."""
     if torch.compiler.is_compiling():
-        # A plain call: Dynamo cannot trace the checkpoint of a masked layer (it fills the
-        # mask's caches), and compiled code recomputes what torch.compile's partitioner chooses
-        # (torch._functorch.config.activation_memory_budget), with the mask's tensors as inputs.
+        # Dynamo cannot trace a checkpoint of masked layers (they fill the mask's caches)
         return function(*args, **{k: v for k, v in kwargs.items() if k not in _CHECKPOINT_ONLY})
     # Both are context variables: a snapshot of the context carries them (and any later one).
     snapshot = contextvars.copy_context()
