@@ -21,7 +21,7 @@ import effssl_kernels as ek
 from effssl_kernels.reference import block_match_reference, candidate_order
 from effssl_kernels.reference.block_match import any_block_inside
 
-from .common import CaseRows, device_info, live_rows, parse_args, report, time_ms, tiny
+from .common import CaseRows, check_output, device_info, live_rows, parse_args, report, time_ms, tiny
 
 GPU_CASES = [  # name, pairs, H, block, radius
     ("224px B32 r16", 256, 224, 32, 16),
@@ -118,6 +118,7 @@ def run(device: str, quick: bool = False) -> list[dict]:
         flop = 3 * 3 * B * B * candidates(H, B, r) * N
         case_rows = CaseRows(rows)
         base = None
+        want = None  # the shift loop's PSNR (the reference's formula): every provider is checked
         for prov, how in providers(device, quick, r).items():
             env = {"EFFSSL_BACKEND": how} if how in ("auto", "cuda", "triton") else {}
             if env:
@@ -130,7 +131,7 @@ def run(device: str, quick: bool = False) -> list[dict]:
                 fn = lambda: compiled(a, b, B, r)  # noqa: E731
             try:
                 with mock.patch.dict(os.environ, env):  # the user's own value comes back after
-                    fn()  # warm-up, compile
+                    psnr = fn()[0]  # warm-up, compile
                     t = time_ms(fn, device, min_run_time=0.5 if quick else 2.0)
             except Exception as e:  # report, never hide, a provider that fails
                 case_rows.append({"case": name, "pairs": N, "provider": prov, "note": f"failed: {e}"[:120]})
@@ -140,6 +141,9 @@ def run(device: str, quick: bool = False) -> list[dict]:
                    "pct_fp32_limit": 100 * tflops / info["fp32_tflops_limit"], "path": kernel_path(how)}
             if base is None and env:  # our first kernel that ran; none ran: no speedups at all
                 base = t["median_ms"]
+            if want is None:
+                want = shift_loop(a, b, B, r)[0]
+            check_output(row, psnr, want, 1e-4)  # dB: float32 rounding of the MSE only
             case_rows.append(row)
         for row in case_rows:
             if "median_ms" in row and base is not None:
@@ -155,7 +159,7 @@ def main(argv=None) -> str:
         f"block_match on {info['device']} (FP32 limit {info['fp32_tflops_limit']} TFLOP/s, {info['limit_source']})",
         info, rows,
         ["case", "pairs", "provider", "path", "median_ms", "p20_ms", "p80_ms", "ours_speedup", "tflops", "pct_fp32_limit",
-         "note"],
+         "max_err", "note"],
     )
 
 

@@ -26,7 +26,7 @@ import torch
 from effssl_kernels.ops.gather_tokens import gather_tokens
 from effssl_kernels.reference.gather_tokens import gather_tokens_reference
 
-from .common import CaseRows, device_info, pct_hbm, live_rows, mark_speedups, parse_args, report, time_ms, timed_row, tiny
+from .common import CaseRows, check_output, device_info, pct_hbm, live_rows, mark_speedups, parse_args, report, time_ms, timed_row, tiny
 
 WIDTHS = [("ViT-S", 384), ("ViT-B", 768)]
 RATIOS = [0.25, 0.5, 0.75]
@@ -93,6 +93,8 @@ def run(device: str, quick: bool = False):
                 }
                 nbytes = traffic_bytes(N, K, D, es, bwd)
                 case_rows = CaseRows(rows)
+                want = {"fwd": gather_tokens_reference(x, keep, pos),
+                        "fwd+bwd": torch.autograd.grad(gather_tokens_reference(xg, keep, pg), (xg, pg), grad)}
                 for prov, f in fns.items():
                     if bwd:
                         fn = lambda f=f: torch.autograd.grad(f(xg, keep, pg), (xg, pg), grad)  # noqa: E731
@@ -102,6 +104,8 @@ def run(device: str, quick: bool = False):
                                     0.3 if quick else 1.0, warm_up=_warm_up)
                     if "median_ms" in row:
                         row["gbps"] = nbytes / (row["median_ms"] * 1e-3) / 1e9
+                        # one rounding of the sum in x's dtype apart (the reference adds in it)
+                        check_output(row, fn(), want[mode], 1e-2 if dtype != torch.float32 else 1e-6)
                     case_rows.append(row)
                 if copy_gbps is None:
                     src = x[:, :K]
@@ -127,7 +131,7 @@ def main(argv=None) -> str:
         f"gather_tokens on {info['device']}, N={N}, L={L}, {info['dtype']} "
         "(ours_speedup: provider time / ours, >1 means ours is faster)",
         info, rows,
-        ["case", "mode", "provider", "median_ms", "p20_ms", "p80_ms", "ours_speedup", "gbps", "pct_copy_bw", "pct_hbm_limit", "note"],
+        ["case", "mode", "provider", "median_ms", "p20_ms", "p80_ms", "ours_speedup", "gbps", "pct_copy_bw", "pct_hbm_limit", "max_err", "note"],
     )
 
 

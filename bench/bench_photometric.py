@@ -44,7 +44,7 @@ from effssl_kernels.ops.photometric import pack_params
 from effssl_kernels.photometric import PhotometricSampler, photometric
 from effssl_kernels.reference.photometric import photometric_reference
 
-from .common import CaseRows, device_info, pct_hbm, live_rows, mark_speedups, out_dir, parse_args, print_table, timed_row, tiny, write_json
+from .common import CaseRows, check_output, device_info, pct_hbm, live_rows, mark_speedups, out_dir, parse_args, print_table, timed_row, tiny, write_json
 
 LOOP_CPU = 32  # on a CPU, the torchvision loop is timed on this many samples and scaled
 COPY = "copy (yardstick)"
@@ -198,7 +198,7 @@ def run(device: str, quick: bool = False):
             mark_speedups([r for r in case_rows if r["provider"] != COPY])
             ours = case_rows[0]
             vs_loop = ours.get("speedup_vs_torchvision v2 loop")
-            if "pct_copy_bw" in ours and vs_loop is not None:
+            if "pct_copy_bw" in ours and vs_loop is not None and "MISMATCH" not in str(ours.get("note")):
                 met = ours["pct_copy_bw"] >= 70 and vs_loop >= 5
                 ours["note"] = f"goal (>=70% copy bw, >=5x tv loop): {'met' if met else 'not met'}"
 
@@ -208,7 +208,10 @@ def run(device: str, quick: bool = False):
 
         # issue 7's target first: ours, the copy and the torchvision loop, then the rest
         case_rows = CaseRows(rows)
-        add(timed_row({"case": label, "provider": "ours"}, fns.pop("ours"), device, mrt, _warm))
+        want = fns["reference"]()
+        # float32 math as the reference's, in another order (normalised output: ~1e-5 apart)
+        ours = timed_row({"case": label, "provider": "ours"}, fns.pop("ours"), device, mrt, _warm)
+        add(check_output(ours, photometric(views, params_cpu), want, 1e-4) if "median_ms" in ours else ours)
         add(timed_row({"case": label, "provider": COPY}, lambda: dst.copy_(src), device, mrt, _warm))
         add(_loop_row({"case": label, "provider": "torchvision v2 loop"}, views, host, device, mrt))
         for p, fn in fns.items():
@@ -293,7 +296,7 @@ def main(argv=None) -> str:
     print_table(f"photometric on {info['device']}, views -> normalised float32 "
                 "(ours_speedup: provider time / ours, >1 means ours is faster)", rows,
                 ["case", "provider", "median_ms", "p20_ms", "p80_ms", "images_per_s", "ours_speedup", "gbps",
-                 "pct_copy_bw", "pct_hbm_limit", "note"])
+                 "pct_copy_bw", "pct_hbm_limit", "max_err", "note"])
     print_table("augmentation share of an SSL step (2N views, aug_ms / (aug_ms + step_ms))", share,
                 ["case", "provider", "aug_ms", "step_ms", "aug_share_pct", "step_speedup", "note"])
     print(f"wrote {path}")

@@ -255,6 +255,28 @@ def pct_hbm(info: dict, gbps: float) -> float | None:
     return 100 * gbps / (1e3 * lim) if lim else None
 
 
+def check_output(row: dict, got, want, tol: float) -> dict:
+    """``row["max_err"]`` = max |got - want| / max |want| over the finite entries of the tensors
+    (infinite ones must be equal), and a ``MISMATCH`` note above ``tol``: a benchmark's timings
+    count only for a kernel that also gave the right answer at the timed shape (the smoke test
+    fails on any MISMATCH)."""
+    err = 0.0
+    for g, w in zip(got if isinstance(got, (tuple, list)) else [got],
+                    want if isinstance(want, (tuple, list)) else [want]):
+        g, w = g.detach().double(), w.detach().double()
+        fin = torch.isfinite(w)
+        if g.shape != w.shape or not torch.equal(torch.isfinite(g), fin) or not torch.equal(g[~fin], w[~fin]):
+            err = float("inf")
+            break
+        scale = w[fin].abs().max().item() if fin.any() else 1.0
+        diff = (g[fin] - w[fin]).abs().max().item() if fin.any() else 0.0
+        err = max(err, diff / max(scale, 1e-12))
+    row["max_err"] = err
+    if not err <= tol:
+        row["note"] = f"MISMATCH vs the reference ({err:.3g} > {tol:g})" + (f"; {row['note']}" if row.get("note") else "")
+    return row
+
+
 class CaseRows(list):
     """One case's rows (for its derived columns: speedups, % of copy) that are also added to the
     benchmark's live list the moment each is appended, so a run stopped at its time limit keeps

@@ -103,3 +103,16 @@ def test_cuda_flag_without_a_gpu_is_a_usage_error(capsys):
     with pytest.raises(SystemExit):
         common.parse_args("doc", "quick", ["--device", "cuda"])
     assert "torch sees no CUDA device" in capsys.readouterr().err
+
+
+def test_check_output_flags_a_wrong_answer():
+    from bench.common import check_output
+
+    w = torch.tensor([1.0, 2.0, float("inf")])
+    assert check_output({}, w.clone(), w, 0.0) == {"max_err": 0.0}
+    r = check_output({"note": "x"}, torch.tensor([1.0, 2.1, float("inf")]), w, 1e-2)
+    assert r["max_err"] == pytest.approx(0.05) and r["note"].startswith("MISMATCH") and r["note"].endswith("; x")
+    for bad in (torch.tensor([1.0, 2.0, 3.0]), torch.tensor([1.0, float("nan"), float("inf")]), w[:2]):
+        assert check_output({}, bad, w, 1.0)["max_err"] == float("inf")
+    # tuples compare element by element
+    assert check_output({}, (w, w[:1] + 1), (w, w[:1]), 1e-3)["note"].startswith("MISMATCH")
