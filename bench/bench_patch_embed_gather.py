@@ -23,7 +23,7 @@ from effssl_kernels.ops.patch_embed_gather import patch_embed_gather
 from .common import CaseRows, device_info, live_rows, parse_args, report, time_ms, tiny
 
 MODELS = [("ViT-S/16", 384), ("ViT-B/16", 768)]
-RATIOS = [0.25, 0.5, 0.75]
+RATIOS = [0.5, 0.25, 0.75]  # issue 4's keep 0.5 first: a run cut at its time limit has it
 IMG, PATCH, CHANNELS = 224, 16, 3
 # Dense (no sparsity) bf16 tensor-core peaks in TFLOP/s from NVIDIA's spec sheets.
 _BF16_PEAK = {"H100 PCIe": 756.0, "H100 NVL": 835.0, "H100": 989.4, "H200": 989.4, "A100": 312.0}
@@ -61,7 +61,7 @@ def run(device: str, quick: bool = False):
         weight = (0.02 * torch.randn(D, CHANNELS, PATCH, PATCH, generator=g)).to(device, dtype)
         bias = torch.zeros(D).to(device, dtype)
         pos = (0.02 * torch.randn(1, L, D, generator=g)).to(device, dtype)
-        for ratio in (RATIOS[1:2] if quick else RATIOS):
+        for ratio in (RATIOS[:1] if quick else RATIOS):
             K = max(1, int(L * ratio))
             keep = torch.argsort(torch.rand(N, L, generator=g), dim=1)[:, :K].sort(1).values.to(device)
             gemm_flop = 2 * N * K * D * CHANNELS * PATCH * PATCH

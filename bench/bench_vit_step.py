@@ -31,7 +31,7 @@ from effssl_kernels.tokens import random_token_keep
 from .common import device_info, live_rows, parse_args, report, time_ms, tiny
 
 MODELS = [("ViT-S/16", "vit_small_patch16_224"), ("ViT-B/16", "vit_base_patch16_224")]
-KEEPS = [1.0, 0.75, 0.5, 0.25]
+KEEPS = [1.0, 0.5, 0.75, 0.25]  # 1.0 and issue 4's 0.5 first: a run cut at its time limit has them
 PATCHES = [16, 24, 30, 40]
 
 
