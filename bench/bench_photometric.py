@@ -160,6 +160,24 @@ def _loop_row(row, views, host, device, mrt):
     return row
 
 
+def _check(row: dict, got, want, views_dtype) -> dict:
+    """The tests' tolerance (python_tests/utils.py, assert_photometric_close): float views float32
+    rounding (1e-4 of the largest value); uint8 views at most one level (torchvision truncates
+    every uint8 intermediate, so a rounding difference can move a value one level) on at most
+    0.5% of the values (``frac_off``)."""
+    if views_dtype != torch.uint8:
+        return check_output(row, got, want, 1e-4)
+    g, w = got.double(), want.double()
+    level = 1.0 if got.dtype == torch.uint8 else 1 / 255 / 0.224  # one level, normalised
+    d = (g - w).abs().nan_to_num(float("inf"))
+    d[g.isnan() & w.isnan()] = 0.0
+    row["max_err"] = float(d.max()) if d.numel() else 0.0
+    row["frac_off"] = float((d > 2e-5).double().mean()) if d.numel() else 0.0
+    if not (row["max_err"] <= level * 1.01 + 2e-5 and row["frac_off"] <= 0.005):
+        row["note"] = f"MISMATCH vs the reference (max {row['max_err']:.3g}, {100 * row['frac_off']:.2f}% off)"
+    return row
+
+
 def run(device: str, quick: bool = False):
     info = device_info(device)
     mrt = 0.05 if tiny() else (0.2 if quick else 0.5)
@@ -208,10 +226,8 @@ def run(device: str, quick: bool = False):
 
         # issue 7's target first: ours, the copy and the torchvision loop, then the rest
         case_rows = CaseRows(rows)
-        want = fns["reference"]()
-        # float32 math as the reference's, in another order (normalised output: ~1e-5 apart)
         ours = timed_row({"case": label, "provider": "ours"}, fns.pop("ours"), device, mrt, _warm)
-        add(check_output(ours, photometric(views, params_cpu), want, 1e-4) if "median_ms" in ours else ours)
+        add(_check(ours, photometric(views, params_cpu), fns["reference"](), dtype) if "median_ms" in ours else ours)
         add(timed_row({"case": label, "provider": COPY}, lambda: dst.copy_(src), device, mrt, _warm))
         add(_loop_row({"case": label, "provider": "torchvision v2 loop"}, views, host, device, mrt))
         for p, fn in fns.items():
@@ -296,7 +312,7 @@ def main(argv=None) -> str:
     print_table(f"photometric on {info['device']}, views -> normalised float32 "
                 "(ours_speedup: provider time / ours, >1 means ours is faster)", rows,
                 ["case", "provider", "median_ms", "p20_ms", "p80_ms", "images_per_s", "ours_speedup", "gbps",
-                 "pct_copy_bw", "pct_hbm_limit", "max_err", "note"])
+                 "pct_copy_bw", "pct_hbm_limit", "max_err", "frac_off", "note"])
     print_table("augmentation share of an SSL step (2N views, aug_ms / (aug_ms + step_ms))", share,
                 ["case", "provider", "aug_ms", "step_ms", "aug_share_pct", "step_speedup", "note"])
     print(f"wrote {path}")

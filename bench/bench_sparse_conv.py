@@ -179,22 +179,33 @@ def run(device: str, quick: bool = False):
                     for prov, f, a, gy in provs:
                         jobs.append((keep, prov, _timed(partial(f, **sp), a, gy, bwd), flop,
                                      err.get(prov)))
-                times = _measure_rounds([j[2] for j in jobs], device, rounds, min_run)
-                new = [_row(name, keep, mode, prov, t, times[0], flop, err, TOL[device])
-                       for (keep, prov, _, flop, err), t in zip(jobs, times)]
+                at = {}  # job -> its row's place in the live list, filled as each job is timed
+
+                def timed(i, best, jobs=jobs, name=name, mode=mode, at=at):
+                    keep, prov, _, flop, err = jobs[i]
+                    row = _row(name, keep, mode, prov, best[i], best[0], flop, err, TOL[device])
+                    if i in at:  # a faster round: the row again (dense first: its base is there)
+                        rows[at[i]] = row
+                    else:
+                        at[i] = len(rows)
+                        rows.append(row)
+
+                _measure_rounds([j[2] for j in jobs], device, rounds, min_run, timed)
+                new = [rows[at[i]] for i in range(len(jobs))]
                 for keep in keeps:  # masked dense is an alternative too (the plot's bar takes the best)
                     mark_speedups([r for r in new if r["keep"] == keep and r["provider"] in
                                    ("ours packed", "masked dense")], ours="ours packed")
-                rows += new
     finally:
         torch.backends.cudnn.benchmark = prev_bench
     return rows, info
 
 
-def _measure_rounds(fns, device: str, rounds: int, min_run: float) -> list:
+def _measure_rounds(fns, device: str, rounds: int, min_run: float, timed=None) -> list:
     """Time every callable ``rounds`` times, interleaved, keeping each one's fastest round (by
     median): a burst of load from another process then spoils one round of every provider
-    rather than all rounds of one. A provider that fails is reported, never hidden."""
+    rather than all rounds of one. A provider that fails is reported, never hidden.
+    ``timed(i, best)`` is called after each timing of callable ``i`` (its row goes out at once:
+    a run stopped at its time limit keeps it)."""
     best = [None] * len(fns)
     for _ in range(rounds):
         for i, fn in enumerate(fns):
@@ -205,9 +216,11 @@ def _measure_rounds(fns, device: str, rounds: int, min_run: float) -> list:
                 t = time_ms(fn, device, min_run_time=min_run)
             except Exception as e:  # noqa: BLE001
                 best[i] = {"note": f"failed: {type(e).__name__}: {e}"[:120]}
-                continue
-            if best[i] is None or t["median_ms"] < best[i]["median_ms"]:
-                best[i] = t
+            else:
+                if best[i] is None or t["median_ms"] < best[i]["median_ms"]:
+                    best[i] = t
+            if timed is not None:
+                timed(i, best)
     return best
 
 

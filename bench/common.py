@@ -257,7 +257,7 @@ def pct_hbm(info: dict, gbps: float) -> float | None:
 
 def check_output(row: dict, got, want, tol: float) -> dict:
     """``row["max_err"]`` = max |got - want| / max |want| over the finite entries of the tensors
-    (infinite ones must be equal), and a ``MISMATCH`` note above ``tol``: a benchmark's timings
+    (infinite and NaN ones must be where they are), and a ``MISMATCH`` note above ``tol``: a benchmark's timings
     count only for a kernel that also gave the right answer at the timed shape (the smoke test
     fails on any MISMATCH)."""
     err = 0.0
@@ -265,7 +265,9 @@ def check_output(row: dict, got, want, tol: float) -> dict:
                     want if isinstance(want, (tuple, list)) else [want]):
         g, w = g.detach().double(), w.detach().double()
         fin = torch.isfinite(w)
-        if g.shape != w.shape or not torch.equal(torch.isfinite(g), fin) or not torch.equal(g[~fin], w[~fin]):
+        inf = w.isinf()
+        if g.shape != w.shape or not torch.equal(torch.isfinite(g), fin) \
+                or not torch.equal(g.isnan(), w.isnan()) or not torch.equal(g[inf], w[inf]):
             err = float("inf")
             break
         scale = w[fin].abs().max().item() if fin.any() else 1.0

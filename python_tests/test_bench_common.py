@@ -114,5 +114,8 @@ def test_check_output_flags_a_wrong_answer():
     assert r["max_err"] == pytest.approx(0.05) and r["note"].startswith("MISMATCH") and r["note"].endswith("; x")
     for bad in (torch.tensor([1.0, 2.0, 3.0]), torch.tensor([1.0, float("nan"), float("inf")]), w[:2]):
         assert check_output({}, bad, w, 1.0)["max_err"] == float("inf")
+    n = torch.tensor([20.0, float("nan"), float("inf")])
+    assert check_output({}, n.clone(), n, 0.0) == {"max_err": 0.0}  # NaN where the reference has it
+    assert check_output({}, torch.tensor([20.0, 1.0, float("inf")]), n, 1.0)["max_err"] == float("inf")
     # tuples compare element by element
     assert check_output({}, (w, w[:1] + 1), (w, w[:1]), 1e-3)["note"].startswith("MISMATCH")

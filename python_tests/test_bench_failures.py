@@ -150,3 +150,25 @@ def test_simsiam_step_times_the_issue_targets_first_with_their_ratios(monkeypatc
     # derived after every case: f = 0.2 from packed at keep 0, the ideal at 0.5 is 1 / 0.6
     assert live[2]["f_fixed_share"] == pytest.approx(0.2)
     assert live[2]["ideal_speedup"] == pytest.approx(1 / 0.6) and live[2]["of_ideal"] == pytest.approx(1.0)
+
+
+def test_sparse_conv_cut_short_keeps_the_jobs_it_timed(monkeypatch):
+    # its jobs are timed in interleaved rounds: each row goes out when its job is first timed
+    from bench import bench_sparse_conv as sc
+    from bench import common
+
+    monkeypatch.setenv("EFFSSL_BENCH_TINY", "1")
+    timed = []
+
+    def fake_time_ms(fn, device, min_run_time=None):
+        if len(timed) == 4:
+            raise _Stop
+        timed.append(fn)
+        return {"median_ms": float(len(timed)), "p20_ms": 1.0, "p80_ms": 1.0, "samples": 1}
+
+    monkeypatch.setattr(sc, "time_ms", fake_time_ms)
+    with pytest.raises(_Stop):
+        sc.run("cpu", quick=True)
+    live = common._LIVE["rows"]
+    assert [r["median_ms"] for r in live] == [1.0, 2.0, 3.0, 4.0]
+    assert live[0]["provider"] == "dense" and live[1]["rel_dense"] == 2.0

@@ -166,8 +166,9 @@ std::tuple<at::Tensor, at::Tensor> block_match_cpu(const at::Tensor& a, const at
   const at::Tensor a32 = a.to(at::kFloat).contiguous();
   at::Tensor b32 = b.to(at::kFloat).contiguous();
   if (flip.has_value()) {
-    // Mirror the flipped samples only, in b's float32 copy (made here when b is not float32
-    // contiguous already): a flip mask with few or no flips costs no full copies of b.
+    // Mirror the flipped samples only, in b's float32 copy: no flips cost no copy; any flip a
+    // copy of b when b is float32 contiguous already (the kernel reads one array), else none
+    // beyond the conversion to float32 that is made anyway.
     const at::Tensor rows = at::nonzero(*flip).view({-1});
     if (rows.numel() > 0) {
       if (b32.data_ptr() == b.data_ptr()) b32 = b32.clone();  // never the caller's tensor
