@@ -403,3 +403,52 @@ def test_packed_map_into_a_region_compiled_on_its_own():
 def as_dense_(t):
     return t.to_dense() if isinstance(t, ek.sparse.PackedMap) else t
 
+
+
+def test_masked_checkpoint_of_vit_blocks_saves_memory_inside_compiled_code():
+    """Under token_keep only (no block_mask) masked_checkpoint is torch.utils.checkpoint inside
+    compiled code too: traced, recomputed in the graph's backward (a plain call kept every
+    activation), with backward outside the `with` right."""
+    timm = pytest.importorskip("timm")
+    from torch._dynamo.backends.common import aot_autograd
+    from torch._functorch.partitioners import min_cut_rematerialization_partition
+
+    backend = aot_autograd(fw_compiler=lambda g, _: g, bw_compiler=lambda g, _: g,
+                           partition_fn=min_cut_rematerialization_partition)
+    torch.manual_seed(0)
+    vit = ek.sparsify_vit(timm.create_model("vit_tiny_patch16_224", img_size=64, depth=2, num_classes=0))
+    x = torch.randn(2, 3, 64, 64)
+    keep = ek.random_token_keep(2, 16, keep_ratio=0.5, generator=torch.Generator().manual_seed(0))
+
+    def model(ckpt):
+        def f(x):
+            h = vit._pos_embed(vit.patch_embed(x))
+            for blk in vit.blocks:
+                h = ckpt(blk, h)
+            return vit.norm(h)
+        return f
+
+    params = {p.data_ptr() for p in vit.parameters()}
+
+    def run(f):
+        n = [0]
+
+        def pack(t):  # activations only (the weights every variant saves dominate at this size)
+            if t.data_ptr() not in params:
+                n[0] += t.numel() * t.element_size()
+            return t
+
+        with ek.token_keep(keep), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            y = f(x)
+        vit.zero_grad()
+        y.square().sum().backward()  # outside the with
+        return y, vit.patch_embed.proj.weight.grad.clone(), n[0]
+
+    torch._dynamo.reset()
+    y0, g0, _ = run(model(ek.masked_checkpoint))  # eager
+    _, _, plain = run(torch.compile(model(lambda blk, h: blk(h)), backend=backend, fullgraph=True))
+    torch._dynamo.reset()
+    y1, g1, ckpt = run(torch.compile(model(ek.masked_checkpoint), backend=backend, fullgraph=True))
+    torch.testing.assert_close(y1, y0)
+    torch.testing.assert_close(g1, g0, rtol=1e-4, atol=1e-5)
+    assert ckpt < 0.6 * plain, (ckpt, plain)

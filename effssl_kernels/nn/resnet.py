@@ -204,11 +204,15 @@ def checkpoint(function, *args, **kwargs):
     ``use_reentrant=True`` works for ViTs; a packed map of a sparsified ResNet going in or out
     raises ValueError (reentrant autograd would take the tiles' shape for the dense one).
 
-    Inside ``torch.compile`` it is a plain call of ``function``: the compiled graph's backward
-    recomputes what the partitioner chooses (``torch._functorch.config.activation_memory_budget``
-    trades memory for recomputation there), always under the forward's mask."""
+    Inside ``torch.compile`` it is ``torch.utils.checkpoint`` (traced, recomputed in the graph's
+    backward, with the forward's tensors), except under a :func:`block_mask`: there it is a plain
+    call, saving no memory by itself (Dynamo cannot trace a checkpoint of masked ResNet layers,
+    which fill the mask's caches); ``torch._functorch.config.activation_memory_budget`` makes
+    the compiled graph recompute instead."""
     if torch.compiler.is_compiling():
-        # Dynamo cannot trace a checkpoint of masked layers (they fill the mask's caches)
+        kwargs.setdefault("use_reentrant", False)
+        if _MASK.get() is None:
+            return torch.utils.checkpoint.checkpoint(function, *args, **kwargs)
         return function(*args, **{k: v for k, v in kwargs.items() if k not in _CHECKPOINT_ONLY})
     # Both are context variables: a snapshot of the context carries them (and any later one).
     snapshot = contextvars.copy_context()
