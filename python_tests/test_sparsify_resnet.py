@@ -633,3 +633,25 @@ def test_unsupported_layers_raise_at_sparsify():
     with pytest.raises(TypeError, match="spatial size"):
         R.sparsify(m)
     assert not R.is_sparse(m)
+
+
+@pytest.mark.parametrize("where", ["layer2", "layer1.0.conv1", "maxpool_free_stem"])
+def test_full_backward_hooks_on_masked_modules(where):
+    """A module's full backward hook views its inputs and outputs with view_as: that of a packed
+    map is a packed map of the same tiles (it was a dense tensor grafted onto the tiles' graph,
+    and backward failed). The hook sees the tiles' gradients."""
+    torch.manual_seed(0)
+    model = R.sparsify(_randomize_bn(_cifar_resnet()).double())
+    hooked = copy.deepcopy(model)
+    name = "conv1" if where == "maxpool_free_stem" else where
+    seen = []
+    hooked.get_submodule(name).register_full_backward_hook(
+        lambda mod, gin, gout: seen.append(gout[0].shape))
+    x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+    keep = _keep(2, 4, 4)
+    for m in (model, hooked):
+        with R.block_mask(keep, 8):
+            m(x).square().sum().backward()
+    assert seen and seen[0][0] == int(keep.sum())  # [T, C, b, b]: the kept tiles' gradient
+    for (k, a), b in zip(model.named_parameters(), hooked.parameters()):
+        torch.testing.assert_close(b.grad, a.grad, rtol=0, atol=0, msg=lambda m, k=k: f"{k}: {m}")

@@ -69,6 +69,8 @@ _UNARY = {  # zero to zero whatever their other (non-tensor) arguments
     Tensor.relu, Tensor.relu_, Tensor.tanh, Tensor.tanh_, Tensor.neg, Tensor.__neg__,
     Tensor.clone, Tensor.contiguous, Tensor.detach, Tensor.float, Tensor.half, Tensor.bfloat16,
     Tensor.double, Tensor.type_as,
+    # a map as a map of the same tiles (what a module's full backward hook does to its in/outputs)
+    Tensor.view_as,
 }
 _PRODUCTS = {torch.mul, Tensor.mul, Tensor.mul_, Tensor.__mul__, Tensor.__rmul__, Tensor.__imul__}
 _QUOTIENTS = {torch.div, Tensor.div, Tensor.div_, Tensor.__truediv__, Tensor.__itruediv__}
