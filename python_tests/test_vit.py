@@ -636,3 +636,41 @@ def test_timm_block_checkpointing_with_keep():
     yb.square().sum().backward()
     for (k, pa), pb in zip(a.named_parameters(), b.parameters()):
         torch.testing.assert_close(pb.grad, pa.grad, msg=lambda m, k=k: f"{k}: {m}")
+
+
+@pytest.mark.parametrize("reparam", ["weight_norm", "spectral_norm", "prune", "forward_hook"])
+def test_hooks_on_the_patch_projection_run(reparam):
+    """Old-style weight_norm, spectral_norm and prune recompute proj.weight in a forward
+    pre-hook: the sparse path read the weight without calling proj, so it used a stale one
+    (0.1 off after an optimizer step, silently) and feature hooks never ran. A hooked
+    projection is now called on every patch, as in timm, and the kept tokens gathered."""
+    from torch.nn.utils import prune
+
+    torch.manual_seed(0)
+    model = ek.sparsify_vit(_vit())
+    proj = model.patch_embed.proj
+    seen = []
+    if reparam == "weight_norm":
+        torch.nn.utils.weight_norm(proj)
+        p = proj.weight_g
+    elif reparam == "spectral_norm":
+        torch.nn.utils.spectral_norm(proj)
+        p = proj.weight_orig
+    elif reparam == "prune":
+        prune.l1_unstructured(proj, "weight", 0.3)
+        p = proj.weight_orig
+    else:
+        proj.register_forward_hook(lambda m, i, o: seen.append(o.shape))
+        p = proj.weight
+    with torch.no_grad():
+        p.mul_(0.5)  # an optimizer step on the reparametrization's parameter
+    x = torch.randn(2, 3, 64, 64)
+    keep = torch.tensor([[0, 3, 5, 9, 12, 15], [1, 2, 4, 8, 10, 14]])
+    with torch.no_grad():
+        with ek.token_keep(keep):
+            got = model(x)
+        hooked = list(seen)  # what the sparse forward's projection hook saw
+        want = _expected(model, x, keep)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    if reparam == "forward_hook":
+        assert hooked == [(2, 96, 4, 4)]

@@ -252,6 +252,13 @@ def _sparse_pos_embed(model, images: Tensor, keep: Optional[Tensor], check: bool
     N = images.shape[0]
     prefix = _prefix(model, N)  # checks num_prefix_tokens, which splits pos_embed
     pe = model.patch_embed
+    # A hook on the projection (old-style weight_norm, spectral_norm and prune recompute its
+    # weight in a pre-hook; feature hooks want its output) must run as in timm: the projection
+    # is then called on every patch, as timm does, and the kept tokens gathered after it.
+    hooked = bool(pe.proj._forward_pre_hooks or pe.proj._forward_hooks)
+    if hooked and ps is not None:  # patch scaling resizes the weight: the pre-hooks make it
+        for hook in list(pe.proj._forward_pre_hooks.values()):
+            hook(pe.proj, (images,))
     weight, bias = pe.proj.weight, pe.proj.bias
     if ps is None:
         p = tuple(pe.patch_size)
@@ -285,6 +292,9 @@ def _sparse_pos_embed(model, images: Tensor, keep: Optional[Tensor], check: bool
         x = norm(x)
         if pos_patch is not None:
             x = x + pos_patch
+    elif hooked and ps is None:
+        x = norm(pe.proj(images).flatten(2).transpose(1, 2))
+        x = _gather_tokens(x, keep, pos_patch, check_range=False)
     elif p[0] == p[1] and isinstance(norm, nn.Identity):
         x = _patch_embed_gather(images, weight, bias, keep, pos_patch, check_range=False)
     elif p[0] == p[1] and tokenwise:
