@@ -353,10 +353,9 @@ def test_checkpoint_inside_compiled_code(mode, fullgraph):
     torch.utils.checkpoint there runs eagerly (Dynamo cannot trace a masked layer's checkpoint)
     and hands a PackedMap back to compiled code, which crashed Dynamo before PackedMap was
     registered as a subclass it must not trace."""
-    from torch._dynamo import config
 
-    if not fullgraph and not hasattr(config, "nontraceable_tensor_subclasses"):
-        pytest.skip("this torch's Dynamo has no nontraceable_tensor_subclasses (torch < 2.8)")
+    if not fullgraph and torch.__version__ < "2.12":
+        pytest.skip("Dynamo before torch 2.12 guards on a PackedMap's dense shape (README)")
     torch._dynamo.reset()
     eager = R.sparsify(_randomize_bn(_cifar_resnet()).double())
     model = copy.deepcopy(eager)
@@ -382,10 +381,9 @@ def test_checkpoint_inside_compiled_code(mode, fullgraph):
 def test_packed_map_into_a_region_compiled_on_its_own():
     """Regional compilation: an eager layer's PackedMap given to a compiled block (Dynamo's
     AssertionError 'Guard failed on the same frame' before); the block runs eagerly, same values."""
-    from torch._dynamo import config
 
-    if not hasattr(config, "nontraceable_tensor_subclasses"):
-        pytest.skip("this torch's Dynamo has no nontraceable_tensor_subclasses (torch < 2.8)")
+    if torch.__version__ < "2.12":
+        pytest.skip("Dynamo before torch 2.12 guards on a PackedMap's dense shape (README)")
     torch._dynamo.reset()
     model = R.sparsify(_randomize_bn(_cifar_resnet()).double())
     x = torch.randn(2, 3, 32, 32, dtype=torch.float64)

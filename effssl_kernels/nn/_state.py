@@ -37,9 +37,18 @@ def _exporting_here() -> bool:
     """Whether this thread is inside a torch.export trace. ``is_exporting()`` is one flag for the
     process (another thread's export sets it), so it also takes this thread's fake-tensor mode,
     which non-strict export runs the model under (strict export, traced by Dynamo, cannot run
-    the ContextVar code anyway)."""
+    the ContextVar code anyway). Dynamo (torch.compile) before torch 2.12 folds
+    ``is_exporting()`` to True while tracing, and cannot trace the mode query: a trace by
+    Dynamo is never this check's export."""
+    if torch.compiler.is_dynamo_compiling():
+        return False
     if not getattr(torch.compiler, "is_exporting", lambda: False)():
         return False
+    return _fake_mode_here()
+
+
+def _fake_mode_here() -> bool:
+    """Whether this thread runs under a fake-tensor mode (a query Dynamo < 2.12 cannot trace)."""
     try:
         return torch._C._get_dispatch_mode(torch._C._TorchDispatchModeKey.FAKE) is not None
     except AttributeError:  # a torch without the query: the process-wide flag alone

@@ -364,7 +364,8 @@ class PackedMap(Tensor):
 # A PackedMap reaching compiled code from eager code (a region compiled on its own, the eager
 # fallback of a checkpoint) made Dynamo guard on the dense shape it reports while checking the
 # tiles' (an internal AssertionError). Registered here, Dynamo treats it opaquely: code that uses
-# it runs eagerly, or fullgraph raises (torch >= 2.8; inside one compiled model maps stay dense).
+# it runs eagerly, or fullgraph raises (torch >= 2.12: Dynamo 2.8-2.11 have the setting but still
+# guard on the dense shape; inside one compiled model maps stay dense).
 _dynamo_config = getattr(getattr(torch, "_dynamo", None), "config", None)
 if hasattr(_dynamo_config, "nontraceable_tensor_subclasses"):
     _dynamo_config.nontraceable_tensor_subclasses.add(PackedMap)
