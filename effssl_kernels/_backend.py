@@ -113,7 +113,8 @@ def reject_forward_ad(fn: str, *tensors) -> None:
         if isinstance(t, torch.Tensor) and fwAD.unpack_dual(t).tangent is not None:
             raise NotImplementedError(
                 f"{fn}: forward-mode AD (torch.autograd.forward_ad, torch.func.jvp) is not supported: "
-                "use reverse mode (backward, torch.func.vjp / jacrev)")
+                "use reverse mode (backward, torch.autograd.grad; torch.func's grad, vjp and "
+                "jacrev are not supported either)")
 
 
 def register_ext_op_pair(name: str, fake, backward_name: str, fake_backward, make_backward,

@@ -655,3 +655,38 @@ def test_full_backward_hooks_on_masked_modules(where):
     assert seen and seen[0][0] == int(keep.sum())  # [T, C, b, b]: the kept tiles' gradient
     for (k, a), b in zip(model.named_parameters(), hooked.parameters()):
         torch.testing.assert_close(b.grad, a.grad, rtol=0, atol=0, msg=lambda m, k=k: f"{k}: {m}")
+
+
+def test_parametrized_layers_sparsify_and_unsparsify():
+    """torch's parametrize (weight_norm) makes a Parametrized<cls> with no forward of its own:
+    sparsify takes it (it refused it as a subclass with its own forward), and unsparsify keeps
+    a parametrization added after sparsify (it restored plain Conv2d, which has no weight then)."""
+    from torch.nn.utils import parametrizations, parametrize
+
+    torch.manual_seed(0)
+    base = _randomize_bn(_cifar_resnet()).double().eval()
+    x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+    keep = _keep(2, 4, 4)
+    # before sparsify: the same as the materialised weight under the mask
+    a, b = copy.deepcopy(base), copy.deepcopy(base)  # (a deepcopy of a parametrized module
+    for m in (a, b):                                  # shares its class, which removal edits)
+        parametrizations.weight_norm(m.layer1[0].conv1)
+    parametrize.remove_parametrizations(b.layer1[0].conv1, "weight", leave_parametrized=True)
+    R.sparsify(a)
+    R.sparsify(b)
+    assert parametrize.is_parametrized(a.layer1[0].conv1) and R._is_swapped(a.layer1[0].conv1)
+    with R.block_mask(keep, 8):
+        ya, yb = a(x), b(x)
+    torch.testing.assert_close(ya, yb, rtol=1e-12, atol=1e-12)
+    ya.sum().backward()
+    assert a.layer1[0].conv1.parametrizations.weight.original0.grad is not None
+    # after sparsify, then unsparsify: the parametrized dense layer again
+    c = R.sparsify(copy.deepcopy(base))
+    parametrizations.weight_norm(c.layer2[0].conv2)
+    R.unsparsify(c)
+    conv = c.layer2[0].conv2
+    assert parametrize.is_parametrized(conv) and not R._is_swapped(conv)
+    assert type(conv).__name__ == "ParametrizedConv2d" and isinstance(conv, nn.Conv2d)
+    d = copy.deepcopy(base)
+    parametrizations.weight_norm(d.layer2[0].conv2)
+    torch.testing.assert_close(c(x), d(x), rtol=1e-12, atol=1e-12)

@@ -60,6 +60,7 @@ from collections.abc import Iterator
 import torch
 import torch.utils.checkpoint
 from torch import Tensor, nn
+from torch.nn.utils import parametrize
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten
 
@@ -422,6 +423,8 @@ def _plan(model: nn.Module) -> dict[nn.Module, type]:
             continue
         where = f"sparsify: {name or 'model'} ({type(m).__name__})"
         t = type(m)
+        if parametrize.is_parametrized(m) and len(t.__bases__) == 1:
+            t = t.__bases__[0]  # torch's Parametrized<cls>: properties over cls, no forward of its own
         if t is nn.Conv2d:
             if m.padding_mode != "zeros":
                 raise ValueError(f"{where}: padding_mode {m.padding_mode!r} is not supported "
@@ -621,8 +624,23 @@ def unsparsify(model: nn.Module) -> nn.Module:
         if _is_swapped(m):
             m.__dict__.pop("_effssl_in_stride", None)
             m.__dict__.pop("_effssl_first", None)
-            m.__class__ = type(m)._effssl_base
+            m.__class__ = _unswapped_class(type(m))
     return model
+
+
+def _unswapped_class(cls: type) -> type:
+    """The class a swapped module had before :func:`sparsify`: the sparse class's base; for a
+    class made over the sparse one afterwards (torch's parametrize, e.g. weight_norm after
+    sparsify), the same class over that base, so the parametrization stays."""
+    if "_effssl_base" in cls.__dict__:
+        return cls._effssl_base
+    sparse = next(c for c in cls.__mro__ if "_effssl_base" in c.__dict__)
+    if cls.__bases__ != (sparse,):
+        raise TypeError(f"unsparsify: cannot restore {cls.__name__}, a class made over the sparse "
+                        f"{sparse.__name__} with other bases too")
+    ns = {k: v for k, v in cls.__dict__.items() if k not in ("__dict__", "__weakref__")}
+    base = sparse._effssl_base
+    return type(cls.__name__.replace(sparse.__name__, base.__name__), (base,), ns)
 
 
 def tile_plan(model: nn.Module, block_size: int, image_size) -> dict[str, str]:
