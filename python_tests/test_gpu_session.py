@@ -46,8 +46,9 @@ def _dry_run(tmp_path, *stages, test_rc=0):
     (shim / "pip").write_text("#!/usr/bin/env bash\necho 'pip must not run in a dry run'\nexit 1\n")
     for f in ("python", "pip"):
         (shim / f).chmod(0o755)
+    # PY: the interpreter the script runs everything with (its `python` and `pip` shims)
     env = {**os.environ, "PATH": f"{shim}:{os.environ['PATH']}", "OUT": str(tmp_path / "out"),
-           "LOGS": str(tmp_path / "logs"), "DEADLINE": "120"}
+           "LOGS": str(tmp_path / "logs"), "DEADLINE": "120", "PY": str(shim / "python")}
     r = subprocess.run(["bash", str(ROOT / "bench" / "gpu_session.sh"), *stages], env=env, cwd=tmp_path,
                        capture_output=True, text=True, timeout=60)
     recorded = [line.split("\x1f")[:-1] for line in (calls.read_text() if calls.exists() else "").splitlines()]
@@ -81,3 +82,9 @@ def test_bench_stage_runs_one_process_per_benchmark(tmp_path):
     assert all(c[c.index("--device") + 1] == "cuda" for c in benches)
     r, _ = _dry_run(tmp_path / "again", "bench:nope")
     assert r.returncode == 2 and "unknown benchmark nope" in r.stdout
+
+
+def test_a_misspelt_benchmark_is_refused_before_any_stage(tmp_path):
+    r, calls = _dry_run(tmp_path, "gpu-tests", "bench:block_match,simwnw")
+    assert r.returncode == 2 and "unknown benchmark simwnw" in r.stdout
+    assert calls == []  # not even the build check: nothing ran
