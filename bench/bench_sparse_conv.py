@@ -181,7 +181,7 @@ def run(device: str, quick: bool = False):
                                      err.get(prov)))
                 at = {}  # job -> its row's place in the live list, filled as each job is timed
 
-                def timed(i, best, jobs=jobs, name=name, mode=mode, at=at):
+                def timed(i, best):  # called within this iteration only
                     keep, prov, _, flop, err = jobs[i]
                     row = _row(name, keep, mode, prov, best[i], best[0], flop, err, TOL[device])
                     if i in at:  # a faster round: the row again (dense first: its base is there)

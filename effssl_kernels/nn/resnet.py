@@ -112,12 +112,13 @@ class _MaskState:
         return m
 
     def get(self, x: Tensor, in_stride: Pair, fn: str, first: bool = False) -> BlockMask:
+        tracing = torch.compiler.is_compiling()
         if self.mask is not None:
             size = tuple(self.mask.image_size)
             if first and (int(x.shape[-2]), int(x.shape[-1])) != size:
                 raise ValueError(f"{fn}: the input image is {x.shape[-2]}x{x.shape[-1]} but the "
                                  f"BlockMask's image is {size[0]}x{size[1]}")
-            if not torch.compiler.is_compiling():
+            if not tracing:
                 return self.mask
             # In a trace: a copy made in it, whose caches (tile tables, pixel masks) the
             # forward's layers share without Dynamo guarding on them (BlockMask._caches)
@@ -129,10 +130,10 @@ class _MaskState:
         if first or (self.last is None and in_stride == (1, 1)):
             size = (int(x.shape[-2]), int(x.shape[-1]))
             # not cached in a trace (Dynamo would guard on the dict: see BlockMask._caches)
-            m = None if torch.compiler.is_compiling() else self.by_size.get(size)
+            m = None if tracing else self.by_size.get(size)
             if m is None:
                 m = self._mask_of(size)
-                if not torch.compiler.is_compiling():
+                if not tracing:
                     self.by_size[size] = m
             self.last = m
             return m
@@ -210,15 +211,14 @@ def checkpoint(function, *args, **kwargs):
     call, saving no memory by itself (Dynamo cannot trace a checkpoint of masked ResNet layers,
     which fill the mask's caches); ``torch._functorch.config.activation_memory_budget`` makes
     the compiled graph recompute instead."""
+    kwargs.setdefault("use_reentrant", False)
     if torch.compiler.is_compiling():
-        kwargs.setdefault("use_reentrant", False)
         if _MASK.get() is None:
             return torch.utils.checkpoint.checkpoint(function, *args, **kwargs)
         return function(*args, **{k: v for k, v in kwargs.items() if k not in _CHECKPOINT_ONLY})
     # Both are context variables: a snapshot of the context carries them (and any later one).
     snapshot = contextvars.copy_context()
     patches = patch_snapshot()  # ek.patch_size settings: on the models, not in the context
-    kwargs.setdefault("use_reentrant", False)
     reentrant = bool(kwargs["use_reentrant"])
 
     def run(*a, **k):

@@ -256,6 +256,7 @@ def _sparse_pos_embed(model, images: Tensor, keep: Optional[Tensor], check: bool
     # weight in a pre-hook; feature hooks want its output) must run as in timm: the projection
     # is then called on every patch, as timm does, and the kept tokens gathered after it.
     hooked = bool(pe.proj._forward_pre_hooks or pe.proj._forward_hooks)
+    via_proj = hooked and ps is None
     if hooked and ps is not None:  # patch scaling resizes the weight: the pre-hooks make it
         for hook in list(pe.proj._forward_pre_hooks.values()):
             hook(pe.proj, (images,))
@@ -292,22 +293,19 @@ def _sparse_pos_embed(model, images: Tensor, keep: Optional[Tensor], check: bool
         x = norm(x)
         if pos_patch is not None:
             x = x + pos_patch
-    elif hooked and ps is None:
-        x = norm(pe.proj(images).flatten(2).transpose(1, 2))
-        x = _gather_tokens(x, keep, pos_patch, check_range=False)
-    elif p[0] == p[1] and isinstance(norm, nn.Identity):
+    elif not via_proj and p[0] == p[1] and isinstance(norm, nn.Identity):
         x = _patch_embed_gather(images, weight, bias, keep, pos_patch, check_range=False)
-    elif p[0] == p[1] and tokenwise:
+    elif not via_proj and p[0] == p[1] and tokenwise:
         # The norm acts on each token alone, so embed only the kept patches, normalise, then add
         # their positions: still no full embedding.
         x = norm(_patch_embed_gather(images, weight, bias, keep, None, check_range=False))
         if pos_patch is not None:
             x = x + pos_patch.reshape(L, -1)[keep]
     else:
-        # Non-square patches (patch_embed_gather takes p x p only) or a norm we cannot prove
-        # token-wise: embed every patch, normalise, then gather (+ pos).
-        x = norm(F.conv2d(images, weight, bias, stride=p).flatten(2).transpose(1, 2))
-        x = _gather_tokens(x, keep, pos_patch, check_range=False)
+        # A hooked projection, non-square patches (patch_embed_gather takes p x p only) or a norm
+        # we cannot prove token-wise: embed every patch, normalise, then gather (+ pos).
+        x = pe.proj(images) if via_proj else F.conv2d(images, weight, bias, stride=p)
+        x = _gather_tokens(norm(x.flatten(2).transpose(1, 2)), keep, pos_patch, check_range=False)
 
     if prefix is not None:
         if pos_prefix is not None:
