@@ -49,6 +49,13 @@ def test_compiled_sparse_resnet_one_graph_for_all_masks(backend, mirrored, monke
     assert graphs[-1] <= 2 and graphs[-1] == graphs[-2]  # the third mask compiles nothing
 
 
+def _assert_same(ys, eager, model):
+    """Compiled (``ys[1]``, ``model``'s gradients) equal to eager (``ys[0]``, ``eager``'s), in float64."""
+    torch.testing.assert_close(ys[1], ys[0], rtol=1e-9, atol=1e-10)
+    for (k, pe), pc in zip(eager.named_parameters(), model.parameters()):
+        torch.testing.assert_close(pc.grad, pe.grad, rtol=1e-8, atol=1e-10, msg=lambda m, k=k: f"{k}: {m}")
+
+
 @pytest.mark.parametrize("form", ["BlockMask", "keep"])
 def test_compiled_resnet_with_masked_dense_layers(form):
     """Block 4 at 32 px: layer4 (stride 8) is not tile-aligned and runs masked-dense, where a
@@ -70,9 +77,7 @@ def test_compiled_resnet_with_masked_dense_layers(form):
             y = net(x)
         y.square().sum().backward()
         ys.append(y)
-    torch.testing.assert_close(ys[1], ys[0], rtol=1e-9, atol=1e-10)
-    for (k, pe), pc in zip(eager.named_parameters(), model.parameters()):
-        torch.testing.assert_close(pc.grad, pe.grad, rtol=1e-8, atol=1e-10, msg=lambda m, k=k: f"{k}: {m}")
+    _assert_same(ys, eager, model)
 
 
 def test_zero_breaking_ops_agree_eager_and_compiled():
@@ -373,9 +378,7 @@ def test_checkpoint_inside_compiled_code(mode, fullgraph):
         if mode == "masked":  # outside the with: masked_checkpoint's recomputation has the mask
             y.square().sum().backward()
         ys.append(y)
-    torch.testing.assert_close(ys[1], ys[0], rtol=1e-9, atol=1e-10)
-    for (k, pe), pc in zip(eager.named_parameters(), model.parameters()):
-        torch.testing.assert_close(pc.grad, pe.grad, rtol=1e-8, atol=1e-10, msg=lambda m, k=k: f"{k}: {m}")
+    _assert_same(ys, eager, model)
 
 
 def test_packed_map_into_a_region_compiled_on_its_own():

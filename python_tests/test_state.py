@@ -40,14 +40,19 @@ def test_run_in_sets_the_mirrors_from_the_snapshot():
     assert seen == ("forward", "forward") and s.mirror is None
 
 
-@pytest.mark.parametrize("mirrored", [False, True])
-def test_compiled_code_reads_the_mirror_only_when_mirrored(mirrored, monkeypatch):
+def _compiled_get(mirrored: bool, monkeypatch, name: str):
+    """A ContextState and ``x + state.get()`` compiled (fullgraph), read through the mirror or not."""
     if not mirrored and _state.torch.__version__ < "2.14":
         pytest.skip("this torch's Dynamo cannot trace ContextVar.get: the mirror is what it uses")
     monkeypatch.setattr(_state, "_MIRRORED", mirrored)
-    s = _state.ContextState("t_compile")
+    s = _state.ContextState(name)
     torch._dynamo.reset()
-    f = torch.compile(lambda x: x + s.get(), backend="eager", fullgraph=True)
+    return s, torch.compile(lambda x: x + s.get(), backend="eager", fullgraph=True)
+
+
+@pytest.mark.parametrize("mirrored", [False, True])
+def test_compiled_code_reads_the_mirror_only_when_mirrored(mirrored, monkeypatch):
+    s, f = _compiled_get(mirrored, monkeypatch, "t_compile")
     x = torch.zeros(2)
     with s.bound(torch.ones(2)):
         s.mirror = torch.full((2,), 5.0)  # what only the mirror holds
@@ -61,12 +66,7 @@ def test_compiled_code_where_dynamo_folds_is_exporting_to_true(mirrored, monkeyp
     # Dynamo before torch 2.12 folds torch.compiler.is_exporting() to True while tracing, and
     # cannot trace the fake-mode query after it: every compiled sparse model failed there (the
     # GPU machine's torch 2.11 included). A trace by Dynamo is never the export guard's business.
-    if not mirrored and _state.torch.__version__ < "2.14":
-        pytest.skip("this torch's Dynamo cannot trace ContextVar.get: the mirror is what it uses")
-    monkeypatch.setattr(_state, "_MIRRORED", mirrored)
-    s = _state.ContextState("t_folded")
-    torch._dynamo.reset()
-    f = torch.compile(lambda x: x + s.get(), backend="eager", fullgraph=True)
+    s, f = _compiled_get(mirrored, monkeypatch, "t_folded")
 
     def untraceable(*a):  # stands for the query older Dynamo cannot trace
         raise RuntimeError("the fake-mode query ran in a Dynamo trace")
