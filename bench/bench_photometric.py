@@ -42,9 +42,9 @@ import torch
 
 from effssl_kernels.ops.photometric import pack_params
 from effssl_kernels.photometric import PhotometricSampler, photometric
-from effssl_kernels.reference.photometric import photometric_reference
+from effssl_kernels.reference.photometric import photometric_mismatch, photometric_reference
 
-from .common import CaseRows, check_output, device_info, pct_hbm, live_rows, mark_speedups, out_dir, parse_args, print_table, timed_row, tiny, write_json
+from .common import CaseRows, device_info, pct_hbm, live_rows, mark_speedups, out_dir, parse_args, print_table, timed_row, tiny, write_json
 
 LOOP_CPU = 32  # on a CPU, the torchvision loop is timed on this many samples and scaled
 COPY = "copy (yardstick)"
@@ -161,20 +161,11 @@ def _loop_row(row, views, host, device, mrt):
 
 
 def _check(row: dict, got, want, views_dtype) -> dict:
-    """The tests' tolerance (python_tests/utils.py, assert_photometric_close): float views float32
-    rounding (1e-4 of the largest value); uint8 views at most one level (torchvision truncates
-    every uint8 intermediate, so a rounding difference can move a value one level) on at most
-    0.5% of the values (``frac_off``)."""
-    if views_dtype != torch.uint8:
-        return check_output(row, got, want, 1e-4)
-    g, w = got.double(), want.double()
-    level = 1.0 if got.dtype == torch.uint8 else 1 / 255 / 0.224  # one level, normalised
-    d = (g - w).abs().nan_to_num(float("inf"))
-    d[g.isnan() & w.isnan()] = 0.0
-    row["max_err"] = float(d.max()) if d.numel() else 0.0
-    row["frac_off"] = float((d > 2e-5).double().mean()) if d.numel() else 0.0
-    if not (row["max_err"] <= level * 1.01 + 2e-5 and row["frac_off"] <= 0.005):
-        row["note"] = f"MISMATCH vs the reference (max {row['max_err']:.3g}, {100 * row['frac_off']:.2f}% off)"
+    """Judge the timed kernel's answer by the tests' rule (``photometric_mismatch``): a MISMATCH
+    note when it is outside the kernels' tolerance."""
+    row["max_err"], row["frac_off"], why = photometric_mismatch(got, want, views_dtype)
+    if why:
+        row["note"] = f"MISMATCH vs the reference ({why})"
     return row
 
 

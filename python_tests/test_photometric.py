@@ -5,7 +5,7 @@ import torch
 
 import effssl_kernels as ek
 from effssl_kernels.photometric import IMAGENET_MEAN, IMAGENET_STD, PhotometricParams, PhotometricSampler
-from effssl_kernels.reference.photometric import gaussian_kernel1d, photometric_reference
+from effssl_kernels.reference.photometric import gaussian_kernel1d, photometric_mismatch, photometric_reference
 
 tvF = pytest.importorskip("torchvision.transforms.v2.functional")
 
@@ -189,6 +189,31 @@ def test_half_types(dtype, tol, normalize):
     # and close to torchvision computing natively in the half type (rounding after every op)
     native = _tv(x, p)
     assert _maxdiff(out, native) <= 16 * tol
+
+
+def test_mismatch_rule():
+    # the one tolerance rule the tests and the benchmark judge kernels by
+    w = torch.rand(2, 3, 8, 8)
+    assert photometric_mismatch(w, w, torch.float32) == (0.0, 0.0, "")
+    assert photometric_mismatch(w + 1e-5, w, torch.float32)[2] == ""
+    assert "off by more than" in photometric_mismatch(w + 1e-4, w, torch.float32)[2]
+    h = w.half()
+    assert photometric_mismatch(h * (1 + 2**-11), h, torch.float16)[2] == ""  # rounds to h
+    assert "off by more than" in photometric_mismatch(h * (1 + 2**-8), h, torch.float16)[2]
+    u = (w * 250).to(torch.uint8)  # room for +2 without wrapping
+    one = u.clone()
+    one.view(-1)[0] += 1
+    assert photometric_mismatch(one, u, torch.uint8)[2] == ""  # one level on 1/384 of values
+    one.view(-1)[0] += 1
+    assert "one level" in photometric_mismatch(one, u, torch.uint8)[2]
+    many = u.clone()
+    many.view(-1)[:20] += 1
+    assert "% of values off" in photometric_mismatch(many, u, torch.uint8)[2]
+    n = w.clone()
+    n[0, 0, 0, 0] = float("nan")
+    assert photometric_mismatch(n, n.clone(), torch.float32)[2] == ""
+    assert "NaN" in photometric_mismatch(n, w, torch.float32)[2]
+    assert "vs" in photometric_mismatch(w, h, torch.float32)[2]
 
 
 def test_gaussian_kernel_matches_torchvision():

@@ -4,6 +4,8 @@ import os
 import pytest
 import torch
 
+from effssl_kernels.reference.photometric import photometric_mismatch
+
 HAS_GPU = torch.cuda.is_available()
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
@@ -151,23 +153,10 @@ def photometric_case(n, h, w, dtype, ops=PHOTOMETRIC_OPS, p=1.0, k=5, norm=True,
 
 
 def assert_photometric_close(got, want, views_dtype, level_frac=0.005):
-    """The kernels' tolerance against the reference: float32 2e-5; half types one step of the
-    type (the kernels compute in float32 and round once, as the reference; the interpreter
-    truncates to bfloat16); uint8 views: torchvision truncates every uint8 intermediate, so a
-    float32 rounding difference can move a value one level, on at most ``level_frac`` of them."""
+    """The kernels' tolerance against the reference (``photometric_mismatch`` states it)."""
     assert got.dtype == want.dtype and got.shape == want.shape
-    g, w = got.double().cpu(), want.double().cpu()
-    assert torch.equal(g.isnan(), w.isnan())
-    g, w = g.nan_to_num(), w.nan_to_num()
-    d = (g - w).abs()
-    if views_dtype == torch.uint8:
-        level = 1.0 if got.dtype == torch.uint8 else 1 / 255 / 0.224  # one level, normalised
-        off = d > 2e-5
-        assert float(d.max()) <= level * 1.01 + 2e-5, float(d.max())
-        assert float(off.double().mean()) <= level_frac, float(off.double().mean())
-        return
-    rtol = {torch.float32: 0.0, torch.float16: 2**-10, torch.bfloat16: 2**-7}[views_dtype]
-    torch.testing.assert_close(g, w, rtol=rtol, atol=2e-5)
+    why = photometric_mismatch(got, want, views_dtype, level_frac)[2]
+    assert not why, why
 
 
 # ------------------------------------------------------------------------------- Triton tiles

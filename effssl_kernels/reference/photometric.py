@@ -44,7 +44,7 @@ from torch import Tensor
 if TYPE_CHECKING:  # pragma: no cover
     from ..photometric import PhotometricParams
 
-__all__ = ["photometric_reference", "gaussian_kernel1d"]
+__all__ = ["photometric_reference", "gaussian_kernel1d", "photometric_mismatch"]
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.uint8)
 
@@ -267,3 +267,38 @@ def photometric_reference(views: Tensor, params: "PhotometricParams") -> Tensor:
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
     return x
+
+
+def photometric_mismatch(got: Tensor, want: Tensor, views_dtype: torch.dtype,
+                         level_frac: float = 0.005) -> tuple:
+    """How far a kernel's output ``got`` is from the reference ``want`` (same shape and dtype),
+    and whether that is within the kernels' tolerance: ``(max_err, frac_off, why)``, ``why``
+    empty when it is.
+
+    float32 views: 2e-5 absolute. float16 / bfloat16 views: one step of the type (the kernels
+    compute in float32 and round once, as the reference; the interpreter truncates to
+    bfloat16) plus 2e-5. uint8 views: at most one level (1 on uint8 output, 1/255/0.224 after
+    normalisation) on at most ``level_frac`` of the values, because torchvision truncates every
+    uint8 intermediate, so a float32 rounding difference can move a value one level.
+    ``frac_off`` is the fraction off by more than 2e-5. NaN must be where the reference has it.
+    The tests and the benchmark both judge by this rule."""
+    if got.dtype != want.dtype or got.shape != want.shape:
+        return float("inf"), 1.0, f"{got.dtype} {tuple(got.shape)} vs {want.dtype} {tuple(want.shape)}"
+    g, w = got.detach().double().cpu(), want.detach().double().cpu()
+    if not torch.equal(g.isnan(), w.isnan()):
+        return float("inf"), 1.0, "NaN where the reference has none, or the reverse"
+    d = (g.nan_to_num() - w.nan_to_num()).abs()
+    max_err = float(d.max()) if d.numel() else 0.0
+    frac_off = float((d > 2e-5).double().mean()) if d.numel() else 0.0
+    if views_dtype == torch.uint8:
+        level = 1.0 if got.dtype == torch.uint8 else 1 / 255 / 0.224
+        if max_err > level * 1.01 + 2e-5:
+            return max_err, frac_off, f"off by {max_err:.3g} > one level ({level:.3g})"
+        if frac_off > level_frac:
+            return max_err, frac_off, f"{100 * frac_off:.2f}% of values off > {100 * level_frac:.2f}%"
+        return max_err, frac_off, ""
+    rtol = {torch.float32: 0.0, torch.float16: 2**-10, torch.bfloat16: 2**-7}[views_dtype]
+    bad = d > 2e-5 + rtol * w.nan_to_num().abs()
+    if bool(bad.any()):
+        return max_err, frac_off, f"{int(bad.sum())} values off by more than {rtol:g} x |ref| + 2e-5"
+    return max_err, frac_off, ""
