@@ -75,3 +75,13 @@ def to_device_async(t, device):
             )
         return t.pin_memory().to(device, non_blocking=True)
     return t.to(device)
+
+
+def build_for_cache(build):
+    """``build()`` for a cache that outlives the call: outside inference mode, so that a first
+    call under ``torch.inference_mode()`` (an evaluation) does not store inference tensors,
+    which a later training step could never save for backward. In a trace, as it is."""
+    if torch.is_inference_mode_enabled() and not torch.compiler.is_compiling():
+        with torch.inference_mode(False):
+            return build()
+    return build()

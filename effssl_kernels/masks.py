@@ -26,7 +26,7 @@ from typing import Dict, Sequence, Tuple, Union
 import torch
 from torch import Tensor
 
-from ._utils import as_int as _as_int
+from ._utils import as_int as _as_int, build_for_cache
 
 IntOrPair = Union[int, Sequence[int]]
 
@@ -54,7 +54,8 @@ class BlockMask:
     Args:
         keep: bool ``[N, Hb, Wb]``, True = kept, on the input block grid ``Hb = H // B``,
             ``Wb = W // B`` (a grid of 0 rows or columns is legal: then no pixel is removed).
-            It is cloned, so later in-place changes of the caller's tensor do not reach the mask.
+            It is cloned, so later in-place changes of the caller's tensor do not reach the mask
+            (and the mask's own ``keep`` is read-only: see :attr:`keep`).
         block_size: ``B``, the block side in input pixels (positive int).
         image_size: ``(H, W)`` of the input images, or one int for square images.
 
@@ -83,6 +84,7 @@ class BlockMask:
                 f"expected [N, {grid[0]}, {grid[1]}] (H // B, W // B; partial edge blocks are no "
                 f"grid cells)")
         self._keep = keep.clone()
+        self._keep_version = self._keep._version
         self._block_size = B
         self._image_size = (H, W)
         self._cache: Dict[tuple, Tensor] = {}
@@ -96,12 +98,25 @@ class BlockMask:
         trace only for a mask made in it. Dynamo guards on what an outside object's cache holds,
         so a second compiled call under the same mask (an EMA teacher's, say) would find it
         filled and recompile, once per new mask (and export would leave fake tensors in it)."""
-        return self._traced or not torch.compiler.is_compiling()
+        if torch.compiler.is_compiling():
+            return self._traced
+        self.check_unchanged()
+        return True
+
+    def check_unchanged(self) -> None:
+        """Raise unless ``keep`` is as it was made: its caches (pixel masks, kept tiles and their
+        tables) describe that keep, so a mask refilled in place would run the old one."""
+        if self._keep._version != self._keep_version:
+            raise RuntimeError(
+                f"{self!r}: its keep tensor was changed in place after the mask was made, but "
+                f"the mask's cached pixel masks and tile tables describe the old keep. Build a "
+                f"new BlockMask(keep, block_size, image_size) for each new keep")
 
     # ---- properties -------------------------------------------------------------------------
     @property
     def keep(self) -> Tensor:
-        """bool ``[N, Hb, Wb]``, True = kept."""
+        """bool ``[N, Hb, Wb]``, True = kept: the mask's own tensor, read-only (a change in place
+        makes the next use of the mask raise; build a new mask instead)."""
         return self._keep
 
     @property
@@ -177,7 +192,7 @@ class BlockMask:
         key = (sh, sw, h, w, self.device)
         m = self._cache.get(key)
         if m is None:
-            m = self._compute_pixel_mask(sh, sw, h, w)
+            m = build_for_cache(lambda: self._compute_pixel_mask(sh, sw, h, w))
             self._cache[key] = m
         return m
 

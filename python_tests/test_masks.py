@@ -208,6 +208,32 @@ def test_properties_keep_ratio_and_cache():
     assert moved.pixel_mask(2, (4, 8)).device.type == "meta"
 
 
+def test_keep_changed_in_place_raises_at_next_use():
+    # The caches describe the keep the mask was made with: a mask refilled in place (one object
+    # reused step after step) silently ran the first step's keep.
+    import effssl_kernels as ek
+    from effssl_kernels.sparse import TileIndex
+
+    k1 = torch.ones(2, 2, 2, dtype=torch.bool)
+    k1[0, 0, 0] = False
+    mask = BlockMask(k1, 8, 16)
+    mask.pixel_mask(1, 16)
+    TileIndex.from_mask(mask, 1)
+    mask.keep[1, 1, 1] = False
+    match = "changed in place"
+    with pytest.raises(RuntimeError, match=match):
+        mask.pixel_mask(1, 16)
+    with pytest.raises(RuntimeError, match=match):
+        TileIndex.from_mask(mask, 2)
+    with pytest.raises(RuntimeError, match=match):
+        with ek.block_mask(mask):
+            pass
+    with pytest.raises(RuntimeError, match=match):  # a direct conv on the mask too
+        ek.sparse_conv2d(torch.randn(2, 3, 16, 16), torch.randn(4, 3, 3, 3), padding=1, mask=mask)
+    k1[1, 1, 1] = False  # the caller's tensor was cloned: changing it is fine
+    BlockMask(k1, 8, 16).pixel_mask(1, 16)
+
+
 def test_anisotropic_stride_and_size():
     keep = random_keep(2, 3, 5, seed=3)
     m = BlockMask(keep, 4, (12, 21))

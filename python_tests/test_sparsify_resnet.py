@@ -248,6 +248,45 @@ def test_eval_uses_running_stats():
     torch.testing.assert_close(y1, y[:1], rtol=1e-9, atol=1e-9)
 
 
+@pytest.mark.parametrize("size", [64, 70])  # 64: tiled layers; 70: every layer masked-dense
+def test_a_mask_evaluated_in_inference_mode_then_trains(size):
+    # The mask's cached kept list, tile tables and pixel masks were built as inference tensors
+    # on an evaluation under torch.inference_mode(), so the next training step with the same
+    # mask failed ("Inference tensors cannot be saved for backward").
+    model = R.sparsify(torchvision.models.resnet18(num_classes=4))
+    x = torch.randn(2, 3, size, size)
+    mask = BlockMask(_keep(2, 2, 2, seed=4), 32, size)
+    model.eval()
+    with torch.inference_mode(), R.block_mask(mask):
+        model(x)
+    model.train()
+    with R.block_mask(mask):
+        model(x).sum().backward()
+    assert model.conv1.weight.grad is not None and model.conv1.weight.grad.abs().sum() > 0
+    with torch.inference_mode():  # and the other way round: cached tensors serve inference too
+        with R.block_mask(mask):
+            model.eval()(x)
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::UserWarning")
+def test_torchscript_refused_with_a_clear_error():
+    # jit.trace under a mask crashed in an assertion (tiled layers) or recorded the mask as
+    # constants (masked-dense layers, as export did); jit.script failed on an annotation.
+    model = R.sparsify(torchvision.models.resnet18(num_classes=4)).eval()
+    keep = _keep(2, 2, 2, seed=4)
+    for size in (64, 70):  # 64: tiled layers; 70: every layer masked-dense
+        x = torch.randn(2, 3, size, size)
+        with R.block_mask(keep, 32), pytest.raises(RuntimeError, match="torch.jit.trace"):
+            torch.jit.trace(model, x, check_trace=False)
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.equal(torch.jit.trace(model, x)(x), model(x))  # no mask: the dense model
+        with pytest.raises(TypeError, match="unsparsify"):
+            torch.jit.script(model)
+        scripted = torch.jit.script(R.unsparsify(copy.deepcopy(model)))
+        assert torch.equal(scripted(x), model(x))
+
+
 def test_removed_everywhere_in_a_sample_is_finite():
     conv = R.sparsify(_cifar_resnet()).train()
     keep = _keep(2, 4, 4)
@@ -468,6 +507,50 @@ def test_plain_checkpoint_recomputed_outside_the_with_is_refused(reentrant):
     y = torch.utils.checkpoint.checkpoint(m, x, use_reentrant=reentrant)
     y.sum().backward()
     assert x.grad is not None
+
+
+@pytest.mark.parametrize("between", ["no_grad logging pass", "dense second view"])
+@pytest.mark.parametrize("reentrant", [True, False])
+def test_plain_checkpoint_refused_after_another_call_of_the_module(reentrant, between):
+    # The guard noted each module's last forward: an unmasked call between the masked
+    # checkpointed one and backward hid it, and a reentrant checkpoint then gave the dense
+    # layers' gradients silently. Calls backward never recomputes no longer change the note.
+    m = R.sparsify(_randomize_bn(_cifar_resnet()).double())
+    x = torch.randn(2, 3, 32, 32, dtype=torch.float64, requires_grad=True)
+    with R.block_mask(_keep(2, 4, 4, seed=3), 8):
+        y = torch.utils.checkpoint.checkpoint(m, x, use_reentrant=reentrant)
+    if between == "no_grad logging pass":
+        with torch.no_grad():
+            m.eval()(x)
+            m.train()
+    else:
+        y = y + m(x)
+    with pytest.raises(RuntimeError, match="masked_checkpoint"):
+        y.sum().backward()
+
+
+@pytest.mark.parametrize("reentrant", [True, False])
+def test_plain_checkpoint_of_a_dense_call_then_a_masked_call(reentrant):
+    # The other way round: a dense call checkpointed, then a plain masked call of the same
+    # module, backward outside the `with`: the recomputation is dense as its forward was (this
+    # was refused while the guard noted the module's last forward of any kind).
+    orig = _randomize_bn(_cifar_resnet()).double()
+    m = R.sparsify(copy.deepcopy(orig))
+    x1, x2 = torch.randn(2, 3, 32, 32, dtype=torch.float64), torch.randn(2, 3, 32, 32, dtype=torch.float64)
+    x1.requires_grad_()
+    keep = _keep(2, 4, 4, seed=5)
+    a = torch.utils.checkpoint.checkpoint(m, x1, use_reentrant=reentrant)
+    with R.block_mask(keep, 8):
+        b = m(x2)
+    (a.square().sum() + b.square().sum()).backward()
+    got = [p.grad.clone() for p in m.parameters()]
+    m.zero_grad()
+    a = m(x1)
+    with R.block_mask(keep, 8):
+        b = m(x2)
+    (a.square().sum() + b.square().sum()).backward()
+    for g, p in zip(got, m.parameters()):
+        torch.testing.assert_close(g, p.grad)
 
 
 @pytest.mark.parametrize("reentrant", [False, True])

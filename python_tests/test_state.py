@@ -73,6 +73,7 @@ def test_compiled_code_where_dynamo_folds_is_exporting_to_true(mirrored, monkeyp
 
     with s.bound(torch.ones(2)):
         monkeypatch.setattr(torch.compiler, "is_exporting", lambda: True)
+        monkeypatch.setattr(_state, "_DYNAMO_KNOWS_EXPORT", False)
         monkeypatch.setattr(_state, "_fake_mode_here", untraceable)
         out = f(torch.zeros(2))
         monkeypatch.undo()

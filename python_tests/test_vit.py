@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 import effssl_kernels as ek
-from effssl_kernels.nn import vit as vit_mod
+from effssl_kernels.nn import _state, vit as vit_mod
 
 timm = pytest.importorskip("timm")
 
@@ -255,6 +255,46 @@ class _KeepWrapper(nn.Module):
             return self.model(x)
 
 
+def test_intermediates_on_the_patch_grid_refused_under_keep_or_patch_size():
+    # timm reshapes the tokens onto the model's own grid: under a keep (K of 16 tokens) or another
+    # patch size, get_intermediate_layers(reshape=True) gave [N, K*D/16, 4, 4] garbage silently.
+    orig = _vit(depth=1)
+    model = ek.sparsify_vit(copy.deepcopy(orig))
+    x = torch.randn(2, 3, 64, 64)
+    keep = ek.random_token_keep(2, 16, 0.5, multiple_of=1)
+    with torch.no_grad():
+        for a, b in zip(model.get_intermediate_layers(x, n=1, reshape=True),
+                        orig.get_intermediate_layers(x, n=1, reshape=True)):
+            assert torch.equal(a, b)  # no setting in force: timm's own
+        with ek.token_keep(keep):
+            for call in (lambda: model.forward_intermediates(x),
+                         lambda: model.forward_intermediates(x, None, False, False, False, "NCHW"),
+                         lambda: model.get_intermediate_layers(x, n=1, reshape=True)):
+                with pytest.raises(ValueError, match="output_fmt='NLC'"):
+                    call()
+            nlc = model.forward_intermediates(x, output_fmt="NLC", intermediates_only=True)[0]
+            assert nlc.shape == (2, 8, 96)
+            torch.testing.assert_close(nlc, model.get_intermediate_layers(x, n=1)[0])
+        with ek.patch_size(model, 8):
+            with pytest.raises(ValueError, match="patch_size"):
+                model.get_intermediate_layers(x, n=1, reshape=True)
+            assert model.get_intermediate_layers(x, n=1)[0].shape == (2, 64, 96)
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::UserWarning")
+def test_torchscript_refused_with_a_clear_error():
+    # jit.trace under a keep recorded it as constants of the trace, applied to every input
+    model = ek.sparsify_vit(_vit(depth=1))
+    x = torch.randn(2, 3, 64, 64)
+    with ek.token_keep(ek.random_token_keep(2, 16, 0.5, multiple_of=1)):
+        with pytest.raises(RuntimeError, match="torch.jit.trace"):
+            torch.jit.trace(model, x)
+    with pytest.raises(TypeError, match="unsparsify"):
+        torch.jit.script(model)
+    with torch.no_grad():
+        assert torch.equal(torch.jit.trace(model, x)(x), model(x))
+
+
 def test_export_records_no_keep_entered_outside_it():
     # Exported inside a token_keep entered outside, the keep became a constant of the program,
     # applied to every later call whatever keep was in force: it raises now. A wrapper taking the
@@ -267,6 +307,9 @@ def test_export_records_no_keep_entered_outside_it():
     with ek.token_keep(k1):
         with pytest.raises(RuntimeError, match="torch.export of a model called inside a token_keep"):
             torch.export.export(model, (x,))
+        if _state._DYNAMO_KNOWS_EXPORT:  # strict export (a Dynamo trace) skipped the guard
+            with pytest.raises(Exception, match="torch.export of a model called inside a token_keep"):
+                torch.export.export(model, (x,), strict=True)
     ep = torch.export.export(_KeepWrapper(model), (x, k1), dynamic_shapes=({}, {1: Dim("K", min=1, max=16)}))
     for keep in (k2, k1):
         with ek.token_keep(keep):

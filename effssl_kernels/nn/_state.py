@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import sys
 import threading
 import warnings
 import weakref
@@ -33,15 +34,20 @@ def _compiling() -> bool:
     return _MIRRORED and torch.compiler.is_compiling()
 
 
+# Dynamo before torch 2.12 folds torch.compiler.is_exporting() to True in every trace, compile
+# included (seen on 2.10 and 2.11); from 2.12 on it is True only in a strict export's trace.
+_DYNAMO_KNOWS_EXPORT = torch.__version__ >= "2.12"
+
+
 def _exporting_here() -> bool:
     """Whether this thread is inside a torch.export trace. ``is_exporting()`` is one flag for the
     process (another thread's export sets it), so it also takes this thread's fake-tensor mode,
-    which non-strict export runs the model under (strict export, traced by Dynamo, cannot run
-    the ContextVar code anyway). Dynamo (torch.compile) before torch 2.12 folds
-    ``is_exporting()`` to True while tracing, and cannot trace the mode query: a trace by
-    Dynamo is never this check's export."""
+    which non-strict export runs the model under. Strict export traces with Dynamo, which cannot
+    run that query: there the flag alone answers, from torch 2.12 on; before, Dynamo folds the
+    flag to True while it traces anything (torch.compile too), so a Dynamo trace cannot tell a
+    strict export from a compile and is never this check's export."""
     if torch.compiler.is_dynamo_compiling():
-        return False
+        return _DYNAMO_KNOWS_EXPORT and getattr(torch.compiler, "is_exporting", lambda: False)()
     if not getattr(torch.compiler, "is_exporting", lambda: False)():
         return False
     return _fake_mode_here()
@@ -79,6 +85,15 @@ class ContextState:
 
     def get(self) -> Any:
         value = self._get()
+        if value is not None and torch.jit.is_tracing():
+            # TorchScript's trace (torch.onnx.export's TorchScript path too) records the tile
+            # count and the kept positions as constants, wherever the `with` was entered.
+            raise RuntimeError(
+                f"effssl_kernels: torch.jit.trace (or the TorchScript-based torch.onnx.export) "
+                f"of a model called inside a {self.what} would record it as constants of the "
+                f"trace, applied to every later input. Trace outside the `with` (the dense "
+                f"model, or ek.unsparsify(model) first), or torch.export a wrapper that takes the "
+                f"keep as an input (README, 'torch.compile and export')")
         if value is not None and _exporting_here() and not self.exported.get():
             # torch.export would bake the tensors of a `with` entered outside it into the
             # program as constants: the exported model would then apply this one mask forever,
@@ -157,16 +172,21 @@ _RESTORED: contextvars.ContextVar = contextvars.ContextVar("effssl_restored_reco
 def check_recompute(module, masked: bool, setting: str) -> None:
     """Refuse a recomputation inside backward (a plain checkpoint whose backward runs outside the
     ``with``) that runs unmasked a swapped layer whose forward ran under ``setting``: it would
-    give the dense layer's gradients, silently with ``use_reentrant=True``. Each forward outside
-    backward notes whether it ran under the setting (the module's last forward: a plain
-    checkpoint of a dense call followed by a masked call of the same module before backward
-    raises too; masked_checkpoint, whose recomputation restores the forward's own settings, is
-    never checked); compiled code skips the check (a compiled region recomputes itself). Runs on
-    every forward of a swapped layer: the error text is built only when raised."""
+    give the dense layer's gradients, silently with ``use_reentrant=True``. The module notes
+    whether its last forward that backward may recompute ran under the setting: one under a
+    saved-tensors hook (a non-reentrant checkpoint's) or inside an autograd Function's forward
+    (a reentrant checkpoint's). A plain forward saves its tensors and a no_grad one builds no
+    graph, so neither is recomputed and neither changes the note (a dense second view or a
+    no_grad logging pass between a masked checkpointed forward and backward hid it until
+    2026-12-06). masked_checkpoint, whose recomputation restores the forward's own settings, is
+    never checked; compiled code skips the check (a compiled region recomputes itself). Runs on
+    every forward of a swapped layer: cheap unless the note changes, the error text built only
+    when raised."""
     if torch.compiler.is_compiling():
         return
     if graph_task_id() == -1:  # an ordinary forward
-        module.__dict__["_effssl_masked"] = masked
+        if module.__dict__.get("_effssl_masked", False) != masked and _may_be_recomputed():
+            module.__dict__["_effssl_masked"] = masked
     elif not masked and not _RESTORED.get() and module.__dict__.get("_effssl_masked", False):
         raise RuntimeError(
             f"sparse {type(module)._effssl_base.__name__}: recomputed during backward without the "
@@ -174,6 +194,26 @@ def check_recompute(module, masked: bool, setting: str) -> None:
             f"(torch.utils.checkpoint, or timm's grad checkpointing, with backward outside the "
             f"`with`), which would give the dense layer's gradients: checkpoint with "
             f"effssl_kernels.masked_checkpoint, or call backward inside the `with`")
+
+
+def _may_be_recomputed() -> bool:
+    """Whether backward may run this forward again: with grad on, when a saved-tensors hook is in
+    force (a non-reentrant checkpoint's, or one this torch cannot name); with grad off, inside an
+    autograd Function's ``forward(ctx, ...)`` (torch's reentrant CheckpointFunction, or another
+    library's), found on the stack."""
+    if torch.is_grad_enabled():
+        from ..sparse.packed import _saved_tensors_hooks
+
+        return _saved_tensors_hooks() is not None
+    f = sys._getframe(2)
+    for _ in range(256):
+        if f is None:
+            return False
+        code = f.f_code
+        if code.co_name == "forward" and code.co_argcount and code.co_varnames[0] == "ctx":
+            return True
+        f = f.f_back
+    return True  # a stack too deep to search: note it, as before
 
 
 # ----------------------------------------------------------------------------- module settings

@@ -26,12 +26,22 @@ def _resolve(module: str, qualname: str) -> type:
     return obj
 
 
+def _refuse_script(module):
+    """torch.jit.script calls this on every submodule first: a swapped one cannot be scripted
+    (its forward reads a Python ContextVar and runs torch.library ops on a tensor subclass)."""
+    raise TypeError(
+        f"effssl_kernels: {type(module)._effssl_base.__name__} was swapped by sparsify / "
+        f"sparsify_vit and cannot be compiled by torch.jit.script; script "
+        f"effssl_kernels.unsparsify(model) (the dense model), or use torch.compile / torch.export")
+
+
 def sparse_class(cls: type, mixin: type) -> type:
     """``Sparse<cls>`` = ``(mixin, cls)``, made once per class; ``_effssl_base`` names ``cls``
     so the converters can swap it back. Picklable by name when ``cls`` and ``mixin`` are."""
     sub = _SPARSE_CLASSES.get((cls, mixin))
     if sub is None:
-        sub = type(f"Sparse{cls.__name__}", (mixin, cls), {"_effssl_base": cls})
+        sub = type(f"Sparse{cls.__name__}", (mixin, cls),
+                   {"_effssl_base": cls, "__prepare_scriptable__": _refuse_script})
         sub.__module__ = __name__
         sub.__qualname__ = f"Sparse[{_ref(cls)}+{_ref(mixin)}]"  # no dot: one attribute here
         _SPARSE_CLASSES[cls, mixin] = sub

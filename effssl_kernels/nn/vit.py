@@ -31,6 +31,7 @@ keep entered outside the export would become a constant of the program (it raise
 from __future__ import annotations
 
 import contextlib
+import inspect
 from typing import Iterator, Optional, Sequence, Union
 
 import torch
@@ -205,6 +206,26 @@ class _SparseViTMixin:
         if getattr(ff, "_effssl_schedule", False):
             state = {k: v for k, v in state.items() if k != "forward_features"}
         return state
+
+    def forward_intermediates(self, x, *args, **kwargs):
+        """timm's, refused for ``output_fmt='NCHW'`` (and so ``get_intermediate_layers(...,
+        reshape=True)``) under ``token_keep`` or ``patch_size``: timm reshapes the tokens onto
+        the model's own patch grid, which the kept tokens, or another patch size's grid, do not
+        fill (it gave garbage channels until 2026-12-06)."""
+        if _KEEP.get() is not None or self.patch_embed._effssl_patch is not None:
+            try:
+                fmt = inspect.signature(super().forward_intermediates).bind(x, *args, **kwargs).arguments.get(
+                    "output_fmt", "NCHW")
+            except TypeError:
+                fmt = None  # let timm report the bad call
+            if fmt == "NCHW":
+                raise ValueError(
+                    "sparse ViT: forward_intermediates with output_fmt='NCHW' (or "
+                    "get_intermediate_layers with reshape=True) needs every patch token on the "
+                    "model's patch grid, but a token_keep or patch_size is in force: use "
+                    "output_fmt='NLC' (the kept tokens, in keep's order; under patch_size "
+                    "reshape them to the grid (H // p, W // p) yourself)")
+        return super().forward_intermediates(x, *args, **kwargs)
 
     def _pos_embed(self, x):
         state = _KEEP.get()

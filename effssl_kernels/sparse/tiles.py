@@ -21,7 +21,7 @@ from typing import Dict, Optional, Sequence, Tuple, Union
 import torch
 from torch import Tensor
 
-from .._utils import as_int as _as_int
+from .._utils import as_int as _as_int, build_for_cache
 from ..masks import BlockMask, _positive_pair
 from ..ops.halo_gather import halo_gather_op
 
@@ -50,9 +50,11 @@ def prepare_tiles(mask: BlockMask, base: Optional[Tuple[Tensor, Tensor]] = None
     ``with``, so that under ``torch.compile`` the tile count comes into the graph as the size
     of an input (a dynamic size the compiler plans for) rather than from ``nonzero`` inside it
     (an unbacked size, on which Inductor's convolution layouts go wrong)."""
+    if not torch.compiler.is_compiling():
+        mask.check_unchanged()
     entry = mask._tile_indices
     if "base" not in entry:
-        entry["base"] = base if base is not None else kept_tiles(mask.keep)
+        entry["base"] = base if base is not None else build_for_cache(lambda: kept_tiles(mask.keep))
     return entry["base"]
 
 
@@ -179,7 +181,7 @@ class TileIndex:
     def _cached(self, key, build):
         v = self._tables.get(key)
         if v is None:
-            v = self._tables[key] = build()
+            v = self._tables[key] = build_for_cache(build)
         return v
 
     def _build_halo_table(self, left: int, right: int, top: int, bottom: int) -> Tensor:
