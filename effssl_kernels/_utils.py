@@ -81,7 +81,8 @@ def build_for_cache(build):
     """``build()`` for a cache that outlives the call: outside inference mode, so that a first
     call under ``torch.inference_mode()`` (an evaluation) does not store inference tensors,
     which a later training step could never save for backward. In a trace, as it is."""
-    if torch.is_inference_mode_enabled() and not torch.compiler.is_compiling():
+    # is_compiling first: Dynamo cannot trace is_inference_mode_enabled (a graph break)
+    if not torch.compiler.is_compiling() and torch.is_inference_mode_enabled():
         with torch.inference_mode(False):
             return build()
     return build()
