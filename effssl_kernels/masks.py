@@ -83,8 +83,12 @@ class BlockMask:
                 f"BlockMask: keep grid {tuple(keep.shape[1:])} does not match image {H}x{W} with block {B}: "
                 f"expected [N, {grid[0]}, {grid[1]}] (H // B, W // B; partial edge blocks are no "
                 f"grid cells)")
-        self._keep = keep.clone()
-        self._keep_version = self._keep._version
+        # A normal tensor even when made under inference mode: inference tensors have no
+        # version counter (below), and the tables built from keep must serve training too.
+        self._keep = build_for_cache(keep.clone)
+        # The version keep was made at (check_unchanged); in a trace, where reading it would be
+        # a graph op, the mask lives for one call anyway.
+        self._keep_version = None if torch.compiler.is_compiling() else self._keep._version
         self._block_size = B
         self._image_size = (H, W)
         self._cache: Dict[tuple, Tensor] = {}
@@ -104,9 +108,11 @@ class BlockMask:
         return True
 
     def check_unchanged(self) -> None:
-        """Raise unless ``keep`` is as it was made: its caches (pixel masks, kept tiles and their
-        tables) describe that keep, so a mask refilled in place would run the old one."""
-        if self._keep._version != self._keep_version:
+        """Raise if ``keep`` was changed in place by a torch op since the mask was made: its
+        caches (pixel masks, kept tiles and their tables) describe that keep, so a mask refilled
+        in place would run the old one. Writes that bypass the version counter (through
+        ``.data`` or ``.numpy()``) are not seen."""
+        if self._keep_version is not None and self._keep._version != self._keep_version:
             raise RuntimeError(
                 f"{self!r}: its keep tensor was changed in place after the mask was made, but "
                 f"the mask's cached pixel masks and tile tables describe the old keep. Build a "
@@ -116,7 +122,7 @@ class BlockMask:
     @property
     def keep(self) -> Tensor:
         """bool ``[N, Hb, Wb]``, True = kept: the mask's own tensor, read-only (a change in place
-        makes the next use of the mask raise; build a new mask instead)."""
+        by a torch op makes the next use of the mask raise; build a new mask instead)."""
         return self._keep
 
     @property

@@ -80,6 +80,20 @@ def test_compiled_resnet_with_masked_dense_layers(form):
     _assert_same(ys, eager, model)
 
 
+def test_compiled_under_inference_mode_with_a_mask_made_there():
+    # A BlockMask made under inference mode had no version counter to note, and the mask the
+    # trace makes read it as a graph op, which the eager backend then ran on an inference tensor.
+    torch._dynamo.reset()
+    model = R.sparsify(_randomize_bn(_cifar_resnet())).eval()
+    compiled = torch.compile(model, backend="eager", fullgraph=True)
+    x = torch.randn(2, 3, 32, 32)
+    keep = torch.rand(2, 4, 4, generator=torch.Generator().manual_seed(0)) < 0.5
+    with torch.inference_mode():
+        mask = BlockMask(keep, 8, 32)
+        with R.block_mask(mask):
+            torch.testing.assert_close(compiled(x), model(x), rtol=1e-5, atol=1e-5)
+
+
 def test_zero_breaking_ops_agree_eager_and_compiled():
     """sigmoid, x + 1, 1 - x, clamp(min > 0) of a masked map turn removed zeros into non-zeros:
     eager (packed maps) and compiled (dense maps per layer) both give the dense op's result on

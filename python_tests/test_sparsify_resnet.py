@@ -2,6 +2,7 @@
 the masked network of SEMANTICS.md section 2 with one, checked against a hand-written forward of
 the same weights built from the reference functions (strides there are hard-coded by the
 architecture, not taken from the converter's trace)."""
+import contextlib
 import copy
 import warnings
 
@@ -255,9 +256,12 @@ def test_a_mask_evaluated_in_inference_mode_then_trains(size):
     # mask failed ("Inference tensors cannot be saved for backward").
     model = R.sparsify(torchvision.models.resnet18(num_classes=4))
     x = torch.randn(2, 3, size, size)
-    mask = BlockMask(_keep(2, 2, 2, seed=4), 32, size)
+    with torch.inference_mode():  # a mask made there too (its keep had no version counter)
+        mask = BlockMask(_keep(2, 2, 2, seed=4), 32, size)
     model.eval()
     with torch.inference_mode(), R.block_mask(mask):
+        model(x)
+    with torch.inference_mode(), R.block_mask(_keep(2, 2, 2, seed=4), 32):
         model(x)
     model.train()
     with R.block_mask(mask):
@@ -509,28 +513,37 @@ def test_plain_checkpoint_recomputed_outside_the_with_is_refused(reentrant):
     assert x.grad is not None
 
 
+def _offloaded(offload):
+    """Activation offloading around the step (FSDP's offload_wrapper uses save_on_cpu): a
+    saved-tensors hook that saves, never recomputes."""
+    return torch.autograd.graph.save_on_cpu() if offload else contextlib.nullcontext()
+
+
+@pytest.mark.parametrize("offload", [False, True])
 @pytest.mark.parametrize("between", ["no_grad logging pass", "dense second view"])
 @pytest.mark.parametrize("reentrant", [True, False])
-def test_plain_checkpoint_refused_after_another_call_of_the_module(reentrant, between):
+def test_plain_checkpoint_refused_after_another_call_of_the_module(reentrant, between, offload):
     # The guard noted each module's last forward: an unmasked call between the masked
     # checkpointed one and backward hid it, and a reentrant checkpoint then gave the dense
     # layers' gradients silently. Calls backward never recomputes no longer change the note.
     m = R.sparsify(_randomize_bn(_cifar_resnet()).double())
     x = torch.randn(2, 3, 32, 32, dtype=torch.float64, requires_grad=True)
-    with R.block_mask(_keep(2, 4, 4, seed=3), 8):
-        y = torch.utils.checkpoint.checkpoint(m, x, use_reentrant=reentrant)
-    if between == "no_grad logging pass":
-        with torch.no_grad():
-            m.eval()(x)
-            m.train()
-    else:
-        y = y + m(x)
+    with _offloaded(offload):
+        with R.block_mask(_keep(2, 4, 4, seed=3), 8):
+            y = torch.utils.checkpoint.checkpoint(m, x, use_reentrant=reentrant)
+        if between == "no_grad logging pass":
+            with torch.no_grad():
+                m.eval()(x)
+                m.train()
+        else:
+            y = y + m(x)
     with pytest.raises(RuntimeError, match="masked_checkpoint"):
         y.sum().backward()
 
 
+@pytest.mark.parametrize("offload", [False, True])
 @pytest.mark.parametrize("reentrant", [True, False])
-def test_plain_checkpoint_of_a_dense_call_then_a_masked_call(reentrant):
+def test_plain_checkpoint_of_a_dense_call_then_a_masked_call(reentrant, offload):
     # The other way round: a dense call checkpointed, then a plain masked call of the same
     # module, backward outside the `with`: the recomputation is dense as its forward was (this
     # was refused while the guard noted the module's last forward of any kind).
@@ -539,9 +552,10 @@ def test_plain_checkpoint_of_a_dense_call_then_a_masked_call(reentrant):
     x1, x2 = torch.randn(2, 3, 32, 32, dtype=torch.float64), torch.randn(2, 3, 32, 32, dtype=torch.float64)
     x1.requires_grad_()
     keep = _keep(2, 4, 4, seed=5)
-    a = torch.utils.checkpoint.checkpoint(m, x1, use_reentrant=reentrant)
-    with R.block_mask(keep, 8):
-        b = m(x2)
+    with _offloaded(offload):
+        a = torch.utils.checkpoint.checkpoint(m, x1, use_reentrant=reentrant)
+        with R.block_mask(keep, 8):
+            b = m(x2)
     (a.square().sum() + b.square().sum()).backward()
     got = [p.grad.clone() for p in m.parameters()]
     m.zero_grad()

@@ -180,7 +180,8 @@ def check_recompute(module, masked: bool, setting: str) -> None:
     no_grad logging pass between a masked checkpointed forward and backward hid it until
     2026-12-06). masked_checkpoint, whose recomputation restores the forward's own settings, is
     never checked; compiled code skips the check (a compiled region recomputes itself). Runs on
-    every forward of a swapped layer: cheap unless the note changes, the error text built only
+    every forward of a swapped layer: a dict read where the note already says ``masked``, else a
+    hooks query (grad on) or a bounded stack search (grad off); the error text is built only
     when raised."""
     if torch.compiler.is_compiling():
         return
@@ -196,24 +197,38 @@ def check_recompute(module, masked: bool, setting: str) -> None:
             f"effssl_kernels.masked_checkpoint, or call backward inside the `with`")
 
 
+# The innermost saved-tensors hooks (pack, unpack), or None; absent before torch 2.7 or so.
+_top_hooks = getattr(torch._C._autograd, "_top_saved_tensors_default_hooks", None)
+# Pack hooks known to save, not recompute: activation offloading (save_on_cpu, which FSDP's
+# offload_wrapper uses). Any other hook may be a checkpoint's.
+_SAVING_HOOKS = frozenset({"save_on_cpu.__init__.<locals>.pack_to_cpu"})
+_STACK_LIMIT = 64  # frames searched for a Function's forward (a reentrant checkpoint is nearer)
+
+
 def _may_be_recomputed() -> bool:
     """Whether backward may run this forward again: with grad on, when a saved-tensors hook is in
-    force (a non-reentrant checkpoint's, or one this torch cannot name); with grad off, inside an
-    autograd Function's ``forward(ctx, ...)`` (torch's reentrant CheckpointFunction, or another
-    library's), found on the stack."""
+    force (a non-reentrant checkpoint's, or one of unknown purpose; not an offloading one); with
+    grad off, inside an autograd Function's ``forward(ctx, ...)`` (torch's reentrant
+    CheckpointFunction, or another library's), found on the stack. Never in inference mode."""
     if torch.is_grad_enabled():
-        from ..sparse.packed import _saved_tensors_hooks
-
-        return _saved_tensors_hooks() is not None
+        if _top_hooks is None:
+            return True  # this torch cannot say: note it, as before
+        try:
+            hooks = _top_hooks(False)
+        except TypeError:  # another signature in a torch we have not run
+            return True
+        return hooks is not None and getattr(hooks[0], "__qualname__", "") not in _SAVING_HOOKS
+    if torch.is_inference_mode_enabled():
+        return False
     f = sys._getframe(2)
-    for _ in range(256):
+    for _ in range(_STACK_LIMIT):
         if f is None:
             return False
         code = f.f_code
         if code.co_name == "forward" and code.co_argcount and code.co_varnames[0] == "ctx":
             return True
         f = f.f_back
-    return True  # a stack too deep to search: note it, as before
+    return False  # not within _STACK_LIMIT frames: a reentrant checkpoint's is nearer
 
 
 # ----------------------------------------------------------------------------- module settings
