@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from effssl_kernels.masks import BlockMask
-from effssl_kernels.nn import resnet as R
+from effssl_kernels.nn import _state, resnet as R
 from effssl_kernels.sparse.packed import PackedMap, as_dense
 from effssl_kernels.reference.masked_net import (
     masked_avg_pool_reference,
@@ -519,6 +519,12 @@ def _offloaded(offload):
     return torch.autograd.graph.save_on_cpu() if offload else contextlib.nullcontext()
 
 
+# Without the saved-tensors hooks query (torch 2.7 and older) the guard notes every grad-mode
+# forward, as before 2026-12-06: a dense second view hides a masked checkpointed call there.
+_HOOKS_QUERY = pytest.mark.skipif(_state._top_hooks is None, reason="this torch cannot name the saved-tensors hooks")
+
+
+@_HOOKS_QUERY
 @pytest.mark.parametrize("offload", [False, True])
 @pytest.mark.parametrize("between", ["no_grad logging pass", "dense second view"])
 @pytest.mark.parametrize("reentrant", [True, False])
@@ -541,6 +547,7 @@ def test_plain_checkpoint_refused_after_another_call_of_the_module(reentrant, be
         y.sum().backward()
 
 
+@_HOOKS_QUERY
 @pytest.mark.parametrize("offload", [False, True])
 @pytest.mark.parametrize("reentrant", [True, False])
 def test_plain_checkpoint_of_a_dense_call_then_a_masked_call(reentrant, offload):

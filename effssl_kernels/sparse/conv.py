@@ -245,11 +245,24 @@ def _no_tiles(tiles: Tensor, weight: Tensor, bias: Optional[Tensor], stride: Tup
     return out + zero * 0
 
 
+# Dynamo before torch 2.8 refuses to trace statically_known_true ("marked as skipped"; seen on
+# 2.7): there a compiled conv never takes the no-tiles path (a batch keeping no block then
+# reaches Inductor's conv of an empty batch, whose backward may fail its assertion).
+_TRACES_KNOWN_TRUE = torch.__version__ >= "2.8"
+
+
+def _known_no_tiles(tiles: Tensor) -> bool:
+    """Whether the tile count is known to be 0, without guarding on it (export's T is unbacked)."""
+    if not _TRACES_KNOWN_TRUE and torch.compiler.is_dynamo_compiling():
+        return False
+    return statically_known_true(tiles.shape[0] == 0)
+
+
 def _conv_tiles(tiles: Tensor, weight: Tensor, bias: Optional[Tensor], stride: Tuple[int, int],
                 halo: Halo, dilation: IntOrPair, groups: int, index: TileIndex) -> Tensor:
     """``[T, C, bh, bw]`` -> ``[T, C_out, bh / sh, bw / sw]``: halo, then a VALID conv (or the
     implicit GEMM that reads the halo in place, see :func:`tile_conv_choice`)."""
-    if statically_known_true(tiles.shape[0] == 0):  # not a guard on export's unbacked T
+    if _known_no_tiles(tiles):
         out = _no_tiles(tiles, weight, bias, stride, halo, dilation, groups)
         if out is not None:
             return out
