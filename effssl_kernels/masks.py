@@ -111,7 +111,10 @@ class BlockMask:
         """Raise if ``keep`` was changed in place by a torch op since the mask was made: its
         caches (pixel masks, kept tiles and their tables) describe that keep, so a mask refilled
         in place would run the old one. Writes that bypass the version counter (through
-        ``.data`` or ``.numpy()``) are not seen."""
+        ``.data`` or ``.numpy()``) are not seen. Nothing to check in a trace (the version would
+        be read by a graph op)."""
+        if torch.compiler.is_compiling():
+            return
         if self._keep_version is not None and self._keep._version != self._keep_version:
             raise RuntimeError(
                 f"{self!r}: its keep tensor was changed in place after the mask was made, but "

@@ -12,8 +12,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from effssl_kernels.masks import BlockMask
-from effssl_kernels.nn import _state, resnet as R
-from effssl_kernels.sparse.packed import PackedMap, as_dense
+from effssl_kernels.nn import resnet as R
+from effssl_kernels.sparse.packed import _UNKNOWN, PackedMap, _saved_tensors_hooks, as_dense
 from effssl_kernels.reference.masked_net import (
     masked_avg_pool_reference,
     masked_batch_norm_reference,
@@ -521,7 +521,7 @@ def _offloaded(offload):
 
 # Without the saved-tensors hooks query (torch 2.7 and older) the guard notes every grad-mode
 # forward, as before 2026-12-06: a dense second view hides a masked checkpointed call there.
-_HOOKS_QUERY = pytest.mark.skipif(_state._top_hooks is None, reason="this torch cannot name the saved-tensors hooks")
+_HOOKS_QUERY = pytest.mark.skipif(_saved_tensors_hooks() is _UNKNOWN, reason="this torch cannot name the saved-tensors hooks")
 
 
 @_HOOKS_QUERY

@@ -22,6 +22,8 @@ from typing import Any, Iterator
 
 import torch
 
+from ..sparse.packed import _saved_tensors_hooks
+
 _ALL: list["ContextState"] = []
 _UNSET = object()
 
@@ -197,8 +199,6 @@ def check_recompute(module, masked: bool, setting: str) -> None:
             f"effssl_kernels.masked_checkpoint, or call backward inside the `with`")
 
 
-# The innermost saved-tensors hooks (pack, unpack), or None; absent before torch 2.7 or so.
-_top_hooks = getattr(torch._C._autograd, "_top_saved_tensors_default_hooks", None)
 # Pack hooks known to save, not recompute: activation offloading (save_on_cpu, which FSDP's
 # offload_wrapper uses). Any other hook may be a checkpoint's.
 _SAVING_HOOKS = frozenset({"save_on_cpu.__init__.<locals>.pack_to_cpu"})
@@ -211,13 +211,8 @@ def _may_be_recomputed() -> bool:
     grad off, inside an autograd Function's ``forward(ctx, ...)`` (torch's reentrant
     CheckpointFunction, or another library's), found on the stack. Never in inference mode."""
     if torch.is_grad_enabled():
-        if _top_hooks is None:
-            return True  # this torch cannot say: note it, as before
-        try:
-            hooks = _top_hooks(False)
-        except TypeError:  # another signature in a torch we have not run
-            return True
-        return hooks is not None and getattr(hooks[0], "__qualname__", "") not in _SAVING_HOOKS
+        hooks = _saved_tensors_hooks()  # _UNKNOWN where this torch cannot say: noted, as before
+        return hooks is not None and getattr(hooks, "__qualname__", "") not in _SAVING_HOOKS
     if torch.is_inference_mode_enabled():
         return False
     f = sys._getframe(2)

@@ -50,8 +50,7 @@ def prepare_tiles(mask: BlockMask, base: Optional[Tuple[Tensor, Tensor]] = None
     ``with``, so that under ``torch.compile`` the tile count comes into the graph as the size
     of an input (a dynamic size the compiler plans for) rather than from ``nonzero`` inside it
     (an unbacked size, on which Inductor's convolution layouts go wrong)."""
-    if not torch.compiler.is_compiling():
-        mask.check_unchanged()
+    mask.check_unchanged()
     entry = mask._tile_indices
     if "base" not in entry:
         entry["base"] = base if base is not None else build_for_cache(lambda: kept_tiles(mask.keep))
