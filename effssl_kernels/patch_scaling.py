@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ._utils import as_pair
+from ._utils import as_pair, build_for_cache
 
 __all__ = ["resize_patch_embed", "resize_pos_embed", "resize_matrix_pinv", "clear_resize_cache"]
 
@@ -83,16 +83,17 @@ def resize_matrix_pinv(
         # eagerly (e.g. by entering effssl_kernels.patch_size outside the compiled region) to warm it.
         return _pinv(_resize_matrix(old, new, interpolation, antialias)).to(device, dtype)
     base_key = (old, new, interpolation, bool(antialias), torch.device("cpu"), torch.float64)
-    # Outside inference mode: a cached inference tensor could never be saved for backward, so a
-    # first call under torch.inference_mode() (evaluating at another patch size) would break
-    # every later training step at that size.
-    with _CACHE_LOCK, torch.inference_mode(False):
+
+    def build():
         base = _CACHE.get(base_key)
         if base is None:
-            base = _pinv(_resize_matrix(old, new, interpolation, antialias))
-            _CACHE[base_key] = base
-        out = base.to(device=device, dtype=dtype)
-        _CACHE[key] = out
+            base = _CACHE[base_key] = _pinv(_resize_matrix(old, new, interpolation, antialias))
+        return base.to(device=device, dtype=dtype)
+
+    # Outside inference mode (build_for_cache): a first call under torch.inference_mode()
+    # (evaluating at another patch size) must not break later training steps at that size.
+    with _CACHE_LOCK:
+        out = _CACHE[key] = build_for_cache(build)
     return out
 
 
