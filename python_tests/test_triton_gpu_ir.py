@@ -466,12 +466,17 @@ def test_other_triton_kernels_compile_to_sm90_without_spills():
 
     results = _cubins_in_child("_other_cubins")
     assert len(results) == 15 + 14
-    # Triton 3.4 (torch 2.8) spills in two configurations (measured 2026-12-06: halo_gather's
-    # forward with every integer a runtime value, 4 bytes; tile_conv's IEEE float32 weight
-    # gradient specialised, 20 bytes; 3.6 and 3.8 spill none): allowed there, and only there
-    known = ({"halo_gather_fwd/worst": 4, "tile_conv_wgrad_fp32_ieee/typical": 20}
-             if triton.__version__.startswith("3.4.") else {})
-    for name, (regs, spills) in results.items():
-        assert spills <= known.get(name, 0) and regs <= 255, (name, regs, spills)
+    # Older Tritons spill a few bytes in some configurations (measured 2026-12-06; 3.6 and 3.8
+    # spill none): 3.4 (torch 2.8) in halo_gather's forward with every integer a runtime value
+    # (4 bytes) and tile_conv's IEEE float32 weight gradient specialised (20 bytes), 3.3 (torch
+    # 2.7) in that weight gradient (4 bytes). Allowed there, and only there.
+    known = {"3.4": {"halo_gather_fwd/worst": 4, "tile_conv_wgrad_fp32_ieee/typical": 20},
+             "3.3": {"tile_conv_wgrad_fp32_ieee/typical": 4}}.get(triton.__version__[:3], {})
+    bad = [(name, regs, spills) for name, (regs, spills) in results.items()
+           if spills > known.get(name, 0) or regs > 255]
+    assert not bad, bad
     typical = {k: v[0] for k, v in results.items() if k.endswith("/typical")}
-    assert typical["gather_tokens_bwd/typical"] <= 128 and typical["tile_conv_fwd_bf16/typical"] <= 128, typical
+    # at most 128 registers specialised (Triton 3.3 takes 136 for tile_conv's bf16 forward)
+    conv_regs = 136 if triton.__version__.startswith("3.3.") else 128
+    assert typical["gather_tokens_bwd/typical"] <= 128, typical
+    assert typical["tile_conv_fwd_bf16/typical"] <= conv_regs, typical

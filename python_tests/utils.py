@@ -1,4 +1,5 @@
 """Shared test helpers: devices, tolerances, layouts."""
+import inspect
 import os
 
 import pytest
@@ -8,6 +9,11 @@ from effssl_kernels.reference.photometric import photometric_mismatch
 
 HAS_GPU = torch.cuda.is_available()
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+# torch.export traced with Dynamo (strict=True) by default before torch 2.8: there a model that
+# reads a mask entered outside the export is refused by torch itself ("Cannot export model which
+# references tensors that are neither buffers/parameters/constants nor are direct inputs")
+EXPORT_STRICT_BY_DEFAULT = inspect.signature(torch.export.export).parameters["strict"].default
+TORCH_REFUSES_FREE_TENSORS = "references tensors that are neither buffers"
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 

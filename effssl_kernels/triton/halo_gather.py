@@ -107,9 +107,10 @@ def _halo_gather_bwd_kernel(
         has = j < cnt
         # q < 2^31 (the launcher checks): int32 divisions, int64 pointer arithmetic
         q64 = tl.load(order_ptr + lo + j, mask=has, other=0)
-        q_ok = (q64 >= 0) & (q64 < Q)
-        bad = bad | (has & ~q_ok)
-        has = has & q_ok
+        # no `~` on a boolean block: Triton 3.3's interpreter cannot invert int1
+        q_bad = (q64 < 0) | (q64 >= Q)
+        bad = bad | (has & q_bad)
+        has = has & (q64 >= 0) & (q64 < Q)
         q = q64.to(tl.int32)
         t = q // PP
         rem = q - t * PP
