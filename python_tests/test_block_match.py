@@ -421,6 +421,16 @@ BAD = [
 ]
 
 
+def test_channel_rows_past_int32_are_refused():
+    # The kernels count channel rows C * block_size in int32: C = 2^30 at block 2 wrapped (the
+    # CUDA kernel's re-score loop never ran: psnr +inf, every block "similar"). Stride-0 inputs.
+    a = torch.zeros(1, 1, 2, 2).expand(1, 2**30, 2, 2)
+    with pytest.raises(ValueError, match=r"C \* block_size = 2147483648 must be below 2\^31"):
+        ek.block_match(a, a, 2, 0)
+    with pytest.raises(RuntimeError, match=r"C \* block_size = 2147483648 must be below 2\^31"):
+        torch.ops.effssl_kernels.block_match(a, a, 2, 0, 1.0, None, None)
+
+
 @pytest.mark.parametrize("call,exc,msg", BAD)
 def test_bad_input_python(call, exc, msg):
     a, b = torch.rand(2, 3, 16, 16), torch.rand(2, 3, 16, 16)

@@ -180,6 +180,15 @@ def test_errors():
             ek.multi_crop(tall, boxes, flips, 4)
         with pytest.raises(ValueError, match="H and W must be at most"):
             ek.multi_crop(tall.transpose(2, 3), boxes, flips, 4)
+        # the C++ op too (a direct call read the neighbouring column before 2026-12-06)
+        with pytest.raises(ValueError, match="H and W must be at most"):
+            torch.ops.effssl_kernels.multi_crop(tall.transpose(2, 3), boxes, flips, 4, 4, None)
+        # and the output side: its float32 coordinates (the Triton kernel's OH * OW also wrapped
+        # int32 past 46340 a side, returning torch.empty's memory)
+        with pytest.raises(ValueError, match="out_size must be at most"):
+            ek.multi_crop(x, boxes, flips, (4, side))
+        with pytest.raises(ValueError, match="out_size must be at most"):
+            torch.ops.effssl_kernels.multi_crop(x, boxes, flips, side, 4, None)
     with pytest.raises(ValueError, match=r"boxes must be \[N, P, 4\]"):
         ek.multi_crop(x, boxes[:, :, :3], flips, 4)
     with pytest.raises(ValueError, match=r"boxes must be \[N, P, 4\]"):

@@ -109,3 +109,42 @@ def test_int32_index_limits_are_checked():
         check_int32("halo_gather backward", {"padded pixels": 2**31})
     with pytest.raises(ValueError, match=r"patch_embed_gather \(Triton\): H = 2147418112 must be below 2\^31 - 2\^16"):
         check_int32("patch_embed_gather (Triton)", {"H": 2**31 - 2**16}, 2**31 - 2**16, "2^31 - 2^16")
+
+
+# Each launcher passes the quantities its kernel indexes in int32 (a check of the right size in
+# the wrong place would let the kernel wrap silently): stride-0 inputs reach the check, no memory.
+def test_patch_gather_checks_the_number_of_patches():
+    from effssl_kernels.triton.patch_embed_gather import gather_patches_triton
+
+    # p = 1: L = H * W = 2^31 + 2^16 patches, each kept index cast to int32 by the kernel
+    images = torch.zeros(1, 1, 1, 1).expand(1, 1, 65536, 32769)
+    keep = torch.tensor([[2**31 + 5]])
+    with pytest.raises(ValueError, match=r"patch_embed_gather \(Triton\): L = 2147549184 must be below"):
+        gather_patches_triton(images, keep, 1, torch.float32)
+
+
+def test_tile_conv_checks_weight_rows():
+    from effssl_kernels.triton.tile_conv import tile_conv_fwd
+
+    C = 2**28  # C * 3 * 3 weight rows pass 2^31
+    tiles = torch.zeros(1, 1, 2, 2).expand(1, C, 2, 2)
+    weight = torch.zeros(1, 1, 3, 3).expand(1, C, 3, 3)
+    table = torch.zeros(1, 4, 4, dtype=torch.int64)
+    with pytest.raises(ValueError, match=r"tile_conv \(Triton\): C\*kh\*kw = 2415919104 must be below"):
+        tile_conv_fwd(tiles, weight, None, table, (1, 1))
+
+
+@pytest.mark.triton
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="launches one program under the interpreter")
+def test_multi_crop_kernel_counts_output_pixels_in_int64():
+    """OH * OW passed 2^31 at 46341 a side: no program stored and the caller got torch.empty's
+    memory back. One program of the real launch (grid 1, a 256-pixel output) shows it."""
+    from effssl_kernels.triton.multi_crop import _multi_crop_kernel
+
+    img = torch.ones(1, 1, 4, 4)
+    for side in (46340, 46341):
+        out = torch.full((256,), -1.0)
+        box = torch.tensor([[0.0, 0.0, 4.0, 4.0, 4 / side, 4 / side]])
+        _multi_crop_kernel[(1,)](img, box, torch.zeros(1, dtype=torch.bool), out, 1, 1, 4, 4, side, side,
+                                 *img.stride(), OUT_U8=False, BLOCK=256)
+        assert (out == 1.0).all(), side

@@ -37,6 +37,9 @@ inline void check_block_match(const at::Tensor& a, const at::Tensor& b, int64_t 
                "search_radius must be in [0, 65536], got ", search_radius);
   EFFSSL_CHECK(data_range > 0 && data_range < std::numeric_limits<double>::infinity(), op,
                "data_range must be positive and finite, got ", data_range);
+  // the kernels count channel rows C * block_size in int
+  EFFSSL_CHECK(C * block_size <= std::numeric_limits<int>::max(), op, "C * block_size = ", C * block_size,
+               " must be below 2^31");
   const int64_t Hb = H / block_size, Wb = W / block_size;
   if (centers.has_value()) {
     const auto& c = *centers;

@@ -153,6 +153,12 @@ at::Tensor multi_crop_cpu(const at::Tensor& images, const at::Tensor& boxes, con
                    ": boxes must be a float or int tensor, got ", boxes.scalar_type());
   TORCH_CHECK_VALUE(out_h > 0 && out_w > 0, kOp, ": out_size must be positive, got (", out_h, ", ", out_w, ")");
   TORCH_CHECK_VALUE(images.size(2) > 0 && images.size(3) > 0, kOp, ": images must not be empty, got ", images.sizes());
+  // source and output coordinates are float32 here: exact for integers up to 2^24 only
+  constexpr int64_t kMaxSide = int64_t{1} << 24;
+  TORCH_CHECK_VALUE(images.size(2) <= kMaxSide && images.size(3) <= kMaxSide, kOp,
+                    ": H and W must be at most 16777216, got ", images.size(2), "x", images.size(3));
+  TORCH_CHECK_VALUE(out_h <= kMaxSide && out_w <= kMaxSide, kOp,
+                    ": out_size must be at most 16777216 a side, got (", out_h, ", ", out_w, ")");
   TORCH_CHECK_VALUE(images.device().is_cpu() && boxes.device().is_cpu() && flips.device().is_cpu(), kOp,
                     ": this kernel runs on CPU tensors");
   const at::ScalarType it = images.scalar_type();

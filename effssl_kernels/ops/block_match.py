@@ -58,6 +58,8 @@ def _check(a, b, block_size, search_radius, data_range, centers, flip) -> None:
         raise ValueError(f"block_match: block_size must be a positive int, got {block_size!r}")
     if block_size > H or block_size > W:
         raise ValueError(f"block_match: block_size {block_size} is larger than the image {H}x{W}")
+    if C * block_size >= 2**31:  # the kernels count channel rows C * block_size in int32
+        raise ValueError(f"block_match: C * block_size = {C * block_size} must be below 2^31")
     check_radius(search_radius, "block_match")
     if isinstance(data_range, bool) or not isinstance(data_range, numbers.Real):
         raise TypeError(f"block_match: data_range must be a number, got {data_range!r}")

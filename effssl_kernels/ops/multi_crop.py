@@ -17,7 +17,7 @@ from .._utils import as_pair
 from ..reference.multi_crop import multi_crop_reference
 
 # The kernels compute source rows/columns in float32 (float64 images: double), exact for
-# integers up to 2^24 only: a wider image would read neighbouring columns silently.
+# integers up to 2^24 only: a wider image or output would read neighbouring columns silently.
 MAX_SIDE = 1 << 24
 _IMAGE_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16, torch.uint8)
 _LOW_FLOATS = (torch.float32, torch.float16, torch.bfloat16)
@@ -126,6 +126,7 @@ def multi_crop(
         flips = torch.zeros(boxes.shape[:2], dtype=torch.bool, device=boxes.device)
     dt = _check(images, boxes, flips, out_dtype)
     oh, ow = as_pair(out_size, "multi_crop: out_size")
+    _check_out_size(oh, ow)
     which = _backend.choose(images.device.type, cuda_kernel=False)
     _check_boxes(boxes)  # the C++ kernel checks again (direct op calls), quoting float32 values
     if which == "reference" or (which == "triton" and images.dtype == torch.float64):
@@ -140,8 +141,14 @@ def _check_op(images, boxes, flips, out_h, out_w, out_dtype) -> None:
     """The op's arguments but the box values (checked by the kernels as they read them): run by
     the fake and the Triton op, so a direct op call fails as the C++ one would."""
     _check(images, boxes, flips, out_dtype)
+    _check_out_size(out_h, out_w)
+
+
+def _check_out_size(out_h: int, out_w: int) -> None:
     if out_h < 1 or out_w < 1:
         raise ValueError(f"multi_crop: out_size must be positive, got {(out_h, out_w)}")
+    if max(out_h, out_w) > MAX_SIDE:
+        raise ValueError(f"multi_crop: out_size must be at most {MAX_SIDE} a side, got {(out_h, out_w)}")
 
 
 def _fake(images, boxes, flips, out_h, out_w, out_dtype):

@@ -17,7 +17,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from . import device_of, wrap_triton
+from . import check_grid, device_of, wrap_triton
 
 
 @triton.jit
@@ -59,7 +59,7 @@ def _multi_crop_kernel(
     BLOCK: tl.constexpr,
 ):
     # A 1-D grid (box-major): grid dims 1 and 2 stop at 65535, which N*P or large outputs pass.
-    n_pix = OH * OW
+    n_pix = tl.cast(OH, tl.int64) * OW  # int64: OH * OW passes 2^31 for sides past 46340
     n_blocks = tl.cdiv(n_pix, BLOCK)
     pid = tl.program_id(0).to(tl.int64)
     q = pid // n_blocks  # box index n * P + p
@@ -112,7 +112,7 @@ def multi_crop_fwd(images: Tensor, boxes: Tensor, flips: Tensor, out_h: int, out
     b = torch.cat([b, b[:, 2:] / torch.tensor([out_h, out_w], dtype=torch.float32, device=b.device)], 1)
     f = flips.reshape(N * P).contiguous()
     BLOCK = 256
-    grid = (N * P * triton.cdiv(out_h * out_w, BLOCK),)
+    grid = check_grid((N * P * triton.cdiv(out_h * out_w, BLOCK),), "multi_crop")
     with device_of(images):  # launch on the tensors' GPU, not the current one
         wrap_triton(_multi_crop_kernel)[grid](
             images, b, f, out, P, C, H, W, out_h, out_w, *images.stride(),

@@ -296,13 +296,14 @@ def gather_patches_triton(images: Tensor, keep: Tensor, patch_size: int, dtype: 
     M = N * K
     if M == 0:
         return out
-    check_int32("patch_embed_gather (Triton)", {"N*K": M, "C*p*p": KD, "H": H, "W": W}, _INT32_LIMIT,
+    L = (H // p) * (W // p)  # the kernel casts each kept index (< L) to int32
+    check_int32("patch_embed_gather (Triton)", {"N*K": M, "C*p*p": KD, "H": H, "W": W, "L": L}, _INT32_LIMIT,
                 "2^31 - 2^16")
     bm, bk = _gather_tiles()
     grid = check_grid((triton.cdiv(M, bm), triton.cdiv(KD, bk)), "patch_embed_gather (patches)")
     with device_of(images):  # launch on the tensors' GPU, not the current one
         wrap_triton(_gather_patches_kernel)[grid](
-            images, keep.contiguous(), out, M, K, KD, (H // p) * (W // p), W // p, p, *images.stride(),
+            images, keep.contiguous(), out, M, K, KD, L, W // p, p, *images.stride(),
             BLOCK_M=bm, BLOCK_K=bk, num_warps=4,
         )
     return out

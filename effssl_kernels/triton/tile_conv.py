@@ -216,13 +216,15 @@ def _wgrad_tiles(C: int, CO: int, ieee: bool) -> tuple[int, int, int, int, int]:
     return 64, bn, bc, 8 if ieee else 4, 3
 
 
-def _geometry(tiles: Tensor, table: Tensor) -> dict:
+def _geometry(tiles: Tensor, table: Tensor, kernel: tuple[int, int]) -> dict:
     """Sizes the kernels take. The output tiles are the source tiles (``ops.tile_conv`` checks
-    ``table`` is ``[T, bh + reach, bw + reach]``), so the ``M`` output rows are the source pixels."""
+    ``table`` is ``[T, bh + reach, bw + reach]``), so the ``M`` output rows are the source pixels.
+    The weight rows ``tap * C + c`` are int32 too."""
     T, C, bh, bw = tiles.shape
     _, PH, PW = table.shape
     M = T * bh * bw
-    check_int32("tile_conv (Triton)", {"T*ph*pw": T * PH * PW, "T*bh*bw": M}, _INT32_LIMIT, "2^31 - 2^16")
+    check_int32("tile_conv (Triton)", {"T*ph*pw": T * PH * PW, "T*bh*bw": M, "C*kh*kw": C * kernel[0] * kernel[1]},
+                _INT32_LIMIT, "2^31 - 2^16")
     return dict(M=M, C=C, PH=PH, PW=PW, BH=bh, BW=bw)
 
 
@@ -234,7 +236,7 @@ def tile_conv_fwd(tiles: Tensor, weight: Tensor, bias: Optional[Tensor], table: 
     dtype, table int64 ``[T, bh + dh*(kh-1), bw + dw*(kw-1)]``. Returns ``[T, CO, bh, bw]``
     channels last."""
     CO, _, kh, kw = weight.shape
-    g = _geometry(tiles, table)
+    g = _geometry(tiles, table, (kh, kw))
     out = torch.empty((tiles.shape[0], CO, g["BH"], g["BW"]), dtype=tiles.dtype, device=tiles.device,
                       memory_format=torch.channels_last)
     if g["M"] == 0 or CO == 0:
@@ -271,7 +273,7 @@ def tile_conv_wgrad(grad: Tensor, tiles: Tensor, table: Tensor, kernel: tuple[in
     :func:`tile_conv_fwd` for output gradient ``grad [T, CO, bh, bw]``."""
     kh, kw = kernel
     CO = grad.shape[1]
-    g = _geometry(tiles, table)
+    g = _geometry(tiles, table, kernel)
     C = g["C"]
     if g["M"] == 0 or C == 0 or CO == 0:
         return torch.zeros((CO, C, kh, kw), dtype=torch.float32, device=tiles.device)
@@ -283,6 +285,8 @@ def tile_conv_wgrad(grad: Tensor, tiles: Tensor, table: Tensor, kernel: tuple[in
     splits = _num_splits(programs, row_blocks)
     rows_per_split = triton.cdiv(row_blocks, splits) * bm
     splits = triton.cdiv(g["M"], rows_per_split)
+    # the kernel's partial rows (split * kh * kw + tap) * CO + co are int32
+    check_int32("tile_conv weight gradient (Triton)", {"splits*kh*kw*CO": splits * kh * kw * CO})
     part = torch.empty((splits, kh * kw, CO, C), dtype=torch.float32, device=tiles.device)
     grid = check_grid((triton.cdiv(CO, bn), kh * kw * triton.cdiv(C, bc), splits), "tile_conv weight gradient")
     with device_of(tiles):
