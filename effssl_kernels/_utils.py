@@ -86,3 +86,39 @@ def build_for_cache(build):
         with torch.inference_mode(False):
             return build()
     return build()
+
+
+class PicklesGenerator:
+    """Mixin: pickles the ``generator`` attribute as its device and state bytes. torch.Generator's
+    own pickle carries its state as a tensor, which DataLoader workers started by ``spawn`` or
+    ``forkserver`` receive through shared memory and fail to rebuild ("unable to resize file",
+    pytorch/pytorch#146828): the worker died before ``worker_init_fn`` could run."""
+
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        g = state.get("generator")
+        if g is not None:
+            state["generator"] = _GeneratorState(str(g.device), bytes(g.get_state().numpy()))
+        return state
+
+    def __setstate__(self, state):
+        state = dict(state)
+        g = state.get("generator")
+        if isinstance(g, _GeneratorState):
+            gen = torch.Generator(g.device)
+            gen.set_state(torch.frombuffer(bytearray(g.state), dtype=torch.uint8))
+            state["generator"] = gen
+        self.__dict__.update(state)
+
+
+class _GeneratorState(tuple):
+    """``(device, state bytes)`` of a pickled generator (a tuple subclass, so no user value reads as one)."""
+
+    def __new__(cls, device: str, state: bytes):
+        return super().__new__(cls, (device, state))
+
+    def __getnewargs__(self):
+        return tuple(self)
+
+    device = property(lambda self: self[0])
+    state = property(lambda self: self[1])

@@ -41,7 +41,7 @@ from typing import NamedTuple, Optional, Sequence, Union
 import torch
 from torch import Tensor
 
-from ._utils import int_arg
+from ._utils import PicklesGenerator, int_arg
 from .reference.photometric import blur_fits, blur_size_message
 
 __all__ = ["PhotometricParams", "PhotometricSampler", "photometric", "IMAGENET_MEAN", "IMAGENET_STD"]
@@ -203,7 +203,7 @@ def _prob(value, name: str) -> float:
     return float(value)
 
 
-class PhotometricSampler:
+class PhotometricSampler(PicklesGenerator):
     """Draws :class:`PhotometricParams` with torchvision v2's distributions, per sample.
 
     Args:
@@ -217,9 +217,10 @@ class PhotometricSampler:
         solarize_p, solarize_threshold: probability and threshold (in [0, 1]) of solarizing.
         mean, std: per-channel normalisation, or both ``None`` for none.
         generator: optional CPU ``torch.Generator``; ``None`` draws from the global CPU RNG.
-            Each DataLoader worker gets a copy of ``generator`` and would repeat the others'
-            draws: there, leave it None (workers seed the global RNG) or reseed it in
-            ``worker_init_fn``.
+            In a DataLoader each worker gets a copy of ``generator`` (and, without persistent
+            workers, each epoch a fresh copy of the unadvanced one), so workers and epochs would
+            repeat the same draws: there leave it None (workers seed the global RNG) or reseed it
+            in ``worker_init_fn`` from ``torch.utils.data.get_worker_info().seed``.
 
     The jitter order of each sample is a uniform random permutation of the 4 ops, as
     ColorJitter's ``torch.randperm(4)``. The draws are batched, so they follow torchvision's

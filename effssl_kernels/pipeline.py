@@ -22,6 +22,7 @@ from typing import List, NamedTuple, Optional, Sequence, Tuple
 import torch
 from torch import Tensor
 
+from ._utils import PicklesGenerator
 from .ops.multi_crop import multi_crop
 from .photometric import PhotometricParams, PhotometricSampler, photometric
 from .transforms import check_crop_params, random_resized_boxes
@@ -56,7 +57,7 @@ class MultiViews(NamedTuple):
     params: List[PhotometricParams]
 
 
-class MultiViewAugment:
+class MultiViewAugment(PicklesGenerator):
     """Crop groups applied to a uint8 batch on its device (see the module docstring).
 
     Args:
@@ -64,7 +65,10 @@ class MultiViewAugment:
         ratio, hflip_p: RandomResizedCrop's aspect-ratio range and the flip probability.
         generator: optional CPU ``torch.Generator`` for every draw (boxes, flips and the
             photometric parameters), so a run is reproducible; ``None`` uses each sampler's own
-            generator and the global RNG.
+            generator and the global RNG. Used in DataLoader workers (a ``collate_fn``), each
+            worker, and without persistent workers each epoch, gets a copy of the unadvanced
+            generator and would repeat the same draws: there leave it None or reseed it in
+            ``worker_init_fn`` from ``torch.utils.data.get_worker_info().seed``.
     """
 
     def __init__(

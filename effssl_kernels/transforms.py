@@ -17,7 +17,7 @@ from typing import NamedTuple, Sequence, Union
 import torch
 from torch import Tensor
 
-from ._utils import as_int, as_pair, to_device_async
+from ._utils import PicklesGenerator, as_int, as_pair, to_device_async
 from .ops.multi_crop import multi_crop
 
 __all__ = ["crop_centers", "random_crops", "random_resized_boxes", "TwoViewCrop", "TwoViews"]
@@ -356,7 +356,24 @@ class TwoViews(NamedTuple):
     flip_b: Tensor
 
 
-class TwoViewCrop:
+# PIL modes whose to_dtype(scale=True) lands in [0, 1]; palettes are expanded first. "I" (int32,
+# often 16-bit data), "F" (float, any range) and colour spaces other than RGB have no such scale.
+_PIL_UNIT_MODES = ("1", "L", "LA", "RGB", "RGBA", "I;16")
+
+
+def _pil_with_unit_range(img):
+    if img.mode in ("P", "PA"):
+        has_alpha = img.mode == "PA" or "transparency" in img.info
+        return img.convert("RGBA" if has_alpha else "RGB")  # palette indices are not intensities
+    if img.mode not in _PIL_UNIT_MODES:
+        raise ValueError(
+            f"TwoViewCrop: a PIL image in mode {img.mode!r} has no fixed [0, 1] scale (block_match's "
+            f"data_range=1); convert it first, e.g. img.convert('RGB'), or pass a float tensor in [0, 1]"
+        )
+    return img
+
+
+class TwoViewCrop(PicklesGenerator):
     """Two independent RandomResizedCrop + random horizontal flip views that record their crops.
 
     Each view is ``torchvision.transforms.v2.functional.resized_crop`` of a box drawn by
@@ -373,13 +390,17 @@ class TwoViewCrop:
         generator: optional ``torch.Generator`` (CPU) for reproducible draws. ``get_params``
             draws from the global RNG, so each box is drawn under ``torch.random.fork_rng``
             seeded from ``generator``, leaving the global RNG untouched. Without a generator the
-            global RNG is used, as torchvision does (and DataLoader workers seed it). Each
-            DataLoader worker gets a copy of ``generator`` and would repeat the others' draws:
-            there, leave it None or reseed it in ``worker_init_fn``.
+            global RNG is used, as torchvision does (and DataLoader workers seed it). In a
+            DataLoader each worker gets a copy of ``generator``, and without persistent workers
+            each epoch a fresh copy of the unadvanced one: every worker and every epoch would
+            repeat the same draws. There leave it None, or reseed it in ``worker_init_fn`` from
+            ``torch.utils.data.get_worker_info().seed`` (new per worker and epoch), not a constant.
+            It pickles, also into ``spawn``/``forkserver`` workers.
 
     Shape:
         - Input: ``[C, H, W]`` tensor (any dtype torchvision resizes; views keep it), a PIL image
-          (converted to float32 in ``[0, 1]``, block_match's ``data_range=1``), or a batch
+          (converted to float32 in ``[0, 1]``, block_match's ``data_range=1``: modes 1, L, LA,
+          RGB, RGBA, I;16, and palettes as RGB/RGBA; other modes raise), or a batch
           ``[N, C, H, W]`` (each image gets its own boxes and flips; a Python loop over ``N``).
         - Output: :class:`TwoViews`; boxes and flips on the input's device.
 
@@ -446,7 +467,7 @@ class TwoViewCrop:
             if Image is None or not isinstance(img, Image.Image):
                 raise TypeError(f"TwoViewCrop: expected a tensor or a PIL image, got {type(img).__name__}")
             TF = _torchvision()[1]
-            img = TF.to_dtype(TF.to_image(img), torch.float32, scale=True).as_subclass(Tensor)
+            img = TF.to_dtype(TF.to_image(_pil_with_unit_range(img)), torch.float32, scale=True).as_subclass(Tensor)
         if img.dim() not in (3, 4):
             raise ValueError(f"TwoViewCrop: expected [C, H, W] or [N, C, H, W], got {list(img.shape)}")
         if img.shape[-1] == 0 or img.shape[-2] == 0:

@@ -583,3 +583,28 @@ def test_two_view_crop_bad_input():
         crop(torch.zeros(0, 3, 32, 32))
     with pytest.raises(ValueError, match=r"image is empty \(0x8 pixels\)"):
         crop(torch.rand(3, 0, 8))
+
+
+def test_two_view_crop_pil_modes():
+    """PIL images become float32 in [0, 1] (block_match's data_range=1): palettes are expanded
+    (their indices were blended as intensities), modes without a fixed scale raise (16-bit data in
+    mode "I" came out divided by 2^31 - 1, so noise read as ~100 dB "similar"; "F" unscaled)."""
+    from PIL import Image
+
+    rgb = Image.fromarray(skdata.coffee()[:96, :96])
+    pal = rgb.convert("P")
+    got = TwoViewCrop(S, generator=torch.Generator().manual_seed(4))(pal)
+    want = TwoViewCrop(S, generator=torch.Generator().manual_seed(4))(pal.convert("RGB"))
+    assert got.view_a.shape == (3, S, S)
+    for x, y in zip(got, want):
+        assert torch.equal(x, y)
+    pal.info["transparency"] = 0
+    assert TwoViewCrop(S)(pal).view_a.shape == (4, S, S)
+    for mode in ("I", "F", "CMYK", "YCbCr"):
+        with pytest.raises(ValueError, match=f"mode '{mode}' has no fixed"):
+            TwoViewCrop(S)(rgb.convert(mode))
+    for mode in ("1", "L", "LA", "RGBA"):
+        v = TwoViewCrop(S)(rgb.convert(mode)).view_a
+        assert v.dtype == torch.float32 and -1e-5 <= v.min() and v.max() <= 1 + 1e-5  # antialias rounding
+    v16 = TwoViewCrop(S)(Image.fromarray((skdata.camera()[:96, :96].astype(np.uint16) * 257))).view_a
+    assert v16.max() > 0.5  # I;16 scales by 65535

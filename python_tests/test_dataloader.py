@@ -1,0 +1,59 @@
+"""The data-side classes in real DataLoader workers: they pickle into ``spawn`` workers with their
+generator (torch's own Generator pickle failed there: "unable to resize file"), and the worker's
+draws continue the stream the parent handed over."""
+import pickle
+
+import pytest
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+import effssl_kernels as ek
+
+pytest.importorskip("torchvision")
+
+
+class _Draws(Dataset):
+    """Item i: what each data-side object draws next (box, flip, photometric factors, crops)."""
+
+    def __init__(self, crop, sampler, augment):
+        self.crop, self.sampler, self.augment = crop, sampler, augment
+        g = torch.Generator().manual_seed(0)
+        self.img = torch.rand(3, 40, 40, generator=g)
+        self.u8 = (self.img * 255).to(torch.uint8)[None]
+
+    def __len__(self):
+        return 2
+
+    def __getitem__(self, i):
+        v = self.crop(self.img)
+        p = self.sampler.sample(2)
+        m = self.augment(self.u8)
+        return v.box_a, v.flip_a, p.brightness, m.boxes[0], m.params[1].contrast
+
+
+def _objects():
+    return (ek.TwoViewCrop(24, generator=torch.Generator().manual_seed(1)),
+            ek.PhotometricSampler.simclr(generator=torch.Generator().manual_seed(2)),
+            ek.MultiViewAugment.two_view(16, generator=torch.Generator().manual_seed(3)))
+
+
+def test_generators_survive_a_spawn_worker():
+    ds = _Draws(*_objects())
+    ds.crop(ds.img)  # advance a generator: the worker continues from here
+    want = [ds_copy[i] for ds_copy in [pickle.loads(pickle.dumps(ds))] for i in range(2)]
+    got = list(DataLoader(ds, batch_size=None, num_workers=1, multiprocessing_context="spawn", timeout=120))
+    assert len(got) == 2
+    for g, w in zip(got, want):
+        for a, b in zip(g, w):
+            assert torch.equal(a, b)
+
+
+def test_pickled_generator_keeps_device_and_stream():
+    for obj in _objects():
+        obj.generator.manual_seed(5)
+        torch.rand(3, generator=obj.generator)
+        copy = pickle.loads(pickle.dumps(obj))
+        assert isinstance(copy.generator, torch.Generator) and copy.generator is not obj.generator
+        assert torch.equal(torch.rand(4, generator=copy.generator), torch.rand(4, generator=obj.generator))
+    none = pickle.loads(pickle.dumps(ek.TwoViewCrop(8)))
+    assert none.generator is None
