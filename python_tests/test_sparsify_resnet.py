@@ -734,6 +734,15 @@ def test_unsupported_layers_raise_at_sparsify():
             return F.interpolate(x, scale_factor=0.5)
 
     m = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), Resample(), nn.Conv2d(4, 4, 3))
+    with pytest.raises(TypeError, match="interpolate is a layer function"):
+        R.sparsify(m)
+    assert not R.is_sparse(m)
+
+    class Subsample(nn.Module):  # any other op that changes the map's size
+        def forward(self, x):
+            return x[:, :, ::2, ::2]
+
+    m = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), Subsample(), nn.Conv2d(4, 4, 3))
     with pytest.raises(TypeError, match="spatial size"):
         R.sparsify(m)
     assert not R.is_sparse(m)
@@ -794,3 +803,120 @@ def test_parametrized_layers_sparsify_and_unsparsify():
     d = copy.deepcopy(base)
     parametrizations.weight_norm(d.layer2[0].conv2)
     torch.testing.assert_close(c(x), d(x), rtol=1e-12, atol=1e-12)
+
+
+class _After(nn.Module):
+    """conv -> op -> conv -> global pool: ``op`` runs on a feature map outside the converted layers."""
+
+    def __init__(self, op):
+        super().__init__()
+        self.a, self.b, self.op = nn.Conv2d(3, 4, 3, padding=1), nn.Conv2d(4, 4, 3, padding=1), op
+        self.pool = nn.AdaptiveAvgPool2d(1)
+
+    def forward(self, x):
+        return self.pool(self.b(self.op(self.a(x)))).flatten(1)
+
+
+_MIXING = {  # ops that mix positions; several keep the shape on a 1x1 (or square) map
+    "SE squeeze": lambda x: x * x.mean((2, 3), keepdim=True),
+    "amax": lambda x: x * x.amax(dim=(-1, -2), keepdim=True),
+    "mean dim=None": lambda x: x * torch.mean(x, dim=None, keepdim=True),
+    "F.group_norm": lambda x: F.group_norm(x, 2),
+    "F.avg_pool2d": lambda x: F.avg_pool2d(x, 3, 1, 1),
+    "F.adaptive_avg_pool2d": lambda x: x * F.adaptive_avg_pool2d(x, 1),
+    "softmax over W": lambda x: x.softmax(dim=-1),
+    "transpose": lambda x: x.transpose(2, 3),
+    "permute": lambda x: x.permute(0, 1, 3, 2),
+    "flip": lambda x: x.flip(3),
+    "roll": lambda x: x.roll(1, 2),
+    "cumsum": lambda x: x.cumsum(2),
+}
+
+
+@pytest.mark.parametrize("size", [1, 8])
+@pytest.mark.parametrize("name", list(_MIXING))
+def test_ops_that_mix_positions_are_refused_by_op_not_shape(name, size):
+    # The trace refused only ops that changed the map's shape: traced on a small example (an SE
+    # squeeze on a 1x1 map), the squeeze passed and then averaged removed zeros under a mask.
+    m = _After(_Lambda(_MIXING[name]))
+    with pytest.raises(TypeError, match="cannot track the cumulative stride"):
+        R.sparsify(m, example_input=torch.zeros(1, 3, size, size))
+    assert not R.is_sparse(m)
+
+
+_PER_PIXEL = {  # ops that act on each position's channels: fine under a mask
+    "channel mean": lambda x: x * x.mean(1, keepdim=True),
+    "channel max": lambda x: x * x.max(dim=1, keepdim=True)[0],
+    "channel softmax": lambda x: x.softmax(1),
+    "elementwise max": lambda x: torch.max(x, 2 * x),
+    "normalize": lambda x: F.normalize(x, dim=1),
+}
+
+
+@pytest.mark.parametrize("name", list(_PER_PIXEL))
+def test_per_position_ops_are_accepted_and_exact(name):
+    torch.manual_seed(0)
+    m = _After(_Lambda(_PER_PIXEL[name])).eval()
+    x = torch.randn(2, 3, 16, 16)
+    keep = _keep(2, 2, 2)
+    want = _ref_after(m, x, keep)
+    R.sparsify(m, example_input=torch.zeros(1, 3, 16, 16))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "does not run on the tiles" for some of them
+        with R.block_mask(keep, 8):
+            got = m(x)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+class _Lambda(nn.Module):
+    def __init__(self, fn):
+        super().__init__()
+        self.fn = fn
+
+    def forward(self, x):
+        return self.fn(x)
+
+
+def _ref_after(m, x, keep):
+    mask = BlockMask(keep, 8, tuple(x.shape[-2:]))
+    h = _ref_conv(m.a, x, mask, (1, 1))
+    h = m.op(h)
+    h = _ref_conv(m.b, h, mask, (1, 1))
+    return masked_avg_pool_reference(h, mask.pixel_mask(1, h.shape[-2:])).reshape(len(x), -1)
+
+
+class _TrainOnlyBranch(nn.Module):
+    """GoogLeNet's shape: an auxiliary head that runs only in training."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.aux = nn.Conv2d(3, 4, 3, padding=1), nn.Conv2d(4, 4, 3, padding=1)
+        self.small = nn.Conv2d(4, 4, 3, padding=1)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+
+    def forward(self, x):
+        h = self.a(x)
+        if x.shape[-1] < 32:  # a branch the default 64 px trace does not take
+            h = self.small(h)
+        out = self.pool(h).flatten(1)
+        return (out, self.pool(self.aux(h)).flatten(1)) if self.training else out
+
+
+def test_untraced_modules_are_named_and_retraced_on_request():
+    m = _TrainOnlyBranch()
+    with pytest.warns(UserWarning, match=r"2 converted module\(s\) did not run in the stride trace .*: aux, small;"):
+        R.sparsify(m)
+    keep = _keep(2, 2, 2)
+    with pytest.raises(ValueError, match=r"sparse ResNet: small \(.*Conv2d\) did not run"):
+        with R.block_mask(keep, 8):
+            m.eval()(torch.randn(2, 3, 16, 16))
+    # a converted model is traced again when given an example_input (it returned as is before)
+    with pytest.warns(UserWarning, match=r"1 converted module\(s\) .*: aux;"):
+        R.sparsify(m, example_input=torch.zeros(1, 3, 16, 16))
+    with R.block_mask(keep, 8):
+        m.eval()(torch.randn(2, 3, 16, 16))
+    with pytest.raises(ValueError, match=r"sparse ResNet: aux \(.*Conv2d\) did not run .* only in training"):
+        with R.block_mask(keep, 8):
+            m.train()(torch.randn(2, 3, 16, 16))
+    R.unsparsify(m)
+    assert not any("_effssl_name" in mod.__dict__ for mod in m.modules())

@@ -55,6 +55,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import operator
+import warnings
 from collections.abc import Iterator
 
 import torch
@@ -76,6 +77,7 @@ from ..sparse.packed import (
     max_pool2d_map,
     packed_avg_pool,
 )
+from ._spatial_ops import spatial_use
 from ._state import ContextState, check_recompute, patch_restored, patch_snapshot, run_in
 from ._swap import sparse_class as _sparse_class
 
@@ -248,9 +250,12 @@ def _refuse_packed(*trees) -> None:
 def _in_stride(module: nn.Module) -> Pair:
     s = module.__dict__.get("_effssl_in_stride")
     if s is None:
-        raise ValueError(f"sparse ResNet: {type(module).__name__} did not run in the forward traced "
-                         f"by sparsify, so its input stride is unknown; call sparsify again with "
-                         f"an example_input that runs it")
+        name = module.__dict__.get("_effssl_name", "?")
+        raise ValueError(f"sparse ResNet: {name} ({type(module).__name__}) did not run in the forward "
+                         f"traced by sparsify (in eval mode), so its input stride is unknown; call "
+                         f"sparsify(model, example_input=...) again with an input that runs it (a "
+                         f"branch that runs only in training, like GoogLeNet's aux heads, cannot be "
+                         f"traced: remove it)")
     return s
 
 
@@ -484,6 +489,11 @@ class _StrideTracer(TorchFunctionMode):
                           f"{sorted(strides)}")
             return out
         s = ins[0]._effssl_s
+        if self.depth == 0 and args and args[0] is ins[0] and ins[0].dim() == 4:
+            why = spatial_use(func, args, kwargs or {})
+            if why is not None:
+                self.error = why
+                return out
         for o in tree_flatten(out)[0]:
             if not isinstance(o, Tensor) or o is ins[0]:
                 continue
@@ -602,15 +612,28 @@ def sparsify(model: nn.Module, example_input: Tensor | None = None) -> nn.Module
         raise TypeError(f"sparsify: expected an nn.Module, got {type(model).__name__}")
     plan = _plan(model)  # the modules still unconverted
     done = [m for m in model.modules() if _is_swapped(m)]
-    if not plan and done:
+    if not plan and done and example_input is None:
         return model
     table, first = _trace_strides(model, list(plan) + done, example_input)
     for m, mixin in plan.items():
         m.__class__ = _sparse_class(type(m), mixin)
+    names = {m: n for n, m in model.named_modules()}
+    untraced = []
     for m in list(plan) + done:
         m.__dict__.pop("_effssl_first", None)
         if m in table:
             m._effssl_in_stride = table[m]
+            m.__dict__.pop("_effssl_name", None)
+        elif "_effssl_in_stride" not in m.__dict__:
+            m._effssl_name = names.get(m, "?")  # for the error if it ever runs under a mask
+            untraced.append(m._effssl_name)
+    if untraced:
+        warnings.warn(
+            f"sparsify: {len(untraced)} converted module(s) did not run in the stride trace "
+            f"(eval mode, example_input {'given' if example_input is not None else 'default'}): "
+            f"{', '.join(untraced[:5])}{', ...' if len(untraced) > 5 else ''}; they raise if they run "
+            f"under a mask. A branch that runs only in training (e.g. GoogLeNet's aux heads) is "
+            f"never traced: remove it, or pass an example_input that runs the others", stacklevel=2)
     if first is not None:
         first._effssl_first = True  # its input fixes the image size of block_mask(keep, B)
     return model
@@ -622,8 +645,8 @@ def unsparsify(model: nn.Module) -> nn.Module:
         raise TypeError(f"unsparsify: model was not converted by sparsify ({type(model).__name__})")
     for m in model.modules():
         if _is_swapped(m):
-            m.__dict__.pop("_effssl_in_stride", None)
-            m.__dict__.pop("_effssl_first", None)
+            for k in ("_effssl_in_stride", "_effssl_first", "_effssl_name"):
+                m.__dict__.pop(k, None)
             m.__class__ = _unswapped_class(type(m))
     return model
 
