@@ -669,6 +669,29 @@ def test_plain_checkpoint_recomputed_without_the_keep_is_refused(reentrant):
         y.sum().backward()
 
 
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_plain_checkpoint_recomputed_under_another_keep_is_refused(reentrant):
+    # Backward inside the second view's token_keep (same K, so checkpoint's shape check passes)
+    # recomputed the first view on the second view's tokens: wrong gradients, silently.
+    b = ek.sparsify_vit(_vit(torch.float64))
+    x1 = torch.randn(2, 3, 64, 64, dtype=torch.float64, requires_grad=True)
+    x2 = torch.randn(2, 3, 64, 64, dtype=torch.float64)
+    k1, k2 = torch.tensor([[0, 1, 2, 3], [4, 5, 6, 7]]), torch.tensor([[8, 9, 10, 11], [12, 13, 14, 15]])
+    with ek.token_keep(k1):
+        z1 = torch.utils.checkpoint.checkpoint(b, x1, use_reentrant=reentrant)
+    with ek.token_keep(k2):
+        z2 = b(x2)
+        with pytest.raises(RuntimeError, match="under a different token_keep or patch_size"):
+            (z1 * z2).sum().backward()
+    # masked_checkpoint recomputes under the forward's own keep
+    with ek.token_keep(k1):
+        z1 = ek.masked_checkpoint(b, x1, use_reentrant=reentrant)
+    with ek.token_keep(k2):
+        z2 = b(x2)
+        (z1 * z2).sum().backward()
+    assert x1.grad is not None
+
+
 def test_timm_block_checkpointing_with_keep():
     """timm's own (per-block) gradient checkpointing recomputes blocks on the kept tokens."""
     torch.manual_seed(0)
@@ -723,3 +746,58 @@ def test_hooks_on_the_patch_projection_run(reparam):
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     if reparam == "forward_hook":
         assert hooked == [(2, 96, 4, 4)]
+
+
+class _ScaledConv(nn.Conv2d):
+    """A projection with its own forward (as torch.ao's QAT Conv2d fake-quantises its weight)."""
+
+    def forward(self, x):
+        return super().forward(x) * 3.0
+
+
+def test_patch_embeds_with_their_own_forward_are_not_bypassed():
+    # The fused path called F.conv2d on proj.weight (or embedded itself), skipping a subclass's
+    # forward: keep-all differed from the dense model silently.
+    from timm.layers import PatchEmbed
+
+    class Scaled(PatchEmbed):
+        def forward(self, x):
+            return super().forward(x * 2.0)
+
+    with pytest.raises(TypeError, match="overrides PatchEmbed.forward"):
+        ek.sparsify_vit(_vit(embed_layer=Scaled))
+    torch.manual_seed(0)
+    model = _vit()
+    old = model.patch_embed.proj
+    model.patch_embed.proj = _ScaledConv(3, 96, 16, 16)
+    model.patch_embed.proj.load_state_dict(old.state_dict())
+    model = ek.sparsify_vit(model)
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        dense = model(x)
+        with ek.token_keep(torch.arange(16).expand(2, 16)):
+            torch.testing.assert_close(model(x), dense, rtol=1e-5, atol=1e-5)
+        keep = torch.tensor([[0, 3, 5, 9], [1, 2, 4, 8]])
+        with ek.token_keep(keep):
+            torch.testing.assert_close(model(x), _expected(model, x, keep), rtol=1e-5, atol=1e-5)
+        with pytest.raises(TypeError, match="cannot run the forward of _ScaledConv"):
+            with ek.patch_size(model, 32):
+                model(x)
+
+
+def test_patch_size_honours_or_refuses_projection_hooks():
+    # Under patch_size the pre-hooks ran but their returned input was dropped, and forward hooks
+    # were skipped: at the model's own patch size the output was not the model's.
+    torch.manual_seed(0)
+    model = ek.sparsify_vit(_vit())
+    x = torch.randn(2, 3, 64, 64)
+    h = model.patch_embed.proj.register_forward_pre_hook(lambda m, i: (i[0] * 0.5,))
+    with torch.no_grad():
+        dense = model(x)
+        with ek.patch_size(model, 16):
+            torch.testing.assert_close(model(x), dense, rtol=1e-5, atol=1e-5)
+    h.remove()
+    model.patch_embed.proj.register_forward_hook(lambda m, i, o: o * 2)
+    with pytest.raises(TypeError, match="forward hooks on the projection"):
+        with ek.patch_size(model, 16):
+            model(x)

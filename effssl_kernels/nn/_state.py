@@ -171,32 +171,68 @@ graph_task_id = getattr(torch._C, "_current_graph_task_id", lambda: -1)  # -1: n
 _RESTORED: contextvars.ContextVar = contextvars.ContextVar("effssl_restored_recompute", default=False)
 
 
-def check_recompute(module, masked: bool, setting: str) -> None:
-    """Refuse a recomputation inside backward (a plain checkpoint whose backward runs outside the
-    ``with``) that runs unmasked a swapped layer whose forward ran under ``setting``: it would
-    give the dense layer's gradients, silently with ``use_reentrant=True``. The module notes
-    whether its last forward that backward may recompute ran under the setting: one under a
-    saved-tensors hook (a non-reentrant checkpoint's) or inside an autograd Function's forward
-    (a reentrant checkpoint's). A plain forward saves its tensors and a no_grad one builds no
-    graph, so neither is recomputed and neither changes the note (a dense second view or a
-    no_grad logging pass between a masked checkpointed forward and backward hid it until
-    2026-12-06). masked_checkpoint, whose recomputation restores the forward's own settings, is
-    never checked; compiled code skips the check (a compiled region recomputes itself). Runs on
-    every forward of a swapped layer: a dict read where the note already says ``masked``, else a
-    hooks query (grad on) or a bounded stack search (grad off); the error text is built only
-    when raised."""
+_NEVER = object()  # the module's note before any forward that backward may recompute
+
+
+def check_recompute(module, setting: tuple | None, name: str) -> None:
+    """Refuse a recomputation inside backward (a plain checkpoint) that runs a swapped layer
+    under another ``name`` setting than its forward ran under: without it (backward outside the
+    ``with``: the dense layer's gradients, silently with ``use_reentrant=True``), or under another
+    ``with`` of the same size (another keep of the same count: the other view's tokens or tiles,
+    silently, since checkpoint compares shapes only; until 2026-12-06 only the first was caught).
+
+    ``setting``: None when nothing is in force, else a tuple identifying it (tensors compared by
+    identity, then by value; other items by ``==``). The module notes the setting of its last
+    forward that backward may recompute: one under a saved-tensors hook (a non-reentrant
+    checkpoint's) or inside an autograd Function's forward (a reentrant checkpoint's). A plain
+    forward saves its tensors and a no_grad one builds no graph, so neither is recomputed and
+    neither changes the note. With one note per module, two checkpointed forwards of a module
+    under different settings, each backward inside its own ``with``, raise for the first (use
+    masked_checkpoint there). masked_checkpoint, whose recomputation restores the forward's own
+    settings, is never checked; compiled code skips the check (a compiled region recomputes
+    itself). Per forward: a comparison by identity with the note, and where they differ a hooks
+    query (grad on) or a bounded stack search (grad off); the error text is built only when raised."""
     if torch.compiler.is_compiling():
         return
+    noted = module.__dict__.get("_effssl_setting", _NEVER)
     if graph_task_id() == -1:  # an ordinary forward
-        if module.__dict__.get("_effssl_masked", False) != masked and _may_be_recomputed():
-            module.__dict__["_effssl_masked"] = masked
-    elif not masked and not _RESTORED.get() and module.__dict__.get("_effssl_masked", False):
+        if not _identical(noted, setting) and _may_be_recomputed():
+            module.__dict__["_effssl_setting"] = setting
+    elif noted is not _NEVER and not _RESTORED.get() and not _same_setting(noted, setting):
+        ran = f"under a {name}" if noted is not None else f"without a {name}"
+        now = f"a different {name}" if setting is not None and noted is not None else (
+            f"a {name}" if setting is not None else f"no {name}")
         raise RuntimeError(
-            f"sparse {type(module)._effssl_base.__name__}: recomputed during backward without the "
-            f"{setting} its forward ran under "
-            f"(torch.utils.checkpoint, or timm's grad checkpointing, with backward outside the "
-            f"`with`), which would give the dense layer's gradients: checkpoint with "
-            f"effssl_kernels.masked_checkpoint, or call backward inside the `with`")
+            f"sparse {type(module)._effssl_base.__name__}: its forward ran {ran} and is recomputed "
+            f"during backward under {now} (torch.utils.checkpoint, or timm's grad checkpointing, "
+            f"with backward outside the forward's `with` or inside another one), which would give "
+            f"wrong gradients: checkpoint with effssl_kernels.masked_checkpoint, or call backward "
+            f"inside the `with` the forward ran in")
+
+
+def _identical(a, b) -> bool:
+    if a is b:
+        return True
+    if not (isinstance(a, tuple) and isinstance(b, tuple) and len(a) == len(b)):
+        return False
+    return all(x is y or (not isinstance(x, torch.Tensor) and not isinstance(y, torch.Tensor) and x == y)
+               for x, y in zip(a, b))
+
+
+def _same_setting(a, b) -> bool:
+    """Whether two settings select the same tokens / tiles (a host sync where a keep is another
+    tensor: only in a recomputation under a ``with`` entered again)."""
+    if _identical(a, b):
+        return True
+    if not (isinstance(a, tuple) and isinstance(b, tuple) and len(a) == len(b)):
+        return False
+    for x, y in zip(a, b):
+        if isinstance(x, torch.Tensor) and isinstance(y, torch.Tensor):
+            if not (x.shape == y.shape and x.dtype == y.dtype and x.device == y.device and torch.equal(x, y)):
+                return False
+        elif isinstance(x, torch.Tensor) or isinstance(y, torch.Tensor) or x != y:
+            return False
+    return True
 
 
 # Pack hooks known to save, not recompute: activation offloading (save_on_cpu, which FSDP's

@@ -230,7 +230,8 @@ class _SparseViTMixin:
     def _pos_embed(self, x):
         state = _KEEP.get()
         ps = self.patch_embed._effssl_patch
-        check_recompute(self, state is not None or ps is not None, "token_keep or patch_size")
+        setting = None if state is None and ps is None else (None if state is None else state[0], ps)
+        check_recompute(self, setting, "token_keep or patch_size")
         if state is None and ps is None:
             return super()._pos_embed(x)
         keep, check = (None, False) if state is None else state
@@ -276,11 +277,22 @@ def _sparse_pos_embed(model, images: Tensor, keep: Optional[Tensor], check: bool
     # A hook on the projection (old-style weight_norm, spectral_norm and prune recompute its
     # weight in a pre-hook; feature hooks want its output) must run as in timm: the projection
     # is then called on every patch, as timm does, and the kept tokens gathered after it.
-    hooked = bool(pe.proj._forward_pre_hooks or pe.proj._forward_hooks)
+    # A projection class with its own forward (torch.ao's QAT Conv2d fake-quantises its weight)
+    # counts as hooked: bypassing it for F.conv2d on .weight was silently another model.
+    proj_cls = type(pe.proj)
+    custom = proj_cls.forward is not nn.Conv2d.forward or proj_cls._conv_forward is not nn.Conv2d._conv_forward
+    hooked = custom or bool(pe.proj._forward_pre_hooks or pe.proj._forward_hooks)
     via_proj = hooked and ps is None
+    if ps is not None and (custom or pe.proj._forward_hooks):
+        raise TypeError(
+            "sparse ViT: patch_size resizes patch_embed.proj's kernel and convolves with it directly, "
+            f"so it cannot run {'the forward of ' + proj_cls.__name__ if custom else 'forward hooks on the projection'}"
+            " (they were skipped silently before 2026-12-06); remove them, or use token_keep alone")
     if hooked and ps is not None:  # patch scaling resizes the weight: the pre-hooks make it
         for hook in list(pe.proj._forward_pre_hooks.values()):
-            hook(pe.proj, (images,))
+            r = hook(pe.proj, (images,))
+            if r is not None:  # a pre-hook may replace the input, as nn.Module.__call__ honours
+                images = r[0] if isinstance(r, tuple) else r
     weight, bias = pe.proj.weight, pe.proj.bias
     if ps is None:
         p = tuple(pe.patch_size)
@@ -375,6 +387,9 @@ def sparsify_vit(model: nn.Module) -> nn.Module:
     pe = model.patch_embed
     if not isinstance(pe, PatchEmbed):
         raise TypeError(f"sparsify_vit: patch_embed must be timm's PatchEmbed, got {type(pe).__name__}")
+    if type(pe).forward is not PatchEmbed.forward and not isinstance(pe, _SparsePatchEmbedMixin):
+        raise TypeError(f"sparsify_vit: {type(pe).__name__} overrides PatchEmbed.forward, which token_keep "
+                        "and patch_size would bypass (they embed the kept patches themselves)")
     proj = pe.proj
     if (
         not isinstance(proj, nn.Conv2d)
