@@ -513,6 +513,31 @@ def test_plain_checkpoint_recomputed_outside_the_with_is_refused(reentrant):
     assert x.grad is not None
 
 
+@pytest.mark.parametrize("reentrant", [True, False])
+def test_plain_checkpoint_recomputed_under_another_mask_is_refused(reentrant):
+    # Backward inside another view's `with` (same tile count: checkpoint's shape check passes)
+    # recomputed the first view's layers on the second view's tiles, silently.
+    m = R.sparsify(_randomize_bn(_cifar_resnet()).double())
+    x = torch.randn(2, 3, 32, 32, dtype=torch.float64, requires_grad=True)
+    k1 = _keep(2, 4, 4, seed=3)
+    with R.block_mask(k1, 8):
+        y = torch.utils.checkpoint.checkpoint(m, x, use_reentrant=reentrant)
+    with R.block_mask(k1.flip(-1), 8):
+        with pytest.raises(RuntimeError, match="under a different block_mask .*masked_checkpoint"):
+            y.sum().backward()
+    # the same keep entered again recomputes as the forward ran: fine (compared by value)
+    with R.block_mask(k1, 8):
+        y = torch.utils.checkpoint.checkpoint(m, x, use_reentrant=reentrant)
+    with R.block_mask(k1.clone(), 8):
+        y.sum().backward()
+    # a dense checkpointed forward recomputed under a mask: refused too
+    x.grad = None
+    y = torch.utils.checkpoint.checkpoint(m, x, use_reentrant=reentrant)
+    with R.block_mask(k1, 8):
+        with pytest.raises(RuntimeError, match="ran without a block_mask and is recomputed during backward under a block_mask"):
+            y.sum().backward()
+
+
 def _offloaded(offload):
     """Activation offloading around the step (FSDP's offload_wrapper uses save_on_cpu): a
     saved-tensors hook that saves, never recomputes."""
@@ -830,6 +855,16 @@ _MIXING = {  # ops that mix positions; several keep the shape on a 1x1 (or squar
     "flip": lambda x: x.flip(3),
     "roll": lambda x: x.roll(1, 2),
     "cumsum": lambda x: x.cumsum(2),
+    "flip varargs": lambda x: x.flip(1, 3),
+    "movedim": lambda x: x.movedim((2, 3), (3, 2)),
+    "mT": lambda x: x.mT,
+    "normalize dim=None": lambda x: F.normalize(x, dim=None),
+    "mean input=": lambda x: x * torch.mean(input=x, dim=(2, 3), keepdim=True),
+    "vector_norm": lambda x: x * torch.linalg.vector_norm(x, dim=(2, 3), keepdim=True),
+    "quantile": lambda x: x * torch.quantile(x, 0.5, dim=3, keepdim=True),
+    "rot90": lambda x: x.rot90(2, [2, 3]),
+    "renorm": lambda x: x.renorm(2, 1, 1.0),
+    "batch mean": lambda x: x * x.mean(0, keepdim=True),
 }
 
 
@@ -849,6 +884,9 @@ _PER_PIXEL = {  # ops that act on each position's channels: fine under a mask
     "channel max": lambda x: x * x.max(dim=1, keepdim=True)[0],
     "channel softmax": lambda x: x.softmax(1),
     "elementwise max": lambda x: torch.max(x, 2 * x),
+    "elementwise max other=": lambda x: torch.max(x, other=2 * x),
+    "channel flip": lambda x: x.flip([1]),
+    "movedim in place": lambda x: x.movedim(1, 1),
     "normalize": lambda x: F.normalize(x, dim=1),
 }
 

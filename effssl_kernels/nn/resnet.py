@@ -103,6 +103,12 @@ class _MaskState:
         # The kept list (the step's one host sync) now, not inside a compiled forward.
         self.base = prepare_tiles(mask) if mask is not None else kept_tiles(keep)
 
+    def setting(self) -> tuple:
+        """What identifies this mask for check_recompute: the keep, block size and image size."""
+        if self.mask is None:
+            return (self.keep, self.block_size)
+        return (self.mask.keep, self.mask.block_size, tuple(self.mask.image_size))
+
     def _mask_of(self, size: Pair) -> BlockMask:
         """A new BlockMask of this step's keep for images of ``size`` (the constructor checks
         the grid), sharing the kept list prepared on entry."""
@@ -261,7 +267,7 @@ def _in_stride(module: nn.Module) -> Pair:
 
 def _mask_for(module: nn.Module, x: Tensor) -> tuple[BlockMask | None, Pair]:
     state = _MASK.get()
-    check_recompute(module, state is not None, "block_mask")
+    check_recompute(module, None if state is None else state.setting(), "block_mask")
     if state is None:
         return None, (1, 1)
     s = _in_stride(module)
@@ -489,7 +495,8 @@ class _StrideTracer(TorchFunctionMode):
                           f"{sorted(strides)}")
             return out
         s = ins[0]._effssl_s
-        if self.depth == 0 and args and args[0] is ins[0] and ins[0].dim() == 4:
+        first = args[0] if args else (kwargs or {}).get("input")
+        if self.depth == 0 and first is ins[0] and ins[0].dim() == 4:
             why = spatial_use(func, args, kwargs or {})
             if why is not None:
                 self.error = why
