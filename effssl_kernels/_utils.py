@@ -4,6 +4,7 @@ from __future__ import annotations
 import math
 import numbers
 import operator
+import weakref
 
 import torch
 
@@ -92,33 +93,38 @@ class PicklesGenerator:
     """Mixin: pickles the ``generator`` attribute as its device and state bytes. torch.Generator's
     own pickle carries its state as a tensor, which DataLoader workers started by ``spawn`` or
     ``forkserver`` receive through shared memory and fail to rebuild ("unable to resize file",
-    pytorch/pytorch#146828): the worker died before ``worker_init_fn`` could run."""
+    pytorch/pytorch#146828): the worker died before ``worker_init_fn`` could run. One stand-in
+    per generator, so objects sharing a generator still share one after a pickle or a deepcopy
+    (pickle's memo), rather than each getting a copy that repeats the others' draws."""
 
     def __getstate__(self):
         state = dict(self.__dict__)
         g = state.get("generator")
-        if g is not None:
-            state["generator"] = _GeneratorState(str(g.device), bytes(g.get_state().numpy()))
+        if isinstance(g, torch.Generator):
+            ref = _GENERATOR_REFS.get(g)
+            if ref is None:
+                ref = _GENERATOR_REFS[g] = _GeneratorRef(g)
+            state["generator"] = ref
         return state
 
-    def __setstate__(self, state):
-        state = dict(state)
-        g = state.get("generator")
-        if isinstance(g, _GeneratorState):
-            gen = torch.Generator(g.device)
-            gen.set_state(torch.frombuffer(bytearray(g.state), dtype=torch.uint8))
-            state["generator"] = gen
-        self.__dict__.update(state)
+
+class _GeneratorRef:
+    """Stands for one generator in a pickle; unpickles as a new generator with its state then."""
+
+    __slots__ = ("_g", "__weakref__")
+
+    def __init__(self, g: torch.Generator):
+        self._g = weakref.ref(g)
+
+    def __reduce__(self):
+        g = self._g()
+        return _rebuild_generator, (str(g.device), bytes(g.get_state().numpy()))
 
 
-class _GeneratorState(tuple):
-    """``(device, state bytes)`` of a pickled generator (a tuple subclass, so no user value reads as one)."""
+def _rebuild_generator(device: str, state: bytes) -> torch.Generator:
+    g = torch.Generator(device)
+    g.set_state(torch.frombuffer(bytearray(state), dtype=torch.uint8))
+    return g
 
-    def __new__(cls, device: str, state: bytes):
-        return super().__new__(cls, (device, state))
 
-    def __getnewargs__(self):
-        return tuple(self)
-
-    device = property(lambda self: self[0])
-    state = property(lambda self: self[1])
+_GENERATOR_REFS: "weakref.WeakKeyDictionary[torch.Generator, _GeneratorRef]" = weakref.WeakKeyDictionary()

@@ -57,3 +57,23 @@ def test_pickled_generator_keeps_device_and_stream():
         assert torch.equal(torch.rand(4, generator=copy.generator), torch.rand(4, generator=obj.generator))
     none = pickle.loads(pickle.dumps(ek.TwoViewCrop(8)))
     assert none.generator is None
+
+
+def test_a_shared_generator_stays_shared():
+    # A copy per object (the first version of the generator pickling) made the two samplers of
+    # a MultiViewAugment repeat each other's draws after a deepcopy or a trip to a worker.
+    import copy
+
+    g = torch.Generator().manual_seed(0)
+    aug = ek.MultiViewAugment.two_view(16, samplers=(ek.PhotometricSampler.byol(1, generator=g),
+                                                     ek.PhotometricSampler.byol(2, generator=g)))
+    imgs = (torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(1)) * 255).to(torch.uint8)
+    want = aug(imgs).params
+    g.manual_seed(0)
+    for c in (copy.deepcopy(aug), pickle.loads(pickle.dumps(aug))):
+        s1, s2 = (grp.sampler for grp in c.groups)
+        assert s1.generator is s2.generator and s1.generator is not g
+        got = c(imgs).params
+        assert torch.equal(got[0].brightness, want[0].brightness)
+        assert torch.equal(got[1].brightness, want[1].brightness)
+        assert not torch.equal(got[0].brightness, got[1].brightness)
