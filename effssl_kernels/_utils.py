@@ -1,6 +1,7 @@
 """Small argument helpers shared by the Python modules."""
 from __future__ import annotations
 
+import copy
 import math
 import numbers
 import operator
@@ -106,6 +107,21 @@ class PicklesGenerator:
                 ref = _GENERATOR_REFS[g] = _GeneratorRef(g)
             state["generator"] = ref
         return state
+
+    def __setstate__(self, state):
+        # copy.copy hands __getstate__'s dict straight back: the stand-in is the same generator
+        g = state.get("generator")
+        if isinstance(g, _GeneratorRef):
+            state = {**state, "generator": g._g()}
+        self.__dict__.update(state)
+
+    def __deepcopy__(self, memo):
+        # through the generator itself (torch's deepcopy), so the memo also shares it with plain
+        # references to it elsewhere in the copied structure; the stand-in is for pickle only
+        new = type(self).__new__(type(self))
+        memo[id(self)] = new
+        new.__dict__.update(copy.deepcopy(self.__dict__, memo))
+        return new
 
 
 class _GeneratorRef:

@@ -77,3 +77,18 @@ def test_a_shared_generator_stays_shared():
         assert torch.equal(got[0].brightness, want[0].brightness)
         assert torch.equal(got[1].brightness, want[1].brightness)
         assert not torch.equal(got[0].brightness, got[1].brightness)
+
+
+def test_copies_keep_the_generator_usable_and_shared():
+    # copy.copy handed the pickle stand-in back as the generator (a TypeError at the next draw);
+    # deepcopy shares the generator with plain references to it in the same structure.
+    import copy
+
+    g = torch.Generator().manual_seed(0)
+    s = ek.PhotometricSampler.byol(1, generator=g)
+    c = copy.copy(s)
+    assert c.generator is g
+    c.sample(2)
+    holder = {"g": g, "sampler": s}
+    h = copy.deepcopy(holder)
+    assert h["sampler"].generator is h["g"] and h["g"] is not g

@@ -865,6 +865,7 @@ _MIXING = {  # ops that mix positions; several keep the shape on a 1x1 (or squar
     "rot90": lambda x: x.rot90(2, [2, 3]),
     "renorm": lambda x: x.renorm(2, 1, 1.0),
     "batch mean": lambda x: x * x.mean(0, keepdim=True),
+    "cumsum axis=": lambda x: x.cumsum(axis=2),
 }
 
 
@@ -887,6 +888,7 @@ _PER_PIXEL = {  # ops that act on each position's channels: fine under a mask
     "elementwise max other=": lambda x: torch.max(x, other=2 * x),
     "channel flip": lambda x: x.flip([1]),
     "movedim in place": lambda x: x.movedim(1, 1),
+    "channel mean axis=": lambda x: x * x.mean(axis=1, keepdim=True),
     "normalize": lambda x: F.normalize(x, dim=1),
 }
 

@@ -18,18 +18,18 @@ _REDUCTIONS = (
     "logsumexp", "prod", "median", "nanmedian", "argmax", "argmin", "count_nonzero", "all", "any", "max", "min",
 )
 _DIM_OPS = {
-    **{n: (1, ("dim",), _ALL, _ALL) for n in _REDUCTIONS},
+    **{n: (1, ("dim", "axis"), _ALL, _ALL) for n in _REDUCTIONS},
     # without dim, softmax of a 4-D tensor picks dim 1 (torch's legacy implicit dim)
-    **{n: (1, ("dim",), 1, 1) for n in ("softmax", "log_softmax", "softmin")},
-    **{n: (1, ("dim",), None, None) for n in ("cumsum", "cumprod", "cummax", "cummin", "logcumsumexp")},
-    **{n: (1, ("dim",), -1, None) for n in ("sort", "argsort", "mode")},
-    **{n: (2, ("dim",), -1, None) for n in ("topk", "kthvalue", "diff")},
-    **{n: (2, ("dim",), _ALL, _ALL) for n in ("norm", "linalg_norm", "linalg_vector_norm", "quantile", "nanquantile")},
-    "linalg_matrix_norm": (2, ("dim",), (-2, -1), None),
-    "normalize": (2, ("dim",), 1, _ALL),
-    "roll": (2, ("dims",), _ALL, _ALL),
-    "rot90": (2, ("dims",), (0, 1), None),
-    "flip": (1, ("dims",), None, None),  # x.flip(1, 3): varargs, read below
+    **{n: (1, ("dim", "axis"), 1, 1) for n in ("softmax", "log_softmax", "softmin")},
+    **{n: (1, ("dim", "axis"), None, None) for n in ("cumsum", "cumprod", "cummax", "cummin", "logcumsumexp")},
+    **{n: (1, ("dim", "axis"), -1, None) for n in ("sort", "argsort", "mode")},
+    **{n: (2, ("dim", "axis"), -1, None) for n in ("topk", "kthvalue", "diff")},
+    **{n: (2, ("dim", "axis"), _ALL, _ALL) for n in ("norm", "linalg_norm", "linalg_vector_norm", "quantile", "nanquantile")},
+    "linalg_matrix_norm": (2, ("dim", "axis"), (-2, -1), None),
+    "normalize": (2, ("dim", "axis"), 1, _ALL),
+    "roll": (2, ("dims", "axis"), _ALL, _ALL),
+    "rot90": (2, ("dims", "axis"), (0, 1), None),
+    "flip": (1, ("dims", "axis"), None, None),  # x.flip(1, 3): varargs, read below
 }
 # slices along any dim span the others (H and W among them)
 _ALWAYS = {"renorm", "T", "H", "mT", "mH"}

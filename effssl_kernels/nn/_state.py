@@ -171,15 +171,14 @@ graph_task_id = getattr(torch._C, "_current_graph_task_id", lambda: -1)  # -1: n
 _RESTORED: contextvars.ContextVar = contextvars.ContextVar("effssl_restored_recompute", default=False)
 
 
-_NEVER = object()  # the module's note before any forward that backward may recompute
-
-
 def check_recompute(module, setting: tuple | None, name: str) -> None:
     """Refuse a recomputation inside backward (a plain checkpoint) that runs a swapped layer
     under another ``name`` setting than its forward ran under: without it (backward outside the
     ``with``: the dense layer's gradients, silently with ``use_reentrant=True``), or under another
     ``with`` of the same size (another keep of the same count: the other view's tokens or tiles,
     silently, since checkpoint compares shapes only; until 2026-12-06 only the first was caught).
+    Not caught: two checkpointed forwards of a module under different settings, backward inside
+    the second's ``with`` (the note holds the last one, which the first's recompute then matches).
 
     ``setting``: None when nothing is in force, else a tuple identifying it (tensors compared by
     identity, then by value; other items by ``==``). The module notes the setting of its last
@@ -188,26 +187,26 @@ def check_recompute(module, setting: tuple | None, name: str) -> None:
     forward saves its tensors and a no_grad one builds no graph, so neither is recomputed and
     neither changes the note. With one note per module, two checkpointed forwards of a module
     under different settings, each backward inside its own ``with``, raise for the first (use
-    masked_checkpoint there). masked_checkpoint, whose recomputation restores the forward's own
+    masked_checkpoint there). The note keeps the last keep tensor alive (``unsparsify`` drops it). masked_checkpoint, whose recomputation restores the forward's own
     settings, is never checked; compiled code skips the check (a compiled region recomputes
     itself). Per forward: a comparison by identity with the note, and where they differ a hooks
     query (grad on) or a bounded stack search (grad off); the error text is built only when raised."""
     if torch.compiler.is_compiling():
         return
-    noted = module.__dict__.get("_effssl_setting", _NEVER)
+    noted = module.__dict__.get("_effssl_setting")  # None (dense) until noted otherwise
     if graph_task_id() == -1:  # an ordinary forward
         if not _identical(noted, setting) and _may_be_recomputed():
             module.__dict__["_effssl_setting"] = setting
-    elif noted is not _NEVER and not _RESTORED.get() and not _same_setting(noted, setting):
+    elif not _RESTORED.get() and not _same_setting(noted, setting):
         ran = f"under a {name}" if noted is not None else f"without a {name}"
         now = f"a different {name}" if setting is not None and noted is not None else (
             f"a {name}" if setting is not None else f"no {name}")
         raise RuntimeError(
             f"sparse {type(module)._effssl_base.__name__}: its forward ran {ran} and is recomputed "
             f"during backward under {now} (torch.utils.checkpoint, or timm's grad checkpointing, "
-            f"with backward outside the forward's `with` or inside another one), which would give "
-            f"wrong gradients: checkpoint with effssl_kernels.masked_checkpoint, or call backward "
-            f"inside the `with` the forward ran in")
+            f"with backward outside the forward's `with` or inside another one, or the module ran "
+            f"checkpointed under another setting since), which would give wrong gradients: "
+            f"checkpoint with effssl_kernels.masked_checkpoint")
 
 
 def _identical(a, b) -> bool:

@@ -652,7 +652,7 @@ def unsparsify(model: nn.Module) -> nn.Module:
         raise TypeError(f"unsparsify: model was not converted by sparsify ({type(model).__name__})")
     for m in model.modules():
         if _is_swapped(m):
-            for k in ("_effssl_in_stride", "_effssl_first", "_effssl_name"):
+            for k in ("_effssl_in_stride", "_effssl_first", "_effssl_name", "_effssl_setting"):
                 m.__dict__.pop(k, None)
             m.__class__ = _unswapped_class(type(m))
     return model

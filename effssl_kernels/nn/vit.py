@@ -416,5 +416,6 @@ def unsparsify_vit(model: nn.Module) -> nn.Module:
     if isinstance(pe, _SparsePatchEmbedMixin):
         set_patch(pe, None)
         pe.__class__ = type(pe)._effssl_base
+    model.__dict__.pop("_effssl_setting", None)  # the recompute guard's note (nn/_state.py)
     model.__class__ = type(model)._effssl_base
     return model
