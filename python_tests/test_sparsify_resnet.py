@@ -525,6 +525,26 @@ def test_plain_checkpoint_recomputed_under_another_mask_is_refused(reentrant):
     with R.block_mask(k1.flip(-1), 8):
         with pytest.raises(RuntimeError, match="under a different block_mask .*masked_checkpoint"):
             y.sum().backward()
+    # Both checkpointed: each recomputation is compared with its own forward (the checkpoint's
+    # frame, or a reentrant one's ctx; without the hooks query, torch <= 2.7, a non-reentrant
+    # checkpoint falls back to the module's last forward, which the first view then matches).
+    if reentrant or _saved_tensors_hooks() is not _UNKNOWN:
+        with R.block_mask(k1, 8):
+            y1 = torch.utils.checkpoint.checkpoint(m, x, use_reentrant=reentrant)
+        with R.block_mask(k1.flip(-1), 8):
+            y2 = torch.utils.checkpoint.checkpoint(m, x, use_reentrant=reentrant)
+            with pytest.raises(RuntimeError, match="under a different block_mask"):
+                (y1 + y2).sum().backward()
+        # each backward inside its own forward's `with`: fine
+        x.grad = None
+        with R.block_mask(k1, 8):
+            y1 = torch.utils.checkpoint.checkpoint(m, x, use_reentrant=reentrant)
+        with R.block_mask(k1.flip(-1), 8):
+            y2 = torch.utils.checkpoint.checkpoint(m, x, use_reentrant=reentrant)
+        with R.block_mask(k1, 8):
+            y1.sum().backward()
+        with R.block_mask(k1.flip(-1), 8):
+            y2.sum().backward()
     # the same keep entered again recomputes as the forward ran: fine (compared by value)
     with R.block_mask(k1, 8):
         y = torch.utils.checkpoint.checkpoint(m, x, use_reentrant=reentrant)

@@ -22,7 +22,7 @@ from typing import Any, Iterator
 
 import torch
 
-from ..sparse.packed import _saved_tensors_hooks
+from ..sparse.packed import _UNKNOWN, _saved_tensors_hooks
 
 _ALL: list["ContextState"] = []
 _UNSET = object()
@@ -177,27 +177,42 @@ def check_recompute(module, setting: tuple | None, name: str) -> None:
     ``with``: the dense layer's gradients, silently with ``use_reentrant=True``), or under another
     ``with`` of the same size (another keep of the same count: the other view's tokens or tiles,
     silently, since checkpoint compares shapes only; until 2026-12-06 only the first was caught).
-    Not caught: two checkpointed forwards of a module under different settings, backward inside
-    the second's ``with`` (the note holds the last one, which the first's recompute then matches).
 
     ``setting``: None when nothing is in force, else a tuple identifying it (tensors compared by
-    identity, then by value; other items by ``==``). The module notes the setting of its last
-    forward that backward may recompute: one under a saved-tensors hook (a non-reentrant
-    checkpoint's) or inside an autograd Function's forward (a reentrant checkpoint's). A plain
-    forward saves its tensors and a no_grad one builds no graph, so neither is recomputed and
-    neither changes the note. With one note per module, two checkpointed forwards of a module
-    under different settings, each backward inside its own ``with``, raise for the first (use
-    masked_checkpoint there). The note keeps the last keep tensor alive (``unsparsify`` drops it). masked_checkpoint, whose recomputation restores the forward's own
-    settings, is never checked; compiled code skips the check (a compiled region recomputes
-    itself). Per forward: a comparison by identity with the note, and where they differ a hooks
-    query (grad on) or a bounded stack search (grad off); the error text is built only when raised."""
+    identity, then by value; other items by ``==``). A forward that backward may recompute (one
+    under a saved-tensors hook, a non-reentrant checkpoint's, or inside an autograd Function's
+    forward, a reentrant checkpoint's) notes its setting per checkpoint (torch's checkpoint frame,
+    or the reentrant checkpoint's ``ctx``: ``_checkpoint_key``), so each recomputation is compared
+    with its own forward, and per module (the last such forward: the fallback where no
+    checkpoint is recognised). A plain forward saves its tensors and a no_grad one builds no
+    graph, so neither is recomputed and neither changes a note. masked_checkpoint, whose
+    recomputation restores the forward's own settings, is never checked; compiled code skips the
+    check (a compiled region recomputes itself). Per forward: a dense no_grad forward of a module
+    never noted otherwise reads one dict entry; any other a hooks query (grad on) or a bounded
+    stack search (grad off); the error text is built only when raised. The module note keeps the
+    last keep tensor alive (``unsparsify`` drops it)."""
     if torch.compiler.is_compiling():
         return
     noted = module.__dict__.get("_effssl_setting")  # None (dense) until noted otherwise
     if graph_task_id() == -1:  # an ordinary forward
-        if not _identical(noted, setting) and _may_be_recomputed():
+        if setting is None and noted is None and not torch.is_grad_enabled():
+            return  # an eval / teacher forward: only a reentrant checkpoint could recompute it
+        if _may_be_recomputed():
             module.__dict__["_effssl_setting"] = setting
-    elif not _RESTORED.get() and not _same_setting(noted, setting):
+            key = _checkpoint_key()
+            if key is not None:
+                per = _BY_CHECKPOINT.get(key)
+                if per is None:
+                    per = _BY_CHECKPOINT[key] = weakref.WeakKeyDictionary()
+                per[module] = setting
+        return
+    if _RESTORED.get():
+        return
+    key = _checkpoint_key()
+    per = _BY_CHECKPOINT.get(key) if key is not None else None
+    if per is not None and module in per:
+        noted = per[module]
+    if not _same_setting(noted, setting):
         ran = f"under a {name}" if noted is not None else f"without a {name}"
         now = f"a different {name}" if setting is not None and noted is not None else (
             f"a {name}" if setting is not None else f"no {name}")
@@ -207,6 +222,46 @@ def check_recompute(module, setting: tuple | None, name: str) -> None:
             f"with backward outside the forward's `with` or inside another one, or the module ran "
             f"checkpointed under another setting since), which would give wrong gradients: "
             f"checkpoint with effssl_kernels.masked_checkpoint")
+
+
+# {checkpoint: {module: setting}} of the forwards a checkpoint may recompute; entries go with the
+# checkpoint (its graph), so nothing outlives backward.
+_BY_CHECKPOINT: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def _checkpoint_key():
+    """The checkpoint this forward or recomputation runs in, None where none is recognised:
+    torch's non-reentrant checkpoint frame, from the closure of its saved-tensors pack hook
+    (``frame`` in the forward, ``target_frame_ref`` in a recomputation), or a reentrant
+    checkpoint's ``ctx``, from ``forward(ctx, ...)`` / ``backward(ctx, ...)`` on the stack."""
+    fn = _saved_tensors_hooks()
+    if fn is not None and fn is not _UNKNOWN:
+        while hasattr(fn, "__wrapped__"):  # torch 2.14 wraps the recomputation hook
+            fn = fn.__wrapped__
+        code, cells = getattr(fn, "__code__", None), getattr(fn, "__closure__", None)
+        if code is not None and cells:
+            names = dict(zip(code.co_freevars, cells))
+            try:
+                if "frame" in names:
+                    return names["frame"].cell_contents
+                if "target_frame_ref" in names:
+                    return names["target_frame_ref"].cell_contents()
+            except (ValueError, TypeError):  # an empty cell or another layout: not recognised
+                return None
+    f = sys._getframe(2)
+    for _ in range(_STACK_LIMIT):
+        if f is None:
+            return None
+        code = f.f_code
+        if code.co_name in ("forward", "backward") and code.co_argcount and code.co_varnames[0] == "ctx":
+            ctx = f.f_locals.get("ctx")
+            try:
+                weakref.ref(ctx)
+            except TypeError:
+                return None
+            return ctx
+        f = f.f_back
+    return None
 
 
 def _identical(a, b) -> bool:
