@@ -248,18 +248,26 @@ def _checkpoint_key():
                     return names["target_frame_ref"].cell_contents()
             except (ValueError, TypeError):  # an empty cell or another layout: not recognised
                 return None
-    f = sys._getframe(2)
+    f = _ctx_frame(("forward", "backward"), 2)
+    ctx = None if f is None else f.f_locals.get("ctx")
+    try:
+        weakref.ref(ctx)
+    except TypeError:
+        return None
+    return ctx
+
+
+def _ctx_frame(names: tuple, depth: int):
+    """The nearest frame of a method ``names`` taking ``ctx`` first (an autograd Function's
+    ``forward`` / ``backward``) within ``_STACK_LIMIT`` frames above the caller's ``depth``-th
+    caller, or None."""
+    f = sys._getframe(depth + 1)
     for _ in range(_STACK_LIMIT):
         if f is None:
             return None
         code = f.f_code
-        if code.co_name in ("forward", "backward") and code.co_argcount and code.co_varnames[0] == "ctx":
-            ctx = f.f_locals.get("ctx")
-            try:
-                weakref.ref(ctx)
-            except TypeError:
-                return None
-            return ctx
+        if code.co_name in names and code.co_argcount and code.co_varnames[0] == "ctx":
+            return f
         f = f.f_back
     return None
 
@@ -305,15 +313,8 @@ def _may_be_recomputed() -> bool:
         return hooks is not None and getattr(hooks, "__qualname__", "") not in _SAVING_HOOKS
     if torch.is_inference_mode_enabled():
         return False
-    f = sys._getframe(2)
-    for _ in range(_STACK_LIMIT):
-        if f is None:
-            return False
-        code = f.f_code
-        if code.co_name == "forward" and code.co_argcount and code.co_varnames[0] == "ctx":
-            return True
-        f = f.f_back
-    return False  # not within _STACK_LIMIT frames: a reentrant checkpoint's is nearer
+    # not within _STACK_LIMIT frames: a reentrant checkpoint's is nearer
+    return _ctx_frame(("forward",), 2) is not None
 
 
 # ----------------------------------------------------------------------------- module settings
