@@ -558,6 +558,20 @@ def test_plain_checkpoint_recomputed_under_another_mask_is_refused(reentrant):
             y.sum().backward()
 
 
+@pytest.mark.parametrize("reentrant", [True, False])
+def test_two_checkpointed_calls_masked_first(reentrant):
+    # A masked then a dense checkpointed call of one module, backward outside the `with`: the
+    # module's note said "dense" (the last call), so a reentrant checkpoint recomputed the
+    # masked call dense, silently. Each recomputation now meets its own checkpoint's note.
+    m = R.sparsify(_randomize_bn(_cifar_resnet()).double())
+    x = torch.randn(2, 3, 32, 32, dtype=torch.float64, requires_grad=True)
+    with R.block_mask(_keep(2, 4, 4, seed=3), 8):
+        a = torch.utils.checkpoint.checkpoint(m, x, use_reentrant=reentrant)
+    b = torch.utils.checkpoint.checkpoint(m, x, use_reentrant=reentrant)
+    with pytest.raises(RuntimeError, match="ran under a block_mask and is recomputed during backward under no"):
+        (a.sum() + b.sum()).backward()
+
+
 def _offloaded(offload):
     """Activation offloading around the step (FSDP's offload_wrapper uses save_on_cpu): a
     saved-tensors hook that saves, never recomputes."""
