@@ -568,7 +568,11 @@ def test_two_checkpointed_calls_masked_first(reentrant):
     with R.block_mask(_keep(2, 4, 4, seed=3), 8):
         a = torch.utils.checkpoint.checkpoint(m, x, use_reentrant=reentrant)
     b = torch.utils.checkpoint.checkpoint(m, x, use_reentrant=reentrant)
-    with pytest.raises(RuntimeError, match="ran under a block_mask and is recomputed during backward under no"):
+    ours = "ran under a block_mask and is recomputed during backward under no"
+    if not reentrant and _saved_tensors_hooks() is _UNKNOWN:
+        # torch <= 2.7: no checkpoint to key by; torch's own check refuses the tile-count change
+        ours += "|A different number of tensors was saved"
+    with pytest.raises(RuntimeError, match=ours):
         (a.sum() + b.sum()).backward()
 
 
