@@ -182,7 +182,7 @@ def check_recompute(module, setting: tuple | None, name: str) -> None:
     identity, then by value; other items by ``==``). A forward that backward may recompute (one
     under a saved-tensors hook, a non-reentrant checkpoint's, or inside an autograd Function's
     forward, a reentrant checkpoint's) notes its setting per checkpoint (torch's checkpoint frame,
-    or the reentrant checkpoint's ``ctx``: ``_checkpoint_key``), so each recomputation is compared
+    or the reentrant checkpoint's ``ctx``), so each recomputation is compared
     with its own forward, and per module (the last such forward: the fallback where no
     checkpoint is recognised). A plain forward saves its tensors and a no_grad one builds no
     graph, so neither is recomputed and neither changes a note. masked_checkpoint, whose
@@ -197,9 +197,9 @@ def check_recompute(module, setting: tuple | None, name: str) -> None:
     if graph_task_id() == -1:  # an ordinary forward
         if setting is None and noted is None and not torch.is_grad_enabled():
             return  # an eval / teacher forward: only a reentrant checkpoint could recompute it
-        if _may_be_recomputed():
+        recomputable, key = _forward_checkpoint()
+        if recomputable:
             module.__dict__["_effssl_setting"] = setting
-            key = _checkpoint_key()
             if key is not None:
                 per = _BY_CHECKPOINT.get(key)
                 if per is None:
@@ -208,7 +208,9 @@ def check_recompute(module, setting: tuple | None, name: str) -> None:
         return
     if _RESTORED.get():
         return
-    key = _checkpoint_key()
+    key = _hook_checkpoint(_saved_tensors_hooks())
+    if key is None:
+        key = _ctx_of(_ctx_frame(("forward", "backward"), 1))
     per = _BY_CHECKPOINT.get(key) if key is not None else None
     if per is not None and module in per:
         noted = per[module]
@@ -229,27 +231,32 @@ def check_recompute(module, setting: tuple | None, name: str) -> None:
 _BY_CHECKPOINT: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 
-def _checkpoint_key():
-    """The checkpoint this forward or recomputation runs in, None where none is recognised:
-    torch's non-reentrant checkpoint frame, from the closure of its saved-tensors pack hook
-    (``frame`` in the forward, ``target_frame_ref`` in a recomputation), or a reentrant
-    checkpoint's ``ctx``, from ``forward(ctx, ...)`` / ``backward(ctx, ...)`` on the stack."""
-    fn = _saved_tensors_hooks()
-    if fn is not None and fn is not _UNKNOWN:
-        while hasattr(fn, "__wrapped__"):  # torch 2.14 wraps the recomputation hook
-            fn = fn.__wrapped__
-        code, cells = getattr(fn, "__code__", None), getattr(fn, "__closure__", None)
-        if code is not None and cells:
-            names = dict(zip(code.co_freevars, cells))
-            try:
-                if "frame" in names:
-                    return names["frame"].cell_contents
-                if "target_frame_ref" in names:
-                    return names["target_frame_ref"].cell_contents()
-            except (ValueError, TypeError):  # an empty cell or another layout: not recognised
-                return None
-    f = _ctx_frame(("forward", "backward"), 2)
-    ctx = None if f is None else f.f_locals.get("ctx")
+def _hook_checkpoint(fn):
+    """torch's non-reentrant checkpoint frame, read from the closure of the saved-tensors pack
+    hook ``fn`` (``frame`` in the forward, ``target_frame_ref`` in a recomputation); None for no
+    hook or one not recognised."""
+    if fn is None or fn is _UNKNOWN:
+        return None
+    while hasattr(fn, "__wrapped__"):  # torch 2.14 wraps the recomputation hook
+        fn = fn.__wrapped__
+    code, cells = getattr(fn, "__code__", None), getattr(fn, "__closure__", None)
+    if code is None or not cells:
+        return None
+    names = dict(zip(code.co_freevars, cells))
+    try:
+        if "frame" in names:
+            return names["frame"].cell_contents
+        if "target_frame_ref" in names:
+            return names["target_frame_ref"].cell_contents()
+    except (ValueError, TypeError):  # an empty cell or another layout: not recognised
+        return None
+    return None
+
+
+def _ctx_of(frame):
+    """The ``ctx`` of an autograd Function's ``forward`` / ``backward`` frame (a reentrant
+    checkpoint's, kept weakly), None for no frame or a ctx without weak references."""
+    ctx = None if frame is None else frame.f_locals.get("ctx")
     try:
         weakref.ref(ctx)
     except TypeError:
@@ -303,18 +310,24 @@ _SAVING_HOOKS = frozenset({"save_on_cpu.__init__.<locals>.pack_to_cpu"})
 _STACK_LIMIT = 64  # frames searched for a Function's forward (a reentrant checkpoint is nearer)
 
 
-def _may_be_recomputed() -> bool:
-    """Whether backward may run this forward again: with grad on, when a saved-tensors hook is in
-    force (a non-reentrant checkpoint's, or one of unknown purpose; not an offloading one); with
-    grad off, inside an autograd Function's ``forward(ctx, ...)`` (torch's reentrant
-    CheckpointFunction, or another library's), found on the stack. Never in inference mode."""
+def _forward_checkpoint() -> tuple[bool, Any]:
+    """For a forward (called from check_recompute): whether backward may run it again, and the
+    checkpoint that would (see check_recompute; None where not recognised). With grad on, when a
+    saved-tensors hook is in force (a non-reentrant checkpoint's, or one of unknown purpose; not
+    an offloading one); with grad off, inside an autograd Function's ``forward(ctx, ...)``
+    (torch's reentrant CheckpointFunction, or another library's), found on the stack. Never in
+    inference mode. One hooks query or one stack search."""
     if torch.is_grad_enabled():
         hooks = _saved_tensors_hooks()  # _UNKNOWN where this torch cannot say: noted, as before
-        return hooks is not None and getattr(hooks, "__qualname__", "") not in _SAVING_HOOKS
+        if hooks is None or getattr(hooks, "__qualname__", "") in _SAVING_HOOKS:
+            return False, None
+        key = _hook_checkpoint(hooks)
+        return True, (key if key is not None else _ctx_of(_ctx_frame(("forward", "backward"), 2)))
     if torch.is_inference_mode_enabled():
-        return False
+        return False, None
     # not within _STACK_LIMIT frames: a reentrant checkpoint's is nearer
-    return _ctx_frame(("forward",), 2) is not None
+    f = _ctx_frame(("forward",), 2)
+    return f is not None, _ctx_of(f)
 
 
 # ----------------------------------------------------------------------------- module settings

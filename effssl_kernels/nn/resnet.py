@@ -94,7 +94,7 @@ class _MaskState:
     ``sparsify``) at each forward; later layers at stride 1 may see other sizes (a padding-0
     conv, a ceil-mode pool). One BlockMask per image size."""
 
-    __slots__ = ("base", "block_size", "by_size", "keep", "last", "mask")
+    __slots__ = ("base", "block_size", "by_size", "keep", "last", "mask", "setting")
 
     def __init__(self, mask: BlockMask | None, keep: Tensor | None, block_size: int | None):
         self.mask, self.keep, self.block_size = mask, keep, block_size
@@ -102,12 +102,9 @@ class _MaskState:
         self.last: BlockMask | None = None  # the mask of the latest input image
         # The kept list (the step's one host sync) now, not inside a compiled forward.
         self.base = prepare_tiles(mask) if mask is not None else kept_tiles(keep)
-
-    def setting(self) -> tuple:
-        """What identifies this mask for check_recompute: the keep, block size and image size."""
-        if self.mask is None:
-            return (self.keep, self.block_size)
-        return (self.mask.keep, self.mask.block_size, tuple(self.mask.image_size))
+        # what identifies this mask for check_recompute (each layer's forward reads it)
+        self.setting = ((keep, block_size) if mask is None else
+                        (mask.keep, mask.block_size, tuple(mask.image_size)))
 
     def _mask_of(self, size: Pair) -> BlockMask:
         """A new BlockMask of this step's keep for images of ``size`` (the constructor checks
@@ -267,7 +264,7 @@ def _in_stride(module: nn.Module) -> Pair:
 
 def _mask_for(module: nn.Module, x: Tensor) -> tuple[BlockMask | None, Pair]:
     state = _MASK.get()
-    check_recompute(module, None if state is None else state.setting(), "block_mask")
+    check_recompute(module, None if state is None else state.setting, "block_mask")
     if state is None:
         return None, (1, 1)
     s = _in_stride(module)
