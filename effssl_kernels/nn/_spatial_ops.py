@@ -29,7 +29,7 @@ _DIM_OPS = {
     "normalize": (2, ("dim", "axis"), 1, _ALL),
     "roll": (2, ("dims", "axis"), _ALL, _ALL),
     "rot90": (2, ("dims", "axis"), (0, 1), None),
-    "flip": (1, ("dims", "axis"), None, None),  # x.flip(1, 3): varargs, read below
+    "flip": (1, ("dims", "axis"), None, None),  # and x.flip(1, 3): varargs, read below
 }
 # slices along any dim span the others (H and W among them)
 _ALWAYS = {"renorm", "T", "H", "mT", "mH"}
@@ -83,8 +83,8 @@ def spatial_use(func, args: tuple, kwargs: dict) -> str | None:
     if name in ("max", "min") and (
             (len(args) > 1 and isinstance(args[1], Tensor)) or isinstance(kwargs.get("other"), Tensor)):
         return None  # elementwise max / min of two maps
-    if name == "flip":
-        v = args[1:] if len(args) > 2 else (args[1] if len(args) > 1 else kwargs.get("dims"))
+    if name == "flip" and len(args) > 2:
+        v = args[1:]  # x.flip(1, 3)
     else:
         v = args[pos] if len(args) > pos else next((kwargs[k] for k in keys if k in kwargs), default)
     dims = _dims(none_means if v is None else v)
