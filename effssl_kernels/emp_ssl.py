@@ -128,10 +128,11 @@ def emp_ssl_loss(z: Tensor, num_patches: int, *, lam: float = 200.0, eps: float 
         raise ValueError("emp_ssl_loss: z must be [P * N, d] or [P, N, d]")
     if z.dtype not in _IN_DTYPES:
         raise TypeError(f"emp_ssl_loss: z must be float16, bfloat16, float32 or float64, got {z.dtype}")
-    finite_number("lam", "emp_ssl_loss", lam)
-    if finite_number("eps", "emp_ssl_loss", eps) <= 0:
+    lam = finite_number("lam", "emp_ssl_loss", lam)
+    eps = finite_number("eps", "emp_ssl_loss", eps)  # a float: tcr_loss takes no NumPy scalars
+    if eps <= 0:
         raise ValueError(f"emp_ssl_loss: eps must be > 0, got {eps}")
-    int_arg("num_patches", "emp_ssl_loss", num_patches, 1)
+    num_patches = int_arg("num_patches", "emp_ssl_loss", num_patches, 1)
     if z.dim() == 2:
         if z.shape[0] % num_patches:
             raise ValueError(f"emp_ssl_loss: {z.shape[0]} rows are not {num_patches} patches of N images")
@@ -163,8 +164,8 @@ def bag_of_features(model: nn.Module, images: Tensor, num_patches: int, size: Un
     ``generator``). ``model`` is called as given: put it in eval mode first. Errors as
     :func:`emp_ssl_patches`; TypeError/ValueError for a non-int or negative ``chunk``."""
     int_arg("chunk", "bag_of_features", chunk, 0)
+    patches = emp_ssl_patches(images, num_patches, size, **patch_kw)  # checks images first
     N = images.shape[0]
-    patches = emp_ssl_patches(images, num_patches, size, **patch_kw)
     if chunk > 0:
         z = torch.cat([model(p) for p in patches.split(chunk)])
     else:

@@ -34,8 +34,9 @@ a data-dependent branch (a graph break, which fullgraph refuses).
 Backward. ``dR/dZ = c * (I_b + c Z Z^T)^{-1} Z`` (b side) or ``c * Z (I_d + c Z^T Z)^{-1}`` (d side),
 from the saved factor: ``cholesky_inverse`` (``n x n``) and one GEMM. Autograd through
 ``cholesky_ex`` and the Gram matmul instead runs two ``n x n`` triangular solves and two GEMMs; the
-closed form measured 1.4-2.2x faster forward+backward on a 2-core CPU for d = 1024 and b = 256,
-1024 or 20 groups of 100, on par at b = 64 (bench/bench_tcr_loss.py). Under ``create_graph=True``
+closed form measured 1.35x / 1.74x / 2.39x faster forward+backward on a 2-core CPU for d = 1024
+and b = 256, 1024 or 20 groups of 100, on par at b = 64 (bench/bench_tcr_loss.py; the committed
+bench/results/cpu/tcr_loss.json). Under ``create_graph=True``
 the backward refactors G from z with differentiable ops, so double backward is correct (in eager
 mode; a torch.compile'd backward is not differentiable again), at the cost of a second Gram
 matmul and Cholesky.

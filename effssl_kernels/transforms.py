@@ -17,7 +17,7 @@ from typing import NamedTuple, Sequence, Union
 import torch
 from torch import Tensor
 
-from ._utils import PicklesGenerator, as_int, as_pair, to_device_async
+from ._utils import PicklesGenerator, as_int, as_pair, int_arg, to_device_async
 from .ops.multi_crop import multi_crop
 
 __all__ = ["crop_centers", "random_crops", "random_resized_boxes", "TwoViewCrop", "TwoViews"]
@@ -35,7 +35,13 @@ def check_crop_params(scale, ratio, hflip_p, fn: str) -> None:
             ok = False
         if not (ok and 0 < rng[0] <= rng[1] and math.isfinite(rng[1])):
             raise ValueError(f"{fn}: {name} must be (min, max) with 0 < min <= max < inf, got {rng!r}")
-    if not (0.0 <= float(hflip_p) <= 1.0):
+    try:  # a number, NumPy scalar or one-element tensor; float("0.5") would take a string
+        p = None if isinstance(hflip_p, (bool, str, bytes)) else float(hflip_p)
+    except (TypeError, ValueError, RuntimeError):
+        p = None
+    if p is None:
+        raise TypeError(f"{fn}: hflip_p must be a number in [0, 1], got {hflip_p!r}")
+    if not (0.0 <= p <= 1.0):
         raise ValueError(f"{fn}: hflip_p must be in [0, 1], got {hflip_p!r}")
 
 
@@ -166,7 +172,7 @@ def random_crops(
     return crops.view(N, num_crops, *crops.shape[1:]), boxes, flips
 
 
-def _check_crop_args(boxes_a, boxes_b, flips_a, flips_b, view_size, block_size) -> tuple[int, int]:
+def _check_crop_args(boxes_a, boxes_b, flips_a, flips_b, view_size, block_size) -> tuple[int, int, int]:
     for name, t in (("boxes_a", boxes_a), ("boxes_b", boxes_b), ("flips_a", flips_a), ("flips_b", flips_b)):
         if not isinstance(t, Tensor):
             raise TypeError(f"crop_centers: {name} must be a tensor, got {type(t).__name__}")
@@ -188,13 +194,10 @@ def _check_crop_args(boxes_a, boxes_b, flips_a, flips_b, view_size, block_size) 
         if t.device != dev:
             raise ValueError(f"crop_centers: {name} must be on {dev} like boxes_a, got {t.device}")
     H, W = as_pair(view_size, "crop_centers: view_size")
-    if isinstance(block_size, bool) or not isinstance(block_size, int):
-        raise TypeError(f"crop_centers: block_size must be an int, got {block_size!r}")
-    if block_size < 1:
-        raise ValueError(f"crop_centers: block_size must be positive, got {block_size}")
+    block_size = int_arg("block_size", "crop_centers", block_size, 1)  # NumPy ints too, as block_match
     if block_size > H or block_size > W:
         raise ValueError(f"crop_centers: block_size {block_size} is larger than the view {H}x{W}")
-    return H, W
+    return H, W, block_size
 
 
 def _int_box(box: Tensor) -> tuple[Tensor, Tensor]:
@@ -254,8 +257,7 @@ def crop_centers(
     fully inside B is found at offset ``(0, 0)``. Other boxes go through float64 (float32 on
     MPS), where a value within rounding error of a tie may round either way.
     """
-    H, W = _check_crop_args(boxes_a, boxes_b, flips_a, flips_b, view_size, block_size)
-    B = block_size
+    H, W, B = _check_crop_args(boxes_a, boxes_b, flips_a, flips_b, view_size, block_size)
     Hb, Wb = H // B, W // B
     dev = boxes_a.device
     # MPS has no float64.

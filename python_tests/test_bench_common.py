@@ -119,3 +119,22 @@ def test_check_output_flags_a_wrong_answer():
     assert check_output({}, torch.tensor([20.0, 1.0, float("inf")]), n, 1.0)["max_err"] == float("inf")
     # tuples compare element by element
     assert check_output({}, (w, w[:1] + 1), (w, w[:1]), 1e-3)["note"].startswith("MISMATCH")
+
+
+def test_rates_above_the_measured_limit_are_flagged(tmp_path, capsys):
+    # a CPU ceiling measured while another process ran came out at 0.03 TFLOP/s and a kernel's
+    # row then read 132% of the limit, silently
+    import argparse
+
+    rows = [{"case": "a", "pct_fp32_limit": 132.0},
+            {"case": "b", "pct_fp32_limit": 99.0, "note": "x"},
+            {"case": "c", "pct_copy_bw": 101.0, "note": "failed? no"},
+            {"case": "d", "pct_copy_bw": None}]
+    args = argparse.Namespace(out=str(tmp_path), quick=False, device="cpu")
+    path = common.report(args, "t", "title", {}, rows, ["case", "pct_fp32_limit", "note"])
+    assert "2 row(s) above 100% of a measured limit" in capsys.readouterr().out
+    got = json.load(open(path))["rows"]
+    assert got[0]["note"] == common.OVER_LIMIT_NOTE
+    assert got[1]["note"] == "x" and "note" not in got[3]
+    assert got[2]["note"] == "failed? no; " + common.OVER_LIMIT_NOTE
+    assert common.flag_over_limit(got) == 2 and got[0]["note"] == common.OVER_LIMIT_NOTE  # once

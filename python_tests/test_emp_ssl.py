@@ -1,6 +1,7 @@
 """EMP-SSL's step pieces (effssl_kernels/emp_ssl.py) against the plain formulas of EMP-SSL's code:
 patch order, the loss and its gradients (float64, tight), and a many-patch step on a tiny plain
 and block-sparse ResNet."""
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -203,6 +204,18 @@ def test_bag_of_features_chunk_errors():
         bag_of_features(model, images, 2, 4, chunk=-1)
     with pytest.raises(TypeError, match="bag_of_features: chunk must be an int"):
         bag_of_features(model, images, 2, 4, chunk=1.5)
+    # images are checked (by emp_ssl_patches) before their shape is read: was an AttributeError
+    with pytest.raises(ValueError, match="emp_ssl_patches"):
+        bag_of_features(model, [images], 2, 4)
+
+
+def test_numpy_scalars_are_numbers():
+    # eps passed through to tcr_loss as given: np.float32 was refused there ("must be a Python float")
+    z = torch.randn(20, 16, generator=torch.Generator().manual_seed(0))
+    want = emp_ssl_loss(z, 4, eps=0.45)[0]
+    for eps in (np.float32(0.45), np.float64(0.45)):
+        torch.testing.assert_close(emp_ssl_loss(z, 4, eps=eps)[0], want, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(emp_ssl_loss(z, np.int64(4), lam=np.float32(200.0))[0], emp_ssl_loss(z, 4)[0])
 
 
 def test_errors():

@@ -97,6 +97,19 @@ def test_matches_reference(dtype, layout):
     torch.testing.assert_close(got, want, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("backend", ["cpp", "reference"])
+def test_output_contiguous_on_every_backend(backend, monkeypatch):
+    # the docstring's "contiguous" held for the kernel only: the reference (the fallback, and
+    # what EFFSSL_BACKEND=reference runs) returned channels-last strides that .view refused
+    monkeypatch.setenv("EFFSSL_BACKEND", backend)
+    images = (torch.rand(2, 3, 40, 50) * 255).to(torch.uint8)
+    boxes = torch.tensor([[[2.0, 3.0, 20.0, 30.0]], [[5.0, 5.0, 10.0, 10.0]]])
+    out = ek.multi_crop(images, boxes, None, (8, 12))
+    assert out.shape == (2, 3, 8, 12) and out.is_contiguous()
+    torch.testing.assert_close(out, multi_crop_reference(images, boxes, torch.zeros(2, 1, dtype=torch.bool),
+                                                         (8, 12)), rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("box_dtype", [torch.int32, torch.int64, torch.float64, torch.float16])
 def test_box_dtypes(box_dtype):
     images = torch.rand(2, 3, 16, 16)

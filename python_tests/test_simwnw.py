@@ -48,6 +48,11 @@ def test_random_resized_boxes_fallback_and_errors():
         ek.random_resized_boxes(1, 1, 10, scale=(0.5, 0.1))
     with pytest.raises(ValueError, match="hflip_p"):
         ek.random_resized_boxes(1, 1, 10, hflip_p=2.0)
+    for bad in ("a", "0.5", None, True, [0.5], torch.tensor([0.5, 0.5])):  # were float()'s own errors
+        with pytest.raises(TypeError, match="random_resized_boxes: hflip_p must be a number"):
+            ek.random_resized_boxes(1, 1, 10, hflip_p=bad)
+    for ok in (np.float32(1.0), torch.tensor(1.0), 1):
+        assert ek.random_resized_boxes(2, 1, 10, hflip_p=ok)[1].all()
     with pytest.raises(TypeError, match="random_resized_boxes: generator must be a CPU torch.Generator"):
         ek.random_resized_boxes(1, 1, 10, generator="seed 0")
     if torch.cuda.is_available():

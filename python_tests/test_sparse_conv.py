@@ -572,6 +572,19 @@ def test_bad_inputs():
         sparse_conv2d(x, w[0], None, 1, 1, mask=mask)
     with pytest.raises(ValueError, match="bias"):
         sparse_conv2d(x, w, torch.randn(3), 1, 1, mask=mask)
+    # channels and groups: F.conv2d's own error would describe the halo'd tiles
+    for ww, groups, msg in ((torch.randn(4, 2, 3, 3), 1, "needs an input of 2 channels"),
+                            (torch.randn(5, 3, 3, 3), 3, "C_out divisible by 3"),
+                            (torch.randn(4, 1, 3, 3), 3, "C_out divisible by 3"),
+                            (w, 0, "groups must be a positive int"),
+                            (w, 1.0, "groups must be a positive int")):
+        with pytest.raises(ValueError, match=msg):
+            sparse_conv2d(x, ww, None, 1, 1, groups=groups, mask=mask)
+        with pytest.raises(ValueError, match=msg):  # the masked-dense path too (stride 3)
+            sparse_conv2d(x, ww, None, 3, 1, groups=groups, mask=mask)
+        with pytest.raises(ValueError, match=msg):
+            sparse_conv2d_packed(pack(x, TileIndex.from_mask(mask, 1)), ww, None, 1, 1, groups=groups,
+                                 mask=mask)
     with pytest.raises(ValueError, match="padding"):
         sparse_conv2d(x, w, None, 1, "full", mask=mask)
     with pytest.raises(ValueError, match="non-negative"):

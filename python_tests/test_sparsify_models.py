@@ -316,6 +316,19 @@ def test_tile_plan_of_an_out_of_place_mixed_add():
     assert all(mod.training for mod in m.modules())  # tile_plan restored train mode
 
 
+def test_tile_plan_bad_arguments():
+    # were a ZeroDivisionError, torch.arange's "bound inconsistent with step sign" and a str // int
+    m = R.sparsify(_MixedAdd(), example_input=torch.zeros(1, 3, 16, 16))
+    for block, size, err, msg in ((0, 16, ValueError, "tile_plan: block_size must be at least 1"),
+                                  (-4, 16, ValueError, "tile_plan: block_size must be at least 1"),
+                                  (8.0, 16, TypeError, "tile_plan: block_size must be an int"),
+                                  (8, "16", TypeError, "tile_plan: image_size must be an int or a pair"),
+                                  (8, (16, 0), ValueError, "tile_plan: image_size must be positive")):
+        with pytest.raises(err, match=msg):
+            R.tile_plan(m, block, size)
+    assert R.tile_plan(m, 8, (16, 16)) == R.tile_plan(m, 8, 16)
+
+
 @pytest.mark.parametrize("layers", [
     lambda: [nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Conv2d(4, 4, 3, padding=1),
              nn.BatchNorm2d(4)],  # after a padding-0 conv: BN and conv get dense 14x14 maps

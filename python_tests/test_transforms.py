@@ -524,6 +524,14 @@ def _good():
     )
 
 
+def test_crop_centers_takes_numpy_and_tensor_ints():
+    # block_match takes a NumPy block size; crop_centers refused one ("must be an int")
+    want = crop_centers(**_good())
+    for b in (np.int64(8), np.int32(8), torch.tensor(8)):
+        got = crop_centers(**{**_good(), "block_size": b})
+        assert all(torch.equal(g, w) for g, w in zip(got, want))
+
+
 @pytest.mark.parametrize(
     "change,exc,match",
     [
@@ -537,8 +545,8 @@ def _good():
         (dict(boxes_a=torch.zeros(2, 4, dtype=torch.bool)), TypeError, "float or int tensor"),
         (dict(boxes_a=[[0, 0, 64, 64], [1, 2, 30, 40]]), TypeError, "boxes_a must be a tensor"),
         (dict(boxes_b=torch.zeros(2, 4, device="meta")), ValueError, "must be on cpu"),
-        (dict(block_size=0), ValueError, "block_size must be positive"),
-        (dict(block_size=-8), ValueError, "block_size must be positive"),
+        (dict(block_size=0), ValueError, "crop_centers: block_size must be at least 1"),
+        (dict(block_size=-8), ValueError, "crop_centers: block_size must be at least 1"),
         (dict(block_size=8.0), TypeError, "block_size must be an int"),
         (dict(block_size=65), ValueError, "larger than the view"),
         (dict(view_size=(64, 7)), ValueError, "larger than the view"),

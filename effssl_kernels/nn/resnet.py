@@ -65,6 +65,7 @@ from torch.nn.utils import parametrize
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten
 
+from .._utils import as_pair, int_arg
 from ..masks import BlockMask
 from ..reference.masked_net import masked_avg_pool_reference
 from ..sparse.masked_dense import masked_batch_norm
@@ -684,8 +685,8 @@ def tile_plan(model: nn.Module, block_size: int, image_size) -> dict[str, str]:
     training. Raises TypeError for a model :func:`sparsify` did not convert."""
     if not is_sparse(model):
         raise TypeError("tile_plan: model was not converted by sparsify")
-    H, W = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
-    B = operator.index(block_size)
+    H, W = as_pair(image_size, "tile_plan: image_size")
+    B = int_arg("block_size", "tile_plan", block_size, 1)
     grid = torch.arange(H // B).view(-1, 1) + torch.arange(W // B)
     swapped = {m: name for name, m in model.named_modules()
                if _is_swapped(m) and "_effssl_in_stride" in m.__dict__}

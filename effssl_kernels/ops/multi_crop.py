@@ -130,7 +130,8 @@ def multi_crop(
     which = _backend.choose(images.device.type, cuda_kernel=False)
     _check_boxes(boxes)  # the C++ kernel checks again (direct op calls), quoting float32 values
     if which == "reference" or (which == "triton" and images.dtype == torch.float64):
-        return multi_crop_reference(images, boxes, flips, (oh, ow), dt)
+        # contiguous as the kernels' output (the reference permutes its way there)
+        return multi_crop_reference(images, boxes, flips, (oh, ow), dt).contiguous()
     if which == "triton":
         return torch.ops.effssl_kernels._multi_crop_triton(images, boxes, flips, oh, ow, dt)
     return torch.ops.effssl_kernels.multi_crop.default(images, boxes, flips, oh, ow, dt)

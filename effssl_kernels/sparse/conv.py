@@ -88,10 +88,18 @@ def conv_tile_halo(kernel_size: IntOrPair, stride: IntOrPair = 1, padding=0,
     return hc[0], hc[1], hr[0], hr[1]
 
 
-def _check_weight(weight: Tensor, bias: Optional[Tensor], fn: str) -> None:
+def _check_weight(weight: Tensor, bias: Optional[Tensor], fn: str, channels: int, groups: int) -> None:
+    """weight ``[C_out, channels / groups, kh, kw]`` and bias ``[C_out]`` or None: checked here,
+    since F.conv2d's own error would describe the halo'd tiles, not the caller's tensors."""
     if not isinstance(weight, Tensor) or weight.dim() != 4:
         raise ValueError(f"{fn}: weight must be a 4-D [C_out, C_in / groups, kh, kw] tensor, got "
                          f"{tuple(weight.shape) if isinstance(weight, Tensor) else type(weight).__name__}")
+    if isinstance(groups, bool) or not isinstance(groups, int) or groups < 1:
+        raise ValueError(f"{fn}: groups must be a positive int, got {groups!r}")
+    if weight.shape[0] % groups or weight.shape[1] * groups != channels:
+        raise ValueError(f"{fn}: weight {tuple(weight.shape)} with groups={groups} needs an input of "
+                         f"{weight.shape[1] * groups} channels and C_out divisible by {groups}; the "
+                         f"input has {channels} channels")
     if bias is not None and (not isinstance(bias, Tensor) or tuple(bias.shape) != (weight.shape[0],)):
         raise ValueError(f"{fn}: bias must be None or a [{weight.shape[0]}] tensor, got "
                          f"{tuple(bias.shape) if isinstance(bias, Tensor) else type(bias).__name__}")
@@ -142,7 +150,7 @@ def sparse_conv2d(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None,
     fn = "sparse_conv2d"
     s_in = _positive_pair(in_stride, "in_stride")
     _check_mask_x(x, mask, fn)
-    _check_weight(weight, bias, fn)
+    _check_weight(weight, bias, fn, x.shape[1], groups)
     halo = conv_tile_halo(weight.shape[-2:], stride, padding, dilation, mask=mask,
                           in_stride=s_in, size=x.shape[-2:])
     if halo is None:
@@ -168,7 +176,7 @@ def sparse_conv2d_packed(tiles: Tensor, weight: Tensor, bias: Optional[Tensor] =
     fn = "sparse_conv2d_packed"
     if not isinstance(mask, BlockMask):
         raise TypeError(f"{fn}: mask must be a BlockMask, got {type(mask).__name__}")
-    _check_weight(weight, bias, fn)
+    _check_weight(weight, bias, fn, tiles.shape[1], groups)
     s_in = _positive_pair(in_stride, "in_stride")
     halo = conv_tile_halo(weight.shape[-2:], stride, padding, dilation, mask=mask,
                           in_stride=s_in)
