@@ -160,10 +160,10 @@ def _loop_row(row, views, host, device, mrt):
     return row
 
 
-def _check(row: dict, got, want, views_dtype) -> dict:
+def _check(row: dict, got, want, views_dtype, std=None) -> dict:
     """Judge the timed kernel's answer by the tests' rule (``photometric_mismatch``): a MISMATCH
     note when it is outside the kernels' tolerance."""
-    row["max_err"], row["frac_off"], why = photometric_mismatch(got, want, views_dtype)
+    row["max_err"], row["frac_off"], why = photometric_mismatch(got, want, views_dtype, std=std)
     if why:
         row["note"] = f"MISMATCH vs the reference ({why})"
     return row
@@ -218,7 +218,8 @@ def run(device: str, quick: bool = False):
         # issue 7's target first: ours, the copy and the torchvision loop, then the rest
         case_rows = CaseRows(rows)
         ours = timed_row({"case": label, "provider": "ours"}, fns.pop("ours"), device, mrt, _warm)
-        add(_check(ours, photometric(views, params_cpu), fns["reference"](), dtype) if "median_ms" in ours else ours)
+        add(_check(ours, photometric(views, params_cpu), fns["reference"](), dtype, params_cpu.std)
+            if "median_ms" in ours else ours)
         add(timed_row({"case": label, "provider": COPY}, lambda: dst.copy_(src), device, mrt, _warm))
         add(_loop_row({"case": label, "provider": "torchvision v2 loop"}, views, host, device, mrt))
         for p, fn in fns.items():

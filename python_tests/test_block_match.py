@@ -2,6 +2,7 @@
 centers given as views: every backend)."""
 import importlib.util
 import itertools
+import math
 
 import numpy as np
 import pytest
@@ -351,6 +352,21 @@ def test_data_range_scales():
     assert torch.equal(o1, o255)
 
 
+@pytest.mark.parametrize("device,backend", BACKENDS)
+@pytest.mark.parametrize("data_range", [1e-18, 1e18])
+def test_data_range_at_its_bounds(device, backend, data_range, monkeypatch):
+    # mse ~2.5e-39 at data_range 1e-18: the reference's scalar / mse overflowed (scalar *
+    # reciprocal) and called distinct blocks identical (+inf dB, similar at any threshold)
+    monkeypatch.setenv("EFFSSL_BACKEND", backend)
+    a = torch.full((1, 1, 2, 2), 0.50 * data_range, device=device)
+    b = torch.full((1, 1, 2, 2), 0.55 * data_range, device=device)
+    psnr, off = ek.block_match(a, b, 2, 0, data_range=data_range)
+    want = 10 * math.log10(1 / 0.05**2)  # 26.02 dB, whatever the scale
+    assert abs(psnr.item() - want) < 1e-3, psnr
+    assert not ek.similar_blocks(psnr, 30.0).item()
+    assert_block_match(psnr, off, a, b, 2, 0, data_range=data_range)
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_deterministic_and_no_grad(device):
     a = torch.rand(2, 3, 32, 32, device=device, requires_grad=True)
@@ -445,6 +461,9 @@ def test_bad_input_python(call, exc, msg):
         ((torch.rand(2, 3, 8, 8), torch.rand(2, 3, 8, 8), 9, 2, 1.0, None, None), "larger than the image"),
         ((torch.rand(2, 3, 8, 8), torch.rand(2, 3, 8, 8), 4, -2, 1.0, None, None), "search_radius"),
         ((torch.rand(2, 3, 8, 8), torch.rand(2, 3, 8, 8), 4, 2, -1.0, None, None), "data_range"),
+        # the wrapper's bounds: data_range^2 under- or overflowed float32, every psnr -inf / +inf
+        ((torch.rand(2, 3, 8, 8), torch.rand(2, 3, 8, 8), 4, 2, 1e-30, None, None), r"data_range must be in \[1e-18"),
+        ((torch.rand(2, 3, 8, 8), torch.rand(2, 3, 8, 8), 4, 2, 1e30, None, None), r"data_range must be in \[1e-18"),
         ((torch.rand(2, 3, 8, 8), torch.rand(2, 3, 8, 8), 4, 2, 1.0, torch.zeros(2, 2, 2, 2), None), "int32 or int64"),
         ((torch.rand(2, 3, 8, 8), torch.rand(2, 3, 8, 8), 4, 2, 1.0, None, torch.zeros(1, dtype=torch.bool)), "flip"),
         ((torch.rand(2, 3, 8, 8).int(), torch.rand(2, 3, 8, 8).int(), 4, 2, 1.0, None, None), "dtype"),

@@ -209,6 +209,15 @@ def test_mismatch_rule():
     many = u.clone()
     many.view(-1)[:20] += 1
     assert "% of values off" in photometric_mismatch(many, u, torch.uint8)[2]
+    # after normalisation one level is 1/255/std: CIFAR's std 0.1994 makes it 0.0197, more than
+    # ImageNet's 1/255/0.224 = 0.0175 (the rule without std), which flagged a correct kernel
+    f = torch.zeros(384)
+    cifar = f.clone()
+    cifar[0] = 1 / 255 / 0.1994
+    assert "one level" in photometric_mismatch(cifar, f, torch.uint8)[2]
+    assert photometric_mismatch(cifar, f, torch.uint8, std=torch.tensor([0.2023, 0.1994, 0.2010]))[2] == ""
+    assert photometric_mismatch(cifar, f, torch.uint8, std=(0.2470, 0.1994, 0.2616))[2] == ""
+    assert "one level" in photometric_mismatch(cifar * 1.1, f, torch.uint8, std=(0.2470, 0.1994, 0.2616))[2]
     n = w.clone()
     n[0, 0, 0, 0] = float("nan")
     assert photometric_mismatch(n, n.clone(), torch.float32)[2] == ""
@@ -353,6 +362,10 @@ def test_sample_errors():
          ValueError, "mean must be finite"),
         (dict(brightness=[1.0] * N), TypeError, "brightness"),
         (dict(brightness=torch.full((N,), float("nan"))), ValueError, "finite"),
+        # per-sample float64 factors that are inf in float32: every output was NaN, silently
+        (dict(saturation=torch.full((N,), 1e300, dtype=torch.float64)), ValueError, "saturation must be finite"),
+        (dict(contrast=torch.full((N,), 1e300, dtype=torch.float64)), ValueError, "contrast must be finite"),
+        (dict(blur_sigma=torch.full((N,), 1e300, dtype=torch.float64)), ValueError, "blur_sigma must be finite"),
     ],
 )
 def test_params_errors(change, exc, match):
@@ -387,6 +400,18 @@ def test_values_ok_agrees_with_check(change, match):
     assert bad.values_ok().item() is False
     with pytest.raises(ValueError, match=match):
         bad.check(N, "cpu")
+
+
+@pytest.mark.parametrize("impl", ["reference", "kernel"])
+def test_float64_sigma_that_is_zero_in_float32_does_not_blur(impl):
+    # sigma 1e-50 passed "> 0" in float64 but is 0 in float32, where the Gaussian is built:
+    # 0 / 0, every output NaN
+    p = _identity()._replace(blur_sigma=torch.full((N,), 1e-50, dtype=torch.float64))
+    x = _images(torch.float32)
+    fn = photometric_reference if impl == "reference" else ek.photometric
+    out = fn(x, p)
+    assert not out.isnan().any()
+    torch.testing.assert_close(out, fn(x, _identity()), rtol=0, atol=0)
 
 
 def test_view_errors():

@@ -35,8 +35,10 @@ inline void check_block_match(const at::Tensor& a, const at::Tensor& b, int64_t 
                " is larger than the image ", H, "x", W);
   EFFSSL_CHECK(search_radius >= 0 && search_radius <= (1 << 16), op,
                "search_radius must be in [0, 65536], got ", search_radius);
-  EFFSSL_CHECK(data_range > 0 && data_range < std::numeric_limits<double>::infinity(), op,
-               "data_range must be positive and finite, got ", data_range);
+  // the wrapper's bounds (ops/block_match.py MIN_RANGE, MAX_RANGE): data_range^2 must stay a
+  // normal float32, or every psnr silently comes out -inf (underflow) or +inf (overflow)
+  EFFSSL_CHECK(data_range >= 1e-18 && data_range <= 1e18, op,
+               "data_range must be in [1e-18, 1e+18], got ", data_range);
   // the kernels count channel rows C * block_size in int
   EFFSSL_CHECK(C * block_size <= std::numeric_limits<int>::max(), op, "C * block_size = ", C * block_size,
                " must be below 2^31");

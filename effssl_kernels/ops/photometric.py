@@ -39,7 +39,7 @@ def pack_params(params, N: int) -> Tuple[Tensor, Tensor, Optional[Tensor]]:
     dev = params.brightness.device
     thr = params.solarize_threshold
     thr = thr.to(f) if isinstance(thr, Tensor) else torch.full((N,), float(thr), dtype=f, device=dev)
-    blur = params.blur_sigma > 0
+    blur = params.blurs()
     cols = [params.brightness.to(f), params.contrast.to(f), params.saturation.to(f), params.hue.to(f),
             *params.order.to(f).unbind(1), params.jitter_apply.to(f), params.gray.to(f), blur.to(f),
             params.solarize.to(f), thr]

@@ -111,8 +111,10 @@ def block_match_reference(
         best, best_d = _by_position(a_blk, b32, cy, cx, B, r)
     else:
         best, best_d = _by_displacement(a_blk, b32, cy, cx, B, r, grid=centers is None)
-    # mse 0 -> +inf dB; no candidate (mse stays +inf) -> -inf dB.
-    return 10.0 * torch.log10((data_range * data_range) / best), best_d
+    # mse 0 -> +inf dB; no candidate (mse stays +inf) -> -inf dB. A tensor numerator: torch
+    # computes scalar / tensor as scalar * reciprocal, which overflows for mse < 2.9e-39 (a
+    # data_range of 1e-18 has real blocks there) and reported them identical.
+    return 10.0 * torch.log10(torch.full_like(best, data_range * data_range) / best), best_d
 
 
 def _by_displacement(a_blk: Tensor, b32: Tensor, cy: Tensor, cx: Tensor, B: int, r: int, grid: bool):

@@ -226,7 +226,7 @@ def photometric_reference(views: Tensor, params: "PhotometricParams") -> Tensor:
     N, _, H, W = views.shape
     params.check(N, views.device)
     k = params.blur_kernel
-    blur = params.blur_sigma > 0
+    blur = params.blurs()
     if bool(blur.any()) and not blur_fits(k, H, W):
         raise ValueError(blur_size_message(k, H, W))
     channels_last = views.dim() == 4 and views.is_contiguous(memory_format=torch.channels_last) and not (
@@ -270,15 +270,17 @@ def photometric_reference(views: Tensor, params: "PhotometricParams") -> Tensor:
 
 
 def photometric_mismatch(got: Tensor, want: Tensor, views_dtype: torch.dtype,
-                         level_frac: float = 0.005) -> tuple:
+                         level_frac: float = 0.005, std=None) -> tuple:
     """How far a kernel's output ``got`` is from the reference ``want`` (same shape and dtype),
     and whether that is within the kernels' tolerance: ``(max_err, frac_off, why)``, ``why``
     empty when it is.
 
     float32 views: 2e-5 absolute. float16 / bfloat16 views: one step of the type (the kernels
     compute in float32 and round once, as the reference; the interpreter truncates to
-    bfloat16) plus 2e-5. uint8 views: at most one level (1 on uint8 output, 1/255/0.224 after
-    normalisation) on at most ``level_frac`` of the values, because torchvision truncates every
+    bfloat16) plus 2e-5. uint8 views: at most one level (1 on uint8 output, 1/255/min(``std``)
+    after normalisation; without ``std``, 1/255/0.224, ImageNet's smallest std: pass the
+    ``std`` the views were normalised with for others, e.g. CIFAR's 0.1994) on at most
+    ``level_frac`` of the values, because torchvision truncates every
     uint8 intermediate, so a float32 rounding difference can move a value one level.
     ``frac_off`` is the fraction off by more than 2e-5. NaN must be where the reference has it.
     The tests and the benchmark both judge by this rule."""
@@ -291,7 +293,8 @@ def photometric_mismatch(got: Tensor, want: Tensor, views_dtype: torch.dtype,
     max_err = float(d.max()) if d.numel() else 0.0
     frac_off = float((d > 2e-5).double().mean()) if d.numel() else 0.0
     if views_dtype == torch.uint8:
-        level = 1.0 if got.dtype == torch.uint8 else 1 / 255 / 0.224
+        smallest = 0.224 if std is None else float(torch.as_tensor(std, dtype=torch.float64).min())
+        level = 1.0 if got.dtype == torch.uint8 else 1 / 255 / smallest
         if max_err > level * 1.01 + 2e-5:
             return max_err, frac_off, f"off by {max_err:.3g} > one level ({level:.3g})"
         if frac_off > level_frac:
