@@ -202,6 +202,13 @@ def results_dir(device_tag: str) -> str:
 
 
 def write_json(path: str, info: dict, rows: list[dict]) -> None:
+    """``{"info": info, "rows": rows}`` to ``path``; every benchmark's JSON goes through here
+    (report(), a partial run's, photometric's two tables), so every one flags rates above their
+    measured limit (:func:`flag_over_limit`, with a warning)."""
+    over = flag_over_limit(rows)
+    if over:
+        print(f"warning: {over} row(s) above 100% of a measured limit: the ceiling was measured once, "
+              f"at the start, and a loaded machine (or cached data) sets it too low; rerun on an idle machine")
     with open(path, "w") as f:
         json.dump({"info": info, "rows": rows}, f, indent=1)
 
@@ -386,7 +393,8 @@ def flag_over_limit(rows: list[dict]) -> int:
     this run means the ceiling is wrong, not the kernel fast); returns how many."""
     n = 0
     for r in rows:
-        if any(k.startswith("pct_") and isinstance(v, (int, float)) and v > 100 for k, v in r.items()):
+        # 100.5: the yardstick's own row (a copy at 100% of the copy rate) rounds either side of 100
+        if any(k.startswith("pct_") and isinstance(v, (int, float)) and v > 100.5 for k, v in r.items()):
             note = r.get("note")
             if not note or OVER_LIMIT_NOTE not in note:
                 r["note"] = f"{note}; {OVER_LIMIT_NOTE}" if note else OVER_LIMIT_NOTE
@@ -398,11 +406,7 @@ def report(args, name: str, title: str, info: dict, rows: list[dict], columns: l
     """Write ``<out>/<name>.json`` (its info says whether the run was ``quick``), print the
     table, return the JSON path."""
     path = os.path.join(out_dir(args), f"{name}.json")
-    over = flag_over_limit(rows)
-    if over:
-        print(f"warning: {over} row(s) above 100% of a measured limit: the ceiling was measured once, "
-              f"at the start, and a loaded machine (or cached data) sets it too low; rerun on an idle machine")
-    write_json(path, {**info, "quick": bool(args.quick)}, rows)
+    write_json(path, {**info, "quick": bool(args.quick)}, rows)  # notes rows above their limit
     print_table(title, rows, columns)
     print(f"wrote {path}")
     return path

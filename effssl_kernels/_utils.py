@@ -11,19 +11,25 @@ import torch
 
 
 def as_pair(size, what: str) -> tuple[int, int]:
-    """``int`` or ``(H, W)`` of positive ints -> ``(H, W)``; ``what`` names it in errors
-    (bools are rejected although Python counts them as ints)."""
-    if isinstance(size, int) and not isinstance(size, bool):
-        size = (size, size)
-    if (
-        not isinstance(size, (tuple, list, torch.Size))
-        or len(size) != 2
-        or not all(isinstance(s, int) and not isinstance(s, bool) for s in size)
-    ):
+    """An int or a pair ``(H, W)`` of positive ints -> ``(H, W)``; ``what`` names it in errors.
+    NumPy and 0-d tensor ints count (``operator.index``); bools, floats and strings do not."""
+    def index(v):
+        if isinstance(v, (bool, str, bytes)):
+            raise TypeError
+        return operator.index(v)
+
+    try:
+        pair = (index(size),) * 2  # one int (Python, NumPy, 0-d tensor)
+    except TypeError:
+        try:
+            pair = tuple(index(v) for v in size)  # a tuple, list, torch.Size or array of two
+        except TypeError:
+            pair = None
+    if pair is None or len(pair) != 2:
         raise TypeError(f"{what} must be an int or a pair of ints (H, W), got {size!r}")
-    if size[0] < 1 or size[1] < 1:
-        raise ValueError(f"{what} must be positive, got {tuple(size)}")
-    return int(size[0]), int(size[1])
+    if pair[0] < 1 or pair[1] < 1:
+        raise ValueError(f"{what} must be positive, got {pair}")
+    return pair
 
 
 def as_int(v, what: str) -> int:

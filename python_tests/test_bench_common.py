@@ -129,12 +129,30 @@ def test_rates_above_the_measured_limit_are_flagged(tmp_path, capsys):
     rows = [{"case": "a", "pct_fp32_limit": 132.0},
             {"case": "b", "pct_fp32_limit": 99.0, "note": "x"},
             {"case": "c", "pct_copy_bw": 101.0, "note": "failed? no"},
-            {"case": "d", "pct_copy_bw": None}]
+            {"case": "d", "pct_copy_bw": None},
+            {"case": "yardstick", "pct_copy_bw": 100.00000000000001}]
     args = argparse.Namespace(out=str(tmp_path), quick=False, device="cpu")
     path = common.report(args, "t", "title", {}, rows, ["case", "pct_fp32_limit", "note"])
     assert "2 row(s) above 100% of a measured limit" in capsys.readouterr().out
     got = json.load(open(path))["rows"]
     assert got[0]["note"] == common.OVER_LIMIT_NOTE
-    assert got[1]["note"] == "x" and "note" not in got[3]
+    assert got[1]["note"] == "x" and "note" not in got[3] and "note" not in got[4]
     assert got[2]["note"] == "failed? no; " + common.OVER_LIMIT_NOTE
     assert common.flag_over_limit(got) == 2 and got[0]["note"] == common.OVER_LIMIT_NOTE  # once
+
+
+def test_every_json_writer_flags_rates_above_the_limit(tmp_path, capsys):
+    # photometric's main and a partial (SIGTERM) run write JSON without report(): write_json flags
+    import bench.bench_photometric as bp
+
+    rows = [{"case": "c", "provider": "ours", "median_ms": 1.0, "pct_copy_bw": 150.0}]
+    common.write_json(str(tmp_path / "a.json"), {}, [dict(r) for r in rows])
+    assert json.load(open(tmp_path / "a.json"))["rows"][0]["note"] == common.OVER_LIMIT_NOTE
+    orig = bp.run, bp.step_share
+    bp.run, bp.step_share = (lambda d, q: ([dict(r) for r in rows], {"device": "cpu"})), (lambda d, q: [])
+    try:
+        path = bp.main(["--device", "cpu", "--out", str(tmp_path / "p")])
+    finally:
+        bp.run, bp.step_share = orig
+    assert json.load(open(path))["rows"][0]["note"] == common.OVER_LIMIT_NOTE
+    assert "above 100% of a measured limit" in capsys.readouterr().out

@@ -218,6 +218,8 @@ def test_mismatch_rule():
     assert photometric_mismatch(cifar, f, torch.uint8, std=torch.tensor([0.2023, 0.1994, 0.2010]))[2] == ""
     assert photometric_mismatch(cifar, f, torch.uint8, std=(0.2470, 0.1994, 0.2616))[2] == ""
     assert "one level" in photometric_mismatch(cifar * 1.1, f, torch.uint8, std=(0.2470, 0.1994, 0.2616))[2]
+    assert photometric_mismatch(f, f, torch.uint8, std=(-0.2, 0.25, 0.25))[2] == ""  # a legal negative std
+    assert photometric_mismatch(cifar, f, torch.uint8, std=(-0.1994, 0.25, 0.25))[2] == ""
     n = w.clone()
     n[0, 0, 0, 0] = float("nan")
     assert photometric_mismatch(n, n.clone(), torch.float32)[2] == ""

@@ -1,6 +1,7 @@
 """Block-sparse conv2d on packed kept tiles (effssl_kernels.sparse, plain PyTorch path) against the
 masked dense oracle masked_conv2d_reference (SEMANTICS.md section 2), plus the tile layout
 (TileIndex, pack/unpack, halo_gather) against direct dense computations."""
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -576,8 +577,8 @@ def test_bad_inputs():
     for ww, groups, msg in ((torch.randn(4, 2, 3, 3), 1, "needs an input of 2 channels"),
                             (torch.randn(5, 3, 3, 3), 3, "C_out divisible by 3"),
                             (torch.randn(4, 1, 3, 3), 3, "C_out divisible by 3"),
-                            (w, 0, "groups must be a positive int"),
-                            (w, 1.0, "groups must be a positive int")):
+                            (w, 0, "sparse_conv2d.*groups must be at least 1"),
+                            (w, 1.0, "sparse_conv2d.*groups must be an int")):
         with pytest.raises(ValueError, match=msg):
             sparse_conv2d(x, ww, None, 1, 1, groups=groups, mask=mask)
         with pytest.raises(ValueError, match=msg):  # the masked-dense path too (stride 3)
@@ -591,8 +592,17 @@ def test_bad_inputs():
         sparse_conv2d(x, w, None, 1, -1, mask=mask)
     with pytest.raises(ValueError, match="stride must be positive"):
         sparse_conv2d(x, w, None, 1, 1, mask=mask, in_stride=0)
+    # groups as F.conv2d takes it (NumPy and 0-d tensor ints), on both paths
+    wg = torch.randn(6, 1, 3, 3)
+    for groups in (np.int64(3), torch.tensor(3)):
+        for stride in (1, 3):
+            torch.testing.assert_close(sparse_conv2d(x, wg, None, stride, 1, groups=groups, mask=mask),
+                                       masked_conv2d_reference(x, wg, None, stride, 1, 1, 3, mask=mask))
     idx = TileIndex.from_mask(mask, 1)
     tiles = pack(x, idx)
+    for bad in (torch.randn(5), [1, 2]):  # the tiles' own error, not an IndexError from the weight check
+        with pytest.raises(ValueError, match="tiles must be a 4-D"):
+            sparse_conv2d_packed(bad, w, None, 1, 1, mask=mask)
     with pytest.raises(ValueError, match="not tile-aligned"):
         sparse_conv2d_packed(tiles, w, None, 1, 0, mask=mask)  # output would shrink
     with pytest.raises(ValueError, match="tiles shape"):

@@ -7,6 +7,7 @@ import contextlib
 import copy
 import warnings
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -326,7 +327,11 @@ def test_tile_plan_bad_arguments():
                                   (8, (16, 0), ValueError, "tile_plan: image_size must be positive")):
         with pytest.raises(err, match=msg):
             R.tile_plan(m, block, size)
-    assert R.tile_plan(m, 8, (16, 16)) == R.tile_plan(m, 8, 16)
+    want = R.tile_plan(m, 8, 16)
+    assert R.tile_plan(m, 8, (16, 16)) == want
+    # NumPy ints, as BlockMask takes them (worked before the checks; as_pair took Python ints only)
+    for size in ((np.int64(16), np.int64(16)), np.array([16, 16]), np.int32(16), torch.tensor(16)):
+        assert R.tile_plan(m, np.int64(8), size) == want
 
 
 @pytest.mark.parametrize("layers", [

@@ -530,6 +530,9 @@ def test_crop_centers_takes_numpy_and_tensor_ints():
     for b in (np.int64(8), np.int32(8), torch.tensor(8)):
         got = crop_centers(**{**_good(), "block_size": b})
         assert all(torch.equal(g, w) for g, w in zip(got, want))
+    for size in (np.int64(64), (np.int64(64), 64), np.array([64, 64])):  # view_size too
+        got = crop_centers(**{**_good(), "view_size": size})
+        assert all(torch.equal(g, w) for g, w in zip(got, want))
 
 
 @pytest.mark.parametrize(

@@ -293,7 +293,7 @@ def photometric_mismatch(got: Tensor, want: Tensor, views_dtype: torch.dtype,
     max_err = float(d.max()) if d.numel() else 0.0
     frac_off = float((d > 2e-5).double().mean()) if d.numel() else 0.0
     if views_dtype == torch.uint8:
-        smallest = 0.224 if std is None else float(torch.as_tensor(std, dtype=torch.float64).min())
+        smallest = 0.224 if std is None else float(torch.as_tensor(std, dtype=torch.float64).abs().min())
         level = 1.0 if got.dtype == torch.uint8 else 1 / 255 / smallest
         if max_err > level * 1.01 + 2e-5:
             return max_err, frac_off, f"off by {max_err:.3g} > one level ({level:.3g})"

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
-from .._utils import conv_out_len
+from .._utils import conv_out_len, int_arg
 from ..masks import BlockMask, _pair, _positive_pair
 from ..ops.tile_conv import DTYPES as TILE_CONV_DTYPES
 from ..ops.tile_conv import runs_triton, tile_conv
@@ -88,21 +88,27 @@ def conv_tile_halo(kernel_size: IntOrPair, stride: IntOrPair = 1, padding=0,
     return hc[0], hc[1], hr[0], hr[1]
 
 
-def _check_weight(weight: Tensor, bias: Optional[Tensor], fn: str, channels: int, groups: int) -> None:
-    """weight ``[C_out, channels / groups, kh, kw]`` and bias ``[C_out]`` or None: checked here,
-    since F.conv2d's own error would describe the halo'd tiles, not the caller's tensors."""
+def _check_weight(weight: Tensor, bias: Optional[Tensor], fn: str, x, groups) -> int:
+    """weight ``[C_out, C / groups, kh, kw]`` for x's ``C`` channels (x checked when it is a 4-D
+    tensor; its own check names anything else) and bias ``[C_out]`` or None: checked here, since
+    F.conv2d's error would describe the halo'd tiles, not the caller's tensors. Returns groups
+    as an int (NumPy and 0-d tensor ints are taken, as F.conv2d takes them)."""
     if not isinstance(weight, Tensor) or weight.dim() != 4:
         raise ValueError(f"{fn}: weight must be a 4-D [C_out, C_in / groups, kh, kw] tensor, got "
                          f"{tuple(weight.shape) if isinstance(weight, Tensor) else type(weight).__name__}")
-    if isinstance(groups, bool) or not isinstance(groups, int) or groups < 1:
-        raise ValueError(f"{fn}: groups must be a positive int, got {groups!r}")
-    if weight.shape[0] % groups or weight.shape[1] * groups != channels:
-        raise ValueError(f"{fn}: weight {tuple(weight.shape)} with groups={groups} needs an input of "
-                         f"{weight.shape[1] * groups} channels and C_out divisible by {groups}; the "
-                         f"input has {channels} channels")
     if bias is not None and (not isinstance(bias, Tensor) or tuple(bias.shape) != (weight.shape[0],)):
         raise ValueError(f"{fn}: bias must be None or a [{weight.shape[0]}] tensor, got "
                          f"{tuple(bias.shape) if isinstance(bias, Tensor) else type(bias).__name__}")
+    try:
+        groups = int_arg("groups", fn, groups, 1)
+    except TypeError as e:  # F.conv2d raises a TypeError too, but the docstring promises ValueError
+        raise ValueError(str(e)) from None
+    channels = x.shape[1] if isinstance(x, Tensor) and x.dim() == 4 else None
+    if weight.shape[0] % groups or (channels is not None and weight.shape[1] * groups != channels):
+        raise ValueError(f"{fn}: weight {tuple(weight.shape)} with groups={groups} needs an input of "
+                         f"{weight.shape[1] * groups} channels and C_out divisible by {groups}; the "
+                         f"input has {channels} channels")
+    return groups
 
 
 def _check_mask_x(x: Tensor, mask: BlockMask, fn: str) -> None:
@@ -150,7 +156,7 @@ def sparse_conv2d(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None,
     fn = "sparse_conv2d"
     s_in = _positive_pair(in_stride, "in_stride")
     _check_mask_x(x, mask, fn)
-    _check_weight(weight, bias, fn, x.shape[1], groups)
+    groups = _check_weight(weight, bias, fn, x, groups)
     halo = conv_tile_halo(weight.shape[-2:], stride, padding, dilation, mask=mask,
                           in_stride=s_in, size=x.shape[-2:])
     if halo is None:
@@ -176,7 +182,7 @@ def sparse_conv2d_packed(tiles: Tensor, weight: Tensor, bias: Optional[Tensor] =
     fn = "sparse_conv2d_packed"
     if not isinstance(mask, BlockMask):
         raise TypeError(f"{fn}: mask must be a BlockMask, got {type(mask).__name__}")
-    _check_weight(weight, bias, fn, tiles.shape[1], groups)
+    groups = _check_weight(weight, bias, fn, tiles, groups)
     s_in = _positive_pair(in_stride, "in_stride")
     halo = conv_tile_halo(weight.shape[-2:], stride, padding, dilation, mask=mask,
                           in_stride=s_in)

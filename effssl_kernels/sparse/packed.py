@@ -523,7 +523,7 @@ def conv2d_map(x: Tensor, weight: Tensor, bias: Optional[Tensor], stride, paddin
         return sparse_conv2d(as_dense(x), weight, bias, stride, padding, dilation, groups,
                              mask=mask, in_stride=in_stride)
     tiles, idx_in = _tiles_at(x, mask, in_stride, "sparse conv2d")
-    _check_weight(weight, bias, "sparse conv2d", tiles.shape[1], groups)
+    groups = _check_weight(weight, bias, "sparse conv2d", tiles, groups)
     s = _positive_pair(stride, "stride")
     y = _conv_tiles(tiles, weight, bias, s, halo, dilation, groups, idx_in)
     idx_out = TileIndex.from_mask(mask, (in_stride[0] * s[0], in_stride[1] * s[1]))
