@@ -354,3 +354,30 @@ def test_tile_plan_follows_the_producer(layers):
         h.remove()
     assert seen and {n: t is P.PackedMap for n, t in seen.items()} == \
         {n: plan[n] == "tiles" for n in seen}, (plan, seen)
+
+
+def test_layer_replaced_after_sparsify_raises_under_a_mask():
+    # a BatchNorm replaced after sparsify (e.g. convert_sync_batchnorm without a second sparsify)
+    # on a masked-dense layer ran unmasked, silently: it counted removed zeros as data
+    import torchvision
+
+    torch.manual_seed(0)
+    m = R.sparsify(torchvision.models.resnet18(num_classes=4))
+    x = torch.randn(2, 3, 64, 64)
+    keep = torch.rand(2, 4, 4) < 0.5
+    keep[:, 0, 0] = True
+    assert R.tile_plan(m, 16, 64)["layer4.0.bn1"] == "masked-dense"
+    m.layer4[0].bn1 = nn.BatchNorm2d(512)
+    m(x)  # no mask: nothing to convert for
+    with pytest.raises(RuntimeError, match=r"1 layer\(s\) were added or replaced after sparsify.*layer4\.0\.bn1"):
+        with R.block_mask(keep, 16):
+            m(x)
+    R.sparsify(m)  # converted now: runs, and equals a model sparsified with that BN from the start
+    ref = copy.deepcopy(m)
+    with R.block_mask(keep, 16):
+        torch.testing.assert_close(m(x), ref(x))
+    assert len(m._forward_pre_hooks) == 1
+    R.sparsify(m)  # no second hook
+    assert len(m._forward_pre_hooks) == 1
+    R.unsparsify(m)
+    assert len(m._forward_pre_hooks) == 0
