@@ -230,14 +230,14 @@ def test_the_conv_of_no_tiles_is_the_conv_of_an_empty_batch(weight_shape, stride
         assert got.shape == want.shape and got.dtype == want.dtype, (got.shape, want.shape)
         gt, gw, gb = torch.autograd.grad(got.sum(), (tiles, w, b))
         assert gt.shape == tiles.shape and not gw.any() and not gb.any()
-    # what F.conv2d refuses is left to it (its error), whatever the mask keeps
+    # what F.conv2d refuses is refused (sparse_conv2d's ValueError), whatever the mask keeps
     assert _no_tiles(tiles.double(), w, b, stride, halo, dilation, 1) is None
     assert _no_tiles(tiles, w[:, :3], b, stride, halo, dilation, 1) is None
     assert _no_tiles(tiles, w, b, stride, halo, dilation, 2) is None  # 4 input channels, not 2 * 4
     assert _no_tiles(tiles, w, b[:5], stride, halo, dilation, 1) is None
     mask = BlockMask(torch.zeros(2, 2, 2, dtype=torch.bool), 8, 16)
     for wrong in (torch.randn(5, 3, 3, 3), torch.randn(5, 2, 3, 3)):
-        with pytest.raises(RuntimeError):
+        with pytest.raises(ValueError, match="needs an input of"):
             ek.sparse_conv2d(torch.randn(2, 4, 16, 16), wrong, None, 1, 1, groups=2 if wrong.shape[1] == 2 else 1,
                              mask=mask)
 
