@@ -12,17 +12,12 @@ import torch
 
 def as_pair(size, what: str) -> tuple[int, int]:
     """An int or a pair ``(H, W)`` of positive ints -> ``(H, W)``; ``what`` names it in errors.
-    NumPy and 0-d tensor ints count (``operator.index``); bools, floats and strings do not."""
-    def index(v):
-        if isinstance(v, (bool, str, bytes)):
-            raise TypeError
-        return operator.index(v)
-
+    NumPy and 0-d tensor ints count (:func:`as_int`); bools, floats and strings do not."""
     try:
-        pair = (index(size),) * 2  # one int (Python, NumPy, 0-d tensor)
+        pair = (as_int(size, what),) * 2  # one int (Python, NumPy, 0-d tensor)
     except TypeError:
         try:
-            pair = tuple(index(v) for v in size)  # a tuple, list, torch.Size or array of two
+            pair = tuple(as_int(v, what) for v in size)  # a tuple, list, torch.Size or array of two
         except TypeError:
             pair = None
     if pair is None or len(pair) != 2:
