@@ -11,6 +11,7 @@ Emulation is slow (thousands of fiber switches per block), so shapes are small, 
 cases keep a few blocks alive by sending the others' search centres far outside the image (a
 block without a candidate exits before its first barrier).
 """
+import math
 import re
 import shutil
 
@@ -172,6 +173,26 @@ def test_inf_pixels(asan, path):
     # an inf in a: its block's every candidate is +inf, so no candidate (-inf dB, offset 0)
     psnr, off = run(asan, b, a, 16, 8, path=path)
     assert torch.isneginf(psnr[0, 1, 1]) and (off[0, 1, 1] == 0).all()
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("b_pixel", [float("nan"), float("inf")])
+def test_inf_in_a_with_a_nan_candidate(asan, path, b_pixel):
+    # An inf in a's block and one candidate whose mse is NaN (a NaN in its window, or an inf
+    # meeting a's: inf - inf): that candidate wins, NaN dB at its offset, as in the reference.
+    # Until 2026-12-06 the tiled kernel, whose centred sums are all NaN once a has an inf, took
+    # the first candidate instead (-inf dB, offset (0, 0)).
+    g = torch.Generator().manual_seed(0)
+    a = torch.rand(1, 1, 16, 16, generator=g)
+    b = torch.rand(1, 1, 16, 16, generator=g)
+    a[0, 0, 5, 5] = float("inf")  # block (1, 1)
+    y = 9 if math.isnan(b_pixel) else 7  # a NaN in the (2, 2) window only; the inf under a's at (2, 2)
+    b[0, 0, y, y] = b_pixel
+    want_p, want_o = ek.block_match(a, b, 4, 2)
+    assert torch.isnan(want_p[0, 1, 1]) and want_o[0, 1, 1].tolist() == [2, 2]
+    psnr, off = run(asan, a, b, 4, 2, path=path)
+    assert torch.equal(off, want_o)
+    torch.testing.assert_close(psnr, want_p, atol=1e-3, rtol=0, equal_nan=True)
 
 
 @pytest.mark.parametrize("path", ["image", "direct"])

@@ -4,7 +4,8 @@ here as a stack frame and spills before anyone times the kernel on an H100.
 
 Measured with nvcc 13.0 (2026-12-05): bm_image 48 registers, no stack; bm_tiled 96 registers
 (the cap of __launch_bounds__(288, 2)) and bm_direct 64, with 16-24 byte stack frames and
-24-32 bytes of spill stores. Those are the registers saved around the calls to the slow paths of
+24-32 bytes of spill stores (bm_tiled 24-32 and 36-40 since its re-score became a loop that scores
+every candidate of a block whose a holds an inf or NaN, 2026-12-06). Those are the registers saved around the calls to the slow paths of
 IEEE float division and 64-bit integer division (CALL.REL in the SASS, no LDL/STL inside the
 FFMA loops); a spill in the main loop would cost far more than the bound below."""
 import os

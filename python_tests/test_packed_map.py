@@ -17,6 +17,7 @@ from effssl_kernels.reference.masked_net import (
 )
 from effssl_kernels.sparse import packed as P
 from effssl_kernels.sparse.packed import PackedMap, pack_map
+from effssl_kernels.sparse.tiles import TileIndex
 
 from utils import random_mask
 
@@ -106,6 +107,30 @@ def test_maps_of_different_resolutions_combine_densely():
         y = p + r
     assert type(y) is torch.Tensor
     torch.testing.assert_close(y, x + r.to_dense())
+
+
+def test_maps_of_equal_masks_combine_on_the_tiles():
+    # An equal but new mask (a checkpoint recomputed under the `with` of an equal keep) indexes
+    # the same tiles: its maps combine with the first mask's on the tiles, packed; a mask with
+    # as many kept blocks elsewhere does not (the dense op).
+    x, mask, p = _packed(seed=5)
+    twin = BlockMask(mask.keep.clone(), mask.block_size, mask.image_size)
+    q = pack_map(x * 2, twin, (2, 2))
+    assert q.index is not p.index and q.index.same_tiles(p.index)
+    y = p + q
+    assert type(y) is PackedMap and y.index is p.index
+    torch.testing.assert_close(y.to_dense(), 3 * x)
+    moved = mask.keep.roll(1, dims=-1)
+    other = BlockMask(moved, mask.block_size, mask.image_size)
+    assert int(other.keep.sum()) == int(mask.keep.sum()) and not torch.equal(moved, mask.keep)
+    r = pack_map(x * other.pixel_mask(2, x.shape[-2:]), other, (2, 2))
+    assert r.index.num_tiles == p.index.num_tiles and not r.index.same_tiles(p.index)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        z = p + r
+    assert type(z) is torch.Tensor
+    torch.testing.assert_close(z, x + r.to_dense())
+    assert not p.index.same_tiles(TileIndex.from_mask(twin, (1, 1)))  # another resolution
 
 
 def test_unknown_in_place_op_raises():

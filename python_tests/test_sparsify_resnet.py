@@ -462,20 +462,23 @@ def test_every_conv_goes_through_conv2d_map(monkeypatch):
 
 # block 8 tiles every stage; block 4 runs the late stages masked-dense, where a stage's
 # packed input is unpacked inside the checkpoint (its cached dense copy must not serve the
-# recomputation: a different count of saved tensors is a CheckpointError)
+# recomputation: a different count of saved tensors is a CheckpointError). "torch_equal" and
+# "torch_equal_mask": plain per-stage checkpoints with backward inside the `with` of an equal but
+# new keep / BlockMask (until 2026-12-06 a ValueError, the keep's image size unknown to a stage
+# recomputed alone, and a CheckpointError, the forward's maps repacked under the new index).
 @pytest.mark.parametrize("block", [8, 4])
-@pytest.mark.parametrize("ckpt", ["ours", "torch"])
+@pytest.mark.parametrize("ckpt", ["ours", "torch", "torch_equal", "torch_equal_mask"])
 def test_checkpoint_recomputes_under_the_forward_mask(block, ckpt):
     orig = _randomize_bn(_cifar_resnet()).double().eval()
     a = R.sparsify(copy.deepcopy(orig))
     b = R.sparsify(copy.deepcopy(orig))
     x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
     keep = _keep(2, 32 // block, 32 // block, seed=6)
-    if ckpt == "torch":  # plain checkpoint: recomputes under the mask only with backward inside the with
+    if ckpt == "ours":
+        cp = R.checkpoint
+    else:  # plain checkpoint: recomputes under the mask only with backward inside a with
         def cp(f, z):
             return torch.utils.checkpoint.checkpoint(f, z, use_reentrant=False)
-    else:
-        cp = R.checkpoint
 
     def stages(m, x, ckpt):
         x = m.relu(m.bn1(m.conv1(x)))
@@ -483,7 +486,8 @@ def test_checkpoint_recomputes_under_the_forward_mask(block, ckpt):
             x = ckpt(layer, x) if ckpt else layer(x)
         return m.fc(torch.flatten(m.avgpool(x), 1))
 
-    with R.block_mask(keep, block):
+    mask = BlockMask(keep, block, (32, 32)) if ckpt == "torch_equal_mask" else keep
+    with R.block_mask(mask, None if ckpt == "torch_equal_mask" else block):
         ya = stages(a, x, None)
         yb = stages(b, x, cp)
         torch.testing.assert_close(yb, ya)
@@ -493,6 +497,14 @@ def test_checkpoint_recomputes_under_the_forward_mask(block, ckpt):
     if ckpt == "ours":
         ya.sum().backward()  # outside the with: the checkpoint recomputes under the same mask
         yb.sum().backward()
+    elif ckpt == "torch_equal":
+        ya.sum().backward()
+        with R.block_mask(keep.clone(), block):
+            yb.sum().backward()
+    elif ckpt == "torch_equal_mask":
+        ya.sum().backward()
+        with R.block_mask(BlockMask(keep.clone(), block, (32, 32))):
+            yb.sum().backward()
     for (k, pa), pb in zip(a.named_parameters(), b.parameters()):
         torch.testing.assert_close(pb.grad, pa.grad, msg=lambda m, k=k: f"{k}: {m}")
 

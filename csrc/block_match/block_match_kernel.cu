@@ -610,8 +610,7 @@ __global__ void __launch_bounds__(kTileThreads, 2) bm_tiled_kernel(const BlockMa
 
     // Vertical box sums give sumB2[dy][dx]; with X and sumA2 they give the approximate mse and
     // the key of each candidate; each thread keeps its best.
-    // (Left NaN, so possibly a false NaN: an inf in a and in the window, where every candidate
-    // is +inf or NaN anyway.)
+    // (With a not finite every key is NaN: the re-score below then scores each candidate.)
     const bool a_finite = isfinite(sumA2);
     Cand best = cand_none();
     {
@@ -640,11 +639,19 @@ __global__ void __launch_bounds__(kTileThreads, 2) bm_tiled_kernel(const BlockMa
     }
     const Cand win = block_argmin<kTileWarps>(best, scratch);
 
-    // Re-score the winner: direct fp32 (a - b')^2 over the raw inputs.
-    const int dy = l.ry.lo + win.dyi, dx = l.rx.lo + win.dxi;
-    const int y0 = static_cast<int>(l.cy + dy), x0 = static_cast<int>(l.cx + dx);
-    float s = 0.f;
-    {
+    // Re-score the winner: direct fp32 (a - b')^2 over the raw inputs. With an inf or NaN in a
+    // (sumA2 not finite) every key above was NaN, so a true NaN (a NaN in a window, or inf - inf
+    // where b has a's inf), which must win, was not told from a +inf: then every candidate is
+    // scored so (CTA-uniform loop; a slow path for a rare block).
+    // Candidates are compared by their sums (as by mse: cbb > 0), divided once at the end.
+    const int ny = a_finite ? 1 : k.Dy, nx = a_finite ? 1 : k.Dx;
+    Cand fin = cand_none();
+    for (int qy = 0; qy < ny; ++qy)
+    for (int qx = 0; qx < nx; ++qx) {
+      const int dyi = a_finite ? win.dyi : qy, dxi = a_finite ? win.dxi : qx;
+      const int dy = l.ry.lo + dyi, dx = l.rx.lo + dxi;
+      const int y0 = static_cast<int>(l.cy + dy), x0 = static_cast<int>(l.cx + dx);
+      float s = 0.f;
       const long long abase = static_cast<long long>(l.n) * p.sa[0];
       const long long bbase = static_cast<long long>(l.n) * p.sb[0];
       for (int row = warp; row < p.C * B; row += kTileWarps) {
@@ -660,9 +667,12 @@ __global__ void __launch_bounds__(kTileThreads, 2) bm_tiled_kernel(const BlockMa
           s = fmaf(d, d, s);
         }
       }
+      s = block_sum<kTileWarps>(s, red);
+      const float key = isnan(s) ? -1.f : s;
+      const long long rank = block_match_rank(dy, dx, p.radius);
+      if (cand_less(key, rank, fin.key, fin.rank)) fin = Cand{key, rank, dyi, dxi, s};
     }
-    s = block_sum<kTileWarps>(s, red);
-    if (t == 0) write_result(p, bid, s / cbb, dy, dx);
+    if (t == 0) write_result(p, bid, fin.mse / cbb, l.ry.lo + fin.dyi, l.rx.lo + fin.dxi);
     // The next block's first stage_chunk starts with a barrier before touching shared memory.
   }
 }

@@ -135,6 +135,13 @@ class _MaskState:
         # layer ran, e.g. a submodule called on its own) fixes the block grid.
         if first or (self.last is None and in_stride == (1, 1)):
             size = (int(x.shape[-2]), int(x.shape[-1]))
+        elif self.last is None and isinstance(x, PackedMap) and x.mask.block_size == self.block_size:
+            # A later stage run first (a checkpoint's recomputation of one stage under the `with`
+            # of an equal keep): its input map carries the image size.
+            size = tuple(x.mask.image_size)
+        else:
+            size = None
+        if size is not None:
             # not cached in a trace (Dynamo would guard on the dict: see BlockMask._caches)
             m = None if tracing else self.by_size.get(size)
             if m is None:

@@ -372,7 +372,7 @@ if hasattr(_dynamo_config, "nontraceable_tensor_subclasses"):
 
 
 def _same_index(packed) -> bool:
-    return all(p._effssl_index is packed[0]._effssl_index for p in packed)
+    return all(p._effssl_index.same_tiles(packed[0]._effssl_index) for p in packed)
 
 
 def _in_place(func, name: str, args, kwargs) -> bool:
@@ -532,9 +532,11 @@ def conv2d_map(x: Tensor, weight: Tensor, bias: Optional[Tensor], stride, paddin
 
 def _tiles_at(x: Tensor, mask: BlockMask, in_stride: Tuple[int, int], fn: str):
     """(tiles, index) of x at ``in_stride``: a PackedMap of that index as is, anything else
-    (dense, or packed under another mask) packed from its dense map."""
+    (dense, or packed under another mask) packed from its dense map. A map of an equal mask's
+    index is taken as is: a checkpoint's recomputation under a ``with`` of an equal but new mask
+    must save what its forward saved, not a repack."""
     idx = TileIndex.from_mask(mask, in_stride)
-    if isinstance(x, PackedMap) and x.index is idx:
+    if isinstance(x, PackedMap) and x.index.same_tiles(idx):
         return x.tiles, idx
     x = as_dense(x)
     _check_x(x, mask, in_stride, fn)

@@ -128,6 +128,19 @@ class TileIndex:
                 entry[s] = idx
         return idx
 
+    def same_tiles(self, other: "TileIndex") -> bool:
+        """Whether ``other`` indexes the same tiles: the same geometry and kept list, as the
+        index of an equal but new mask at the same stride does (a checkpoint's recomputation
+        under a ``with`` of an equal mask meets its forward's maps). Compares the kept lists by
+        value (a host sync on CUDA) only when the geometry and tile count agree."""
+        if self is other:
+            return True
+        if (self.tile, self.stride, self.batch, self.grid, self.num_tiles) != \
+                (other.tile, other.stride, other.batch, other.grid, other.num_tiles):
+            return False
+        return self.kept is other.kept or (self.kept.device == other.kept.device
+                                           and torch.equal(self.kept, other.kept))
+
     def halo_table(self, halo) -> Tensor:
         """int64 ``[T, bh + top + bottom, bw + left + right]``: for each pixel of each tile padded
         by ``halo`` (as in :func:`halo_gather`), its row in the packed buffer ``[T * bh * bw + 2, C]``
