@@ -3,7 +3,9 @@
 Sizes fit the machine: the issues' GPU sizes on a GPU, CPU-sized cases on a CPU. Each benchmark
 prints its table and writes JSON; then ``report.md`` (every table) and PNG plots (speedup per
 kernel, time against keep ratio) are written beside them, and the folder is named at the end.
-``--only NAME ...`` runs a subset (e.g. ``--only multi_crop simwnw_step``).
+``--only NAME ...`` runs a subset (e.g. ``--only multi_crop simwnw_step``); ``--no-report``
+skips report.md and the plots (gpu_session.sh writes them once, after its last benchmark:
+matplotlib's import and the plots cost seconds of a time-limited device call).
 """
 from __future__ import annotations
 
@@ -38,6 +40,8 @@ def main() -> None:
     ap.add_argument("--out", default=None, help=OUT_HELP)
     ap.add_argument("--quick", action="store_true", help="smaller sizes, skip the slowest baselines")
     ap.add_argument("--only", nargs="+", default=None, help="benchmark names without the bench_ prefix")
+    ap.add_argument("--no-report", action="store_true",
+                    help="write the JSON only, not report.md and the plots (python -m bench.report DIR writes them)")
     args = ap.parse_args()
     check_device(ap, args)
     write_partial_on_sigterm()  # a benchmark stopped at a time limit leaves its finished cases
@@ -59,9 +63,10 @@ def main() -> None:
             paths.append(mod.main(argv))
             progress.advance(task)
     folder = os.path.dirname(paths[-1])
-    report = write_report(folder)
     print("results:", *paths, sep="\n  ")
-    print(f"report: {report}\nresults folder: {folder}")
+    if not args.no_report:
+        print(f"report: {write_report(folder)}")
+    print(f"results folder: {folder}")
 
 
 if __name__ == "__main__":

@@ -7,8 +7,9 @@ pos_embed; images need none, as in training). Baseline ``timm path``: conv patch
 flatten/transpose -> + pos_embed -> gather of the kept tokens, in plain torch, and
 ``torch.compile`` of it (Inductor). FLOPs count the useful work only, 2*N*K*D*C*p*p per forward
 GEMM (x2 with the weight-gradient GEMM), for every provider, so a provider that embeds all L
-patches shows a lower rate. The limit is the device's dense bf16 tensor-core peak (spec sheet,
-table below) for bf16 on a GPU, else bench/common.py's FP32 limit.
+patches shows a lower rate. The limit is the device's bf16 tensor-core rate for bf16 on a GPU (a
+bf16 GEMM measured there, ``bf16_tflops_limit``; the spec-sheet table below where measuring
+failed), else bench/common.py's FP32 limit.
 
     python -m bench.bench_patch_embed_gather [--device cuda|cpu] [--out DIR] [--quick]
 """

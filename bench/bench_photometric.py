@@ -243,8 +243,10 @@ def run(device: str, quick: bool = False):
     return rows, info
 
 
-def step_share(device: str, quick: bool = False):
-    """Rows of the SimSiam-step table: augmentation share before (torchvision loop) and after (ours)."""
+def step_share(device: str, quick: bool = False, live: list | None = None):
+    """Rows of the SimSiam-step table: augmentation share before (torchvision loop) and after
+    (ours), each added to ``live`` (the benchmark's live rows) as soon as it is timed, so a run
+    stopped at its time limit keeps them."""
     import torchvision
 
     from .bench_simsiam_step import SimSiam
@@ -273,32 +275,36 @@ def step_share(device: str, quick: bool = False):
     label = (f"SimSiam step, {arch} {img}px, {n} images x 2 views"
              + (", bf16 autocast" if gpu else ", fp32 (tiny CPU config)"))
     st = timed_row({}, step, device, mrt, _warm)
-    before = _loop_row({"case": label, "provider": "torchvision v2 loop (before)"}, views,
-                       per_sample(params), device, mrt)
-    after = timed_row({"case": label, "provider": "ours (after)"}, lambda: photometric(views, params_cpu), device,
-                      mrt, _warm)
-    out = []
-    for r in (before, after):
+    out = CaseRows([] if live is None else live)
+
+    def add(r):
         r["step_ms"] = st.get("median_ms")
         if "median_ms" in r and r["step_ms"] is not None:
             r["aug_ms"] = r.pop("median_ms")
             for k in ("p20_ms", "p80_ms"):
                 r.pop(k, None)
             r["aug_share_pct"] = 100 * r["aug_ms"] / (r["aug_ms"] + r["step_ms"])
+        if "note" in st:
+            r["note"] = "; ".join(filter(None, [r.get("note"), f"step {st['note']}"]))
         out.append(r)
+        return r
+
+    before = add(_loop_row({"case": label, "provider": "torchvision v2 loop (before)"}, views,
+                           per_sample(params), device, mrt))
+    after = add(timed_row({"case": label, "provider": "ours (after)"}, lambda: photometric(views, params_cpu),
+                          device, mrt, _warm))
     if all("aug_ms" in r for r in out):
         after["step_speedup"] = (before["aug_ms"] + before["step_ms"]) / (after["aug_ms"] + after["step_ms"])
-    if "note" in st:
-        for r in out:
-            r["note"] = "; ".join(filter(None, [r.get("note"), f"step {st['note']}"]))
-    return out
+    return list(out)
 
 
 def main(argv=None) -> str:
     args = parse_args(__doc__, "a quarter of the views, shorter timing", argv, name="photometric")
     os.environ.pop("EFFSSL_BACKEND", None)  # ours = the default backend of the device
     rows, info = run(args.device, args.quick)
-    share = step_share(args.device, args.quick)
+    n = len(rows)
+    share = step_share(args.device, args.quick, live=rows)  # appended to rows as they are timed
+    rows = rows[:n]
     path = os.path.join(out_dir(args), "photometric.json")
     write_json(path, {**info, "quick": bool(args.quick)}, rows + share)
     print_table(f"photometric on {info['device']}, views -> normalised float32 "

@@ -17,8 +17,8 @@ forward+backward (the gradient of z). Providers:
 ``gflops`` (forward rows only) counts each algorithm's own forward work per group and sums over
 groups: small side ``2 n^2 m + n^3 / 3`` (Gram matmul as a full GEMM, Cholesky), with
 ``m = max(b, d)``; reference ``2 d^2 b + 2 d^3 / 3`` (Gram matmul, LU). ``pct_fp32_limit`` is that
-rate over the device's FP32 limit (spec sheet on a GPU, a measured SGEMM on a CPU). GPU rows also
-give ``peak_mib``, the peak memory allocated by one call. CPU timings use all cores and are noisy
+rate over the device's FP32 limit (an SGEMM measured on the device, TF32 off; the spec sheet's
+only where measuring failed). GPU rows also give ``peak_mib``, the peak memory allocated by one call. CPU timings use all cores and are noisy
 on a shared machine.
 
     python -m bench.bench_tcr_loss [--device cuda|cpu] [--out DIR] [--quick]

@@ -8,6 +8,7 @@ import platform
 import signal
 import subprocess
 import tempfile
+import time
 
 import torch
 
@@ -75,23 +76,35 @@ def _measure_ceilings(device: str, copy_numel: int = 2**28, gemm_sizes=(4096, 81
             "bf16_tflops": _gemm_tflops(device, torch.bfloat16, gemm_sizes)}
 
 
+CEILINGS_MAX_AGE_S = 3600
+
+
+def _boot_id() -> str:
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as f:
+            return f.read().strip()
+    except OSError:
+        return "?"
+
+
 def _gpu_ceilings(name: str) -> dict:
     """The GPU's measured ceilings (the device method: datasheet rates are leads, measured
-    ceilings the limits), :func:`_measure_ceilings`. About 2 s, so cached per GPU and torch in
-    the temp folder: every benchmark process of one session reuses them."""
-    key = f"{name} | torch {torch.__version__}"
+    ceilings the limits), :func:`_measure_ceilings`. About 2 s, so cached per GPU, torch and boot
+    in the temp folder for an hour: the benchmark processes of one session reuse them, and a
+    rerun later (on a machine that was busy the first time) measures afresh."""
+    key = f"{name} | torch {torch.__version__} | boot {_boot_id()}"
     path = os.path.join(tempfile.gettempdir(), "effssl_bench_gpu_ceilings.json")
     try:
         with open(path) as f:
             cached = json.load(f)
-        if cached.get("key") == key:
+        if cached.get("key") == key and 0 <= time.time() - cached.get("time", -1e18) < CEILINGS_MAX_AGE_S:
             return cached["ceilings"]
-    except (OSError, ValueError):
+    except (OSError, ValueError, TypeError):
         pass
     ceilings = _measure_ceilings("cuda")
     try:
         with open(path, "w") as f:
-            json.dump({"key": key, "ceilings": ceilings}, f)
+            json.dump({"key": key, "time": time.time(), "ceilings": ceilings}, f)
     except OSError:
         pass
     return ceilings
@@ -208,7 +221,8 @@ def write_json(path: str, info: dict, rows: list[dict]) -> None:
     over = flag_over_limit(rows)
     if over:
         print(f"warning: {over} row(s) above 100% of a measured limit: the ceiling was measured once, "
-              f"at the start, and a loaded machine (or cached data) sets it too low; rerun on an idle machine")
+              f"at the start (on a GPU reused for an hour, CEILINGS_MAX_AGE_S), and a loaded machine (or "
+              f"cached data) sets it too low; rerun on an idle machine")
     with open(path, "w") as f:
         json.dump({"info": info, "rows": rows}, f, indent=1)
 
@@ -367,7 +381,11 @@ def parse_args(doc: str, quick_help: str, argv=None, *, name: str | None = None)
             ap.error("EFFSSL_BENCH_TINY=1 (a smoke run) needs --out")
         args.quick = True
     if name is not None:
+        # A new benchmark in this process: the previous one's rows and info are not its own
+        # (a SIGTERM before its run() starts collecting must not write them under its name).
         _LIVE["target"] = (args, name)
+        _LIVE["rows"] = []
+        _LIVE.pop("info", None)
         if argv is None:
             write_partial_on_sigterm()
     return args

@@ -71,6 +71,17 @@ def test_gpu_ceilings_are_measured_once_per_gpu(monkeypatch, tmp_path):
     common._gpu_ceilings("NVIDIA H200")  # another GPU: measured again
     assert runs == ["cuda", "cuda"]
     assert json.loads((tmp_path / "effssl_bench_gpu_ceilings.json").read_text())["key"].startswith("NVIDIA H200")
+    # An hour later, or after a reboot, measured again: a ceiling measured on a busy GPU must
+    # not stay (until 2026-12-06 the cache never expired, so "rerun on an idle machine" reused it)
+    now = common.time.time()
+    monkeypatch.setattr(common.time, "time", lambda: now + common.CEILINGS_MAX_AGE_S + 1)
+    common._gpu_ceilings("NVIDIA H200")
+    assert runs == ["cuda"] * 3
+    common._gpu_ceilings("NVIDIA H200")
+    assert runs == ["cuda"] * 3
+    monkeypatch.setattr(common, "_boot_id", lambda: "another boot")
+    common._gpu_ceilings("NVIDIA H200")
+    assert runs == ["cuda"] * 4
 
 
 def test_device_info_on_a_gpu_uses_measured_ceilings(monkeypatch):
@@ -149,7 +160,7 @@ def test_every_json_writer_flags_rates_above_the_limit(tmp_path, capsys):
     common.write_json(str(tmp_path / "a.json"), {}, [dict(r) for r in rows])
     assert json.load(open(tmp_path / "a.json"))["rows"][0]["note"] == common.OVER_LIMIT_NOTE
     orig = bp.run, bp.step_share
-    bp.run, bp.step_share = (lambda d, q: ([dict(r) for r in rows], {"device": "cpu"})), (lambda d, q: [])
+    bp.run, bp.step_share = (lambda d, q: ([dict(r) for r in rows], {"device": "cpu"})), (lambda d, q, live=None: [])
     try:
         path = bp.main(["--device", "cpu", "--out", str(tmp_path / "p")])
     finally:

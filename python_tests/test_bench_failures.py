@@ -103,6 +103,44 @@ def test_sigterm_writes_the_rows_so_far(tmp_path):
     assert "**Partial run** (stopped by signal 15 after 1 rows)" in (tmp_path / "report.md").read_text()
 
 
+def test_a_new_benchmark_does_not_inherit_the_last_ones_rows():
+    # python -m bench runs several benchmarks in one process: a SIGTERM after the next one's
+    # parse_args, before its run() starts its live list, wrote the previous benchmark's rows
+    # under the new name (marked partial, over any good JSON of that name).
+    from bench import common
+
+    common.parse_args("doc", "quick", ["--device", "cpu"], name="first")
+    common._LIVE["info"] = {"device": "test"}
+    common.live_rows().append({"case": "c", "provider": "ours", "median_ms": 1.0})
+    common.parse_args("doc", "quick", ["--device", "cpu"], name="second")
+    assert common._LIVE["target"][1] == "second"
+    assert common._LIVE["rows"] == [] and "info" not in common._LIVE
+
+
+def test_photometric_step_share_rows_are_live_as_they_are_timed(monkeypatch):
+    # The augmentation-share rows (issue 7's SimSiam step) were kept in a local list until the
+    # end: a SIGTERM after the step and the loop were timed lost them.
+    from bench import bench_photometric as bp
+    from bench import common
+
+    monkeypatch.setenv("EFFSSL_BENCH_TINY", "1")
+    calls = []
+
+    def fake_timed_row(row, fn, device, min_run_time, warm_up=None):
+        if len(calls) == 2:  # the step and the torchvision loop are timed: stop before ours
+            raise _Stop
+        calls.append(row)
+        return {**row, "median_ms": 10.0 * len(calls)}
+
+    monkeypatch.setattr(bp, "timed_row", fake_timed_row)
+    monkeypatch.setattr(bp, "_loop_row", lambda row, *a: fake_timed_row(row, None, None, None))
+    live = common.live_rows()
+    with pytest.raises(_Stop):
+        bp.step_share("cpu", quick=True, live=live)
+    assert [r["provider"] for r in live] == ["torchvision v2 loop (before)"]
+    assert live[0]["aug_ms"] == 20.0 and live[0]["step_ms"] == 10.0
+
+
 class _Stop(BaseException):
     """Stands for SIGTERM's exit in the middle of a case (not an Exception: providers' failures
     are caught and reported, this must not be)."""

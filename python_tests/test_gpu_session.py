@@ -80,6 +80,9 @@ def test_bench_stage_runs_one_process_per_benchmark(tmp_path):
     # the plan's order, not the argument's
     assert [c[c.index("--only") + 1] for c in benches] == ["multi_crop", "tcr_loss"]
     assert all(c[c.index("--device") + 1] == "cuda" for c in benches)
+    # JSON only per benchmark; report.md once at the end (it cost seconds per stage before)
+    assert all("--no-report" in c for c in benches)
+    assert [c for c in calls if c[:2] == ["-m", "bench.report"]] == [["-m", "bench.report", "bench/results/gpu"]]
     r, _ = _dry_run(tmp_path / "again", "bench:nope")
     assert r.returncode == 2 and "unknown benchmark nope" in r.stdout
 
@@ -88,3 +91,12 @@ def test_a_misspelt_benchmark_is_refused_before_any_stage(tmp_path):
     r, calls = _dry_run(tmp_path, "gpu-tests", "bench:block_match,simwnw")
     assert r.returncode == 2 and "unknown benchmark simwnw" in r.stdout
     assert calls == []  # not even the build check: nothing ran
+
+
+def test_the_first_calls_plan_fits_its_time():
+    # `all`: ~90 s build, 100 s of GPU tests, then the issues' benchmarks (up to photometric)
+    # inside DEADLINE 560, with ~2 s a stage for process start and archives and the 15 s reserve
+    plan = re.search(r'^BENCH_PLAN="([^"]*)"', SCRIPT, re.M).group(1).split()
+    limits = dict(item.split(":") for item in plan)
+    first = list(limits)[: list(limits).index("photometric") + 1]
+    assert sum(int(limits[n]) for n in first) + 2 * len(first) + 15 <= 560 - 90 - 100
