@@ -213,7 +213,9 @@ def test_to_dense_under_inference_mode():
     lambda t: F.batch_norm(t, None, None, training=True), lambda t: F.conv2d(t, torch.ones(1, 3, 1, 1, dtype=t.dtype)),
     lambda t: F.max_pool2d(t, 2), lambda t: F.avg_pool2d(t, 2), lambda t: F.adaptive_avg_pool2d(t, 1),
     lambda t: F.group_norm(t, 1), lambda t: F.layer_norm(t, t.shape[-1:]),
-    lambda t: F.interpolate(t, scale_factor=2.0)])
+    lambda t: F.interpolate(t, scale_factor=2.0),
+    # nn.SyncBatchNorm across ranks (CUDA only, so its statistics op is called directly here)
+    lambda t: torch.batch_norm_stats(t, 1e-5)])
 def test_layer_functionals_refuse_packed_maps(f):
     """A module that sparsify did not convert (added or replaced after it) must not run unmasked."""
     _, _, p = _packed(seed=15)

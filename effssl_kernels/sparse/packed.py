@@ -90,6 +90,11 @@ _LAYERS = {
     F.max_pool2d_with_indices, torch.max_pool2d, F.avg_pool2d, F.adaptive_avg_pool2d,
     F.adaptive_max_pool2d, F.adaptive_max_pool2d_with_indices, F.lp_pool2d,
     F.fractional_max_pool2d, F.interpolate, F.pixel_shuffle, F.pixel_unshuffle, F.unfold,
+    # nn.SyncBatchNorm's cross-rank path (CUDA, world size > 1) calls these inside its autograd
+    # Function, which hands them the map as is: statistics over the dense map would count the
+    # zeros of removed blocks
+    *(getattr(torch, n) for n in ("batch_norm_stats", "batch_norm_elemt", "batch_norm_backward_reduce",
+                                   "batch_norm_backward_elemt") if hasattr(torch, n)),
 }
 
 
