@@ -13,13 +13,20 @@ import torch
 def as_pair(size, what: str) -> tuple[int, int]:
     """An int or a pair ``(H, W)`` of positive ints -> ``(H, W)``; ``what`` names it in errors.
     NumPy and 0-d tensor ints count (:func:`as_int`); bools, floats and strings do not."""
-    try:
-        pair = (as_int(size, what),) * 2  # one int (Python, NumPy, 0-d tensor)
-    except TypeError:
-        try:
-            pair = tuple(as_int(v, what) for v in size)  # a tuple, list, torch.Size or array of two
+    pair = None
+    if isinstance(size, (tuple, list)):  # torch.Size too; first, so a tuple never reaches as_int's
+        try:                             # message (its repr of SymInts does not trace in Dynamo)
+            pair = tuple(as_int(v, what) for v in size)
         except TypeError:
-            pair = None
+            pass
+    else:
+        try:
+            pair = (as_int(size, what),) * 2  # one int (Python, NumPy, 0-d tensor)
+        except TypeError:
+            try:
+                pair = tuple(as_int(v, what) for v in size)  # a NumPy array or tensor of two
+            except TypeError:
+                pass
     if pair is None or len(pair) != 2:
         raise TypeError(f"{what} must be an int or a pair of ints (H, W), got {size!r}")
     if pair[0] < 1 or pair[1] < 1:

@@ -152,6 +152,14 @@ def test_out_dtypes():
             emp_ssl_patches(u8, 2, 4, out_dtype=bad)
     assert emp_ssl_patches(u8, 2, 4, out_dtype=torch.bfloat16).dtype == torch.bfloat16
     assert emp_ssl_patches(u8.double(), 2, 4, out_dtype=torch.float64).dtype == torch.float64
+    # float64 images to the lower floats the docstrings allow (a TypeError until 2026-12-06)
+    f64 = torch.rand(2, 3, 16, 16, dtype=torch.float64)
+    for dt in (torch.float32, torch.float16, torch.bfloat16):
+        g = lambda: torch.Generator().manual_seed(0)  # noqa: E731
+        want = emp_ssl_patches(f64, 3, 8, generator=g()).to(dt)
+        assert torch.equal(emp_ssl_patches(f64, 3, 8, out_dtype=dt, generator=g()), want)
+        crops = ek.random_crops(f64, 3, 8, out_dtype=dt, generator=g())[0]
+        assert crops.dtype == dt and crops.shape[-3:] == (3, 8, 8)
     with pytest.raises(ValueError, match=r"emp_ssl_patches: images must be a \[N, C, H, W\] tensor"):
         emp_ssl_patches(u8[0].tolist(), 2, 4)
     with pytest.raises(ValueError, match=r"random_crops: images must be a \[N, C, H, W\] tensor"):

@@ -214,8 +214,14 @@ def test_errors():
         ek.multi_crop(x, boxes, flips, (0, 4))
     with pytest.raises(TypeError, match="out_dtype"):
         ek.multi_crop(x, boxes, flips, 4, out_dtype=torch.uint8)
-    with pytest.raises(TypeError, match="out_dtype"):
-        ek.multi_crop(x.double(), boxes, flips, 4, out_dtype=torch.float32)
+    with pytest.raises(TypeError, match="out_dtype must be the images' dtype"):  # the ops: float64 to float64
+        torch.ops.effssl_kernels.multi_crop(x.double(), boxes, flips, 4, 4, torch.float32)
+    # the wrapper crops float64 images in float64, then casts (documented; a TypeError naming
+    # its own allowed dtypes until 2026-12-06)
+    want = ek.multi_crop(x.double(), boxes, flips, 4)
+    for dt in (torch.float32, torch.float16, torch.bfloat16):
+        got = ek.multi_crop(x.double(), boxes, flips, 4, out_dtype=dt)
+        assert got.dtype == dt and torch.equal(got, want.to(dt))
     for bad in ([0, 0, 0, 4], [0, 0, 4, -1], [float("nan"), 0, 4, 4], [0, float("inf"), 4, 4]):
         b = boxes.float().clone()
         b[1, 0] = torch.tensor(bad)

@@ -244,6 +244,20 @@ def test_compile_fullgraph(backend, mirrored, monkeypatch):
         assert model.patch_embed.proj.weight.grad is not None
 
 
+def test_compile_fullgraph_two_image_sizes_under_keep():
+    # DINO multi-crop: a dynamic_img_size ViT compiled once, global then local views. The second
+    # size makes the grid symbolic, and resizing the positional embedding to it raised
+    # "Unsupported tp_repr_impl" under fullgraph until 2026-12-06 (as_pair's error path).
+    torch._dynamo.reset()
+    model = ek.sparsify_vit(_vit(depth=1, dynamic_img_size=True))
+    compiled = torch.compile(model, backend="eager", fullgraph=True)
+    keep = torch.tensor([[0, 3], [1, 2]])
+    for px in (64, 32, 48):
+        x = torch.randn(2, 3, px, px)
+        with ek.token_keep(keep):
+            torch.testing.assert_close(compiled(x), model(x), rtol=1e-5, atol=1e-5)
+
+
 class _KeepWrapper(nn.Module):
     """Export wrapper: the keep is an input and the `with` is inside forward."""
 
@@ -290,8 +304,10 @@ def test_torchscript_refused_with_a_clear_error():
     with ek.token_keep(ek.random_token_keep(2, 16, 0.5, multiple_of=1)):
         with pytest.raises(RuntimeError, match="torch.jit.trace"):
             torch.jit.trace(model, x)
-    with pytest.raises(TypeError, match="unsparsify"):
+    with pytest.raises(TypeError, match=r"unsparsify_vit\(model\)"):  # the ViT's undo, not ResNets'
         torch.jit.script(model)
+    with pytest.raises(TypeError, match="ek.unsparsify_vit"):
+        ek.unsparsify(nn.Sequential(model))
     with torch.no_grad():
         assert torch.equal(torch.jit.trace(model, x)(x), model(x))
 
@@ -613,6 +629,42 @@ def test_masked_checkpoint_recomputes_under_the_forward_keep():
         yc = torch.utils.checkpoint.checkpoint(b, x, use_reentrant=False)
     with pytest.raises(RuntimeError):
         yc.sum().backward()  # the plain checkpoint recomputes with all 16 tokens
+
+
+@pytest.mark.parametrize("how", ["masked_checkpoint", "plain_inside"])
+def test_keep_refilled_before_backward_does_not_reach_the_recomputation(how):
+    # A loop that refills one keep buffer for the next view before backward: the checkpoint
+    # recomputed with the new values (neither keep's gradients, silently) until token_keep took
+    # a copy (2026-12-06).
+    torch.manual_seed(0)
+    vit = ek.sparsify_vit(_vit(torch.float64, depth=1))
+    x = torch.randn(2, 3, 64, 64, dtype=torch.float64)
+    k1 = torch.tensor([[0, 1, 2, 3], [4, 5, 6, 7]])
+
+    def grads(run):
+        vit.zero_grad()
+        run()
+        return [p.grad.clone() for p in vit.parameters() if p.grad is not None]
+
+    def plain():
+        with ek.token_keep(k1):
+            vit(x).square().sum().backward()
+
+    def refilled():
+        keep = k1.clone()
+        with ek.token_keep(keep):
+            if how == "masked_checkpoint":
+                y = ek.masked_checkpoint(vit, x)
+            else:
+                y = torch.utils.checkpoint.checkpoint(vit, x, use_reentrant=False)
+            keep.copy_(k1 + 8)
+            if how == "plain_inside":
+                y.square().sum().backward()
+        if how == "masked_checkpoint":
+            y.square().sum().backward()
+
+    for a, b in zip(grads(refilled), grads(plain)):
+        torch.testing.assert_close(a, b)
 
 
 def test_masked_checkpoint_of_a_full_call_then_a_kept_call():

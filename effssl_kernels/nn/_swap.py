@@ -29,10 +29,11 @@ def _resolve(module: str, qualname: str) -> type:
 def _refuse_script(module):
     """torch.jit.script calls this on every submodule first: a swapped one cannot be scripted
     (its forward reads a Python ContextVar and runs torch.library ops on a tensor subclass)."""
+    undo = getattr(type(module), "_effssl_undo", "unsparsify")  # the mixin's: sparsify_vit's is unsparsify_vit
     raise TypeError(
         f"effssl_kernels: {type(module)._effssl_base.__name__} was swapped by sparsify / "
         f"sparsify_vit and cannot be compiled by torch.jit.script; script "
-        f"effssl_kernels.unsparsify(model) (the dense model), or use torch.compile / torch.export")
+        f"effssl_kernels.{undo}(model) (the dense model), or use torch.compile / torch.export")
 
 
 def sparse_class(cls: type, mixin: type) -> type:

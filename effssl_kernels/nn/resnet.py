@@ -675,7 +675,10 @@ def _check_converted(model: nn.Module, args) -> None:
 def unsparsify(model: nn.Module) -> nn.Module:
     """Undo :func:`sparsify` in place (restore the original classes); returns the model."""
     if not is_sparse(model):
-        raise TypeError(f"unsparsify: model was not converted by sparsify ({type(model).__name__})")
+        hint = ("; a model converted by sparsify_vit is undone by ek.unsparsify_vit"
+                if any(getattr(type(m), "_effssl_undo", None) == "unsparsify_vit" for m in model.modules())
+                else "")
+        raise TypeError(f"unsparsify: model was not converted by sparsify ({type(model).__name__}){hint}")
     for key in [k for k, h in model._forward_pre_hooks.items() if h is _check_converted]:
         del model._forward_pre_hooks[key]
     for m in model.modules():

@@ -102,7 +102,10 @@ def token_keep(keep: Optional[Tensor], *, check: bool = True) -> Iterator[None]:
             raise ValueError(f"token_keep: keep must be 2-D [N, K], got shape {tuple(keep.shape)}")
         if keep.shape[1] == 0:
             raise ValueError("token_keep: keep must keep at least one token per sample (K >= 1)")
-        keep = keep.long()
+        # A copy (as block_mask's): refilling the caller's buffer for the next view before
+        # backward must not reach a checkpoint's recomputation of this forward, which would
+        # gather other tokens than the forward did (silently wrong gradients until 2026-12-06).
+        keep = keep.to(torch.long, copy=True)
     with _KEEP.bound(None if keep is None else (keep, bool(check))):
         yield
 
@@ -163,6 +166,7 @@ def _state_of(obj, mixin) -> dict:
 
 
 class _SparsePatchEmbedMixin:
+    _effssl_undo = "unsparsify_vit"  # named by the torch.jit.script refusal (nn/_swap.py)
     """PatchEmbed that, while a keep or a patch size is set, defers the embedding to ``_pos_embed``
     (which fuses it with the gather and the positional embedding) and returns the images checked
     and padded. Otherwise timm's forward, untouched."""
@@ -195,6 +199,7 @@ class _SparsePatchEmbedMixin:
 
 
 class _SparseViTMixin:
+    _effssl_undo = "unsparsify_vit"
     """VisionTransformer whose ``_pos_embed`` builds ``[prefix, kept patch tokens]`` directly."""
 
     def __getstate__(self):

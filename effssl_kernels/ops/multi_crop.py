@@ -23,7 +23,7 @@ _IMAGE_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16, to
 _LOW_FLOATS = (torch.float32, torch.float16, torch.bfloat16)
 
 
-def _check(images, boxes, flips, out_dtype) -> torch.dtype:
+def _check(images, boxes, flips, out_dtype, op: bool = True) -> torch.dtype:
     for name, t in (("images", images), ("boxes", boxes), ("flips", flips)):
         if not isinstance(t, Tensor):
             raise TypeError(f"multi_crop: {name} must be a tensor, got {type(t).__name__}")
@@ -50,10 +50,12 @@ def _check(images, boxes, flips, out_dtype) -> torch.dtype:
     dt = images.dtype if out_dtype is None else out_dtype
     if not isinstance(dt, torch.dtype):
         raise TypeError(f"multi_crop: out_dtype must be a torch.dtype or None, got {out_dtype!r}")
-    if dt != images.dtype and (images.dtype == torch.float64 or dt not in _LOW_FLOATS):
+    # The ops take float64 images to float64 only; the wrapper (op=False) casts their float64
+    # result to a lower float itself.
+    if dt != images.dtype and (dt not in _LOW_FLOATS or (op and images.dtype == torch.float64)):
         raise TypeError(
             f"multi_crop: out_dtype must be the images' dtype ({images.dtype}) or float32/float16/bfloat16"
-            f"{'' if images.dtype != torch.float64 else ' (not for float64 images)'}, got {dt}"
+            f"{' (not for float64 images in a direct op call)' if op and dt in _LOW_FLOATS else ''}, got {dt}"
         )
     if images.requires_grad and torch.is_grad_enabled():
         raise RuntimeError(
@@ -110,7 +112,8 @@ def multi_crop(
         flips: bool ``[N, P]``, or None for no mirroring.
         out_size: ``(oh, ow)`` or an int for square patches.
         out_dtype: the output dtype: the images' (default) or float32/float16/bfloat16 (e.g. uint8
-            images to float32 patches, values still in 0..255).
+            images to float32 patches, values still in 0..255; float64 images are cropped in
+            float64, then cast).
 
     Returns:
         ``[N*P, C, oh, ow]`` contiguous. Forward only: images that require grad raise.
@@ -124,7 +127,9 @@ def multi_crop(
     """
     if flips is None and isinstance(boxes, Tensor):
         flips = torch.zeros(boxes.shape[:2], dtype=torch.bool, device=boxes.device)
-    dt = _check(images, boxes, flips, out_dtype)
+    dt = _check(images, boxes, flips, out_dtype, op=False)
+    if images.dtype == torch.float64 and dt != torch.float64:  # computed in float64, rounded once
+        return multi_crop(images, boxes, flips, out_size).to(dt)
     oh, ow = as_pair(out_size, "multi_crop: out_size")
     _check_out_size(oh, ow)
     which = _backend.choose(images.device.type, cuda_kernel=False)
