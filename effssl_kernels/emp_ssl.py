@@ -86,7 +86,10 @@ def emp_ssl_patches(
     k = -(-P // _CHUNKS)
     for i in range(0, P, k):
         j = min(i + k, P)
-        c = multi_crop(images, boxes[:, i:j].contiguous(), flips[:, i:j].contiguous(), s, out_dtype=dtype)
+        # uint8: cropped to float32, scaled and rounded to dtype once (cropping to bf16/fp16
+        # rounded before the scale too: one more step of error in a quarter of the values)
+        c = multi_crop(images, boxes[:, i:j].contiguous(), flips[:, i:j].contiguous(), s,
+                       out_dtype=torch.float32 if u8 else dtype)
         c = c.view(N, j - i, *c.shape[1:]).transpose(0, 1)
         if u8:
             torch.mul(c, 1.0 / 255, out=out[i:j])

@@ -166,9 +166,10 @@ def random_crops(
     boxes, flips = random_resized_boxes(N, num_crops, tuple(images.shape[-2:]), scale, ratio, hflip_p,
                                         generator=generator, device=images.device)
     u8 = images.dtype == torch.uint8
-    crops = multi_crop(images, boxes, flips, size, out_dtype=(out_dtype or torch.float32) if u8 else out_dtype)
+    # uint8: cropped to float32, then scaled and rounded to out_dtype once (see emp_ssl_patches)
+    crops = multi_crop(images, boxes, flips, size, out_dtype=torch.float32 if u8 else out_dtype)
     if u8:
-        crops = crops.mul_(1.0 / 255)
+        crops = crops.mul_(1.0 / 255).to(out_dtype or torch.float32)
     return crops.view(N, num_crops, *crops.shape[1:]), boxes, flips
 
 

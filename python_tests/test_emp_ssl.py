@@ -166,6 +166,18 @@ def test_out_dtypes():
         ek.random_crops(u8[0], 2, 4)
 
 
+@pytest.mark.parametrize("dt", [torch.bfloat16, torch.float16])
+def test_uint8_to_half_patches_are_rounded_once(dt):
+    # The float32 patches rounded to dt: cropping straight to dt rounded before the 1/255 scale
+    # too (until 2026-12-06: a quarter of the bf16 values one step off)
+    im = torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
+    g = lambda: torch.Generator().manual_seed(0)  # noqa: E731
+    want = emp_ssl_patches(im, 5, 24, generator=g()).to(dt)
+    assert torch.equal(emp_ssl_patches(im, 5, 24, out_dtype=dt, generator=g()), want)
+    want = ek.random_crops(im, 5, 24, generator=g())[0].to(dt)
+    assert torch.equal(ek.random_crops(im, 5, 24, out_dtype=dt, generator=g())[0], want)
+
+
 def _tiny_resnet():
     m = ResNet(BasicBlock, [1, 1, 1, 1], num_classes=16)
     m.conv1 = torch.nn.Conv2d(3, 64, 3, 1, 1, bias=False)
