@@ -63,6 +63,8 @@ class SimWnWMasks(NamedTuple):
     def removal(self) -> Tensor:
         """float32 ``[2]`` on the masks' device: the fraction of A's and of B's blocks removed
         (batch means). No sync; ``.tolist()`` it when logging."""
+        if self.keep_a.numel() == 0:  # no blocks (an empty batch): nothing removed, not NaN
+            return torch.zeros(2, device=self.keep_a.device)
         return torch.stack([1 - self.keep_a.float().mean(), 1 - self.keep_b.float().mean()])
 
 
@@ -331,8 +333,8 @@ class SimWnW:
         groups, each with its own ``K``; with 1, one ``K`` serves both views and each view runs
         in one call. A recorded step's removal becomes ``1 - K / L`` (per view, averaged over
         its samples). ``concat=True`` runs one call on the concatenated batch (ResNets, and
-        ViTs with ``token_buckets=1``; BatchNorm then normalises over both views together, as
-        some SimCLR code does). The model may return a tensor or a tuple / dict of tensors
+        ViTs with ``token_buckets=1``: with more, a ValueError; BatchNorm then normalises over
+        both views together, as some SimCLR code does). An empty batch gives empty outputs. The model may return a tensor or a tuple / dict of tensors
         (batch first). Under DDP with BatchNorm and a call per view, build it with
         ``broadcast_buffers=False`` or pass ``concat=True``: the second call's buffer broadcast
         rewrites running statistics that the first call's backward saved (torch 2.11 raises).
@@ -377,7 +379,13 @@ class SimWnW:
                                      f"patch grid but the masks have {Hb}x{Wb} blocks: use views whose "
                                      f"size the patch size {p} divides")
             L = Hb * Wb
+            if N == 0:  # no tokens to choose (as the ResNet path, an empty batch passes through)
+                return _split(model(torch.cat([view_a, view_b])), 0)
             if self.token_buckets > 1:
+                if concat:
+                    raise ValueError(f"SimWnW.encode: concat=True runs one call, but token_buckets="
+                                     f"{self.token_buckets} runs a ViT's samples in groups, each with its "
+                                     f"own K; use SimWnW(token_buckets=1) for one call")
                 return self._encode_vit_buckets(model, view_a, view_b, masks, L)
             # the tokens of the kept blocks (the masks' threshold and min_keep hold), topped up
             ka, kb, K = keep_topped_up(masks.keep_a, masks.keep_b, masks.psnr_a, masks.psnr_b)

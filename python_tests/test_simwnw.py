@@ -301,10 +301,10 @@ def test_encode_vit_honours_min_keep_and_the_masks_threshold():
     assert sw.removal_log() == [(0.0, 0.0)]
     # masks made at another threshold (nothing, not even +inf dB, is above +inf) keep every
     # token, whatever the encoder's own threshold_db; masks it did not record leave its log alone
-    sw20 = ek.SimWnW(8, search_radius=0, use_geometry=False)
     m_all = ek.simwnw_masks(a, b, 8, search_radius=0, threshold_db=float("inf"))
     assert m_all.keep_a.all() and m_all.keep_b.all()
-    for concat in (False, True):
+    for buckets, concat in ((4, False), (1, False), (1, True)):
+        sw20 = ek.SimWnW(8, search_radius=0, use_geometry=False, token_buckets=buckets)
         za, zb = sw20.encode(vit, a, b, m_all, concat=concat)
         torch.testing.assert_close(za, dense_a)
         torch.testing.assert_close(zb, dense_b)
@@ -394,6 +394,30 @@ def test_encode_vit_buckets_refuse_batchnorm_in_training():
     for bad, exc in ((0, ValueError), (1.5, TypeError), (True, TypeError)):
         with pytest.raises(exc, match="SimWnW: token_buckets"):
             ek.SimWnW(8, token_buckets=bad)
+
+
+def test_encode_vit_buckets_refuse_concat():
+    # concat=True asks for one call; the buckets ran three, silently (until 2026-12-06)
+    vit = _tiny_vit()
+    a, b = _mixed_views()
+    sw = ek.SimWnW(8, search_radius=0, use_geometry=False)
+    with pytest.raises(ValueError, match="concat=True .*token_buckets=1"):
+        sw.encode(vit, a, b, sw.masks(a, b), concat=True)
+
+
+def test_an_empty_batch_removes_nothing_and_encodes_to_nothing():
+    # removal() was a mean over no blocks (NaN in the log), and the ViT path raised from inside
+    # keep_buckets while the ResNet path passed the empty batch through (until 2026-12-06)
+    sw = ek.SimWnW(8, use_geometry=False)
+    a = torch.rand(0, 3, 32, 32)
+    m = sw.masks(a, a.clone())
+    assert m.removal().tolist() == [0.0, 0.0] and sw.removal_log() == [(0.0, 0.0)]
+    for buckets in (4, 1):
+        sw = ek.SimWnW(8, use_geometry=False, token_buckets=buckets)
+        za, zb = sw.encode(_tiny_vit(), a, a.clone(), sw.masks(a, a.clone()))
+        assert za.shape == zb.shape == (0, 16)
+    za, zb = sw.encode(ek.sparsify(_cifar_resnet().eval()), a, a.clone(), m)
+    assert za.shape[0] == zb.shape[0] == 0
 
 
 def test_encode_needs_a_converted_model():
