@@ -79,7 +79,7 @@ from ..sparse.packed import (
     packed_avg_pool,
 )
 from ._spatial_ops import spatial_use
-from ._state import ContextState, check_recompute, patch_restored, patch_snapshot, run_in
+from ._state import ContextState, check_recompute, graph_task_id, patch_restored, patch_snapshot, run_in
 from ._swap import sparse_class as _sparse_class
 
 __all__ = ["block_mask", "checkpoint", "input_strides", "is_sparse", "sparsify", "tile_plan",
@@ -117,7 +117,8 @@ class _MaskState:
         prepare_tiles(m, self.base)
         return m
 
-    def get(self, x: Tensor, in_stride: Pair, fn: str, first: bool = False) -> BlockMask:
+    def get(self, x: Tensor, in_stride: Pair, fn: str, first: bool = False,
+            recomputed_size: tuple[int, int] | None = None) -> BlockMask:
         tracing = torch.compiler.is_compiling()
         if self.mask is not None:
             size = tuple(self.mask.image_size)
@@ -137,8 +138,12 @@ class _MaskState:
             size = (int(x.shape[-2]), int(x.shape[-1]))
         elif self.last is None and isinstance(x, PackedMap) and x.mask.block_size == self.block_size:
             # A later stage run first (a checkpoint's recomputation of one stage under the `with`
-            # of an equal keep): its input map carries the image size.
+            # of an equal keep): its input map carries the image size...
             size = tuple(x.mask.image_size)
+        elif self.last is None and recomputed_size is not None:
+            # ...or, for a dense input (a stage that is not tile-aligned), the image size this
+            # module's forward ran at (check_recompute has compared the keep by value)
+            size = recomputed_size
         else:
             size = None
         if size is not None:
@@ -277,8 +282,14 @@ def _mask_for(module: nn.Module, x: Tensor) -> tuple[BlockMask | None, Pair]:
         return None, (1, 1)
     s = _in_stride(module)
     fn = f"sparse {type(module)._effssl_base.__name__}"
-    m = state.get(x, s, fn, first=module.__dict__.get("_effssl_first", False))
+    d = module.__dict__
+    eager = not torch.compiler.is_compiling()  # graph_task_id does not trace
+    m = state.get(x, s, fn, first=d.get("_effssl_first", False),
+                  recomputed_size=d.get("_effssl_image_size") if eager and graph_task_id() != -1 else None)
     m.check_input(x, fn)
+    if state.mask is None and eager:
+        # a keep tensor's image size, for a checkpoint that recomputes this layer first (above)
+        d["_effssl_image_size"] = tuple(m.image_size)
     return m, s
 
 
@@ -683,7 +694,8 @@ def unsparsify(model: nn.Module) -> nn.Module:
         del model._forward_pre_hooks[key]
     for m in model.modules():
         if _is_swapped(m):
-            for k in ("_effssl_in_stride", "_effssl_first", "_effssl_name", "_effssl_setting"):
+            for k in ("_effssl_in_stride", "_effssl_first", "_effssl_name", "_effssl_setting",
+                      "_effssl_image_size"):
                 m.__dict__.pop(k, None)
             m.__class__ = _unswapped_class(type(m))
     return model

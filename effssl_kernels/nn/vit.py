@@ -166,10 +166,10 @@ def _state_of(obj, mixin) -> dict:
 
 
 class _SparsePatchEmbedMixin:
-    _effssl_undo = "unsparsify_vit"  # named by the torch.jit.script refusal (nn/_swap.py)
     """PatchEmbed that, while a keep or a patch size is set, defers the embedding to ``_pos_embed``
     (which fuses it with the gather and the positional embedding) and returns the images checked
     and padded. Otherwise timm's forward, untouched."""
+    _effssl_undo = "unsparsify_vit"  # named by the torch.jit.script refusal (nn/_swap.py)
 
     _effssl_patch = None  # (ph, pw, interpolation, antialias) while inside patch_size()
 
@@ -199,8 +199,8 @@ class _SparsePatchEmbedMixin:
 
 
 class _SparseViTMixin:
-    _effssl_undo = "unsparsify_vit"
     """VisionTransformer whose ``_pos_embed`` builds ``[prefix, kept patch tokens]`` directly."""
+    _effssl_undo = "unsparsify_vit"  # named by the torch.jit.script refusal (nn/_swap.py)
 
     def __getstate__(self):
         # AccelerationSchedule.apply's forward_features wrapper is a with-block setting (a
