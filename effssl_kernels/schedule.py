@@ -250,8 +250,9 @@ class AccelerationSchedule:
 
         self.ref_batches = _positive_int(ref_batches, "ref_batches")
         self.probe_batches = _positive_int(probe_batches, "probe_batches", 2)
-        if isinstance(variance_scale, bool) or not isinstance(variance_scale, numbers.Real) or not variance_scale > 0:
-            raise ValueError(f"{fn}: variance_scale must be a positive number, got {variance_scale!r}")
+        if isinstance(variance_scale, bool) or not isinstance(variance_scale, numbers.Real) \
+                or not 0 < variance_scale < math.inf:  # inf: 0 * inf = NaN scores, min() skips them
+            raise ValueError(f"{fn}: variance_scale must be a positive finite number, got {variance_scale!r}")
         self.variance_scale = float(variance_scale)
         self.bias_correction = bool(bias_correction)
         if cost_fn is not None and not callable(cost_fn):
@@ -334,11 +335,14 @@ class AccelerationSchedule:
         if choice not in self.candidates:
             raise ValueError(f"AccelerationSchedule.load_state_dict: choice {tuple(choice)} is not in this "
                              f"schedule's grid {[tuple(c) for c in self.candidates]}")
-        self._stage = stage
-        self._choice = choice
-        self.history = [{k: (_candidate(v, f"load_state_dict: history {k}") if k in _CANDIDATE_KEYS
-                             and v is not None else v) for k, v in entry.items()}
-                        for entry in state["history"]]
+        if "history" not in state:
+            raise ValueError("AccelerationSchedule.load_state_dict: the state has no 'history' (not a "
+                             "state_dict of an AccelerationSchedule)")
+        # every part checked before any is taken: a refused state leaves the schedule as it was
+        history = [{k: (_candidate(v, f"load_state_dict: history {k}") if k in _CANDIDATE_KEYS
+                        and v is not None else v) for k, v in entry.items()}
+                   for entry in state["history"]]
+        self._stage, self._choice, self.history = stage, choice, history
 
     # ------------------------------------------------------------------------- estimation
     def estimate(

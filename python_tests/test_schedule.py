@@ -263,6 +263,15 @@ def test_callback_stages_and_checkpoint_steps():
     with pytest.raises(ValueError, match="another total_steps or checkpoints"):
         longer.load_state_dict(state)  # stage 1 would run from step 100 although it starts at 500
     assert longer.stage == -1
+    # a bad or missing history is refused before the stage and choice are taken (until
+    # 2026-12-06 they were taken first: a caught error left the schedule at the refused choice)
+    for bad in ({k: v for k, v in state.items() if k != "history"},
+                {**state, "history": [{"choice": (2.0, None)}]}):
+        fresh2 = AccelerationSchedule(keeps=[1.0, 0.5], total_steps=100, checkpoints=[0.0, 0.5, 0.9])
+        before = (fresh2.stage, fresh2.current, list(fresh2.history))
+        with pytest.raises(ValueError, match="history"):
+            fresh2.load_state_dict(bad)
+        assert (fresh2.stage, fresh2.current, list(fresh2.history)) == before
 
 
 def test_checkpoint_steps_are_exact_and_numpy_numbers_are_accepted():
@@ -461,6 +470,7 @@ def test_estimate_on_vit_probes_each_setting_for_both_roles():
     (dict(keeps=[1.0], ref_batches=0), ValueError, "ref_batches"),
     (dict(keeps=[1.0], momentum="teacher"), ValueError, "momentum"),
     (dict(keeps=[1.0], variance_scale=0.0), ValueError, "variance_scale"),
+    (dict(keeps=[1.0], variance_scale=float("inf")), ValueError, "positive finite"),  # 0 * inf: NaN scores
     (dict(keeps=[0.5], ref=(0.5, None)), ValueError, "keep 1.0"),
 ])
 def test_bad_arguments(kwargs, exc, match):
