@@ -49,7 +49,9 @@ def emp_ssl_patches(
     out_dtype: Optional[torch.dtype] = None,
 ) -> Tensor:
     """``num_patches`` crop-resize-flip patches of every image, in at most eight ``multi_crop`` launches
-    written straight into the patch-major output (peak memory: the output and an eighth).
+    written straight into the patch-major output (peak memory: the output and an eighth; a
+    quarter for uint8 images to bf16/fp16, whose chunks are cropped in float32 so each value is
+    rounded once).
 
     Args:
         images: ``[N, C, H, W]`` on any device (uint8 gives float32 in ``[0, 1]``; a float image

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ._utils import as_pair, build_for_cache
+from ._utils import as_pair, build_for_cache, int_arg
 
 __all__ = ["resize_patch_embed", "resize_pos_embed", "resize_matrix_pinv", "clear_resize_cache"]
 
@@ -183,8 +183,7 @@ def resize_pos_embed(
     if pos_embed.dim() not in (2, 3) or (pos_embed.dim() == 3 and pos_embed.shape[0] != 1):
         raise ValueError(f"{fn}: pos_embed must be [1, L, D] or [L, D], got {tuple(pos_embed.shape)}")
     old, new = as_pair(old_grid, f"{fn}: old_grid"), as_pair(new_grid, f"{fn}: new_grid")
-    if isinstance(num_prefix_tokens, bool) or not isinstance(num_prefix_tokens, int) or num_prefix_tokens < 0:
-        raise ValueError(f"{fn}: num_prefix_tokens must be an int >= 0, got {num_prefix_tokens!r}")
+    num_prefix_tokens = int_arg("num_prefix_tokens", fn, num_prefix_tokens, 0)  # NumPy ints too
     if interpolation not in _INTERPOLATIONS:
         raise ValueError(f"{fn}: interpolation must be one of {_INTERPOLATIONS}, got {interpolation!r}")
     two_d = pos_embed.dim() == 2

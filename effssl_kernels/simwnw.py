@@ -379,13 +379,13 @@ class SimWnW:
                                      f"patch grid but the masks have {Hb}x{Wb} blocks: use views whose "
                                      f"size the patch size {p} divides")
             L = Hb * Wb
+            if concat and self.token_buckets > 1:
+                raise ValueError(f"SimWnW.encode: concat=True runs one call, but token_buckets="
+                                 f"{self.token_buckets} runs a ViT's samples in groups, each with its "
+                                 f"own K; use SimWnW(token_buckets=1) for one call")
             if N == 0:  # no tokens to choose (as the ResNet path, an empty batch passes through)
                 return _split(model(torch.cat([view_a, view_b])), 0)
             if self.token_buckets > 1:
-                if concat:
-                    raise ValueError(f"SimWnW.encode: concat=True runs one call, but token_buckets="
-                                     f"{self.token_buckets} runs a ViT's samples in groups, each with its "
-                                     f"own K; use SimWnW(token_buckets=1) for one call")
                 return self._encode_vit_buckets(model, view_a, view_b, masks, L)
             # the tokens of the kept blocks (the masks' threshold and min_keep hold), topped up
             ka, kb, K = keep_topped_up(masks.keep_a, masks.keep_b, masks.psnr_a, masks.psnr_b)

@@ -9,6 +9,7 @@ of the blocks is tensor-core friendly and ``torch.compile`` sees few distinct sh
 from __future__ import annotations
 
 import itertools
+import numbers
 from typing import Optional, Sequence, Union
 
 import torch
@@ -66,8 +67,9 @@ def random_token_keep(
     int_arg("batch", fn, batch, 0)
     int_arg("num_patches", fn, num_patches, 1)
     int_arg("multiple_of", fn, multiple_of, 1)
-    if isinstance(keep_ratio, bool) or not isinstance(keep_ratio, (int, float)):
+    if isinstance(keep_ratio, bool) or not isinstance(keep_ratio, numbers.Real):  # NumPy floats too
         raise TypeError(f"{fn}: keep_ratio must be a float, got {type(keep_ratio).__name__}")
+    keep_ratio = float(keep_ratio)
     if not (0.0 < keep_ratio <= 1.0):  # also rejects NaN
         raise ValueError(f"{fn}: keep_ratio must be in (0, 1], got {keep_ratio}")
     if generator is not None and not isinstance(generator, torch.Generator):

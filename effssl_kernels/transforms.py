@@ -144,7 +144,8 @@ def random_crops(
 
     Args:
         images: ``[N, C, H, W]``; uint8 (0..255) crops come out in ``[0, 1]`` (float32 unless
-            ``out_dtype`` is float16 or bfloat16), float crops keep dtype and values.
+            ``out_dtype`` is float16 or bfloat16: cropped in float32, then rounded once, so a
+            float32 copy of the crops is made on the way), float crops keep dtype and values.
         num_crops: ``P``. size: crop side(s). scale, ratio, hflip_p, generator: as
             :func:`random_resized_boxes`. out_dtype: None, float32, float16, bfloat16 or the
             float images' own dtype (as ``multi_crop``'s; TypeError otherwise).

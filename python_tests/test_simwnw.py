@@ -403,6 +403,8 @@ def test_encode_vit_buckets_refuse_concat():
     sw = ek.SimWnW(8, search_radius=0, use_geometry=False)
     with pytest.raises(ValueError, match="concat=True .*token_buckets=1"):
         sw.encode(vit, a, b, sw.masks(a, b), concat=True)
+    with pytest.raises(ValueError, match="concat=True .*token_buckets=1"):  # not only for some data
+        sw.encode(vit, a[:0], b[:0], sw.masks(a[:0], b[:0]), concat=True)
 
 
 def test_an_empty_batch_removes_nothing_and_encodes_to_nothing():

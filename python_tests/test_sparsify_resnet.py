@@ -511,6 +511,40 @@ def test_checkpoint_recomputes_under_the_forward_mask(block, ckpt):
         torch.testing.assert_close(pb.grad, pa.grad, msg=lambda m, k=k: f"{k}: {m}")
 
 
+def test_per_stage_checkpoint_of_two_image_sizes_each_under_an_equal_keep():
+    # Multi-crop: a global and a local view, each checkpointed per stage under its own keep, then
+    # each backward inside an equal new keep. The image size a stage with a dense input takes
+    # is its own forward's, noted per checkpoint (one per module took the last view's: the
+    # global view's backward failed on the local view's size).
+    import pickle
+
+    torch.manual_seed(0)
+    orig = _randomize_bn(_cifar_resnet()).double().eval()
+    a, b = R.sparsify(copy.deepcopy(orig)), R.sparsify(copy.deepcopy(orig))
+
+    def stages(m, x, ckpt):
+        x = m.relu(m.bn1(m.conv1(x)))
+        for layer in (m.layer1, m.layer2, m.layer3, m.layer4):
+            x = torch.utils.checkpoint.checkpoint(layer, x, use_reentrant=False) if ckpt else layer(x)
+        return m.fc(torch.flatten(m.avgpool(x), 1))
+
+    xg, xl = torch.randn(2, 3, 32, 32, dtype=torch.float64), torch.randn(2, 3, 16, 16, dtype=torch.float64)
+    kg, kl = _keep(2, 16, 16, seed=1), _keep(2, 8, 8, seed=2)  # block 2: layer4's input is dense
+    for m, ckpt in ((a, False), (b, True)):
+        with R.block_mask(kg, 2):
+            yg = stages(m, xg, ckpt)
+        with R.block_mask(kl, 2):
+            yl = stages(m, xl, ckpt)
+        if ckpt:
+            pickle.loads(pickle.dumps(m))  # the notes a checkpointed forward leaves copy too
+        with R.block_mask(kg.clone(), 2):
+            yg.sum().backward()
+        with R.block_mask(kl.clone(), 2):
+            (2 * yl.sum()).backward()
+    for (k, pa), pb in zip(a.named_parameters(), b.parameters()):
+        torch.testing.assert_close(pb.grad, pa.grad, msg=lambda m, k=k: f"{k}: {m}")
+
+
 @pytest.mark.parametrize("reentrant", [True, False])
 def test_plain_checkpoint_recomputed_outside_the_with_is_refused(reentrant):
     # backward after the with: a plain checkpoint recomputes unmasked; with use_reentrant=True

@@ -403,3 +403,15 @@ def test_keep_buckets_saves_tokens_over_one_k():
 def test_keep_buckets_errors(args, exc, match):
     with pytest.raises(exc, match=match):
         ek.keep_buckets(*args)
+
+
+def test_numpy_numbers_are_accepted():
+    # np.float32 keep ratios (from a config array) were refused with a TypeError; NumPy ints for
+    # resize_pos_embed's num_prefix_tokens too (until 2026-12-06; other size arguments took them)
+    np = pytest.importorskip("numpy")
+    assert ek.random_token_keep(2, 16, np.float32(0.5)).shape == (2, 8)
+    pe = torch.randn(1, 1 + 16, 8)
+    torch.testing.assert_close(ek.resize_pos_embed(pe, 4, 2, num_prefix_tokens=np.int64(1)),
+                               ek.resize_pos_embed(pe, 4, 2, num_prefix_tokens=1))
+    with pytest.raises(TypeError, match="num_prefix_tokens must be an int"):
+        ek.resize_pos_embed(pe, 4, 2, num_prefix_tokens=1.0)

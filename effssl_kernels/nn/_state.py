@@ -171,7 +171,7 @@ graph_task_id = getattr(torch._C, "_current_graph_task_id", lambda: -1)  # -1: n
 _RESTORED: contextvars.ContextVar = contextvars.ContextVar("effssl_restored_recompute", default=False)
 
 
-def check_recompute(module, setting: tuple | None, name: str) -> None:
+def check_recompute(module, setting: tuple | None, name: str) -> tuple | None:
     """Refuse a recomputation inside backward (a plain checkpoint) that runs a swapped layer
     under another ``name`` setting than its forward ran under: without it (backward outside the
     ``with``: the dense layer's gradients, silently with ``use_reentrant=True``), or under another
@@ -190,9 +190,13 @@ def check_recompute(module, setting: tuple | None, name: str) -> None:
     check (a compiled region recomputes itself). Per forward: a dense no_grad forward of a module
     never noted otherwise reads one dict entry; any other a hooks query (grad on) or a bounded
     stack search (grad off); the error text is built only when raised. The module note keeps the
-    last keep tensor alive (``unsparsify`` drops it)."""
+    last keep tensor alive (``unsparsify`` drops it).
+
+    Returns, in a recomputation whose setting passed, the setting its forward noted (a caller
+    may carry more in it than is compared: nn/resnet.py's keep settings carry the image size);
+    else None."""
     if torch.compiler.is_compiling():
-        return
+        return None
     noted = module.__dict__.get("_effssl_setting")  # None (dense) until noted otherwise
     if graph_task_id() == -1:  # an ordinary forward
         if setting is None and noted is None and not torch.is_grad_enabled():
@@ -224,6 +228,7 @@ def check_recompute(module, setting: tuple | None, name: str) -> None:
             f"with backward outside the forward's `with` or inside another one, or the module ran "
             f"checkpointed under another setting since), which would give wrong gradients: "
             f"checkpoint with effssl_kernels.masked_checkpoint")
+    return noted
 
 
 # {checkpoint: {module: setting}} of the forwards a checkpoint may recompute; entries go with the

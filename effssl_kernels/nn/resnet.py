@@ -89,13 +89,26 @@ Pair = tuple[int, int]
 
 
 # ----------------------------------------------------------------------------- per-call state
+class _KeepSetting(tuple):
+    """``(keep, block_size)`` of a keep tensor, compared by value as any setting, with the image
+    size of the forward that noted it (``image_size``, not compared)."""
+
+    def __new__(cls, setting: tuple, image_size: tuple[int, int]):
+        self = super().__new__(cls, setting)
+        self.image_size = image_size
+        return self
+
+    def __reduce__(self):  # copy and pickle (a model copied after a checkpointed forward)
+        return _KeepSetting, (tuple(self), self.image_size)
+
+
 class _MaskState:
     """The mask of one ``with block_mask(...)``: a BlockMask, or a keep grid whose image size is
     taken from the input of the model's first masked layer (the first to run in the trace of
     ``sparsify``) at each forward; later layers at stride 1 may see other sizes (a padding-0
     conv, a ceil-mode pool). One BlockMask per image size."""
 
-    __slots__ = ("base", "block_size", "by_size", "keep", "last", "mask", "setting")
+    __slots__ = ("at_size", "base", "block_size", "by_size", "keep", "last", "mask", "setting")
 
     def __init__(self, mask: BlockMask | None, keep: Tensor | None, block_size: int | None):
         self.mask, self.keep, self.block_size = mask, keep, block_size
@@ -106,6 +119,19 @@ class _MaskState:
         # what identifies this mask for check_recompute (each layer's forward reads it)
         self.setting = ((keep, block_size) if mask is None else
                         (mask.keep, mask.block_size, tuple(mask.image_size)))
+        self.at_size: dict[tuple[int, int], _KeepSetting] = {}
+
+    def noted_setting(self, m: BlockMask) -> tuple:
+        """What a forward under ``m`` notes for check_recompute: the setting, and for a keep
+        tensor its image size too (not compared), which a checkpoint that recomputes a stage
+        whose input is dense needs (see :meth:`get`)."""
+        if self.mask is not None:
+            return self.setting
+        size = tuple(m.image_size)
+        s = self.at_size.get(size)
+        if s is None:
+            s = self.at_size[size] = _KeepSetting(self.setting, size)
+        return s
 
     def _mask_of(self, size: Pair) -> BlockMask:
         """A new BlockMask of this step's keep for images of ``size`` (the constructor checks
@@ -142,7 +168,8 @@ class _MaskState:
             size = tuple(x.mask.image_size)
         elif self.last is None and recomputed_size is not None:
             # ...or, for a dense input (a stage that is not tile-aligned), the image size this
-            # module's forward ran at (check_recompute has compared the keep by value)
+            # module's forward ran at, noted per checkpoint (check_recompute has compared the
+            # keep by value)
             size = recomputed_size
         else:
             size = None
@@ -277,19 +304,20 @@ def _in_stride(module: nn.Module) -> Pair:
 
 def _mask_for(module: nn.Module, x: Tensor) -> tuple[BlockMask | None, Pair]:
     state = _MASK.get()
-    check_recompute(module, None if state is None else state.setting, "block_mask")
     if state is None:
+        check_recompute(module, None, "block_mask")
         return None, (1, 1)
     s = _in_stride(module)
     fn = f"sparse {type(module)._effssl_base.__name__}"
-    d = module.__dict__
-    eager = not torch.compiler.is_compiling()  # graph_task_id does not trace
-    m = state.get(x, s, fn, first=d.get("_effssl_first", False),
-                  recomputed_size=d.get("_effssl_image_size") if eager and graph_task_id() != -1 else None)
+    first = module.__dict__.get("_effssl_first", False)
+    if state.mask is None and not torch.compiler.is_compiling() and graph_task_id() == -1:
+        # a keep tensor's eager forward: the mask first, so the note carries its image size
+        m = state.get(x, s, fn, first=first)
+        check_recompute(module, state.noted_setting(m), "block_mask")
+    else:
+        noted = check_recompute(module, state.setting, "block_mask")
+        m = state.get(x, s, fn, first=first, recomputed_size=getattr(noted, "image_size", None))
     m.check_input(x, fn)
-    if state.mask is None and eager:
-        # a keep tensor's image size, for a checkpoint that recomputes this layer first (above)
-        d["_effssl_image_size"] = tuple(m.image_size)
     return m, s
 
 
@@ -694,8 +722,7 @@ def unsparsify(model: nn.Module) -> nn.Module:
         del model._forward_pre_hooks[key]
     for m in model.modules():
         if _is_swapped(m):
-            for k in ("_effssl_in_stride", "_effssl_first", "_effssl_name", "_effssl_setting",
-                      "_effssl_image_size"):
+            for k in ("_effssl_in_stride", "_effssl_first", "_effssl_name", "_effssl_setting"):
                 m.__dict__.pop(k, None)
             m.__class__ = _unswapped_class(type(m))
     return model
