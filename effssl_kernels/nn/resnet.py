@@ -160,17 +160,18 @@ class _MaskState:
             return self.last
         # The input image (the first layer's input; or any stride-1 input before any first
         # layer ran, e.g. a submodule called on its own) fixes the block grid.
-        if first or (self.last is None and in_stride == (1, 1)):
+        if first or (self.last is None and in_stride == (1, 1) and recomputed_size is None):
             size = (int(x.shape[-2]), int(x.shape[-1]))
-        elif self.last is None and isinstance(x, PackedMap) and x.mask.block_size == self.block_size:
-            # A later stage run first (a checkpoint's recomputation of one stage under the `with`
-            # of an equal keep): its input map carries the image size...
-            size = tuple(x.mask.image_size)
-        elif self.last is None and recomputed_size is not None:
-            # ...or, for a dense input (a stage that is not tile-aligned), the image size this
-            # module's forward ran at, noted per checkpoint (check_recompute has compared the
-            # keep by value)
+        elif recomputed_size is not None:
+            # A checkpoint's recomputation: the image size this module's forward ran at, noted
+            # per checkpoint (check_recompute has compared the keep by value), not the last
+            # image's (a later view of another size under the same keep) nor none (a stage
+            # recomputed first under the `with` of an equal keep)
             size = recomputed_size
+        elif self.last is None and isinstance(x, PackedMap) and x.mask.block_size == self.block_size:
+            # A later stage run first with no note (torch <= 2.7 knows no checkpoint): its input
+            # map carries the image size
+            size = tuple(x.mask.image_size)
         else:
             size = None
         if size is not None:
@@ -265,12 +266,23 @@ def checkpoint(function, *args, **kwargs):
     snapshot = contextvars.copy_context()
     patches = patch_snapshot()  # ek.patch_size settings: on the models, not in the context
     reentrant = bool(kwargs["use_reentrant"])
+    # The mask state is shared by every call in the `with`: its image (`last`, for a keep tensor)
+    # may be another view's by backward, so the recomputation runs with the one of this call.
+    state = _MASK.get()
+    last = state.last if state is not None else None
 
     def run(*a, **k):
         if reentrant:
             _refuse_packed(a, k)
-        with patch_restored(patches):
-            out = run_in(snapshot, function, *a, **k)
+        recompute = state is not None and graph_task_id() != -1
+        if recompute:
+            now, state.last = state.last, last
+        try:
+            with patch_restored(patches):
+                out = run_in(snapshot, function, *a, **k)
+        finally:
+            if recompute:
+                state.last = now
         if reentrant:
             _refuse_packed(out)
         return out
