@@ -14,19 +14,18 @@ def as_pair(size, what: str) -> tuple[int, int]:
     """An int or a pair ``(H, W)`` of positive ints -> ``(H, W)``; ``what`` names it in errors.
     NumPy and 0-d tensor ints count (:func:`as_int`); bools, floats and strings do not."""
     pair = None
-    if isinstance(size, (tuple, list)):  # torch.Size too; first, so a tuple never reaches as_int's
-        try:                             # message (its repr of SymInts does not trace in Dynamo)
+    # One int (Python, NumPy, 0-d tensor); never tried on a tuple or list (torch.Size too), whose
+    # repr in as_int's message does not trace in Dynamo when it holds SymInts
+    if not isinstance(size, (tuple, list)):
+        try:
+            pair = (as_int(size, what),) * 2
+        except TypeError:
+            pass
+    if pair is None:  # a sequence, NumPy array or tensor of two
+        try:
             pair = tuple(as_int(v, what) for v in size)
         except TypeError:
             pass
-    else:
-        try:
-            pair = (as_int(size, what),) * 2  # one int (Python, NumPy, 0-d tensor)
-        except TypeError:
-            try:
-                pair = tuple(as_int(v, what) for v in size)  # a NumPy array or tensor of two
-            except TypeError:
-                pass
     if pair is None or len(pair) != 2:
         raise TypeError(f"{what} must be an int or a pair of ints (H, W), got {size!r}")
     if pair[0] < 1 or pair[1] < 1:

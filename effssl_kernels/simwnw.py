@@ -334,8 +334,8 @@ class SimWnW:
         in one call. A recorded step's removal becomes ``1 - K / L`` (per view, averaged over
         its samples). ``concat=True`` runs one call on the concatenated batch (ResNets, and
         ViTs with ``token_buckets=1``: with more, a ValueError; BatchNorm then normalises over
-        both views together, as some SimCLR code does). An empty batch gives empty outputs. The model may return a tensor or a tuple / dict of tensors
-        (batch first). Under DDP with BatchNorm and a call per view, build it with
+        both views together, as some SimCLR code does). An empty batch gives empty outputs. The
+        model may return a tensor or a tuple / dict of tensors (batch first). Under DDP with BatchNorm and a call per view, build it with
         ``broadcast_buffers=False`` or pass ``concat=True``: the second call's buffer broadcast
         rewrites running statistics that the first call's backward saved (torch 2.11 raises).
         """

@@ -645,6 +645,8 @@ __global__ void __launch_bounds__(kTileThreads, 2) bm_tiled_kernel(const BlockMa
     // scored so (CTA-uniform loop; a slow path for a rare block).
     // Candidates are compared by their sums (as by mse: cbb > 0), divided once at the end.
     const int ny = a_finite ? 1 : k.Dy, nx = a_finite ? 1 : k.Dx;
+    const long long abase = static_cast<long long>(l.n) * p.sa[0];
+    const long long bbase = static_cast<long long>(l.n) * p.sb[0];
     Cand fin = cand_none();
     for (int qy = 0; qy < ny; ++qy)
     for (int qx = 0; qx < nx; ++qx) {
@@ -652,8 +654,6 @@ __global__ void __launch_bounds__(kTileThreads, 2) bm_tiled_kernel(const BlockMa
       const int dy = l.ry.lo + dyi, dx = l.rx.lo + dxi;
       const int y0 = static_cast<int>(l.cy + dy), x0 = static_cast<int>(l.cx + dx);
       float s = 0.f;
-      const long long abase = static_cast<long long>(l.n) * p.sa[0];
-      const long long bbase = static_cast<long long>(l.n) * p.sb[0];
       for (int row = warp; row < p.C * B; row += kTileWarps) {
         const int c = row / B, ky = row - c * B;
         const T* pa = a + abase + static_cast<long long>(c) * p.sa[1] +

@@ -160,14 +160,14 @@ class _MaskState:
             return self.last
         # The input image (the first layer's input; or any stride-1 input before any first
         # layer ran, e.g. a submodule called on its own) fixes the block grid.
-        if first or (self.last is None and in_stride == (1, 1) and recomputed_size is None):
-            size = (int(x.shape[-2]), int(x.shape[-1]))
-        elif recomputed_size is not None:
+        if recomputed_size is not None and not first:
             # A checkpoint's recomputation: the image size this module's forward ran at, noted
             # per checkpoint (check_recompute has compared the keep by value), not the last
             # image's (a later view of another size under the same keep) nor none (a stage
             # recomputed first under the `with` of an equal keep)
             size = recomputed_size
+        elif first or (self.last is None and in_stride == (1, 1)):
+            size = (int(x.shape[-2]), int(x.shape[-1]))
         elif self.last is None and isinstance(x, PackedMap) and x.mask.block_size == self.block_size:
             # A later stage run first with no note (torch <= 2.7 knows no checkpoint): its input
             # map carries the image size
