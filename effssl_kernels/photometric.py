@@ -284,8 +284,13 @@ class PhotometricSampler(PicklesGenerator):
             for name, v in (("mean", mean), ("std", std)):
                 if not isinstance(v, (tuple, list)) or len(v) != 3 or not all(_is_real(x) for x in v):
                     raise TypeError(f"PhotometricSampler: {name} must be 3 floats, got {v!r}")
-            if any(s == 0 for s in std):
-                raise ValueError(f"PhotometricSampler: std must be non-zero, got {tuple(std)}")
+            if not all(math.isfinite(x) for x in (*mean, *std)):
+                raise ValueError(f"PhotometricSampler: mean and std must be finite, got {tuple(mean)}, {tuple(std)}")
+            # checked as the kernels use them, in float32: 1e-50 is zero and 1e39 is inf there
+            f32 = torch.tensor((*mean, *std), dtype=torch.float32)
+            if not bool(torch.isfinite(f32).all()) or bool((f32[3:] == 0).any()):
+                raise ValueError(f"PhotometricSampler: std must be non-zero and mean and std finite in float32, "
+                                 f"got {tuple(mean)}, {tuple(std)}")
             mean, std = tuple(float(x) for x in mean), tuple(float(x) for x in std)
         self.mean, self.std = mean, std
         if generator is not None:
@@ -424,7 +429,8 @@ def photometric(views: Tensor, params: PhotometricParams) -> Tensor:
     Raises TypeError/ValueError on bad views or parameters. On CUDA the parameter *values*
     (ranges, permutations, the blur kernel fitting the views) are checked by a device-side assert
     instead, to avoid host syncs (``EFFSSL_CHECK_INDICES=1`` checks them on the host); a bad value
-    there never reads out of bounds. CPU parameters are always checked on the host.
+    there never reads out of bounds. CPU parameters are checked on the host, except inside
+    ``torch.compile``, where a device-side (or, for CPU tensors, in-graph) assert checks them.
     """
     _check_views(views)
     N, _, H, W = views.shape
@@ -440,9 +446,12 @@ def photometric(views: Tensor, params: PhotometricParams) -> Tensor:
         if on_host and not compiling:
             if bool(blur_any):
                 raise ValueError(blur_size_message(k, H, W))
-        elif not compiling:
+        else:
             torch._assert_async(~blur_any, blur_size_message(k, H, W))
-    if not on_host and not compiling and N:
+    # Compiled, the host check would break the graph, so the values are asserted in it (Dynamo
+    # itself turns a tensor `assert` into this op): the kernels run any id as some op, so an
+    # unchecked bad value would be a silent wrong answer.
+    if (compiling or not on_host) and N:
         torch._assert_async(params.values_ok(), "photometric: parameter values out of range (see PhotometricParams)")
     from .ops.photometric import run
 

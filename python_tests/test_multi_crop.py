@@ -264,3 +264,15 @@ def test_compile_fullgraph(dynamic):
 
     got = torch.compile(f, fullgraph=True, backend="aot_eager", dynamic=dynamic)(x, boxes, flips)
     torch.testing.assert_close(got, f(x, boxes, flips), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("box", [[0, 0, 0, 5], [0, 0, 5, -1], [0, float("nan"), 5, 5], [0, 0, 1e39, 5]])
+def test_compile_fullgraph_checks_boxes(box):
+    # Compiled, the host check cannot run; a bad box is asserted in the graph instead of giving
+    # zeros or plausible values (until 2026-12-06 it was not checked there).
+    torch._dynamo.reset()
+    x = torch.rand(2, 3, 12, 10)
+    boxes = torch.tensor([[[0, 1, 8, 7]], [box]], dtype=torch.float64)
+    fn = torch.compile(lambda x, b: ek.multi_crop(x, b, None, 4), fullgraph=True, backend="aot_eager")
+    with pytest.raises(RuntimeError, match="finite with positive height and width"):
+        fn(x, boxes)

@@ -322,6 +322,10 @@ def test_presets(preset, expect):
         (dict(jitter=(0.4, 0.4, 0.4, 0.6)), ValueError, "hue"),
         (dict(mean=(0.5, 0.5, 0.5), std=None), ValueError, "together"),
         (dict(std=(0.2, 0.0, 0.2)), ValueError, "std"),
+        (dict(std=(0.2, float("nan"), 0.2)), ValueError, "finite"),  # until 2026-12-06: at first use
+        (dict(mean=(0.5, float("inf"), 0.5)), ValueError, "finite"),
+        (dict(std=(0.2, 1e-50, 0.2)), ValueError, "non-zero .*in float32"),
+        (dict(mean=(0.5, 1e39, 0.5)), ValueError, "finite in float32"),
         (dict(generator=0), TypeError, "generator"),
     ],
 )

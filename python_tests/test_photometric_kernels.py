@@ -128,6 +128,27 @@ def test_compile_fullgraph():
     torch.testing.assert_close(fn(x, params), ek.photometric(x, params), rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("field,value", [
+    ("hue", lambda p: torch.full_like(p.hue, 0.9)),
+    ("brightness", lambda p: torch.full_like(p.brightness, -1.0)),
+    ("contrast", lambda p: torch.full_like(p.contrast, float("nan"))),
+    ("order", lambda p: torch.zeros_like(p.order)),  # not a permutation: brightness four times
+    ("std", lambda p: torch.zeros_like(p.std)),
+    ("blur_sigma", lambda p: torch.ones_like(p.blur_sigma)),  # a 3-tap blur on 1-pixel-high views
+])
+def test_compile_fullgraph_checks_values(field, value):
+    # Compiled, the host check cannot run; the values are asserted in the graph instead of
+    # being run as some other op (until 2026-12-06 they were not checked at all there).
+    x, params = photometric_case(3, 1 if field == "blur_sigma" else 7, 8, torch.float32, k=3, seed=2)
+    bad = params._replace(**{field: value(params)})
+    with pytest.raises((ValueError, RuntimeError)):
+        ek.photometric(x, bad)  # eager: the host check
+    torch._dynamo.reset()
+    fn = torch.compile(ek.photometric, fullgraph=True, backend="aot_eager")
+    with pytest.raises(RuntimeError, match="out of range|blur"):
+        fn(x, bad)
+
+
 # ------------------------------------------------------------------------------ bad input
 def test_bad_views():
     _, params = photometric_case(2, 5, 5, torch.float32)
