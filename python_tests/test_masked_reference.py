@@ -329,6 +329,39 @@ def test_max_pool(k, s, p, ceil, H, W, B):
     assert not y0.masked_select(~oracle_pixels(zeros, s, *y0.shape[-2:]).expand_as(y0)).any()
 
 
+@pytest.mark.parametrize("H,W", [(1, 1), (2, 3), (5, 4)])
+def test_max_pool_padding_explicit(H, W):
+    """The -inf padding is explicit, so a window wholly in the padding (k 2, dilation 2, padding
+    1 on a 1-pixel side) gives -inf and no gradient; torch 2.14's own CPU max_pool2d returns an
+    index outside the input there and its backward writes out of bounds (until 2026-12-06 the
+    reference, and sparsified models' masked-dense pool, went through it). Elsewhere it equals
+    F.max_pool2d, ceil_mode's output size included."""
+    ones = BlockMask(torch.ones(1, H, W, dtype=torch.bool), 1, (H, W))
+    for k, s, p, d, ceil in [(2, 1, 1, 2, False), (2, 1, 1, 2, True), (3, 2, 1, 1, True), (2, 3, 1, 1, True),
+                             (3, 3, 1, 2, False), (1, 2, 0, 1, True)]:
+        x = torch.randn(1, 2, H, W, dtype=torch.float64, requires_grad=True)
+        try:
+            ref = F.max_pool2d(x.detach(), k, s, p, d, ceil)
+        except RuntimeError as e:  # a window larger than the padded input: refused alike
+            with pytest.raises(RuntimeError, match="too small"):
+                masked_max_pool2d_reference(x, k, s, p, d, ceil, mask=ones)
+            assert "too small" in str(e)
+            continue
+        y = masked_max_pool2d_reference(x, k, s, p, d, ceil, mask=ones)
+        assert y.shape == ref.shape
+        assert torch.equal(torch.isinf(y), torch.isinf(ref))
+        assert torch.equal(y[torch.isfinite(y)], ref[torch.isfinite(ref)])
+        (gx,) = torch.autograd.grad(y, x, torch.ones_like(y))
+        fin = torch.isfinite(y)
+        with torch.no_grad():  # each finite output routes its 1 to one input: the grads count them
+            assert gx.sum().item() == fin.sum().item() and (gx >= 0).all()
+    x = torch.randn(1, 1, 1, 1, dtype=torch.float64, requires_grad=True)
+    y = masked_max_pool2d_reference(x, 2, 1, 1, 2, mask=BlockMask(torch.ones(1, 1, 1, dtype=torch.bool), 1, (1, 1)))
+    assert y.shape == (1, 1, 1, 1) and y.item() == float("-inf")
+    (gx,) = torch.autograd.grad(y, x, torch.ones_like(y))
+    assert gx.item() == 0.0
+
+
 def test_max_pool_removed_read_as_zero_and_default_stride():
     """All-negative input: a kept output window that touches a removed pixel gives 0, not the
     kept maximum; stride=None means kernel_size."""

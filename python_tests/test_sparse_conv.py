@@ -592,6 +592,16 @@ def test_bad_inputs():
         sparse_conv2d(x, w, None, 1, -1, mask=mask)
     with pytest.raises(ValueError, match="stride must be positive"):
         sparse_conv2d(x, w, None, 1, 1, mask=mask, in_stride=0)
+    # a kernel past the padded input: ValueError as documented (F.conv2d's is a RuntimeError)
+    for k, pad, dil, axis in ((17, 0, 1, "height"), (9, 0, 2, "height"), (4, 0, 1, None)):
+        ww = torch.randn(4, 3, k, 1 if axis else k)
+        if axis is None:
+            assert sparse_conv2d(x, ww, None, 1, pad, dil, mask=mask).shape == (2, 4, 13, 13)
+            continue
+        with pytest.raises(ValueError, match=f"reaches past the padded input's {axis}"):
+            sparse_conv2d(x, ww, None, 1, pad, dil, mask=mask)
+    with pytest.raises(ValueError, match="reaches past the padded input's width"):
+        sparse_conv2d(x, torch.randn(4, 3, 1, 19), None, 1, 1, mask=mask)
     # groups as F.conv2d takes it (NumPy and 0-d tensor ints), on both paths
     wg = torch.randn(6, 1, 3, 3)
     for groups in (np.int64(3), torch.tensor(3)):

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..masks import BlockMask, _positive_pair
+from ..masks import BlockMask, _pair, _positive_pair
 
 IntOrPair = Union[int, Sequence[int]]
 
@@ -84,9 +84,34 @@ def masked_max_pool2d_reference(x: Tensor, kernel_size: IntOrPair, stride: Optio
     s_in = _positive_pair(in_stride, "in_stride")
     no_stride = stride is None or (isinstance(stride, (list, tuple)) and len(stride) == 0)
     s = _positive_pair(kernel_size if no_stride else stride, "stride")
-    y = F.max_pool2d(_apply(mask.pixel_mask(s_in, x.shape[-2:]), x), kernel_size, s, padding,
-                     dilation, ceil_mode)
+    y = _max_pool2d_padded(_apply(mask.pixel_mask(s_in, x.shape[-2:]), x), kernel_size, s, padding,
+                           dilation, ceil_mode)
     return _apply(mask.pixel_mask(_mul(s_in, s), y.shape[-2:]), y)
+
+
+def _max_pool2d_padded(x: Tensor, kernel_size: IntOrPair, stride: Tuple[int, int], padding: IntOrPair,
+                       dilation: IntOrPair, ceil_mode: bool) -> Tensor:
+    """``F.max_pool2d`` with its -inf padding made explicit: where a window lies wholly in the
+    padding, torch (2.14, CPU) returns an index outside the input and its backward writes out of
+    bounds (wrong gradients, heap corruption); padded first, every index is in range. The output
+    size is ``F.max_pool2d``'s (ceil_mode's last window must start inside the input or the left
+    padding, which pooling the padded input would not know)."""
+    k, p, d = (_positive_pair(kernel_size, "kernel_size"), _pair(padding, "padding"),
+               _positive_pair(dilation, "dilation"))
+    if p == (0, 0) or any(q < 0 or 2 * q > kk for q, kk in zip(p, k)):  # bad: torch's own error
+        return F.max_pool2d(x, k, stride, p, d, ceil_mode)
+    out = [_pool_out(x.shape[2 + i], k[i], stride[i], p[i], d[i], ceil_mode) for i in range(2)]
+    xp = F.pad(x, (p[1], p[1], p[0], p[0]), value=float("-inf"))
+    return F.max_pool2d(xp, k, stride, 0, d, ceil_mode)[..., :out[0], :out[1]]
+
+
+def _pool_out(n: int, k: int, s: int, p: int, d: int, ceil_mode: bool) -> int:
+    """torch's pooling output size (aten/src/ATen/native/Pool.h, pooling_output_shape)."""
+    span = n + 2 * p - d * (k - 1) - 1
+    out = (span + (s - 1 if ceil_mode else 0)) // s + 1
+    if ceil_mode and (out - 1) * s >= n + p:
+        out -= 1
+    return out
 
 
 def _check_pixels(x: Tensor, mask_pixels: Tensor, fn: str) -> None:

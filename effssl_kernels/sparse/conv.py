@@ -30,7 +30,7 @@ from ..masks import BlockMask, _pair, _positive_pair
 from ..ops.tile_conv import DTYPES as TILE_CONV_DTYPES
 from ..ops.tile_conv import runs_triton, tile_conv
 from .halo_ops import autocast_conv_args, halo_conv2d
-from .masked_dense import masked_conv2d
+from .masked_dense import _int_padding, masked_conv2d
 from .tiles import TileIndex, _check_tiles, is_tile_aligned, pack, unpack
 
 IntOrPair = Union[int, Sequence[int]]
@@ -111,6 +111,22 @@ def _check_weight(weight: Tensor, bias: Optional[Tensor], fn: str, x, groups) ->
     return groups
 
 
+def _check_out_size(x: Tensor, weight: Tensor, stride, padding, dilation, fn: str) -> None:
+    """ValueError, as documented, for a kernel that reaches past the padded input (F.conv2d's
+    own error is a RuntimeError); other bad arguments are left to the checks that name them."""
+    try:
+        s, d = _positive_pair(stride, "stride"), _positive_pair(dilation, "dilation")
+    except (TypeError, ValueError):
+        return
+    pad = _int_padding(padding, tuple(weight.shape[-2:]), d)
+    if pad is None:
+        return
+    for i, axis in ((0, "height"), (1, "width")):
+        if conv_out_len(x.shape[2 + i], 2 * pad[i], weight.shape[2 + i], d[i], s[i]) <= 0:
+            raise ValueError(f"{fn}: the kernel ({weight.shape[2 + i]} taps, dilation {d[i]}) reaches past "
+                             f"the padded input's {axis} ({x.shape[2 + i]} + 2 * {pad[i]})")
+
+
 def _check_mask_x(x: Tensor, mask: BlockMask, fn: str) -> None:
     if not isinstance(mask, BlockMask):
         raise TypeError(f"{fn}: mask must be a BlockMask, got {type(mask).__name__}")
@@ -160,6 +176,7 @@ def sparse_conv2d(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None,
     halo = conv_tile_halo(weight.shape[-2:], stride, padding, dilation, mask=mask,
                           in_stride=s_in, size=x.shape[-2:])
     if halo is None:
+        _check_out_size(x, weight, stride, padding, dilation, fn)
         return masked_conv2d(x, weight, bias, stride, padding, dilation, groups,
                              mask=mask, in_stride=s_in)
     _check_x(x, mask, s_in, fn)  # implied by conv_tile_halo(size=...); kept as the tiles' guard
