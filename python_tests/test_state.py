@@ -72,12 +72,28 @@ def test_compiled_code_where_dynamo_folds_is_exporting_to_true(mirrored, monkeyp
         raise RuntimeError("the fake-mode query ran in a Dynamo trace")
 
     with s.bound(torch.ones(2)):
-        monkeypatch.setattr(torch.compiler, "is_exporting", lambda: True)
+        monkeypatch.setattr(torch.compiler, "is_exporting", lambda: True, raising=False)  # torch 2.6: none
         monkeypatch.setattr(_state, "_DYNAMO_KNOWS_EXPORT", False)
         monkeypatch.setattr(_state, "_fake_mode_here", untraceable)
         out = f(torch.zeros(2))
         monkeypatch.undo()
     assert torch.equal(out, torch.ones(2))
+
+
+def test_export_guard_without_is_exporting(monkeypatch):
+    # torch 2.6 has no torch.compiler.is_exporting: the guard took that for "never exporting",
+    # so a non-strict export there recorded a `with` entered outside it silently. Without the
+    # flag, the fake-tensor mode (non-strict export runs the model under one) answers alone.
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    monkeypatch.delattr(torch.compiler, "is_exporting", raising=False)
+    assert not _state._exporting_here()
+    with FakeTensorMode():
+        assert _state._exporting_here()
+    monkeypatch.undo()
+    if hasattr(torch.compiler, "is_exporting"):  # with the flag: a fake-tensor run alone is no export
+        with FakeTensorMode():
+            assert not _state._exporting_here()
 
 
 def test_a_with_in_another_thread_warns():

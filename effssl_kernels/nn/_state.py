@@ -47,10 +47,13 @@ def _exporting_here() -> bool:
     which non-strict export runs the model under. Strict export traces with Dynamo, which cannot
     run that query: there the flag alone answers, from torch 2.12 on; before, Dynamo folds the
     flag to True while it traces anything (torch.compile too), so a Dynamo trace cannot tell a
-    strict export from a compile and is never this check's export."""
+    strict export from a compile and is never this check's export. A torch without the flag
+    (2.6) has the fake-tensor mode alone: any run under one counts (until 2026-12-06 none did,
+    and a non-strict export there recorded the `with`'s tensors silently)."""
+    is_exporting = getattr(torch.compiler, "is_exporting", None)
     if torch.compiler.is_dynamo_compiling():
-        return _DYNAMO_KNOWS_EXPORT and getattr(torch.compiler, "is_exporting", lambda: False)()
-    if not getattr(torch.compiler, "is_exporting", lambda: False)():
+        return _DYNAMO_KNOWS_EXPORT and is_exporting is not None and is_exporting()
+    if is_exporting is not None and not is_exporting():
         return False
     return _fake_mode_here()
 

@@ -22,6 +22,15 @@ _DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 _INDEX_DTYPES = (torch.int32, torch.int64)
 
 
+def pos_embed_fits(pos_embed: Tensor, L, D) -> bool:
+    """``pos_embed`` is ``[1, L, D]`` or ``[L, D]``. Compared size by size: ``tuple(shape) in
+    ((1, L, D), (L, D))`` is misjudged by the Dynamo of torch < 2.14 under symbolic sizes (a
+    dynamic-size ViT compiled under token_keep failed at its second image size there)."""
+    d = pos_embed.dim()
+    return ((d == 2 or (d == 3 and pos_embed.shape[0] == 1))
+            and pos_embed.shape[-2] == L and pos_embed.shape[-1] == D)
+
+
 def _check(x, keep, pos_embed) -> None:
     if not isinstance(x, Tensor) or not isinstance(keep, Tensor):
         raise TypeError("gather_tokens: x and keep must be tensors")
@@ -49,7 +58,7 @@ def _check(x, keep, pos_embed) -> None:
             raise TypeError(
                 f"gather_tokens: pos_embed must be float32, float64, float16 or bfloat16, got {pos_embed.dtype}"
             )
-        if tuple(pos_embed.shape) not in ((1, L, D), (L, D)):
+        if not pos_embed_fits(pos_embed, L, D):
             raise ValueError(
                 f"gather_tokens: pos_embed must have shape [1, L, D] or [L, D] with L={L}, D={D}, "
                 f"got {tuple(pos_embed.shape)}"

@@ -19,6 +19,7 @@ from torch import Tensor
 from .. import _backend
 from ..reference.gather_tokens import patch_embed_gather_reference
 from ._indices import check_keep_range
+from .gather_tokens import pos_embed_fits
 
 _FLOATS = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 _INTS = (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8)
@@ -56,7 +57,7 @@ def _check(images, weight, bias, keep, pos_embed) -> None:
         raise ValueError(f"{op}: keep must have shape [N, K] with N = {N}, got {tuple(keep.shape)}")
     if keep.shape[1] < 1:
         raise ValueError(f"{op}: keep must keep at least one patch (K >= 1)")
-    if pos_embed is not None and tuple(pos_embed.shape) not in ((1, L, D), (L, D)):
+    if pos_embed is not None and not pos_embed_fits(pos_embed, L, D):
         raise ValueError(
             f"{op}: pos_embed must have shape [1, L, D] or [L, D] with L = {L}, D = {D}, got {tuple(pos_embed.shape)}"
         )

@@ -212,14 +212,20 @@ def check_batch_norm_args(x: Tensor, mask_pixels: Tensor, running_mean: Optional
 def update_running_stats(running_mean: Tensor, running_var: Tensor, mean: Tensor, var: Tensor,
                          n: Tensor, momentum: float) -> None:
     """In place, as BatchNorm2d: ``running = (1 - momentum) * running + momentum * stat``, the
-    biased ``var`` made unbiased (``* n / (n - 1)``); no update where ``n <= 1`` (no host sync)."""
+    biased ``var`` made unbiased (``* n / (n - 1)``); no update where ``n <= 1`` (no host sync).
+
+    Written through ``.data``, so the buffers' version counters do not move, as F.batch_norm
+    updates them inside its kernel: an F.batch_norm of the same module earlier in the step (the
+    packed path: another view, or another image size under one keep) saved them for its
+    backward, which failed ("modified by an inplace operation") until 2026-12-06. In training
+    that backward never reads them."""
     with torch.no_grad():
         upd = n > 1
         unbiased = var * n.to(var.dtype) / (n - 1).clamp(min=1).to(var.dtype)
         new_mean = (1 - momentum) * running_mean + momentum * mean.to(running_mean.dtype)
         new_var = (1 - momentum) * running_var + momentum * unbiased.to(running_var.dtype)
-        running_mean.copy_(torch.where(upd, new_mean, running_mean))
-        running_var.copy_(torch.where(upd, new_var, running_var))
+        running_mean.data.copy_(torch.where(upd, new_mean, running_mean))
+        running_var.data.copy_(torch.where(upd, new_var, running_var))
 
 
 def masked_avg_pool_reference(x: Tensor, mask_pixels: Tensor) -> Tensor:
