@@ -288,3 +288,30 @@ def test_sparsified_resnet_masked_dense_layers_save_about_the_dense_models():
     assert ek.nn.resnet.tile_plan(model, 16, 64)["layer4.0.conv1"] != "tiles"
     sparse = layer4_saved(ek.BlockMask(torch.ones(2, 4, 4, dtype=torch.bool), 16, 64))
     assert sparse <= 1.2 * dense, sparse / dense
+
+
+@pytest.mark.parametrize("fn", [masked_batch_norm, masked_batch_norm_reference])
+def test_batch_norm_running_stats_under_vmap(fn):
+    # An ensemble's batched running statistics (torch.func.stack_module_state + vmap): the update
+    # keeps the buffers' version counters without `.data`, which vmap refuses (a crash briefly on
+    # 2026-12-06). Each member's statistics equal its own call's.
+    from torch.func import vmap
+
+    torch.manual_seed(0)
+    x, m = torch.randn(2, 3, 4, 4), torch.rand(2, 1, 4, 4) < 0.6
+    w = torch.rand(2, 3)
+    rm, rv = torch.randn(2, 3), torch.rand(2, 3) + 0.5
+    want = [(rm[i].clone(), rv[i].clone()) for i in range(2)]
+    ys = [fn(x, m, *want[i], w[i], None, True) for i in range(2)]
+    y = vmap(lambda w, rm, rv: fn(x, m, rm, rv, w, None, True))(w, rm, rv)
+    torch.testing.assert_close(y, torch.stack(ys))
+    torch.testing.assert_close(rm, torch.stack([a for a, _ in want]))
+    torch.testing.assert_close(rv, torch.stack([b for _, b in want]))
+
+
+def test_batch_norm_update_keeps_the_version_counter():
+    # As F.batch_norm's in-kernel update: an earlier F.batch_norm of the module saved the buffers
+    x, m = torch.randn(2, 3, 4, 4), torch.rand(2, 1, 4, 4) < 0.6
+    rm, rv = torch.zeros(3), torch.ones(3)
+    masked_batch_norm(x, m, rm, rv, None, None, True)
+    assert rm._version == 0 and rv._version == 0 and not torch.equal(rm, torch.zeros(3))

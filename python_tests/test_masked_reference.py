@@ -362,6 +362,14 @@ def test_max_pool_padding_explicit(H, W):
     assert gx.item() == 0.0
 
 
+@pytest.mark.parametrize("dtype", [torch.int64, torch.uint8])
+def test_max_pool_padding_explicit_integers(dtype):
+    # the explicit padding is the dtype's lowest value, as F.max_pool2d's (-inf cannot be an int)
+    ones = BlockMask(torch.ones(1, 2, 2, dtype=torch.bool), 2, (4, 4))
+    x = torch.randint(0, 100, (1, 2, 4, 4)).to(dtype)
+    assert torch.equal(masked_max_pool2d_reference(x, 3, 2, 1, mask=ones), F.max_pool2d(x, 3, 2, 1))
+
+
 def test_max_pool_removed_read_as_zero_and_default_stride():
     """All-negative input: a kept output window that touches a removed pixel gives 0, not the
     kept maximum; stride=None means kernel_size."""

@@ -95,13 +95,16 @@ def _max_pool2d_padded(x: Tensor, kernel_size: IntOrPair, stride: Tuple[int, int
     padding, torch (2.14, CPU) returns an index outside the input and its backward writes out of
     bounds (wrong gradients, heap corruption); padded first, every index is in range. The output
     size is ``F.max_pool2d``'s (ceil_mode's last window must start inside the input or the left
-    padding, which pooling the padded input would not know)."""
+    padding, which pooling the padded input would not know). Values equal F.max_pool2d's; the
+    gradient too, except where a window's inputs are all -inf: torch gives it to one of them,
+    here the padding takes it (both subgradients; removed pixels are zeros, never -inf)."""
     k, p, d = (_positive_pair(kernel_size, "kernel_size"), _pair(padding, "padding"),
                _positive_pair(dilation, "dilation"))
     if p == (0, 0) or any(q < 0 or 2 * q > kk for q, kk in zip(p, k)):  # bad: torch's own error
         return F.max_pool2d(x, k, stride, p, d, ceil_mode)
     out = [_pool_out(x.shape[2 + i], k[i], stride[i], p[i], d[i], ceil_mode) for i in range(2)]
-    xp = F.pad(x, (p[1], p[1], p[0], p[0]), value=float("-inf"))
+    low = float("-inf") if x.is_floating_point() else torch.iinfo(x.dtype).min  # torch's own padding
+    xp = F.pad(x, (p[1], p[1], p[0], p[0]), value=low)
     return F.max_pool2d(xp, k, stride, 0, d, ceil_mode)[..., :out[0], :out[1]]
 
 
@@ -214,8 +217,7 @@ def update_running_stats(running_mean: Tensor, running_var: Tensor, mean: Tensor
     """In place, as BatchNorm2d: ``running = (1 - momentum) * running + momentum * stat``, the
     biased ``var`` made unbiased (``* n / (n - 1)``); no update where ``n <= 1`` (no host sync).
 
-    Written through ``.data``, so the buffers' version counters do not move, as F.batch_norm
-    updates them inside its kernel: an F.batch_norm of the same module earlier in the step (the
+    Their version counters are kept, as F.batch_norm updates them inside its kernel: an F.batch_norm of the same module earlier in the step (the
     packed path: another view, or another image size under one keep) saved them for its
     backward, which failed ("modified by an inplace operation") until 2026-12-06. In training
     that backward never reads them."""
@@ -224,8 +226,11 @@ def update_running_stats(running_mean: Tensor, running_var: Tensor, mean: Tensor
         unbiased = var * n.to(var.dtype) / (n - 1).clamp(min=1).to(var.dtype)
         new_mean = (1 - momentum) * running_mean + momentum * mean.to(running_mean.dtype)
         new_var = (1 - momentum) * running_var + momentum * unbiased.to(running_var.dtype)
-        running_mean.data.copy_(torch.where(upd, new_mean, running_mean))
-        running_var.data.copy_(torch.where(upd, new_var, running_var))
+        # not `.data`, which torch.func.vmap refuses (batched running stats of an ensemble)
+        with torch.autograd._unsafe_preserve_version_counter(running_mean):
+            running_mean.copy_(torch.where(upd, new_mean, running_mean))
+        with torch.autograd._unsafe_preserve_version_counter(running_var):
+            running_var.copy_(torch.where(upd, new_var, running_var))
 
 
 def masked_avg_pool_reference(x: Tensor, mask_pixels: Tensor) -> Tensor:
