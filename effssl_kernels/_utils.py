@@ -109,17 +109,14 @@ class PicklesGenerator:
         state = dict(self.__dict__)
         g = state.get("generator")
         if isinstance(g, torch.Generator):
-            ref = _GENERATOR_REFS.get(g)
-            if ref is None:
-                ref = _GENERATOR_REFS[g] = _GeneratorRef(g)
-            state["generator"] = ref
+            state["generator"] = _GeneratorRef.of(g)
         return state
 
     def __setstate__(self, state):
         # copy.copy hands __getstate__'s dict straight back: the stand-in is the same generator
         g = state.get("generator")
         if isinstance(g, _GeneratorRef):
-            state = {**state, "generator": g._g()}
+            state = {**state, "generator": g.generator}
         self.__dict__.update(state)
 
     def __deepcopy__(self, memo):
@@ -132,15 +129,36 @@ class PicklesGenerator:
 
 
 class _GeneratorRef:
-    """Stands for one generator in a pickle; unpickles as a new generator with its state then."""
+    """Stands for one generator in a pickle; unpickles as a new generator with its state then.
 
-    __slots__ = ("_g", "__weakref__")
+    One per generator while it lives: a pickle's memo holds it for the whole dump, so every
+    object of that dump sharing the generator pickles the same stand-in (found by the
+    generator's id; the stand-in holds the generator, so the id cannot be reused meanwhile).
+    Not a weak dict keyed by the generator: torch.Generator takes no weak reference before
+    torch 2.12 (pickling failed on 2.11, the GPU machine's torch, until 2026-12-06)."""
+
+    __slots__ = ("generator", "__weakref__")
 
     def __init__(self, g: torch.Generator):
-        self._g = weakref.ref(g)
+        self.generator = g
+
+    @classmethod
+    def of(cls, g: torch.Generator) -> "_GeneratorRef":
+        key = id(g)
+        w = _GENERATOR_REFS.get(key)
+        ref = w() if w is not None else None
+        if ref is None or ref.generator is not g:
+            ref = cls(g)
+
+            def forget(dead, key=key):  # only its own entry: a newer one may hold the key
+                if _GENERATOR_REFS.get(key) is dead:
+                    del _GENERATOR_REFS[key]
+
+            _GENERATOR_REFS[key] = weakref.ref(ref, forget)
+        return ref
 
     def __reduce__(self):
-        g = self._g()
+        g = self.generator
         return _rebuild_generator, (str(g.device), bytes(g.get_state().numpy()))
 
 
@@ -150,4 +168,4 @@ def _rebuild_generator(device: str, state: bytes) -> torch.Generator:
     return g
 
 
-_GENERATOR_REFS: "weakref.WeakKeyDictionary[torch.Generator, _GeneratorRef]" = weakref.WeakKeyDictionary()
+_GENERATOR_REFS: "dict[int, weakref.ref[_GeneratorRef]]" = {}

@@ -79,6 +79,29 @@ def test_a_shared_generator_stays_shared():
         assert not torch.equal(got[0].brightness, got[1].brightness)
 
 
+def test_generator_pickling_takes_no_weak_reference_to_it(monkeypatch):
+    # torch.Generator takes no weak reference before torch 2.12: the stand-ins were kept in a
+    # weak dict keyed by the generator, so every pickle of a sampler or crop with a generator
+    # failed on torch 2.11 (the GPU machine's). Simulated here; sharing must still hold.
+    import weakref
+
+    real = weakref.ref
+
+    def no_generators(obj, *callback):
+        if isinstance(obj, torch.Generator):
+            raise TypeError("cannot create weak reference to 'torch._C.Generator' object")
+        return real(obj, *callback)
+
+    monkeypatch.setattr(weakref, "ref", no_generators)
+    g = torch.Generator().manual_seed(0)
+    pair = (ek.PhotometricSampler.byol(1, generator=g), ek.TwoViewCrop(8, generator=g))
+    a, b = pickle.loads(pickle.dumps(pair))
+    assert a.generator is b.generator and a.generator is not g
+    assert torch.equal(a.generator.get_state(), g.get_state())
+    a2, b2 = pickle.loads(pickle.dumps(pair))  # a second dump: a new stand-in, the same state
+    assert a2.generator is b2.generator and a2.generator is not a.generator
+
+
 def test_copies_keep_the_generator_usable_and_shared():
     # copy.copy handed the pickle stand-in back as the generator (a TypeError at the next draw);
     # deepcopy shares the generator with plain references to it in the same structure.
