@@ -284,9 +284,8 @@ class PhotometricSampler(PicklesGenerator):
             for name, v in (("mean", mean), ("std", std)):
                 if not isinstance(v, (tuple, list)) or len(v) != 3 or not all(_is_real(x) for x in v):
                     raise TypeError(f"PhotometricSampler: {name} must be 3 floats, got {v!r}")
-            if not all(math.isfinite(x) for x in (*mean, *std)):
-                raise ValueError(f"PhotometricSampler: mean and std must be finite, got {tuple(mean)}, {tuple(std)}")
-            # checked as the kernels use them, in float32: 1e-50 is zero and 1e39 is inf there
+            # checked as the kernels use them, in float32 (which also refuses NaN and inf as given):
+            # 1e-50 is zero and 1e39 is inf there
             f32 = torch.tensor((*mean, *std), dtype=torch.float32)
             if not bool(torch.isfinite(f32).all()) or bool((f32[3:] == 0).any()):
                 raise ValueError(f"PhotometricSampler: std must be non-zero and mean and std finite in float32, "

@@ -217,10 +217,10 @@ def update_running_stats(running_mean: Tensor, running_var: Tensor, mean: Tensor
     """In place, as BatchNorm2d: ``running = (1 - momentum) * running + momentum * stat``, the
     biased ``var`` made unbiased (``* n / (n - 1)``); no update where ``n <= 1`` (no host sync).
 
-    Their version counters are kept, as F.batch_norm updates them inside its kernel: an F.batch_norm of the same module earlier in the step (the
-    packed path: another view, or another image size under one keep) saved them for its
-    backward, which failed ("modified by an inplace operation") until 2026-12-06. In training
-    that backward never reads them."""
+    Their version counters are kept, as F.batch_norm updates them inside its kernel: an
+    F.batch_norm of the same module earlier in the step (the packed path: another view, or
+    another image size under one keep) saved them for its backward, which failed ("modified by
+    an inplace operation") until 2026-12-06. In training that backward never reads them."""
     with torch.no_grad():
         upd = n > 1
         unbiased = var * n.to(var.dtype) / (n - 1).clamp(min=1).to(var.dtype)
