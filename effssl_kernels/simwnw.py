@@ -336,8 +336,9 @@ class SimWnW:
         ViTs with ``token_buckets=1``: with more, a ValueError; BatchNorm then normalises over
         both views together, as some SimCLR code does). An empty batch gives empty outputs. The
         model may return a tensor or a tuple / dict of tensors (batch first). Under DDP with
-        BatchNorm and a call per view, build it with ``broadcast_buffers=False`` or pass ``concat=True``: the second call's buffer broadcast
-        rewrites running statistics that the first call's backward saved (torch 2.11 raises).
+        BatchNorm and a call per view, build it with ``broadcast_buffers=False`` or pass
+        ``concat=True``: the second call's buffer broadcast rewrites running statistics that the
+        first call's backward saved (torch 2.11 raises).
         """
         if tuple(view_a.shape[-2:]) != tuple(masks.image_size) or view_a.shape != view_b.shape:
             raise ValueError(f"SimWnW.encode: views {tuple(view_a.shape)}, {tuple(view_b.shape)} do not "
