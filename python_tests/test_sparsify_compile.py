@@ -287,6 +287,22 @@ def test_export_records_no_mask_entered_outside_it():
         torch.testing.assert_close(model(x), want2)
 
 
+def test_strict_export_outside_a_with_is_the_dense_model():
+    """Outside any `with` a sparsified model is the dense one, and a strict (Dynamo) export of
+    it says so. Before torch 2.8 (strict by default there) Dynamo's export refuses any forward
+    pre-hook on the exported module, sparsify's among them: README tells to pass strict=False."""
+    model = R.sparsify(_randomize_bn(_cifar_resnet())).eval()
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    if EXPORT_STRICT_BY_DEFAULT:
+        with pytest.raises(AssertionError, match="whole graph export entails exactly one guard export"):
+            torch.export.export(model, (x,), strict=True)
+    else:
+        ep = torch.export.export(model, (x,), strict=True)
+        torch.testing.assert_close(ep.module()(x), model(x), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(torch.export.export(model, (x,), strict=False).module()(x), model(x),
+                               rtol=1e-5, atol=1e-5)
+
+
 def test_export_guard_is_per_thread():
     # torch.compiler.is_exporting() is one flag for the process: another thread's export made an
     # eager call here raise (a), or a `with` entered meanwhile pass for one entered inside the
