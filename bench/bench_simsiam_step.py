@@ -2,8 +2,9 @@
 
 Step = forward + backward of two views through one encoder (ResNet + SimSiam's 3-layer projector)
 and the predictor, symmetric negative-cosine loss with stop-gradient; gradients are zeroed, no
-optimizer step. Each view gets a fresh random mask per step that keeps exactly ``keep`` of its
-blocks (the block search of SimWnW is benchmarked on its own). Providers:
+optimizer step. Each view gets a fresh random mask per step that keeps exactly ``ceil(keep * 49)``
+of its 49 blocks (``kept``: 25/49 at keep 0.5; the block search of SimWnW is benchmarked on its
+own). Providers:
 
 - ``dense``: the unconverted model (cuDNN on a GPU), no mask: the baseline;
 - ``packed``: ``effssl_kernels.sparsify`` + ``block_mask``: maps stay packed (kept tiles only)
@@ -14,14 +15,15 @@ blocks (the block search of SimWnW is benchmarked on its own). Providers:
   the masked network without any skipping.
 
 ``rel_time`` is the median over dense's and ``speedup`` its inverse. ``ideal_speedup`` is
-``1 / (keep * (1 - f) + f)`` with ``f`` the packed step at keep 0 over dense (the share that cannot
+``1 / (kept * (1 - f) + f)`` with ``f`` the packed step at keep 0 over dense (the share that cannot
 shrink), as the issue asks; ``of_ideal = speedup / ideal_speedup`` is how close removal comes to
 its own best case. Memory: ``saved_mib`` is what autograd keeps for backward in one step (unique
 tensor storages seen by ``saved_tensors_hooks``, parameters excluded; any device), ``rel_saved``
 its ratio to dense's; GPU rows add ``peak_mib``, the peak allocated during one step beyond what
 was allocated before.
 
-GPU: ResNet-50 at 224 px, block 32, batch 256 per view, bf16 autocast, channels_last. The
+GPU: ResNet-50 at 224 px, block 32, batch 256 per view, bf16 autocast, channels_last,
+``cudnn.benchmark`` on for every provider (the shapes are fixed per keep: a user's best). The
 stride-1 3x3 convs on tiles run as ``EFFSSL_TILE_CONV`` says (default cuDNN on halo'd tiles;
 ``EFFSSL_TILE_CONV=implicit python -m bench.bench_simsiam_step`` times the Triton implicit GEMM;
 the note column and the JSON's info say which).
@@ -47,7 +49,7 @@ import effssl_kernels.sparse.packed as packed_mod
 from effssl_kernels.masks import BlockMask
 from effssl_kernels.nn import block_mask, sparsify, tile_plan
 
-from .common import device_info, live_rows, parse_args, report, timed_row, tiny
+from .common import cudnn_benchmark, device_info, kept_count, live_rows, parse_args, report, timed_row, tiny
 
 KEEPS = [1.0, 0.8, 0.75, 0.65, 0.5, 0.25, 0.0]
 PROVIDERS = ["dense", "packed", "per_layer", "masked_dense"]
@@ -91,8 +93,8 @@ class SimSiam(nn.Module):
 
 
 def random_keep(n: int, grid: int, keep: float, gen: torch.Generator, device) -> torch.Tensor:
-    """bool ``[n, grid, grid]`` keeping exactly ``round(keep * grid^2)`` random blocks each."""
-    k = round(keep * grid * grid)
+    """bool ``[n, grid, grid]`` keeping exactly ``kept_count(keep, grid^2)`` random blocks each."""
+    k = kept_count(keep, grid * grid)
     order = torch.rand(n, grid * grid, generator=gen, device=device).argsort(1)
     return (order < k).view(n, grid, grid)
 
@@ -180,9 +182,10 @@ def run(device: str, quick: bool = False):
         (p, k) for k in keeps for p in providers if p != "dense" and not (p == "packed" and k in first)]
     for prov, keep in cases:
         row = {"provider": prov, "arch": arch, "img": img, "block": block, "batch": batch,
-               "keep": 1.0 if keep is None else keep, "note": note}
+               "keep": 1.0 if keep is None else keep,
+               "kept": 1.0 if keep is None else kept_count(keep, grid * grid) / grid**2, "note": note}
         model = dense if prov == "dense" else sparse
-        with _provider(prov):
+        with _provider(prov), (cudnn_benchmark() if gpu else contextlib.nullcontext()):
             row = timed_row(row, step_fn(model, keep), device, 0.5 if quick else (2.0 if gpu else 5.0))
             if "median_ms" in row:  # it ran: measure what it keeps for backward too
                 row.update(memory(model, keep))
@@ -209,7 +212,8 @@ def _derive(rows) -> None:
         if "rel_time" in r:
             r["speedup"] = 1.0 / r["rel_time"]
         if f is not None and r["provider"] != "dense":
-            r["ideal_speedup"] = 1.0 / (r["keep"] * (1 - f) + f)
+            kept = r.get("kept", r["keep"])
+            r["ideal_speedup"] = 1.0 / (kept * (1 - f) + f)
             if "speedup" in r:
                 r["of_ideal"] = r["speedup"] / r["ideal_speedup"]
 
@@ -234,7 +238,7 @@ def plot(rows, path: str, title: str) -> str | None:
     ideal = sorted((r["keep"], dense / r["ideal_speedup"]) for r in rows
                    if r["provider"] == "packed" and "ideal_speedup" in r)
     if ideal and dense is not None:
-        ax.plot(*zip(*ideal), ls=":", color="gray", label="ideal: dense x (keep(1-f)+f)")
+        ax.plot(*zip(*ideal), ls=":", color="gray", label="ideal: dense x (kept(1-f)+f)")
     ax.set_xlabel("keep ratio")
     ax.set_ylabel("step time (ms, median)")
     ax.set_title(title, fontsize=9)
@@ -250,7 +254,7 @@ def main(argv=None) -> str:
     rows, info = run(args.device, args.quick)
     title = f"SimSiam step (fwd+bwd, 2 views) on {info['device']}"
     path = report(args, "simsiam_step", title, info, rows,
-                  ["provider", "arch", "img", "block", "batch", "keep", "median_ms", "p20_ms",
+                  ["provider", "arch", "img", "block", "batch", "keep", "kept", "median_ms", "p20_ms",
                    "p80_ms", "rel_time", "speedup", "ideal_speedup", "of_ideal", "saved_mib", "rel_saved",
                    "peak_mib", "note"])
     png = plot(rows, os.path.splitext(path)[0] + ".png", title)

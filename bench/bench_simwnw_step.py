@@ -17,13 +17,16 @@ bundled photos, bench/real_images.py) and make their two views with ``multi_crop
 at most 0.85, ViT-S/16 at most 0.8); ``removal`` is the measured mean fraction of blocks
 (tokens) removed per view on these photographs at that step.
 
-GPU: ResNet-50 at 224/block 32, batch 256; ViT-S/16 at 224, batch 128; bf16 autocast.
+GPU: ResNet-50 at 224/block 32, batch 256; ViT-S/16 at 224, batch 128; bf16 autocast; dense
+with ``cudnn.benchmark`` on (its shapes are fixed), simwnw with it off (its tile count changes
+every step, and benchmark mode would time cuDNN's algorithms again at each new count).
 CPU: ResNet-18 at 112/block 16, batch 8; ViT-S/16 (4 blocks) at 112, batch 4; fp32.
 
     python -m bench.bench_simwnw_step [--device cuda|cpu] [--out DIR] [--quick]
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import functools
 import os
@@ -35,7 +38,7 @@ from torch import nn
 import effssl_kernels as ek
 
 from .bench_simsiam_step import SimSiam
-from .common import device_info, live_rows, parse_args, report, timed_row, tiny
+from .common import cudnn_benchmark, device_info, live_rows, parse_args, report, timed_row, tiny
 from .real_images import photo_batch
 
 MEAN = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
@@ -171,8 +174,11 @@ def run(device: str, quick: bool = False):
         for prov, fn, sw in providers:
             if sw is not None:
                 sw.removal_history.clear()  # timed_row's warm-up call records too; the log is per row
-            row = timed_row({"case": case, "provider": prov}, fn, device,
-                            0.5 if quick else (2.0 if device == "cuda" else 5.0))
+            # cudnn.benchmark for dense (fixed shapes: a user's best), not for simwnw, whose tile
+            # count changes every step (benchmark mode would time cuDNN's algorithms at each one)
+            with cudnn_benchmark() if device == "cuda" and prov == "dense" else contextlib.nullcontext():
+                row = timed_row({"case": case, "provider": prov}, fn, device,
+                                0.5 if quick else (2.0 if device == "cuda" else 5.0))
             if "median_ms" in row:
                 if prov == "dense":
                     base = row["median_ms"]

@@ -1,8 +1,10 @@
 """Timing, device limits and result files shared by the benchmarks."""
 from __future__ import annotations
 
+import contextlib
 import datetime
 import json
+import math
 import os
 import platform
 import signal
@@ -37,13 +39,15 @@ _SPECS = {  # matched by substring, in this order: the specific names first
 
 
 def _git_sha() -> str:
-    """HEAD's short sha, or ``EFFSSL_GIT_SHA`` (a lent GPU machine gets the working tree without
-    .git: gpu_session.sh's header says how to pass it)."""
+    """HEAD's short sha, with ``-dirty`` where the tree has uncommitted changes, or
+    ``EFFSSL_GIT_SHA`` (a lent GPU machine gets the working tree without .git: gpu_session.sh's
+    header says how to pass it)."""
     if os.environ.get("EFFSSL_GIT_SHA"):
         return os.environ["EFFSSL_GIT_SHA"]
-    try:
-        return subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], text=True,
-                                       stderr=subprocess.DEVNULL).strip()
+    try:  # "-dirty": the code that ran is not the commit's (uncommitted changes)
+        return subprocess.check_output(["git", "describe", "--always", "--dirty", "--abbrev=7"],
+                                       text=True, stderr=subprocess.DEVNULL,
+                                       cwd=os.path.dirname(os.path.abspath(__file__))).strip()
     except Exception:
         return "unknown"
 
@@ -220,9 +224,10 @@ def write_json(path: str, info: dict, rows: list[dict]) -> None:
     measured limit (:func:`flag_over_limit`, with a warning)."""
     over = flag_over_limit(rows)
     if over:
-        print(f"warning: {over} row(s) above 100% of a measured limit: the ceiling was measured once, "
-              f"at the start (on a GPU reused for an hour, CEILINGS_MAX_AGE_S), and a loaded machine (or "
-              f"cached data) sets it too low; rerun on an idle machine")
+        print(f"warning: {over} row(s) above 100% of a measured limit: a ceiling measured at the start "
+              f"(pct_hbm_limit, TFLOP/s limits; on a GPU reused for an hour, CEILINGS_MAX_AGE_S) or a "
+              f"yardstick copy timed with the case (pct_copy_bw) came out too low on a loaded machine, "
+              f"or the data sat in a cache; rerun on an idle machine")
     with open(path, "w") as f:
         json.dump({"info": info, "rows": rows}, f, indent=1)
 
@@ -257,6 +262,27 @@ def mark_speedups(rows: list[dict], ours: str = "ours") -> None:
         if "median_ms" in r and r is not mine:
             r["ours_speedup"] = r["median_ms"] / mine["median_ms"]
             mine[f"speedup_vs_{r['provider']}"] = r["ours_speedup"]
+
+
+def kept_count(keep: float, n: int) -> int:
+    """How many of ``n`` blocks a benchmark's "keep" ratio keeps: ``ceil(keep * n)``, so a case
+    never keeps fewer than it says (``round`` kept 24 of 49 blocks at keep 0.5, flattering a
+    removal target). Rows record the fraction kept (``kept``) and ideals use it."""
+    if not 0.0 <= keep <= 1.0:
+        raise ValueError(f"keep must be in [0, 1], got {keep}")
+    return min(n, math.ceil(keep * n - 1e-9))  # 1e-9: 0.7 * 10 is 7.000000000000001
+
+
+@contextlib.contextmanager
+def cudnn_benchmark(on: bool = True):
+    """``torch.backends.cudnn.benchmark`` set for the block, then restored: a user's best for
+    fixed shapes (cuDNN times its algorithms once per shape)."""
+    prev = torch.backends.cudnn.benchmark
+    torch.backends.cudnn.benchmark = on
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.benchmark = prev
 
 
 def live_rows() -> list:

@@ -176,7 +176,7 @@ def test_simsiam_step_times_the_issue_targets_first_with_their_ratios(monkeypatc
         if len(n) == 4:
             raise _Stop
         n.append(row)
-        return {**row, "median_ms": 10.0 * (0.2 + 0.8 * row["keep"]) if row["provider"] != "dense" else 10.0}
+        return {**row, "median_ms": 10.0 * (0.2 + 0.8 * row["kept"]) if row["provider"] != "dense" else 10.0}
 
     monkeypatch.setattr(ss, "timed_row", fake_timed_row)
     monkeypatch.setattr(ss, "KEEPS", [1.0, 0.8, 0.75, 0.5, 0.25, 0.0])
@@ -185,9 +185,11 @@ def test_simsiam_step_times_the_issue_targets_first_with_their_ratios(monkeypatc
     live = common._LIVE["rows"]
     assert [(r["provider"], r["keep"]) for r in live] == [
         ("dense", 1.0), ("packed", 0.0), ("packed", 0.5), ("packed", 0.75)]
-    # derived after every case: f = 0.2 from packed at keep 0, the ideal at 0.5 is 1 / 0.6
-    assert live[2]["f_fixed_share"] == pytest.approx(0.2)
-    assert live[2]["ideal_speedup"] == pytest.approx(1 / 0.6) and live[2]["of_ideal"] == pytest.approx(1.0)
+    # derived after every case: f = 0.2 from packed at keep 0; keep 0.5 keeps 25 of 49 blocks,
+    # and its ideal is of that fraction, 1 / (0.8 * 25 / 49 + 0.2)
+    assert live[2]["f_fixed_share"] == pytest.approx(0.2) and live[2]["kept"] == 25 / 49
+    assert live[2]["ideal_speedup"] == pytest.approx(1 / (0.8 * 25 / 49 + 0.2))
+    assert live[2]["of_ideal"] == pytest.approx(1.0)
 
 
 def test_sparse_conv_cut_short_keeps_the_jobs_it_timed(monkeypatch):
