@@ -156,8 +156,10 @@ bench() {  # bench [NAME,NAME,...]: those (default: the whole plan), one process
   # report.md is rebuilt from the archived JSON at home too (`python -m bench.report`): only
   # where time is left, and never past the deadline
   if [ "$(left)" -gt 45 ]; then
-    timeout -k 5 30 python -m bench.report bench/results/gpu >"$LOGS/report.log" 2>&1
+    timeout -k 5 30 python -m bench.report bench/results/gpu >"$LOGS/report.log" 2>&1 \
+      || { echo "bench.report failed:"; tail -5 "$LOGS/report.log"; }
     archive_results results_gpu.tgz
+    keep_logs  # report.log too: why a report failed comes back
   fi
 }
 

@@ -30,10 +30,11 @@ def test_every_file_with_cuda_cases_runs_on_the_gpu():
     assert _listed("SANITIZE_TESTS") <= listed
 
 
-def _dry_run(tmp_path, *stages, test_rc=0):
+def _dry_run(tmp_path, *stages, test_rc=0, report_rc=0):
     """Run gpu_session.sh with a fake ``python`` that records its arguments and a fake ``pip``
     that fails (the CUDA build check passes, so nothing is built; were it to fail, nothing would
-    be either); returns the recorded calls, one argument list each. ``test_rc``: pytest's exit."""
+    be either); returns the recorded calls, one argument list each. ``test_rc``: pytest's exit;
+    ``report_rc``: bench.report's (it prints "report broke" when not 0)."""
     import os
     import subprocess
 
@@ -42,7 +43,8 @@ def _dry_run(tmp_path, *stages, test_rc=0):
     calls = tmp_path / "calls"
     (shim / "python").write_text(
         f'#!/usr/bin/env bash\nprintf "%s\\x1f" "$@" >> "{calls}"\necho >> "{calls}"\n'
-        f'[ "$2" = pytest ] && exit {test_rc}\nexit 0\n')
+        f'[ "$2" = pytest ] && exit {test_rc}\n'
+        f'[ "$2" = bench.report ] && [ {report_rc} != 0 ] && {{ echo "report broke"; exit {report_rc}; }}\nexit 0\n')
     (shim / "pip").write_text("#!/usr/bin/env bash\necho 'pip must not run in a dry run'\nexit 1\n")
     for f in ("python", "pip"):
         (shim / f).chmod(0o755)
@@ -85,6 +87,16 @@ def test_bench_stage_runs_one_process_per_benchmark(tmp_path):
     assert [c for c in calls if c[:2] == ["-m", "bench.report"]] == [["-m", "bench.report", "bench/results/gpu"]]
     r, _ = _dry_run(tmp_path / "again", "bench:nope")
     assert r.returncode == 2 and "unknown benchmark nope" in r.stdout
+
+
+def test_a_failing_report_comes_back_in_the_logs(tmp_path):
+    import tarfile
+
+    r, _ = _dry_run(tmp_path, "bench:tcr_loss", report_rc=1)
+    assert "bench.report failed" in r.stdout and "report broke" in r.stdout, r.stdout
+    with tarfile.open(tmp_path / "out" / "logs.tgz") as t:
+        log = t.extractfile("./report.log").read().decode()
+    assert "report broke" in log
 
 
 def test_a_misspelt_benchmark_is_refused_before_any_stage(tmp_path):
