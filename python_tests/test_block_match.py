@@ -221,6 +221,22 @@ def test_constant_images_tie_break(device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("flip", [False, True])
+def test_binary_images_exact_ties(device, flip):
+    # 0/1 pixels make many candidates tie exactly (integer sums are exact in any order), so the
+    # winners are decided by the tie rule alone: smallest |dy|+|dx|, then dy, then dx; a kernel
+    # that ranked dx before dy passed every test on random floats (audit 78)
+    g = torch.Generator().manual_seed(3)
+    a = torch.randint(0, 2, (3, 1, 12, 12), generator=g).float()
+    b = torch.randint(0, 2, (3, 1, 12, 12), generator=g).float()
+    fl = torch.tensor([flip, False, flip])
+    psnr, off = ek.block_match(a.to(device), b.to(device), 3, 3, flip=fl.to(device))
+    ref_psnr, ref_off = block_match_reference(a, b, 3, 3, flip=fl)
+    assert torch.equal(off.cpu(), ref_off)
+    torch.testing.assert_close(psnr.cpu(), ref_psnr, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_border_and_far_centres(device):
     a, b = torch.rand(2, 3, 16, 20, device=device), torch.rand(2, 3, 16, 20, device=device)
     centers = torch.zeros(2, 4, 5, 2, dtype=torch.int64, device=device)
@@ -502,9 +518,10 @@ def test_reference_backend_env(monkeypatch):
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("requires_grad", [False, True])
 @pytest.mark.parametrize("with_centers", [False, True])
-def test_opcheck(device, requires_grad, with_centers):
-    a = torch.rand(2, 3, 12, 14, device=device, requires_grad=requires_grad)
-    b = torch.rand(2, 3, 12, 14, device=device)
+@pytest.mark.parametrize("dtype", DTYPES)  # the fake's float32 PSNR whatever the inputs' dtype
+def test_opcheck(device, requires_grad, with_centers, dtype):
+    a = torch.rand(2, 3, 12, 14, device=device).to(dtype).requires_grad_(requires_grad)
+    b = torch.rand(2, 3, 12, 14, device=device).to(dtype)
     centers = torch.randint(-3, 12, (2, 3, 3, 2), dtype=torch.int32, device=device) if with_centers else None
     flip = torch.tensor([True, False], device=device) if with_centers else None
     torch.library.opcheck(torch.ops.effssl_kernels.block_match.default, (a, b, 4, 2, 1.0, centers, flip))

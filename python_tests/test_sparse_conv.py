@@ -274,6 +274,8 @@ def test_sparse_conv2d_matches_reference(conv, p):
     ((4, 4, 2, 1, "same", 1, 1), 1),                  # 'same' with an asymmetric halo
     ((4, 4, 1, 2, "valid", 1, 1), 4),
     ((4, 4, 3, 2, 1, 1, 1), 4),                       # output tiles of one pixel
+    ((4, 4, 1, (1, 2), 0, 1, 1), 1),                  # a 1x1 conv strided on one axis only
+    ((4, 4, 1, (2, 1), 0, 1, 1), 2),
 ])
 @pytest.mark.filterwarnings("ignore:Using padding='same' with even kernel")  # the oracle's conv
 def test_sparse_conv2d_more_geometry(conv, in_stride):

@@ -64,9 +64,11 @@ def _ref_bn(bn, x, mask, s):
     training = bn.training
     if training:
         bn.num_batches_tracked.add_(1)
+    momentum = bn.momentum
+    if momentum is None:  # the cumulative average: factor 1 / num_batches_tracked, as nn.BatchNorm2d
+        momentum = 1.0 / float(bn.num_batches_tracked) if training else 0.0
     return masked_batch_norm_reference(x, mask.pixel_mask(s, x.shape[-2:]), bn.running_mean,
-                                       bn.running_var, bn.weight, bn.bias, training,
-                                       bn.momentum, bn.eps)
+                                       bn.running_var, bn.weight, bn.bias, training, momentum, bn.eps)
 
 
 def _ref_block(blk, x, mask, s):
@@ -206,6 +208,26 @@ def _check_against_reference(orig, x, keep, block, stem_stride, pool, train, ref
 def test_cifar_resnet_matches_reference(train):
     x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
     _check_against_reference(_cifar_resnet(), x, _keep(2, 4, 4), 8, 1, False, train)
+
+
+def test_bn_momentum_none_is_the_cumulative_average_over_kept_pixels():
+    # nn.BatchNorm2d(momentum=None) averages the batches' statistics with factor
+    # 1 / num_batches_tracked; an off-by-one there passed every other test (audit 78)
+    orig = _randomize_bn(_cifar_resnet()).double()
+    for m in orig.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.momentum = None
+    ref, conv = copy.deepcopy(orig).train(), R.sparsify(copy.deepcopy(orig)).train()
+    g = torch.Generator().manual_seed(4)
+    for step in range(3):
+        x = torch.randn(2, 3, 32, 32, dtype=torch.float64, generator=g)
+        keep = _keep(2, 4, 4, seed=step)
+        with torch.no_grad():
+            _ref_forward(ref, x, BlockMask(keep, 8, 32), 1, False)
+            with R.block_mask(keep, 8):
+                conv(x)
+        _assert_states_close(_bn_state(ref), _bn_state(conv), rtol=1e-9, atol=1e-12)
+    assert conv.bn1.num_batches_tracked == 3
 
 
 @pytest.mark.parametrize("train", [True, False])

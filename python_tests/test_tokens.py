@@ -32,6 +32,8 @@ def _check_rows(keep: torch.Tensor, L: int) -> None:
         (7, 0.5, 8, 7),
         (1, 0.3, 8, 1),
         (225, 0.3, 16, 80),  # int(67.5) = 67 -> 80
+        (10, 0.75, 1, 7),  # int(7.5) = 7 as timm, not round's 8
+        (196, 0.3, 1, 58),  # int(58.8) = 58
     ],
 )
 def test_random_keep_count(L, ratio, multiple_of, K):
