@@ -39,13 +39,14 @@ _SPECS = {  # matched by substring, in this order: the specific names first
 
 
 def _git_sha() -> str:
-    """HEAD's short sha, with ``-dirty`` where the tree has uncommitted changes, or
+    """HEAD's short sha, with ``-dirty`` where tracked files have uncommitted changes, or
     ``EFFSSL_GIT_SHA`` (a lent GPU machine gets the working tree without .git: gpu_session.sh's
     header says how to pass it)."""
     if os.environ.get("EFFSSL_GIT_SHA"):
         return os.environ["EFFSSL_GIT_SHA"]
     try:  # "-dirty": the code that ran is not the commit's (uncommitted changes)
-        return subprocess.check_output(["git", "describe", "--always", "--dirty", "--abbrev=7"],
+        # --exclude='*': a sha even where a tag names the commit
+        return subprocess.check_output(["git", "describe", "--always", "--dirty", "--abbrev=7", "--exclude=*"],
                                        text=True, stderr=subprocess.DEVNULL,
                                        cwd=os.path.dirname(os.path.abspath(__file__))).strip()
     except Exception:

@@ -19,7 +19,8 @@
 #   train      bench.train_digits + bench.demo_schedule  -> $OUT/train_gpu.tgz
 #
 # The machine gets the working tree without .git: pass the commit for the results' JSON,
-# `EFFSSL_GIT_SHA=<git rev-parse --short HEAD, typed in> bash bench/gpu_session.sh all`.
+# `EFFSSL_GIT_SHA=<git describe --always --dirty --exclude='*' here, typed in> bash bench/gpu_session.sh all`
+# (commit first: the machine runs the working tree, uncommitted changes included; "-dirty" says so).
 # A benchmark stopped at its time limit writes the cases it finished (its JSON says "partial").
 #
 # DEADLINE (seconds from the start, default 560) bounds every stage, so the call returns its logs
