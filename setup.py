@@ -124,4 +124,5 @@ setup(
     packages=find_packages(include=["effssl_kernels", "effssl_kernels.*"]),
     ext_modules=[_extension()],
     cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
+    license="Apache-2.0",
 )
