@@ -293,7 +293,7 @@ def test_presets(preset, expect):
     b, c, sat, h = s.jitter
     assert float(p.brightness.min()) >= 1 - b and float(p.brightness.max()) <= 1 + b
     assert float(p.saturation.min()) >= 1 - sat and float(p.saturation.max()) <= 1 + sat
-    assert float(p.hue.abs().max()) <= h and float(p.hue.abs().max()) > 0.9 * h
+    assert float(p.hue.abs().max()) <= h and float(p.hue.max()) > 0.9 * h and float(p.hue.min()) < -0.9 * h
     assert float(p.contrast.max()) > 1 + 0.9 * c
     blurred = p.blur_sigma > 0
     assert abs(blurred.float().mean().item() - s.blur_p) < 0.03
@@ -303,6 +303,23 @@ def test_presets(preset, expect):
     assert abs(p.gray.float().mean().item() - 0.2) < 0.03
     assert len({tuple(r) for r in p.order.tolist()}) == 24  # every permutation occurs
     torch.testing.assert_close(p.mean, torch.tensor(IMAGENET_MEAN))
+
+
+def test_jitter_strength_above_one_keeps_factors_non_negative():
+    # ColorJitter draws brightness, contrast and saturation in [max(0, 1 - s), 1 + s] (audit 80:
+    # dropping the max(0, .) passed every test; a negative factor is not a colour jitter)
+    s = PhotometricSampler(jitter=(1.5, 1.5, 1.5, 0.1), generator=torch.Generator().manual_seed(0))
+    p = s.sample(4000)
+    for f in (p.brightness, p.contrast, p.saturation):
+        assert float(f.min()) >= 0 and float(f.min()) < 0.05 and float(f.max()) > 2.4
+
+
+def test_multi_view_presets_give_each_view_its_sampler():
+    # BYOL / DINO: view 1 always blurred, never solarized; view 2 blurred at 0.1, solarized at 0.2
+    for aug in (ek.MultiViewAugment.two_view(), ek.MultiViewAugment.dino()):
+        first, second = aug.groups[0].sampler, aug.groups[1].sampler
+        assert (first.blur_p, first.solarize_p) == (1.0, 0.0)
+        assert (second.blur_p, second.solarize_p) == (0.1, 0.2)
 
 
 # ------------------------------------------------------------------------------------- errors

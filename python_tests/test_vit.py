@@ -381,6 +381,12 @@ def test_bad_images_and_models():
             dyn(torch.randn(1, 3, 60, 64))
     with pytest.raises(TypeError):
         ek.sparsify_vit(nn.Linear(2, 2))
+    # a projection that is not a plain patchify: the kept patches' GEMM would compute another map
+    for attr, value in (("padding", (1, 1)), ("dilation", (2, 2)), ("stride", (8, 8)), ("padding_mode", "reflect")):
+        odd = _vit(depth=1)
+        setattr(odd.patch_embed.proj, attr, value)
+        with pytest.raises(TypeError, match="kernel == stride, no padding"):
+            ek.sparsify_vit(odd)
     with pytest.raises(TypeError):
         ek.unsparsify_vit(_vit(depth=1))
     assert ek.sparsify_vit(model) is model  # idempotent
@@ -523,6 +529,7 @@ def test_dynamic_img_pad_matches_timm():
     ref = _vit(depth=1, dynamic_img_size=True, dynamic_img_pad=True, reg_tokens=1)
     model = ek.sparsify_vit(copy.deepcopy(ref))
     _check_vs_timm(model, ref, torch.randn(2, 3, 60, 50), 16)  # padded to 64 x 64: a 4 x 4 grid
+    _check_vs_timm(model, ref, torch.randn(2, 3, 64, 48), 12)  # sizes the patch divides: no padding
 
 
 @pytest.mark.parametrize("kw", [{"no_embed_class": True}, {"reg_tokens": 2}, {"no_embed_class": True, "reg_tokens": 2},
