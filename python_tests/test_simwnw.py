@@ -270,6 +270,23 @@ def test_encode_vit_equals_token_keep(buckets):
             sw.encode(vit, a, b, m)
 
 
+# one bucket: one K for both views (tokens_from_psnr's), so B is topped up to A's 16 tokens
+@pytest.mark.parametrize("buckets,want", [(1, (0.0, 0.0)), (4, (0.0, 0.5))])
+def test_encode_vit_logs_each_views_own_removal(buckets, want):
+    # views that keep different counts: the log credits each view its own (audit 80: a transposed
+    # [N, 2] view of the per-row counts passed while both views kept alike)
+    vit = _tiny_vit()
+    a = torch.rand(4, 3, 32, 32)
+    b = a.clone()
+    b[:, :, :, 16:] = torch.rand(4, 3, 32, 16)  # B's right half redrawn: 8 of 16 blocks similar
+    sw = ek.SimWnW(8, search_radius=0, use_geometry=False, token_buckets=buckets)
+    m = sw.masks(a, b)
+    m.keep_a[:] = True  # A keeps every block, B its 8 dissimilar ones
+    assert m.keep_b.flatten(1).sum(1).tolist() == [8] * 4
+    sw.encode(vit, a, b, m)
+    assert sw.removal_log() == [want]
+
+
 def test_encode_vit_refuses_a_padded_grid_unlike_the_masks():
     # a dynamic_img_pad ViT pads 36 px views to a 5x5 grid at patch 8; the masks have 4x4 blocks,
     # whose flat indices would land on other tokens of the 5x5 grid

@@ -220,6 +220,23 @@ def test_similar_keep_flip():
     assert k_noflip.shape[1] == 24
 
 
+def test_similar_keep_flip_radius0_searches_both_directions():
+    """With flip the two directions differ (A's block i meets B's mirrored block, and back):
+    the radius-0 shortcut of one search must not be taken (audit 80)."""
+    g = torch.Generator().manual_seed(0)
+    a = torch.rand(2, 3, 32, 32, generator=g)
+    b = a.flip(-1).clone()
+    b[:, :, :, :8] = torch.rand(2, 3, 32, 8, generator=g)  # B's left column of blocks redrawn
+    flip = torch.tensor([True, True])
+    ka, kb = ek.similar_token_keep(a, b, 8, flip=flip, multiple_of=1)
+    psnr_a, _ = block_match_reference(a, b, 8, 0, flip=flip)
+    psnr_b, _ = block_match_reference(b, a, 8, 0, flip=flip)
+    ea, eb = _expected_keep(psnr_a, psnr_b, 20.0, 1)
+    assert torch.equal(ka, ea) and torch.equal(kb, eb)
+    # A's right column meets B's redrawn left one: each view keeps its own column
+    assert ka[0].tolist() == [3, 7, 11, 15] and kb[0].tolist() == [0, 4, 8, 12]
+
+
 def test_similar_keep_radius0_matches_two_searches():
     """The shortcut (one search when r = 0 and no centres) equals searching both directions."""
     a, b, p = _planted()
