@@ -385,7 +385,7 @@ def test_resnet_packed_equals_unpacked_path(monkeypatch):
         torch.testing.assert_close(ba, bb, rtol=1e-10, atol=1e-12, msg=lambda m, k=k: f"{k}: {m}")
 
 
-@pytest.mark.parametrize("block,size,n_dense", [(16, 64, 11), (8, 32, 21), (30, 60, 40)])
+@pytest.mark.parametrize("block,size,n_dense", [(16, 64, 11), (8, 32, 21), (30, 60, 40), (32, 64, 0)])
 def test_tile_plan_says_which_layers_stay_packed(block, size, n_dense):
     """tile_plan predicts the run: a conv / BN / max pool returns a PackedMap iff 'tiles'."""
     import torchvision
@@ -394,8 +394,9 @@ def test_tile_plan_says_which_layers_stay_packed(block, size, n_dense):
     plan = R.tile_plan(model, block, size)
     assert sum(v == "masked-dense" for v in plan.values()) == n_dense
     seen = {}
-    hooks = [m.register_forward_hook(lambda m, a, o, n=n: seen.__setitem__(n, type(o)))
-             for n, m in model.named_modules() if n in plan and n != "avgpool"]
+    # the global pool: "tiles" iff it pools a PackedMap (its output is a dense [N, C, 1, 1])
+    hooks = [m.register_forward_hook(lambda m, a, o, n=n: seen.__setitem__(n, type(a[0] if n == "avgpool" else o)))
+             for n, m in model.named_modules() if n in plan]
     keep = random_mask(2, size, size, block, p=0.6, seed=3).keep
     with R.block_mask(keep, block):
         model(torch.randn(2, 3, size, size))
