@@ -290,6 +290,8 @@ def test_opcheck(requires_grad, dtype):
     torch.library.opcheck(ops._gather_patches.default, (images, keep, 4, torch.float32))
     cols = torch.randn(2, 5, 48, dtype=dtype)
     torch.library.opcheck(ops._scatter_patches.default, (cols, keep, 4, 16, 12, torch.float32))
+    if dtype != torch.float32:  # a float32 pos_embed promotes the output, as timm's add does
+        torch.library.opcheck(ops.patch_embed_gather.default, (images, weight, bias, keep, pos.float()))
 
 
 def test_compile_fullgraph_forward_backward():

@@ -330,14 +330,20 @@ def test_sparsified_resnet_same_with_implicit_gemm(monkeypatch, calls):
         torch.testing.assert_close(a, b, atol=1e-4 * a.abs().max().item(), rtol=1e-4)
 
 
-def test_opcheck():
-    x, w, b, table, table_t = _case(N=1, Hb=2, Wb=2, C=3, CO=4)
+# the fakes' shapes per axis (a non-square kernel, dilation (3, 1)) and dtypes (audit 80: a fake
+# reading the wrong axis's dilation, or a fixed dtype, passed the float32 square case)
+@pytest.mark.parametrize("geom,dtype", [(GEOMETRY[0], torch.float32), (GEOMETRY[5], torch.float32),
+                                        (GEOMETRY[0], torch.bfloat16)], ids=str)
+def test_opcheck(geom, dtype):
+    k, halo, dil, in_stride = geom
+    x, w, b, table, table_t = _case(N=1, Hb=2, Wb=2, C=3, CO=4, k=k, halo=halo, in_stride=in_stride, dtype=dtype)
     x.requires_grad_()
     w.requires_grad_()
-    torch.library.opcheck(torch.ops.effssl_kernels._tile_conv_triton, (x, w, b, table, table_t, [1, 1]))
-    go = torch.randn(table.shape[0], 4, 4, 4, device=DEVICE)
-    torch.library.opcheck(torch.ops.effssl_kernels._tile_conv_wgrad_triton,
-                          (go.requires_grad_(), x, table, table_t, 3, 3, [1, 1]))
+    ops = torch.ops.effssl_kernels
+    torch.library.opcheck(ops._tile_conv_triton, (x, w, b, table, table_t, list(dil)))
+    go = torch.randn(table.shape[0], 4, x.shape[2], x.shape[3], device=DEVICE).to(dtype)
+    torch.library.opcheck(ops._tile_conv_wgrad_triton,
+                          (go.requires_grad_(), x, table, table_t, w.shape[2], w.shape[3], list(dil)))
 
 
 def test_compile_fullgraph(monkeypatch, calls):
