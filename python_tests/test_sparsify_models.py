@@ -381,3 +381,25 @@ def test_layer_replaced_after_sparsify_raises_under_a_mask():
     assert len(m._forward_pre_hooks) == 1
     R.unsparsify(m)
     assert len(m._forward_pre_hooks) == 0
+
+
+def test_stride_trace_of_a_conv_strided_on_one_axis():
+    # a conv of stride (1, 2): every later layer sees the mask at input stride (1, 2) (audit 80:
+    # a trace multiplying one axis's stride into the other gave (1, 1) and a silently other map)
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 4, 3, (1, 2), 1), nn.BatchNorm2d(4), nn.ReLU(),
+                        nn.Conv2d(4, 4, 3, 1, 1)).double().eval()
+    ref = copy.deepcopy(net)
+    R.sparsify(net, example_input=torch.zeros(1, 3, 16, 16, dtype=torch.float64))
+    assert R.input_strides(net) == {"0": (1, 1), "1": (1, 2), "3": (1, 2)}
+    keep = torch.tensor([[[True, False], [True, True]]])
+    mask = BlockMask(keep, 8, 16)
+    x = torch.randn(1, 3, 16, 16, dtype=torch.float64)
+    c0, bn, c3 = ref[0], ref[1], ref[3]
+    y = masked_conv2d_reference(x, c0.weight, c0.bias, c0.stride, c0.padding, mask=mask)
+    y = masked_batch_norm_reference(y, mask.pixel_mask((1, 2), y.shape[-2:]), bn.running_mean,
+                                    bn.running_var, bn.weight, bn.bias, False, 0.0, bn.eps).relu()
+    want = masked_conv2d_reference(y, c3.weight, c3.bias, c3.stride, c3.padding, mask=mask, in_stride=(1, 2))
+    with R.block_mask(mask):
+        got = P.as_dense(net(x))
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
