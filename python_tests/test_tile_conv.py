@@ -373,6 +373,8 @@ def test_bad_inputs(monkeypatch):
         tile_conv(x[:, :2], w, None, table, table_t)
     with pytest.raises(ValueError, match="bias"):
         tile_conv(x, w, b[:2], table, table_t)
+    with pytest.raises(ValueError, match=r"bias must be None or a \[4\] torch.float32 tensor"):
+        tile_conv(x, w, b.half(), table, table_t)  # the kernel would add it in another dtype
     with pytest.raises(ValueError, match="table must be int64"):
         tile_conv(x, w, b, table[:, 1:], table_t)
     with pytest.raises(ValueError, match="table_t must be int64"):

@@ -614,6 +614,16 @@ def test_patch_size_rejects_bools():
                 pass
 
 
+def test_patch_size_must_divide_a_fixed_image_size_on_both_axes():
+    model = ek.sparsify_vit(timm.create_model("vit_small_patch16_224", img_size=240, num_classes=0, depth=1))
+    for bad in ((24, 36), (36, 24), 36):  # 240 = 10 x 24, not a multiple of 36
+        with pytest.raises(ValueError, match="does not divide the model's image size"):
+            with ek.patch_size(model, bad):
+                pass
+    with ek.patch_size(model, (24, 40)):
+        assert model(torch.randn(1, 3, 240, 240)).shape == (1, 384)
+
+
 def test_masked_checkpoint_recomputes_under_the_forward_keep():
     """Whole-model checkpointing with backward outside the ``with``: ek.masked_checkpoint
     recomputes with the tokens kept at forward (torch's own checkpoint would recompute with every
