@@ -212,8 +212,7 @@ def _derive(rows) -> None:
         if "rel_time" in r:
             r["speedup"] = 1.0 / r["rel_time"]
         if f is not None and r["provider"] != "dense":
-            kept = r.get("kept", r["keep"])
-            r["ideal_speedup"] = 1.0 / (kept * (1 - f) + f)
+            r["ideal_speedup"] = 1.0 / (r["kept"] * (1 - f) + f)
             if "speedup" in r:
                 r["of_ideal"] = r["speedup"] / r["ideal_speedup"]
 

@@ -84,13 +84,11 @@ TOL = {"cuda": 2e-2, "cpu": 1e-4}  # max_err above this is flagged: bfloat16 / f
 
 
 def random_mask(N: int, keep: float, device, generator: torch.Generator) -> BlockMask:
-    """Exactly ``kept_count(keep, Hb * Wb)`` kept blocks per sample, at random places."""
-    Hb = Wb = IMAGE // BLOCK
-    k = kept_count(keep, Hb * Wb)
-    order = torch.rand(N, Hb * Wb, generator=generator).argsort(dim=1)
-    flat = torch.zeros(N, Hb * Wb, dtype=torch.bool)
-    flat.scatter_(1, order[:, :k], True)
-    return BlockMask(flat.view(N, Hb, Wb).to(device), BLOCK, IMAGE)
+    """Exactly ``kept_count(keep, GRID)`` kept blocks per sample, at random places."""
+    order = torch.rand(N, GRID, generator=generator).argsort(dim=1)
+    flat = torch.zeros(N, GRID, dtype=torch.bool)
+    flat.scatter_(1, order[:, :kept_count(keep, GRID)], True)
+    return BlockMask(flat.view(N, IMAGE // BLOCK, IMAGE // BLOCK).to(device), BLOCK, IMAGE)
 
 
 def forward_flop(N: int, kept_blocks: int, cin: int, cout: int, k: int, stride: int,
