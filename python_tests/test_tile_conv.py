@@ -168,13 +168,29 @@ def test_gpu_tile_sizes_under_the_interpreter(monkeypatch, dtype):
     assert max(splits) > 1
 
 
+def test_gemm_precision_follows_cudnn_allow_tf32(monkeypatch):
+    # the Triton GEMMs (tile_conv, patch_embed_gather) take float32 in TF32 exactly when the
+    # F.conv2d they replace would: cudnn.allow_tf32; half types are what they are
+    from effssl_kernels.triton._gemm import input_precision
+
+    for allow in (True, False):
+        monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", allow)
+        assert input_precision(torch.float32) == ("tf32" if allow else "ieee")
+        assert input_precision(torch.bfloat16) == input_precision(torch.float16) == "tf32"
+
+
 @pytest.mark.skipif(not HAS_GPU, reason="TF32 exists on a GPU only (the interpreter's dot is exact)")
 def test_tf32_when_cudnn_allows_it(monkeypatch):
-    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", True)
     x, w, b, table, table_t = _case(C=64, CO=64)
-    got = tile_conv(x, w, b, table, table_t)
-    ref = tile_conv_reference(x.cpu(), w.cpu(), b.cpu(), table.cpu())
-    torch.testing.assert_close(got.cpu(), ref, atol=5e-3 * ref.abs().max().item(), rtol=5e-3)
+    ref = tile_conv_reference(x.cpu().double(), w.cpu().double(), b.cpu().double(), table.cpu())
+    got = {}
+    for allow in (True, False):
+        monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", allow)
+        got[allow] = tile_conv(x, w, b, table, table_t).cpu().double()
+    torch.testing.assert_close(got[True], ref, atol=5e-3 * ref.abs().max().item(), rtol=5e-3)
+    torch.testing.assert_close(got[False], ref, atol=1e-5 * ref.abs().max().item(), rtol=1e-5)
+    # TF32 really ran when allowed: its 10-bit mantissa errs far more than IEEE float32
+    assert (got[True] - ref).abs().max() > 10 * (got[False] - ref).abs().max()
 
 
 def test_double_backward_gradient_penalty():
@@ -233,6 +249,23 @@ def test_empty_and_all_removed():
     assert y.shape == (0, 3, 8, 8)
     y.sum().backward()
     assert torch.equal(w.grad, torch.zeros_like(w))
+
+
+def test_sparse_path_without_channels_answers_as_conv2d(monkeypatch, calls):
+    # tile_conv refuses C = 0 or C_out = 0; under EFFSSL_TILE_CONV=implicit such a conv takes
+    # the cudnn path and answers whatever F.conv2d answers (the masked dense reference's)
+    monkeypatch.setenv("EFFSSL_TILE_CONV", "implicit")
+    mask = random_mask(1, 16, 16, 8, seed=1, device=DEVICE)
+    x, w, b = torch.randn(1, 0, 16, 16, device=DEVICE), torch.randn(4, 0, 3, 3, device=DEVICE), torch.randn(4)
+    y = sparse_conv2d(x, w, b.to(DEVICE), 1, 1, mask=mask)
+    assert not calls
+    ref = masked_conv2d_reference(x, w, b.to(DEVICE), 1, 1, mask=mask)
+    assert y.shape == ref.shape
+    torch.testing.assert_close(y, ref)
+    w = torch.randn(0, 3, 3, 3, device=DEVICE)  # no output channels: F.conv2d's own error
+    with pytest.raises(RuntimeError, match="expected weight to be at least 1 at dimension 0"):
+        sparse_conv2d(torch.randn(1, 3, 16, 16, device=DEVICE), w, None, 1, 1, mask=mask)
+    assert not calls
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
@@ -383,6 +416,12 @@ def test_bad_inputs(monkeypatch):
         tile_conv(x, w, b, table, table_t, (0, 1))
     with pytest.raises(TypeError, match="tile_conv: dilation must be a pair of ints"):
         tile_conv(x, w, b, table, table_t, 2)
+    # no channels: F.conv2d answers [T, 0, ...] even with C_out > 0 (a torch quirk), the kernel
+    # would answer the bias; the op refuses rather than pick one silently
+    with pytest.raises(ValueError, match="at least one input and one output channel"):
+        tile_conv(x[:, :0], w[:, :0], b, table, table_t)
+    with pytest.raises(ValueError, match="at least one input and one output channel"):
+        tile_conv(x, w[:0], None, table, table_t)
     monkeypatch.setenv("EFFSSL_TILE_CONV", "winograd")
     mask = random_mask(1, 16, 16, 8)
     with pytest.raises(ValueError, match="EFFSSL_TILE_CONV"):

@@ -71,6 +71,11 @@ def _check(tiles: Tensor, weight: Tensor, bias: Optional[Tensor], table: Tensor,
     CO, Cw, kh, kw = weight.shape
     if Cw != C:
         raise ValueError(f"{fn}: weight has {Cw} input channels, tiles {C} (groups=1 only)")
+    if C == 0 or CO == 0:
+        # F.conv2d answers [T, 0, ...] for C = 0 even with C_out > 0, the kernel the bias:
+        # refuse rather than pick one (sparse convs without channels take the cudnn path)
+        raise ValueError(f"{fn}: needs at least one input and one output channel, got weight "
+                         f"{tuple(weight.shape)}")
     if bias is not None and (not isinstance(bias, Tensor) or tuple(bias.shape) != (CO,) or bias.dtype != weight.dtype):
         raise ValueError(f"{fn}: bias must be None or a [{CO}] {weight.dtype} tensor")
     _check_tables(fn, tiles, (kh, kw), table, table_t, dilation)
@@ -84,7 +89,8 @@ def tile_conv(tiles: Tensor, weight: Tensor, bias: Optional[Tensor], table: Tens
     """Packed tiles ``[T, C, bh, bw]`` (any strides) -> ``[T, C_out, bh, bw]`` channels last:
     the stride-1 conv of each tile with its halo, ``table`` =
     ``TileIndex.halo_table((l, r, t, b))`` and ``table_t`` = ``halo_table((r, l, b, t))``
-    (the backward's). float32 (TF32 as cuDNN when allowed)/float16/bfloat16, groups = 1.
+    (the backward's). float32 (TF32 as cuDNN when allowed)/float16/bfloat16, groups = 1,
+    C >= 1 and C_out >= 1 (ValueError otherwise: F.conv2d's answer for C = 0 is a torch quirk).
     Table entries outside ``[0, T*bh*bw + 2)`` raise ValueError for CPU tensors (and CUDA ones
     with ``EFFSSL_CHECK_INDICES=1``; otherwise the kernels read them as zeros)."""
     _check(tiles, weight, bias, table, table_t, dilation)

@@ -237,8 +237,8 @@ def _implicit_inputs(tiles: Tensor, weight: Tensor, bias: Optional[Tensor], stri
     when the implicit GEMM does not apply to this conv (see :func:`tile_conv_choice`)."""
     if tile_conv_choice() != "implicit":
         return None
-    if stride != (1, 1) or groups != 1 or tuple(weight.shape[-2:]) == (1, 1):
-        return None
+    if stride != (1, 1) or groups != 1 or tuple(weight.shape[-2:]) == (1, 1) or 0 in weight.shape[:2]:
+        return None  # no channels: tile_conv refuses, F.conv2d answers by its own convention
     dev = tiles.device.type
     if not runs_triton(dev):
         return None
