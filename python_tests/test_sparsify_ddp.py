@@ -4,10 +4,12 @@ its half of the mask.
   gradients, and each rank's BatchNorm statistics equal that half's.
 - SyncBatchNorm: statistics over the kept positions of both ranks, so outputs, gradients and
   running statistics equal one process running the whole batch with BatchNorm2d; checked with
-  block 8 (every map packed) and block 4 (layer4 masked-dense). DDP refuses SyncBatchNorm on
+  block 8 (every map packed), block 4 (layer4 masked-dense) and with rank 1 keeping no block
+  (its sums are zeros, the other rank's statistics still come through). DDP refuses SyncBatchNorm on
   CPU modules, so there the gradients are all-reduced by hand, as DDP would."""
 import copy
 import os
+import warnings
 
 import pytest
 import torch
@@ -23,7 +25,7 @@ from test_sparsify_resnet import _cifar_resnet, _randomize_bn
 pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distributed missing")
 
 
-def _setup(seed=0, block=8, sync=False):
+def _setup(seed=0, block=8, sync=False, empty_rank=False):
     torch.manual_seed(seed)
     model = _randomize_bn(_cifar_resnet()).double()
     if sync:
@@ -33,6 +35,8 @@ def _setup(seed=0, block=8, sync=False):
     x = torch.randn(4, 3, 32, 32, generator=g, dtype=torch.float64)
     keep = torch.rand(4, 32 // block, 32 // block, generator=g) < 0.5
     keep[:, 0, 0] = True
+    if empty_rank:
+        keep[2:] = False  # rank 1's half
     return model, x, keep
 
 
@@ -44,12 +48,14 @@ def _step(model, x, keep, compiled=False):
     return y.detach()
 
 
-def _worker(rank, world, init_file, out_dir, block, sync, compiled=False):
+def _worker(rank, world, init_file, out_dir, block, sync, compiled=False, empty_rank=False):
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
                             world_size=world)
     try:
         torch.set_num_threads(1)
-        model, x, keep = _setup(block=block, sync=sync)
+        # torch.distributed.nn's all_reduce warns it is deprecated (torch 2.14): not used
+        warnings.simplefilter("error", FutureWarning)
+        model, x, keep = _setup(block=block, sync=sync, empty_rank=empty_rank)
         half = slice(2 * rank, 2 * rank + 2)
         if sync:  # DDP refuses SyncBatchNorm on CPU modules: average the gradients as it would
             y = _step(model, x[half], keep[half], compiled)
@@ -65,18 +71,20 @@ def _worker(rank, world, init_file, out_dir, block, sync, compiled=False):
         dist.destroy_process_group()
 
 
-def _spawn(tmp_path, block, sync, compiled=False):
-    mp.spawn(_worker, args=(2, str(tmp_path / "init"), str(tmp_path), block, sync, compiled), nprocs=2,
-             join=True)
+def _spawn(tmp_path, block, sync, compiled=False, empty_rank=False):
+    mp.spawn(_worker, args=(2, str(tmp_path / "init"), str(tmp_path), block, sync, compiled, empty_rank),
+             nprocs=2, join=True)
     return [torch.load(tmp_path / f"{r}.pt") for r in range(2)]
 
 
 # compiled: SyncBatchNorm's cross-rank sum through a traceable functional collective (the
 # autograd all_reduce of torch.distributed.nn does not trace)
-@pytest.mark.parametrize("block,compiled", [(8, False), (4, False), (8, True)])
-def test_ddp_sync_batch_norm_equals_the_whole_batch(tmp_path, block, compiled):
-    ranks = _spawn(tmp_path, block, sync=True, compiled=compiled)
-    whole, x, keep = _setup(block=block, sync=False)  # one process, the whole batch, plain BN
+@pytest.mark.parametrize("block,compiled,empty_rank", [(8, False, False), (4, False, False), (8, True, False),
+                                                      (8, False, True)])
+def test_ddp_sync_batch_norm_equals_the_whole_batch(tmp_path, block, compiled, empty_rank):
+    ranks = _spawn(tmp_path, block, sync=True, compiled=compiled, empty_rank=empty_rank)
+    # one process, the whole batch, plain BN
+    whole, x, keep = _setup(block=block, sync=False, empty_rank=empty_rank)
     y = _step(whole, x, keep)
     for r, got in enumerate(ranks):
         torch.testing.assert_close(got["out"], y[2 * r: 2 * r + 2], rtol=1e-10, atol=1e-12)

@@ -390,11 +390,9 @@ def _sync_group(bn: nn.Module):
 
 
 def _cross_rank_sum(group):
-    if torch.compiler.is_compiling():  # torch.distributed.nn's all_reduce does not trace
-        return lambda t: _AllReduceSum.apply(t, group)
-    from torch.distributed.nn.functional import all_reduce  # differentiable: grads all-reduced
-
-    return lambda t: all_reduce(t, group=group)
+    # eager and compiled alike: torch.distributed.nn's differentiable all_reduce does not trace
+    # and is deprecated (FutureWarning from torch 2.14) in favour of the functional collectives
+    return lambda t: _AllReduceSum.apply(t, group)
 
 
 class _AllReduceSum(torch.autograd.Function):
