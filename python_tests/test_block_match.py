@@ -383,6 +383,18 @@ def test_data_range_at_its_bounds(device, backend, data_range, monkeypatch):
     assert_block_match(psnr, off, a, b, 2, 0, data_range=data_range)
 
 
+def test_data_range_whose_block_sum_overflows_is_refused():
+    # the kernels sum C * B^2 squared differences of up to data_range in float32: at 4e17 with
+    # C = 3, B = 32 that overflows, and a block 0 dB away came out -inf ("no candidate")
+    a, b = torch.zeros(1, 3, 32, 32), torch.full((1, 3, 32, 32), 3e17)
+    psnr, _ = ek.block_match(a, b, 32, 0, data_range=3e17)  # 2.8e38: still fits
+    assert abs(psnr.item()) < 1e-3
+    with pytest.raises(ValueError, match=r"data_range\^2 \* C \* block_size\^2 .* overflows float32"):
+        ek.block_match(a, b, 32, 0, data_range=4e17)
+    with pytest.raises(RuntimeError, match=r"data_range\^2 \* C \* block_size\^2 .* overflows float32"):
+        torch.ops.effssl_kernels.block_match(a, b, 32, 0, 4e17, None, None)
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_deterministic_and_no_grad(device):
     a = torch.rand(2, 3, 32, 32, device=device, requires_grad=True)

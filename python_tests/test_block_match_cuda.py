@@ -165,6 +165,21 @@ def test_matches_cpu_kernel_bitwise_offsets(path):
         assert_block_match(pg, og, a, b, 4, 4, exact_offsets=path != "tiled", **kw)
 
 
+def test_bright_low_contrast(path):
+    # uint8-range pixels 250 + 4u (test_block_match_cuda_emu.py has the same case): without
+    # centring each template on its channel mean, the tiled kernel's sum-of-squares form loses
+    # the digits that rank the candidates, and a few blocks pick one ~0.006 dB worse
+    g = torch.Generator().manual_seed(0)
+    a = 250 + 4 * torch.rand(2, 3, 48, 48, generator=g)
+    b = 250 + 4 * torch.rand(2, 3, 48, 48, generator=g)
+    pc, oc = ek.block_match(a, b, 16, 8, data_range=255.0)
+    pg, og = ek.block_match(a.cuda(), b.cuda(), 16, 8, data_range=255.0)
+    if path != "tiled":
+        assert torch.equal(og.cpu(), oc)
+    assert (pg.cpu() >= pc - 1e-3).all(), (pc - pg.cpu()).max()
+    assert_block_match(pg, og, a, b, 16, 8, data_range=255.0)
+
+
 def test_deterministic(path):
     a, b = torch.rand(8, 3, 64, 64, device="cuda"), torch.rand(8, 3, 64, 64, device="cuda")
     first = ek.block_match(a, b, 16, 8)

@@ -195,6 +195,18 @@ def test_inf_in_a_with_a_nan_candidate(asan, path, b_pixel):
     torch.testing.assert_close(psnr, want_p, atol=1e-3, rtol=0, equal_nan=True)
 
 
+@pytest.mark.parametrize("path", PATHS)
+def test_bright_low_contrast_picks_the_exact_winner(asan, path):
+    # uint8-range pixels 250 + 4u: the tiled kernel's sum-of-squares form cancels most of float32's
+    # digits unless each template is first centred on its channel mean; uncentred, 3 of these
+    # 18 blocks pick a worse candidate (within assert_block_match's data_range tolerance, hence
+    # exact offsets here: the direct kernels and the reference pick the same)
+    g = torch.Generator().manual_seed(0)
+    a = 250 + 4 * torch.rand(2, 3, 48, 48, generator=g)
+    b = 250 + 4 * torch.rand(2, 3, 48, 48, generator=g)
+    run(asan, a, b, 16, 8, data_range=255.0, path=path, exact_offsets=True)
+
+
 @pytest.mark.parametrize("path", ["image", "direct"])
 def test_direct_kernels_pick_the_cpu_kernels_winners(asan, path):
     # Pixels in {0, 1/2, 1}: every partial sum is exact, so the direct kernels must pick exactly

@@ -39,6 +39,11 @@ inline void check_block_match(const at::Tensor& a, const at::Tensor& b, int64_t 
   // normal float32, or every psnr silently comes out -inf (underflow) or +inf (overflow)
   EFFSSL_CHECK(data_range >= 1e-18 && data_range <= 1e18, op,
                "data_range must be in [1e-18, 1e+18], got ", data_range);
+  // a block's sum of C * B^2 squared differences of up to data_range must fit float32
+  const double block_peak = data_range * data_range * static_cast<double>(C) *
+                            static_cast<double>(block_size) * static_cast<double>(block_size);
+  EFFSSL_CHECK(block_peak <= std::numeric_limits<float>::max(), op,
+               "data_range^2 * C * block_size^2 = ", block_peak, " overflows float32");
   // the kernels count channel rows C * block_size in int
   EFFSSL_CHECK(C * block_size <= std::numeric_limits<int>::max(), op, "C * block_size = ", C * block_size,
                " must be below 2^31");

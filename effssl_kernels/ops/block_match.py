@@ -67,6 +67,12 @@ def _check(a, b, block_size, search_radius, data_range, centers, flip) -> None:
     # silently saturate (every block "similar" at +inf, or -inf that reads as "no candidate").
     if not (MIN_RANGE <= float(data_range) <= MAX_RANGE):
         raise ValueError(f"block_match: data_range must be in [{MIN_RANGE:g}, {MAX_RANGE:g}], got {data_range!r}")
+    # ... and a block's sum of C * B^2 squared differences of up to data_range must fit float32,
+    # or a block 0 dB away would come out -inf ("no candidate")
+    block_peak = float(data_range) ** 2 * C * block_size**2
+    if block_peak > torch.finfo(torch.float32).max:
+        raise ValueError(f"block_match: data_range^2 * C * block_size^2 = {block_peak:.3g} overflows float32; "
+                         f"scale the images down")
     Hb, Wb = H // block_size, W // block_size
     if centers is not None:
         if not isinstance(centers, Tensor):
@@ -119,7 +125,9 @@ def block_match(
         block_size: side ``B`` of the non-overlapping blocks of ``a``; the grid is
             ``Hb = H // B`` by ``Wb = W // B``; leftover rows/columns belong to no block.
         search_radius: ``r``; every displacement in ``[-r, r]^2`` whose block lies inside ``b``.
-        data_range: peak value of the data for PSNR.
+        data_range: peak value of the data for PSNR, in ``[1e-18, 1e18]`` with
+            ``data_range^2 * C * B^2`` within float32 (ValueError otherwise: the kernels sum a
+            block's squared differences in float32).
         centers: int ``[N, Hb, Wb, 2]`` ``(y, x)`` top-left in ``b`` around which each block is
             searched (default: the block's own top-left). Outside the image is legal.
         flip: bool ``[N]``: sample ``n`` of ``b`` is mirrored left-right relative to ``a``; the
