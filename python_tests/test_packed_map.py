@@ -295,6 +295,32 @@ def test_batch_norm_packed_matches_reference(training):
     torch.testing.assert_close(rv, rv2)
 
 
+@pytest.mark.parametrize("params", ["affine_running", "none"])
+@pytest.mark.parametrize("dtype,mean,std", [(torch.float16, 3e4, 8.0), (torch.bfloat16, 1e4, 30.0)], ids=str)
+def test_batch_norm_packed_half_parameters_keep_float32_statistics(dtype, mean, std, params):
+    # model.half(): weight, bias and running statistics in the tiles' dtype. F.batch_norm with
+    # half parameters takes its CPU statistics in half precision (errors 0.025 in fp16, 0.64 in
+    # bf16 on outputs of unit size here); the masked-dense path and the reference take them in
+    # float32 whatever the parameters' dtype, and so must the tile path
+    mask = random_mask(2, 32, 32, 8, p=0.5, seed=3)
+    g = torch.Generator().manual_seed(3)
+    x = (torch.randn(2, 3, 16, 16, generator=g, dtype=torch.float64) * std + mean).to(dtype)
+    x = x * mask.pixel_mask(2, x.shape[-2:])
+    p = pack_map(x, mask, (2, 2))
+    w, b = torch.rand(3).to(dtype) + 0.5, torch.randn(3).to(dtype)
+    rm, rv = torch.zeros(3, dtype=dtype), torch.ones(3, dtype=dtype)
+    if params == "none":  # BatchNorm2d(affine=False, track_running_stats=False): no tensor to upcast
+        w = b = rm = rv = None
+    rm2, rv2 = (None, None) if rm is None else (rm.clone(), rv.clone())
+    y = P.batch_norm_map(p, rm, rv, w, b, True, 0.1, 1e-5)
+    want = masked_batch_norm_reference(x, mask.pixel_mask(2, x.shape[-2:]), rm2, rv2, w, b, True, 0.1, 1e-5)
+    ulp = torch.finfo(dtype).eps
+    torch.testing.assert_close(y.to_dense(), want, atol=4 * ulp, rtol=0)
+    if rm is not None:
+        torch.testing.assert_close(rm, rm2, atol=0, rtol=ulp)
+        torch.testing.assert_close(rv, rv2, atol=0, rtol=ulp)
+
+
 def test_batch_norm_packed_one_or_no_kept_pixel():
     keep = torch.zeros(2, 4, 4, dtype=torch.bool)
     keep[1, 2, 3] = True  # one 1x1 tile at stride 8 with block 8: n == 1

@@ -564,5 +564,30 @@ def batch_norm_map(x: PackedMap, running_mean: Optional[Tensor], running_var: Op
         y = masked_batch_norm_reference(tiles, ones, running_mean, running_var, weight, bias,
                                         training, momentum, eps, reduce=reduce)
     else:
-        y = F.batch_norm(tiles, running_mean, running_var, weight, bias, training, momentum, eps)
+        y = _batch_norm_float32_params(tiles, running_mean, running_var, weight, bias, training, momentum, eps)
     return PackedMap.from_tiles(y, x.index, x.mask)
+
+
+def _batch_norm_float32_params(x: Tensor, running_mean: Optional[Tensor], running_var: Optional[Tensor],
+                               weight: Optional[Tensor], bias: Optional[Tensor], training: bool,
+                               momentum: float, eps: float) -> Tensor:
+    """F.batch_norm of fp16/bf16 ``x`` with float32 parameters and running statistics: with half
+    ones (``model.half()``) or none at all (``affine=False, track_running_stats=False``) its
+    CPU kernel takes the statistics in half precision, which the masked-dense path and the
+    reference never do. A missing weight is float32 ones; x and the output keep their dtype;
+    updated half statistics are rounded back once."""
+    if x.dtype not in (torch.float16, torch.bfloat16):
+        return F.batch_norm(x, running_mean, running_var, weight, bias, training, momentum, eps)
+
+    def up(t):
+        return None if t is None else t.float()
+
+    rm, rv = up(running_mean), up(running_var)
+    w = up(weight) if weight is not None else torch.ones(x.shape[1], dtype=torch.float32, device=x.device)
+    y = F.batch_norm(x, rm, rv, w, up(bias), training, momentum, eps)
+    if training:
+        with torch.no_grad():
+            for buf, new in ((running_mean, rm), (running_var, rv)):
+                if buf is not None and buf is not new:  # .float() of a float32 buffer is itself
+                    buf.copy_(new)
+    return y
