@@ -227,7 +227,8 @@ def test_deterministic(device):
     x = torch.randn(N, L, D, device=device, requires_grad=True)
     pos = torch.randn(1, L, D, device=device, requires_grad=True)
     keep = torch.randint(0, L, (N, K), device=device)
-    grad = torch.randn(N, K, D, device=device)
+    # magnitudes spread over 1e-4..1e4, so another summation order changes the last bits
+    grad = torch.randn(N, K, D, device=device) * torch.logspace(-4, 4, K, device=device)[None, :, None]
     runs = []
     threads = torch.get_num_threads()
     try:
@@ -238,6 +239,15 @@ def test_deterministic(device):
         torch.set_num_threads(threads)
     for r in runs[1:]:
         assert torch.equal(r[0], runs[0][0]) and torch.equal(r[1], runs[0][1])
+    if device == "cpu":  # the C++ kernel's documented order: duplicates added in ascending k
+        gx, gp = torch.zeros(N, L, D), torch.zeros(L, D)
+        rows = torch.arange(N)
+        for k in range(K):  # distinct rows per k: one vector add each
+            gx[rows, keep[:, k]] += grad[:, k]
+        for n in range(N):
+            for k in range(K):
+                gp[keep[n, k]] += grad[n, k]
+        assert torch.equal(runs[0][0], gx) and torch.equal(runs[0][1], gp[None])
 
 
 def test_empty_batch_and_zero_width():

@@ -6,7 +6,7 @@ test_sparse_conv.py (test_halo_gather_matches_dense, test_pack_unpack_roundtrip)
 import pytest
 import torch
 
-from effssl_kernels.ops.halo_gather import halo_gather_op
+from effssl_kernels.ops.halo_gather import halo_gather_backward_op, halo_gather_op
 from effssl_kernels.reference.halo_gather import halo_gather_reference
 from effssl_kernels.sparse import TileIndex, pack
 from utils import HAS_GPU, INTERPRET, random_mask
@@ -118,14 +118,16 @@ def _ordered_sum(g, order, offsets, tile_shape):
     return acc.view(T, bh, bw, C).permute(0, 3, 1, 2)
 
 
-def test_backward_is_deterministic():
-    """Bit-equal to a fixed-order float32 sum with 1 and with 2 threads (set explicitly: under
-    OMP_NUM_THREADS=1 the default is one thread). Up to 3 readers per pixel of random values,
-    so another summation order would show in the last bits."""
-    tiles, table, order, offsets, _ = _case(stride=1, halo=3, C=33)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+def test_backward_is_deterministic(dtype):
+    """Bit-equal to a fixed-order float32 sum (rounded once to ``dtype``: half gradients are
+    summed in float32) with 1 and with 2 threads (set explicitly: under OMP_NUM_THREADS=1 the
+    default is one thread). Up to 3 readers per pixel of random values, so another summation
+    order or a half-precision sum would show in the last bits."""
+    tiles, table, order, offsets, _ = _case(stride=1, halo=3, C=33, dtype=dtype)
     tiles.requires_grad_(True)
-    g = torch.randn(tiles.shape[0], 33, *table.shape[1:])
-    want = _ordered_sum(g, order, offsets, (tiles.shape[0], *tiles.shape[2:]))
+    g = torch.randn(tiles.shape[0], 33, *table.shape[1:]).to(dtype)
+    want = _ordered_sum(g.float(), order, offsets, (tiles.shape[0], *tiles.shape[2:])).to(dtype)
     assert (offsets[1:] - offsets[:-1]).max() >= 3 and tiles.shape[0] * 64 > 2 * 4096 // 33
     threads = torch.get_num_threads()
     try:
@@ -210,6 +212,30 @@ def test_triton_matches_reference(monkeypatch, dtype, stride, halo, outside):
                                             layout="strided", N=1, hw=(16, 24))
     args = [a.to(dev) for a in (tiles, table, order, offsets)]
     _check(*args, outside=outside)
+
+
+@triton_only
+@pytest.mark.triton
+def test_triton_bad_table_or_runs_give_nan(monkeypatch):
+    # The Triton path does not check its index tensors on CUDA (a host sync): an entry outside
+    # [0, S + 2) reads as NaN, never as a neighbour, a zero or the fill; so does a made-up run of
+    # the backward (past the end of order, or an order entry past the padded tiles)
+    monkeypatch.setenv("EFFSSL_BACKEND", "triton")
+    dev = "cuda" if HAS_GPU else "cpu"
+    T, C = 2, 3
+    S = T * 16
+    tiles = torch.rand(T, C, 4, 4, device=dev)
+    table = torch.tensor([[[0, S, S + 1], [S + 2, 10**6, -1]]], device=dev)
+    empty = torch.zeros(0, dtype=torch.int64, device=dev)
+    out = halo_gather_op(tiles, table, empty, torch.zeros(S + 1, dtype=torch.int64, device=dev), outside=-5.0)
+    assert torch.equal(out[0, :, 0].cpu(), torch.stack([tiles[0, :, 0, 0].cpu(), torch.zeros(C),
+                                                        torch.full((C,), -5.0)], 1))
+    assert torch.isnan(out[0, :, 1]).all()
+    grad = torch.ones(1, 2, 2, 2, device=dev)
+    for order, offsets in (([0, 1, 2, 3], [0, 1, 2, 3, 6]),  # the last run passes order's end
+                           ([0, 1, 2, 9], [0, 1, 2, 3, 4])):  # order entry 9 >= Q = 4
+        g = halo_gather_backward_op(grad, torch.tensor(order, device=dev), torch.tensor(offsets, device=dev), 1, 2, 2)
+        assert torch.isfinite(g[0, :, 0, 0]).all() and torch.isnan(g[0, :, 1, 1]).all(), (order, offsets)
 
 
 @triton_only

@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 
 import effssl_kernels as ek
 from effssl_kernels.reference import multi_crop_reference
-from utils import make_layout
+from utils import INTERPRET, make_layout
 
 TF = pytest.importorskip("torchvision.transforms.v2.functional")
 
@@ -129,9 +129,12 @@ def test_uint8_to_float(out_dtype):
     torch.testing.assert_close(got.float(), want.to(out_dtype).float(), rtol=0, atol=0)
 
 
-def test_zero_weight_taps_are_not_read():
+@pytest.mark.parametrize("backend", ["auto", pytest.param("triton", marks=pytest.mark.skipif(
+    not INTERPRET, reason="the Triton kernel runs on CPU tensors only under TRITON_INTERPRET=1"))])
+def test_zero_weight_taps_are_not_read(monkeypatch, backend):
     # Upscaling a box whose last row is the image's row 3: the taps of row 4 have weight 0 and
     # must not be read, so NaN below the box stays out (torchvision's crop never sees it either).
+    monkeypatch.setenv("EFFSSL_BACKEND", backend)
     images = torch.rand(1, 1, 8, 8)
     images[:, :, 4:] = float("nan")
     images[:, :, :, 4:] = float("nan")

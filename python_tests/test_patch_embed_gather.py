@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 
 from effssl_kernels.ops.patch_embed_gather import patch_embed_gather
 from effssl_kernels.reference import patch_embed_gather_reference
-from utils import DTYPES, make_layout
+from utils import DTYPES, INTERPRET, make_layout
 
 # Against the reference in the same dtype. Only the summation order of the GEMM differs (conv vs
 # mm); low precision outputs may differ by one rounding step of values around 1-4.
@@ -150,6 +150,23 @@ def test_mixed_dtypes_promote(dts):
     assert out.dtype == ref.dtype
     gemm_dt = torch.promote_types(dts[0], dts[1])
     torch.testing.assert_close(out, ref, **TOL[gemm_dt])
+
+
+@pytest.mark.parametrize("backend", ["auto", pytest.param("triton", marks=pytest.mark.skipif(
+    not INTERPRET, reason="the Triton kernel runs on CPU tensors only under TRITON_INTERPRET=1"))])
+@pytest.mark.parametrize("gemm_dt,pos_dt", [(torch.bfloat16, torch.float32), (torch.float16, torch.float32),
+                                            (torch.float32, torch.float64)], ids=str)
+def test_pos_added_to_the_rounded_conv_output(monkeypatch, backend, gemm_dt, pos_dt):
+    # timm's order: the conv's output in its dtype, then + pos_embed in the promoted dtype. So
+    # the fused op equals the op without pos plus pos, bit for bit: the conv rounded to the GEMM
+    # dtype before the add, and a float64 pos added in float64 (not rounded through float32)
+    monkeypatch.setenv("EFFSSL_BACKEND", backend)
+    images, weight, bias, keep, pos = _inputs(2, 3, 16, 16, 32, 4, 7, dup=True)
+    images, weight, bias, pos = images.to(gemm_dt), weight.to(gemm_dt), bias.to(gemm_dt), pos.to(pos_dt)
+    out = patch_embed_gather(images, weight, bias, keep, pos)
+    want = patch_embed_gather(images, weight, bias, keep, None) + pos[0][keep]
+    assert out.dtype == want.dtype == pos_dt
+    assert torch.equal(out, want)
 
 
 def test_empty_batch():

@@ -41,6 +41,46 @@ def test_each_op_alone(dtype, op, norm):
         assert not torch.equal(got, x)  # the op did something
 
 
+# ops without a reduction (contrast's mean and blur's taps sum in another order) compute what the
+# reference computes in the same order, so the kernel is bit-exact there: this pins the details
+# a tolerance absorbs (a hue of exactly 0 skipped, as ColorJitter does; uint8 scaled by * (1/255)
+# as to_dtype(scale=True), not / 255)
+BIT_EXACT_OPS = [(), ("brightness",), ("saturation",), ("hue",), ("gray",), ("solarize",),
+                 ("brightness", "saturation", "hue", "gray", "solarize")]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.uint8], ids=str)
+@pytest.mark.parametrize("ops", BIT_EXACT_OPS, ids=lambda o: "+".join(o) or "none")
+@pytest.mark.parametrize("norm", [False, True])
+def test_bit_exact_without_reductions(dtype, ops, norm):
+    x, params = photometric_case(6, 13, 11, dtype, ops=ops, p=0.7, norm=norm, seed=3)
+    assert torch.equal(ek.photometric(x, params), photometric_reference(x, params))
+
+
+def half_level_blur_case(n=1, h=4, w=6):
+    """(views, packed params, blur weights, norm, want): uint8 columns 0, 1, 0, 1, ... blurred by
+    [1/4, 1/2, 1/4] in both directions (reflect padding), every other op off, so every blurred
+    value is exactly 0.5 or an integer: ``want`` rounds half to even (0.5 -> 0), as the reference
+    (torch.round) does. Random sigmas never land on a half level."""
+    from effssl_kernels.ops.photometric import BLUR, GRAY, JITTER, SOLARIZE
+
+    _, params = photometric_case(n, h, w, torch.uint8, ops=("blur",), k=3, norm=False)
+    packed, _, norm = pack_params(params, n)
+    packed[:, BLUR], packed[:, GRAY], packed[:, JITTER], packed[:, SOLARIZE] = 1.0, 0.0, 0.0, 0.0
+    weights = torch.tensor([[0.25, 0.5, 0.25]]).expand(n, 3).contiguous()
+    views = torch.zeros(n, 3, h, w, dtype=torch.uint8)
+    views[..., 1::2] = 1
+    padded = torch.nn.functional.pad(views.float().reshape(-1, 1, h, w), (1, 1, 1, 1), mode="reflect")
+    blurred = torch.nn.functional.conv2d(padded, (weights[:1].T @ weights[:1]).reshape(1, 1, 3, 3))
+    assert (blurred == 0.5).any()
+    return views, packed, weights, norm, blurred.round().reshape(n, 3, h, w).to(torch.uint8)
+
+
+def test_uint8_blur_rounds_half_to_even():
+    views, packed, weights, norm, want = half_level_blur_case()
+    assert torch.equal(torch.ops.effssl_kernels.photometric(views, packed, weights, norm), want)
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("preset", ["simclr", "byol1", "byol2", "dino_local"])
 def test_presets(dtype, preset):

@@ -34,6 +34,14 @@ def _run(x, params):
     return got, photometric_reference(x, params)
 
 
+def test_uint8_blur_rounds_half_to_even():
+    from test_photometric_kernels import half_level_blur_case
+
+    views, packed, weights, norm, want = half_level_blur_case()
+    got = torch.ops.effssl_kernels._photometric_triton(views.to(DEVICE), packed.to(DEVICE), weights.to(DEVICE), norm)
+    assert torch.equal(got.cpu(), want)
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("op", ["brightness", "contrast", "saturation", "hue", "gray", "solarize"])
 def test_each_pointwise_op(dtype, op):
