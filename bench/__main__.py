@@ -6,16 +6,20 @@ kernel, time against keep ratio) are written beside them, and the folder is name
 ``--only NAME ...`` runs a subset (e.g. ``--only multi_crop simwnw_step``); ``--no-report``
 skips report.md and the plots (gpu_session.sh writes them once, after its last benchmark:
 matplotlib's import and the plots cost seconds of a time-limited device call).
+Exits 1, after writing everything, when any provider failed or any kernel gave a wrong answer
+(a row noting ``failed`` or ``MISMATCH``): the timings of the rest still stand.
 """
 from __future__ import annotations
 
 import argparse
 import importlib
+import json
 import os
+import sys
 
 from rich.progress import Progress
 
-from .common import OUT_HELP, add_device_arg, check_device, write_partial_on_sigterm
+from .common import OUT_HELP, add_device_arg, check_device, problem_rows, write_partial_on_sigterm
 from .report import write_report
 
 BENCHMARKS = [
@@ -35,7 +39,8 @@ BENCHMARKS = [
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__)
+    ap = argparse.ArgumentParser(prog="python -m bench", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     add_device_arg(ap)
     ap.add_argument("--out", default=None, help=OUT_HELP)
     ap.add_argument("--quick", action="store_true", help="smaller sizes, skip the slowest baselines")
@@ -67,6 +72,15 @@ def main() -> None:
     if not args.no_report:
         print(f"report: {write_report(folder)}")
     print(f"results folder: {folder}")
+    bad = []
+    for path in paths:
+        with open(path) as f:
+            bad += [(os.path.basename(path), r) for r in problem_rows(json.load(f)["rows"])]
+    if bad:
+        print(f"{len(bad)} row(s) failed or gave a wrong answer:")
+        for name, r in bad:
+            print(f"  {name}: {r.get('case')} / {r.get('mode', '')} {r.get('provider')}: {r['note']}")
+        sys.exit(1)
 
 
 if __name__ == "__main__":

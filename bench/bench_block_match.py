@@ -22,7 +22,8 @@ import effssl_kernels as ek
 from effssl_kernels.reference import block_match_reference, candidate_order
 from effssl_kernels.reference.block_match import any_block_inside
 
-from .common import CaseRows, check_output, device_info, live_rows, parse_args, report, time_ms, tiny
+from .common import (CaseRows, check_output, device_info, fmt_limit, live_rows, parse_args, pct_of, report,
+                     time_ms, tiny)
 
 GPU_CASES = [  # name, pairs, H, block, radius
     ("224px B32 r16", 256, 224, 32, 16),
@@ -51,7 +52,8 @@ def shift_loop(a, b, B: int, r: int, data_range: float = 1.0):
     best = torch.full((N, Hb, Wb), float("inf"), device=a.device)
     best_d = torch.zeros((N, Hb, Wb, 2), dtype=torch.int32, device=a.device)
     order = list(candidate_order(r))
-    dyx = _offsets(r, a.device)
+    # compiled: the uncached builder (Dynamo skips an lru_cache wrapper anyway, with a warning)
+    dyx = _offsets.__wrapped__(r, a.device) if torch.compiler.is_compiling() else _offsets(r, a.device)
     iy, ix = torch.arange(Hb, device=a.device) * B, torch.arange(Wb, device=a.device) * B
     for k, (dy, dx) in enumerate(order):
         # Whether any block has this candidate inside depends only on the grid: plain Python, so
@@ -141,7 +143,7 @@ def run(device: str, quick: bool = False) -> list[dict]:
                 continue
             tflops = flop / (t["median_ms"] * 1e-3) / 1e12
             row = {"case": name, "pairs": N, "provider": prov, **t, "tflops": tflops,
-                   "pct_fp32_limit": 100 * tflops / info["fp32_tflops_limit"], "path": kernel_path(how)}
+                   "pct_fp32_limit": pct_of(tflops, info["fp32_tflops_limit"]), "path": kernel_path(how)}
             if base is None and env:  # our first kernel that ran; none ran: no speedups at all
                 base = t["median_ms"]
             if want is None:
@@ -159,7 +161,7 @@ def main(argv=None) -> str:
     rows, info = run(args.device, args.quick)
     return report(
         args, "block_match",
-        f"block_match on {info['device']} (FP32 limit {info['fp32_tflops_limit']} TFLOP/s, {info['limit_source']})",
+        f"block_match on {info['device']} (FP32 limit {fmt_limit(info['fp32_tflops_limit'])} TFLOP/s, {info['limit_source']})",
         info, rows,
         ["case", "pairs", "provider", "path", "median_ms", "p20_ms", "p80_ms", "ours_speedup", "tflops", "pct_fp32_limit",
          "max_err", "note"],

@@ -19,7 +19,6 @@ GPU: N = 64 images (1,280 and 12,800 patches), bf16 autocast. CPU: N = 4 and 1 (
 """
 from __future__ import annotations
 
-import os
 
 import torch
 import torch.nn.functional as F
@@ -102,7 +101,6 @@ def run(device: str, quick: bool = False):
 
 def main(argv=None) -> str:
     args = parse_args(__doc__, "a quarter of the images, shorter timing", argv, name="emp_ssl_step")
-    os.environ.pop("EFFSSL_BACKEND", None)
     rows, info = run(args.device, args.quick)
     return report(args, "emp_ssl_step", f"EMP-SSL step (CIFAR ResNet-18, d=1024) on {info['device']} "
                   "(ours_speedup: provider time / multi_crop's)", info, rows,

@@ -19,7 +19,6 @@ grad_x (zeros included) and pos's gradient once. ``pct_copy_bw`` is GB/s over th
 """
 from __future__ import annotations
 
-import os
 
 import torch
 
@@ -48,25 +47,12 @@ def traffic_bytes(N: int, K: int, D: int, es: int, backward: bool) -> int:
     return fwd + (N * K * D + N * L * D + L * D) * es + N * K * 8
 
 
-def _warm_up(fn, device: str) -> None:
-    """Run (and compile) once per thread count: common.time_ms times CPU code through
-    torch.utils.benchmark.Timer, which runs it with one thread, and a thread-count change
-    recompiles a torch.compile'd function."""
-    fn()
-    if device == "cpu":
-        threads = torch.get_num_threads()
-        torch.set_num_threads(1)
-        try:
-            fn()
-        finally:
-            torch.set_num_threads(threads)
-
-
 def run(device: str, quick: bool = False):
     info = device_info(device)
     dtype = DTYPE[device]
     es = torch.finfo(dtype).bits // 8
     N = 2 if tiny() else BATCH[device] // (4 if quick else 1)
+    info.update(batch=N, tokens=L, dtype=str(dtype).replace("torch.", ""))  # in a partial JSON too
     rows = live_rows()
     for model, D in WIDTHS[:1] if tiny() else WIDTHS:
         for ratio in RATIOS[1:2] if tiny() else RATIOS:
@@ -101,7 +87,7 @@ def run(device: str, quick: bool = False):
                     else:
                         fn = lambda f=f: f(x, keep, pos)  # noqa: E731
                     row = timed_row({"case": case, "mode": mode, "provider": prov}, fn, device,
-                                    0.3 if quick else 1.0, warm_up=_warm_up)
+                                    0.3 if quick else 1.0)
                     if "median_ms" in row:
                         row["gbps"] = nbytes / (row["median_ms"] * 1e-3) / 1e9
                         # one rounding of the sum in x's dtype apart (the reference adds in it)
@@ -125,9 +111,7 @@ def run(device: str, quick: bool = False):
 
 def main(argv=None) -> str:
     args = parse_args(__doc__, "a quarter of the batch, shorter timing", argv, name="gather_tokens")
-    os.environ.pop("EFFSSL_BACKEND", None)  # ours = the default backend of the device
     rows, info, N, dtype = run(args.device, args.quick)
-    info = {**info, "batch": N, "tokens": L, "dtype": str(dtype).replace("torch.", "")}
     return report(
         args, "gather_tokens",
         f"gather_tokens on {info['device']}, N={N}, L={L}, {info['dtype']} "

@@ -20,8 +20,10 @@ import torch
 import torch.nn.functional as F
 
 from effssl_kernels.ops.patch_embed_gather import patch_embed_gather
+from effssl_kernels.reference.gather_tokens import patch_embed_gather_reference
 
-from .common import CaseRows, device_info, live_rows, parse_args, report, time_ms, tiny
+from .common import (CaseRows, check_output, device_info, fmt_limit, live_rows, parse_args, pct_of, report,
+                     time_ms, tiny)
 
 MODELS = [("ViT-S/16", 384), ("ViT-B/16", 768)]
 RATIOS = [0.5, 0.25, 0.75]  # issue 4's keep 0.5 first: a run cut at its time limit has it
@@ -52,7 +54,8 @@ def run(device: str, quick: bool = False):
     info = device_info(device)
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     limit, limit_src = _limit(info, device, dtype)
-    info.update({"dtype": str(dtype), "tflops_limit": limit, "tflops_limit_source": limit_src})
+    info.update({"dtype": str(dtype), "tflops_limit": limit, "tflops_limit_source": limit_src,
+                 "tflops_counts": "the kept patches' GEMMs, for every provider"})
     N = 256 if device == "cuda" else (2 if tiny() else 4 if quick else 8)
     L = (IMG // PATCH) ** 2
     rows = live_rows()
@@ -92,7 +95,14 @@ def run(device: str, quick: bool = False):
                     flop = gemm_flop * (2 if mode == "fwd+bwd" else 1)
                     tflops = flop / (t["median_ms"] * 1e-3) / 1e12
                     times[prov] = t["median_ms"]
-                    case_rows.append({**row, **t, "tflops": tflops, "pct_limit": 100 * tflops / limit})
+                    row = {**row, **t, "tflops": tflops, "pct_limit": pct_of(tflops, limit)}
+                    if prov == "ours":  # the timed shape's answer against the reference in float32
+                        with torch.no_grad():
+                            got = fn(images, params[0], params[1], keep, params[2])
+                            want = patch_embed_gather_reference(images.float(), weight.float(), bias.float(), keep,
+                                                                pos.float())
+                        check_output(row, got, want, 1e-2 if dtype == torch.bfloat16 else 1e-4)
+                    case_rows.append(row)
                 for row in case_rows:
                     if row["provider"] == "ours" and "median_ms" in row:
                         for base, key in (("timm path (torch)", "speedup_vs_torch"),
@@ -108,11 +118,11 @@ def main(argv=None) -> str:
     return report(
         args, "patch_embed_gather",
         f"patch_embed_gather on {info['device']}, {info['dtype']} "
-        f"(limit {info['tflops_limit']:.1f} TFLOP/s: {info['tflops_limit_source']}; tflops: the kept "
+        f"(limit {fmt_limit(info['tflops_limit'])} TFLOP/s: {info['tflops_limit_source']}; tflops: the kept "
         "patches' GEMMs / time, for every provider)",
-        {**info, "tflops_counts": "the kept patches' GEMMs, for every provider"}, rows,
+        info, rows,
         ["case", "N", "K", "mode", "provider", "median_ms", "p20_ms", "p80_ms", "speedup_vs_torch",
-         "speedup_vs_compile", "tflops", "pct_limit", "note"],
+         "speedup_vs_compile", "tflops", "pct_limit", "max_err", "note"],
     )
 
 

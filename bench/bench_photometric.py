@@ -156,7 +156,7 @@ def _loop_row(row, views, host, device, mrt):
     row = timed_row(row, lambda: torchvision_loop(views, host, n), device, mrt, _warm)
     if "median_ms" in row and n < N:
         row.update({k: row[k] * N / n for k in ("median_ms", "p20_ms", "p80_ms")})
-        row["note"] = f"timed on {n} samples, x{N / n:.0f}"
+        row["note"] = f"timed on {n} samples, x{N / n:.4g}"
     return row
 
 
@@ -300,7 +300,6 @@ def step_share(device: str, quick: bool = False, live: list | None = None):
 
 def main(argv=None) -> str:
     args = parse_args(__doc__, "a quarter of the views, shorter timing", argv, name="photometric")
-    os.environ.pop("EFFSSL_BACKEND", None)  # ours = the default backend of the device
     rows, info = run(args.device, args.quick)
     n = len(rows)
     share = step_share(args.device, args.quick, live=rows)  # appended to rows as they are timed

@@ -29,7 +29,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import functools
-import os
 
 import torch
 import torch.nn.functional as F
@@ -193,7 +192,6 @@ def run(device: str, quick: bool = False):
 
 def main(argv=None) -> str:
     args = parse_args(__doc__, "a quarter of the batch, shorter timing", argv, name="simwnw_step")
-    os.environ.pop("EFFSSL_BACKEND", None)
     rows, info = run(args.device, args.quick)
     return report(args, "simwnw_step", f"SimWnW training step vs dense on {info['device']} "
                   "(rel_time: simwnw / dense; removal: measured fraction removed per view)",

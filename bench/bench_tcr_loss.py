@@ -31,7 +31,8 @@ import torch.nn.functional as F
 from effssl_kernels import tcr_loss
 from effssl_kernels.reference import tcr_loss_reference
 
-from .common import CaseRows, device_info, live_rows, mark_speedups, parse_args, report, time_ms, tiny
+from .common import (CaseRows, device_info, fmt_limit, live_rows, mark_speedups, parse_args, pct_of, report,
+                     time_ms, tiny)
 
 D = 1024
 EPS = 0.2
@@ -64,6 +65,7 @@ def forward_flop(provider: str, P: int, b: int, d: int) -> float:
 
 def run(device: str, quick: bool = False):
     info = device_info(device)
+    info.update(d=D, eps=EPS, dtype="float32")  # in a partial JSON too
     cases = [(f"b={b} d={D}", None, b) for b in SIZES[device]]
     if not quick or tiny():
         P, b = (2, 8) if tiny() else EMP_SSL[device]
@@ -105,7 +107,7 @@ def run(device: str, quick: bool = False):
                     row["peak_mib"] = peak
                 if mode == "fwd":
                     gflops = forward_flop(prov, P or 1, b, D) / (t["median_ms"] * 1e-3) / 1e9
-                    row.update(gflops=gflops, pct_fp32_limit=100 * gflops / (1e3 * info["fp32_tflops_limit"]))
+                    row.update(gflops=gflops, pct_fp32_limit=pct_of(gflops, 1e3 * info["fp32_tflops_limit"]))
                 case_rows.append(row)
             mark_speedups(case_rows)
     return rows, info
@@ -114,10 +116,9 @@ def run(device: str, quick: bool = False):
 def main(argv=None) -> str:
     args = parse_args(__doc__, "no EMP-SSL batched case, shorter timing", argv, name="tcr_loss")
     rows, info = run(args.device, args.quick)
-    info = {**info, "d": D, "eps": EPS, "dtype": "float32"}
     return report(
         args, "tcr_loss",
-        f"tcr_loss on {info['device']}, d={D}, float32 (FP32 limit {info['fp32_tflops_limit']} TFLOP/s, "
+        f"tcr_loss on {info['device']}, d={D}, float32 (FP32 limit {fmt_limit(info['fp32_tflops_limit'])} TFLOP/s, "
         f"{info['limit_source']}; ours_speedup: provider time / ours, >1 means ours is faster)",
         info, rows,
         ["case", "mode", "provider", "median_ms", "p20_ms", "p80_ms", "ours_speedup", "gflops", "pct_fp32_limit",

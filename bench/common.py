@@ -133,8 +133,9 @@ def device_info(device: str) -> dict:
         limits = {"fp32_tflops_spec": spec[0], "hbm_tbps_spec": spec[1]}
         try:
             m = _gpu_ceilings(name)
-            limits.update(fp32_tflops_limit=round(m["fp32_tflops"], 2), bf16_tflops_limit=round(m["bf16_tflops"], 1),
-                          hbm_tbps_limit=round(m["copy_tbps"], 3),
+            # unrounded: every pct_* column divides by these (titles round with fmt_limit)
+            limits.update(fp32_tflops_limit=m["fp32_tflops"], bf16_tflops_limit=m["bf16_tflops"],
+                          hbm_tbps_limit=m["copy_tbps"],
                           limit_source="measured on this GPU (1 GiB copy, fp32 and bf16 GEMMs)")
         except Exception as e:  # noqa: BLE001  (the benchmarks still run; the JSON says why)
             limits.update(fp32_tflops_limit=spec[0] or float("nan"), hbm_tbps_limit=spec[1],
@@ -147,7 +148,9 @@ def device_info(device: str) -> dict:
         except (OSError, StopIteration):
             pass
         name = f"{name} ({torch.get_num_threads()} threads)"
-        limits = {"fp32_tflops_limit": round(_gemm_tflops(device, torch.float32, (1024, 2048)), 2),
+        # unrounded: a CPU's 0.03-0.2 TFLOP/s rounded to 2 decimals moved every pct_* by up to
+        # 12%, and below 5 GFLOP/s became 0 (a division by zero)
+        limits = {"fp32_tflops_limit": _gemm_tflops(device, torch.float32, (1024, 2048)),
                   "hbm_tbps_limit": None,
                   "limit_source": "measured fp32 GEMM"}
     info = {
@@ -158,6 +161,10 @@ def device_info(device: str) -> dict:
         "triton": triton_version,
         "effssl_kernels": effssl_kernels.__version__,
         "git_sha": _git_sha(),
+        "bench_device": device,  # "cuda" above is torch's build, not where the benchmark ran
+        # what "ours" ran: parse_args drops EFFSSL_BACKEND (ours = the device's default kernels)
+        "effssl_backend": os.environ.get("EFFSSL_BACKEND", "auto"),
+        "effssl_tile_conv": os.environ.get("EFFSSL_TILE_CONV", "default"),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         **({"tiny": True} if tiny() else {}),
     }
@@ -231,6 +238,8 @@ def write_json(path: str, info: dict, rows: list[dict]) -> None:
               f"or the data sat in a cache; rerun on an idle machine")
     with open(path, "w") as f:
         json.dump({"info": info, "rows": rows}, f, indent=1)
+    # written: a SIGTERM from now on (plots, the next import, exit) must not rewrite it as partial
+    _LIVE.pop("target", None)
 
 
 def print_table(title: str, rows: list[dict], columns: list[str]) -> None:
@@ -295,12 +304,23 @@ def live_rows() -> list:
     return _LIVE["rows"]
 
 
+def pct_of(rate: float, limit) -> float | None:
+    """``rate`` as a percentage of ``limit`` (same units); None where there is no usable limit
+    (missing, zero or NaN: a spec-sheet fallback for an unknown GPU, a failed measurement)."""
+    return 100 * rate / limit if limit and math.isfinite(limit) and limit > 0 else None
+
+
+def fmt_limit(limit) -> str:
+    """A limit for a table title: 3 significant digits (a CPU's 0.034 TFLOP/s is not "0.0")."""
+    return "unknown" if limit is None or not math.isfinite(limit) else f"{limit:.3g}"
+
+
 def pct_hbm(info: dict, gbps: float) -> float | None:
     """GB/s as a percentage of the device's measured large-copy ceiling (``hbm_tbps_limit``:
     a 1 GiB copy on a GPU); None where there is none (the CPU). The per-case ``pct_copy_bw``
     divides by a copy of the case's own size instead, which a small case runs below the ceiling."""
     lim = info.get("hbm_tbps_limit")
-    return 100 * gbps / (1e3 * lim) if lim else None
+    return pct_of(gbps, 1e3 * lim) if lim else None
 
 
 def check_output(row: dict, got, want, tol: float) -> dict:
@@ -325,6 +345,12 @@ def check_output(row: dict, got, want, tol: float) -> dict:
     if not err <= tol:
         row["note"] = f"MISMATCH vs the reference ({err:.3g} > {tol:g})" + (f"; {row['note']}" if row.get("note") else "")
     return row
+
+
+def problem_rows(rows: list[dict]) -> list[dict]:
+    """The rows whose provider failed (``failed: ...``) or gave a wrong answer (``MISMATCH``):
+    ``python -m bench`` exits 1 over any of them, so a device session's stage fails too."""
+    return [r for r in rows if str(r.get("note") or "").startswith("failed") or "MISMATCH" in str(r.get("note") or "")]
 
 
 class CaseRows(list):
@@ -367,7 +393,8 @@ def write_partial_on_sigterm() -> None:
 def add_device_arg(ap) -> None:
     """--device cpu|cuda (default cuda when torch sees one). Only these two: a "cuda:0" would be
     filed and timed as a CPU run. Check the choice with :func:`check_device` after parsing."""
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"])
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"],
+                    help="where to run (default: cuda when torch sees a GPU, else cpu; sizes follow it)")
 
 
 def check_device(ap, args) -> None:
@@ -397,12 +424,18 @@ def parse_args(doc: str, quick_help: str, argv=None, *, name: str | None = None)
     :func:`write_partial_on_sigterm`."""
     import argparse
 
-    ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(prog=f"python -m bench.bench_{name}" if name else None, description=doc,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     add_device_arg(ap)
     ap.add_argument("--out", default=None, help=OUT_HELP)
     ap.add_argument("--quick", action="store_true", help=quick_help)
     args = ap.parse_args(argv)
     check_device(ap, args)
+    # "ours" is the device's default kernels in every benchmark: a user's EFFSSL_BACKEND would
+    # time something else under that name (and, dropped by some benchmarks only, differ by order)
+    backend = os.environ.pop("EFFSSL_BACKEND", None)
+    if backend not in (None, "", "auto"):
+        print(f"note: EFFSSL_BACKEND={backend} ignored by the benchmarks: 'ours' is the device's default backend")
     if tiny():
         if args.out is None:  # never over the committed results
             ap.error("EFFSSL_BENCH_TINY=1 (a smoke run) needs --out")

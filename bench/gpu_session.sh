@@ -167,6 +167,8 @@ bench() {  # bench [NAME,NAME,...]: those (default: the whole plan), one process
 for s in "$@"; do
   case $s in all | gpu-tests | sanitize | suite | bench | train) ;;
     bench:*)  # a misspelt name is refused now, not after the stages before it have run
+      # and no name at all too: bench() would read an empty list as the whole plan
+      [ -n "$(echo "${s#bench:}" | tr -d ', ')" ] || { echo "$s names no benchmark (the plan: $BENCH_PLAN)"; exit 2; }
       for w in $(echo "${s#bench:}" | tr ',' ' '); do
         [[ " $BENCH_PLAN " == *" $w:"* ]] || { echo "unknown benchmark $w (the plan: $BENCH_PLAN)"; exit 2; }
       done ;;

@@ -10,24 +10,30 @@ import argparse
 import glob
 import json
 import os
+import sys
 
 from .common import _fmt
 
 _HIDE = {"p20_ms", "p80_ms"}  # in the JSON; the report keeps the median
-_RUN_KEYS = ("device", "torch", "cuda", "triton", "effssl_kernels", "git_sha", "date")
+_RUN_KEYS = ("device", "bench_device", "torch", "cuda", "triton", "effssl_kernels", "git_sha", "date")
 
 
-def _load(folder: str) -> dict[str, dict]:
-    out = {}
+def _load(folder: str) -> tuple[dict[str, dict], list[str]]:
+    """The folder's results by name, and the ``*.json`` files that are none (unreadable, cut
+    short by a kill, or not ``{"info", "rows"}``), each with why: reported, never dropped silently."""
+    out, skipped = {}, []
     for path in sorted(glob.glob(os.path.join(folder, "*.json"))):
         try:
             with open(path) as f:
                 d = json.load(f)
-        except (OSError, json.JSONDecodeError):
+        except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
+            skipped.append(f"{os.path.basename(path)} ({type(e).__name__}: {e})"[:200])
             continue
         if isinstance(d, dict) and "rows" in d and "info" in d:
             out[os.path.splitext(os.path.basename(path))[0]] = d
-    return out
+        else:
+            skipped.append(f"{os.path.basename(path)} (not a benchmark result: no info and rows)")
+    return out, skipped
 
 
 def _columns(rows: list[dict]) -> list[str]:
@@ -135,14 +141,21 @@ def _plots(results: dict, folder: str) -> list[str]:
 
 def write_report(folder: str) -> str:
     """Write ``report.md`` and the plots for the JSON results in ``folder``; return its path."""
-    results = _load(folder)
+    results, skipped = _load(folder)
+    for s in skipped:
+        print(f"warning: {folder}: skipped {s}", file=sys.stderr)
     plots = _plots(results, folder)
     lines = ["# effssl_kernels benchmark report", ""]
+    if skipped:
+        lines += ["**Skipped files** (not in the tables below):", "", *[f"- {s}" for s in skipped], ""]
+    if not results:
+        lines += ["No benchmark results in this folder.", ""]
     lines += [f"![{os.path.basename(p)}]({os.path.basename(p)})" for p in plots] + [""]
     for name, d in results.items():
         # each result names its own run: a folder may hold runs of several commits, days or devices
         info = d["info"]
-        run = (f"Device: {info.get('device')}; torch {info.get('torch')}, CUDA {info.get('cuda')}, "
+        where = f" ({info['bench_device']})" if info.get("bench_device") else ""
+        run = (f"Device: {info.get('device')}{where}; torch {info.get('torch')} (CUDA build {info.get('cuda')}), "
                f"Triton {info.get('triton')}; effssl_kernels {info.get('effssl_kernels')} "
                f"({info.get('git_sha')}); {info.get('date')}.")
         extra = {k: v for k, v in info.items() if k not in _RUN_KEYS and k != "partial"}
@@ -166,6 +179,8 @@ def main(argv=None) -> None:
     if not os.path.isdir(folder):
         parser.error(f"{folder} is not a folder")
     print(write_report(folder))
+    if not _load(folder)[0]:
+        sys.exit(f"no benchmark results in {folder}")
 
 
 if __name__ == "__main__":

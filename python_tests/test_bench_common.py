@@ -167,3 +167,32 @@ def test_every_json_writer_flags_rates_above_the_limit(tmp_path, capsys):
         bp.run, bp.step_share = orig
     assert json.load(open(path))["rows"][0]["note"] == common.OVER_LIMIT_NOTE
     assert "above 100% of a measured limit" in capsys.readouterr().out
+
+
+def test_the_cpu_limit_is_not_rounded(monkeypatch):
+    # rounded to 2 decimals, a CPU's 0.0349 TFLOP/s became 0.03 (every pct_* 16% high) and
+    # anything below 0.005 became 0 (a ZeroDivisionError that ended the suite)
+    monkeypatch.setattr(common, "_gemm_tflops", lambda *a, **k: 0.0349)
+    info = common.device_info("cpu")
+    assert info["fp32_tflops_limit"] == 0.0349 and info["bench_device"] == "cpu"
+    assert common.pct_of(0.0349, info["fp32_tflops_limit"]) == pytest.approx(100.0)
+    for bad in (0.0, None, float("nan")):
+        assert common.pct_of(1.0, bad) is None
+    assert common.fmt_limit(0.0349) == "0.0349" and common.fmt_limit(66.9) == "66.9"
+    assert common.fmt_limit(float("nan")) == "unknown"
+    assert common.pct_hbm({"hbm_tbps_limit": 2.0}, 1000.0) == pytest.approx(50.0)
+    assert common.pct_hbm({"hbm_tbps_limit": None}, 1000.0) is None
+
+
+def test_a_users_backend_is_dropped_with_a_note(monkeypatch, capsys):
+    # some benchmarks dropped EFFSSL_BACKEND and some did not, so "ours" timed the reference
+    # alone and the default kernels after gather_tokens; now every one drops it, saying so
+    import os
+
+    monkeypatch.setenv("EFFSSL_BACKEND", "reference")
+    common.parse_args("doc", "quick", ["--device", "cpu"])
+    assert "EFFSSL_BACKEND" not in os.environ
+    assert "EFFSSL_BACKEND=reference ignored" in capsys.readouterr().out
+    monkeypatch.setenv("EFFSSL_BACKEND", "auto")
+    common.parse_args("doc", "quick", ["--device", "cpu"])
+    assert "ignored" not in capsys.readouterr().out

@@ -1,5 +1,7 @@
 """The benchmarks when a provider fails: the failure is reported, and no speedup or relative time
 is made up against a row that did not run (nor against the wrong baseline)."""
+import json
+import pathlib
 import time
 
 import pytest
@@ -9,6 +11,8 @@ from bench import bench_block_match as bm
 from bench import bench_simsiam_step as ss
 from bench import bench_vit_step as vs
 from bench.report import best_alternative_speedups
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
 def test_block_match_without_our_kernel_has_no_speedups(monkeypatch):
@@ -212,3 +216,58 @@ def test_sparse_conv_cut_short_keeps_the_jobs_it_timed(monkeypatch):
     live = common._LIVE["rows"]
     assert [r["median_ms"] for r in live] == [1.0, 2.0, 3.0, 4.0]
     assert live[0]["provider"] == "dense" and live[1]["rel_dense"] == 2.0
+
+
+def test_the_suite_exits_1_when_ours_fails(tmp_path, monkeypatch, capsys):
+    # a provider that raised or a kernel that gave a wrong answer was only a note in the table:
+    # `python -m bench` (and so a GPU session's stage) exited 0 over it
+    import sys
+
+    import bench.__main__ as suite
+    from bench import bench_tcr_loss as bt
+
+    monkeypatch.setenv("EFFSSL_BENCH_TINY", "1")
+
+    def boom(z):
+        raise RuntimeError("planted kernel failure")
+
+    monkeypatch.setitem(bt.PROVIDERS, "ours", boom)
+    monkeypatch.setattr(sys, "argv", ["bench", "--device", "cpu", "--only", "tcr_loss", "--out", str(tmp_path),
+                                      "--no-report"])
+    with pytest.raises(SystemExit) as e:
+        suite.main()
+    assert e.value.code == 1
+    out = capsys.readouterr().out
+    assert "failed or gave a wrong answer" in out and "planted kernel failure" in out
+    assert (tmp_path / "tcr_loss.json").is_file()  # the rest of the results still written
+
+
+def test_problem_rows_are_failures_and_mismatches():
+    from bench import common
+
+    rows = [{"note": "failed: RuntimeError: x"}, {"note": "MISMATCH vs the reference (1 > 0)"},
+            {"note": "kornia not installed"}, {"note": None}, {}, {"note": "timed on 256 patches, x2.5"},
+            {"note": f"goal: met; {common.OVER_LIMIT_NOTE}"}]
+    assert common.problem_rows(rows) == rows[:2]
+
+
+def test_a_sigterm_after_the_json_is_written_does_not_rewrite_it(tmp_path):
+    # _LIVE's target outlived report(): a SIGTERM during the plots, the next import or exit
+    # rewrote the finished JSON as "partial" (and without the keys main added to info)
+    import subprocess
+    import sys
+
+    script = f"""
+import os, signal
+from bench import common
+args = common.parse_args("doc", "quick", ["--device", "cpu", "--out", {str(tmp_path)!r}], name="t")
+common.write_partial_on_sigterm()
+info = common._LIVE["info"] = {{"device": "x"}}
+common.live_rows().append({{"case": "c", "provider": "ours", "median_ms": 1.0}})
+common.report(args, "t", "title", {{**info, "extra": 1}}, common._LIVE["rows"], ["case"])
+os.kill(os.getpid(), signal.SIGTERM)
+"""
+    r = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 128 + 15, r.stderr
+    info = json.loads((tmp_path / "t.json").read_text())["info"]
+    assert "partial" not in info and info["extra"] == 1

@@ -35,7 +35,8 @@ def test_report_tables_speedups_and_curves(tmp_path):
     path = write_report(str(tmp_path))
     text = open(path).read()
     assert "## kern" in text and "## step" in text and "| case | provider | median_ms" in text
-    assert "batch: 4" in text and "not_a_result" not in text
+    assert "batch: 4" in text and "## not_a_result" not in text
+    assert "- not_a_result.json (not a benchmark result" in text  # skipped, and said so
     pytest.importorskip("matplotlib")
     assert (tmp_path / "speedup_per_kernel.png").stat().st_size > 0
     assert (tmp_path / "time_vs_keep.png").stat().st_size > 0
@@ -68,3 +69,19 @@ def test_emp_ssl_patches_only_is_a_bar_of_its_own():
             {"case": "P=200 N=64", "provider": "cpu loader (patches only)", "median_ms": 0.9, "ours_speedup": 0.3}]
     got = dict(best_alternative_speedups({"emp_ssl_step": {"rows": rows, "info": {}}}))
     assert got == {"emp_ssl_step: P=200 N=64": 1.5, "emp_ssl_step: P=200 N=64 patches only": 0.3}
+
+
+def test_unreadable_results_are_named_not_dropped(tmp_path):
+    # a JSON cut short by a kill vanished from report.md without a word, exit 0
+    _write(tmp_path, "good", [{"case": "a", "provider": "ours", "median_ms": 1.0}])
+    (tmp_path / "cut.json").write_text('{"info": {"device": "x"}, "rows": [{"case"')
+    proc = _report_cli(str(tmp_path))
+    assert proc.returncode == 0 and "skipped cut.json (JSONDecodeError" in proc.stderr
+    text = (tmp_path / "report.md").read_text()
+    assert "**Skipped files**" in text and "- cut.json (JSONDecodeError" in text and "## good" in text
+
+
+def test_a_folder_without_results_fails(tmp_path):
+    proc = _report_cli(str(tmp_path))
+    assert proc.returncode == 1 and "no benchmark results in" in proc.stderr
+    assert "No benchmark results in this folder." in (tmp_path / "report.md").read_text()

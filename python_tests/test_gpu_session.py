@@ -105,6 +105,21 @@ def test_a_misspelt_benchmark_is_refused_before_any_stage(tmp_path):
     assert calls == []  # not even the build check: nothing ran
 
 
+def test_an_empty_benchmark_list_is_refused(tmp_path):
+    for i, stage in enumerate(("bench:", "bench:,")):  # not read as "the whole plan"
+        r, calls = _dry_run(tmp_path / str(i), stage)
+        assert r.returncode == 2 and "names no benchmark" in r.stdout, r.stdout
+        assert calls == []
+
+
+def test_the_plan_is_the_suite():
+    import bench.__main__ as suite
+
+    plan = [item.split(":")[0] for item in re.search(r'^BENCH_PLAN="([^"]*)"', SCRIPT, re.M).group(1).split()]
+    assert len(plan) == len(set(plan))
+    assert set(plan) == {m.split(".bench_", 1)[1] for m in suite.BENCHMARKS}, "a benchmark no GPU session runs"
+
+
 def test_the_first_calls_plan_fits_its_time():
     # `all`: ~90 s build, 100 s of GPU tests, then the issues' benchmarks (up to photometric)
     # inside DEADLINE 560, with ~2 s a stage for process start and archives and the 15 s reserve
