@@ -186,6 +186,43 @@ def test_costs_are_measured_not_assumed():
     assert theta.grad is None  # estimate does not touch .grad
 
 
+def test_the_first_probe_is_a_warm_up_not_a_cost():
+    # each candidate's first probe pays its warm-up (allocations, a compile): its time is left
+    # out of the median, or a slow first call would set the cost
+    theta = torch.zeros(4, requires_grad=True)
+    calls = {}
+
+    def loss_fn(c, batch):
+        calls[c] = calls.get(c, 0) + 1
+        if calls[c] == 1 + 2 * (c.keep == 1.0):  # the reference's 2 batches come first for keep 1
+            time.sleep(0.3)
+        return (theta * batch).sum()
+
+    sched = AccelerationSchedule(keeps=[1.0, 0.5], total_steps=1, checkpoints=[0.0], ref_batches=2, probe_batches=2)
+    rows = sched.estimate(loss_fn, [theta], lambda: torch.ones(4))["candidates"]
+    assert all(r["seconds"] < 0.1 for r in rows), rows
+
+
+def test_median_of_an_even_count_is_the_mean_of_the_middle_two():
+    from effssl_kernels.schedule import _median
+
+    assert _median([4.0, 1.0, 3.0, 2.0]) == 2.5 and _median([3.0, 1.0, 2.0]) == 2.0 and _median([5.0]) == 5.0
+
+
+def test_an_update_before_the_stage_in_force_keeps_the_stage():
+    theta = torch.zeros(3, requires_grad=True)
+
+    def loss_fn(c, z):
+        return theta @ (z * c.keep)
+
+    sched = AccelerationSchedule(keeps=[1.0, 0.5], total_steps=100, checkpoints=[0.0, 0.5],
+                                 ref_batches=2, probe_batches=2, cost_fn=lambda c: c.keep)
+    sched.update(60, loss_fn, [theta], lambda: torch.randn(3))
+    assert sched.stage == 1
+    sched.update(10, loss_fn, [theta], lambda: torch.randn(3))  # re-estimates stage 1, never goes back
+    assert sched.stage == 1 and sched.history[-1]["stage"] == 1 and not sched.due(49)
+
+
 def test_combination_rule_and_variance_scale():
     sched = AccelerationSchedule(keeps=[1.0, 0.5], total_steps=10, variance_scale=0.25)
     assert sched.combine(2.0, 8.0, 0.5) == 2.0 + 0.5 * 0.25 * 8.0
@@ -365,6 +402,19 @@ def test_apply_sets_tokens_and_patch_per_role():
     assert on_seen[-1] == 1 + 2 and mom_seen[-1] == 1 + 4
 
 
+def test_apply_counts_padded_patches_on_a_dynamic_pad_vit():
+    # dynamic_img_pad pads the image up to whole patches: 56 px at patch 16 is 4x4 = 16 tokens
+    # (not the 3x3 that fit), so keep 0.5 keeps 8 of all 16
+    m = timm.create_model("vit_small_patch16_224", img_size=48, patch_size=16, depth=1, embed_dim=32,
+                          num_heads=2, num_classes=0, dynamic_img_size=True, dynamic_img_pad=True)
+    vit = ek.sparsify_vit(m)
+    seen = _token_counter(vit)
+    sched = AccelerationSchedule(keeps=[1.0, 0.5], total_steps=10, multiple_of=1)
+    with sched.apply(vit, config=(0.5, 16)):
+        vit(torch.randn(2, 3, 56, 56))
+    assert seen == [1 + 8]
+
+
 def test_apply_with_checkpointing():
     # a checkpoint recomputes forward_features during backward: with the global RNG (restored by
     # checkpoint) it redraws the forward's tokens; a generator would draw others, so it is refused
@@ -463,6 +513,7 @@ def test_estimate_on_vit_probes_each_setting_for_both_roles():
     (dict(candidates=[(1.0, 16), (1.0, 16)]), ValueError, "duplicate"),
     (dict(candidates=[(1.0,)]), TypeError, "pair"),
     (dict(keeps=[1.0], checkpoints=[0.5, 0.25]), ValueError, "strictly increasing"),
+    (dict(keeps=[1.0], checkpoints=[0.1, 0.15]), ValueError, "fall on the same step"),  # both step 1 of 10
     (dict(keeps=[1.0], checkpoints=[0.0, 1.0]), ValueError, r"\[0, 1\)"),
     (dict(keeps=[1.0], checkpoints=[-0.1]), ValueError, r"\[0, 1\)"),
     (dict(keeps=[1.0], checkpoints=[]), ValueError, "empty"),
