@@ -283,6 +283,20 @@ def test_multi_view_augment_errors():
                     (dict(ratio=(2.0, 0.5)), "ratio"), (dict(scale=(0.5, 0.1)), "scale")]:
         with pytest.raises(ValueError, match=msg):
             ek.MultiViewAugment.two_view(size=64, **kw)
+    from effssl_kernels.pipeline import CropGroup
+
+    with pytest.raises(ValueError, match="num and size must be positive"):  # no view of a group
+        ek.MultiViewAugment([CropGroup(0, 16, (0.5, 1.0), PhotometricSampler.dino_local(blur_kernel=5))])
+
+
+def test_multi_view_augment_dino_without_locals_and_hflip_p():
+    imgs = (torch.rand(4, 3, 40, 48) * 255).to(torch.uint8)
+    aug = ek.MultiViewAugment.dino(num_local=0, global_size=24, generator=torch.Generator().manual_seed(0))
+    assert len(aug.groups) == 2  # the two global crops only
+    for p, want in ((0.0, False), (1.0, True)):  # the pipeline's hflip_p reaches every group's boxes
+        out = ek.MultiViewAugment.two_view(24, samplers=(PhotometricSampler.dino_local(blur_kernel=5),) * 2,
+                                           hflip_p=p, generator=torch.Generator().manual_seed(1))(imgs)
+        assert all(bool((f == want).all()) for f in out.flips)
 
 
 def test_raw_crops_go_to_simwnw_masks():

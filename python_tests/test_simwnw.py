@@ -40,6 +40,22 @@ def test_random_resized_boxes_follow_torchvision():
     assert abs(flips.float().mean().item() - 0.5) < 0.05
 
 
+def test_random_resized_boxes_edges_and_wide_fallback():
+    # a box as wide as the image fits (w <= W), and its top takes all H - h + 1 positions, the
+    # last included (torch.randint(0, H - h + 1)); 11 positions, 2000 draws: each one is hit
+    boxes, _ = ek.random_resized_boxes(1000, 2, (20, 10), scale=(0.5, 0.5), ratio=(1.0, 1.0),
+                                       generator=torch.Generator().manual_seed(0))
+    t, l, h, w = boxes.reshape(-1, 4).unbind(-1)
+    assert (h == 10).all() and (w == 10).all() and (l == 0).all()
+    assert sorted(t.unique().tolist()) == list(range(11))
+    # a wide image where no try fits: torchvision's centre crop, left edge (W - w) // 2
+    from torchvision.transforms import RandomResizedCrop
+
+    boxes, _ = ek.random_resized_boxes(2, 2, (10, 21), scale=(1.0, 1.0), ratio=(1.0, 1.0))
+    tv = RandomResizedCrop.get_params(torch.zeros(1, 10, 21), (1.0, 1.0), (1.0, 1.0))
+    assert tv == (0, 5, 10, 10) and torch.equal(boxes, torch.tensor(tv, dtype=torch.float32).expand(2, 2, 4))
+
+
 def test_random_resized_boxes_fallback_and_errors():
     # scale 1 with a ratio range that excludes the square image: every try fails -> centre crop
     boxes, _ = ek.random_resized_boxes(3, 2, 100, scale=(1.0, 1.0), ratio=(2.0, 3.0))

@@ -211,6 +211,28 @@ def test_crop_centers_exact_half_ties():
         assert c[n, :, 0, 0].tolist() == rows and c[n, 0, :, 1].tolist() == cols, n
 
 
+def test_crop_centers_mixed_and_out_of_range_boxes():
+    # one box integer and the other not: the float path (the exact one needs both boxes)
+    g = torch.Generator().manual_seed(1)
+    N = 40
+    ba = torch.cat([torch.randint(0, 300, (N, 2), generator=g), torch.randint(20, 400, (N, 2), generator=g)], -1)
+    bb = ba.roll(1, 0).double() + torch.rand(N, 4, generator=g, dtype=torch.float64)
+    fa = torch.rand(N, generator=g) < 0.5
+    for a, b in ((ba, bb), (bb, ba)):
+        c, _ = crop_centers(a, b, fa, fa, 224, 32)
+        for n in range(N):
+            rows, cols = _exact_centers(a[n].tolist(), b[n].tolist(), bool(fa[n]), 224, 32)
+            assert c[n, :, 0, 0].tolist() == rows and c[n, 0, :, 1].tolist() == cols, n
+    # an exact .5 tie on the float path rounds half up too (torch.round would give 0, 8, 16, ...)
+    f = torch.tensor([False])
+    c, _ = crop_centers(torch.tensor([[0.5, 0.0, 64.0, 64.0]]), torch.tensor([[0.0, 0.0, 64.0, 64.0]]), f, f, 64, 8)
+    assert c[0, :, 0, 0].tolist() == [1 + 8 * i for i in range(8)]
+    # integer values past 2^31 leave the int64 path (2 H (ta - tb) would wrap): far outside
+    c, _ = crop_centers(torch.tensor([[2.0**58, 0.0, 64.0, 64.0]], dtype=torch.float64),
+                        torch.tensor([[0.0, 0.0, 64.0, 64.0]], dtype=torch.float64), f, f, 32, 8)
+    assert (c[0, :, :, 0] == 1 << 30).all()
+
+
 def test_crop_centers_boxes_without_area():
     """A zero, negative or NaN height/width of either box sends all of that sample's centres
     far outside, so its blocks have no candidate; the other samples are unaffected."""
