@@ -123,6 +123,59 @@ def test_min_keep_forces_the_least_similar():
     assert torch.equal(_min_keep(torch.ones_like(keep), psnr, 2), torch.ones_like(keep))
 
 
+def test_each_view_keeps_its_own_least_similar(monkeypatch):
+    import effssl_kernels.simwnw as sw_mod
+
+    pa = torch.tensor([[[30.0, 25.0], [40.0, 26.0]]])  # every block similar at 20 dB
+    pb = torch.tensor([[[22.0, 35.0], [40.0, 36.0]]])
+    outs = iter([(pa, None), (pb, None)])  # block_match A -> B, then B -> A
+    monkeypatch.setattr(sw_mod, "block_match", lambda *a, **k: next(outs))
+    x = torch.rand(1, 3, 16, 16)
+    m = ek.simwnw_masks(x, x, 8, min_keep=1)
+    assert m.keep_a.tolist() == [[[False, True], [False, False]]]
+    assert m.keep_b.tolist() == [[[True, False], [False, False]]]
+
+
+def test_removal_is_per_view():
+    keep_a = torch.tensor([[[True, False], [False, False]]])
+    keep_b = torch.tensor([[[True, True], [False, False]]])
+    m = ek.SimWnWMasks(keep_a, keep_b, keep_a.float(), keep_b.float(), 8, (16, 16))
+    assert m.removal().tolist() == [0.75, 0.5]
+
+
+def test_uint8_views_take_a_given_data_range():
+    g = torch.Generator().manual_seed(3)
+    a = torch.randint(0, 256, (2, 3, 16, 16), generator=g, dtype=torch.uint8)
+    b = torch.randint(0, 256, (2, 3, 16, 16), generator=g, dtype=torch.uint8)
+    for dr in (None, 510.0):
+        m = ek.simwnw_masks(a, b, 8, data_range=dr)
+        want = ek.simwnw_masks(a.float(), b.float(), 8, data_range=255.0 if dr is None else dr)
+        assert torch.equal(m.psnr_a, want.psnr_a) and torch.equal(m.psnr_b, want.psnr_b)
+
+
+def test_use_geometry_false_ignores_the_boxes():
+    gen = torch.Generator().manual_seed(2)
+    images = torch.nn.functional.interpolate(torch.rand(4, 3, 6, 8, generator=gen), size=(48, 60), mode="bilinear")
+    boxes, flips = ek.random_resized_boxes(4, 2, (48, 60), scale=(0.3, 1.0), generator=gen)
+    v = ek.multi_crop(images, boxes, flips, 32).view(4, 2, 3, 32, 32)
+    geo = (boxes[:, 0], boxes[:, 1], flips[:, 0], flips[:, 1])
+    plain = ek.simwnw_masks(v[:, 0], v[:, 1], 8)
+    with_geo = ek.SimWnW(8).masks(v[:, 0], v[:, 1], *geo)
+    without = ek.SimWnW(8, use_geometry=False).masks(v[:, 0], v[:, 1], *geo)
+    assert torch.equal(without.psnr_a, plain.psnr_a) and not torch.equal(with_geo.psnr_a, plain.psnr_a)
+
+
+def test_token_removal_replaces_only_its_own_masks_entry():
+    sw = ek.SimWnW(8)
+    x = torch.rand(2, 3, 16, 16)
+    mine = sw.masks(x, x.clone())
+    before = sw.removal_log()
+    sw._record_tokens(ek.simwnw_masks(x, x.clone(), 8), 0.25)  # made elsewhere: never recorded
+    assert sw.removal_log() == before
+    sw._record_tokens(mine, 0.25)
+    assert sw.removal_log() == [(0.25, 0.25)]
+
+
 def test_mask_errors():
     x = torch.rand(1, 3, 16, 16)
     with pytest.raises(ValueError, match="all of boxes_a"):
@@ -211,6 +264,9 @@ def test_views_with_photometric_samplers():
     assert v.view_a.min() < 0  # normalised
     with pytest.raises(ValueError, match="mean=None"):
         ek.SimWnW(8, match_on="augmented").views(images, 32, photometric=pair[0])
+    unnormalised = ek.PhotometricSampler.byol(2, blur_kernel=5, mean=None, std=None)
+    with pytest.raises(ValueError, match="mean=None"):  # one normalising sampler of the two is enough
+        ek.SimWnW(8, match_on="augmented").views(images, 32, photometric=(pair[0], unnormalised))
     with pytest.raises(TypeError, match="pair"):
         sw.views(images, 32, photometric=(pair[0],))
     with pytest.raises(TypeError, match="pair"):

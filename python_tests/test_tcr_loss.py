@@ -327,6 +327,16 @@ def test_indefinite_gram_gives_nan():
     assert torch.isnan(r[0]) and r[1].item() == pytest.approx(math.log(2.0))
 
 
+def test_a_non_finite_factor_gives_nan_even_with_info_0():
+    # an overflowing Gram can factor "successfully" (info 0) into an inf pivot: NaN, never inf
+    z = _unit(2, 3, 5)
+    L = 2 * torch.eye(3, dtype=torch.float64).repeat(2, 1, 1)
+    L[0, 1, 1] = float("inf")
+    with mock.patch.object(torch.linalg, "cholesky_ex", return_value=(L, torch.zeros(2, dtype=torch.int32))):
+        r = tcr_loss(z, check=False)
+    assert torch.isnan(r[0]) and r[1].item() == pytest.approx(3 * math.log(2.0))
+
+
 def test_cholesky_info_is_checked():
     # LAPACK leaves the failing (non-positive) pivot on L's diagonal, so its log is NaN anyway;
     # other backends need not: a nonzero info alone must give NaN, not the partial factor's value

@@ -318,6 +318,7 @@ PSNR = torch.tensor([[[30.0, 10.0], [10.0, 30.0]]])
         ((PSNR, PSNR.long(), 20.0), {}, TypeError, "floating point"),
         ((PSNR, PSNR.tolist(), 20.0), {}, TypeError, "tensors"),
         ((PSNR[:, :0], PSNR[:, :0], 20.0), {}, ValueError, "no block"),
+        ((PSNR[:, :, :0], PSNR[:, :, :0], 20.0), {}, ValueError, "no block"),
     ],
 )
 def test_tokens_from_psnr_errors(args, kw, exc, match):
@@ -328,6 +329,11 @@ def test_tokens_from_psnr_errors(args, kw, exc, match):
 def test_tokens_from_psnr_valid():
     ka, kb = ek.tokens_from_psnr(PSNR, PSNR, 20.0, multiple_of=1)
     assert ka.tolist() == [[1, 2]] and kb.tolist() == [[1, 2]]
+    # one K for both views: the larger kept count, here view B's (A keeps 1 of 4, B 3)
+    ka, kb = ek.tokens_from_psnr(PSNR.clamp(min=25.0).index_put_((torch.tensor([0]),) * 3, torch.tensor(5.0)),
+                                 PSNR.clone().index_put_((torch.tensor([0]),) * 3, torch.tensor(5.0)), 20.0,
+                                 multiple_of=1)
+    assert kb.tolist() == [[0, 1, 2]] and ka.shape == (1, 3) and ka[0, 0] == 0
 
 
 @pytest.mark.parametrize("args,exc", [((5, 16, 0), ValueError), ((5, 16, -8), ValueError), ((5, 16, 2.5), TypeError),
