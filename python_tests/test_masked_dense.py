@@ -22,6 +22,8 @@ CONVS = [  # (weight shape, stride, padding, dilation, groups, in_stride, channe
     ((5, 4, 1, 1), 2, 0, 1, 1, 1, False),
     ((5, 4, 3, 3), (2, 1), (0, 2), (1, 2), 1, 1, False),
     ((5, 4, 2, 2), 1, "same", 1, 1, 1, False),  # 'same' with an even reach: the reference runs
+    ((5, 4, 1, 1), (2, 1), 0, 1, 1, 1, True),   # sliced with unequal strides: rows and columns kept apart
+    ((5, 4, 2, 3), 1, "same", 1, 1, 1, False),  # 'same' with one odd reach (rows) only: the reference
 ]
 
 
