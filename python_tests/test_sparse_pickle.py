@@ -77,6 +77,8 @@ def test_load_rebuilds_classes_not_made_yet():
 def test_unknown_names_are_attribute_errors():
     assert not hasattr(_swap, "Sparse")
     assert not hasattr(_swap, "Sparse[torch:nn/Nope+torch:nn/Conv2d]")
+    with pytest.raises(AttributeError, match="has no attribute 'Nope'"):
+        _swap.Nope  # noqa: B018
 
 
 def test_sparse_vit_torch_save_round_trip():

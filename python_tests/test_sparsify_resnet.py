@@ -1024,6 +1024,8 @@ _MIXING = {  # ops that mix positions; several keep the shape on a 1x1 (or squar
     "renorm": lambda x: x.renorm(2, 1, 1.0),
     "batch mean": lambda x: x * x.mean(0, keepdim=True),
     "cumsum axis=": lambda x: x.cumsum(axis=2),
+    "sum over ()": lambda x: x * x.sum((), keepdim=True),  # an empty dim list: every dim
+    "mode": lambda x: x * x.mode(keepdim=True).values,  # default dim -1: along W
 }
 
 
@@ -1048,6 +1050,7 @@ _PER_PIXEL = {  # ops that act on each position's channels: fine under a mask
     "movedim in place": lambda x: x.movedim(1, 1),
     "channel mean axis=": lambda x: x * x.mean(axis=1, keepdim=True),
     "normalize": lambda x: F.normalize(x, dim=1),
+    "elementwise min other=": lambda x: torch.min(x, other=2 * x),
 }
 
 
