@@ -65,6 +65,19 @@ def test_pixel_mask_brute_force_small(B, H, W, s, size):
     assert torch.equal(got, pooled_pixel_mask(keep, B, s, *size))
 
 
+def test_pixel_mask_cache_tells_strides_apart():
+    # one map size reached with strides (1, 2) and (1, 1): two masks, not one cached for both
+    keep = random_keep(2, 4, 4, seed=5)
+    m = BlockMask(keep, 4, 16)
+    a = m.pixel_mask((1, 2), (16, 16))
+    b = m.pixel_mask((1, 1), (16, 16))
+    assert torch.equal(b, BlockMask(keep, 4, 16).pixel_mask(1, (16, 16)))
+    assert torch.equal(b, brute_pixel_mask(keep, 4, 1, 16, 16)) and not torch.equal(a, b)
+    for bad in ((4, -1), (-1, 4)):
+        with pytest.raises(ValueError, match="size must be non-negative"):
+            m.pixel_mask(1, bad)
+
+
 def conv_out(n, k, s, p):
     return (n + 2 * p - k) // s + 1
 

@@ -179,6 +179,11 @@ def test_resize_pos_embed_matches_timm(prefix, old, new):
     assert torch.equal(ours[:, :prefix], pe[:, :prefix])  # prefix tokens untouched
     two_d = ek.resize_pos_embed(pe[0], old, new, num_prefix_tokens=prefix)
     assert torch.equal(two_d, ours[0])
+    for dtype in (torch.bfloat16, torch.float16):  # interpolated in float32, as timm, then rounded
+        half = pe.to(dtype)
+        got = ek.resize_pos_embed(half, old, new, num_prefix_tokens=prefix)
+        want = resample_abs_pos_embed(half, list(new), list(old), num_prefix_tokens=prefix)
+        assert got.dtype == dtype and torch.equal(got, want)
 
 
 def test_resize_pos_embed_identity_and_grad():

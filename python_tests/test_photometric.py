@@ -425,6 +425,17 @@ def test_values_ok_agrees_with_check(change, match):
         bad.check(N, "cpu")
 
 
+def test_edge_values_are_accepted():
+    # the closed ends of the ranges: hue +-0.5 (ColorJitter's hue range is [-0.5, 0.5])
+    p = _identity()._replace(hue=torch.tensor([0.5, -0.5] + [0.0] * (N - 2)))
+    p.check(N, "cpu")
+    assert p.values_ok().item() is True
+    # a sampler that never blurs takes views smaller than its blur kernel
+    PhotometricSampler.byol(1, blur_p=0.0).check_view_size(8, 8, "test")
+    with pytest.raises(ValueError, match="too large"):
+        PhotometricSampler.byol(1).check_view_size(8, 8, "test")
+
+
 @pytest.mark.parametrize("impl", ["reference", "kernel"])
 def test_float64_sigma_that_is_zero_in_float32_does_not_blur(impl):
     # sigma 1e-50 passed "> 0" in float64 but is 0 in float32, where the Gaussian is built:
