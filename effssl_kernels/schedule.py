@@ -491,8 +491,9 @@ class AccelerationSchedule:
     ) -> Candidate:
         """Estimate now (``estimate``), record it in ``history`` for ``step``, put the argmin in force.
 
-        The entry's ``stage`` is the latest checkpoint at or before ``step``; ``on_step`` calls this
-        at checkpoints, a call in between re-estimates the stage in force.
+        The entry's ``stage`` is the latest checkpoint at or before ``step``, or the stage in force
+        when that is later (a stage never goes back: an ``update`` for an earlier step re-estimates
+        it); ``on_step`` calls this at checkpoints, a call in between re-estimates the stage in force.
         """
         entry = self.estimate(loss_fn, params, batches, modules=modules)
         # the latest checkpoint reached; an update between checkpoints re-estimates the stage in force
