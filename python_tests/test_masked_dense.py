@@ -317,3 +317,25 @@ def test_batch_norm_update_keeps_the_version_counter():
     rm, rv = torch.zeros(3), torch.ones(3)
     masked_batch_norm(x, m, rm, rv, None, None, True)
     assert rm._version == 0 and rv._version == 0 and not torch.equal(rm, torch.zeros(3))
+
+
+def test_bf16_weight_gradient_of_a_channels_last_1x1_map():
+    """A packed 1x1 map unpacks channels-last; CPU oneDNN's bf16 weight gradient of a
+    channels-last 1x1 input reads garbage in most runs (torch 2.14, audit 88). Twenty runs,
+    each after a heap left full of huge values, must all equal the dense NCHW gradient."""
+    from effssl_kernels.masks import BlockMask
+    from effssl_kernels.sparse import pack_map
+    from effssl_kernels.sparse.packed import conv2d_map
+
+    torch.manual_seed(0)
+    mask = BlockMask(torch.ones(1, 1, 1, dtype=torch.bool), 4, (4, 4))  # all kept: equals dense
+    for _ in range(20):
+        junk = torch.full((4096,), 3.0e38)
+        del junk
+        x = torch.randn(1, 4, 1, 1, dtype=torch.bfloat16)
+        w = torch.randn(2, 4, 3, 3, dtype=torch.bfloat16)
+        wd, ws = w.clone().requires_grad_(True), w.clone().requires_grad_(True)
+        torch.nn.functional.conv2d(x, wd, None, 2, 1).sum().backward()
+        y = conv2d_map(pack_map(x, mask, (4, 4)), ws, None, 2, 1, 1, 1, mask=mask, in_stride=(4, 4))
+        y.sum().backward()
+        torch.testing.assert_close(ws.grad, wd.grad, atol=1e-2, rtol=1e-2)

@@ -346,6 +346,18 @@ def test_avg_pool_packed_matches_reference_and_empty_sample():
     assert torch.equal(got[1], torch.zeros(5, dtype=x.dtype))
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_avg_pool_packed_half_sums_in_float32(dtype):
+    """A 32 x 32 map of values near 300: its sum (3e5) overflows fp16 and loses bf16's digits;
+    the mean must still be the float64 one to the dtype's rounding (audit 88's M13 mutant)."""
+    mask = BlockMask(torch.ones(2, 8, 8, dtype=torch.bool), 4, 32)
+    x = 300 + torch.rand(2, 3, 32, 32, dtype=torch.float64)
+    got = P.packed_avg_pool(pack_map(x.to(dtype), mask, (1, 1)))
+    want = x.to(dtype).double().mean(dim=(2, 3))
+    assert got.dtype == dtype
+    torch.testing.assert_close(got.double(), want, atol=0, rtol=2 * torch.finfo(dtype).eps)
+
+
 def test_conv2d_map_packs_aligned_layers_only():
     mask = random_mask(2, 32, 32, 8, p=0.5, seed=8)
     x = torch.randn(2, 3, 16, 16, dtype=torch.float64)

@@ -37,6 +37,22 @@ def autocast_conv_args(device_type: str, *tensors):
                  for t in tensors)
 
 
+def conv_backward(gy, x, weight, has_bias, stride, padding, dilation, groups, need):
+    """``aten.convolution_backward`` -> (gx, gw, gb), each None where ``need`` says so. On CPU,
+    fp16 and bf16 run in float32 (each result cast back to its input's dtype): oneDNN's bf16
+    weight gradient of a channels-last 1x1 input reads garbage in most runs, and its fp16 one
+    sums thousands of tiles in fp16 (torch 2.14, audit 88). CUDA (cuDNN) accumulates in float32."""
+    bias_sizes = [weight.shape[0]] if has_bias else None
+    need = [need[0], need[1], need[2] and has_bias]
+    args = (bias_sizes, list(stride), list(padding), list(dilation), False, [0, 0], groups, need)
+    low = (torch.float16, torch.bfloat16)
+    if x.device.type != "cpu" or (x.dtype not in low and weight.dtype not in low):
+        return _aten.convolution_backward(gy, x, weight, *args)
+    gx, gw, gb = _aten.convolution_backward(gy.float(), x.float(), weight.float(), *args)
+    return (None if gx is None else gx.to(x.dtype), None if gw is None else gw.to(weight.dtype),
+            None if gb is None else gb.to(weight.dtype))
+
+
 class _HaloConv2d(torch.autograd.Function):
     # forward / setup_context split (not forward(ctx, ...)): the style torch.func's transforms
     # need; vmap (e.g. over a batch of weights) runs forward, backward and jvp per sample
@@ -59,9 +75,8 @@ class _HaloConv2d(torch.autograd.Function):
         stride, dilation, groups, has_bias = ctx.conv
         need_t, need_w, need_b = ctx.needs_input_grad[:3]
         x = halo_gather_op(tiles, table, order, offsets, 0.0)  # the halo again, not kept from forward
-        gx, gw, gb = _aten.convolution_backward(
-            gy, x, weight, [weight.shape[0]] if has_bias else None, list(stride), [0, 0],
-            list(dilation), False, [0, 0], groups, [need_t, need_w, need_b and has_bias])
+        gx, gw, gb = conv_backward(gy, x, weight, has_bias, stride, [0, 0], dilation, groups,
+                                   [need_t, need_w, need_b])
         gt = None
         if need_t:
             gt = halo_gather_backward_op(gx, order, offsets, tiles.shape[0], tiles.shape[2], tiles.shape[3])

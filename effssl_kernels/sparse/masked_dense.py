@@ -35,9 +35,7 @@ from ..reference.masked_net import (
     slice_1x1,
     update_running_stats,
 )
-from .halo_ops import autocast_conv_args
-
-_aten = torch.ops.aten
+from .halo_ops import autocast_conv_args, conv_backward
 
 
 class _MaskedConv2d(torch.autograd.Function):
@@ -72,9 +70,8 @@ class _MaskedConv2d(torch.autograd.Function):
             xin, conv_stride, conv_pad = slice_1x1(xm, stride), [1, 1], [0, 0]
         else:
             xin, conv_stride, conv_pad = xm, list(stride), list(padding)
-        gx, gw, gb = _aten.convolution_backward(
-            g, xin, weight, [weight.shape[0]] if has_bias else None, conv_stride, conv_pad,
-            list(dilation), False, [0, 0], groups, [need_x, need_w, need_b and has_bias])
+        gx, gw, gb = conv_backward(g, xin, weight, has_bias, conv_stride, conv_pad, dilation, groups,
+                                   [need_x, need_w, need_b])
         if need_x:
             if sliced:
                 full = torch.zeros_like(xm)
