@@ -16,7 +16,7 @@ from effssl_kernels.reference.masked_net import (
     masked_max_pool2d_reference,
 )
 from effssl_kernels.sparse import packed as P
-from effssl_kernels.sparse.packed import PackedMap, pack_map
+from effssl_kernels.sparse.packed import PackedMap, as_dense, pack_map
 from effssl_kernels.sparse.tiles import TileIndex
 
 from utils import random_mask
@@ -279,6 +279,17 @@ def test_max_pool_packed_matches_reference_negative_values(k, s, pad):
                                torch.autograd.grad(want, x, g)[0])
     # ceil_mode and unaligned pools run masked-dense
     assert type(P.max_pool2d_map(x, 3, 2, 1, 1, True, mask=mask, in_stride=(2, 2))) is torch.Tensor
+
+
+@pytest.mark.parametrize("stride", [None, (), [], 3, [3, 3]])
+def test_max_pool_packed_default_stride_forms(stride):
+    """Every form F.max_pool2d reads as 'stride = kernel' (None, (), []) and the explicit one."""
+    mask = random_mask(1, 12, 12, 4, p=0.6, seed=0)
+    x = torch.randn(1, 2, 12, 12)
+    y = P.max_pool2d_map(pack_map(x, mask, (1, 1)), 3, stride, 1, 1, False, mask=mask, in_stride=(1, 1))
+    want = masked_max_pool2d_reference(x, 3, 3, 1, mask=mask)
+    assert want.shape[-1] == 4
+    torch.testing.assert_close(as_dense(y), want, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("training", [True, False])

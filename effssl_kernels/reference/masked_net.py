@@ -73,6 +73,12 @@ def _no_padding(padding) -> bool:
     return padding == 0
 
 
+def pool_stride(kernel_size, stride):
+    """A pool's stride as ``F.max_pool2d`` reads it: None, () and [] mean ``kernel_size``."""
+    no_stride = stride is None or (isinstance(stride, (list, tuple)) and len(stride) == 0)
+    return kernel_size if no_stride else stride
+
+
 def masked_max_pool2d_reference(x: Tensor, kernel_size: IntOrPair, stride: Optional[IntOrPair] = None,
                                 padding: IntOrPair = 0, dilation: IntOrPair = 1,
                                 ceil_mode: bool = False, *, mask: BlockMask,
@@ -82,8 +88,7 @@ def masked_max_pool2d_reference(x: Tensor, kernel_size: IntOrPair, stride: Optio
     in ``F.max_pool2d``. Output stride ``in_stride * stride``."""
     _check_x_mask(x, mask, "masked_max_pool2d_reference")
     s_in = _positive_pair(in_stride, "in_stride")
-    no_stride = stride is None or (isinstance(stride, (list, tuple)) and len(stride) == 0)
-    s = _positive_pair(kernel_size if no_stride else stride, "stride")
+    s = _positive_pair(pool_stride(kernel_size, stride), "stride")
     y = _max_pool2d_padded(_apply(mask.pixel_mask(s_in, x.shape[-2:]), x), kernel_size, s, padding,
                            dilation, ceil_mode)
     return _apply(mask.pixel_mask(_mul(s_in, s), y.shape[-2:]), y)

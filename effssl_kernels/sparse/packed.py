@@ -52,7 +52,7 @@ from torch import Tensor
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from ..masks import BlockMask, _positive_pair
-from ..reference.masked_net import masked_batch_norm_reference, masked_max_pool2d_reference
+from ..reference.masked_net import masked_batch_norm_reference, masked_max_pool2d_reference, pool_stride
 from .conv import _check_weight, _check_x, _conv_tiles, conv_tile_halo, sparse_conv2d
 from .halo_ops import halo_max_pool2d
 from .tiles import TileIndex, pack, unpack
@@ -502,7 +502,7 @@ def max_pool2d_map(x: Tensor, kernel_size, stride, padding, dilation, ceil_mode:
     """``M_out * maxpool(M_in * x)``: on tiles where the pool is tile-aligned (removed neighbours
     read as zero, outside the image as -inf, max pooling's padding) -> PackedMap; otherwise
     masked-dense on the dense map."""
-    stride = kernel_size if stride is None or stride == () else stride
+    stride = pool_stride(kernel_size, stride)
     halo = None
     if not ceil_mode and packing_enabled():
         halo = conv_tile_halo(kernel_size, stride, padding, dilation, mask=mask,
