@@ -13,7 +13,7 @@ from torch import nn
 
 from effssl_kernels.masks import BlockMask
 from effssl_kernels.nn import resnet as R
-from effssl_kernels.sparse.packed import _UNKNOWN, PackedMap, _saved_tensors_hooks, as_dense
+from effssl_kernels.sparse.packed import _UNKNOWN, PackedMap, _saved_tensors_hooks, as_dense, pack_map
 from effssl_kernels.reference.masked_net import (
     masked_avg_pool_reference,
     masked_batch_norm_reference,
@@ -885,6 +885,9 @@ def test_bad_input():
         conv(x)  # a BlockMask of another image size
     with pytest.raises(ValueError, match="positive"), R.block_mask(_keep(2, 4, 4), 0):
         pass
+    for bad in (True, 8.0):  # True would be block 1, 8.0 silently 8
+        with pytest.raises(TypeError, match="block_size must be an int"), R.block_mask(_keep(2, 4, 4), bad):
+            pass
     with pytest.raises(ValueError, match="block_size"), R.block_mask(_keep(2, 4, 4)):
         pass
     with pytest.raises(ValueError, match="differs"), \
@@ -1121,3 +1124,29 @@ def test_untraced_modules_are_named_and_retraced_on_request():
             m.train()(torch.randn(2, 3, 16, 16))
     R.unsparsify(m)
     assert not any("_effssl_name" in mod.__dict__ for mod in m.modules())
+
+
+def test_a_later_stage_called_on_its_own():
+    """layer2 called alone (input at stride 4): a keep grid cannot say the image size, so it is
+    refused with the way out; a BlockMask (which carries it) runs, equal to the references."""
+    model = R.sparsify(_randomize_bn(torchvision.models.resnet18(num_classes=4)).double().eval())
+    x = torch.randn(2, 64, 16, 16, dtype=torch.float64)  # layer2's input for a 64 x 64 image
+    keep = _keep(2, 4, 4)
+    with pytest.raises(ValueError, match="first masked layer.*pass a BlockMask"), \
+            R.block_mask(keep, 16):
+        model.layer2(x)
+    mask = BlockMask(keep, 16, 64)
+    with R.block_mask(mask):
+        y = as_dense(model.layer2(x))
+    want, s = x, 4
+    for blk in model.layer2:
+        want, s = _ref_block(blk, want, mask, s)
+    assert s == 8 and not torch.equal(want, torch.zeros_like(want))
+    torch.testing.assert_close(y, want, rtol=1e-9, atol=1e-9)
+    # a packed input carries its image size: the keep grid then works (same block size only)
+    with R.block_mask(keep, 16):
+        torch.testing.assert_close(as_dense(model.layer2(pack_map(x, mask, (4, 4)))), want,
+                                   rtol=1e-9, atol=1e-9)
+    other = pack_map(x, BlockMask(_keep(2, 8, 8), 8, 64), (4, 4))
+    with pytest.raises(ValueError, match="first masked layer"), R.block_mask(keep, 16):
+        model.layer2(other)
