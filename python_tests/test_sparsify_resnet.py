@@ -877,7 +877,9 @@ def test_keep_ratio_for_logging():
 def test_bad_input():
     conv = R.sparsify(_cifar_resnet()).eval()
     x = torch.randn(2, 3, 32, 32)
-    with pytest.raises(ValueError, match="batch"), R.block_mask(_keep(3, 4, 4), 8):
+    # the layer's class named (the module's check, before the op's own "sparse conv2d")
+    with pytest.raises(ValueError, match="sparse Conv2d: mask batch 3 does not match x batch 2"), \
+            R.block_mask(_keep(3, 4, 4), 8):
         conv(x)
     with pytest.raises(ValueError, match="grid"), R.block_mask(_keep(2, 3, 3), 8):
         conv(x)
@@ -1150,3 +1152,19 @@ def test_a_later_stage_called_on_its_own():
     other = pack_map(x, BlockMask(_keep(2, 8, 8), 8, 64), (4, 4))
     with pytest.raises(ValueError, match="first masked layer"), R.block_mask(keep, 16):
         model.layer2(other)
+
+
+def test_keep_grid_is_read_when_the_with_is_entered():
+    """The keep tensor is copied at ``block_mask``: changing it in place inside the ``with``
+    (e.g. the next step's keep computed into the same buffer) does not change this step's mask."""
+    conv = R.sparsify(_randomize_bn(_cifar_resnet()).double().eval())
+    x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+    keep = _keep(2, 8, 8)  # block 4: layer4 (stride 8) runs masked-dense, from the pixel masks
+    with R.block_mask(keep.clone(), 4):
+        want = conv(x)
+    with R.block_mask(keep, 4):
+        keep.fill_(True)
+        got = conv(x)
+    with R.block_mask(keep, 4):
+        assert not torch.allclose(conv(x), want)  # all kept differs
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
