@@ -912,11 +912,27 @@ def test_unsupported_layers_raise_at_sparsify():
     with pytest.raises(ValueError, match="padding_mode"):
         R.sparsify(m)
     assert not R.is_sparse(m)  # nothing swapped on failure
-    with pytest.raises(TypeError, match="AvgPool2d"):
-        R.sparsify(nn.Sequential(nn.Conv2d(3, 4, 3), nn.AvgPool2d(2)))
-    with pytest.raises(TypeError, match="global"):
-        R.sparsify(nn.Sequential(nn.Conv2d(3, 4, 3), nn.AdaptiveAvgPool2d(2)))
+    # refused by type when planning, named (the stride trace would refuse their functions too,
+    # with advice for functions: use the module form)
+    for layer in (nn.AvgPool2d(2), nn.GroupNorm(2, 4), nn.InstanceNorm2d(4), nn.Upsample(scale_factor=2),
+                  nn.PixelShuffle(2), nn.ConvTranspose2d(4, 4, 2, 2)):
+        name = type(layer).__name__
+        with pytest.raises(TypeError, match=rf"sparsify: 1 \({name}\): not supported by the masked"):
+            R.sparsify(nn.Sequential(nn.Conv2d(3, 4, 3), layer))
+    for size in (2, (1, None), (None, 1)):  # None keeps that side: not a global pool
+        with pytest.raises(TypeError, match="global"):
+            R.sparsify(nn.Sequential(nn.Conv2d(3, 4, 3), nn.AdaptiveAvgPool2d(size)))
 
+    class TwoStrides(nn.Module):  # 16 x 16 maps at strides 2 and 1 (a padding-0 17 x 17 conv)
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Conv2d(3, 4, 3, 2, 1), nn.Conv2d(3, 4, 17)
+
+        def forward(self, x):
+            return self.a(x) + self.b(x)
+
+    with pytest.raises(TypeError, match=r"combines maps of strides \[\(1, 1\), \(2, 2\)\]"):
+        R.sparsify(TwoStrides(), example_input=torch.zeros(1, 3, 32, 32))
     class Resample(nn.Module):  # a resampling op the converter cannot see as a module
         def forward(self, x):
             return F.interpolate(x, scale_factor=0.5)
@@ -1168,3 +1184,17 @@ def test_keep_grid_is_read_when_the_with_is_entered():
     with R.block_mask(keep, 4):
         assert not torch.allclose(conv(x), want)  # all kept differs
     torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+def test_sparsify_again_behind_a_new_stem():
+    """A sparsified model put behind a new strided stem and sparsified again: its old first layer
+    is first no more (its input is at stride 2), exactly as when the whole is converted once."""
+    inner = _randomize_bn(_cifar_resnet()).double().eval()
+    stem = nn.Conv2d(3, 3, 3, 2, 1).double()
+    twice = R.sparsify(nn.Sequential(copy.deepcopy(stem), R.sparsify(copy.deepcopy(inner))))
+    once = R.sparsify(nn.Sequential(copy.deepcopy(stem), copy.deepcopy(inner)))
+    x = torch.randn(2, 3, 64, 64, dtype=torch.float64)
+    keep = _keep(2, 8, 8)
+    for mask in (BlockMask(keep, 8, 64), keep):
+        with R.block_mask(mask, None if isinstance(mask, BlockMask) else 8):
+            torch.testing.assert_close(twice(x), once(x), rtol=0, atol=0)
