@@ -942,6 +942,14 @@ def test_unsupported_layers_raise_at_sparsify():
         R.sparsify(m)
     assert not R.is_sparse(m)
 
+    class CropRows(nn.Module):  # the height alone changes: the map no longer lines up with the mask
+        def forward(self, x):
+            return x[:, :, 1:]
+
+    m = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), CropRows(), nn.Conv2d(4, 4, 3))
+    with pytest.raises(TypeError, match=r"changes the spatial size \(32, 32\) -> \(31, 32\)"):
+        R.sparsify(m, example_input=torch.zeros(1, 3, 32, 32))
+
     class Subsample(nn.Module):  # any other op that changes the map's size
         def forward(self, x):
             return x[:, :, ::2, ::2]
@@ -1198,3 +1206,28 @@ def test_sparsify_again_behind_a_new_stem():
     for mask in (BlockMask(keep, 8, 64), keep):
         with R.block_mask(mask, None if isinstance(mask, BlockMask) else 8):
             torch.testing.assert_close(twice(x), once(x), rtol=0, atol=0)
+
+
+def test_a_recompute_leaves_the_last_image_as_it_was():
+    """A checkpoint's recomputation runs under its own forward's image and then restores the
+    state's latest image: a stage called on its own afterwards (dense input, keep grid) takes
+    the mask of the last image seen (33 px), not the recomputed one's (32 px)."""
+    m = R.sparsify(_randomize_bn(_cifar_resnet()).double().eval())
+    x1, x2 = torch.randn(2, 3, 32, 32, dtype=torch.float64), torch.randn(2, 3, 33, 33, dtype=torch.float64)
+    keep = _keep(2, 16, 16, seed=1)  # block 2: layer3's output (layer4's input) is dense
+
+    def upto_layer3(x, checkpointed):
+        x = m.relu(m.bn1(m.conv1(x)))
+        for layer in (m.layer1, m.layer2, m.layer3):
+            x = R.checkpoint(layer, x) if checkpointed else layer(x)
+        return x
+
+    with R.block_mask(keep, 2):
+        h2 = upto_layer3(x2, False).detach()
+        want = as_dense(m.layer4(h2))
+    with R.block_mask(keep, 2):
+        y1 = upto_layer3(x1, True)
+        upto_layer3(x2, False)
+        y1.sum().backward()  # recomputes x1's stages
+        got = as_dense(m.layer4(h2))
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
