@@ -377,8 +377,9 @@ def test_bad_images_and_models():
             model(torch.randn(1, 3, 48, 48))
     dyn = ek.sparsify_vit(_vit(depth=1, dynamic_img_size=True))
     with ek.token_keep(torch.tensor([[0]])):
-        with pytest.raises(ValueError, match="divide"):
-            dyn(torch.randn(1, 3, 60, 64))
+        for h, w in ((60, 64), (64, 60)):  # either side
+            with pytest.raises(ValueError, match=f"must divide the input size {h}x{w}"):
+                dyn(torch.randn(1, 3, h, w))
     with pytest.raises(TypeError):
         ek.sparsify_vit(nn.Linear(2, 2))
     # a projection that is not a plain patchify: the kept patches' GEMM would compute another map
@@ -392,14 +393,15 @@ def test_bad_images_and_models():
     assert ek.sparsify_vit(model) is model  # idempotent
 
 
-def _timm_reference(ref, x, keep):
+def _timm_reference(ref, x, keep, head=True):
     """The untouched timm model ``ref``: its own PatchEmbed and its class's ``_pos_embed`` on all
-    patches, then the prefix + ``keep`` tokens gathered, then its blocks and head."""
+    patches, then the prefix + ``keep`` tokens gathered, then its blocks and (``head``) head."""
     full = ref._pos_embed(ref.patch_embed(x))
     n, npre = x.shape[0], ref.num_prefix_tokens
     sel = torch.cat((torch.arange(npre).expand(n, -1), keep + npre), 1)
     tokens = full.gather(1, sel[..., None].expand(-1, -1, full.shape[-1]))
-    return ref.forward_head(ref.norm(ref.blocks(ref.norm_pre(tokens))))
+    features = ref.norm(ref.blocks(ref.norm_pre(tokens)))
+    return ref.forward_head(features) if head else features
 
 
 def _check_vs_timm(model, ref, x, L, tol=1e-5):
@@ -530,6 +532,33 @@ def test_dynamic_img_pad_matches_timm():
     model = ek.sparsify_vit(copy.deepcopy(ref))
     _check_vs_timm(model, ref, torch.randn(2, 3, 60, 50), 16)  # padded to 64 x 64: a 4 x 4 grid
     _check_vs_timm(model, ref, torch.randn(2, 3, 64, 48), 12)  # sizes the patch divides: no padding
+
+
+def test_no_pos_embed_skips_pos_drop_as_timm_in_training():
+    """timm's _pos_embed returns before pos_drop when the model has no positional embedding: in
+    training, with pos_drop_rate 0.5, the kept tokens reach the blocks undropped."""
+    ref = _vit(depth=1, pos_embed="none", pos_drop_rate=0.5).train()
+    model = ek.sparsify_vit(copy.deepcopy(ref)).train()
+    x, keep = torch.randn(2, 3, 64, 64), torch.tensor([[0, 5, 9], [3, 3, 15]])
+    with ek.token_keep(keep):
+        got = model.forward_features(x)
+    torch.testing.assert_close(got, _timm_reference(ref, x, keep, head=False), rtol=1e-5, atol=1e-5)
+
+
+def test_patch_size_not_dividing_a_padded_model():
+    """dynamic_img_pad pads the image to whole patches, so a patch size that does not divide the
+    model's image size is accepted: 48 px at patch 10 is padded to 50, a 5 x 5 grid (timm's own
+    set_input_size keeps a 4 x 4 grid and then fails on the padded image)."""
+    model = ek.sparsify_vit(timm.create_model("vit_small_patch16_224", img_size=48, patch_size=8, depth=1,
+                                              embed_dim=16, num_heads=2, num_classes=3,
+                                              dynamic_img_pad=True).eval())
+    x = torch.rand(2, 3, 48, 48)
+    with ek.patch_size(model, 10):
+        y = model.forward_features(x)
+        with ek.token_keep(torch.arange(25).expand(2, 25)):  # the gather path, every token
+            gathered = model.forward_features(x)
+    assert y.shape == (2, 1 + 25, 16)
+    torch.testing.assert_close(gathered, y, rtol=1e-6, atol=1e-6)
 
 
 @pytest.mark.parametrize("kw", [{"no_embed_class": True}, {"reg_tokens": 2}, {"no_embed_class": True, "reg_tokens": 2},
@@ -736,6 +765,24 @@ def test_plain_checkpoint_recomputed_without_the_keep_is_refused(reentrant):
         y = torch.utils.checkpoint.checkpoint(b, x, use_reentrant=reentrant)
     with pytest.raises(RuntimeError, match="masked_checkpoint"):
         y.sum().backward()
+
+
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_plain_checkpoint_recomputed_at_another_patch_size_is_refused(reentrant):
+    # forward at patch 32, backward inside patch_size 8 (keep or none): a recomputation at
+    # another patch size would give that size's gradients, silently
+    from effssl_kernels.sparse.packed import _UNKNOWN, _saved_tensors_hooks
+
+    if not reentrant and _saved_tensors_hooks() is _UNKNOWN:
+        pytest.skip("torch <= 2.7 cannot name a non-reentrant checkpoint's hooks")
+    b = ek.sparsify_vit(_vit(torch.float64))
+    x = torch.randn(2, 3, 64, 64, dtype=torch.float64, requires_grad=True)
+    for keep in (None, torch.tensor([[0, 1], [2, 3]])):
+        with ek.token_keep(keep), ek.patch_size(b, 32):
+            y = torch.utils.checkpoint.checkpoint(b, x, use_reentrant=reentrant)
+        with ek.token_keep(keep), ek.patch_size(b, 8):
+            with pytest.raises(RuntimeError, match="under a different token_keep or patch_size"):
+                y.sum().backward()
 
 
 @pytest.mark.parametrize("reentrant", [False, True])
