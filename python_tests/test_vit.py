@@ -388,6 +388,10 @@ def test_bad_images_and_models():
         setattr(odd.patch_embed.proj, attr, value)
         with pytest.raises(TypeError, match="kernel == stride, no padding"):
             ek.sparsify_vit(odd)
+    grouped = _vit(depth=1)  # 96 = 3 groups of 32 outputs, each from one input channel
+    grouped.patch_embed.proj = nn.Conv2d(3, 96, 16, 16, groups=3)
+    with pytest.raises(TypeError, match="groups 1"):
+        ek.sparsify_vit(grouped)
     with pytest.raises(TypeError):
         ek.unsparsify_vit(_vit(depth=1))
     assert ek.sparsify_vit(model) is model  # idempotent

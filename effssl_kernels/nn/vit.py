@@ -404,7 +404,8 @@ def sparsify_vit(model: nn.Module) -> nn.Module:
         or proj.groups != 1
         or proj.padding_mode != "zeros"
     ):
-        raise TypeError("sparsify_vit: patch_embed.proj must be a Conv2d with kernel == stride, no padding")
+        raise TypeError("sparsify_vit: patch_embed.proj must be a Conv2d with kernel == stride, no padding, "
+                        "dilation 1, groups 1 (a plain patchify)")
     _prefix(model, 1, "sparsify_vit")  # ValueError now rather than at the first forward
     global _TOKENWISE_NORMS, _NOT_TOKENWISE_NORMS
     _TOKENWISE_NORMS, _NOT_TOKENWISE_NORMS = _tokenwise_norms()
