@@ -587,3 +587,19 @@ def test_fuzz_shapes(N, C, H, W, B, r, dtype, use_centers, use_flip, seed):
     flip = torch.rand(N, generator=g) < 0.5 if use_flip else None
     psnr, off = ek.block_match(a, b, B, r, centers=centers, flip=flip)
     assert_block_match(psnr, off, a, b, B, r, centers=centers, flip=flip)
+
+
+@pytest.mark.parametrize("backend", ["auto", "reference"])
+def test_zero_channels_refused(backend, monkeypatch):
+    # C = 0: the reference backend returned NaN psnr for every block silently, the C++ op a
+    # RuntimeError; the wrapper refuses it as ValueError on every backend
+    monkeypatch.setenv("EFFSSL_BACKEND", backend)
+    a = torch.rand(2, 0, 8, 8)
+    with pytest.raises(ValueError, match="C must be at least 1"):
+        ek.block_match(a, a.clone(), 4, 1)
+
+
+def test_data_range_bool_refused():
+    a = torch.rand(1, 3, 8, 8)
+    with pytest.raises(TypeError, match="data_range must be a number"):
+        ek.block_match(a, a.clone(), 4, 1, data_range=True)

@@ -125,3 +125,14 @@ def test_triton_ops_check_their_arguments_and_never_read_wild():
     assert out[0].item() == pytest.approx(float(g[0])) and out[1].isnan().all()
     good = ops._halo_gather_backward_triton(g, torch.tensor([0, 1, 2]), torch.tensor([0, 1, 3]), 2, 1, 1)
     assert good.flatten().tolist() == pytest.approx([float(g[0]), float(g[1] + g[2])])
+
+
+def test_fake_shapes_on_a_non_square_grid():
+    # opcheck and the compile tests all use square block grids: a fake returning [N, Wb, Hb]
+    # passed them
+    a, b = torch.rand(2, 3, 12, 20), torch.rand(2, 3, 12, 20)  # grid 3 x 5
+    real = torch.ops.effssl_kernels.block_match(a, b, 4, 1, 1.0, None, None)
+    with FakeTensorMode() as mode:
+        fake = torch.ops.effssl_kernels.block_match(mode.from_tensor(a), mode.from_tensor(b), 4, 1, 1.0, None, None)
+    assert [tuple(f.shape) for f in fake] == [tuple(r.shape) for r in real] == [(2, 3, 5), (2, 3, 5, 2)]
+    torch.library.opcheck(torch.ops.effssl_kernels.block_match.default, (a, b, 4, 1, 1.0, None, None))

@@ -1,9 +1,11 @@
 """crop_centers and TwoViewCrop: counterpart geometry for block_match, checked on real photos."""
 import functools
+import math
 import pathlib
 import pickle
 import subprocess
 import sys
+from fractions import Fraction as Fr
 
 import numpy as np
 import pytest
@@ -165,7 +167,6 @@ def test_centers_by_hand():
 def _exact_centers(box_a, box_b, flip_a, view, bs):
     """crop_centers' map (steps 1-6 of its derivation) in exact rational arithmetic:
     (rows [Hb], cols [Wb]) of python ints, ties rounded half up."""
-    from fractions import Fraction as Fr
 
     ta, la, ha, wa = (Fr(v) for v in box_a)
     tb, lb, hb, wb = (Fr(v) for v in box_b)
@@ -641,3 +642,38 @@ def test_two_view_crop_pil_modes():
         assert v.dtype == torch.float32 and -1e-5 <= v.min() and v.max() <= 1 + 1e-5  # antialias rounding
     v16 = TwoViewCrop(S)(Image.fromarray((skdata.camera()[:96, :96].astype(np.uint16) * 257))).view_a
     assert v16.max() > 0.5  # I;16 scales by 65535
+
+
+def _exact_centers_hw(box_a, box_b, flip_a, H, W, bs):
+    """crop_centers' map in exact rational arithmetic for an H x W view (rows, cols)."""
+    ta, la, ha, wa = (Fr(v) for v in box_a)
+    tb, lb, hb, wb = (Fr(v) for v in box_b)
+    rows = [math.floor((ta + Fr(2 * i + 1, 2) * bs * ha / H - tb) * H / hb - Fr(bs, 2) + Fr(1, 2))
+            for i in range(H // bs)]
+    cols = []
+    for j in range(W // bs):
+        xa = Fr(2 * j + 1, 2) * bs
+        xa = W - xa if flip_a else xa
+        xb = (la + xa * wa / W - lb) * W / wb
+        xb = W - xb if flip_a else xb
+        cols.append(math.floor(xb - Fr(bs, 2) + Fr(1, 2)))
+    return rows, cols
+
+
+def test_crop_centers_non_square_view():
+    # every other crop_centers test of a rescaled or shifted box uses a square view: H and W
+    # swapped in the column maps (exact int64 path and float path) went unnoticed
+    H, W, B = 48, 80, 8
+    g = torch.Generator().manual_seed(0)
+    N = 40
+    ba = torch.cat([torch.randint(0, 100, (N, 2), generator=g), torch.randint(20, 150, (N, 2), generator=g)], -1)
+    bb = torch.cat([torch.randint(0, 100, (N, 2), generator=g), torch.randint(20, 150, (N, 2), generator=g)], -1)
+    frac = torch.arange(N) % 2 == 1  # odd samples: fractional boxes, the float path
+    ba = torch.where(frac[:, None], ba + torch.rand(N, 4, generator=g, dtype=torch.float64), ba.double())
+    fa = torch.rand(N, generator=g) < 0.5
+    fb = torch.rand(N, generator=g) < 0.5
+    c, _ = crop_centers(ba, bb, fa, fb, (H, W), B)
+    assert c.shape == (N, H // B, W // B, 2)
+    for n in range(N):
+        rows, cols = _exact_centers_hw(ba[n].tolist(), bb[n].tolist(), bool(fa[n]), H, W, B)
+        assert c[n, :, 0, 0].tolist() == rows and c[n, 0, :, 1].tolist() == cols, n
