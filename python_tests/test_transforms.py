@@ -165,22 +165,20 @@ def test_centers_by_hand():
 
 
 def _exact_centers(box_a, box_b, flip_a, view, bs):
-    """crop_centers' map (steps 1-6 of its derivation) in exact rational arithmetic:
-    (rows [Hb], cols [Wb]) of python ints, ties rounded half up."""
-
+    """crop_centers' map (steps 1-6 of its derivation) in exact rational arithmetic for a view of
+    ``view`` = H or (H, W): (rows [Hb], cols [Wb]) of python ints, ties rounded half up."""
+    H, W = (view, view) if isinstance(view, int) else view
     ta, la, ha, wa = (Fr(v) for v in box_a)
     tb, lb, hb, wb = (Fr(v) for v in box_b)
-    rows = []
-    for i in range(view // bs):
-        yb = (ta + Fr(2 * i + 1, 2) * bs * ha / view - tb) * view / hb
-        rows.append(int((yb - Fr(bs, 2) + Fr(1, 2)).__floor__()))
+    rows = [math.floor((ta + Fr(2 * i + 1, 2) * bs * ha / H - tb) * H / hb - Fr(bs, 2) + Fr(1, 2))
+            for i in range(H // bs)]
     cols = []
-    for j in range(view // bs):
+    for j in range(W // bs):
         xa = Fr(2 * j + 1, 2) * bs
-        xa = view - xa if flip_a else xa
-        xb = (la + xa * wa / view - lb) * view / wb
-        xb = view - xb if flip_a else xb
-        cols.append(int((xb - Fr(bs, 2) + Fr(1, 2)).__floor__()))
+        xa = W - xa if flip_a else xa
+        xb = (la + xa * wa / W - lb) * W / wb
+        xb = W - xb if flip_a else xb
+        cols.append(math.floor(xb - Fr(bs, 2) + Fr(1, 2)))
     return rows, cols
 
 
@@ -644,22 +642,6 @@ def test_two_view_crop_pil_modes():
     assert v16.max() > 0.5  # I;16 scales by 65535
 
 
-def _exact_centers_hw(box_a, box_b, flip_a, H, W, bs):
-    """crop_centers' map in exact rational arithmetic for an H x W view (rows, cols)."""
-    ta, la, ha, wa = (Fr(v) for v in box_a)
-    tb, lb, hb, wb = (Fr(v) for v in box_b)
-    rows = [math.floor((ta + Fr(2 * i + 1, 2) * bs * ha / H - tb) * H / hb - Fr(bs, 2) + Fr(1, 2))
-            for i in range(H // bs)]
-    cols = []
-    for j in range(W // bs):
-        xa = Fr(2 * j + 1, 2) * bs
-        xa = W - xa if flip_a else xa
-        xb = (la + xa * wa / W - lb) * W / wb
-        xb = W - xb if flip_a else xb
-        cols.append(math.floor(xb - Fr(bs, 2) + Fr(1, 2)))
-    return rows, cols
-
-
 def test_crop_centers_non_square_view():
     # every other crop_centers test of a rescaled or shifted box uses a square view: H and W
     # swapped in the column maps (exact int64 path and float path) went unnoticed
@@ -675,5 +657,5 @@ def test_crop_centers_non_square_view():
     c, _ = crop_centers(ba, bb, fa, fb, (H, W), B)
     assert c.shape == (N, H // B, W // B, 2)
     for n in range(N):
-        rows, cols = _exact_centers_hw(ba[n].tolist(), bb[n].tolist(), bool(fa[n]), H, W, B)
+        rows, cols = _exact_centers(ba[n].tolist(), bb[n].tolist(), bool(fa[n]), (H, W), B)
         assert c[n, :, 0, 0].tolist() == rows and c[n, 0, :, 1].tolist() == cols, n
