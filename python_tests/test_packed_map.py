@@ -625,3 +625,57 @@ def test_hook_on_a_map_changed_in_place():
     torch.testing.assert_close(seen[0].to_dense(), q.grad.to_dense())
     pm = mask.pixel_mask(2, x.shape[-2:])
     torch.testing.assert_close(x.grad, (6.0 * (x.detach() > 0) * pm).to(x.dtype))
+
+
+def test_to_dense_copy_made_outside_hooks_does_not_serve_a_recomputation():
+    # read inside a checkpoint (under its forward's hooks), then outside it (no hooks): the
+    # copy cached by the outside read must not serve the recomputation, which must unpack again
+    # as its forward did (else a different count of saved tensors: a CheckpointError)
+    import torch.utils.checkpoint
+    x, mask, p = _packed(seed=21)
+    y = torch.utils.checkpoint.checkpoint(lambda t: t.to_dense().square().sum(), p,
+                                          use_reentrant=False)
+    z = p.to_dense().sum()
+    (y + z).backward()
+    pm = mask.pixel_mask(2, x.shape[-2:])
+    torch.testing.assert_close(x.grad, (2 * x.detach() + 1) * pm)
+
+
+def test_quotient_of_two_maps_runs_on_the_dense_map():
+    # map / map is 0 / 0 = NaN under removed blocks on the dense map: not zero-preserving
+    x, mask, p = _packed(seed=16)
+    q = pack_map(x * 2, mask, (2, 2))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        y = p / q
+    assert type(y) is torch.Tensor
+    torch.testing.assert_close(y, x / (x * 2), equal_nan=True)
+
+
+def test_conv2d_map_repacks_a_map_of_another_mask():
+    # a PackedMap of another mask (same geometry and tile count, other blocks) is not its tiles
+    x, mask, p = _packed(seed=17)
+    moved = BlockMask(mask.keep.roll(1, dims=-1), mask.block_size, mask.image_size)
+    w = torch.randn(4, 3, 3, 3, dtype=x.dtype)
+    y = P.conv2d_map(p, w, None, 1, 1, 1, 1, mask=moved, in_stride=(2, 2))
+    assert isinstance(y, PackedMap)
+    torch.testing.assert_close(y.to_dense(), masked_conv2d_reference(
+        x, w, None, 1, 1, 1, 1, mask=moved, in_stride=(2, 2)))
+
+
+def test_batch_norm_packed_with_a_cross_rank_reduce_matches_reference():
+    # SyncBatchNorm's reduce (the other ranks' sums added) must be applied on the tile path
+    x, mask, p = _packed(seed=18, c=4)
+    other = torch.linspace(1.0, 2.0, 5, dtype=x.dtype)  # another rank's sums and count
+
+    def reduce(t):
+        return t + (other if t.numel() == 5 else other[:4])
+
+    rm, rv = torch.zeros(4, dtype=x.dtype), torch.ones(4, dtype=x.dtype)
+    rm2, rv2 = rm.clone(), rv.clone()
+    y = P.batch_norm_map(p, rm, rv, None, None, True, 0.1, 1e-5, reduce=reduce)
+    want = masked_batch_norm_reference(x, mask.pixel_mask(2, x.shape[-2:]), rm2, rv2, None, None,
+                                       True, 0.1, 1e-5, reduce=reduce)
+    torch.testing.assert_close(y.to_dense(), want)
+    torch.testing.assert_close(rm, rm2)
+    torch.testing.assert_close(rv, rv2)

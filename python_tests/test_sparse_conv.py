@@ -692,3 +692,37 @@ def test_half_weight_gradient_over_many_tiles_cpu():
         rel = lambda a: ((a - truth).abs().max() / truth.abs().max()).item()
         dense = rel(wgrad(masked_conv2d_reference, dt))
         assert rel(wgrad(sparse_conv2d, dt)) <= 4 * dense + torch.finfo(dt).eps, dt
+
+
+@pytest.mark.parametrize("k,s,p", [(2, 1, 1), (2, 2, 1), (4, 2, 2)])
+def test_padding_past_half_the_reach_is_not_tiled(k, s, p):
+    # d*(k-1) - 2p = -1: the full conv gives input / s + 1 outputs, not a whole tile grid
+    mask = random_mask(2, 32, 32, 8, seed=4)
+    assert conv_tile_halo(k, s, p, mask=mask, in_stride=2) is None
+    x = torch.randn(2, 3, 16, 16, dtype=torch.float64)
+    w = torch.randn(4, 3, k, k, dtype=torch.float64)
+    y = sparse_conv2d(x, w, None, s, p, mask=mask, in_stride=2)
+    torch.testing.assert_close(y, masked_conv2d_reference(x, w, None, s, p, mask=mask, in_stride=2))
+
+
+@pytest.mark.parametrize("k,p", [(3, 1), (2, 0), (3, 0)])
+def test_stride_past_the_kernel_reach_is_tiled(k, p):
+    # stride 4 > the kernel's reach: no after-halo (never a negative one)
+    mask = random_mask(2, 32, 32, 8, seed=5)
+    assert conv_tile_halo(k, 4, p, mask=mask) == (p, 0, p, 0)
+    x = torch.randn(2, 3, 32, 32, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(4, 3, k, k, dtype=torch.float64)
+    y = sparse_conv2d(x, w, None, 4, p, mask=mask)
+    want = masked_conv2d_reference(x, w, None, 4, p, mask=mask)
+    torch.testing.assert_close(y, want)
+    torch.testing.assert_close(torch.autograd.grad(y.sum(), x)[0], torch.autograd.grad(want.sum(), x)[0])
+
+
+def test_is_tile_aligned_checks_each_axis():
+    mask = random_mask(1, 16, 24, 8)
+    assert is_tile_aligned(mask, (2, 1)) and is_tile_aligned(mask, (1, 2))
+    assert not is_tile_aligned(mask, (1, 3)) and not is_tile_aligned(mask, (3, 1))
+    with pytest.raises(ValueError, match="not tile-aligned"):
+        TileIndex.from_mask(mask, (1, 3))
+    assert not is_tile_aligned(random_mask(1, 16, 20, 8), 1)  # width not a whole number of blocks
+    assert not is_tile_aligned(random_mask(1, 20, 16, 8), 1)

@@ -426,3 +426,33 @@ def test_bad_inputs(monkeypatch):
     mask = random_mask(1, 16, 16, 8)
     with pytest.raises(ValueError, match="EFFSSL_TILE_CONV"):
         sparse_conv2d(torch.randn(1, 3, 16, 16), torch.randn(4, 3, 3, 3), padding=1, mask=mask)
+
+
+def test_sparse_path_grouped_conv_keeps_the_cudnn_path(monkeypatch, calls):
+    # the implicit GEMM has no groups: a grouped stride-1 3x3 conv stays on F.conv2d
+    monkeypatch.setenv("EFFSSL_TILE_CONV", "implicit")
+    mask = random_mask(2, 32, 24, 8, seed=3, device=DEVICE)
+    x = torch.randn(2, 6, 16, 12, device=DEVICE)
+    w = torch.randn(4, 3, 3, 3, device=DEVICE) / 3
+    y = sparse_conv2d(x, w, None, 1, 1, 1, 2, mask=mask, in_stride=2)
+    assert not calls
+    ref = masked_conv2d_reference(x, w, None, 1, 1, 1, 2, mask=mask, in_stride=2)
+    torch.testing.assert_close(y, ref, **TOL[torch.float32])
+
+
+@pytest.mark.parametrize("k", [2, (2, 3)])
+def test_sparse_path_implicit_gemm_with_an_asymmetric_halo(monkeypatch, calls, k):
+    # 'same' with an even kernel: halo (0, 1, 0, 1) / (1, 1, 0, 1), so the backward's table
+    # (mirrored) differs from the forward's
+    monkeypatch.setenv("EFFSSL_TILE_CONV", "implicit")
+    mask = random_mask(2, 32, 24, 8, seed=4, device=DEVICE)
+    kh, kw = (k, k) if isinstance(k, int) else k
+    x = torch.randn(2, 6, 16, 12, device=DEVICE, requires_grad=True)
+    w = (torch.randn(5, 6, kh, kw, device=DEVICE) / 5).requires_grad_()
+    y = sparse_conv2d(x, w, None, 1, "same", mask=mask, in_stride=2)
+    assert calls == [1]
+    ref = masked_conv2d_reference(x, w, None, 1, "same", mask=mask, in_stride=2)
+    torch.testing.assert_close(y, ref, **TOL[torch.float32])
+    go = torch.randn_like(ref)
+    for g, r in zip(torch.autograd.grad(y, (x, w), go), torch.autograd.grad(ref, (x, w), go)):
+        torch.testing.assert_close(g, r, **TOL[torch.float32])

@@ -383,8 +383,7 @@ def _same_index(packed) -> bool:
 def _in_place(func, name: str, args, kwargs) -> bool:
     if name in _IN_PLACE_DUNDERS or (name.endswith("_") and not name.startswith("__")):
         return True
-    if func is F.hardtanh and len(args) > 3:
-        return bool(args[3])
+    # F.relu, F.hardtanh, ... hand ``inplace`` to __torch_function__ as a keyword always
     return kwargs.get("inplace") is True
 
 
