@@ -6,7 +6,6 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from effssl_kernels.masks import BlockMask
 from effssl_kernels.nn import resnet as R
@@ -680,20 +679,3 @@ def test_batch_norm_packed_with_a_cross_rank_reduce_matches_reference():
     torch.testing.assert_close(y.to_dense(), want)
     torch.testing.assert_close(rm, rm2)
     torch.testing.assert_close(rv, rv2)
-
-
-def test_in_place_ops_on_the_tiles_return_the_map_itself():
-    """relu_, F.relu(inplace=True), nn.ReLU(inplace=True), mul_, F.hardtanh(..., True): the map
-    itself comes back, as torch returns self; values and the input's gradient as the dense ops'."""
-    x, mask, _ = _packed(seed=22)
-    ops = (torch.Tensor.relu_, lambda t: F.relu(t, inplace=True), nn.ReLU(inplace=True),
-           lambda t: t.mul_(2.0), lambda t: F.hardtanh(t, -0.5, 0.5, True))
-    for op in ops:
-        p = pack_map(x * 1, mask, (2, 2))
-        assert op(p) is p
-        want = op(x.detach().clone())
-        torch.testing.assert_close(p.to_dense(), want)
-    p = pack_map(x * 1, mask, (2, 2))
-    p.relu_().to_dense().sum().backward()
-    torch.testing.assert_close(x.grad, (x.detach() > 0).to(x.dtype) * mask.pixel_mask(2, x.shape[-2:]))
-    assert type(F.relu(p)) is PackedMap and F.relu(p) is not p  # out of place: a new map

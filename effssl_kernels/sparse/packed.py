@@ -344,8 +344,6 @@ class PackedMap(Tensor):
             tile_shape = p0.tiles.shape
             with _DisableSubclass():
                 out = func(*on_tiles, **kwargs)
-            if args[0] is p0 and out is on_tiles[0]:
-                return p0  # in place (relu_, inplace=True): the map itself, as torch returns self
             if isinstance(out, Tensor) and out.dim() == 4 and out.shape[0] == tile_shape[0] \
                     and out.shape[2:] == tile_shape[2:]:
                 return PackedMap.from_tiles(out, p0._effssl_index, p0._effssl_mask)
