@@ -67,7 +67,7 @@ from torch.utils._pytree import tree_flatten
 
 from .._utils import as_pair, int_arg
 from ..masks import BlockMask
-from ..reference.masked_net import masked_avg_pool_reference
+from ..reference.masked_net import masked_avg_pool_reference, pool_stride
 from ..sparse.masked_dense import masked_batch_norm
 from ..sparse.tiles import kept_tiles, prepare_tiles
 from ..sparse.packed import (
@@ -521,7 +521,7 @@ def _module_stride(m: nn.Module) -> Pair:
     if isinstance(m, nn.Conv2d):
         return tuple(m.stride)
     if isinstance(m, nn.MaxPool2d):
-        st = m.stride if m.stride not in (None, (), []) else m.kernel_size
+        st = pool_stride(m.kernel_size, m.stride)
         st = (st, st) if isinstance(st, int) else tuple(st)
         return st
     return (1, 1)

@@ -348,7 +348,7 @@ class PackedMap(Tensor):
                     and out.shape[2:] == tile_shape[2:]:
                 return PackedMap.from_tiles(out, p0._effssl_index, p0._effssl_mask)
             return out
-        if args and isinstance(args[0], PackedMap) and _in_place(func, name, args, kwargs):
+        if args and isinstance(args[0], PackedMap) and _in_place(name, kwargs):
             raise NotImplementedError(
                 f"PackedMap: in-place {name} on a packed map is not supported here (it would "
                 f"change a dense copy); call .to_dense() first")
@@ -380,7 +380,7 @@ def _same_index(packed) -> bool:
     return all(p._effssl_index.same_tiles(packed[0]._effssl_index) for p in packed)
 
 
-def _in_place(func, name: str, args, kwargs) -> bool:
+def _in_place(name: str, kwargs) -> bool:
     if name in _IN_PLACE_DUNDERS or (name.endswith("_") and not name.startswith("__")):
         return True
     # F.relu, F.hardtanh, ... hand ``inplace`` to __torch_function__ as a keyword always
@@ -397,7 +397,7 @@ def _tile_args(func, args, kwargs, packed) -> Optional[list]:
     if not packed or not _same_index(packed) or "out" in kwargs \
             or any(isinstance(a, Tensor) for a in tree_flatten(kwargs)[0]):
         return None
-    in_place = _in_place(func, _name(func), args, kwargs)
+    in_place = _in_place(_name(func), kwargs)
     if in_place and not isinstance(args[0], PackedMap):
         return None  # a plain tensor changed in place: the dense op does that
     if func in _CLAMPS:
