@@ -1,11 +1,13 @@
 """PackedMap (maps kept packed between the layers of a sparsified ResNet) against the dense
 masked maps it stands for, and the packed layer functions against the section 2 references."""
 import copy
+import inspect
 import warnings
 
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from effssl_kernels.masks import BlockMask
 from effssl_kernels.nn import resnet as R
@@ -679,3 +681,136 @@ def test_batch_norm_packed_with_a_cross_rank_reduce_matches_reference():
     torch.testing.assert_close(y.to_dense(), want)
     torch.testing.assert_close(rm, rm2)
     torch.testing.assert_close(rv, rv2)
+
+
+def test_in_place_ops_on_the_tiles_return_the_map_itself():
+    """relu_, F.relu(inplace=True), nn.ReLU(inplace=True), mul_, F.hardtanh(..., True): the map
+    itself comes back, as torch returns self; values and the input's gradient as the dense ops'."""
+    x, mask, _ = _packed(seed=22)
+    ops = (torch.Tensor.relu_, lambda t: F.relu(t, inplace=True), nn.ReLU(inplace=True),
+           lambda t: t.mul_(2.0), lambda t: F.hardtanh(t, -0.5, 0.5, True))
+    for op in ops:
+        p = pack_map(x * 1, mask, (2, 2))
+        assert op(p) is p
+        want = op(x.detach().clone())
+        torch.testing.assert_close(p.to_dense(), want)
+    p = pack_map(x * 1, mask, (2, 2))
+    p.relu_().to_dense().sum().backward()
+    torch.testing.assert_close(x.grad, (x.detach() > 0).to(x.dtype) * mask.pixel_mask(2, x.shape[-2:]))
+    assert type(F.relu(p)) is PackedMap and F.relu(p) is not p  # out of place: a new map
+
+
+def _dense_chain(x, mask, stride=2):
+    """The map's dense twin: q = relu(2 x) (zeros under removed blocks), with its gradient kept."""
+    q = (2.0 * x.detach()).relu_() * mask.pixel_mask(stride, x.shape[-2:])
+    return q.requires_grad_(True)
+
+
+def test_autograd_grad_with_respect_to_a_map():
+    # torch.autograd.grad(..., inputs=map) used to differentiate a dense copy made after the
+    # graph ("appears to not have been used in the graph"); a map changed in place included
+    x, mask, p = _packed(seed=23)
+    q = p * 2.0
+    q.relu_()
+    w = torch.randn(q.shape, dtype=q.dtype, generator=torch.Generator().manual_seed(1))
+    g, = torch.autograd.grad((q.to_dense() * w).sum(), q)
+    assert isinstance(g, PackedMap) and g.index is q.index
+    torch.testing.assert_close(g.to_dense(), w * mask.pixel_mask(2, x.shape[-2:]))
+    # as outputs: a packed and a dense gradient give the dense chain's input gradient
+    qd = _dense_chain(x, mask)
+    torch.testing.assert_close(q.to_dense(), qd)
+    want = torch.autograd.grad(2.0 * x * (2.0 * x > 0), x, w * mask.pixel_mask(2, x.shape[-2:]))[0]
+    for gq in (w, pack_map(w, mask, (2, 2))):
+        q = (p * 2.0).relu_()
+        gx, gq_in = torch.autograd.grad(q, (x, q), gq, retain_graph=True)
+        torch.testing.assert_close(gx, want)
+        torch.testing.assert_close(gq_in.to_dense(), w * mask.pixel_mask(2, x.shape[-2:]))
+    with pytest.raises(ValueError, match=r"grad_outputs for a map of shape \(2, 3, 16, 16\)"):
+        torch.autograd.grad(q, x, torch.ones(2, 3, 16, 15))
+
+
+def test_backward_with_a_map_among_the_inputs_or_outputs():
+    x, mask, _ = _packed(seed=24)
+    pm = mask.pixel_mask(2, x.shape[-2:])
+    w = torch.randn(x.shape, dtype=x.dtype, generator=torch.Generator().manual_seed(2))
+
+    def q_of_x():
+        return (pack_map(x * 1, mask, (2, 2)) * 2.0).relu_()
+
+    q = q_of_x()
+    (q.to_dense() * w).sum().backward(inputs=[q])  # the map's own .grad, x's untouched
+    assert x.grad is None and isinstance(q.grad, PackedMap)
+    torch.testing.assert_close(q.grad.to_dense(), w * pm)
+    want = 2.0 * w * pm * (x.detach() > 0)
+    # torch.autograd.backward hands subclasses to __torch_function__ in recent torch (2.14; before, it
+    # runs on the tiles directly and refuses a dense gradient for a map: a shape mismatch)
+    dispatches = "has_torch_function" in inspect.getsource(torch.autograd.backward)
+    for g in (w, pack_map(w, mask, (2, 2))):  # Tensor.backward and torch.autograd.backward
+        x.grad = None
+        q_of_x().backward(g)
+        torch.testing.assert_close(x.grad, want)
+        if dispatches or isinstance(g, PackedMap):
+            x.grad = None
+            torch.autograd.backward([q_of_x()], [g])
+            torch.testing.assert_close(x.grad, want)
+    with pytest.raises(ValueError, match="the gradient for a map of shape"):
+        q_of_x().backward(torch.ones(2, 3, 16))
+
+
+_FUNCTION_ON_A_MAP_CHANGED_IN_PLACE = """
+import sys
+sys.path.insert(0, {here!r})
+import torch
+from test_packed_map import _packed
+
+class Twice(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, t):
+        return t * 2.0
+
+    @staticmethod
+    def backward(ctx, g):
+        return g * 2.0
+
+x, mask, p = _packed(seed=25)
+q = p * 1.0
+q.relu_()
+y = Twice.apply(q)
+y.to_dense().sum().backward()
+print(type(y).__name__, float((x.grad - 2.0 * (x.detach() > 0) * mask.pixel_mask(2, x.shape[-2:])).abs().max()))
+"""
+
+
+def test_autograd_function_on_a_map_changed_in_place():
+    # torch regenerates the history of a map changed in place on the first read of its grad_fn,
+    # holding its autograd lock, and resets its backward hooks through __torch_function__: the
+    # map unpacked itself there and deadlocked (Function.apply, a reentrant checkpoint). In a
+    # child process, so a regression fails instead of hanging the suite.
+    import os
+    import subprocess
+    import sys
+    code = _FUNCTION_ON_A_MAP_CHANGED_IN_PLACE.format(here=os.path.dirname(os.path.abspath(__file__)))
+    try:
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    except subprocess.TimeoutExpired:
+        pytest.fail("autograd.Function.apply on a map changed in place hung")
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split() == ["PackedMap", "0.0"]
+
+
+def test_requires_grad_setter_and_version_are_the_tiles():
+    # both went to a dense copy: `p.requires_grad = True` left the map without gradients and
+    # `_version` stayed that of the cached copy
+    x, mask, _ = _packed(seed=26)
+    p = pack_map(x.detach(), mask, (2, 2))
+    assert not p.requires_grad and p.is_leaf
+    p.requires_grad = True
+    assert p.requires_grad
+    (p * 2.0).to_dense().sum().backward()
+    assert isinstance(p.grad, PackedMap)
+    torch.testing.assert_close(p.grad.to_dense(), 2.0 * mask.pixel_mask(2, x.shape[-2:]).expand_as(x).to(x.dtype))
+    q = p.detach()
+    q.to_dense()  # cache a dense copy
+    v = q._version
+    q.mul_(2.0)
+    assert q._version == v + 1 == q.tiles._version

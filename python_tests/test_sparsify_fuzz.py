@@ -24,6 +24,7 @@ from effssl_kernels.reference.masked_net import (
     masked_max_pool2d_reference,
 )
 from effssl_kernels.sparse.packed import as_dense
+from test_sparsify_resnet import _randomize_bn
 
 # relative to max|truth| + 1
 TOL = {torch.float64: 1e-10, torch.float32: 2e-5, torch.float16: 4e-3, torch.bfloat16: 3e-2}
@@ -44,20 +45,6 @@ class Net(nn.Module):
     def forward(self, x):
         x = self.block(self.pool(F.relu(self.bn1(self.conv1(x)))))
         return self.fc(torch.flatten(self.avg(x), 1))
-
-
-def _randomize(model, seed):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                if m.weight is not None:
-                    m.weight.copy_(torch.rand(m.weight.shape, generator=g) + 0.5)
-                    m.bias.copy_(torch.randn(m.bias.shape, generator=g) * 0.1)
-                if m.running_mean is not None:
-                    m.running_mean.copy_(torch.randn(m.running_mean.shape, generator=g) * 0.1)
-                    m.running_var.copy_(torch.rand(m.running_var.shape, generator=g) + 0.5)
-    return model
 
 
 def _keep(n, hb, wb, pattern, seed, p):
@@ -160,7 +147,7 @@ def test_sparsified_net_matches_reference_chain(c):
         h, w = max(h, 4 * c["B"]), max(w, 4 * c["B"])
     hb, wb = h // c["B"], w // c["B"]
     torch.manual_seed(c["seed"])
-    base = _randomize(Net(c["c1"], c["c2"], c["k"], c["pool"], c["affine"], c["track"]), c["seed"])
+    base = _randomize_bn(Net(c["c1"], c["c2"], c["k"], c["pool"], c["affine"], c["track"]), c["seed"])
     keep = _keep(c["N"], hb, wb, c["pattern"], c["seed"], c["p"])
     x = torch.randn(c["N"], 3, h, w, generator=torch.Generator().manual_seed(c["seed"] + 1),
                     dtype=torch.float64)

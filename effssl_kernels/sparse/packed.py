@@ -28,8 +28,10 @@ tensor: a ``torch.Tensor`` subclass whose storage *is* the packed ``[T, C, bh, b
 * ``shape``, ``size()``, ``dim()``, ``numel()`` report the dense ``[N, C, H, W]``, ``stride()``
   and ``is_contiguous()`` the layout of the dense map that ops off the tiles see (contiguous,
   whatever the tiles' layout); ``dtype``, ``device``, ``requires_grad``, ``grad_fn`` are the
-  tiles'. Gradient hooks (``register_hook``), ``retain_grad`` and ``.grad`` work on the tiles and
-  hand out PackedMaps. ``.data`` and ``.numpy()`` are dense copies of their own.
+  tiles'. Gradient hooks (``register_hook``), ``retain_grad``, ``.grad`` and a map among the
+  ``inputs`` of ``torch.autograd.grad`` / ``backward`` work on the tiles and hand out PackedMaps;
+  a map among the outputs takes a packed or a dense gradient. In-place ops that run on the tiles
+  return the map itself. ``.data`` and ``.numpy()`` are dense copies of their own.
 * The layer functionals (``F.conv2d``, ``F.batch_norm``, pools, norms, resampling) raise: a
   PackedMap reaching one means a module that ``sparsify`` did not convert (added or replaced
   after it) would run unmasked.
@@ -163,6 +165,65 @@ def _set_grad(p: "PackedMap", g) -> None:
         Tensor.grad.__set__(p, g)
 
 
+def _grad_as_tiles(out, g, what: str):
+    """The gradient ``g`` of an autograd output ``out`` as autograd sees it: a map's as its
+    tiles (a PackedMap's own, or a dense ``[N, C, H, W]`` one packed: its removed positions
+    are never read), a plain output's dense."""
+    if not isinstance(out, PackedMap):
+        return g.to_dense() if isinstance(g, PackedMap) else g
+    if g is None or isinstance(g, torch.autograd.graph.GradientEdge):
+        return g
+    if isinstance(g, PackedMap) and g._effssl_index.same_tiles(out._effssl_index):
+        return g.tiles
+    g = g.to_dense() if isinstance(g, PackedMap) else g
+    if not isinstance(g, Tensor) or tuple(g.shape) != tuple(out.dense_shape):
+        raise ValueError(f"PackedMap: {what} for a map of shape {tuple(out.dense_shape)} must be a "
+                         f"PackedMap of its tiles or a tensor of that shape, got "
+                         f"{tuple(g.shape) if isinstance(g, Tensor) else type(g).__name__}")
+    return pack(g, out._effssl_index)
+
+
+def _as_tuple(v, n: int) -> tuple:
+    """torch's reading of a gradient argument: None, one tensor, or one per output."""
+    if v is None:
+        return (None,) * n
+    return (v,) if isinstance(v, Tensor) else tuple(v)
+
+
+def _backward(tensors, grad_tensors=None, retain_graph=None, create_graph=False, inputs=None, **kw):
+    """``torch.autograd.backward`` with maps: each map is its own node on the graph (its
+    tiles'), so maps among ``inputs`` get their ``.grad`` (as the dense fallback's copy would
+    not) and maps among ``tensors`` take packed or dense gradients without unpacking."""
+    tensors = (tensors,) if isinstance(tensors, Tensor) else tuple(tensors)
+    grads = tuple(_grad_as_tiles(t, g, "the gradient")
+                  for t, g in zip(tensors, _as_tuple(grad_tensors, len(tensors)), strict=True))
+    with _DisableSubclass():
+        return torch.autograd.backward(tensors, grads, retain_graph, create_graph, inputs=inputs, **kw)
+
+
+def _tensor_backward(self, gradient=None, retain_graph=None, create_graph=False, inputs=None):
+    return _backward((self,), (gradient,), retain_graph, create_graph, inputs=inputs)
+
+
+def _autograd_grad(outputs, inputs, grad_outputs=None, retain_graph=None, create_graph=False,
+                   only_inputs=True, allow_unused=None, is_grads_batched=False, **kw):
+    """``torch.autograd.grad`` with maps: as :func:`_backward`; the gradient of a map among
+    ``inputs`` comes back a PackedMap of its tiles (the dense fallback differentiated a copy made
+    after the graph: "not used in the graph")."""
+    outputs = (outputs,) if isinstance(outputs, Tensor) else tuple(outputs)
+    inputs = (inputs,) if isinstance(inputs, Tensor) else tuple(inputs)
+    if is_grads_batched and any(isinstance(t, PackedMap) for t in outputs):
+        raise NotImplementedError("PackedMap: torch.autograd.grad(is_grads_batched=True) with a "
+                                  "map among the outputs; differentiate its .to_dense() instead")
+    grads = tuple(_grad_as_tiles(t, g, "grad_outputs")
+                  for t, g in zip(outputs, _as_tuple(grad_outputs, len(outputs)), strict=True))
+    with _DisableSubclass():
+        res = torch.autograd.grad(outputs, inputs, grads, retain_graph, create_graph, only_inputs,
+                                  allow_unused, is_grads_batched, **kw)
+    return tuple(PackedMap.from_tiles(g, i._effssl_index, i._effssl_mask)
+                 if isinstance(i, PackedMap) and g is not None else g for i, g in zip(inputs, res))
+
+
 def _fresh_dense(p: "PackedMap", *args, func=None, **kwargs):
     """``func`` on a dense copy made for it alone: handles that share its memory (``.data``,
     ``.numpy()``) must not alias to_dense()'s cached copy, which a write through them would
@@ -186,6 +247,9 @@ _DENSE_META = {
     Tensor.is_contiguous: lambda p, memory_format=torch.contiguous_format:
         _dense_layout(p).is_contiguous(memory_format=memory_format),
     Tensor.register_hook: _register_hook,
+    Tensor.backward: _tensor_backward,
+    torch.autograd.backward: _backward,
+    torch.autograd.grad: _autograd_grad,
     Tensor.grad.__get__: _grad,
     Tensor.grad.__set__: _set_grad,
     Tensor.data.__get__: lambda p: _fresh_dense(p, func=Tensor.data.__get__),
@@ -197,7 +261,10 @@ _TILE_META = {Tensor.dtype.__get__, Tensor.device.__get__, Tensor.requires_grad.
               Tensor.grad_fn.__get__, Tensor.is_cuda.__get__, Tensor.layout.__get__,
               Tensor.is_floating_point, Tensor.element_size, Tensor.requires_grad_,
               Tensor.is_leaf.__get__, Tensor.data_ptr, Tensor.get_device, Tensor.retain_grad,
-              Tensor.retains_grad.__get__,
+              Tensor.retains_grad.__get__, Tensor.requires_grad.__set__, Tensor._version.__get__,
+              # torch sets these from C++ while it regenerates the history of a map changed in
+              # place (holding the tensor's autograd lock): unpacking there deadlocked
+              Tensor._backward_hooks.__get__, Tensor._backward_hooks.__set__,
               # new tensors of a given shape take only dtype and device from the map
               Tensor.new_empty, Tensor.new_zeros, Tensor.new_ones, Tensor.new_full,
               Tensor.new_tensor}
@@ -344,6 +411,8 @@ class PackedMap(Tensor):
             tile_shape = p0.tiles.shape
             with _DisableSubclass():
                 out = func(*on_tiles, **kwargs)
+            if args[0] is p0 and out is on_tiles[0]:
+                return p0  # in place (relu_, inplace=True): the map itself, as torch returns self
             if isinstance(out, Tensor) and out.dim() == 4 and out.shape[0] == tile_shape[0] \
                     and out.shape[2:] == tile_shape[2:]:
                 return PackedMap.from_tiles(out, p0._effssl_index, p0._effssl_mask)
