@@ -83,3 +83,26 @@ def test_bad_box_raises(monkeypatch):
     boxes[1, 1, 2] = 0.0
     with pytest.raises(ValueError, match="positive"):
         multi_crop(x.to(DEVICE), boxes.to(DEVICE), flips.to(DEVICE), 4)
+
+
+def test_sub_pixel_boxes():
+    # boxes under one pixel a side: the taps clamp to max(size - 1, 0) (audit 93)
+    x = torch.rand(1, 2, 6, 7, generator=torch.Generator().manual_seed(0))
+    boxes = torch.tensor([[[1.25, 2.5, 0.5, 0.75], [2.0, 1.0, 3.0, 0.25]]])
+    flips = torch.zeros(1, 2, dtype=torch.bool)
+    got = multi_crop(x.to(DEVICE), boxes.to(DEVICE), flips.to(DEVICE), (3, 4)).cpu()
+    rtol, atol = _tol(torch.float32)
+    torch.testing.assert_close(got, multi_crop_reference(x, boxes, flips, (3, 4)), rtol=rtol, atol=atol)
+
+
+def test_strided_flips():
+    # flips whose reshape is a view with stride 2: read as if contiguous they mirror the wrong
+    # crops, without an error (made on the device: a copy there would be contiguous)
+    x = torch.rand(2, 3, 8, 9, generator=torch.Generator().manual_seed(1))
+    boxes = torch.tensor([[0.0, 0.0, 8.0, 9.0]]).repeat(2, 3, 1)
+    flips = torch.tensor([[True, False] * 3, [False, True] * 3], device=DEVICE)[:, ::2]
+    assert flips.reshape(6).stride() == (2,)
+    got = multi_crop(x.to(DEVICE), boxes.to(DEVICE), flips, (4, 5)).cpu()
+    rtol, atol = _tol(torch.float32)
+    want = multi_crop_reference(x, boxes, flips.cpu().contiguous(), (4, 5))
+    torch.testing.assert_close(got, want, rtol=rtol, atol=atol)

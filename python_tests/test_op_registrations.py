@@ -39,6 +39,7 @@ def _bad_calls():
         "_scatter_patches p 0": lambda: ops._scatter_patches(f(1, 2, 48), torch.tensor([[0, 3]]), 0, 8, 8, torch.float32),
         "photometric params": lambda: ops.photometric(f(1, 3, 8, 8), params[:, :12], blur, None),
         "photometric views": lambda: ops.photometric(f(1, 4, 8, 8), params, blur, None),
+        "photometric even blur": lambda: ops.photometric(f(1, 3, 8, 8), params, blur[:, :2], None),
     }
 
 

@@ -460,3 +460,17 @@ def test_view_errors():
         photometric_reference(torch.rand(N + 1, 3, H, W), p)  # N mismatch
     with pytest.raises(ValueError, match="reflect"):
         photometric_reference(torch.rand(N, 3, 4, 4), p._replace(blur_sigma=torch.ones(N)))
+
+
+def test_reference_returns_a_new_contiguous_tensor_even_with_no_op(monkeypatch):
+    # with every op off and no normalisation the reference returned its input itself (the
+    # kernels return a new tensor: an in-place change of the output reached the input on the
+    # reference backend only), and a sliced input came back non-contiguous
+    from utils import make_layout, photometric_case
+    x, params = photometric_case(2, 5, 6, torch.float32, ops=(), norm=False)
+    for v in (x, make_layout(x, "sliced")):
+        out = photometric_reference(v, params)
+        assert out.is_contiguous() and out.data_ptr() != v.data_ptr()
+        assert torch.equal(out, x)
+    monkeypatch.setenv("EFFSSL_BACKEND", "reference")
+    assert ek.photometric(x, params).data_ptr() != x.data_ptr()

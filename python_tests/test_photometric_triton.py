@@ -199,3 +199,42 @@ def test_pipeline_allocates_no_device_memory_after_warmup():
         del out
     torch.cuda.synchronize()
     assert torch.cuda.memory_stats()["segment.all.allocated"] == before
+
+
+def test_triton_op_rejects_an_even_blur_kernel():
+    # an even kernel would blur off-centre (PAD = K // 2) without an error (audit 93)
+    from effssl_kernels.ops.photometric import pack_params
+    x, params = photometric_case(2, 6, 6, torch.float32, ops=("blur",), k=3, norm=False)
+    packed, weights, _ = pack_params(params, 2)
+    with pytest.raises(ValueError, match="odd"):
+        torch.ops.effssl_kernels._photometric_triton(x.to(DEVICE), packed.to(DEVICE),
+                                                     weights[:, :2].contiguous().to(DEVICE), None)
+
+
+def test_zero_hue_shift_is_skipped():
+    # ColorJitter skips a zero hue shift, and an rgb -> hsv -> rgb round trip is not bit-exact;
+    # brightness alone (contrast and saturation at factor 1 are exact identities) is, on any device
+    x, params = photometric_case(2, 5, 6, torch.float32, ops=("brightness",), norm=False, seed=4)
+    params = params._replace(jitter_apply=torch.ones(2, dtype=torch.bool), hue=torch.zeros(2))
+    got, want = _run(x, params)
+    assert torch.equal(got.cpu(), want)
+
+
+def test_three_stat_blocks_padded_partials_are_zero(monkeypatch):
+    # 96 x 96 = 9216 px: 3 stats blocks of 4096, padded to 4 partial sums that the pointwise pass
+    # adds too; the launcher's buffers are poisoned (NaN) so an uninitialised one shows
+    import effssl_kernels.triton.photometric as tp
+
+    class _PoisonedTorch:
+        def __getattr__(self, name):
+            return getattr(torch, name)
+
+        @staticmethod
+        def empty(*a, **k):
+            t = torch.empty(*a, **k)
+            return t.fill_(float("nan") if t.is_floating_point() else 77)
+
+    monkeypatch.setattr(tp, "torch", _PoisonedTorch())
+    x, params = photometric_case(2, 96, 96, torch.float32, ops=("contrast",), norm=False, seed=2)
+    got, want = _run(x, params)
+    assert_photometric_close(got, want, torch.float32)

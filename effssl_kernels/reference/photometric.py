@@ -266,7 +266,7 @@ def photometric_reference(views: Tensor, params: "PhotometricParams") -> Tensor:
     x = x.to(out_dtype)
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
-    return x
+    return x.clone() if x is views else x  # a new tensor, as the kernels return, even with no op
 
 
 def photometric_mismatch(got: Tensor, want: Tensor, views_dtype: torch.dtype,
