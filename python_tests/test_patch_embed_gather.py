@@ -473,3 +473,26 @@ def test_mixed_devices_rejected():
     args[1] = args[1].to("meta")
     with pytest.raises(ValueError, match="weight must be on cpu"):
         patch_embed_gather(*args)
+
+
+def test_autocast_rounds_images_before_a_float64_gemm():
+    # autocast casts float32 images to bf16 (F.conv2d's rule) but leaves a float64 weight and
+    # bias alone: the GEMM then runs in float64 on the bf16-rounded images
+    images, weight, bias, keep, pos = _inputs(1, 3, 16, 16, 8, 4, 3)
+    weight, bias = weight.double(), bias.double()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = patch_embed_gather(images, weight, bias, keep, pos)
+    assert out.dtype == torch.float64
+    expect = patch_embed_gather_reference(images.bfloat16(), weight, bias, keep, pos)
+    torch.testing.assert_close(out, expect, **TOL[torch.float64])
+
+
+def test_reference_backend_under_autocast_no_channels(monkeypatch):
+    # EFFSSL_BACKEND=reference casts the images as the kernels do; with C = 0 the reference's
+    # zero branch does not run under conv2d's autocast, so only that cast gives bf16 here
+    monkeypatch.setenv("EFFSSL_BACKEND", "reference")
+    images, weight, bias = torch.rand(2, 0, 8, 8), torch.randn(4, 0, 4, 4), torch.randn(4)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = patch_embed_gather(images, weight, bias, torch.zeros(2, 3, dtype=torch.long))
+    assert out.dtype == torch.bfloat16
+    assert torch.equal(out, bias.bfloat16().expand(2, 3, 4))

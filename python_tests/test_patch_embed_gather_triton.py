@@ -150,7 +150,7 @@ def test_mixed_dtypes_amp_like(pos_dtype):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_gradients_match_reference(dtype):
-    args = _inputs(2, 3, 8, 8, 16, 4, 6, dtype)
+    args = _inputs(2, 3, 8, 16, 16, 4, 6, dtype)  # non-square: Hp = 2, Wp = 4
     go = torch.randn(2, 6, 16).to(dtype)
 
     def grads(fn, args, device):
@@ -210,3 +210,30 @@ def test_kernel_writes_nan_for_out_of_range_rows():
     keep[0, 1] = 1000
     out = patch_embed_gather_triton(images, weight, bias, keep, pos).cpu()
     assert torch.isnan(out[0, 1]).all() and torch.isfinite(out[0, [0, 2]]).all()
+
+
+def test_non_contiguous_weight_and_keep():
+    # the launchers make weight and keep contiguous: the kernels index them as [D, C*p*p] and [N*K]
+    images, weight, bias, keep, pos = _dev(_inputs(2, 3, 16, 16, 10, 4, 6))
+    w_nc = weight.permute(0, 2, 3, 1).contiguous().permute(0, 3, 1, 2).requires_grad_()
+    keep_nc = torch.cat([keep, keep], 1)[:, ::2]
+    assert not w_nc.is_contiguous() and not keep_nc.is_contiguous()
+    w_ref = weight.detach().cpu().requires_grad_()
+    out = patch_embed_gather(images, w_nc, bias, keep_nc, pos)
+    ref = patch_embed_gather_reference(images.cpu(), w_ref, bias.cpu(), keep_nc.cpu(), pos.cpu())
+    torch.testing.assert_close(out.detach().cpu(), ref.detach(), **TOL[torch.float32])
+    go = torch.randn(ref.shape)
+    (gw,) = torch.autograd.grad(out, w_nc, go.to(DEVICE))
+    (rw,) = torch.autograd.grad(ref, w_ref, go)
+    torch.testing.assert_close(gw.cpu(), rw, **TOL[torch.float32])
+
+
+def test_image_gradient_sums_duplicates_in_float32():
+    # 300 copies of one patch: a bfloat16 running sum stalls at 256, a float32 one reaches 300
+    images = torch.rand(1, 1, 4, 4, device=DEVICE).bfloat16().requires_grad_()
+    weight = torch.ones(1, 1, 4, 4, dtype=torch.bfloat16, device=DEVICE)
+    keep = torch.zeros(1, 300, dtype=torch.long, device=DEVICE)
+    out = patch_embed_gather(images, weight, None, keep)
+    (gi,) = torch.autograd.grad(out, images, torch.ones_like(out))
+    assert gi.dtype == torch.bfloat16
+    assert torch.equal(gi.cpu(), torch.full((1, 1, 4, 4), 300.0, dtype=torch.bfloat16))
