@@ -337,3 +337,54 @@ def test_triton_pack_unpack_match_cpu(monkeypatch):
     gg, = torch.autograd.grad(got_d, xd, torch.ones_like(got_d))
     assert torch.equal(got_t.cpu(), want_t.detach()) and torch.equal(got_d.cpu(), want_d.detach())
     assert torch.equal(gg.cpu(), gw)
+
+
+@pytest.mark.parametrize("backend", ["cpp"] + (["triton"] if (HAS_GPU or INTERPRET) else []))
+def test_audit92_non_square_tiles_and_halo_gradients(monkeypatch, backend):
+    # 4 x 8 tiles (in_stride (2, 1)) and a halo with ph != pw: the backward's tile shape per axis
+    if backend == "triton":
+        pytest.importorskip("triton")
+        if HAS_GPU:
+            pytest.skip("covered by the CUDA run")
+    monkeypatch.setenv("EFFSSL_BACKEND", backend)
+    tiles, table, order, offsets, idx = _case(stride=(2, 1), halo=(1, 0, 2, 1), C=3)
+    assert idx.tile == (4, 8)
+    _check(tiles, table, order, offsets)
+
+
+def test_audit92_opcheck_non_square_halo():
+    # the fake's output [R, C, ph, pw] per axis: ph = 4 + 3 != pw = 4 + 1
+    tiles, table, order, offsets, _ = _case(C=2, N=1, hw=(16, 16), halo=(1, 0, 2, 1))
+    assert table.shape[1] != table.shape[2]
+    torch.library.opcheck(torch.ops.effssl_kernels.halo_gather.default,
+                          (tiles.requires_grad_(True), table, order, offsets, 0.0),
+                          test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
+    if HAS_GPU or INTERPRET:
+        torch.library.opcheck(torch.ops.effssl_kernels._halo_gather_triton.default,
+                              (tiles, table, order, offsets, 0.0),
+                              test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
+
+
+@triton_only
+@pytest.mark.triton
+def test_audit92_triton_non_contiguous_table(monkeypatch):
+    pytest.importorskip("triton")
+    monkeypatch.setenv("EFFSSL_BACKEND", "triton")
+    dev = "cuda" if HAS_GPU else "cpu"
+    tiles, table, order, offsets, _ = _case(stride=4, halo=(1, 0, 2, 1), C=3, N=1, hw=(16, 24))
+    view = table.transpose(1, 2).contiguous().transpose(1, 2)  # the same entries, other strides
+    assert not view.is_contiguous() and torch.equal(view, table)
+    _check(*[a.to(dev) for a in (tiles, view, order, offsets)], outside=-1.5)
+
+
+@triton_only
+@pytest.mark.triton
+def test_audit92_triton_backward_checks_the_inverse_sizes(monkeypatch):
+    # order longer than the padded pixels: refused as the C++ op refuses it, not read
+    pytest.importorskip("triton")
+    monkeypatch.setenv("EFFSSL_BACKEND", "triton")
+    dev = "cuda" if HAS_GPU else "cpu"
+    grad = torch.ones(1, 2, 2, 2, device=dev)
+    order, offsets = torch.arange(5, device=dev), torch.tensor([0, 1, 2, 3, 5], device=dev)
+    with pytest.raises(ValueError, match="do not match 4 padded pixels"):
+        halo_gather_backward_op(grad, order, offsets, 1, 2, 2)

@@ -456,3 +456,44 @@ def test_sparse_path_implicit_gemm_with_an_asymmetric_halo(monkeypatch, calls, k
     go = torch.randn_like(ref)
     for g, r in zip(torch.autograd.grad(y, (x, w), go), torch.autograd.grad(ref, (x, w), go)):
         torch.testing.assert_close(g, r, **TOL[torch.float32])
+
+
+def test_audit92_strided_bias_and_non_contiguous_tables():
+    # a bias that is a strided view (a slice of a wider parameter) and tables that are views with
+    # other strides: the launcher hands the kernel contiguous copies (it indexes them flat)
+    x, w, b, table, table_t = _case(k=2, halo=(0, 1, 0, 1))
+    wide = torch.zeros(2 * b.shape[0], dtype=b.dtype, device=DEVICE)
+    wide[::2] = b
+    tab, tab_t = (t.transpose(1, 2).contiguous().transpose(1, 2) for t in (table, table_t))
+    assert not wide[::2].is_contiguous() and not tab.is_contiguous() and torch.equal(tab, table)
+    ref = tile_conv_reference(x.cpu(), w.cpu(), b.cpu(), table.cpu())
+    torch.testing.assert_close(tile_conv(x, w, wide[::2], table, table_t).cpu(), ref, **TOL[torch.float32])
+    go = torch.randn(table.shape[0], w.shape[0], x.shape[2], x.shape[3]).to(DEVICE)
+    got = _grads(tile_conv, x, w, b, tab, tab_t, go)
+    want = _grads(tile_conv_reference, x.cpu(), w.cpu(), b.cpu(), table.cpu(), table_t.cpu(), go.cpu())
+    for g, r in zip(got, want):
+        torch.testing.assert_close(g.cpu(), r, **TOL[torch.float32])
+
+
+@pytest.mark.skipif(HAS_GPU, reason="the GPU runs these tiles in every test")
+def test_audit92_gpu_tile_sizes_of_a_small_map_under_the_interpreter(monkeypatch):
+    # under 128 output rows, C_out < 64, C < 32: the GPU launchers round BLOCK_M / BLOCK_N /
+    # BLOCK_C up to powers of two (tl.arange needs them); 24 rows, 7 output channels, 5 inputs
+    import effssl_kernels.triton.tile_conv as ttc
+
+    seen = gpu_tile_choices(monkeypatch, ttc, ("_fwd_tiles", "_wgrad_tiles"))
+    x, w, b, table, table_t = _case(N=1, Hb=3, Wb=3, B=8, in_stride=4, C=5, CO=7)  # 2 x 2 tiles
+    assert x.shape[0] * 4 == 24
+    go = torch.randn(table.shape[0], 7, 2, 2).to(DEVICE)
+    got = _grads(tile_conv, x, w, b, table, table_t, go)
+    ref = _grads(tile_conv_reference, x, w, b, table, table_t, go)
+    for g, r in zip(got, ref):
+        torch.testing.assert_close(g, r, **TOL[torch.float32])
+    assert seen[0] == (32, 16, 16, 4, 1), seen
+    assert (64, 16, 16, 8, 3) in seen, seen
+
+
+def test_audit92_tensors_on_two_devices_are_refused():
+    x, w, b, table, table_t = _case(N=1, Hb=2, Wb=2, C=3, CO=4)
+    with pytest.raises(ValueError, match="all tensors must be on one device"):
+        tile_conv(x, w.to("meta"), None, table, table_t)

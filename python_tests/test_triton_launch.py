@@ -148,3 +148,16 @@ def test_multi_crop_kernel_counts_output_pixels_in_int64():
         _multi_crop_kernel[(1,)](img, box, torch.zeros(1, dtype=torch.bool), out, 1, 1, 4, 4, side, side,
                                  *img.stride(), OUT_U8=False, BLOCK=256)
         assert (out == 1.0).all(), side
+
+
+def test_audit92_halo_gather_checks_tile_and_padded_pixels():
+    from effssl_kernels.triton.halo_gather import halo_gather_bwd, halo_gather_fwd
+
+    # 2^27 tiles of 4 x 4 = 2^31 source pixels, split in int32 by the forward kernel
+    tiles = torch.zeros(1, 1, 1, 1).expand(2**27, 1, 4, 4)
+    with pytest.raises(ValueError, match=r"halo_gather: tile pixels = 2147483648 must be below 2\^31"):
+        halo_gather_fwd(tiles, torch.zeros(1, 1, 1, dtype=torch.int64), 0.0)
+    # R * ph * pw = 2^31 padded pixels, split in int32 by the backward kernel
+    grad = torch.zeros(1, 1, 1, 1).expand(2**31, 1, 1, 1)
+    with pytest.raises(ValueError, match=r"halo_gather backward: padded pixels = 2147483648 must be below 2\^31"):
+        halo_gather_bwd(grad, torch.zeros(0, dtype=torch.int64), torch.zeros(2, dtype=torch.int64), 1, 1, 1)
