@@ -388,3 +388,17 @@ def test_audit92_triton_backward_checks_the_inverse_sizes(monkeypatch):
     order, offsets = torch.arange(5, device=dev), torch.tensor([0, 1, 2, 3, 5], device=dev)
     with pytest.raises(ValueError, match="do not match 4 padded pixels"):
         halo_gather_backward_op(grad, order, offsets, 1, 2, 2)
+
+
+@pytest.mark.parametrize("C", [2, 0])
+def test_cpu_backward_checks_offsets_and_order_values(C):
+    # the C++ backward op called directly with inverse tables whose values are bad (the Python
+    # checks look at sizes only): refused, never read past order or grad; with C = 0 (nothing
+    # summed) too, as the forward checks every index when nothing is copied (audit 96)
+    bwd = torch.ops.effssl_kernels.halo_gather_backward
+    grad = torch.ones(1, C, 2, 2)  # Q = 4 padded pixels; 1 tile of 2 x 2 -> S = 4
+    with pytest.raises(RuntimeError, match="not a partition"):  # the last run ends past order
+        bwd(grad, torch.arange(4), torch.tensor([0, 1, 2, 3, 5]), 1, 2, 2)
+    with pytest.raises(RuntimeError, match="out of range"):  # a run of one reading pixel Q
+        bwd(grad, torch.tensor([0, 1, 2, 4]), torch.tensor([0, 1, 2, 3, 4]), 1, 2, 2)
+    assert bwd(grad, torch.arange(4), torch.arange(5), 1, 2, 2).shape == (1, C, 2, 2)

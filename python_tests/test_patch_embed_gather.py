@@ -496,3 +496,11 @@ def test_reference_backend_under_autocast_no_channels(monkeypatch):
         out = patch_embed_gather(images, weight, bias, torch.zeros(2, 3, dtype=torch.long))
     assert out.dtype == torch.bfloat16
     assert torch.equal(out, bias.bfloat16().expand(2, 3, 4))
+
+
+def test_scatter_sums_float32_cols_in_float64_for_a_float64_output():
+    # float32 column gradients scattered into a float64 image (autocast with float64 images):
+    # duplicates summed in float64, so 1 + 2**-30 survives (a float32 sum rounds it to 1; audit 96)
+    cols = torch.tensor([[[1.0], [2.0 ** -30]]])  # N = 1, K = 2 (patch 0 twice), C*p*p = 1
+    got = torch.ops.effssl_kernels._scatter_patches(cols, torch.tensor([[0, 0]]), 1, 1, 1, torch.float64)
+    assert got.dtype == torch.float64 and got.item() == 1.0 + 2.0 ** -30

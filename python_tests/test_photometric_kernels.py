@@ -232,6 +232,16 @@ def test_blur_kernel_too_large():
     ek.photometric(x, params._replace(blur_sigma=torch.zeros(2)))
 
 
+def test_cpp_op_checks_blur_kernel_against_view_size():
+    # the op called directly (no Python checks) refuses a kernel whose reflect padding K // 2
+    # reaches the view's side (pad == H reads past the plane; audit 96)
+    x, params = photometric_case(2, 5, 6, torch.float32, ops=("blur",), k=11)
+    packed, weights, norm = pack_params(params, 2)
+    assert bool(packed[:, 10].any())  # some sample blurs
+    with pytest.raises(ValueError, match="needs views larger than 5 px"):
+        torch.ops.effssl_kernels.photometric.default(x, packed, weights, norm)
+
+
 def test_cpp_op_checks_packed_tensors():
     x, params = photometric_case(2, 5, 5, torch.float32, k=3)
     packed, weights, norm = pack_params(params, 2)

@@ -128,15 +128,23 @@ at::Tensor halo_gather_backward_cpu(const at::Tensor& grad, const at::Tensor& or
                "order must be 1-D with at most ", R * ph * pw, " entries, got ", order.sizes());
   at::Tensor gt = at::empty({T, C, bh, bw},
                             grad.options().memory_format(at::MemoryFormat::ChannelsLast));
-  if (gt.numel() == 0) return gt;
   const at::Tensor ord = order.contiguous(), off = offsets.contiguous();
   const int64_t* orp = ord.const_data_ptr<int64_t>();
   const int64_t* ofp = off.const_data_ptr<int64_t>();
   const int64_t M = ord.size(0);
+  const int64_t Q = R * ph * pw;
+  if (gt.numel() == 0) {  // C == 0: nothing summed, but bad tables are refused as with C > 0
+    for (int64_t s = 0; s < S; ++s) {
+      TORCH_CHECK(0 <= ofp[s] && ofp[s] <= ofp[s + 1] && ofp[s + 1] <= M, kOp,
+                  ": offsets are not a partition of order");
+      for (int64_t j = ofp[s]; j < ofp[s + 1]; ++j)
+        TORCH_CHECK(0 <= orp[j] && orp[j] < Q, kOp, ": order entry ", orp[j], " out of range");
+    }
+    return gt;
+  }
   // As in the forward: read through the strides unless channels last (unpack's gradient is a
   // dense NCHW map, most of whose pixels no tile reads).
   const PixelLayout src(grad);
-  const int64_t Q = R * ph * pw;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad.scalar_type(), kOp, [&] {
     using acc = acc_t<scalar_t>;
     const scalar_t* gp = grad.const_data_ptr<scalar_t>();
