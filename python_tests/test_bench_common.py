@@ -196,3 +196,43 @@ def test_a_users_backend_is_dropped_with_a_note(monkeypatch, capsys):
     monkeypatch.setenv("EFFSSL_BACKEND", "auto")
     common.parse_args("doc", "quick", ["--device", "cpu"])
     assert "ignored" not in capsys.readouterr().out
+
+
+def test_gpu_timer_median_is_the_middle_sample(monkeypatch):
+    import triton.testing
+
+    monkeypatch.setattr(torch.cuda, "Event", _FakeEvent)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda: None)
+    _FakeEvent.elapsed = 1.0
+    # 5 samples, sorted 1, 2, 3, 4, 100: the median is 3 (the mean would be 22)
+    monkeypatch.setattr(triton.testing, "do_bench", lambda fn, warmup, rep, return_mode: [100.0, 1.0, 3.0, 2.0, 4.0])
+    assert common.time_ms(lambda: None, "cuda")["median_ms"] == 3.0
+    # 4 samples, sorted 1, 2, 4, 100: the median is (2 + 4) / 2 = 3, not the upper middle 4
+    monkeypatch.setattr(triton.testing, "do_bench", lambda fn, warmup, rep, return_mode: [100.0, 1.0, 4.0, 2.0])
+    assert common.time_ms(lambda: None, "cuda")["median_ms"] == 3.0
+
+
+def test_ceilings_against_hand_counts(monkeypatch):
+    # GEMM: n x n x n is n^3 FMAs = 2 n^3 FLOP at its fastest (p20) time. n=100 in 1 ms:
+    # 2e6 / 1e-3 = 2e9 FLOP/s = 0.002 TFLOP/s; n=200 in 16 ms: 1.6e7 / 1.6e-2 = 0.001 TFLOP/s;
+    # the best size (100) is the ceiling. Copy of 1000 float32: 4000 B read + 4000 B written
+    # = 8000 B in 1 ms = 8e6 B/s = 8e-6 TB/s.
+    def fake_time_ms(fn, device, **kw):
+        out = fn()
+        ms = {100: 1.0, 200: 16.0}.get(out.shape[0], 1.0) if out.dim() == 2 else 1.0
+        return {"p20_ms": ms, "median_ms": 99.0}
+
+    monkeypatch.setattr(common, "time_ms", fake_time_ms)
+    assert common._gemm_tflops("cpu", torch.float32, (100, 200)) == pytest.approx(0.002)
+    assert common._measure_ceilings("cpu", copy_numel=1000, gemm_sizes=(100,))["copy_tbps"] == pytest.approx(8e-6)
+
+
+def test_check_output_takes_the_worst_tensor_and_the_sign_of_inf():
+    from bench.common import check_output
+
+    # a tuple's worst tensor counts, not its last: |1.1 - 1| / 1 = 0.1, then an exact one
+    r = check_output({}, (torch.tensor([1.1]), torch.tensor([2.0])), (torch.tensor([1.0]), torch.tensor([2.0])), 1e-3)
+    assert r["max_err"] == pytest.approx(0.1) and r["note"].startswith("MISMATCH")
+    # -inf where the reference has +inf is wrong
+    inf = float("inf")
+    assert check_output({}, torch.tensor([1.0, -inf]), torch.tensor([1.0, inf]), 1.0)["max_err"] == inf

@@ -95,3 +95,35 @@ def test_answer_check_has_the_tests_tolerance():
     assert _check({}, g, w, torch.uint8)["note"].startswith("MISMATCH")
     assert _check({}, w + 1e-3, w, torch.float32)["note"].startswith("MISMATCH")  # float32: 2e-5
     assert "note" not in _check({}, w + 1e-5, w, torch.float32)
+
+
+def test_loop_time_is_scaled_to_all_samples(monkeypatch):
+    monkeypatch.setattr(bp, "timed_row", lambda row, fn, device, mrt, warm:
+                        {**row, "median_ms": 1.0, "p20_ms": 0.5, "p80_ms": 2.0})
+    views = torch.zeros(64, 3, 4, 4, dtype=torch.uint8)
+    r = bp._loop_row({"provider": "loop"}, views, None, "cpu", 0.1)
+    # CPU: LOOP_CPU = 32 of the 64 samples timed, so all of them take twice as long
+    assert (r["median_ms"], r["p20_ms"], r["p80_ms"]) == (2.0, 1.0, 4.0) and r["note"] == "timed on 32 samples, x2"
+
+
+def test_traffic_and_a_mismatch_stays_in_the_note(monkeypatch):
+    monkeypatch.setattr(bp, "_cases", lambda d, q: [("t", 2, 8, torch.uint8, ek.PhotometricSampler(blur_kernel=3))])
+    monkeypatch.setattr(bp, "device_info", lambda d: {"device": "test", "hbm_tbps_limit": None})
+    monkeypatch.setattr(bp, "timed_row", lambda row, fn, device, mrt, warm=None: {**row, "median_ms": 1.0})
+    monkeypatch.setattr(bp, "photometric_mismatch", lambda *a, **k: (0.5, 0.5, "planted"))
+    rows, _ = bp.run("cpu", quick=True)
+    by = {r["provider"]: r for r in rows}
+    # 2 views x 3 x 8 x 8 = 384 uint8 read (384 B) + 384 float32 written (1,536 B) = 1,920 B in 1 ms
+    assert by["ours"]["gbps"] == pytest.approx(1920e-6) and by["ours"]["images_per_s"] == pytest.approx(2000)
+    assert by["ours"]["note"].startswith("MISMATCH")  # the goal line must not replace it
+
+
+def test_step_share_by_hand(monkeypatch):
+    monkeypatch.setenv("EFFSSL_BENCH_TINY", "1")
+    ms = {None: 10.0, "torchvision v2 loop (before)": 30.0, "ours (after)": 5.0}
+    monkeypatch.setattr(bp, "timed_row", lambda row, fn, device, mrt, warm=None:
+                        {**row, "median_ms": ms[row.get("provider")]})
+    before, after = bp.step_share("cpu", quick=True)
+    # step 10 ms: before 30 / (30 + 10) = 75%, after 5 / 15 = 33.3%; step 40 ms -> 15 ms: 2.667x
+    assert before["aug_share_pct"] == pytest.approx(75.0) and after["aug_share_pct"] == pytest.approx(100 / 3)
+    assert after["step_speedup"] == pytest.approx(40 / 15)

@@ -85,3 +85,19 @@ def test_a_folder_without_results_fails(tmp_path):
     proc = _report_cli(str(tmp_path))
     assert proc.returncode == 1 and "no benchmark results in" in proc.stderr
     assert "No benchmark results in this folder." in (tmp_path / "report.md").read_text()
+
+
+def test_bars_and_curves_of_the_benchmarks_row_shapes():
+    # block_match: ours' own row carries ours_speedup 1.0 (its time over itself): no alternative
+    bm = [{"case": "c", "provider": "cpp", "median_ms": 1.0, "ours_speedup": 1.0},
+          {"case": "c", "provider": "shift loop (torch)", "median_ms": 4.0, "ours_speedup": 4.0}]
+    # gather_tokens: a bar per mode (fwd: ours 2x faster; fwd+bwd: 0.5x), not the min over both
+    gt = [{"case": "c", "mode": "fwd", "provider": "ours", "median_ms": 1.0, "speedup_vs_torch": 2.0},
+          {"case": "c", "mode": "fwd+bwd", "provider": "ours", "median_ms": 4.0, "speedup_vs_torch": 0.5}]
+    sp = dict(best_alternative_speedups({"bm": {"rows": bm, "info": {}}, "gt": {"rows": gt, "info": {}}}))
+    assert sp == {"bm: c": 4.0, "gt: c fwd": 2.0, "gt: c fwd+bwd": 0.5}
+    # sparse_conv: rel_dense (no rel_time), a curve per layer
+    sc = [{"layer": la, "keep": k, "mode": "fwd", "provider": "ours packed", "rel_dense": v}
+          for la, k, v in (("l1", 1.0, 1.1), ("l1", 0.5, 0.6), ("l3", 1.0, 1.3), ("l3", 0.5, 0.9))]
+    assert keep_curves({"sc": {"rows": sc, "info": {}}}) == {
+        "sc": {"ours packed l1 fwd": [(1.0, 1.1), (0.5, 0.6)], "ours packed l3 fwd": [(1.0, 1.3), (0.5, 0.9)]}}
