@@ -28,8 +28,9 @@ tensor: a ``torch.Tensor`` subclass whose storage *is* the packed ``[T, C, bh, b
 * ``shape``, ``size()``, ``dim()``, ``numel()`` report the dense ``[N, C, H, W]``, ``stride()``
   and ``is_contiguous()`` the layout of the dense map that ops off the tiles see (contiguous,
   whatever the tiles' layout); ``dtype``, ``device``, ``requires_grad``, ``grad_fn`` are the
-  tiles'. Gradient hooks (``register_hook``), ``retain_grad``, ``.grad`` and a map among the
-  ``inputs`` of ``torch.autograd.grad`` / ``backward`` work on the tiles and hand out PackedMaps;
+  tiles'. Gradient hooks (``register_hook``, ``register_post_accumulate_grad_hook`` of a leaf
+  map), ``retain_grad``, ``.grad`` and a map among the ``inputs`` of ``torch.autograd.grad`` /
+  ``backward`` work on the tiles and hand out PackedMaps;
   a map among the outputs takes a packed or a dense gradient. In-place ops that run on the tiles
   return the map itself. ``.data`` and ``.numpy()`` are dense copies of their own.
 * The layer functionals (``F.conv2d``, ``F.batch_norm``, pools, norms, resampling) raise: a
@@ -262,6 +263,7 @@ _TILE_META = {Tensor.dtype.__get__, Tensor.device.__get__, Tensor.requires_grad.
               Tensor.is_floating_point, Tensor.element_size, Tensor.requires_grad_,
               Tensor.is_leaf.__get__, Tensor.data_ptr, Tensor.get_device, Tensor.retain_grad,
               Tensor.retains_grad.__get__, Tensor.requires_grad.__set__, Tensor._version.__get__,
+              Tensor.register_post_accumulate_grad_hook,  # (a leaf map; the hook gets the map)
               # torch sets these from C++ while it regenerates the history of a map changed in
               # place (holding the tensor's autograd lock): unpacking there deadlocked
               Tensor._backward_hooks.__get__, Tensor._backward_hooks.__set__,
