@@ -17,6 +17,14 @@ GRAD_TOL = {torch.float32: (1e-6, 1e-6), torch.float64: (1e-12, 1e-12),
             torch.float16: (1e-3, 1e-3), torch.bfloat16: (1e-2, 1e-2)}
 
 
+@pytest.fixture
+def triton_dev(monkeypatch):
+    """The Triton backend, on the GPU where there is one, else under the interpreter: the device."""
+    pytest.importorskip("triton")
+    monkeypatch.setenv("EFFSSL_BACKEND", "triton")
+    return "cuda" if HAS_GPU else "cpu"
+
+
 def _case(stride=2, halo=1, seed=0, C=5, dtype=torch.float32, layout="contiguous", N=2,
           hw=(32, 24), B=8):
     mask = random_mask(N, *hw, B, p=0.6, seed=seed)
@@ -204,13 +212,10 @@ triton_only = pytest.mark.skipif(not (HAS_GPU or INTERPRET),
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("stride,halo,outside", [(2, 1, 0.0), (4, (1, 0, 2, 1), float("-inf")),
                                                  (8, 2, 0.0)])
-def test_triton_matches_reference(monkeypatch, dtype, stride, halo, outside):
-    pytest.importorskip("triton")
-    monkeypatch.setenv("EFFSSL_BACKEND", "triton")
-    dev = "cuda" if HAS_GPU else "cpu"
+def test_triton_matches_reference(triton_dev, dtype, stride, halo, outside):
     tiles, table, order, offsets, _ = _case(stride=stride, halo=halo, C=3, dtype=dtype,
                                             layout="strided", N=1, hw=(16, 24))
-    args = [a.to(dev) for a in (tiles, table, order, offsets)]
+    args = [a.to(triton_dev) for a in (tiles, table, order, offsets)]
     _check(*args, outside=outside)
 
 
@@ -257,15 +262,12 @@ def test_float64_fill_is_exact(monkeypatch, backend):
 @pytest.mark.triton
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("layout", ["contiguous", "strided"])
-def test_triton_second_channel_block(monkeypatch, dtype, layout):
+def test_triton_second_channel_block(triton_dev, dtype, layout):
     """C = 130 > BLOCK_C = 128: a second program along the channels (program_id(1) = 1),
     forward and backward, with masked channel lanes in it."""
-    pytest.importorskip("triton")
-    monkeypatch.setenv("EFFSSL_BACKEND", "triton")
-    dev = "cuda" if HAS_GPU else "cpu"
     tiles, table, order, offsets, _ = _case(stride=8, halo=(1, 0, 2, 1), C=130, dtype=dtype,
                                             layout=layout, N=1, hw=(16, 24))
-    _check(*[a.to(dev) for a in (tiles, table, order, offsets)], outside=-1.5)
+    _check(*[a.to(triton_dev) for a in (tiles, table, order, offsets)], outside=-1.5)
 
 
 @triton_only
@@ -283,13 +285,10 @@ def test_triton_opcheck(monkeypatch):
 
 @triton_only
 @pytest.mark.triton
-def test_triton_gradgradcheck_float64(monkeypatch):
-    pytest.importorskip("triton")
-    monkeypatch.setenv("EFFSSL_BACKEND", "triton")
-    dev = "cuda" if HAS_GPU else "cpu"
+def test_triton_gradgradcheck_float64(triton_dev):
     tiles, table, order, offsets, _ = _case(stride=2, halo=1, C=2, dtype=torch.float64, N=1,
                                             hw=(8, 4), B=4, seed=3)
-    tiles, table, order, offsets = (a.to(dev) for a in (tiles, table, order, offsets))
+    tiles, table, order, offsets = (a.to(triton_dev) for a in (tiles, table, order, offsets))
     tiles.requires_grad_(True)
     assert tiles.shape[0] > 1  # some halo pixels read another tile
     # fast mode (random projections): a few interpreted launches instead of one per element
@@ -340,7 +339,7 @@ def test_triton_pack_unpack_match_cpu(monkeypatch):
 
 
 @pytest.mark.parametrize("backend", ["cpp"] + (["triton"] if (HAS_GPU or INTERPRET) else []))
-def test_audit92_non_square_tiles_and_halo_gradients(monkeypatch, backend):
+def test_non_square_tiles_and_halo_gradients(monkeypatch, backend):
     # 4 x 8 tiles (in_stride (2, 1)) and a halo with ph != pw: the backward's tile shape per axis
     if backend == "triton":
         pytest.importorskip("triton")
@@ -352,7 +351,7 @@ def test_audit92_non_square_tiles_and_halo_gradients(monkeypatch, backend):
     _check(tiles, table, order, offsets)
 
 
-def test_audit92_opcheck_non_square_halo():
+def test_opcheck_non_square_halo():
     # the fake's output [R, C, ph, pw] per axis: ph = 4 + 3 != pw = 4 + 1
     tiles, table, order, offsets, _ = _case(C=2, N=1, hw=(16, 16), halo=(1, 0, 2, 1))
     assert table.shape[1] != table.shape[2]
@@ -367,25 +366,19 @@ def test_audit92_opcheck_non_square_halo():
 
 @triton_only
 @pytest.mark.triton
-def test_audit92_triton_non_contiguous_table(monkeypatch):
-    pytest.importorskip("triton")
-    monkeypatch.setenv("EFFSSL_BACKEND", "triton")
-    dev = "cuda" if HAS_GPU else "cpu"
+def test_triton_non_contiguous_table(triton_dev):
     tiles, table, order, offsets, _ = _case(stride=4, halo=(1, 0, 2, 1), C=3, N=1, hw=(16, 24))
     view = table.transpose(1, 2).contiguous().transpose(1, 2)  # the same entries, other strides
     assert not view.is_contiguous() and torch.equal(view, table)
-    _check(*[a.to(dev) for a in (tiles, view, order, offsets)], outside=-1.5)
+    _check(*[a.to(triton_dev) for a in (tiles, view, order, offsets)], outside=-1.5)
 
 
 @triton_only
 @pytest.mark.triton
-def test_audit92_triton_backward_checks_the_inverse_sizes(monkeypatch):
+def test_triton_backward_checks_the_inverse_sizes(triton_dev):
     # order longer than the padded pixels: refused as the C++ op refuses it, not read
-    pytest.importorskip("triton")
-    monkeypatch.setenv("EFFSSL_BACKEND", "triton")
-    dev = "cuda" if HAS_GPU else "cpu"
-    grad = torch.ones(1, 2, 2, 2, device=dev)
-    order, offsets = torch.arange(5, device=dev), torch.tensor([0, 1, 2, 3, 5], device=dev)
+    grad = torch.ones(1, 2, 2, 2, device=triton_dev)
+    order, offsets = torch.arange(5, device=triton_dev), torch.tensor([0, 1, 2, 3, 5], device=triton_dev)
     with pytest.raises(ValueError, match="do not match 4 padded pixels"):
         halo_gather_backward_op(grad, order, offsets, 1, 2, 2)
 

@@ -288,7 +288,7 @@ def test_vit_token_path_flops_and_saved_activations_scale_with_keep():
         assert got[0] <= x.numel() * x.element_size() + 1.02 * frac * dense[0], (K, got[0] / dense[0])
 
 
-def test_audit92_halo_conv_under_autocast_leaves_float64_alone():
+def test_halo_conv_under_autocast_leaves_float64_alone():
     # autocast casts float32 conv inputs only: float64 tiles and weight stay float64
     tiles, idx = _case(stride=1)
     w = torch.randn(6, 4, 3, 3, dtype=torch.float64)
@@ -299,6 +299,6 @@ def test_audit92_halo_conv_under_autocast_leaves_float64_alone():
     torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
 
 
-def test_audit92_halo_max_pool_without_halo_keeps_dilation():
+def test_halo_max_pool_without_halo_keeps_dilation():
     tiles, idx = _case(stride=1)  # 8 x 8 tiles
     assert torch.equal(halo_max_pool2d(tiles, idx, 0, 3, 1, 2), F.max_pool2d(tiles, 3, 1, 0, 2))

@@ -458,7 +458,7 @@ def test_sparse_path_implicit_gemm_with_an_asymmetric_halo(monkeypatch, calls, k
         torch.testing.assert_close(g, r, **TOL[torch.float32])
 
 
-def test_audit92_strided_bias_and_non_contiguous_tables():
+def test_strided_bias_and_non_contiguous_tables():
     # a bias that is a strided view (a slice of a wider parameter) and tables that are views with
     # other strides: the launcher hands the kernel contiguous copies (it indexes them flat)
     x, w, b, table, table_t = _case(k=2, halo=(0, 1, 0, 1))
@@ -476,7 +476,7 @@ def test_audit92_strided_bias_and_non_contiguous_tables():
 
 
 @pytest.mark.skipif(HAS_GPU, reason="the GPU runs these tiles in every test")
-def test_audit92_gpu_tile_sizes_of_a_small_map_under_the_interpreter(monkeypatch):
+def test_gpu_tile_sizes_of_a_small_map_under_the_interpreter(monkeypatch):
     # under 128 output rows, C_out < 64, C < 32: the GPU launchers round BLOCK_M / BLOCK_N /
     # BLOCK_C up to powers of two (tl.arange needs them); 24 rows, 7 output channels, 5 inputs
     import effssl_kernels.triton.tile_conv as ttc
@@ -493,7 +493,7 @@ def test_audit92_gpu_tile_sizes_of_a_small_map_under_the_interpreter(monkeypatch
     assert (64, 16, 16, 8, 3) in seen, seen
 
 
-def test_audit92_tensors_on_two_devices_are_refused():
+def test_tensors_on_two_devices_are_refused():
     x, w, b, table, table_t = _case(N=1, Hb=2, Wb=2, C=3, CO=4)
     with pytest.raises(ValueError, match="all tensors must be on one device"):
         tile_conv(x, w.to("meta"), None, table, table_t)

@@ -150,7 +150,7 @@ def test_multi_crop_kernel_counts_output_pixels_in_int64():
         assert (out == 1.0).all(), side
 
 
-def test_audit92_halo_gather_checks_tile_and_padded_pixels():
+def test_halo_gather_checks_tile_and_padded_pixels():
     from effssl_kernels.triton.halo_gather import halo_gather_bwd, halo_gather_fwd
 
     # 2^27 tiles of 4 x 4 = 2^31 source pixels, split in int32 by the forward kernel
