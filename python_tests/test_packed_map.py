@@ -700,31 +700,25 @@ def test_in_place_ops_on_the_tiles_return_the_map_itself():
     assert type(F.relu(p)) is PackedMap and F.relu(p) is not p  # out of place: a new map
 
 
-def _dense_chain(x, mask, stride=2):
-    """The map's dense twin: q = relu(2 x) (zeros under removed blocks), with its gradient kept."""
-    q = (2.0 * x.detach()).relu_() * mask.pixel_mask(stride, x.shape[-2:])
-    return q.requires_grad_(True)
-
-
 def test_autograd_grad_with_respect_to_a_map():
     # torch.autograd.grad(..., inputs=map) used to differentiate a dense copy made after the
     # graph ("appears to not have been used in the graph"); a map changed in place included
     x, mask, p = _packed(seed=23)
+    pm = mask.pixel_mask(2, x.shape[-2:])
     q = p * 2.0
     q.relu_()
     w = torch.randn(q.shape, dtype=q.dtype, generator=torch.Generator().manual_seed(1))
     g, = torch.autograd.grad((q.to_dense() * w).sum(), q)
     assert isinstance(g, PackedMap) and g.index is q.index
-    torch.testing.assert_close(g.to_dense(), w * mask.pixel_mask(2, x.shape[-2:]))
-    # as outputs: a packed and a dense gradient give the dense chain's input gradient
-    qd = _dense_chain(x, mask)
-    torch.testing.assert_close(q.to_dense(), qd)
-    want = torch.autograd.grad(2.0 * x * (2.0 * x > 0), x, w * mask.pixel_mask(2, x.shape[-2:]))[0]
+    torch.testing.assert_close(g.to_dense(), w * pm)
+    # as outputs: a packed and a dense gradient give the dense chain's (relu(2 x), masked) input gradient
+    torch.testing.assert_close(q.to_dense(), (2.0 * x.detach()).relu() * pm)
+    want = torch.autograd.grad(2.0 * x * (2.0 * x > 0), x, w * pm)[0]
     for gq in (w, pack_map(w, mask, (2, 2))):
         q = (p * 2.0).relu_()
         gx, gq_in = torch.autograd.grad(q, (x, q), gq, retain_graph=True)
         torch.testing.assert_close(gx, want)
-        torch.testing.assert_close(gq_in.to_dense(), w * mask.pixel_mask(2, x.shape[-2:]))
+        torch.testing.assert_close(gq_in.to_dense(), w * pm)
     with pytest.raises(ValueError, match=r"grad_outputs for a map of shape \(2, 3, 16, 16\)"):
         torch.autograd.grad(q, x, torch.ones(2, 3, 16, 15))
 

@@ -170,13 +170,12 @@ def _grad_as_tiles(out, g, what: str):
     """The gradient ``g`` of an autograd output ``out`` as autograd sees it: a map's as its
     tiles (a PackedMap's own, or a dense ``[N, C, H, W]`` one packed: its removed positions
     are never read), a plain output's dense."""
-    if not isinstance(out, PackedMap):
-        return g.to_dense() if isinstance(g, PackedMap) else g
-    if g is None or isinstance(g, torch.autograd.graph.GradientEdge):
+    if isinstance(g, PackedMap):
+        if isinstance(out, PackedMap) and g._effssl_index.same_tiles(out._effssl_index):
+            return g.tiles
+        g = g.to_dense()
+    if not isinstance(out, PackedMap) or g is None or isinstance(g, torch.autograd.graph.GradientEdge):
         return g
-    if isinstance(g, PackedMap) and g._effssl_index.same_tiles(out._effssl_index):
-        return g.tiles
-    g = g.to_dense() if isinstance(g, PackedMap) else g
     if not isinstance(g, Tensor) or tuple(g.shape) != tuple(out.dense_shape):
         raise ValueError(f"PackedMap: {what} for a map of shape {tuple(out.dense_shape)} must be a "
                          f"PackedMap of its tiles or a tensor of that shape, got "
@@ -184,8 +183,9 @@ def _grad_as_tiles(out, g, what: str):
     return pack(g, out._effssl_index)
 
 
-def _as_tuple(v, n: int) -> tuple:
-    """torch's reading of a gradient argument: None, one tensor, or one per output."""
+def _as_tuple(v, n: int = 0) -> tuple:
+    """torch's reading of a tensors or gradients argument: one tensor, or a sequence (None: one
+    None per each of ``n`` outputs)."""
     if v is None:
         return (None,) * n
     return (v,) if isinstance(v, Tensor) else tuple(v)
@@ -195,7 +195,7 @@ def _backward(tensors, grad_tensors=None, retain_graph=None, create_graph=False,
     """``torch.autograd.backward`` with maps: each map is its own node on the graph (its
     tiles'), so maps among ``inputs`` get their ``.grad`` (as the dense fallback's copy would
     not) and maps among ``tensors`` take packed or dense gradients without unpacking."""
-    tensors = (tensors,) if isinstance(tensors, Tensor) else tuple(tensors)
+    tensors = _as_tuple(tensors)
     grads = tuple(_grad_as_tiles(t, g, "the gradient")
                   for t, g in zip(tensors, _as_tuple(grad_tensors, len(tensors)), strict=True))
     with _DisableSubclass():
@@ -211,8 +211,7 @@ def _autograd_grad(outputs, inputs, grad_outputs=None, retain_graph=None, create
     """``torch.autograd.grad`` with maps: as :func:`_backward`; the gradient of a map among
     ``inputs`` comes back a PackedMap of its tiles (the dense fallback differentiated a copy made
     after the graph: "not used in the graph")."""
-    outputs = (outputs,) if isinstance(outputs, Tensor) else tuple(outputs)
-    inputs = (inputs,) if isinstance(inputs, Tensor) else tuple(inputs)
+    outputs, inputs = _as_tuple(outputs), _as_tuple(inputs)
     if is_grads_batched and any(isinstance(t, PackedMap) for t in outputs):
         raise NotImplementedError("PackedMap: torch.autograd.grad(is_grads_batched=True) with a "
                                   "map among the outputs; differentiate its .to_dense() instead")
