@@ -15,6 +15,7 @@
 
 #include <algorithm>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 #include <cstdint>
@@ -133,12 +134,21 @@ at::Tensor halo_gather_backward_cpu(const at::Tensor& grad, const at::Tensor& or
   const int64_t* ofp = off.const_data_ptr<int64_t>();
   const int64_t M = ord.size(0);
   const int64_t Q = R * ph * pw;
+  // The checks of the tables' values, where they are read: run s's bounds, order entry j.
+  const auto run_of = [&](int64_t s) {
+    const int64_t lo = ofp[s], hi = ofp[s + 1];
+    TORCH_CHECK(0 <= lo && lo <= hi && hi <= M, kOp, ": offsets are not a partition of order");
+    return std::pair<int64_t, int64_t>(lo, hi);
+  };
+  const auto entry = [&](int64_t j) {
+    const int64_t q = orp[j];
+    TORCH_CHECK(0 <= q && q < Q, kOp, ": order entry ", q, " out of range");
+    return q;
+  };
   if (gt.numel() == 0) {  // C == 0: nothing summed, but bad tables are refused as with C > 0
     for (int64_t s = 0; s < S; ++s) {
-      TORCH_CHECK(0 <= ofp[s] && ofp[s] <= ofp[s + 1] && ofp[s + 1] <= M, kOp,
-                  ": offsets are not a partition of order");
-      for (int64_t j = ofp[s]; j < ofp[s + 1]; ++j)
-        TORCH_CHECK(0 <= orp[j] && orp[j] < Q, kOp, ": order entry ", orp[j], " out of range");
+      const auto [lo, hi] = run_of(s);
+      for (int64_t j = lo; j < hi; ++j) entry(j);
     }
     return gt;
   }
@@ -153,21 +163,15 @@ at::Tensor halo_gather_backward_cpu(const at::Tensor& grad, const at::Tensor& or
                      [&](int64_t begin, int64_t end) {
       std::vector<acc> a(C);
       for (int64_t s = begin; s < end; ++s) {
-        const int64_t lo = ofp[s], hi = ofp[s + 1];
-        TORCH_CHECK(0 <= lo && lo <= hi && hi <= M, kOp, ": offsets are not a partition of order");
+        const auto [lo, hi] = run_of(s);
         scalar_t* o = op + s * C;
         if (hi - lo == 1 && std::is_same_v<scalar_t, acc>) {  // read once: a copy
-          const int64_t q = orp[lo];
-          TORCH_CHECK(0 <= q && q < Q, kOp, ": order entry ", q, " out of range");
-          src.copy_pixel(gp, q, o);
+          src.copy_pixel(gp, entry(lo), o);
           continue;
         }
         std::fill(a.begin(), a.end(), acc(0));
-        for (int64_t j = lo; j < hi; ++j) {
-          const int64_t q = orp[j];
-          TORCH_CHECK(0 <= q && q < Q, kOp, ": order entry ", q, " out of range");
-          src.for_channels(gp, q, [&a](int64_t c, scalar_t v) { a[c] += static_cast<acc>(v); });
-        }
+        for (int64_t j = lo; j < hi; ++j)
+          src.for_channels(gp, entry(j), [&a](int64_t c, scalar_t v) { a[c] += static_cast<acc>(v); });
         for (int64_t c = 0; c < C; ++c) o[c] = static_cast<scalar_t>(a[c]);
       }
     });
