@@ -24,6 +24,7 @@ CONVS = [  # (weight shape, stride, padding, dilation, groups, in_stride, channe
     ((5, 4, 2, 2), 1, "same", 1, 1, 1, False),  # 'same' with an even reach: the reference runs
     ((5, 4, 1, 1), (2, 1), 0, 1, 1, 1, True),   # sliced with unequal strides: rows and columns kept apart
     ((5, 4, 2, 3), 1, "same", 1, 1, 1, False),  # 'same' with one odd reach (rows) only: the reference
+    ((5, 4, 3, 5), 1, "same", 1, 1, 1, False),  # 'same', even reaches 2 and 4: rows and columns padded apart
 ]
 
 
@@ -357,3 +358,21 @@ def test_bf16_weight_gradient_of_a_channels_last_1x1_map():
         y = conv2d_map(pack_map(x, mask, (4, 4)), ws, None, 2, 1, 1, 1, mask=mask, in_stride=(4, 4))
         y.sum().backward()
         torch.testing.assert_close(ws.grad, wd.grad, atol=1e-2, rtol=1e-2)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_masked_batch_norm_half_backward_accumulates_in_float32(dtype):
+    """The backward of a half map recomputes the statistics and sums the gradients in float32, as
+    the forward does: the weight and bias gradients (float32 parameters, sums over ~500 positions)
+    equal float64 ones of the same half inputs to float32 precision, not to half precision."""
+    x, m, (rm, rv), (w, b) = _bn_case(C=8, dtype=torch.float32, shape=(4, 16, 16), B=4)
+    x = x.to(dtype)
+    go = torch.randn(x.shape).to(dtype)
+    w32, b32 = w.float().requires_grad_(), b.float().requires_grad_()
+    got = masked_batch_norm(x.requires_grad_(), m, rm.clone(), rv.clone(), w32, b32, True, 0.1, 1e-5)
+    gw, gb = torch.autograd.grad(got, (w32, b32), go)
+    w64, b64 = w.double().requires_grad_(), b.double().requires_grad_()
+    want = masked_batch_norm_reference(x.detach().double(), m, rm.double(), rv.double(), w64, b64, True, 0.1, 1e-5)
+    ew, eb = torch.autograd.grad(want, (w64, b64), go.double())
+    torch.testing.assert_close(gb.double(), eb, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(gw.double(), ew, rtol=1e-5, atol=1e-4)

@@ -456,3 +456,22 @@ def test_bad_inputs_bn_and_avg():
         masked_avg_pool_reference(x, m[:1])
     with pytest.raises(ValueError, match="4-D"):
         masked_avg_pool_reference(x[0], m[0])
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_bn_uses_its_eps(training):
+    """eps other than BatchNorm2d's default (1e-3 models, or a large one that shows): every test
+    above uses 1e-5, which a hard-coded eps would pass."""
+    from effssl_kernels.sparse.masked_dense import masked_batch_norm
+
+    torch.manual_seed(0)
+    bn = nn.BatchNorm2d(4, eps=0.5).double().train(training)
+    nn.init.normal_(bn.weight)
+    nn.init.normal_(bn.bias)
+    x = torch.randn(2, 4, 5, 6, dtype=torch.float64)
+    m = torch.ones(2, 1, 5, 6, dtype=torch.bool)
+    for fn in (masked_batch_norm_reference, masked_batch_norm):
+        rm, rv = bn.running_mean.clone(), bn.running_var.clone()
+        got = fn(x, m, rm, rv, bn.weight, bn.bias, training, 0.1, bn.eps)
+        torch.testing.assert_close(got, F.batch_norm(x, bn.running_mean.clone(), bn.running_var.clone(), bn.weight,
+                                                     bn.bias, training, 0.1, bn.eps))

@@ -934,3 +934,44 @@ def test_patch_size_honours_or_refuses_projection_hooks():
     with pytest.raises(TypeError, match="forward hooks on the projection"):
         with ek.patch_size(model, 16):
             model(x)
+
+
+@pytest.mark.parametrize("norm", [None, nn.LayerNorm, _ScaleNorm])
+def test_forward_features_tokens_in_keeps_order(norm):
+    """The kept tokens come out in keep's order (unsorted, duplicates), each with its own position,
+    on every embedding path: the head (cls token or mean) cannot see a permutation, the tokens can."""
+    kw = {} if norm is None else {"embed_norm_layer": norm}
+    ref = _vit(depth=1, reg_tokens=1, **kw)
+    model = ek.sparsify_vit(copy.deepcopy(ref))
+    x, keep = torch.randn(2, 3, 64, 64), torch.tensor([[9, 3, 3, 0], [15, 2, 7, 1]])
+    with ek.token_keep(keep):
+        got = model.forward_features(x)
+    torch.testing.assert_close(got, _timm_reference(ref, x, keep, head=False), rtol=1e-5, atol=1e-5)
+
+
+def test_patch_size_with_an_embed_norm_matches_timms_tokens():
+    """patch_size without and with token_keep on a model with a patch-embed norm: the tokens (not
+    only the head, which at timm's init barely sees the patch tokens) equal timm's set_input_size."""
+    ref = timm.create_model("vit_small_patch16_224", img_size=48, patch_size=8, depth=1, embed_dim=16, num_heads=2,
+                            num_classes=3, embed_norm_layer=nn.LayerNorm).eval()
+    model = ek.sparsify_vit(copy.deepcopy(ref))
+    resized = copy.deepcopy(ref)
+    resized.set_input_size(patch_size=12)
+    x, keep = torch.rand(2, 3, 48, 48), torch.tensor([[3, 0, 15, 7], [1, 1, 9, 4]])
+    with ek.patch_size(model, 12, interpolation="bicubic", antialias=True):
+        torch.testing.assert_close(model.forward_features(x), resized.forward_features(x), rtol=1e-4, atol=1e-4)
+        with ek.token_keep(keep):
+            got = model.forward_features(x)
+    torch.testing.assert_close(got, _timm_reference(resized, x, keep, head=False), rtol=1e-4, atol=1e-4)
+
+
+def test_pos_drop_applies_to_the_kept_tokens():
+    """pos_drop runs after the kept tokens get their positions, as in timm (Dropout(1.0) in training:
+    deterministic, every token zeroed, so the sparse and timm paths can be compared)."""
+    x, keep = torch.randn(2, 3, 64, 64), torch.tensor([[0, 5, 9], [3, 3, 15]])
+    for kw in ({}, {"embed_norm_layer": nn.LayerNorm}):
+        ref = _vit(depth=1, reg_tokens=1, pos_drop_rate=1.0, **kw).train()
+        model = ek.sparsify_vit(copy.deepcopy(ref)).train()
+        with ek.token_keep(keep):
+            got = model.forward_features(x)
+        torch.testing.assert_close(got, _timm_reference(ref, x, keep, head=False), rtol=1e-5, atol=1e-5)
