@@ -45,9 +45,9 @@ def _vit(dtype=torch.float32, **kw):
     return timm.create_model("vit_small_patch16_224", num_classes=10, **kw).to(dtype).eval()
 
 
-def _expected(model, x, keep):
+def _expected(model, x, keep, head=True):
     """timm's own embedding (original PatchEmbed + _pos_embed), then keep prefix + gathered patches,
-    then timm's blocks: what the fused path must equal."""
+    then timm's blocks (and ``head``): what the fused path must equal."""
     base_pe = type(model.patch_embed)._effssl_base if ek.is_sparse_vit(model) else type(model.patch_embed)
     t = base_pe.forward(model.patch_embed, x)
     if t.dim() == 4:  # dynamic_img_size: NHWC
@@ -63,7 +63,8 @@ def _expected(model, x, keep):
         full = torch.cat(pre + [t], 1) + pos
     sel = torch.cat((torch.arange(npre).expand(n, -1), keep + npre), 1)
     tokens = full.gather(1, sel[..., None].expand(-1, -1, full.shape[-1]))
-    return model.forward_head(model.norm(model.blocks(model.norm_pre(tokens))))
+    features = model.norm(model.blocks(model.norm_pre(tokens)))
+    return model.forward_head(features) if head else features
 
 
 @pytest.mark.parametrize("variant", list(VARIANTS))
@@ -85,8 +86,10 @@ def test_variants_match_timm(variant, full_width=False):
         torch.tensor([[5], [0], [15]]),  # K = 1
     ):
         with ek.token_keep(keep):
-            out = model(x)
+            out, features = model(x), model.forward_features(x)
         torch.testing.assert_close(out, _expected(model, x, keep), rtol=1e-5, atol=1e-5)
+        # the tokens too: a head (cls token or mean) cannot see them permuted or mispositioned
+        torch.testing.assert_close(features, _expected(model, x, keep, head=False), rtol=1e-5, atol=1e-5)
         if keep.shape[1] == 16:
             torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
     ek.unsparsify_vit(model)
@@ -416,9 +419,10 @@ def _check_vs_timm(model, ref, x, L, tol=1e-5):
     for keep in (torch.arange(L).expand(n, L), torch.randint(0, L, (n, max(1, L // 2)), generator=g),
                  torch.randint(0, L, (n, 1), generator=g)):
         with ek.token_keep(keep):
-            out = model(x)
+            out, features = model(x), model.forward_features(x)
         want = ref(x) if keep.shape[1] == L and torch.equal(keep[0], torch.arange(L)) else _timm_reference(ref, x, keep)
         torch.testing.assert_close(out, want, rtol=tol, atol=tol)
+        torch.testing.assert_close(features, _timm_reference(ref, x, keep, head=False), rtol=tol, atol=tol)
 
 
 @pytest.mark.parametrize("kw", [{}, {"dynamic_img_size": True}, {"embed_norm_layer": nn.LayerNorm}])
