@@ -403,3 +403,73 @@ def test_stride_trace_of_a_conv_strided_on_one_axis():
     with R.block_mask(mask):
         got = P.as_dense(net(x))
     torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+
+
+def test_grouped_dilated_conv_and_dilated_pool_match_the_references():
+    # groups and dilation are carried from the module into the masked conv / pool
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 4, 3, 1, 1), nn.Conv2d(4, 4, 3, 1, 2, dilation=2, groups=2),
+                        nn.MaxPool2d(3, 2, 1, dilation=2), nn.Conv2d(4, 4, 3, 1, 1)).double().eval()
+    ref = copy.deepcopy(net)
+    R.sparsify(net, example_input=torch.zeros(1, 3, 16, 16, dtype=torch.float64))
+    keep = torch.tensor([[[True, False], [True, True]], [[False, True], [False, False]]])
+    mask = BlockMask(keep, 8, 16)
+    x = torch.randn(2, 3, 16, 16, dtype=torch.float64)
+    c0, c1, mp, c3 = ref
+    y = masked_conv2d_reference(x, c0.weight, c0.bias, 1, 1, mask=mask)
+    y = masked_conv2d_reference(y, c1.weight, c1.bias, 1, 2, 2, 2, mask=mask)
+    y = masked_max_pool2d_reference(y, 3, 2, 1, 2, mask=mask)
+    want = masked_conv2d_reference(y, c3.weight, c3.bias, 1, 1, mask=mask, in_stride=2)
+    with R.block_mask(mask):
+        got = P.as_dense(net(x))
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+
+
+def test_bn_with_track_running_stats_turned_off_moves_no_buffer():
+    # nn.BatchNorm2d with track_running_stats set False after construction: training uses the
+    # batch statistics and leaves running_mean / running_var / num_batches_tracked untouched
+    torch.manual_seed(0)
+    net = _randomize_bn(nn.Sequential(nn.Conv2d(3, 4, 3, 1, 1), nn.BatchNorm2d(4))).double()
+    dense = copy.deepcopy(net)
+    R.sparsify(net, example_input=torch.zeros(1, 3, 16, 16, dtype=torch.float64))
+    for m in (net, dense):
+        m[1].track_running_stats = False
+        m.train()
+    before = {k: b.clone() for k, b in net.named_buffers()}
+    x = torch.randn(2, 3, 16, 16, dtype=torch.float64)
+    with R.block_mask(torch.ones(2, 2, 2, dtype=torch.bool), 8):
+        got = P.as_dense(net(x))
+    torch.testing.assert_close(got, dense(x))
+    for k, b in net.named_buffers():
+        assert torch.equal(b, before[k]), k
+
+
+def test_max_pool_strided_on_one_axis():
+    # a pool of stride (2, 1): later layers at input stride (2, 1)
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 4, 3, 1, 1), nn.MaxPool2d((2, 1), (2, 1)),
+                        nn.Conv2d(4, 4, 3, 1, 1)).double().eval()
+    ref = copy.deepcopy(net)
+    R.sparsify(net, example_input=torch.zeros(1, 3, 16, 16, dtype=torch.float64))
+    assert R.input_strides(net) == {"0": (1, 1), "1": (1, 1), "2": (2, 1)}
+    keep = torch.tensor([[[True, False], [True, True]]])
+    mask = BlockMask(keep, 8, 16)
+    x = torch.randn(1, 3, 16, 16, dtype=torch.float64)
+    c0, _, c2 = ref
+    y = masked_conv2d_reference(x, c0.weight, c0.bias, 1, 1, mask=mask)
+    y = masked_max_pool2d_reference(y, (2, 1), (2, 1), mask=mask)
+    want = masked_conv2d_reference(y, c2.weight, c2.bias, 1, 1, mask=mask, in_stride=(2, 1))
+    with R.block_mask(mask):
+        got = P.as_dense(net(x))
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+
+
+def test_tile_plan_moves_no_running_statistic():
+    m = _randomize_bn(nn.Sequential(nn.Conv2d(3, 4, 3, 1, 1), nn.BatchNorm2d(4), nn.ReLU(),
+                                    nn.AdaptiveAvgPool2d(1)))
+    R.sparsify(m, example_input=torch.zeros(1, 3, 16, 16)).train()
+    before = {k: b.clone() for k, b in m.named_buffers()}
+    R.tile_plan(m, 8, 16)
+    assert all(mod.training for mod in m.modules())
+    for k, b in m.named_buffers():
+        assert torch.equal(b, before[k]), k
