@@ -269,3 +269,16 @@ def test_compile_fullgraph():
     sim, psnr, off = torch.compile(f, fullgraph=True, backend=backend)(a, b, flip)
     assert_block_match(psnr, off, a, b, 4, 2, flip=flip, exact_offsets=True)
     assert torch.equal(sim, psnr > 5.0)
+
+
+def test_overflowing_mse_is_no_match():
+    # every candidate's sum overflows to +inf: no match (-inf dB, offset (0, 0)) as the
+    # reference, not the first-ranked candidate of the first tile (audit 99)
+    a = torch.full((1, 1, 8, 8), 3e38)
+    b = torch.full((1, 1, 8, 8), -3e38)
+    centers = torch.tensor([0, 5], dtype=torch.int32).expand(1, 2, 2, 2)
+    psnr, off = _bm(a, b, 4, 2, centers=centers)
+    assert torch.isneginf(psnr).all()
+    assert (off == 0).all()
+    psnr, off = _bm(a, b, 4, 2)  # grid centres: (0, 0) is a candidate too
+    assert torch.isneginf(psnr).all() and (off == 0).all()
