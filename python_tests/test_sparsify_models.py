@@ -473,3 +473,19 @@ def test_tile_plan_moves_no_running_statistic():
     assert all(mod.training for mod in m.modules())
     for k, b in m.named_buffers():
         assert torch.equal(b, before[k]), k
+
+
+def test_a_stride1_submodule_called_alone_takes_its_input_as_the_image():
+    # Under a keep grid, a stride-1 layer that is not the model's first, run before any first
+    # layer did (a submodule called on its own), takes its input's size as the image's
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 4, 3, 1, 1), nn.Conv2d(4, 4, 3, 1, 1)).double().eval()
+    ref = copy.deepcopy(net)
+    R.sparsify(net, example_input=_EX)
+    keep = torch.tensor([[[True, False], [True, True]], [[False, True], [False, False]]])
+    x = torch.randn(2, 4, 16, 16, dtype=torch.float64)
+    with R.block_mask(keep, 8):
+        got = P.as_dense(net[1](x))
+    want = masked_conv2d_reference(x, ref[1].weight, ref[1].bias, 1, 1, mask=BlockMask(keep, 8, 16))
+    assert not torch.equal(want, torch.zeros_like(want))
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)

@@ -1218,8 +1218,10 @@ def test_sparsify_again_behind_a_new_stem():
 
 def test_a_recompute_leaves_the_last_image_as_it_was():
     """A checkpoint's recomputation runs under its own forward's image and then restores the
-    state's latest image: a stage called on its own afterwards (dense input, keep grid) takes
-    the mask of the last image seen (33 px), not the recomputed one's (32 px)."""
+    state's latest image: a stage called on its own afterwards (dense input, keep grid) runs
+    with a mask (not None) and equals its result outside. Which image it takes cannot show in
+    the output: a keep grid's pixel masks do not depend on the image size (32 or 33 px here),
+    only its tile layout does (audit 97's r28, equivalent)."""
     m = R.sparsify(_randomize_bn(_cifar_resnet()).double().eval())
     x1, x2 = torch.randn(2, 3, 32, 32, dtype=torch.float64), torch.randn(2, 3, 33, 33, dtype=torch.float64)
     keep = _keep(2, 16, 16, seed=1)  # block 2: layer3's output (layer4's input) is dense
