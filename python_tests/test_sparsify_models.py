@@ -383,18 +383,23 @@ def test_layer_replaced_after_sparsify_raises_under_a_mask():
     assert len(m._forward_pre_hooks) == 0
 
 
+def _sparsified_one_sample(net, strides):
+    """Sparsify ``net`` (float64) on a 16 px trace, its traced input strides being ``strides``;
+    returns its untouched copy, a one-sample mask of 8 px blocks (one removed) and an input."""
+    ref = copy.deepcopy(net)
+    R.sparsify(net, example_input=torch.zeros(1, 3, 16, 16, dtype=torch.float64))
+    assert R.input_strides(net) == strides
+    mask = BlockMask(torch.tensor([[[True, False], [True, True]]]), 8, 16)
+    return ref, mask, torch.randn(1, 3, 16, 16, dtype=torch.float64)
+
+
 def test_stride_trace_of_a_conv_strided_on_one_axis():
     # a conv of stride (1, 2): every later layer sees the mask at input stride (1, 2) (audit 80:
     # a trace multiplying one axis's stride into the other gave (1, 1) and a silently other map)
     torch.manual_seed(0)
     net = nn.Sequential(nn.Conv2d(3, 4, 3, (1, 2), 1), nn.BatchNorm2d(4), nn.ReLU(),
                         nn.Conv2d(4, 4, 3, 1, 1)).double().eval()
-    ref = copy.deepcopy(net)
-    R.sparsify(net, example_input=torch.zeros(1, 3, 16, 16, dtype=torch.float64))
-    assert R.input_strides(net) == {"0": (1, 1), "1": (1, 2), "3": (1, 2)}
-    keep = torch.tensor([[[True, False], [True, True]]])
-    mask = BlockMask(keep, 8, 16)
-    x = torch.randn(1, 3, 16, 16, dtype=torch.float64)
+    ref, mask, x = _sparsified_one_sample(net, {"0": (1, 1), "1": (1, 2), "3": (1, 2)})
     c0, bn, c3 = ref[0], ref[1], ref[3]
     y = masked_conv2d_reference(x, c0.weight, c0.bias, c0.stride, c0.padding, mask=mask)
     y = masked_batch_norm_reference(y, mask.pixel_mask((1, 2), y.shape[-2:]), bn.running_mean,
@@ -449,12 +454,7 @@ def test_max_pool_strided_on_one_axis():
     torch.manual_seed(0)
     net = nn.Sequential(nn.Conv2d(3, 4, 3, 1, 1), nn.MaxPool2d((2, 1), (2, 1)),
                         nn.Conv2d(4, 4, 3, 1, 1)).double().eval()
-    ref = copy.deepcopy(net)
-    R.sparsify(net, example_input=torch.zeros(1, 3, 16, 16, dtype=torch.float64))
-    assert R.input_strides(net) == {"0": (1, 1), "1": (1, 1), "2": (2, 1)}
-    keep = torch.tensor([[[True, False], [True, True]]])
-    mask = BlockMask(keep, 8, 16)
-    x = torch.randn(1, 3, 16, 16, dtype=torch.float64)
+    ref, mask, x = _sparsified_one_sample(net, {"0": (1, 1), "1": (1, 1), "2": (2, 1)})
     c0, _, c2 = ref
     y = masked_conv2d_reference(x, c0.weight, c0.bias, 1, 1, mask=mask)
     y = masked_max_pool2d_reference(y, (2, 1), (2, 1), mask=mask)
