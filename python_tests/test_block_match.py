@@ -495,12 +495,43 @@ def test_bad_input_python(call, exc, msg):
         ((torch.rand(2, 3, 8, 8), torch.rand(2, 3, 8, 8), 4, 2, 1.0, torch.zeros(2, 2, 2, 2), None), "int32 or int64"),
         ((torch.rand(2, 3, 8, 8), torch.rand(2, 3, 8, 8), 4, 2, 1.0, None, torch.zeros(1, dtype=torch.bool)), "flip"),
         ((torch.rand(2, 3, 8, 8).int(), torch.rand(2, 3, 8, 8).int(), 4, 2, 1.0, None, None), "dtype"),
+        # audit 100: checks the wrapper makes first, so only a direct call reaches the C++ ones
+        ((torch.rand(1, 1, 16, 8), torch.rand(1, 1, 16, 8), 12, 1, 1.0, None, None), "larger than the image"),
+        ((torch.rand(1, 1, 8, 16), torch.rand(1, 1, 8, 16), 4, 1, 1.0, torch.zeros(1, 4, 2, 2, dtype=torch.int32), None),
+         "centers must have shape"),  # [N, Wb, Hb, 2]: the grid transposed
+        ((torch.rand(2, 3, 8, 8), torch.rand(2, 3, 8, 8), 4, 2, 1.0, None, torch.zeros(3, dtype=torch.bool)),
+         "flip must have shape"),  # longer than N
+        ((torch.rand(1, 1, 8, 8), torch.rand(1, 1, 8, 8).half(), 4, 1, 1.0, None, None), "same dtype"),
+        ((torch.rand(1, 1, 8, 8), torch.rand(1, 1, 8, 8), 4, 2**32, 1.0, None, None), "search_radius"),  # not 0
     ],
 )
 def test_bad_input_direct_op(args, msg):
     # The C++ op checks its arguments itself: a direct torch.ops call fails clearly, never crashes.
     with pytest.raises(RuntimeError, match=msg):
         torch.ops.effssl_kernels.block_match(*args)
+
+
+def test_direct_op_noncontiguous_centers():
+    # The kernel reads centres as a dense [N, Hb, Wb, 2] array: a strided int32 view is copied
+    # (the wrapper always passes contiguous centres; audit 100)
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.rand(2, 3, 16, 20, generator=g), torch.rand(2, 3, 16, 20, generator=g)
+    c = torch.randint(-2, 18, (2, 5, 4, 2), dtype=torch.int32, generator=g).transpose(1, 2)  # [2, 4, 5, 2]
+    assert not c.is_contiguous()
+    psnr, off = torch.ops.effssl_kernels.block_match(a, b, 4, 2, 1.0, c, None)
+    ref_psnr, ref_off = block_match_reference(a, b, 4, 2, 1.0, c.contiguous(), None)
+    assert torch.equal(off, ref_off)
+    torch.testing.assert_close(psnr, ref_psnr, atol=1e-3, rtol=0)
+
+
+def test_direct_op_int64_centers_beyond_int32_clamped():
+    # int64 centres of 2^32 are far outside the image (no candidate: -inf at offset 0), not
+    # wrapped to row 0 by a cast to int32 (audit 100)
+    a, b = torch.rand(1, 1, 8, 8), torch.rand(1, 1, 8, 8)
+    c = torch.zeros(1, 2, 2, 2, dtype=torch.int64)
+    c[..., 0] = 2**32
+    psnr, off = torch.ops.effssl_kernels.block_match(a, b, 4, 1, 1.0, c, None)
+    assert torch.isneginf(psnr).all() and (off == 0).all()
 
 
 @requires_gpu
