@@ -489,3 +489,24 @@ def test_a_stride1_submodule_called_alone_takes_its_input_as_the_image():
     want = masked_conv2d_reference(x, ref[1].weight, ref[1].bias, 1, 1, mask=BlockMask(keep, 8, 16))
     assert not torch.equal(want, torch.zeros_like(want))
     torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+
+
+def test_tile_plan_of_a_module_run_on_a_dense_then_a_packed_map():
+    # one BatchNorm run twice per forward: on a map an add with a dense map left dense, then on
+    # a packed one. tile_plan says masked-dense (not every call computes tiles only), not the
+    # last call's answer (audit 97's r29)
+    class Twice(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.c, self.bn, self.pool = nn.Conv2d(3, 4, 3, 1, 1), nn.BatchNorm2d(4), nn.AdaptiveAvgPool2d(1)
+
+        def forward(self, x):
+            a = self.c(x)
+            dense = self.bn(a + x.mean(1, keepdim=True))  # packed + dense: a dense map
+            return self.pool(self.bn(a) + dense).flatten(1)
+
+    m = R.sparsify(Twice(), example_input=torch.zeros(1, 3, 16, 16))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        plan = R.tile_plan(m, 8, 16)
+    assert plan["c"] == "tiles" and plan["bn"] == "masked-dense", plan
