@@ -221,12 +221,11 @@ def test_triton_matches_reference(triton_dev, dtype, stride, halo, outside):
 
 @triton_only
 @pytest.mark.triton
-def test_triton_bad_table_or_runs_give_nan(monkeypatch):
+def test_triton_bad_table_or_runs_give_nan(triton_dev):
     # The Triton path does not check its index tensors on CUDA (a host sync): an entry outside
     # [0, S + 2) reads as NaN, never as a neighbour, a zero or the fill; so does a made-up run of
     # the backward (past the end of order, or an order entry past the padded tiles)
-    monkeypatch.setenv("EFFSSL_BACKEND", "triton")
-    dev = "cuda" if HAS_GPU else "cpu"
+    dev = triton_dev
     T, C = 2, 3
     S = T * 16
     tiles = torch.rand(T, C, 4, 4, device=dev)

@@ -24,7 +24,7 @@ from effssl_kernels.reference.masked_net import (
     masked_max_pool2d_reference,
 )
 
-from test_sparsify_resnet import _randomize_bn
+from test_sparsify_resnet import _assert_states_close, _bn_state, _randomize_bn
 
 
 _EX = torch.zeros(1, 3, 16, 16, dtype=torch.float64)  # the trace input
@@ -387,7 +387,7 @@ def _sparsified_one_sample(net, strides):
     """Sparsify ``net`` (float64) on a 16 px trace, its traced input strides being ``strides``;
     returns its untouched copy, a one-sample mask of 8 px blocks (one removed) and an input."""
     ref = copy.deepcopy(net)
-    R.sparsify(net, example_input=torch.zeros(1, 3, 16, 16, dtype=torch.float64))
+    R.sparsify(net, example_input=_EX)
     assert R.input_strides(net) == strides
     mask = BlockMask(torch.tensor([[[True, False], [True, True]]]), 8, 16)
     return ref, mask, torch.randn(1, 3, 16, 16, dtype=torch.float64)
@@ -416,7 +416,7 @@ def test_grouped_dilated_conv_and_dilated_pool_match_the_references():
     net = nn.Sequential(nn.Conv2d(3, 4, 3, 1, 1), nn.Conv2d(4, 4, 3, 1, 2, dilation=2, groups=2),
                         nn.MaxPool2d(3, 2, 1, dilation=2), nn.Conv2d(4, 4, 3, 1, 1)).double().eval()
     ref = copy.deepcopy(net)
-    R.sparsify(net, example_input=torch.zeros(1, 3, 16, 16, dtype=torch.float64))
+    R.sparsify(net, example_input=_EX)
     keep = torch.tensor([[[True, False], [True, True]], [[False, True], [False, False]]])
     mask = BlockMask(keep, 8, 16)
     x = torch.randn(2, 3, 16, 16, dtype=torch.float64)
@@ -436,17 +436,16 @@ def test_bn_with_track_running_stats_turned_off_moves_no_buffer():
     torch.manual_seed(0)
     net = _randomize_bn(nn.Sequential(nn.Conv2d(3, 4, 3, 1, 1), nn.BatchNorm2d(4))).double()
     dense = copy.deepcopy(net)
-    R.sparsify(net, example_input=torch.zeros(1, 3, 16, 16, dtype=torch.float64))
+    R.sparsify(net, example_input=_EX)
     for m in (net, dense):
         m[1].track_running_stats = False
         m.train()
-    before = {k: b.clone() for k, b in net.named_buffers()}
+    before = _bn_state(net)
     x = torch.randn(2, 3, 16, 16, dtype=torch.float64)
     with R.block_mask(torch.ones(2, 2, 2, dtype=torch.bool), 8):
         got = P.as_dense(net(x))
     torch.testing.assert_close(got, dense(x))
-    for k, b in net.named_buffers():
-        assert torch.equal(b, before[k]), k
+    _assert_states_close(_bn_state(net), before, rtol=0, atol=0)
 
 
 def test_max_pool_strided_on_one_axis():
@@ -468,11 +467,10 @@ def test_tile_plan_moves_no_running_statistic():
     m = _randomize_bn(nn.Sequential(nn.Conv2d(3, 4, 3, 1, 1), nn.BatchNorm2d(4), nn.ReLU(),
                                     nn.AdaptiveAvgPool2d(1)))
     R.sparsify(m, example_input=torch.zeros(1, 3, 16, 16)).train()
-    before = {k: b.clone() for k, b in m.named_buffers()}
+    before = _bn_state(m)
     R.tile_plan(m, 8, 16)
     assert all(mod.training for mod in m.modules())
-    for k, b in m.named_buffers():
-        assert torch.equal(b, before[k]), k
+    _assert_states_close(_bn_state(m), before, rtol=0, atol=0)
 
 
 def test_a_stride1_submodule_called_alone_takes_its_input_as_the_image():

@@ -52,7 +52,7 @@ def _expected(model, x, keep, head=True):
     t = base_pe.forward(model.patch_embed, x)
     if t.dim() == 4:  # dynamic_img_size: NHWC
         t = t.flatten(1, 2)
-    n, npre = x.shape[0], model.num_prefix_tokens
+    n = x.shape[0]
     pre = [p.expand(n, -1, -1) for p in (model.cls_token, model.reg_token) if p is not None]
     pos = model.pos_embed
     if pos is None:
@@ -61,6 +61,13 @@ def _expected(model, x, keep, head=True):
         full = torch.cat(pre + [t + pos], 1)
     else:
         full = torch.cat(pre + [t], 1) + pos
+    return _kept_through_blocks(model, full, keep, head)
+
+
+def _kept_through_blocks(model, full, keep, head):
+    """The prefix + ``keep`` tokens of the embedded ``full`` [N, P + L, D], then timm's blocks and
+    norm (and ``head``)."""
+    n, npre = full.shape[0], model.num_prefix_tokens
     sel = torch.cat((torch.arange(npre).expand(n, -1), keep + npre), 1)
     tokens = full.gather(1, sel[..., None].expand(-1, -1, full.shape[-1]))
     features = model.norm(model.blocks(model.norm_pre(tokens)))
@@ -403,12 +410,7 @@ def test_bad_images_and_models():
 def _timm_reference(ref, x, keep, head=True):
     """The untouched timm model ``ref``: its own PatchEmbed and its class's ``_pos_embed`` on all
     patches, then the prefix + ``keep`` tokens gathered, then its blocks and (``head``) head."""
-    full = ref._pos_embed(ref.patch_embed(x))
-    n, npre = x.shape[0], ref.num_prefix_tokens
-    sel = torch.cat((torch.arange(npre).expand(n, -1), keep + npre), 1)
-    tokens = full.gather(1, sel[..., None].expand(-1, -1, full.shape[-1]))
-    features = ref.norm(ref.blocks(ref.norm_pre(tokens)))
-    return ref.forward_head(features) if head else features
+    return _kept_through_blocks(ref, ref._pos_embed(ref.patch_embed(x)), keep, head)
 
 
 def _check_vs_timm(model, ref, x, L, tol=1e-5):

@@ -184,8 +184,8 @@ def _grad_as_tiles(out, g, what: str):
 
 
 def _as_tuple(v, n: int = 0) -> tuple:
-    """torch's reading of a tensors or gradients argument: one tensor, or a sequence (None: one
-    None per each of ``n`` outputs)."""
+    """torch's reading of a tensors or gradients argument: one tensor, or a sequence (None: ``n``
+    Nones, one per output)."""
     if v is None:
         return (None,) * n
     return (v,) if isinstance(v, Tensor) else tuple(v)
