@@ -36,7 +36,9 @@ def as_pair(size, what: str) -> tuple[int, int]:
 def as_int(v, what: str) -> int:
     """``v`` as a Python int (ints, NumPy integers, 0-d integer tensors), else TypeError (bools
     and floats too); ``what`` names it in the message."""
-    if not isinstance(v, bool):
+    # a 1-element tensor of any rank converts through __index__; NumPy refuses its arrays, and so
+    # do we (as_pair would take [16] as the int 16)
+    if not isinstance(v, bool) and not (isinstance(v, torch.Tensor) and v.dim() != 0):
         try:
             return operator.index(v)
         except TypeError:

@@ -168,7 +168,7 @@ def bag_of_features(model: nn.Module, images: Tensor, num_patches: int, size: Un
     memory (0: all at once); ``patch_kw`` go to :func:`emp_ssl_patches` (e.g. ``scale``,
     ``generator``). ``model`` is called as given: put it in eval mode first. Errors as
     :func:`emp_ssl_patches`; TypeError/ValueError for a non-int or negative ``chunk``."""
-    int_arg("chunk", "bag_of_features", chunk, 0)
+    chunk = int_arg("chunk", "bag_of_features", chunk, 0)  # a NumPy int: Tensor.split takes ints only
     patches = emp_ssl_patches(images, num_patches, size, **patch_kw)  # checks images first
     N = images.shape[0]
     if chunk > 0:

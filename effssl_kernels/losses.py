@@ -53,10 +53,28 @@ _IN_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _COMPUTE_DTYPES = (torch.float32, torch.float64)
 
 
+def _autocast_types() -> frozenset:
+    # asked once, at import: Dynamo before torch 2.14 cannot trace torch.amp.is_autocast_available
+    names = ("cpu", "cuda", "xpu", "mps", "hpu", "xla", "ipu", "mtia", "maia",
+             torch._C._get_privateuse1_backend_name())
+    found = set()
+    for name in names:
+        try:
+            if torch.amp.is_autocast_available(name):
+                found.add(name)
+        except RuntimeError:  # a device type this torch does not know
+            pass
+    return frozenset(found)
+
+
+_AUTOCAST_TYPES = _autocast_types()
+
+
 def _no_autocast(device_type: str):
     # AMP would cast the Gram matmul back to half precision; the upcast is the point of the dtype
-    # policy. Other device types have no autocast to switch off.
-    if device_type in ("cpu", "cuda"):
+    # policy. Every device type with an autocast (cpu, cuda, xpu, mps, ...) has it switched off;
+    # the others (meta) have none to switch off.
+    if device_type in _AUTOCAST_TYPES:
         return torch.autocast(device_type, enabled=False)
     return contextlib.nullcontext()
 

@@ -81,6 +81,18 @@ def test_backend_choice(monkeypatch):
         _backend.choose("cpu")
 
 
+def test_cpu_tensors_run_triton_only_under_the_interpreter(monkeypatch):
+    # EFFSSL_BACKEND=triton on CPU tensors needs TRITON_INTERPRET=1: compiled Triton has no CPU target
+    monkeypatch.setenv("EFFSSL_BACKEND", "triton")
+    monkeypatch.setattr(_backend, "HAS_TRITON", True)
+    monkeypatch.setattr(_backend, "TRITON_INTERPRET", False)
+    for cuda_kernel in (True, False):
+        with pytest.raises(RuntimeError, match="only under TRITON_INTERPRET=1"):
+            _backend.choose("cpu", cuda_kernel)
+    monkeypatch.setattr(_backend, "TRITON_INTERPRET", True)
+    assert _backend.choose("cpu") == "triton"
+
+
 @pytest.mark.parametrize("triton", [True, False])
 def test_backend_without_cuda_kernels_names_the_way_out(monkeypatch, triton):
     # a build without CUDA kernels: EFFSSL_BACKEND=cuda on CUDA tensors says what to use instead,

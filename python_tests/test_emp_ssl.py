@@ -39,7 +39,8 @@ def test_loss_matches_emp_ssl_code(P, N, d):
     # [P, N, d] input is the same
     loss3, _ = emp_ssl_loss(z.view(P, N, d), P)
     torch.testing.assert_close(loss3, loss)
-    assert set(parts) == {"invariance", "tcr"} and not parts["tcr"].requires_grad
+    assert set(parts) == {"invariance", "tcr"}
+    assert not parts["tcr"].requires_grad and not parts["invariance"].requires_grad  # logged, not trained
 
 
 def test_normalize_false_takes_the_rows_as_they_are():
@@ -227,6 +228,37 @@ def test_bag_of_features_chunk_errors():
     # images are checked (by emp_ssl_patches) before their shape is read: was an AttributeError
     with pytest.raises(ValueError, match="emp_ssl_patches"):
         bag_of_features(model, [images], 2, 4)
+
+
+def test_bag_of_features_numpy_chunk():
+    # int_arg's converted value is used: Tensor.split refuses a NumPy int (a TypeError until 2026-12-07)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 5, 3), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten())
+    images = torch.rand(3, 3, 24, 24)
+    want = bag_of_features(model, images, 4, 12, generator=torch.Generator().manual_seed(1), chunk=5)
+    got = bag_of_features(model, images, 4, 12, generator=torch.Generator().manual_seed(1), chunk=np.int64(5))
+    torch.testing.assert_close(got, want)
+
+
+def test_hflip_p_reaches_the_boxes():
+    # images of a horizontal ramp, 16 px square patches: every x step is +1 unflipped, -1 flipped
+    images = torch.arange(32.0).expand(4, 3, 32, 32).contiguous()
+    for p, step in ((0.0, 1.0), (1.0, -1.0)):
+        patches = emp_ssl_patches(images, 10, 16, hflip_p=p, generator=torch.Generator().manual_seed(0))
+        assert bool(((patches[..., 1:] - patches[..., :-1]) == step).all())
+
+
+def test_patches_are_cut_in_eight_launches(monkeypatch):
+    # P = 8 and 16: eight equal multi_crop launches, so the peak is the output plus an eighth
+    # (the chunk test's P = 20 cannot tell ceil(P / 8) from P // 8 + 1)
+    import effssl_kernels.emp_ssl as E
+
+    real = E.multi_crop
+    images = torch.randint(0, 256, (3, 3, 20, 24), dtype=torch.uint8)
+    for P in (8, 16):
+        sizes = []
+        monkeypatch.setattr(E, "multi_crop", lambda *a, **k: sizes.append(a[1].shape[1]) or real(*a, **k))
+        emp_ssl_patches(images, P, 8, generator=torch.Generator().manual_seed(5))
+        assert sizes == [P // 8] * 8
 
 
 def test_numpy_scalars_are_numbers():

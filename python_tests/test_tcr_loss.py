@@ -287,6 +287,35 @@ def test_autocast_does_not_lower_the_gram():
     torch.testing.assert_close(rb, tcr_loss(zb), rtol=0, atol=0)
 
 
+def test_autocast_is_off_on_every_device_type_that_has_one():
+    # xpu and mps have autocast too (cannot run here): the Gram must not drop to half there either
+    from effssl_kernels.losses import _no_autocast
+
+    for device_type in ("cpu", "cuda", "xpu", "mps"):
+        ctx = _no_autocast(device_type)
+        assert isinstance(ctx, torch.autocast) and ctx.device == device_type and not ctx._enabled
+    assert not isinstance(_no_autocast("meta"), torch.autocast)  # none to switch off
+
+
+def test_reference_upcasts_half_to_float32():
+    # the paper's formula with slogdet, in float32 (torch.logdet has no half kernels)
+    for dtype in (torch.float16, torch.bfloat16):
+        z = _unit(2, 6, 10, dtype=dtype)
+        c = 10 / (6 * 0.2**2)
+        want = torch.stack([0.5 * torch.linalg.slogdet(torch.eye(10) + c * zi.T @ zi).logabsdet for zi in z.float()])
+        torch.testing.assert_close(tcr_loss_reference(z), want)  # float32, as documented
+        torch.testing.assert_close(tcr_loss_reference(z[0]), want[0])
+
+
+def test_reference_empty_batch_of_groups():
+    # [0, b, d] gives [0], still attached to z's graph (a zero gradient), as tcr_loss does
+    z = torch.zeros(0, 4, 6, requires_grad=True)
+    r = tcr_loss_reference(z)
+    assert r.shape == (0,) and r.dtype == torch.float32 and r.requires_grad
+    r.sum().backward()
+    assert torch.equal(z.grad, torch.zeros(0, 4, 6))
+
+
 # ----------------------------------------------------------------------------- not positive definite
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
 def test_non_finite_input_raises(bad):

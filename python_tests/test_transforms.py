@@ -591,6 +591,10 @@ def test_crop_centers_bad_input(change, exc, match):
     [
         (dict(size=0), ValueError, "size must be positive"),
         (dict(size=(64,)), TypeError, "pair of ints"),
+        (dict(size=(64, 0)), ValueError, "size must be positive"),  # either side checked
+        (dict(size=(64, -1)), ValueError, "size must be positive"),
+        # a one-element tensor is not the int 64 (its __index__ would make it one; NumPy refuses)
+        (dict(size=torch.tensor([64])), TypeError, "pair of ints"),
         (dict(size=64, scale=(0.9, 0.1)), ValueError, "scale"),
         (dict(size=64, ratio=(0.0, 1.0)), ValueError, "ratio"),
         (dict(size=64, hflip_p=1.5), ValueError, "hflip_p"),
