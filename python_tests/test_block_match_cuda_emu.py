@@ -268,6 +268,58 @@ def test_no_shared_memory_races(tsan, path):
             centers=few_live_blocks(1, 60, 60, 8, [(0, 2, 4)]))
 
 
+def test_image_kernel_grid_stride_over_samples(asan):
+    # N = 4 samples on at most 3 CTAs: CTA 0 runs samples 0 and 3, reloading shared memory after
+    # its barrier (with N <= 2 the image kernel's grid-stride loop never came round)
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.rand(4, 2, 16, 16, generator=g), torch.rand(4, 2, 16, 16, generator=g)
+    launched = []
+    run(asan, a, b, 4, 2, path="image", launches=launched)
+    assert launched == ["bm_image_kernel<T>"]
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("transpose", [False, True])
+def test_inf_in_a_border_block_nan_candidate(asan, path, transpose):
+    # Border block (0, 1) has a 3 x 5 candidate grid (5 x 3 transposed): the other inf-in-a tests
+    # have square grids, which cannot tell Dy from Dx. An inf in a, and a NaN in b that only the
+    # candidate (0, +2) reads: it must win (NaN dB at that offset).
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.rand(1, 1, 16, 16, generator=g), torch.rand(1, 1, 16, 16, generator=g)
+    a[0, 0, 1, 5] = float("inf")
+    b[0, 0, 0, 9] = float("nan")
+    if transpose:
+        a, b = a.transpose(-1, -2).contiguous(), b.transpose(-1, -2).contiguous()
+    want_p, want_o = ek.block_match(a, b, 4, 2)
+    blk = (1, 0) if transpose else (0, 1)
+    assert torch.isnan(want_p[0][blk]) and want_o[0][blk].tolist() == ([2, 0] if transpose else [0, 2])
+    psnr, off = run(asan, a, b, 4, 2, path=path)
+    assert off[0][blk].tolist() == want_o[0][blk].tolist()
+
+
+def test_tiled_rescore_loop_in_any_thread_order(asan):
+    # An inf in a: the tiled kernel re-scores every candidate, one block_sum per candidate; a
+    # missing barrier there mixes two candidates' sums in some thread orders (reverse shows it)
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.rand(1, 3, 16, 16, generator=g), torch.rand(1, 3, 16, 16, generator=g)
+    a[0, 0, 5, 5] = float("inf")  # block (1, 1), centre (4, 4)
+    b[0, 2, 4, 9] = float("nan")  # read by the dx = +2 windows only
+    want_p, want_o = ek.block_match(a, b, 4, 2)
+    assert torch.isnan(want_p[0, 1, 1]) and want_o[0, 1, 1].tolist() == [0, 2]
+    for order in ("forward", "reverse"):
+        psnr, off = run(asan, a, b, 4, 2, path="tiled", order=order)
+        assert off[0, 1, 1].tolist() == [0, 2]
+
+
+def test_tiled_px9_at_its_limit(asan):
+    # Every interior block has Dx = 9, the widest tile (radius 4): the layout sizes the K-split
+    # partial sums for PX = 9, so the kernel must pick PX = 9 there too (else they run past the
+    # dynamic shared memory: ASan)
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.rand(1, 2, 48, 48, generator=g), torch.rand(1, 2, 48, 48, generator=g)
+    run(asan, a, b, 16, 4, path="tiled")
+
+
 # Planted bugs, one per kind of check: each build must fail its case.
 BARRIER = "      __syncthreads();  // every group is done reading the template and window (region R)\n"
 MUTATIONS = {  # name: (sanitizer, old, new, what the run reports; None: a wrong answer)

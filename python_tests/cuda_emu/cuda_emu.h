@@ -280,7 +280,10 @@ constexpr size_t kFiberStack = 256 * 1024;
 struct Block : BlockMem {
   Block(int threads, size_t smem) : BlockMem(threads, smem), fibers(threads) {}
   std::vector<Fiber> fibers;
-  ucontext_t sched;
+  // zeroed: swapcontext back here (a fiber's yield) makes ASan clear the shadow of this context's
+  // uc_stack, which glibc never fills for a saved context; garbage there failed ASan's own CHECK
+  // (asan_poisoning.cpp, "AddrIsInMem") at random, as a crashed kernel
+  ucontext_t sched{};
   const void* sched_bottom = nullptr;
   size_t sched_size = 0;
   std::function<void()> body;
