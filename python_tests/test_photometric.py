@@ -474,3 +474,30 @@ def test_reference_returns_a_new_contiguous_tensor_even_with_no_op(monkeypatch):
         assert torch.equal(out, x)
     monkeypatch.setenv("EFFSSL_BACKEND", "reference")
     assert ek.photometric(x, params).data_ptr() != x.data_ptr()
+
+
+def test_blur_sigma_spans_its_range():
+    s = PhotometricSampler(blur_p=1.0, blur_sigma=(0.1, 2.0), generator=torch.Generator().manual_seed(0))
+    sig = s.sample(4000).blur_sigma
+    assert float(sig.min()) < 0.15 and float(sig.max()) > 1.95
+    assert abs(float(sig.mean()) - 1.05) < 0.05  # uniform in [0.1, 2.0]
+
+
+def test_sampler_passes_its_solarize_threshold():
+    p = PhotometricSampler(solarize_p=1.0, solarize_threshold=0.25).sample(3)
+    assert p.solarize_threshold == 0.25
+    x = torch.full((3, 3, 4, 4), 0.3)
+    out = ek.photometric(x, p._replace(jitter_apply=torch.zeros(3, dtype=torch.bool),
+                                       gray=torch.zeros(3, dtype=torch.bool), blur_sigma=torch.zeros(3),
+                                       mean=None, std=None))
+    torch.testing.assert_close(out, torch.full_like(x, 0.7))  # 0.3 >= 0.25: inverted
+
+
+def test_zero_factors_are_valid():
+    # ColorJitter(brightness=1) draws factors in [0, 2]: 0 (black, gray or no contrast) is legal
+    p = _identity()._replace(brightness=torch.zeros(N), contrast=torch.zeros(N), saturation=torch.zeros(N),
+                             jitter_apply=torch.ones(N, dtype=torch.bool))
+    p.check(N, "cpu")
+    assert p.values_ok().item() is True
+    out = ek.photometric(torch.rand(N, 3, 12, 12), p)
+    assert torch.equal(out, torch.zeros_like(out))

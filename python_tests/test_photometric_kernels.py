@@ -325,3 +325,16 @@ def test_raw_crops_go_to_simwnw_masks():
     torch.testing.assert_close(m.psnr_b, want.psnr_b, rtol=0, atol=1e-3)
     assert torch.equal(m.keep_a, want.keep_a) and torch.equal(m.keep_b, want.keep_b)
     assert m.psnr_a.isfinite().any()
+
+
+def test_multi_view_augment_groups_use_their_own_scale():
+    from effssl_kernels.pipeline import CropGroup
+
+    imgs = (torch.rand(8, 3, 40, 48) * 255).to(torch.uint8)
+    s = PhotometricSampler.dino_local(blur_kernel=5)
+    aug = ek.MultiViewAugment([CropGroup(4, 12, (0.1, 0.1), s), CropGroup(2, 12, (1.0, 1.0), s)],
+                              ratio=(1.0, 1.0), generator=torch.Generator().manual_seed(0))
+    small, full = aug(imgs).boxes
+    area = lambda b: b[..., 2] * b[..., 3] / (40 * 48)  # noqa: E731
+    assert (area(small) - 0.1).abs().max() < 0.02  # sqrt(192) = 13.86 -> 14 x 14: 0.102
+    assert torch.equal(full, torch.tensor([0.0, 4.0, 40.0, 40.0]).expand(8, 2, 4))  # fallback centre crop

@@ -565,3 +565,23 @@ def test_encode_vit_syncs_once(buckets):
         torch.cuda.set_sync_debug_mode("default")
     syncs = [w for w in caught if "synchroniz" in str(w.message)]
     assert len(syncs) <= 1, [str(w.message)[:200] for w in syncs]
+
+
+def test_random_resized_boxes_ratio_is_width_over_height():
+    # ratio is w / h (torchvision's get_params: w = sqrt(area * r)); an asymmetric range tells the sides apart
+    boxes, _ = ek.random_resized_boxes(200, 2, (100, 300), scale=(0.1, 0.3), ratio=(2.0, 3.0),
+                                       generator=torch.Generator().manual_seed(0))
+    t, l, h, w = boxes.reshape(-1, 4).unbind(-1)
+    r = w / h
+    assert (r > 1.8).all() and (r < 3.3).all(), (r.min(), r.max())
+
+
+def test_random_resized_boxes_wide_fallback_uses_max_ratio():
+    # a 10x40 image with ratio (0.5, 1.0), scale 1: no try fits (h >= 20 > 10); torchvision's
+    # fallback for in_ratio 4 > max(ratio): h = H, w = round(H * max(ratio)) = 10, centred
+    from torchvision.transforms import RandomResizedCrop
+
+    tv = RandomResizedCrop.get_params(torch.zeros(1, 10, 40), (1.0, 1.0), (0.5, 1.0))
+    boxes, _ = ek.random_resized_boxes(2, 3, (10, 40), scale=(1.0, 1.0), ratio=(0.5, 1.0))
+    assert tv == (0, 15, 10, 10)
+    assert torch.equal(boxes, torch.tensor(tv, dtype=torch.float32).expand(2, 3, 4))

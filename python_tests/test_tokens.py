@@ -440,3 +440,13 @@ def test_numpy_numbers_are_accepted():
                                ek.resize_pos_embed(pe, 4, 2, num_prefix_tokens=1))
     with pytest.raises(TypeError, match="num_prefix_tokens must be an int"):
         ek.resize_pos_embed(pe, 4, 2, num_prefix_tokens=1.0)
+
+
+def test_similar_keep_radius_searches_each_direction():
+    # B is A moved up by one patch: with a radius each view keeps only its own strip without a
+    # counterpart (A's top row, B's bottom row); the search is not symmetric, so B needs its own
+    g = torch.Generator().manual_seed(0)
+    img = torch.rand(1, 3, 40, 32, generator=g)
+    a, b = img[:, :, :32].contiguous(), img[:, :, 8:40].contiguous()
+    ka, kb = ek.similar_token_keep(a, b, 8, multiple_of=1, search_radius=8)
+    assert ka.tolist() == [[0, 1, 2, 3]] and kb.tolist() == [[12, 13, 14, 15]]
