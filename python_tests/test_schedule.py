@@ -523,6 +523,9 @@ def test_estimate_on_vit_probes_each_setting_for_both_roles():
     (dict(keeps=[1.0], variance_scale=0.0), ValueError, "variance_scale"),
     (dict(keeps=[1.0], variance_scale=float("inf")), ValueError, "positive finite"),  # 0 * inf: NaN scores
     (dict(keeps=[0.5], ref=(0.5, None)), ValueError, "keep 1.0"),
+    (dict(keeps=[True]), TypeError, "keep must be a float"),  # a bool is not a keep ratio
+    (dict(candidates=[(1.0, None), (0.5, None)], patches=[16]), ValueError, "not both"),
+    (dict(keeps=[1.0], checkpoints=[False]), ValueError, r"\[0, 1\)"),  # nor a checkpoint
 ])
 def test_bad_arguments(kwargs, exc, match):
     kwargs.setdefault("total_steps", 10)
@@ -556,3 +559,119 @@ def test_bad_apply_and_estimate():
         sched.estimate(lambda c, b: theta @ b, [theta], [torch.ones(2)] * 3)
     with pytest.raises(ValueError, match="requires grad"):
         sched.estimate(lambda c, b: theta @ b, [torch.zeros(2)], lambda: torch.ones(2))
+
+
+def test_default_ref_of_a_mixed_grid_is_the_models_own_patch():
+    s = AccelerationSchedule(candidates=[(1.0, None), (0.5, 16), (1.0, 16)], total_steps=10)
+    assert s.ref == (1.0, None) and s.current == (1.0, None)
+
+
+def test_a_state_saved_before_the_first_checkpoint_loads():
+    s = AccelerationSchedule(keeps=[1.0, 0.5], total_steps=100, checkpoints=[0.1, 0.5])
+    t = AccelerationSchedule(keeps=[1.0, 0.5], total_steps=100, checkpoints=[0.1, 0.5])
+    t.load_state_dict(s.state_dict())  # stage -1: nothing estimated yet
+    assert t.stage == -1 and t.current == (1.0, None) and t.due(10) and not t.due(9)
+
+
+def test_half_params_accumulate_in_float32():
+    # fp16 gradients of 10 over 4096 entries: ||g||^2 = 409600 overflows fp16 (max 65504)
+    theta = torch.zeros(4096, dtype=torch.float16, requires_grad=True)
+    sched = AccelerationSchedule(keeps=[1.0, 0.5], total_steps=10, ref_batches=2, probe_batches=2,
+                                 cost_fn=lambda c: c.keep)
+    e = sched.estimate(lambda c, z: (theta * z).sum() * c.keep, [theta],
+                       lambda: torch.full((4096,), 10.0, dtype=torch.float16))
+    assert e["ref_grad_norm2"] == 4096 * 100.0
+    rows = {r["keep"]: r for r in e["candidates"]}
+    assert rows[0.5]["bias2_raw"] == 4096 * 25.0
+
+
+def test_a_param_unused_by_the_loss_gives_a_zero_gradient():
+    theta = torch.zeros(3, requires_grad=True)
+    unused = torch.zeros(2, requires_grad=True)  # e.g. a head only some settings call
+    sched = AccelerationSchedule(keeps=[1.0, 0.5], total_steps=10, ref_batches=2, probe_batches=2,
+                                 cost_fn=lambda c: c.keep)
+    e = sched.estimate(lambda c, z: theta @ (z * c.keep), [theta, unused], lambda: torch.randn(3))
+    assert e["choice"] in sched.candidates
+
+
+def test_one_reference_batch_drops_the_reference_variance_term():
+    # R = 1 leaves no reference variance to estimate: its term is 0 (documented), not NaN
+    theta = torch.zeros(3, requires_grad=True)
+    sched = AccelerationSchedule(keeps=[1.0, 0.5], total_steps=10, ref_batches=1, probe_batches=2,
+                                 cost_fn=lambda c: c.keep)
+    e = sched.estimate(lambda c, z: theta @ (z * c.keep), [theta], lambda: torch.randn(3))
+    assert e["ref_var"] == 0.0
+
+
+def test_probes_are_the_same_k_batches_for_every_candidate():
+    theta = torch.zeros(3, requires_grad=True)
+    fetched = []
+
+    def fetch():
+        fetched.append(torch.randn(3))
+        return fetched[-1]
+
+    sched = AccelerationSchedule(keeps=[1.0, 0.5, 0.25], total_steps=10, ref_batches=2, probe_batches=3,
+                                 cost_fn=lambda c: c.keep)
+    sched.estimate(lambda c, z: theta @ (z * c.keep), [theta], fetch)
+    assert len(fetched) == 2 + 3  # R + k batches, not R + k * candidates
+
+
+def test_bias_correction_is_exact_on_fixed_gradients():
+    # d = 1, gradient = z. Reference batches 0, 2: g* = 1, V* = 2. Probes 10, 14: mean 12,
+    # Var = 8 (k = 2), raw = 121, bias2 = 121 - 8 / 2 - 2 / 2 = 116
+    theta = torch.zeros(1, dtype=torch.float64, requires_grad=True)
+    zs = [torch.tensor([v], dtype=torch.float64) for v in (0.0, 2.0, 10.0, 14.0)]
+    sched = AccelerationSchedule(keeps=[1.0], patches=[16, 32], total_steps=10, ref_batches=2, probe_batches=2,
+                                 cost_fn=lambda c: 1.0)
+    e = sched.estimate(lambda c, z: theta @ z, [theta], iter(zs))
+    r = e["candidates"][0]
+    assert (r["bias2_raw"], r["variance"], e["ref_var"]) == (121.0, 8.0, 2.0)
+    assert r["bias2"] == 116.0
+
+
+def test_cost_fn_returning_zero_is_refused():
+    theta = torch.zeros(3, requires_grad=True)
+    sched = AccelerationSchedule(keeps=[1.0, 0.5], total_steps=10, ref_batches=2, probe_batches=2,
+                                 cost_fn=lambda c: 0.0 if c.keep < 1 else 1.0)
+    with pytest.raises(ValueError, match="positive costs"):
+        sched.estimate(lambda c, z: theta @ (z * c.keep), [theta], lambda: torch.randn(3))
+
+
+def test_costs_are_relative_to_the_reference_wherever_it_sits():
+    theta = torch.zeros(3, requires_grad=True)
+    sched = AccelerationSchedule(keeps=[0.5, 1.0], total_steps=10, ref_batches=2, probe_batches=2,
+                                 cost_fn=lambda c: c.keep)
+    assert sched.candidates.index(sched.ref) == 1
+    e = sched.estimate(lambda c, z: theta @ (z * c.keep), [theta], lambda: torch.randn(3))
+    assert {r["keep"]: r["cost"] for r in e["candidates"]} == {0.5: 0.5, 1.0: 1.0}
+
+
+def _free_choice_sched():
+    # every candidate has the same gradient (bias 0, variance 0): the cheapest wins, here (0.5, 24)
+    return AccelerationSchedule(keeps=[1.0, 0.5], patches=[16, 24], total_steps=10, ref_batches=2,
+                                probe_batches=2, cost_fn=lambda c: c.keep / c.patch)
+
+
+def test_history_momentum_is_that_of_the_new_choice():
+    theta = torch.zeros(3, requires_grad=True)
+    e = _free_choice_sched().estimate(lambda c, z: theta @ z, [theta], lambda: torch.randn(3))
+    assert e["choice"] == (0.5, 24) and e["momentum"] == (1.0, 24)
+
+
+def test_table_marks_only_the_chosen_candidate():
+    # (0.5, 24) chosen: (0.5, 16) has the same keep and must not be marked
+    theta = torch.zeros(3, requires_grad=True)
+    sched = _free_choice_sched()
+    sched.update(0, lambda c, z: theta @ z, [theta], lambda: torch.randn(3))
+    assert [(r["keep"], r["patch"]) for r in sched.table() if r["chosen"]] == [(0.5, 24)]
+
+
+def test_apply_restores_an_instance_forward_features():
+    vit = _tiny_vit()
+    own = vit.forward_features
+    vit.forward_features = own  # e.g. another wrapper's instance attribute
+    sched = AccelerationSchedule(keeps=[1.0, 0.5], total_steps=10, multiple_of=1)
+    with sched.apply(vit, config=(0.5, 16)):
+        vit(torch.randn(1, 3, 48, 48))
+    assert vit.__dict__.get("forward_features") is own

@@ -585,3 +585,111 @@ def test_random_resized_boxes_wide_fallback_uses_max_ratio():
     boxes, _ = ek.random_resized_boxes(2, 3, (10, 40), scale=(1.0, 1.0), ratio=(0.5, 1.0))
     assert tv == (0, 15, 10, 10)
     assert torch.equal(boxes, torch.tensor(tv, dtype=torch.float32).expand(2, 3, 4))
+
+
+def test_a_uint8_view_with_a_float_view_is_refused():
+    # data_range 255 for one and 1 for the other: no PSNR could be right
+    a = torch.randint(0, 256, (1, 3, 16, 16), dtype=torch.uint8)
+    with pytest.raises(TypeError, match="same dtype"):
+        ek.simwnw_masks(a, a.float() / 255, 8)
+
+
+def test_float_views_take_a_given_data_range():
+    g = torch.Generator().manual_seed(4)
+    a, b = torch.rand(2, 3, 16, 16, generator=g), torch.rand(2, 3, 16, 16, generator=g)
+    m1, m2 = ek.simwnw_masks(a, b, 8), ek.simwnw_masks(a, b, 8, data_range=2.0)
+    torch.testing.assert_close(m2.psnr_a, m1.psnr_a + 20 * math.log10(2.0))
+    torch.testing.assert_close(m2.psnr_b, m1.psnr_b + 20 * math.log10(2.0))
+
+
+def test_default_radius_of_an_odd_block_is_floor_half():
+    g = torch.Generator().manual_seed(5)
+    a, b = torch.rand(2, 3, 20, 20, generator=g), torch.rand(2, 3, 20, 20, generator=g)
+    assert torch.equal(ek.simwnw_masks(a, b, 5).psnr_a, ek.block_match(a, b, 5, 2)[0])
+
+
+def test_geometry_of_non_square_views():
+    # 32 x 48 views: crop_centers must get (H, W), which square views cannot tell from (W, H)
+    gen = torch.Generator().manual_seed(2)
+    images = torch.nn.functional.interpolate(torch.rand(4, 3, 6, 8, generator=gen), size=(48, 60), mode="bilinear")
+    images[:, :, :24, :30] = torch.rand(4, 3, 24, 30, generator=gen)
+    boxes, flips = ek.random_resized_boxes(4, 2, (48, 60), scale=(0.3, 1.0), generator=gen)
+    v = ek.multi_crop(images, boxes, flips, (32, 48)).view(4, 2, 3, 32, 48)
+    ba, bb, fa, fb = boxes[:, 0], boxes[:, 1], flips[:, 0], flips[:, 1]
+    m = ek.simwnw_masks(v[:, 0], v[:, 1], 8, boxes_a=ba, boxes_b=bb, flips_a=fa, flips_b=fb)
+    ca, flip = ek.crop_centers(ba, bb, fa, fb, (32, 48), 8)
+    cb, _ = ek.crop_centers(bb, ba, fb, fa, (32, 48), 8)
+    assert torch.equal(m.psnr_a, ek.block_match(v[:, 0], v[:, 1], 8, 4, centers=ca, flip=flip)[0])
+    assert torch.equal(m.psnr_b, ek.block_match(v[:, 1], v[:, 0], 8, 4, centers=cb, flip=flip)[0])
+
+
+def test_a_nan_block_is_never_similar_so_kept():
+    a = torch.rand(1, 3, 16, 16)
+    b = a.clone()
+    a[0, 0, 0, 0] = float("nan")
+    m = ek.simwnw_masks(a, b, 8, min_keep=0)
+    assert m.psnr_a[0, 0, 0].isnan() and m.psnr_b[0, 0, 0].isnan()
+    assert m.keep_a.tolist() == m.keep_b.tolist() == [[[True, False], [False, False]]]
+
+
+def test_record_false_records_nothing():
+    sw = ek.SimWnW(8, record=False)
+    x = torch.rand(2, 3, 16, 16)
+    sw.masks(x, x.clone())
+    assert sw.removal_log() == [] and len(sw.removal_history) == 0
+
+
+def test_encode_refuses_views_of_different_shapes():
+    # B larger than the masks' image: a dynamic-size ViT would run B's 5x5 grid with the 4x4
+    # grid's token indices (other tokens, silently)
+    timm = pytest.importorskip("timm")
+    vit = ek.sparsify_vit(timm.create_model("vit_small_patch16_224", img_size=32, patch_size=8, depth=1,
+                                            embed_dim=16, num_heads=2, num_classes=0,
+                                            dynamic_img_size=True).eval())
+    a, b = torch.rand(2, 3, 32, 32), torch.rand(2, 3, 40, 40)
+    sw = ek.SimWnW(8, use_geometry=False, token_buckets=1)
+    m = sw.masks(a, a.clone())
+    with pytest.raises(ValueError, match="do not match the masks"):
+        sw.encode(vit, a, b, m)
+
+
+def test_encode_resnet_each_view_its_own_mask_and_count():
+    # views with different masks and kept counts (the other encode tests keep the same blocks in both)
+    torch.manual_seed(0)
+    model = ek.sparsify(_cifar_resnet().eval())
+    g = torch.Generator().manual_seed(7)
+    a, b = torch.rand(2, 3, 32, 32, generator=g), torch.rand(2, 3, 32, 32, generator=g)
+    b[:, :, :, :16] = a[:, :, :, :16]
+    sw = ek.SimWnW(8, search_radius=0, use_geometry=False)
+    m = sw.masks(a, b)
+    m = m._replace(keep_b=m.keep_b.clone())
+    m.keep_b[:, 0, 2:] = False  # B drops two more blocks per sample: its mask and count differ from A's
+    assert m.keep_a.sum() != m.keep_b.sum()
+    for concat in (False, True):
+        za, zb = sw.encode(model, a, b, m, concat=concat)
+        with ek.block_mask(m.keep_a, 8):
+            want_a = model(a)
+        with ek.block_mask(m.keep_b, 8):
+            want_b = model(b)
+        torch.testing.assert_close(za, want_a, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(zb, want_b, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("buckets,concat", [(1, False), (1, True), (4, False)])
+def test_encode_vit_tops_each_view_up_by_its_own_psnr(buckets, concat):
+    vit = _tiny_vit()
+    a, b = torch.rand(2, 3, 32, 32), torch.rand(2, 3, 32, 32)
+    sw = ek.SimWnW(8, search_radius=0, use_geometry=False, token_buckets=buckets)
+    m = sw.masks(a, b)
+    # each view keeps its first block row; its PSNRs rank the removed blocks differently, so the
+    # top-up to K = 8 picks other tokens in A and in B
+    keep = torch.zeros(2, 4, 4, dtype=torch.bool)
+    keep[:, 0] = True
+    pa = (torch.arange(16.0).view(1, 4, 4).expand(2, 4, 4) + 30).contiguous()  # A: low index least similar
+    pb = pa.flip(-1).flip(-2).contiguous()  # B: high index least similar
+    m = m._replace(keep_a=keep, keep_b=keep.clone(), psnr_a=pa, psnr_b=pb)
+    za, zb = sw.encode(vit, a, b, m, concat=concat)
+    with ek.token_keep(torch.tensor([[0, 1, 2, 3, 4, 5, 6, 7]] * 2)):
+        torch.testing.assert_close(za, vit(a))
+    with ek.token_keep(torch.tensor([[0, 1, 2, 3, 12, 13, 14, 15]] * 2)):
+        torch.testing.assert_close(zb, vit(b))
