@@ -278,6 +278,18 @@ def test_views_with_photometric_samplers():
 
 
 # ----------------------------------------------------------------------------- encoders
+def _assert_encode_is_block_mask(sw, model, a, b, m, concat):
+    """``sw.encode`` equals the sparsified ``model`` under each view's own block mask; returns za."""
+    za, zb = sw.encode(model, a, b, m, concat=concat)
+    with ek.block_mask(m.keep_a, 8):
+        want_a = model(a)
+    with ek.block_mask(m.keep_b, 8):
+        want_b = model(b)
+    torch.testing.assert_close(za, want_a, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(zb, want_b, rtol=1e-5, atol=1e-5)
+    return za
+
+
 @pytest.mark.parametrize("concat", [False, True])
 def test_encode_resnet_equals_block_mask(concat):
     torch.manual_seed(0)
@@ -287,13 +299,7 @@ def test_encode_resnet_equals_block_mask(concat):
     sw = ek.SimWnW(8, use_geometry=False)
     m = sw.masks(a, b)
     assert not m.keep_a.all() and m.keep_a.any()
-    za, zb = sw.encode(model, a, b, m, concat=concat)
-    with ek.block_mask(m.keep_a, 8):
-        want_a = model(a)
-    with ek.block_mask(m.keep_b, 8):
-        want_b = model(b)
-    torch.testing.assert_close(za, want_a, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(zb, want_b, rtol=1e-5, atol=1e-5)
+    za = _assert_encode_is_block_mask(sw, model, a, b, m, concat)
     assert not torch.allclose(za, model(a))  # the mask changed the features
 
 
@@ -666,13 +672,7 @@ def test_encode_resnet_each_view_its_own_mask_and_count():
     m.keep_b[:, 0, 2:] = False  # B drops two more blocks per sample: its mask and count differ from A's
     assert m.keep_a.sum() != m.keep_b.sum()
     for concat in (False, True):
-        za, zb = sw.encode(model, a, b, m, concat=concat)
-        with ek.block_mask(m.keep_a, 8):
-            want_a = model(a)
-        with ek.block_mask(m.keep_b, 8):
-            want_b = model(b)
-        torch.testing.assert_close(za, want_a, rtol=1e-5, atol=1e-5)
-        torch.testing.assert_close(zb, want_b, rtol=1e-5, atol=1e-5)
+        _assert_encode_is_block_mask(sw, model, a, b, m, concat)
 
 
 @pytest.mark.parametrize("buckets,concat", [(1, False), (1, True), (4, False)])
