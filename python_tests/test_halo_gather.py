@@ -8,7 +8,7 @@ import torch
 
 from effssl_kernels.ops.halo_gather import halo_gather_backward_op, halo_gather_op
 from effssl_kernels.reference.halo_gather import halo_gather_reference
-from effssl_kernels.sparse import TileIndex, pack
+from effssl_kernels.sparse import TileIndex, pack, tiles
 from utils import HAS_GPU, INTERPRET, random_mask
 
 ALL = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
@@ -394,3 +394,23 @@ def test_cpu_backward_checks_offsets_and_order_values(C):
     with pytest.raises(RuntimeError, match="out of range"):  # a run of one reading pixel Q
         bwd(grad, torch.tensor([0, 1, 2, 4]), torch.tensor([0, 1, 2, 3, 4]), 1, 2, 2)
     assert bwd(grad, torch.arange(4), torch.arange(5), 1, 2, 2).shape == (1, C, 2, 2)
+
+
+@pytest.mark.parametrize("extra", [-1, 1])
+def test_tile_count_must_match_the_index(extra):
+    mask = random_mask(2, 32, 32, 8, seed=6)
+    idx = TileIndex.from_mask(mask, 2)
+    t = torch.randn(idx.num_tiles + extra, 3, 4, 4)
+    with pytest.raises(ValueError, match="does not match the index"):
+        tiles.unpack(t, idx, (2, 3, 16, 16))
+    with pytest.raises(ValueError, match="does not match the index"):
+        tiles.halo_gather(t, idx, 1)
+
+
+def test_pack_and_unpack_check_batch_and_channels():
+    mask = random_mask(2, 32, 32, 8, seed=7)
+    idx = TileIndex.from_mask(mask, 2)
+    with pytest.raises(ValueError, match="does not match the index"):
+        pack(torch.randn(3, 3, 16, 16), idx)  # one sample too many
+    with pytest.raises(ValueError, match="does not match the index"):
+        tiles.unpack(torch.randn(idx.num_tiles, 3, 4, 4), idx, (2, 5, 16, 16))  # 5 channels, tiles have 3

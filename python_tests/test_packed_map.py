@@ -827,3 +827,138 @@ def test_post_accumulate_grad_hook_on_a_leaf_map_and_a_penalty_through_a_map():
     # q = relu(2x) m, g = 2q, penalty sum(4 q^2): d/dx = 8 q * 2 [2x > 0] m
     qd = (2.0 * x.detach()).relu() * pm
     torch.testing.assert_close(gx, 16.0 * qd * (x.detach() > 0) * pm)
+
+
+# ----------------------------------------------------------------------------- gradients, cache formats, keyword operands, non-square strides
+def test_hook_returning_a_dense_gradient_replaces_it():
+    # a hook's dense return value (not all ones: that equals the gradient of a sum) is packed
+    # and replaces the gradient
+    x, mask, p = _packed(seed=12)
+    leaf = p.detach().requires_grad_()
+    pm = mask.pixel_mask(2, x.shape[-2:]).to(x.dtype)
+    g = torch.randn(x.shape, dtype=x.dtype)
+    r = leaf * 1.0
+    r.register_hook(lambda _: g)
+    r.sum().backward()
+    torch.testing.assert_close(leaf.grad.to_dense(), g * pm)
+
+
+def test_backward_with_a_packed_gradient_of_another_mask():
+    # a PackedMap gradient of another mask (same tile count, other blocks) is its dense map,
+    # not tiles of the output's index
+    x, mask, p = _packed(seed=17)
+    moved = BlockMask(mask.keep.roll(1, dims=-1), mask.block_size, mask.image_size)
+    gd = torch.randn(x.shape, dtype=x.dtype)
+    g = pack_map(gd, moved, (2, 2))
+    assert g.index.num_tiles == p.index.num_tiles and not g.index.same_tiles(p.index)
+    (p * 1.0).backward(g)
+    both = mask.pixel_mask(2, x.shape[-2:]) * moved.pixel_mask(2, x.shape[-2:])
+    torch.testing.assert_close(x.grad, gd * both)
+    x.grad = None
+    (gx,) = torch.autograd.grad(pack_map(x, mask, (2, 2)) * 1.0, x, g)
+    torch.testing.assert_close(gx, gd * both)
+
+
+def test_batched_grad_outputs_for_a_map_output_are_refused():
+    x, mask, p = _packed(seed=19)
+    with pytest.raises(NotImplementedError, match="is_grads_batched"):
+        torch.autograd.grad(p * 2.0, x, torch.randn(3, *x.shape, dtype=x.dtype), is_grads_batched=True)
+
+
+def test_maps_of_masks_with_another_batch_do_not_combine():
+    # a mask with one more sample (keeping no block) has the same kept list but another batch:
+    # its maps are not this mask's tiles
+    x, mask, p = _packed(seed=20)
+    keep3 = torch.cat([mask.keep, torch.zeros_like(mask.keep[:1])])
+    mask3 = BlockMask(keep3, mask.block_size, mask.image_size)
+    x3 = torch.cat([x.detach(), torch.zeros_like(x[:1])])
+    q = pack_map(x3, mask3, (2, 2))
+    assert q.index.num_tiles == p.index.num_tiles and not q.index.same_tiles(p.index)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with pytest.raises(RuntimeError):
+            p + q
+    w = torch.randn(4, 3, 3, 3, dtype=x.dtype)
+    with pytest.raises(ValueError):
+        P.conv2d_map(p, w, None, 1, 1, 1, 1, mask=mask3, in_stride=(2, 2))
+
+
+def test_to_dense_cache_is_per_memory_format():
+    # a channels-last read must not serve a later contiguous one (.view on it would fail)
+    x, mask, p = _packed(seed=22)
+    a = p.to_dense(memory_format=torch.channels_last)
+    assert a.is_contiguous(memory_format=torch.channels_last) and not a.is_contiguous()
+    b = p.to_dense()
+    assert b.is_contiguous()
+    b.view(-1)
+    torch.testing.assert_close(b, x.detach())
+    assert p.to_dense(memory_format=torch.channels_last).is_contiguous(memory_format=torch.channels_last)
+
+
+def test_tensor_keyword_operand_runs_on_the_dense_map():
+    # torch.add(p, other=bias): a tensor among the keywords is not checked for zeros under
+    # removed blocks, so the op runs on the dense map (bias there too)
+    x, mask, p = _packed(seed=25)
+    b = torch.randn(1, 3, 1, 1, dtype=x.dtype)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        y = torch.add(p, other=b)
+        e = torch.randn(x.shape, dtype=x.dtype).exp()
+        z = torch.mul(p, other=e)
+    assert type(y) is torch.Tensor
+    torch.testing.assert_close(y, x.detach() + b)
+    torch.testing.assert_close(as_dense(z), x.detach() * e)
+
+
+def test_plain_tensor_changed_in_place_by_a_map():
+    # d.mul_(p) / d.add_(p) change the plain d (the dense op), not a packed copy of it
+    x, mask, p = _packed(seed=23)
+    p = p.detach()
+    for op in ("mul_", "add_"):
+        d = torch.randn(x.shape, dtype=x.dtype)
+        want = getattr(d.clone(), op)(x.detach())
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            out = getattr(d, op)(p)
+        assert out is d
+        torch.testing.assert_close(d, want)
+
+
+def test_in_place_keyword_on_the_dense_path_raises():
+    # F.hardsigmoid(inplace=True) does not run on the tiles: in place it would change a copy
+    x, mask, p = _packed(seed=24)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with pytest.raises(NotImplementedError, match="in-place"):
+            F.hardsigmoid(p, inplace=True)
+
+
+def test_conv2d_and_max_pool_maps_with_a_non_square_stride():
+    # stride (1, 2): the output index is at (sh * 1, sw * 2), tiles (4, 2)
+    x, mask, p = _packed(seed=26)
+    w = torch.randn(4, 3, 3, 3, dtype=x.dtype)
+    y = P.conv2d_map(p, w, None, (1, 2), 1, 1, 1, mask=mask, in_stride=(2, 2))
+    assert isinstance(y, PackedMap) and y.index.stride == (2, 4) and y.shape == (2, 4, 16, 8)
+    torch.testing.assert_close(y.to_dense(), masked_conv2d_reference(
+        x, w, None, (1, 2), 1, 1, 1, mask=mask, in_stride=(2, 2)))
+    z = P.max_pool2d_map(p, 3, (1, 2), 1, 1, False, mask=mask, in_stride=(2, 2))
+    assert isinstance(z, PackedMap) and z.index.stride == (2, 4)
+    torch.testing.assert_close(z.to_dense(), masked_max_pool2d_reference(
+        x, 3, (1, 2), 1, 1, False, mask=mask, in_stride=(2, 2)))
+
+
+def test_layers_on_non_square_tiles_read_the_image_edge_as_padding():
+    # tiles (4, 2) at stride (2, 4): the halo past the right / bottom edge is padding, not data
+    x, mask, p = _packed(seed=27)
+    w = torch.randn(4, 3, 3, 3, dtype=x.dtype)
+    y = P.conv2d_map(p, w, None, (1, 2), 1, 1, 1, mask=mask, in_stride=(2, 2))
+    yd = y.to_dense().detach()
+    w2 = torch.randn(5, 4, 3, 3, dtype=x.dtype)
+    z = P.conv2d_map(y, w2, None, 1, 1, 1, 1, mask=mask, in_stride=(2, 4))
+    assert isinstance(z, PackedMap)
+    torch.testing.assert_close(z.to_dense(), masked_conv2d_reference(
+        yd, w2, None, 1, 1, 1, 1, mask=mask, in_stride=(2, 4)))
+    m = P.max_pool2d_map(y, 3, 1, 1, 1, False, mask=mask, in_stride=(2, 4))
+    assert isinstance(m, PackedMap)
+    torch.testing.assert_close(m.to_dense(), masked_max_pool2d_reference(
+        yd, 3, 1, 1, 1, False, mask=mask, in_stride=(2, 4)))
