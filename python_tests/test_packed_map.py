@@ -604,6 +604,10 @@ def test_small_protocol_errors_and_property_warnings(monkeypatch):
         PackedMap.from_tiles(p.tiles, mask, mask)
     with pytest.raises(TypeError, match="tiles must be a floating-point tensor, got torch.int64"):
         PackedMap.from_tiles(p.tiles.long(), p.index, mask)
+    # tiles of another size or count than the index's: a wrong map, not a map
+    for bad in (p.tiles[..., :-1], p.tiles[:-1], p.tiles[0]):
+        with pytest.raises(ValueError, match="do not match"):
+            PackedMap.from_tiles(bad, p.index, mask)
     q = p.detach().clone()
     monkeypatch.setattr(P, "_WARNED", set())
     with pytest.warns(UserWarning, match="PackedMap: Tensor.mT does not run on the tiles"):
@@ -962,3 +966,14 @@ def test_layers_on_non_square_tiles_read_the_image_edge_as_padding():
     assert isinstance(m, PackedMap)
     torch.testing.assert_close(m.to_dense(), masked_max_pool2d_reference(
         yd, 3, 1, 1, 1, False, mask=mask, in_stride=(2, 4)))
+
+
+def test_conv2d_map_checks_the_weight_against_the_map():
+    # F.conv2d's own errors would describe the halo'd tiles ("input[20, 3, 6, 6]"), not the map
+    x, mask, p = _packed(seed=3)
+    w = torch.randn(4, 3, 3, 3, dtype=x.dtype)
+    for (weight, bias, groups), match in [((torch.randn(4, 2, 3, 3, dtype=x.dtype), None, 1), "the input has 3 channels"),
+                        ((w, torch.randn(5, dtype=x.dtype), 1), r"bias must be None or a \[4\] tensor"),
+                        ((w, None, 1.0), "groups must be an int")]:
+        with pytest.raises(ValueError, match=match):
+            P.conv2d_map(p, weight, bias, 1, 1, 1, groups, mask=mask, in_stride=(2, 2))
