@@ -972,8 +972,9 @@ def test_conv2d_map_checks_the_weight_against_the_map():
     # F.conv2d's own errors would describe the halo'd tiles ("input[20, 3, 6, 6]"), not the map
     x, mask, p = _packed(seed=3)
     w = torch.randn(4, 3, 3, 3, dtype=x.dtype)
-    for (weight, bias, groups), match in [((torch.randn(4, 2, 3, 3, dtype=x.dtype), None, 1), "the input has 3 channels"),
-                        ((w, torch.randn(5, dtype=x.dtype), 1), r"bias must be None or a \[4\] tensor"),
-                        ((w, None, 1.0), "groups must be an int")]:
+    cases = [((torch.randn(4, 2, 3, 3, dtype=x.dtype), None, 1), "the input has 3 channels"),
+             ((w, torch.randn(5, dtype=x.dtype), 1), r"bias must be None or a \[4\] tensor"),
+             ((w, None, 1.0), "groups must be an int")]
+    for (weight, bias, groups), match in cases:
         with pytest.raises(ValueError, match=match):
             P.conv2d_map(p, weight, bias, 1, 1, 1, groups, mask=mask, in_stride=(2, 2))
