@@ -833,7 +833,7 @@ def test_post_accumulate_grad_hook_on_a_leaf_map_and_a_penalty_through_a_map():
     torch.testing.assert_close(gx, 16.0 * qd * (x.detach() > 0) * pm)
 
 
-# ----------------------------------------------------------------------------- gradients, cache formats, keyword operands, non-square strides
+# ----------------------------------------------------------------------------- more maps
 def test_hook_returning_a_dense_gradient_replaces_it():
     # a hook's dense return value (not all ones: that equals the gradient of a sum) is packed
     # and replaces the gradient
@@ -880,10 +880,10 @@ def test_maps_of_masks_with_another_batch_do_not_combine():
     assert q.index.num_tiles == p.index.num_tiles and not q.index.same_tiles(p.index)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        with pytest.raises(RuntimeError):
+        with pytest.raises(RuntimeError, match="must match the size of tensor b"):  # dense: 2 vs 3 samples
             p + q
     w = torch.randn(4, 3, 3, 3, dtype=x.dtype)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="mask batch 3 does not match x batch 2"):
         P.conv2d_map(p, w, None, 1, 1, 1, 1, mask=mask3, in_stride=(2, 2))
 
 

@@ -61,6 +61,13 @@ def _argmin(rows, key):
     return min(rows, key=key)["keep"]
 
 
+def _small_sched(keeps, **kw):
+    """A schedule over ``keeps`` that estimates from 2 reference and 2 probe batches, cost = keep,
+    10 steps; ``kw`` overrides any of these or adds others."""
+    kw = {"total_steps": 10, "ref_batches": 2, "probe_batches": 2, "cost_fn": lambda c: c.keep, **kw}
+    return AccelerationSchedule(keeps=keeps, **kw)
+
+
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_toy_picks_the_analytic_best_per_stage(seed):
     expected = [min(KEEPS, key=lambda r: _analytic(t2, r)[2]) for t2 in T2]
@@ -215,8 +222,7 @@ def test_an_update_before_the_stage_in_force_keeps_the_stage():
     def loss_fn(c, z):
         return theta @ (z * c.keep)
 
-    sched = AccelerationSchedule(keeps=[1.0, 0.5], total_steps=100, checkpoints=[0.0, 0.5],
-                                 ref_batches=2, probe_batches=2, cost_fn=lambda c: c.keep)
+    sched = _small_sched([1.0, 0.5], total_steps=100, checkpoints=[0.0, 0.5])
     sched.update(60, loss_fn, [theta], lambda: torch.randn(3))
     assert sched.stage == 1
     sched.update(10, loss_fn, [theta], lambda: torch.randn(3))  # re-estimates stage 1, never goes back
@@ -237,8 +243,7 @@ def test_non_finite_gradients_are_refused(bad):
     def loss_fn(c, z):
         return theta @ (z * (float("nan") if c.keep == bad else c.keep))
 
-    sched = AccelerationSchedule(keeps=[0.5, 1.0, 0.25], total_steps=10, ref_batches=2, probe_batches=2,
-                                 cost_fn=lambda c: c.keep)
+    sched = _small_sched([0.5, 1.0, 0.25])
     with pytest.raises(ValueError, match="non-finite gradient"):
         sched.estimate(loss_fn, [theta], lambda: torch.randn(3))
 
@@ -248,8 +253,7 @@ def test_callback_stages_and_checkpoint_steps():
     def loss_fn(c, z):
         return theta @ (z * c.keep)
 
-    sched = AccelerationSchedule(keeps=[1.0, 0.5], total_steps=100, checkpoints=[0.0, 0.5, 0.9],
-                                 ref_batches=2, probe_batches=2, cost_fn=lambda c: c.keep)
+    sched = _small_sched([1.0, 0.5], total_steps=100, checkpoints=[0.0, 0.5, 0.9])
     assert sched.checkpoint_steps == [0, 50, 90]
     assert sched.current == (1.0, None) and sched.stage == -1
     with pytest.raises(ValueError, match="checkpoint"):
@@ -268,8 +272,7 @@ def test_callback_stages_and_checkpoint_steps():
     assert [h["step"] for h in sched.history] == [0, 50, 90]
     assert len(sched.table()) == 3 * 2 and sum(r["chosen"] for r in sched.table()) == 3
     # resuming past a checkpoint estimates once, for the latest one
-    fresh = AccelerationSchedule(keeps=[1.0, 0.5], total_steps=100, checkpoints=[0.0, 0.5, 0.9],
-                                 ref_batches=2, probe_batches=2, cost_fn=lambda c: c.keep)
+    fresh = _small_sched([1.0, 0.5], total_steps=100, checkpoints=[0.0, 0.5, 0.9])
     fresh.on_step(60, loss_fn, [theta], fetch)
     assert fresh.stage == 1 and not fresh.due(89) and fresh.due(90)
     state = fresh.state_dict()
@@ -334,8 +337,7 @@ def test_estimate_restores_the_models_buffers():
     net = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Linear(4, 1))
     head = nn.BatchNorm1d(1)
     before = {k: v.clone() for k, v in {**net.state_dict(), **head.state_dict()}.items()}
-    sched = AccelerationSchedule(keeps=[1.0, 0.5], total_steps=10, ref_batches=2, probe_batches=2,
-                                 cost_fn=lambda c: c.keep)
+    sched = _small_sched([1.0, 0.5])
 
     def loss_fn(cand, batch):
         return head(net(batch * cand.keep)).square().mean()
@@ -576,8 +578,7 @@ def test_a_state_saved_before_the_first_checkpoint_loads():
 def test_half_params_accumulate_in_float32():
     # fp16 gradients of 10 over 4096 entries: ||g||^2 = 409600 overflows fp16 (max 65504)
     theta = torch.zeros(4096, dtype=torch.float16, requires_grad=True)
-    sched = AccelerationSchedule(keeps=[1.0, 0.5], total_steps=10, ref_batches=2, probe_batches=2,
-                                 cost_fn=lambda c: c.keep)
+    sched = _small_sched([1.0, 0.5])
     e = sched.estimate(lambda c, z: (theta * z).sum() * c.keep, [theta],
                        lambda: torch.full((4096,), 10.0, dtype=torch.float16))
     assert e["ref_grad_norm2"] == 4096 * 100.0
@@ -588,8 +589,7 @@ def test_half_params_accumulate_in_float32():
 def test_a_param_unused_by_the_loss_gives_a_zero_gradient():
     theta = torch.zeros(3, requires_grad=True)
     unused = torch.zeros(2, requires_grad=True)  # e.g. a head only some settings call
-    sched = AccelerationSchedule(keeps=[1.0, 0.5], total_steps=10, ref_batches=2, probe_batches=2,
-                                 cost_fn=lambda c: c.keep)
+    sched = _small_sched([1.0, 0.5])
     e = sched.estimate(lambda c, z: theta @ (z * c.keep), [theta, unused], lambda: torch.randn(3))
     assert e["choice"] in sched.candidates
 
@@ -597,8 +597,7 @@ def test_a_param_unused_by_the_loss_gives_a_zero_gradient():
 def test_one_reference_batch_drops_the_reference_variance_term():
     # R = 1 leaves no reference variance to estimate: its term is 0 (documented), not NaN
     theta = torch.zeros(3, requires_grad=True)
-    sched = AccelerationSchedule(keeps=[1.0, 0.5], total_steps=10, ref_batches=1, probe_batches=2,
-                                 cost_fn=lambda c: c.keep)
+    sched = _small_sched([1.0, 0.5], ref_batches=1)
     e = sched.estimate(lambda c, z: theta @ (z * c.keep), [theta], lambda: torch.randn(3))
     assert e["ref_var"] == 0.0
 
@@ -611,8 +610,7 @@ def test_probes_are_the_same_k_batches_for_every_candidate():
         fetched.append(torch.randn(3))
         return fetched[-1]
 
-    sched = AccelerationSchedule(keeps=[1.0, 0.5, 0.25], total_steps=10, ref_batches=2, probe_batches=3,
-                                 cost_fn=lambda c: c.keep)
+    sched = _small_sched([1.0, 0.5, 0.25], probe_batches=3)
     sched.estimate(lambda c, z: theta @ (z * c.keep), [theta], fetch)
     assert len(fetched) == 2 + 3  # R + k batches, not R + k * candidates
 
@@ -622,8 +620,7 @@ def test_bias_correction_is_exact_on_fixed_gradients():
     # Var = 8 (k = 2), raw = 121, bias2 = 121 - 8 / 2 - 2 / 2 = 116
     theta = torch.zeros(1, dtype=torch.float64, requires_grad=True)
     zs = [torch.tensor([v], dtype=torch.float64) for v in (0.0, 2.0, 10.0, 14.0)]
-    sched = AccelerationSchedule(keeps=[1.0], patches=[16, 32], total_steps=10, ref_batches=2, probe_batches=2,
-                                 cost_fn=lambda c: 1.0)
+    sched = _small_sched([1.0], patches=[16, 32], cost_fn=lambda c: 1.0)
     e = sched.estimate(lambda c, z: theta @ z, [theta], iter(zs))
     r = e["candidates"][0]
     assert (r["bias2_raw"], r["variance"], e["ref_var"]) == (121.0, 8.0, 2.0)
@@ -632,16 +629,14 @@ def test_bias_correction_is_exact_on_fixed_gradients():
 
 def test_cost_fn_returning_zero_is_refused():
     theta = torch.zeros(3, requires_grad=True)
-    sched = AccelerationSchedule(keeps=[1.0, 0.5], total_steps=10, ref_batches=2, probe_batches=2,
-                                 cost_fn=lambda c: 0.0 if c.keep < 1 else 1.0)
+    sched = _small_sched([1.0, 0.5], cost_fn=lambda c: 0.0 if c.keep < 1 else 1.0)
     with pytest.raises(ValueError, match="positive costs"):
         sched.estimate(lambda c, z: theta @ (z * c.keep), [theta], lambda: torch.randn(3))
 
 
 def test_costs_are_relative_to_the_reference_wherever_it_sits():
     theta = torch.zeros(3, requires_grad=True)
-    sched = AccelerationSchedule(keeps=[0.5, 1.0], total_steps=10, ref_batches=2, probe_batches=2,
-                                 cost_fn=lambda c: c.keep)
+    sched = _small_sched([0.5, 1.0])
     assert sched.candidates.index(sched.ref) == 1
     e = sched.estimate(lambda c, z: theta @ (z * c.keep), [theta], lambda: torch.randn(3))
     assert {r["keep"]: r["cost"] for r in e["candidates"]} == {0.5: 0.5, 1.0: 1.0}
@@ -649,8 +644,7 @@ def test_costs_are_relative_to_the_reference_wherever_it_sits():
 
 def _free_choice_sched():
     # every candidate has the same gradient (bias 0, variance 0): the cheapest wins, here (0.5, 24)
-    return AccelerationSchedule(keeps=[1.0, 0.5], patches=[16, 24], total_steps=10, ref_batches=2,
-                                probe_batches=2, cost_fn=lambda c: c.keep / c.patch)
+    return _small_sched([1.0, 0.5], patches=[16, 24], cost_fn=lambda c: c.keep / c.patch)
 
 
 def test_history_momentum_is_that_of_the_new_choice():

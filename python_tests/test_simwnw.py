@@ -56,6 +56,26 @@ def test_random_resized_boxes_edges_and_wide_fallback():
     assert tv == (0, 5, 10, 10) and torch.equal(boxes, torch.tensor(tv, dtype=torch.float32).expand(2, 2, 4))
 
 
+def test_random_resized_boxes_ratio_is_width_over_height():
+    # ratio is w / h (torchvision's get_params: w = sqrt(area * r)); an asymmetric range tells the sides apart
+    boxes, _ = ek.random_resized_boxes(200, 2, (100, 300), scale=(0.1, 0.3), ratio=(2.0, 3.0),
+                                       generator=torch.Generator().manual_seed(0))
+    t, l, h, w = boxes.reshape(-1, 4).unbind(-1)
+    r = w / h
+    assert (r > 1.8).all() and (r < 3.3).all(), (r.min(), r.max())
+
+
+def test_random_resized_boxes_wide_fallback_uses_max_ratio():
+    # a 10x40 image with ratio (0.5, 1.0), scale 1: no try fits (h >= 20 > 10); torchvision's
+    # fallback for in_ratio 4 > max(ratio): h = H, w = round(H * max(ratio)) = 10, centred
+    from torchvision.transforms import RandomResizedCrop
+
+    tv = RandomResizedCrop.get_params(torch.zeros(1, 10, 40), (1.0, 1.0), (0.5, 1.0))
+    boxes, _ = ek.random_resized_boxes(2, 3, (10, 40), scale=(1.0, 1.0), ratio=(0.5, 1.0))
+    assert tv == (0, 15, 10, 10)
+    assert torch.equal(boxes, torch.tensor(tv, dtype=torch.float32).expand(2, 3, 4))
+
+
 def test_random_resized_boxes_fallback_and_errors():
     # scale 1 with a ratio range that excludes the square image: every try fails -> centre crop
     boxes, _ = ek.random_resized_boxes(3, 2, 100, scale=(1.0, 1.0), ratio=(2.0, 3.0))
@@ -303,12 +323,13 @@ def test_encode_resnet_equals_block_mask(concat):
     assert not torch.allclose(za, model(a))  # the mask changed the features
 
 
-def _tiny_vit():
-    """A sparsified one-block ViT on 32 px images with 8 px patches (16 tokens), seeded."""
+def _tiny_vit(**kw):
+    """A sparsified one-block ViT on 32 px images with 8 px patches (16 tokens), seeded; ``kw``
+    go to timm.create_model."""
     timm = pytest.importorskip("timm")
     torch.manual_seed(0)
     vit = timm.create_model("vit_small_patch16_224", img_size=32, patch_size=8, depth=1, embed_dim=16, num_heads=2,
-                            num_classes=0).eval()
+                            num_classes=0, **kw).eval()
     return ek.sparsify_vit(vit)
 
 
@@ -573,26 +594,6 @@ def test_encode_vit_syncs_once(buckets):
     assert len(syncs) <= 1, [str(w.message)[:200] for w in syncs]
 
 
-def test_random_resized_boxes_ratio_is_width_over_height():
-    # ratio is w / h (torchvision's get_params: w = sqrt(area * r)); an asymmetric range tells the sides apart
-    boxes, _ = ek.random_resized_boxes(200, 2, (100, 300), scale=(0.1, 0.3), ratio=(2.0, 3.0),
-                                       generator=torch.Generator().manual_seed(0))
-    t, l, h, w = boxes.reshape(-1, 4).unbind(-1)
-    r = w / h
-    assert (r > 1.8).all() and (r < 3.3).all(), (r.min(), r.max())
-
-
-def test_random_resized_boxes_wide_fallback_uses_max_ratio():
-    # a 10x40 image with ratio (0.5, 1.0), scale 1: no try fits (h >= 20 > 10); torchvision's
-    # fallback for in_ratio 4 > max(ratio): h = H, w = round(H * max(ratio)) = 10, centred
-    from torchvision.transforms import RandomResizedCrop
-
-    tv = RandomResizedCrop.get_params(torch.zeros(1, 10, 40), (1.0, 1.0), (0.5, 1.0))
-    boxes, _ = ek.random_resized_boxes(2, 3, (10, 40), scale=(1.0, 1.0), ratio=(0.5, 1.0))
-    assert tv == (0, 15, 10, 10)
-    assert torch.equal(boxes, torch.tensor(tv, dtype=torch.float32).expand(2, 3, 4))
-
-
 def test_a_uint8_view_with_a_float_view_is_refused():
     # data_range 255 for one and 1 for the other: no PSNR could be right
     a = torch.randint(0, 256, (1, 3, 16, 16), dtype=torch.uint8)
@@ -648,10 +649,7 @@ def test_record_false_records_nothing():
 def test_encode_refuses_views_of_different_shapes():
     # B larger than the masks' image: a dynamic-size ViT would run B's 5x5 grid with the 4x4
     # grid's token indices (other tokens, silently)
-    timm = pytest.importorskip("timm")
-    vit = ek.sparsify_vit(timm.create_model("vit_small_patch16_224", img_size=32, patch_size=8, depth=1,
-                                            embed_dim=16, num_heads=2, num_classes=0,
-                                            dynamic_img_size=True).eval())
+    vit = _tiny_vit(dynamic_img_size=True)
     a, b = torch.rand(2, 3, 32, 32), torch.rand(2, 3, 40, 40)
     sw = ek.SimWnW(8, use_geometry=False, token_buckets=1)
     m = sw.masks(a, a.clone())
